@@ -1,0 +1,33 @@
+"""shortcut_jax: one-step and few-step generative models (shortcut models) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="shortcut_jax",
+    version="0.1.0",
+    description="Shortcut models and few-step generative baselines in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["shortcut_jax", "shortcut_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # TFDS pipelines (ImageNet, CelebA-HQ, CIFAR-10 from TFDS) need tensorflow too;
+        # it is imported only inside those readers.
+        "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9"],
+        "wandb": ["wandb"],
+    },
+)

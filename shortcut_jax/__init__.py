@@ -1,0 +1,1 @@
+"""shortcut_jax: shortcut models and few-step baselines in JAX/Flax."""

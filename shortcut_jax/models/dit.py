@@ -1,0 +1,162 @@
+"""Diffusion Transformer conditioned on noise level t, step-size level and class label.
+
+``DiT(x, t, level, label) -> output shaped like x``:
+- ``x``: ``[batch, H, W, C]`` images (or latents);
+- ``t``: ``[batch]`` float noise level in [0, 1] (0 = noise, 1 = data);
+- ``level``: ``[batch]`` integer ``k`` = log2 of the step count (step size ``d = 2^-k``); the
+  finest level doubles as the flow-matching level;
+- ``label``: ``[batch]`` integer class, ``num_classes`` is the null class (classifier-free
+  guidance and unconditional models).
+
+The conditioning vector is ``emb(t) + emb(level) + emb(label)``; every block reads it through
+adaptive LayerNorm (shift, scale, gate for attention and for the MLP).
+
+Options that differ between the DiT paper and the shortcut models' reference network
+(``attention_scale``, ``t_input_scale``, ``zero_init``) are fields; the presets in
+``config_lib`` use the reference network's choices so that its checkpoints and published numbers
+carry over, and say so.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from shortcut_jax.models import layers
+
+Dtype = Any
+
+
+def attention_scale_value(kind: str, head_dim: int) -> float:
+    if kind == "head_dim":  # reference shortcut network: logits / head_dim
+        return 1.0 / head_dim
+    if kind == "sqrt_head_dim":  # standard transformer / DiT paper
+        return 1.0 / math.sqrt(head_dim)
+    raise ValueError(f"attention_scale must be 'head_dim' or 'sqrt_head_dim', got {kind!r}")
+
+
+class DiTBlock(nn.Module):
+    width: int
+    num_heads: int
+    mlp_ratio: float
+    attention_scale: str
+    attention_impl: Optional[str]
+    zero_init_adaln: bool
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        # x: [batch, tokens, width] (compute dtype); cond: [batch, width]
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        adaln_init = nn.initializers.zeros if self.zero_init_adaln else layers.xavier_uniform()
+        mod = nn.Dense(6 * width, kernel_init=adaln_init, dtype=self.dtype, name="adaln")(nn.silu(cond))
+        mod = mod.astype(jnp.float32)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+
+        h = layers.modulate(layers.layer_norm(x), shift_a, scale_a).astype(self.dtype)
+        qkv = nn.Dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv")(h)
+        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
+        attn = jax.nn.dot_product_attention(
+            q, k, v,
+            scale=attention_scale_value(self.attention_scale, head_dim),
+            implementation=self.attention_impl,
+        )  # [batch, tokens, heads, head_dim]
+        attn = nn.Dense(width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="proj")(
+            attn.reshape(batch, tokens, width)
+        )
+        x = x + (gate_a[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
+
+        h = layers.modulate(layers.layer_norm(x), shift_m, scale_m).astype(self.dtype)
+        h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(h)
+        return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
+
+
+class FinalLayer(nn.Module):
+    out_features: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        mod = nn.Dense(2 * width, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="adaln")(nn.silu(cond))
+        shift, scale = jnp.split(mod.astype(jnp.float32), 2, axis=-1)
+        h = layers.modulate(layers.layer_norm(x), shift, scale).astype(self.dtype)
+        return nn.Dense(self.out_features, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out")(h)
+
+
+class DiT(nn.Module):
+    patch_size: int = 2
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 0
+    out_channels: Optional[int] = None  # None: same as the input channels
+    attention_scale: str = "head_dim"
+    attention_impl: Optional[str] = None  # None (XLA picks), 'xla' or 'cudnn'
+    t_input_scale: float = 1.0
+    zero_init: str = "final"  # 'final' (reference network) or 'adaln' (DiT paper's adaLN-Zero)
+    ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
+    remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array) -> jax.Array:
+        batch, height, width_px, channels = x.shape
+        p = self.patch_size
+        if height % p or width_px % p:
+            raise ValueError(f"image size {height}x{width_px} is not divisible by patch_size {p}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        gh, gw = height // p, width_px // p
+        if gh != gw:
+            raise ValueError(f"DiT expects square inputs, got {height}x{width_px}")
+        out_channels = self.out_channels or channels
+
+        patch = nn.Conv(
+            self.width, (p, p), strides=(p, p), padding="VALID",
+            kernel_init=layers.xavier_uniform_fan(p * p * channels, self.width),
+            dtype=self.dtype, name="patch_embed",
+        )(x.astype(self.dtype))
+        tokens = patch.reshape(batch, gh * gw, self.width).astype(jnp.float32)
+        tokens = tokens + layers.sincos_2d_positions(self.width, gh)[None]
+        # The residual stream is kept in float32: it is cheap next to the matmuls and keeps
+        # the gated sums of 28 blocks exact enough for bf16 training.
+        if self.ignore_level:
+            level = jnp.zeros_like(level)
+        cond = (
+            layers.TimestepEmbedder(self.width, self.t_input_scale, dtype=self.dtype, name="t_embed")(t)
+            + layers.TimestepEmbedder(self.width, 1.0, dtype=self.dtype, name="level_embed")(level)
+            + nn.Embed(self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02),
+                       name="label_embed")(label).astype(self.dtype)
+        ).astype(jnp.float32)
+
+        block_cls = remat_block(DiTBlock, self.remat)
+        for i in range(self.depth):
+            tokens = block_cls(
+                self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
+                self.zero_init == "adaln", self.dtype, name=f"block_{i}",
+            )(tokens, cond)
+        out = FinalLayer(p * p * out_channels, self.dtype, name="final")(tokens, cond)
+        # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]
+        out = out.astype(jnp.float32).reshape(batch, gh, gw, p, p, out_channels)
+        return out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, gh * p, gw * p, out_channels)
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block_cls, remat: str):
+    if remat == "none":
+        return block_cls
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {['none', *REMAT_POLICIES]}, got {remat!r}")
+    return nn.remat(block_cls, policy=REMAT_POLICIES[remat])

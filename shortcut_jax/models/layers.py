@@ -1,0 +1,136 @@
+"""Building blocks shared by the DiT and the MLP network.
+
+Precision policy, applied here once so that both networks follow it:
+- parameters are created in float32 (``param_dtype``);
+- matrix work (Dense, Conv, attention products) runs in ``dtype`` (bf16 on accelerators);
+- LayerNorm statistics, the modulation that follows it, softmax and the sinusoidal
+  embeddings are computed in float32 and cast to ``dtype`` only when they feed a matmul.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def xavier_uniform_fan(fan_in: int, fan_out: int) -> Callable:
+    """Glorot-uniform with explicit fans.
+
+    ``jax.nn.initializers.xavier_uniform`` multiplies both fans by the receptive field of a
+    conv kernel; the reference network counts the receptive field only in fan-in (the patch
+    embedding is a linear map of a flattened patch), so the fans are passed explicitly.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+def xavier_uniform() -> Callable:
+    """Glorot-uniform for a 2-D ``[in, out]`` kernel."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return xavier_uniform_fan(shape[0], shape[-1])(key, shape, dtype)
+
+    return init
+
+
+def xavier_uniform_stacked(parts: int) -> Callable:
+    """Glorot-uniform for ``parts`` projections fused into one ``[in, parts * out]`` kernel.
+
+    Each part gets the distribution it would have as a separate ``[in, out]`` Dense, so fusing
+    q, k and v into one matmul does not change the initial network.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, total = shape
+        out = total // parts
+        keys = jax.random.split(key, parts)
+        return jnp.concatenate(
+            [xavier_uniform_fan(fan_in, out)(k, (fan_in, out), dtype) for k in keys], axis=-1
+        )
+
+    return init
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without scale or bias, statistics in float32; returns float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """Adaptive-norm modulation; ``shift``/``scale`` are per example ``[batch, width]``."""
+    # x: [batch, tokens, width] or [batch, width]
+    expand = (slice(None),) + (None,) * (x.ndim - 2)
+    return x * (1.0 + scale[expand]) + shift[expand]
+
+
+def sinusoidal_embedding(values: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """[cos, sin] of ``values`` times geometric frequencies ``exp(-ln(max_period) i / (dim/2))``."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = values.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_2d_positions(width: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table, ``[grid_size**2, width]``, float32.
+
+    Tokens are in row-major order (row i, column j -> index i * grid + j). The first half of
+    the channels encodes the column index and the second half the row index, each as
+    [sin, cos] with frequencies ``10000^(-2k / (width/2))``: the convention of the reference
+    network (MAE's table), which a converted checkpoint relies on.
+    """
+    if width % 4:
+        raise ValueError(f"width {width} must be divisible by 4 for the 2-D sin-cos table")
+
+    def one_axis(pos: np.ndarray, dim: int) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = pos.reshape(-1)[:, None].astype(np.float64) * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    table = np.concatenate([one_axis(cols, width // 2), one_axis(rows, width // 2)], axis=1)
+    return table.astype(np.float32)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar -> sinusoid (float32) -> Dense -> SiLU -> Dense."""
+
+    width: int
+    input_scale: float = 1.0
+    frequency_dim: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, values: jax.Array) -> jax.Array:
+        emb = sinusoidal_embedding(values * self.input_scale, self.frequency_dim)
+        init = nn.initializers.normal(0.02)
+        emb = nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="hidden")(emb.astype(self.dtype))
+        emb = nn.silu(emb)
+        return nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="out")(emb)
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward block (tanh-approximated GELU, as the reference network)."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
+        x = nn.gelu(x, approximate=True)
+        return nn.Dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(x)

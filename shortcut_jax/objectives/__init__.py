@@ -1,0 +1,44 @@
+"""Training objectives, chosen by name.
+
+Every objective is a pure function with one signature::
+
+    loss_fn(params, teacher_params, batch, rng, cfg: ObjectiveConfig) -> (loss, metrics)
+
+``batch`` holds ``x`` (data, ``[B, ...]``) and ``label`` (``[B]`` int32); ``teacher_params``
+are the EMA weights (objectives without a teacher ignore them); ``metrics`` is a flat dict of
+scalars. The train step never learns which method runs.
+"""
+from __future__ import annotations
+
+from shortcut_jax.objectives import flow_matching, shortcut
+from shortcut_jax.objectives.common import ObjectiveConfig
+
+OBJECTIVES = {
+    "shortcut": shortcut.loss_fn,
+    "flow_matching": flow_matching.loss_fn,
+}
+
+
+def make_objective_config(objective_cfg, apply_fn, num_classes: int) -> ObjectiveConfig:
+    """Static objective context from the ``config.objective`` ConfigDict."""
+    from shortcut_jax.config_lib import parse_level_weights
+
+    weights = parse_level_weights(objective_cfg.get("level_weights", ""), objective_cfg.num_levels)
+    return ObjectiveConfig(
+        apply_fn=apply_fn,
+        num_classes=num_classes,
+        num_levels=objective_cfg.num_levels,
+        sc_fraction=objective_cfg.sc_fraction,
+        teacher=objective_cfg.teacher,
+        level_assignment=objective_cfg.level_assignment,
+        clip=objective_cfg.clip,
+        label_dropout=objective_cfg.label_dropout,
+        bootstrap_cfg=objective_cfg.bootstrap_cfg,
+        bootstrap_cfg_scale=objective_cfg.bootstrap_cfg_scale,
+        noise_floor=objective_cfg.noise_floor,
+        level_weights=None if weights is None else tuple(weights),
+        flow_t=objective_cfg.get("flow_t", "grid"),
+    )
+
+
+__all__ = ["OBJECTIVES", "ObjectiveConfig", "make_objective_config"]

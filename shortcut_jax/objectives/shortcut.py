@@ -1,0 +1,135 @@
+"""The shortcut objective: flow matching plus self-consistency, in one batch.
+
+A batch of B rows is split into two disjoint groups (different images, independent noise):
+- ``n_sc = round(B * sc_fraction)`` self-consistency rows. Row i gets a level ``k_i`` in
+  ``0..K-1`` (step ``d = 2^-k``), ``t`` on that level's grid (``randint(0, 2^k) / 2^k``), and
+  the target ``(s1 + s2) / 2`` built from two half steps of the teacher at level ``k + 1``:
+  ``s1 = s(x_t, t, k+1)``, ``x' = clip(x_t + d/2 s1)``, ``s2 = s(x', t + d/2, k+1)``; the target is
+  clipped too and carries no gradient.
+- the remaining flow rows: ``t`` on the finest grid, level ``K``, target ``x1 - (1 - floor) x0``,
+  labels dropped to the null class with probability ``label_dropout``.
+One student forward pass covers all rows. The published code cuts both groups from the same
+first images with the same noise (its last eighth of each batch is never used); here they are
+disjoint, so every image in the batch is used once.
+
+Teacher: ``'ema'`` uses ``teacher_params`` (the EMA weights), ``'online'`` the current weights
+under stop_gradient. Teacher passes run only on the self-consistency rows.
+
+Bootstrap CFG (class-conditional data): rows at the smallest shortcut level ``K - 1`` build
+their target from guided half steps, ``u + w (c - u)``, so larger levels inherit guidance.
+
+Level assignment: ``'official'`` spreads the self-consistency rows evenly over the levels
+(``n_sc // K`` each, the remainder to level 0); ``'random'`` draws each row's level uniformly.
+A caller that accumulates gradients over micro-batches passes the levels of this micro-batch's
+rows as ``batch['sc_level']``, so that levels are spread over the whole global batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shortcut_jax.objectives import common
+
+
+def num_sc_rows(batch_size: int, sc_fraction: float) -> int:
+    return int(round(batch_size * sc_fraction))
+
+
+def assign_levels(rng: jax.Array, n_sc: int, num_levels: int, mode: str) -> jax.Array:
+    """Levels of the ``n_sc`` self-consistency rows, int32 ``[n_sc]``."""
+    if mode == "official":
+        per_level = n_sc // num_levels
+        counts = [per_level] * num_levels
+        counts[0] += n_sc - per_level * num_levels
+        return jnp.asarray(np.repeat(np.arange(num_levels), counts), dtype=jnp.int32)
+    if mode == "random":
+        return jax.random.randint(rng, (n_sc,), 0, num_levels, dtype=jnp.int32)
+    raise ValueError(f"objective.level_assignment must be 'official' or 'random', got {mode!r}")
+
+
+def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cfg: common.ObjectiveConfig):
+    """Average of two teacher half steps at level ``level + 1``; no gradient flows through it."""
+    half_level = level + 1
+    half_d = (0.5 ** half_level.astype(jnp.float32)).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    guided = None
+    if cfg.bootstrap_cfg and cfg.num_classes > 0:
+        guided = (level == cfg.num_levels - 1).reshape(half_d.shape)
+
+    def velocity(x, tt):
+        cond = apply_fn(teacher_params, x, tt, half_level, labels)
+        if guided is None:
+            return cond
+        uncond = apply_fn(teacher_params, x, tt, half_level, jnp.full_like(labels, cfg.null_class))
+        return jnp.where(guided, uncond + cfg.bootstrap_cfg_scale * (cond - uncond), cond)
+
+    def clip(x):
+        return jnp.clip(x, -cfg.clip, cfg.clip) if cfg.clip > 0 else x
+
+    s1 = velocity(x_t, t)
+    x_mid = clip(x_t + half_d * s1)
+    s2 = velocity(x_mid, t + half_d.reshape(t.shape))
+    return jax.lax.stop_gradient(clip((s1 + s2) / 2))
+
+
+def sample_rows(x1, labels, rng, cfg: common.ObjectiveConfig, sc_level=None) -> dict:
+    """Noise, noise levels, step levels and labels of every row (self-consistency rows first)."""
+    b = x1.shape[0]
+    n_sc = num_sc_rows(b, cfg.sc_fraction)
+    rng_noise, rng_level, rng_t_sc, rng_t_flow, rng_drop = jax.random.split(rng, 5)
+    x0 = jax.random.normal(rng_noise, x1.shape, x1.dtype)
+    if sc_level is None:
+        sc_level = assign_levels(rng_level, n_sc, cfg.num_levels, cfg.level_assignment)
+    grid = 2**sc_level
+    t_sc = jax.random.randint(rng_t_sc, (n_sc,), 0, grid).astype(jnp.float32) / grid
+    t_flow = common.sample_flow_t(rng_t_flow, b - n_sc, cfg)
+    return {
+        "n_sc": n_sc,
+        "x0": x0,
+        "t": jnp.concatenate([t_sc, t_flow]),
+        "level": jnp.concatenate([sc_level.astype(jnp.int32), jnp.full((b - n_sc,), cfg.num_levels, jnp.int32)]),
+        "label": jnp.concatenate([
+            common.conditional_labels(labels[:n_sc], cfg),
+            common.drop_labels(rng_drop, labels[n_sc:], cfg),
+        ]),
+    }
+
+
+def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
+    x1 = batch["x"]
+    b = x1.shape[0]
+    k = cfg.num_levels
+    rows = sample_rows(x1, batch["label"], rng, cfg, batch.get("sc_level"))
+    n_sc, x0, t, level, labels = rows["n_sc"], rows["x0"], rows["t"], rows["level"], rows["label"]
+    x_t = common.interpolate(x0, x1, t, cfg.noise_floor)
+
+    teacher = jax.lax.stop_gradient(params) if cfg.teacher == "online" else teacher_params
+    target_sc = self_consistency_targets(
+        cfg.apply_fn, teacher, x_t[:n_sc], t[:n_sc], level[:n_sc], labels[:n_sc], cfg
+    )
+    target_flow = common.flow_velocity(x0[n_sc:], x1[n_sc:], cfg.noise_floor)
+
+    # One student pass over all rows.
+    pred = cfg.apply_fn(params, x_t, t, level, labels)
+    mse = common.per_row_mse(pred, jnp.concatenate([target_sc, target_flow]))
+    mse_sc, mse_flow = mse[:n_sc], mse[n_sc:]
+    level_sc = level[:n_sc]
+
+    if cfg.level_weights is None:
+        row_weight_sc = jnp.ones((n_sc,), jnp.float32)
+    else:
+        w = jnp.asarray(cfg.level_weights, jnp.float32)
+        row_weight_sc = (w * (k / jnp.sum(w)))[level_sc]
+    loss = (jnp.sum(row_weight_sc * mse_sc) + jnp.sum(mse_flow)) / b
+
+    metrics = {
+        "loss": loss,
+        "flow_loss": jnp.mean(mse_flow),
+        "sc_loss": jnp.mean(mse_sc) if n_sc else jnp.zeros(()),
+    }
+    one_hot = jax.nn.one_hot(level_sc, k, dtype=jnp.float32)  # [n_sc, K]
+    counts = jnp.sum(one_hot, axis=0)
+    per_level = jnp.sum(one_hot * mse_sc[:, None], axis=0) / jnp.maximum(counts, 1.0)
+    for i in range(k):
+        metrics[f"sc_loss/level_{i}"] = per_level[i]
+    return loss, metrics

@@ -1,0 +1,119 @@
+"""The DiT reproduces the reference network; variants have the reference parameter counts."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA
+from shortcut_jax import config_lib
+from shortcut_jax.models import DiT, MLPNet, convert, layers
+from shortcut_jax.sampling import Sampler
+
+GOLDEN = os.path.join(SHARED_DATA, "official_dit_golden.npz")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    g = np.load(GOLDEN)
+    official = convert.from_slash_names({k[len("param/"):]: g[k] for k in g.files if k.startswith("param/")})
+    model = DiT(patch_size=2, width=64, depth=2, num_heads=4, mlp_ratio=4, num_classes=10)
+    return g, official, model
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def test_converted_reference_network_gives_golden_outputs(golden):
+    g, official, model = golden
+    params = convert.official_to_project(official)
+    out = model.apply({"params": params}, g["x"], g["t"], g["level"], g["label"])
+    assert rel_err(out, g["out"]) <= 1e-5
+    # the converted tree has exactly the structure of a freshly initialised project model
+    fresh = jax.eval_shape(model.init, jax.random.key(0), g["x"], g["t"], g["level"], g["label"])["params"]
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
+    assert all(a.shape == np.shape(b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(params)))
+
+
+def test_project_sampler_gives_golden_samples(golden):
+    g, official, model = golden
+    params = convert.official_to_project(official)
+    sampler = Sampler(lambda p, *a: model.apply({"params": p}, *a), num_levels=7, num_classes=10)
+    for n in (1, 4):
+        sample = sampler(params, jnp.asarray(g["noise"]), jnp.asarray(g["sample_label"]), num_steps=n)
+        assert rel_err(sample, g[f"sample_{n}"]) <= 1e-5, n
+
+
+def test_reference_config_read_from_tree(golden):
+    _, official, _ = golden
+    cfg = convert.infer_official_config(official)
+    assert cfg == {"patch_size": 2, "in_channels": 4, "width": 64, "depth": 2, "mlp_ratio": 4.0,
+                   "num_classes": 10, "out_channels": 4}
+
+
+def test_converter_rejects_foreign_parameters(golden):
+    _, official, _ = golden
+    bad = dict(official)
+    bad["Mystery_0"] = {"kernel": np.zeros(3)}
+    with pytest.raises(ValueError, match="Mystery_0"):
+        convert.official_to_project(bad)
+
+
+@pytest.mark.parametrize("variant,millions", [("S", 33.11), ("B", 131.09), ("L", 459.14), ("XL", 676.44)])
+def test_parameter_counts_match_reference(variant, millions):
+    width, depth, heads = config_lib.DIT_VARIANTS[variant]
+    model = DiT(patch_size=2, width=width, depth=depth, num_heads=heads, num_classes=1000)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 4)), jnp.zeros(1),
+                            jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert round(count / 1e6, 2) == millions
+
+
+def test_position_table_convention():
+    # Column index in the first half of the channels, row index in the second, [sin, cos] each.
+    table = layers.sincos_2d_positions(8, 3)
+    assert table.shape == (9, 8)
+    row1_col2 = table[1 * 3 + 2]
+    np.testing.assert_allclose(row1_col2[:2], np.sin([2.0, 2.0 / 100]), rtol=1e-6)
+    np.testing.assert_allclose(row1_col2[4:6], np.sin([1.0, 1.0 / 100]), rtol=1e-6)
+
+
+def test_init_options_change_what_they_say():
+    x = jnp.ones((2, 8, 8, 3))
+    args = (x, jnp.array([0.1, 0.5]), jnp.array([0, 3]), jnp.array([0, 0]))
+    ref = DiT(patch_size=2, width=32, depth=2, num_heads=2).init(jax.random.key(0), *args)["params"]
+    paper = DiT(patch_size=2, width=32, depth=2, num_heads=2, zero_init="adaln").init(jax.random.key(0), *args)["params"]
+    assert float(jnp.abs(ref["block_0"]["adaln"]["kernel"]).max()) > 0
+    assert float(jnp.abs(paper["block_0"]["adaln"]["kernel"]).max()) == 0
+    assert float(jnp.abs(ref["final"]["out"]["kernel"]).max()) == 0
+    # every parameter is float32 whatever the compute dtype
+    bf16 = DiT(patch_size=2, width=32, depth=2, num_heads=2, dtype=jnp.bfloat16).init(jax.random.key(0), *args)
+    assert {a.dtype for a in jax.tree.leaves(bf16)} == {jnp.dtype("float32")}
+
+
+def test_attention_scale_option_matters(golden):
+    g, official, model = golden
+    params = convert.official_to_project(official)
+    other = model.clone(attention_scale="sqrt_head_dim")
+    out = other.apply({"params": params}, g["x"], g["t"], g["level"], g["label"])
+    assert rel_err(out, g["out"]) > 1e-3
+
+
+def test_bf16_compute_close_to_float32(golden):
+    g, official, model = golden
+    params = convert.official_to_project(official)
+    out = model.clone(dtype=jnp.bfloat16).apply({"params": params}, g["x"], g["t"], g["level"], g["label"])
+    assert out.dtype == jnp.float32
+    assert rel_err(out, g["out"]) < 5e-2
+
+
+def test_mlp_net_shapes_and_zero_output_at_init():
+    net = MLPNet(width=32, depth=2, num_classes=3)
+    x = jnp.ones((5, 2))
+    args = (x, jnp.linspace(0, 1, 5), jnp.arange(5), jnp.array([0, 1, 2, 3, 3]))
+    params = net.init(jax.random.key(0), *args)
+    out = net.apply(params, *args)
+    assert out.shape == (5, 2)
+    assert float(jnp.abs(out).max()) == 0.0  # output layer starts at zero

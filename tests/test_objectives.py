@@ -1,0 +1,202 @@
+"""Properties of the shortcut and flow-matching objectives and of the any-step sampler."""
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shortcut_jax.models import DiT
+from shortcut_jax.objectives import OBJECTIVES, ObjectiveConfig, common, shortcut
+from shortcut_jax.sampling import Sampler, check_budget, euler_sample
+
+FLOOR = 1e-5
+
+
+def exact_field(x, t, level, label, *, x1):
+    """Velocity field of a single data point ``x1`` per row: paths are straight, so the average
+    velocity over any step equals the instantaneous one, whatever the step size."""
+    del level, label
+    t = t.reshape(t.shape + (1,) * (x.ndim - 1))
+    x0 = (x - t * x1) / (1.0 - (1.0 - FLOOR) * t)
+    return x1 - (1.0 - FLOOR) * x0
+
+
+def point_cfg(x1, **kw):
+    return ObjectiveConfig(apply_fn=lambda p, x, t, lv, lb: exact_field(x, t, lv, lb, x1=p), num_classes=0,
+                           noise_floor=FLOOR, **kw)
+
+
+@pytest.mark.parametrize("level", range(7))
+def test_self_consistency_target_equals_direct_target_for_straight_paths(level):
+    rng = np.random.default_rng(level)
+    n = 16
+    x1 = jnp.asarray(rng.normal(size=(n, 4, 4, 3)) * 0.5, jnp.float32)
+    x0 = jnp.asarray(rng.normal(size=(n, 4, 4, 3)), jnp.float32)
+    cfg = point_cfg(x1, clip=0.0)
+    t = jnp.asarray(rng.integers(0, 2**level, n) / 2**level, jnp.float32)
+    x_t = common.interpolate(x0, x1, t, FLOOR)
+    target = shortcut.self_consistency_targets(cfg.apply_fn, x1, x_t, t, jnp.full((n,), level), jnp.zeros(n, jnp.int32), cfg)
+    direct = common.flow_velocity(x0, x1, FLOOR)
+    np.testing.assert_allclose(target, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_a_curved_field_gives_a_different_target():
+    # Guard against a vacuous target: for a field that is not straight, halves do not average to s(x_t).
+    cfg = ObjectiveConfig(apply_fn=lambda p, x, t, lv, lb: jnp.sin(3 * x) + t[:, None], num_classes=0, clip=0.0)
+    x_t = jnp.linspace(-1, 1, 8)[:, None] * jnp.ones((8, 2))
+    t = jnp.zeros(8)
+    target = shortcut.self_consistency_targets(cfg.apply_fn, None, x_t, t, jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32), cfg)
+    assert float(jnp.abs(target - cfg.apply_fn(None, x_t, t, None, None)).max()) > 0.1
+
+
+@pytest.mark.parametrize("batch,fraction", [(256, 1 / 8), (256, 1 / 4), (64, 1 / 4), (100, 0.125)])
+def test_official_assignment_counts_and_t_on_each_rows_grid(batch, fraction):
+    cfg = ObjectiveConfig(apply_fn=None, num_classes=10, sc_fraction=fraction)
+    x1 = jnp.zeros((batch, 2))
+    labels = jnp.arange(batch) % 10
+    rows = shortcut.sample_rows(x1, labels, jax.random.key(3), cfg)
+    n_sc = rows["n_sc"]
+    assert n_sc == round(batch * fraction)
+    level, t = np.asarray(rows["level"]), np.asarray(rows["t"])
+    counts = collections.Counter(level[:n_sc].tolist())
+    per = n_sc // 7
+    assert counts == {0: per + n_sc - 7 * per, **{k: per for k in range(1, 7)}}
+    assert np.all(level[n_sc:] == 7)
+    # t on each row's grid: t * 2^k is an integer in [0, 2^k)
+    scaled = t * 2.0**level
+    np.testing.assert_array_equal(scaled, np.round(scaled))
+    assert np.all(scaled >= 0) and np.all(scaled < 2.0**level)
+    # self-consistency rows keep their labels; flow rows are dropped to the null class ~10% of the time
+    np.testing.assert_array_equal(np.asarray(rows["label"])[:n_sc], np.asarray(labels)[:n_sc])
+
+
+def test_random_assignment_covers_levels_and_label_dropout_rate():
+    cfg = ObjectiveConfig(apply_fn=None, num_classes=10, sc_fraction=0.5, level_assignment="random")
+    rows = shortcut.sample_rows(jnp.zeros((20000, 1)), jnp.zeros(20000, jnp.int32), jax.random.key(0), cfg)
+    level = np.asarray(rows["level"])[:10000]
+    freq = np.bincount(level, minlength=7) / 10000
+    np.testing.assert_allclose(freq, 1 / 7, atol=0.02)
+    dropped = np.mean(np.asarray(rows["label"])[10000:] == 10)
+    assert abs(dropped - 0.1) < 0.015
+
+
+def test_rows_use_disjoint_images_and_independent_noise():
+    # Each row's x_t must depend on its own image only: perturb one image, only its row moves.
+    cfg = ObjectiveConfig(apply_fn=None, num_classes=0, sc_fraction=0.25)
+    rows = shortcut.sample_rows(jnp.zeros((16, 3)), jnp.zeros(16, jnp.int32), jax.random.key(1), cfg)
+    x0 = np.asarray(rows["x0"])
+    assert len({tuple(np.round(r, 6)) for r in x0}) == 16  # no shared noise between rows
+
+
+def test_shortcut_loss_is_zero_for_the_exact_field_and_metrics_per_level():
+    rng = np.random.default_rng(0)
+    point = jnp.asarray(rng.normal(size=(1, 2)), jnp.float32) * 0.5
+    x1 = jnp.broadcast_to(point, (64, 2))
+    cfg = point_cfg(point, sc_fraction=0.25)
+    # every row shares one data point, which the exact field receives as its "params"
+    loss, metrics = OBJECTIVES["shortcut"](point, point, {"x": x1, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), cfg)
+    assert float(loss) < 1e-8
+    assert {f"sc_loss/level_{k}" for k in range(7)} <= set(metrics)
+    assert {"loss", "flow_loss", "sc_loss"} <= set(metrics)
+
+
+def test_shortcut_loss_with_a_real_network_and_level_weights():
+    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=4)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 3)), jnp.float32)
+    labels = jnp.arange(32) % 4
+    params = model.init(jax.random.key(0), x, jnp.zeros(32), jnp.zeros(32, jnp.int32), labels)["params"]
+    # give the output layer weights so the network is not identically zero
+    params = jax.tree.map(lambda a: a + 0.01, params)
+    apply_fn = lambda p, *a: model.apply({"params": p}, *a)
+    base = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25)
+    batch = {"x": x, "label": labels}
+    loss, m = OBJECTIVES["shortcut"](params, params, batch, jax.random.key(2), base)
+    np.testing.assert_allclose(float(loss), (8 * float(m["sc_loss"]) + 24 * float(m["flow_loss"])) / 32, rtol=1e-5)
+    per_level = np.array([float(m[f"sc_loss/level_{k}"]) for k in range(7)])
+    # official assignment with 8 rows: 2 at level 0, one each at 1..6
+    np.testing.assert_allclose(float(m["sc_loss"]), (2 * per_level[0] + per_level[1:].sum()) / 8, rtol=1e-5)
+    weighted = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25, level_weights=(1, 0, 0, 0, 0, 0, 0))
+    loss_w, _ = OBJECTIVES["shortcut"](params, params, batch, jax.random.key(2), weighted)
+    np.testing.assert_allclose(float(loss_w), (2 * 7 * per_level[0] + 24 * float(m["flow_loss"])) / 32, rtol=1e-5)
+    # online teacher ignores teacher_params
+    online = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25, teacher="online")
+    other = jax.tree.map(lambda a: a * 3, params)
+    l_on, _ = OBJECTIVES["shortcut"](params, other, batch, jax.random.key(2), online)
+    np.testing.assert_allclose(float(l_on), float(loss), rtol=1e-6)
+    l_ema, _ = OBJECTIVES["shortcut"](params, other, batch, jax.random.key(2), base)
+    assert abs(float(l_ema) - float(loss)) > 1e-6
+    # gradients reach the student only
+    g = jax.grad(lambda p: OBJECTIVES["shortcut"](p, params, batch, jax.random.key(2), base)[0])(params)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(g))
+
+
+def test_bootstrap_cfg_changes_only_the_smallest_level_targets():
+    calls = []
+
+    def field(p, x, t, lv, lb):
+        calls.append(1)
+        return jnp.where((lb == 4)[:, None], 0.0, 1.0) * jnp.ones_like(x)  # cond 1, uncond 0
+
+    cfg = ObjectiveConfig(apply_fn=field, num_classes=4, bootstrap_cfg=True, bootstrap_cfg_scale=1.5, clip=0.0)
+    level = jnp.arange(7)
+    tgt = shortcut.self_consistency_targets(field, None, jnp.zeros((7, 2)), jnp.zeros(7), level, jnp.zeros(7, jnp.int32), cfg)
+    np.testing.assert_allclose(np.asarray(tgt)[:, 0], [1, 1, 1, 1, 1, 1, 1.5])
+
+
+def test_flow_matching_target_and_level():
+    seen = {}
+
+    def field(p, x, t, lv, lb):
+        seen["level"] = lv
+        return jnp.zeros_like(x)
+
+    cfg = ObjectiveConfig(apply_fn=field, num_classes=0)
+    x1 = jnp.ones((8, 2))
+    loss, m = OBJECTIVES["flow_matching"](None, None, {"x": x1, "label": jnp.zeros(8, jnp.int32)}, jax.random.key(0), cfg)
+    assert np.all(np.asarray(seen["level"]) == 7)
+    x0 = jax.random.normal(jax.random.split(jax.random.key(0), 3)[0], x1.shape)
+    np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.square(x1 - (1 - 1e-5) * x0))), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("steps", [1, 2, 8, 128])
+def test_sampler_with_exact_field_lands_on_the_data_point(steps):
+    x1 = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    noise = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+    sampler = Sampler(lambda p, x, t, lv, lb: exact_field(x, t, lv, lb, x1=p), num_levels=7, num_classes=0)
+    out = sampler(x1, noise, num_steps=steps)
+    np.testing.assert_allclose(out, x1, atol=1e-4)
+
+
+def test_sampler_passes_the_budget_level_and_grid_times():
+    seen = []
+
+    def field(p, x, t, lv, lb):
+        jax.debug.callback(lambda t, lv: seen.append((float(t[0]), int(lv[0]))), t, lv)
+        return jnp.zeros_like(x)
+
+    euler_sample(field, None, jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32), num_steps=4, num_levels=7)
+    assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2)]
+
+
+@pytest.mark.parametrize("bad", [3, 0, 6, 256, 2.0])
+def test_sampler_refuses_invalid_budgets(bad):
+    with pytest.raises(ValueError, match="valid budget"):
+        check_budget(bad, 7)
+
+
+def test_cfg_scale_one_equals_the_conditional_output():
+    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3)
+    noise = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 3)), jnp.float32)
+    labels = jnp.array([0, 1, 2])
+    params = model.init(jax.random.key(0), noise, jnp.zeros(3), jnp.zeros(3, jnp.int32), labels)["params"]
+    params = jax.tree.map(lambda a: a + 0.05, params)
+    apply_fn = lambda p, *a: model.apply({"params": p}, *a)
+    cond = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7)
+    guided_1 = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7, cfg_scale=1.0, null_class=3)
+    guided_3 = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7, cfg_scale=3.0, null_class=3)
+    np.testing.assert_allclose(guided_1, cond, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(guided_3 - cond).max()) > 1e-3
