@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.bootstrap_cfg_scale = 1.5
     c.objective.noise_floor = 1e-5  # x_t = (1 - (1 - floor) t) x0 + t x1
     c.objective.level_weights = ""  # '' (uniform) or comma-separated weights per level 0..num_levels-1
+    c.objective.flow_t = "grid"  # t of flow rows: 'grid' (finest grid, as published), 'uniform', 'logit_normal'
 
     c.data = default_data_config()
 
@@ -153,3 +154,127 @@ def check_batch_layout(objective_cfg, batch: int, what: str) -> None:
 
 def num_sc_rows(objective_cfg, batch: int) -> int:
     return int(round(batch * objective_cfg.sc_fraction))
+
+
+def _unknown_keys(config, reference, prefix="") -> list[str]:
+    out = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            out.append(path)
+        elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+            out.extend(_unknown_keys(config[key], reference[key], path + "."))
+    return out
+
+
+def validate(config, *, num_devices: int) -> None:
+    """Static checks of a full config; raises ``ConfigError`` naming the key to change.
+
+    Checks that need the data (image size against the patch) or the workdir (a checkpoint of a
+    different model) run in ``train`` right after this, still before anything is compiled.
+    """
+    from shortcut_jax.objectives import OBJECTIVES
+
+    unknown = _unknown_keys(config, default_config())
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}: check their spelling against config_lib.default_config()")
+    if config.objective.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(OBJECTIVES)}")
+    if config.model.name not in ("dit", "mlp"):
+        raise ConfigError(f"model.name={config.model.name!r} is unknown; use 'dit' or 'mlp'")
+    if config.model.name == "dit":
+        width, depth, heads = model_dims(config.model)
+        if not (width and depth and heads):
+            raise ConfigError("set model.variant (S, B, L, XL) or all of model.width, model.depth, model.num_heads")
+        if width % heads:
+            raise ConfigError(f"model.width={width} is not divisible by model.num_heads={heads}")
+        if width % 4:
+            raise ConfigError(f"model.width={width} must be a multiple of 4 (2-D sin-cos positions)")
+    for key, allowed in (("attention_scale", ("head_dim", "sqrt_head_dim")), ("zero_init", ("final", "adaln")),
+                         ("remat", ("none", "full", "dots", "dots_no_batch")),
+                         ("attention_impl", ("auto", "xla", "cudnn")),
+                         ("dtype", ("auto", "bfloat16", "float32"))):
+        if config.model[key] not in allowed:
+            raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
+    obj = config.objective
+    if obj.teacher not in ("ema", "online"):
+        raise ConfigError(f"objective.teacher={obj.teacher!r}: use 'ema' or 'online'")
+    if obj.level_assignment not in ("official", "random"):
+        raise ConfigError(f"objective.level_assignment={obj.level_assignment!r}: use 'official' or 'random'")
+    if not 1 <= obj.num_levels <= 12:
+        raise ConfigError(f"objective.num_levels={obj.num_levels} must be in 1..12 (budgets up to 2^num_levels)")
+    if obj.name == "shortcut" and not 0 < obj.sc_fraction < 1:
+        raise ConfigError(f"objective.sc_fraction={obj.sc_fraction} must be in (0, 1)")
+    if obj.flow_t not in ("grid", "uniform", "logit_normal"):
+        raise ConfigError(f"objective.flow_t={obj.flow_t!r}: use 'grid', 'uniform' or 'logit_normal'")
+    parse_level_weights(obj.level_weights, obj.num_levels)
+    if obj.name == "shortcut" and config.train.ema_decays == () and obj.teacher == "ema":
+        raise ConfigError("objective.teacher='ema' needs at least one train.ema_decays entry, or set it to 'online'")
+
+    optim = config.optim
+    if optim.schedule not in ("constant", "warmup", "cosine"):
+        raise ConfigError(f"optim.schedule={optim.schedule!r}: use 'constant', 'warmup' or 'cosine'")
+    if optim.weight_decay_mask not in ("all", "kernels"):
+        raise ConfigError(f"optim.weight_decay_mask={optim.weight_decay_mask!r}: use 'all' or 'kernels'")
+    if optim.accum_steps < 1:
+        raise ConfigError(f"optim.accum_steps={optim.accum_steps} must be >= 1")
+
+    train = config.train
+    batch = train.batch_size
+    if batch < 1 or train.steps < 0:
+        raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
+    if batch % num_devices:
+        raise ConfigError(
+            f"train.batch_size={batch} is not divisible by the {num_devices} devices of the mesh;"
+            f" use a multiple of {num_devices} (e.g. {((batch + num_devices - 1) // num_devices) * num_devices})"
+        )
+    accum = optim.accum_steps
+    if batch % accum:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by optim.accum_steps={accum}")
+    micro = batch // accum
+    if micro % num_devices:
+        raise ConfigError(
+            f"the micro-batch train.batch_size/optim.accum_steps={micro} is not divisible by the {num_devices}"
+            " devices; lower optim.accum_steps or raise the batch"
+        )
+    check_batch_layout(obj, batch, "train.batch_size")
+    if obj.name == "shortcut" and accum > 1:
+        n_sc = num_sc_rows(obj, batch)
+        if n_sc % accum or num_sc_rows(obj, micro) * accum != n_sc:
+            raise ConfigError(
+                f"with optim.accum_steps={accum}, the {n_sc} self-consistency rows of train.batch_size={batch}"
+                " must split evenly over the micro-batches: pick a batch whose self-consistency share"
+                f" (batch * objective.sc_fraction) is a multiple of {accum}"
+            )
+    for key in ("log_every", "ckpt_every", "eval_every"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}={train[key]} must be >= 1")
+    if train.profile_steps:
+        try:
+            start, stop = (int(s) for s in train.profile_steps.split(","))
+        except ValueError:
+            raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
+        if not 0 <= start < stop:
+            raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
+    for n in tuple(config.eval.budgets) + tuple(config.eval.grid_budgets):
+        if n not in [2**k for k in range(obj.num_levels + 1)]:
+            raise ConfigError(
+                f"eval budget {n} is not a power of two up to 2^objective.num_levels={2 ** obj.num_levels}:"
+                " fix eval.budgets / eval.grid_budgets"
+            )
+
+
+def check_model_fits_data(config, shape: tuple) -> None:
+    """Checks that need the data's shape (after the data config was validated)."""
+    if config.model.name == "dit":
+        if len(shape) != 3:
+            raise ConfigError(f"model.name='dit' needs images [H, W, C]; the data gives examples of shape {shape}:"
+                              " use model.name='mlp' for points")
+        p = config.model.patch_size
+        if shape[0] % p or shape[1] % p:
+            raise ConfigError(
+                f"image size {shape[0]}x{shape[1]} is not divisible by model.patch_size={p}: change the patch"
+                " size or data.image_size"
+            )
+    elif len(shape) != 1:
+        raise ConfigError(f"model.name='mlp' needs points [D]; the data gives {shape}: use model.name='dit'")

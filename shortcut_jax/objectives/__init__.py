@@ -18,6 +18,13 @@ OBJECTIVES = {
     "flow_matching": flow_matching.loss_fn,
 }
 
+# Objectives whose row layout spans the global batch give each accumulation micro-batch its
+# share: name -> fn(rng, global_batch_size, accum_steps, cfg) -> {key: [accum, ...]} merged into
+# the micro-batches. Objectives not listed need no plan.
+MICRO_BATCH_PLANNERS = {
+    "shortcut": shortcut.plan_micro_batches,
+}
+
 
 def make_objective_config(objective_cfg, apply_fn, num_classes: int) -> ObjectiveConfig:
     """Static objective context from the ``config.objective`` ConfigDict."""
@@ -41,4 +48,4 @@ def make_objective_config(objective_cfg, apply_fn, num_classes: int) -> Objectiv
     )
 
 
-__all__ = ["OBJECTIVES", "ObjectiveConfig", "make_objective_config"]
+__all__ = ["MICRO_BATCH_PLANNERS", "OBJECTIVES", "ObjectiveConfig", "make_objective_config"]

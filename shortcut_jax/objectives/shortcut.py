@@ -48,6 +48,17 @@ def assign_levels(rng: jax.Array, n_sc: int, num_levels: int, mode: str) -> jax.
     raise ValueError(f"objective.level_assignment must be 'official' or 'random', got {mode!r}")
 
 
+def plan_micro_batches(rng, batch_size: int, accum: int, cfg: common.ObjectiveConfig) -> dict:
+    """Levels for gradient accumulation: assigned over the global batch, then dealt out.
+
+    Micro-batch j gets levels j, j + A, j + 2A, ... of the global assignment, so each level has
+    as many rows per optimiser step as without accumulation. Returns ``{'sc_level': [A, n_sc/A]}``.
+    """
+    n_sc = num_sc_rows(batch_size, cfg.sc_fraction)
+    levels = assign_levels(rng, n_sc, cfg.num_levels, cfg.level_assignment)
+    return {"sc_level": levels.reshape(n_sc // accum, accum).T}
+
+
 def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cfg: common.ObjectiveConfig):
     """Average of two teacher half steps at level ``level + 1``; no gradient flows through it."""
     half_level = level + 1

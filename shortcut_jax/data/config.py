@@ -1,0 +1,108 @@
+"""The data section of the experiment config and the checks shared by every reader.
+
+Error messages name the config key as ``data.<key>`` because the lead config embeds this
+section under ``data``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import ml_collections
+
+DEFAULTS: dict[str, Any] = {
+    # One of the names in shortcut_jax.data.READERS.
+    "name": "checkerboard",
+    # File (.npy/.npz) for 'arrays', folder for 'image_folder'; unused otherwise.
+    "path": "",
+    # 0 keeps native sizes (image folders must then be uniform); N centre-crops and resizes to NxN.
+    "image_size": 0,
+    # Horizontal flip with probability 0.5 per example (images only).
+    "random_flip": False,
+    # False gives label 0 everywhere and num_classes 0.
+    "use_labels": True,
+    # Decoding threads for image folders (also used for the header scan in validation).
+    "num_workers": 8,
+    # False streams examples in their stored order (sorted file names for folders).
+    "shuffle": True,
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """A ConfigDict holding every data field with its default value."""
+    return ml_collections.ConfigDict(dict(DEFAULTS))
+
+
+def get(config, key: str) -> Any:
+    """Reads ``key`` from a ConfigDict or plain dict, falling back to the default."""
+    return config.get(key, DEFAULTS[key])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_common_fields(config) -> None:
+    """Type and range checks that do not depend on which reader is selected."""
+    unknown = sorted(set(config.keys()) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown data config keys {unknown}; the known keys are {sorted(DEFAULTS)}. "
+            "Fix the spelling or remove them."
+        )
+    name = get(config, "name")
+    if not isinstance(name, str):
+        raise ValueError(f"data.name must be a string, got {name!r}.")
+    path = get(config, "path")
+    if not isinstance(path, str):
+        raise ValueError(f"data.path must be a string ('' when unused), got {path!r}.")
+    image_size = get(config, "image_size")
+    if not _is_int(image_size) or image_size < 0:
+        raise ValueError(
+            f"data.image_size must be an int >= 0 (0 keeps the native size), got {image_size!r}."
+        )
+    workers = get(config, "num_workers")
+    if not _is_int(workers) or workers < 1:
+        raise ValueError(f"data.num_workers must be an int >= 1 (e.g. 8), got {workers!r}.")
+    for key in ("random_flip", "use_labels", "shuffle"):
+        value = get(config, key)
+        if not isinstance(value, bool):
+            raise ValueError(f"data.{key} must be True or False, got {value!r}.")
+
+
+def reject_path(config, name: str) -> None:
+    """For readers that do not read files: a set path almost always means a wrong name."""
+    if get(config, "path"):
+        raise ValueError(
+            f"data.path={get(config, 'path')!r} is set but data.name={name!r} reads no files. "
+            "Set data.name='arrays' (.npy/.npz) or 'image_folder', or set data.path=''."
+        )
+
+
+def reject_image_size(config, name: str) -> None:
+    if get(config, "image_size"):
+        raise ValueError(
+            f"data.image_size={get(config, 'image_size')} is only supported for "
+            f"data.name='image_folder'; set data.image_size=0 for {name!r}."
+        )
+
+
+def reject_random_flip(config, name: str) -> None:
+    if get(config, "random_flip"):
+        raise ValueError(
+            f"data.random_flip=True mirrors images, but {name!r} gives points, not images; "
+            "set data.random_flip=False."
+        )
+
+
+def check_run_args(batch_size: int, seed: int, process_index: int, process_count: int) -> None:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size (per process) must be an int >= 1, got {batch_size!r}.")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+    if not _is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count must be an int >= 1, got {process_count!r}.")
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index must be in [0, {process_count}), got {process_index!r}."
+        )

@@ -1,0 +1,422 @@
+"""Images read from a folder with Pillow, decoded by a thread pool one batch ahead.
+
+Layouts
+-------
+- Class folders: ``root/<class>/.../<file>``; classes are the sorted sub-folder names and get
+  labels 0..C-1. Images may sit in nested folders below a class folder.
+- Flat: ``root/<file>``, unlabelled (``num_classes`` 0).
+
+Image files are those ending in .jpg, .jpeg, .png, .bmp or .webp (any case). Names starting with
+a dot are skipped: they are hidden files such as macOS ``._name.jpg`` resource forks, which carry
+an image extension but no image. Within a class, files are sorted by path, so the file list (and
+hence the stream) is the same on every machine.
+
+Pixels
+------
+Every image is converted to RGB. With ``image_size`` 0 all images must share one size (checked
+from the headers during validation). With ``image_size`` N the largest centred square is cropped
+and resized to NxN with Pillow's bicubic filter, which antialiases when shrinking. Pixels are
+mapped to [-1, 1] by ``x / 127.5 - 1``.
+
+Threads and determinism
+-----------------------
+Which file goes in which row, and whether it is flipped, is computed in the caller's thread from
+the stream position (see ``core``); the workers only decode into rows they are given, so timing
+never changes a batch. After returning the batch at position P, the reader submits the decode of
+the batch at P + G (G the global batch) and ``get_state`` still reports P + G, the position of
+the next batch the caller will receive.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from shortcut_jax.data import config as cfg
+from shortcut_jax.data.core import (
+    BatchLayout,
+    DataSpec,
+    ExampleOrder,
+    FiniteStreamMixin,
+    Source,
+    draw_reference_indices,
+    uint8_to_float,
+)
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+# Enough to act on without flooding the terminal when a whole folder is bad.
+MAX_LISTED = 10
+# Files per header-scan task: large enough that task overhead is small, small enough that the
+# pool stays balanced.
+SCAN_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderIndex:
+    """The validated contents of an image folder."""
+
+    root: str
+    files: tuple[str, ...]  # absolute paths, in stream order (index = example id)
+    labels: np.ndarray  # int32 [len(files)], the class of each file (0 for a flat folder)
+    class_names: tuple[str, ...]  # empty for a flat folder
+    native_size: tuple[int, int] | None  # (height, width) shared by all images, else None
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_below(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_name(f))
+    return sorted(found)
+
+
+def _other_files_below(folder: str, limit: int) -> tuple[int, list[str]]:
+    count, examples = 0, []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            count += 1
+            if len(examples) < limit:
+                examples.append(os.path.relpath(os.path.join(dirpath, f), folder))
+    return count, sorted(examples)
+
+
+def _listing(root: str, shown: str):
+    """Finds the image files and their classes; raises ValueError naming the fix."""
+    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")),
+                     key=lambda e: e.name)
+    if not entries:
+        raise ValueError(
+            f"data.path={shown!r} is an empty folder. Put images in it (one sub-folder per "
+            "class, or all images directly in it) or point data.path at the right folder."
+        )
+    class_dirs = [e for e in entries if e.is_dir()]
+    loose = [e.name for e in entries if e.is_file() and _is_image_name(e.name)]
+    per_class = {d.name: _images_below(d.path) for d in class_dirs}
+    if any(per_class.values()):
+        if loose:
+            raise ValueError(
+                f"data.path={shown!r} has class sub-folders and also {len(loose)} images "
+                f"directly inside it (e.g. {loose[:3]}); move those images into a class folder, "
+                "or delete them, so that every image has a class."
+            )
+        empty = [name for name, files in per_class.items() if not files]
+        if empty:
+            raise ValueError(
+                f"class folders {empty[:MAX_LISTED]} under data.path={shown!r} hold no images "
+                f"(extensions {', '.join(IMAGE_EXTENSIONS)}); labels come from sorted folder "
+                "names, so remove these folders or add their images."
+            )
+        names = tuple(per_class)
+        files = [f for name in names for f in per_class[name]]
+        labels = np.concatenate(
+            [np.full(len(per_class[name]), c, dtype=np.int32) for c, name in enumerate(names)]
+        )
+        return files, labels, names
+    if loose:
+        files = [os.path.join(root, name) for name in loose]
+        return files, np.zeros(len(files), dtype=np.int32), ()
+    count, examples = _other_files_below(root, 5)
+    raise ValueError(
+        f"data.path={shown!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} in "
+        f"any case; found {count} other files, e.g. {examples}). Convert the images to one of "
+        "these formats or point data.path at the folder that holds them."
+    )
+
+
+def _read_headers(paths: Sequence[str]) -> list[tuple[str, Any]]:
+    """(path, (width, height)) for readable files, (path, 'error text') for the others."""
+    results = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image.verify()
+            results.append((path, size))
+        # Pillow's format parsers signal corrupt input with many exception types (OSError,
+        # SyntaxError, struct.error, ValueError, ...), and any of them means an unusable file.
+        except Exception as error:  # noqa: BLE001
+            results.append((path, f"{type(error).__name__}: {error}"))
+    return results
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _fingerprint(files: Sequence[str]) -> str:
+    """Changes whenever a file is added, removed, resized or rewritten (its mtime changes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# make_dataset validates before building, and training scripts usually validate on their own
+# first; remembering the last few scans lets the second pass cost one stat() per file instead
+# of one open().
+_HEADER_CACHE: collections.OrderedDict[str, tuple[str, list]] = collections.OrderedDict()
+_HEADER_CACHE_SIZE = 4
+_HEADER_CACHE_LOCK = threading.Lock()
+
+
+def _cached_headers(root: str, files: Sequence[str], num_workers: int) -> list[tuple[str, Any]]:
+    fingerprint = _fingerprint(files)
+    with _HEADER_CACHE_LOCK:
+        hit = _HEADER_CACHE.get(root)
+        if hit is not None and hit[0] == fingerprint:
+            return hit[1]
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        chunks = pool.map(_read_headers, _chunks(files, SCAN_CHUNK))
+        headers = [result for chunk in chunks for result in chunk]
+    with _HEADER_CACHE_LOCK:
+        _HEADER_CACHE[root] = (fingerprint, headers)
+        _HEADER_CACHE.move_to_end(root)
+        while len(_HEADER_CACHE) > _HEADER_CACHE_SIZE:
+            _HEADER_CACHE.popitem(last=False)
+    return headers
+
+
+def scan_image_folder(root: str, image_size: int, num_workers: int) -> FolderIndex:
+    """Lists the folder and opens every file's header (Image.open + verify) in a thread pool.
+
+    A folder whose files are unchanged since a recent scan (same paths, sizes and mtimes) reuses
+    that scan's headers. Raises ValueError naming the broken files, or the mixed sizes when
+    ``image_size`` is 0.
+    """
+    shown = root
+    root = os.path.abspath(root)
+    files, labels, class_names = _listing(root, shown)
+    headers = _cached_headers(root, files, num_workers)
+    broken = [(path, info) for path, info in headers if isinstance(info, str)]
+    if broken:
+        listed = "\n".join(f"  {os.path.relpath(p, root)}: {e}" for p, e in broken[:MAX_LISTED])
+        more = f"\n  ... and {len(broken) - MAX_LISTED} more" if len(broken) > MAX_LISTED else ""
+        raise ValueError(
+            f"{len(broken)} of {len(files)} image files under data.path={shown!r} cannot be "
+            f"read:\n{listed}{more}\nDelete or replace these files, then start again."
+        )
+    by_size: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
+    for path, (width, height) in headers:
+        by_size[(height, width)].append(path)
+    native_size = next(iter(by_size)) if len(by_size) == 1 else None
+    if image_size == 0 and native_size is None:
+        common = sorted(by_size.items(), key=lambda kv: -len(kv[1]))
+        listed = "\n".join(
+            f"  {h}x{w} (HxW): {len(paths)} files, e.g. {os.path.relpath(paths[0], root)}"
+            for (h, w), paths in common[:MAX_LISTED]
+        )
+        suggestion = min(min(size) for size in by_size)
+        raise ValueError(
+            f"images under data.path={shown!r} have {len(by_size)} different sizes:\n{listed}\n"
+            "data.image_size=0 keeps native sizes, which must then all be equal. Set "
+            f"data.image_size to a positive size (e.g. {suggestion}) to centre-crop and resize "
+            "every image to a square of that size."
+        )
+    return FolderIndex(root, tuple(files), labels, class_names, native_size)
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+    """Decodes one file to uint8 RGB [H, W, 3], centre-cropped and resized if ``image_size``."""
+    with Image.open(path) as opened:
+        opened.load()
+        # convert() copies even when the mode already matches; skipping it is a measurable
+        # share of the per-image cost for small images.
+        image = opened if opened.mode == "RGB" else opened.convert("RGB")
+    if image_size:
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        if width != height:
+            # Cropping first, rather than resize(box=...), keeps the filter from reaching into
+            # pixels outside the square.
+            image = image.crop((left, top, left + side, top + side))
+        if side != image_size:
+            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+class _PendingBatch:
+    """A batch whose rows are being decoded by the pool."""
+
+    def __init__(self, position: int, futures, x: np.ndarray, labels: np.ndarray):
+        self.position = position
+        self._futures = futures
+        self._x = x
+        self._labels = labels
+
+    def result(self) -> dict[str, np.ndarray]:
+        for future in self._futures:
+            future.result()  # re-raises a decoding error in the caller's thread
+        return {"x": self._x, "label": self._labels}
+
+    def cancel(self) -> None:
+        # Tasks already running finish into this batch's own buffer, which is then dropped.
+        for future in self._futures:
+            future.cancel()
+
+
+class ImageFolderSource(FiniteStreamMixin, Source):
+    """Streams the images of a scanned folder (see the module docstring)."""
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        *,
+        layout: BatchLayout,
+        seed: int,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        image_size: int = 0,
+        num_workers: int = 8,
+        use_labels: bool = True,
+    ):
+        if image_size == 0 and index.native_size is None:
+            raise ValueError("images differ in size; set image_size > 0.")
+        self.root = index.root
+        self.class_names = index.class_names if use_labels else ()
+        self._files = index.files
+        self._labels = (index.labels if use_labels and index.class_names
+                        else np.zeros(len(index.files), dtype=np.int32))
+        size = (image_size, image_size) if image_size else index.native_size
+        self.spec = DataSpec(shape=(*size, 3), num_classes=len(self.class_names), kind="images")
+        self.num_examples = len(index.files)
+        self._image_size = image_size
+        self._layout = layout
+        self._random_flip = random_flip
+        self._order = ExampleOrder(self.num_examples, seed, shuffle)
+        self._num_workers = num_workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            num_workers, thread_name_prefix="image_folder"
+        )
+        self._pending: _PendingBatch | None = None
+        self._position = 0
+        self._closed = False
+
+    def _decode_rows(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray) -> None:
+        pixels = np.empty(out.shape, dtype=np.uint8)
+        for row, (index, flip) in enumerate(zip(indices, flips)):
+            path = self._files[index]
+            try:
+                image = load_image(path, self._image_size)
+            except Exception as error:  # noqa: BLE001 - see _read_headers
+                raise RuntimeError(
+                    f"cannot decode {path} ({type(error).__name__}: {error}); it passed the "
+                    "header check but its data is damaged. Delete or replace it and restart."
+                ) from error
+            if image.shape != out.shape[1:]:
+                raise RuntimeError(
+                    f"{path} decoded to shape {image.shape}, expected {out.shape[1:]}; "
+                    "set data.image_size > 0 to resize all images."
+                )
+            pixels[row] = image[:, ::-1] if flip else image
+        out[:] = uint8_to_float(pixels)
+
+    def _submit(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray,
+                rows_per_task: int) -> list:
+        return [
+            self._pool.submit(self._decode_rows, indices[a:a + rows_per_task],
+                              flips[a:a + rows_per_task], out[a:a + rows_per_task])
+            for a in range(0, len(indices), rows_per_task)
+        ]
+
+    def _start_batch(self, position: int) -> _PendingBatch:
+        batch = self._layout.batch_size
+        indices, flips = self._order.lookup(position + self._layout.offset, batch,
+                                            self._random_flip)
+        x = np.empty((batch, *self.spec.shape), dtype=np.float32)
+        # One task per worker: a batch is small enough that finer splitting only adds overhead.
+        rows_per_task = -(-batch // self._num_workers)
+        futures = self._submit(indices, flips, x, rows_per_task)
+        return _PendingBatch(position, futures, x, self._labels[indices])
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise RuntimeError("next_batch() called after close().")
+        # Invariant: a pending batch, if any, is the one at self._position (see _on_seek).
+        if self._pending is None:
+            self._pending = self._start_batch(self._position)
+        current = self._pending
+        following_position = self._position + self._layout.global_batch_size
+        # Queued behind the current batch's tasks, so it never delays them.
+        following = self._start_batch(following_position)
+        try:
+            batch = current.result()
+        except BaseException:
+            # Leave the position on the failed batch so that get_state stays truthful.
+            following.cancel()
+            self._pending = None
+            raise
+        self._position = following_position
+        self._pending = following
+        return batch
+
+    def _on_seek(self, position: int) -> None:
+        if self._pending is not None and self._pending.position != position:
+            self._pending.cancel()
+            self._pending = None
+
+    def reference(self, n: int, seed: int) -> np.ndarray:
+        if self._closed:
+            raise RuntimeError("reference() called after close().")
+        indices = draw_reference_indices(self.num_examples, n, seed)
+        x = np.empty((len(indices), *self.spec.shape), dtype=np.float32)
+        # Many small tasks rather than one per worker, so that a large reference set is spread
+        # evenly over the pool.
+        futures = self._submit(indices, np.zeros(len(indices), dtype=bool), x, 64)
+        for future in futures:
+            future.result()
+        return x
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prepare_image_folder(config, name: str) -> FolderIndex:
+    path = cfg.get(config, "path")
+    if not path:
+        raise ValueError(
+            "data.name='image_folder' needs data.path set to a folder of images (one "
+            "sub-folder per class, or images directly in it)."
+        )
+    if not os.path.exists(path):
+        raise ValueError(f"data.path={path!r} does not exist; set data.path to an image folder.")
+    if not os.path.isdir(path):
+        hint = ""
+        if path.endswith((".tar", ".tar.gz", ".tgz")):
+            hint = (" It looks like an archive: unpack it with shortcut_jax.data.extract_archive"
+                    "(path, dest_dir) and set data.path to the folder it returns.")
+        raise ValueError(f"data.path={path!r} is not a folder.{hint}")
+    return scan_image_folder(path, cfg.get(config, "image_size"), cfg.get(config, "num_workers"))
+
+
+def build_image_folder(config, index: FolderIndex, layout: BatchLayout,
+                       seed: int) -> ImageFolderSource:
+    return ImageFolderSource(
+        index,
+        layout=layout,
+        seed=seed,
+        shuffle=cfg.get(config, "shuffle"),
+        random_flip=cfg.get(config, "random_flip"),
+        image_size=cfg.get(config, "image_size"),
+        num_workers=cfg.get(config, "num_workers"),
+        use_labels=cfg.get(config, "use_labels"),
+    )

@@ -1,0 +1,77 @@
+"""Device mesh, state and batch shardings, host batches to global arrays.
+
+The mesh has two axes: ``data`` (pure data parallelism: parameters replicated) and ``fsdp``
+(fully-sharded data parallelism: parameters, EMA and optimiser state split along their largest
+divisible dimension; the batch is split over both axes). Shardings are a function of the config
+and the abstract state, so a new axis (tensor parallelism, say) is added here alone.
+
+Multi-host: every process holds the rows of the global batch that belong to its devices;
+``global_batch`` assembles them into one ``jax.Array`` without gathering.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
+    fsdp = int(mesh_cfg.fsdp)
+    data = int(mesh_cfg.data)
+    if fsdp < 1:
+        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1")
+    if data == -1:
+        if num_devices % fsdp:
+            raise ValueError(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices; pick a divisor")
+        data = num_devices // fsdp
+    if data < 1 or data * fsdp > num_devices:
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, {num_devices} are available;"
+            " set mesh.data=-1 to use all of them"
+        )
+    return data, fsdp
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    data, fsdp = mesh_shape(mesh_cfg, len(devices))
+    # Mesh built directly (not jax.make_mesh) so axes are Auto: XLA propagates shardings.
+    grid = np.array(devices[: data * fsdp]).reshape(data, fsdp)
+    return Mesh(grid, BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _fsdp_spec(shape: tuple, fsdp: int, min_size: int) -> P:
+    """Shard the largest dimension divisible by the fsdp axis; small arrays stay replicated."""
+    if fsdp == 1 or math.prod(shape) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh, *, min_fsdp_size: int = 2**14):
+    """Sharding of every leaf of an abstract train state (a tree of ShapeDtypeStructs)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), fsdp, min_fsdp_size)),
+                        abstract_state)
+
+
+def global_batch(host_batch: dict, mesh: Mesh) -> dict:
+    """Per-process numpy rows -> global arrays sharded over the batch axes of ``mesh``."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}

@@ -1,0 +1,300 @@
+"""The training loop end to end: CLI run, exact resume after SIGKILL, data parallelism,
+config checks before compiling, non-finite losses, gradient accumulation."""
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shortcut_jax import checkpoint, config_lib, sharding, train
+from shortcut_jax.objectives import shortcut
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+
+
+def load_experiment(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_config(**overrides):
+    c = load_experiment("toy2d").get_config("runlocal=True")
+    c.train.progress_bar = False
+    c.train.use_tensorboard = False
+    c.train.async_ckpt = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def digits_config(**overrides):
+    c = load_experiment("digits").get_config("runlocal=True")
+    c.train.progress_bar = False
+    c.train.use_tensorboard = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def params_of(state):
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
+         f"--workdir={workdir}", "--config.train.progress_bar=False"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        assert ckpt.latest_step() == 20
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+    for key in ("flow_loss", "sc_loss", "sc_loss/level_0", "sc_loss/level_6", "grad_norm", "param_norm",
+                "update_norm", "lr", "input_wait_ms", "images_per_second"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    manifest = json.load(open(os.path.join(workdir, "manifest.json")))
+    assert manifest["config"]["train"]["steps"] == 20
+    assert "jax" in json.dumps(manifest)
+    evals = glob.glob(os.path.join(workdir, "eval", "*", "*"))
+    names = {os.path.basename(p) for p in evals}
+    assert {"samples_1step.png", "distance_by_budget.md", "distance_by_budget.png"} <= names
+
+
+def test_image_run_writes_grids_and_resumes_to_more_steps(tmp_path):
+    workdir = str(tmp_path / "digits")
+    state = train.train_and_evaluate(digits_config(), workdir)
+    assert int(state.step) == 6
+    assert glob.glob(os.path.join(workdir, "eval", "00000006", "samples_1step.png"))
+    # raising the step budget continues from the saved step instead of starting over
+    state = train.train_and_evaluate(digits_config(**{"train.steps": 8}), workdir)
+    assert int(state.step) == 8
+    rows = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    assert rows == [2, 4, 6, 8]
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+    steps = 40
+    overrides = {"train.steps": steps, "train.ckpt_every": 4, "train.log_every": 1, "train.eval_every": 1000,
+                 "train.async_ckpt": True}
+    reference = train.train_and_evaluate(toy_config(**overrides), str(tmp_path / "reference"))
+
+    workdir = str(tmp_path / "killed")
+    kill_after = int(np.random.default_rng().integers(9, 30))
+    args = [f"--config.{k}={v}" for k, v in overrides.items()] + ["--config.train.progress_bar=False"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
+         f"--workdir={workdir}", *args],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics):
+                logged = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
+                if logged and logged[-1] >= kill_after:
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        saved = ckpt.latest_step()
+    assert saved is not None and saved < steps, f"killed too late (saved {saved}); kill_after={kill_after}"
+
+    resumed = train.train_and_evaluate(toy_config(**overrides), workdir)
+    for a, b in zip(jax.tree.leaves(params_of(reference)), jax.tree.leaves(params_of(resumed))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(jax.device_get(reference.ema_params)), jax.tree.leaves(jax.device_get(resumed.ema_params))):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- data parallelism
+
+
+def run_steps(config, n, batches):
+    exp = train.Experiment(config, "/nonexistent-workdir-for-test")
+    state = exp.init_state()
+    compiled, _ = exp.compile_step()
+    losses = []
+    for b in batches[:n]:
+        state, m = compiled(state, sharding.global_batch(b, exp.mesh))
+        losses.append(float(m["loss"]))
+    exp.source.close()
+    return np.array(losses), params_of(state)
+
+
+def test_data_parallel_on_8_devices_matches_one_device():
+    assert jax.device_count() == 8
+    cfg1 = digits_config(**{"mesh.data": 1})
+    exp = train.Experiment(cfg1, "/nonexistent-workdir-for-test")
+    batches = [exp.source.next_batch() for _ in range(5)]
+    exp.source.close()
+    loss1, params1 = run_steps(cfg1, 5, batches)
+    loss8, params8 = run_steps(digits_config(**{"mesh.data": -1}), 5, batches)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    flat1 = np.concatenate([a.ravel() for a in jax.tree.leaves(params1)])
+    flat8 = np.concatenate([a.ravel() for a in jax.tree.leaves(params8)])
+    assert np.linalg.norm(flat8 - flat1) / np.linalg.norm(flat1) <= 1e-5
+
+
+def test_fsdp_mesh_shards_parameters_and_matches():
+    # width 64: the MLP kernels (64 x 256) are large enough to be sharded
+    cfg = digits_config(**{"mesh.data": 4, "mesh.fsdp": 2, "model.width": 64})
+    exp = train.Experiment(cfg, "/nonexistent-workdir-for-test")
+    specs = [s.spec for s in jax.tree.leaves(exp.state_shardings)]
+    assert any("fsdp" in str(spec) for spec in specs)
+    batches = [exp.source.next_batch() for _ in range(3)]
+    exp.source.close()
+    loss_fsdp, _ = run_steps(cfg, 3, batches)
+    loss_one, _ = run_steps(digits_config(**{"mesh.data": 1, "model.width": 64}), 3, batches)
+    np.testing.assert_allclose(loss_fsdp, loss_one, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _listing(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = os.stat(p).st_mtime_ns
+    return out
+
+
+BAD_CONFIGS = {
+    "unknown key": ({"train.stepz": 3}, "unknown config keys"),
+    "objective": ({"objective.name": "consistency_magic"}, "objective.name"),
+    "dataset": ({"data.name": "imagenet9000"}, "imagenet9000"),
+    "devices": ({"mesh.data": 8, "train.batch_size": 60}, "divisible by the 8 devices"),
+    "accumulation": ({"optim.accum_steps": 3}, "accum_steps"),
+    "too small for levels": ({"train.batch_size": 16}, "self-consistency rows"),
+    "patch": ({"model.patch_size": 3}, "patch_size"),
+    "budget": ({"eval.budgets": (3,)}, "eval budget 3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_config_raises_before_compiling_or_writing(name, tmp_path, monkeypatch):
+    overrides, message = BAD_CONFIGS[name]
+    cfg = digits_config()
+    if "train.stepz" in overrides:
+        cfg.train.unlock()
+        cfg.train.stepz = 3
+    else:
+        for key, value in overrides.items():
+            node = cfg
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    compiled = []
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
+    workdir = tmp_path / "wd"
+    with pytest.raises((config_lib.ConfigError, ValueError), match=message):
+        train.train_and_evaluate(cfg, str(workdir))
+    assert not compiled
+    assert not workdir.exists()
+
+
+def test_workdir_with_a_different_model_is_refused_untouched(tmp_path):
+    workdir = str(tmp_path / "wd")
+    train.train_and_evaluate(digits_config(**{"train.steps": 3, "train.eval_every": 100}), workdir)
+    before = _listing(workdir)
+    with pytest.raises(config_lib.ConfigError, match="model.width"):
+        train.train_and_evaluate(digits_config(**{"train.steps": 6, "model.width": 64}), workdir)
+    assert _listing(workdir) == before
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "nan")
+    cfg = toy_config(**{"optim.lr": 1e12, "optim.schedule": "constant", "train.steps": 40, "train.ckpt_every": 1,
+                        "train.log_every": 1, "optim.weight_decay": 0.0})
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite .* at step \d+"):
+        train.train_and_evaluate(cfg, workdir)
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        last = ckpt.latest_step()
+        exp = train.Experiment(cfg, workdir)
+        state, _, _ = ckpt.restore(last, exp.abstract_state)
+        exp.source.close()
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(jax.device_get(state.params)))
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def test_accumulation_spreads_levels_over_the_global_batch():
+    from shortcut_jax.objectives import ObjectiveConfig
+
+    cfg = ObjectiveConfig(apply_fn=None, num_classes=0, sc_fraction=0.125)
+    plan = shortcut.plan_micro_batches(jax.random.key(0), 256, 4, cfg)["sc_level"]
+    assert plan.shape == (4, 8)
+    counts = np.bincount(np.asarray(plan).ravel(), minlength=7)
+    np.testing.assert_array_equal(counts, [4 + (32 - 28), 4, 4, 4, 4, 4, 4])  # the global assignment
+    assert all(len(set(np.asarray(row).tolist())) >= 4 for row in plan)  # each micro-batch mixes levels
+
+
+def test_training_with_accumulation_runs_and_logs_every_level(tmp_path):
+    cfg = digits_config(**{"optim.accum_steps": 2, "train.batch_size": 112, "train.steps": 2, "train.log_every": 2,
+                           "train.eval_every": 100})
+    state = train.train_and_evaluate(cfg, str(tmp_path / "acc"))
+    rows = [r for r in read_jsonl(str(tmp_path / "acc" / "metrics.jsonl")) if "loss" in r]
+    assert int(state.step) == 2 and np.isfinite(rows[-1]["loss"])
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def _experiment_variants():
+    out = []
+    for path in sorted(glob.glob(os.path.join(EXPERIMENTS, "*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        module = load_experiment(name)
+        for arg in getattr(module, "TEST_ARGS", ("",)):
+            out.append((name, arg))
+    return out
+
+
+@pytest.mark.parametrize("name,arg", _experiment_variants())
+def test_every_experiment_file_builds_and_validates(name, arg):
+    cfg = load_experiment(name).get_config(arg)
+    assert name.split("_")[0] in load_experiment(name).__doc__ or "Command" in load_experiment(name).__doc__
+    assert "python -m shortcut_jax.main" in load_experiment(name).__doc__
+    data_axis, fsdp = sharding.mesh_shape(cfg.mesh, 8)
+    config_lib.validate(cfg, num_devices=data_axis * fsdp)
