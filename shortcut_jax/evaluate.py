@@ -26,6 +26,14 @@ from shortcut_jax.evaluation import distances, report
 IMAGE_METRICS: dict[str, Callable] = {}
 
 
+def save_grid(samples: np.ndarray, path: str) -> np.ndarray:
+    """Grid of RGB/grey images; other channel counts (undecoded latents) show their first three
+    channels over a unit-variance range."""
+    if samples.shape[-1] in (1, 3):
+        return metric_writers.save_image_grid(samples, path)
+    return metric_writers.save_image_grid(samples[..., :3], path, value_range=(-2.5, 2.5))
+
+
 def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
                  num_steps: int, seed: int, cfg_scale: float = 1.0) -> np.ndarray:
     """``num_samples`` samples at one budget; noise and labels depend only on ``seed``."""
@@ -85,7 +93,7 @@ def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int]
                     samples[:grid_size * 40], path, reference=None if reference is None else reference[:2000],
                     title=f"{n} step(s), step {step}")
             else:
-                images[f"samples_{n}step"] = metric_writers.save_image_grid(samples[:grid_size], path)
+                images[f"samples_{n}step"] = save_grid(samples[:grid_size], path)
 
     if results:
         name = metric.replace("_", " ")

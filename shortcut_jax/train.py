@@ -129,16 +129,21 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
 class Experiment:
     """Everything built from a validated config, before anything touches the workdir."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, spec: Optional[data.DataSpec] = None):
+        """``spec`` given: no data source is opened (benchmarks, checkpoint import)."""
         config_lib.validate(config, num_devices=self.num_mesh_devices(config))
         self.config = config
         self.workdir = workdir
-        data.validate_data_config(config.data)
         process_count = jax.process_count()
         self.batch_per_process = config.train.batch_size // process_count
-        self.source = data.make_dataset(config.data, batch_size=self.batch_per_process, seed=config.seed,
-                                        process_index=jax.process_index(), process_count=process_count)
-        self.spec = self.source.spec
+        if spec is None:
+            data.validate_data_config(config.data)
+            self.source = data.make_dataset(config.data, batch_size=self.batch_per_process, seed=config.seed,
+                                            process_index=jax.process_index(), process_count=process_count)
+            spec = self.source.spec
+        else:
+            self.source = None
+        self.spec = spec
         config_lib.check_model_fits_data(config, tuple(self.spec.shape))
         self.meta = {
             "model": config.model.to_dict(),
@@ -210,6 +215,10 @@ class Experiment:
         info.update(compiled_stats(compiled))
         return compiled, info
 
+    def close(self):
+        if self.source is not None:
+            self.source.close()
+
     def eval_params(self, state):
         return state.ema_params[0] if self.config.eval.use_ema and state.ema_params else state.params
 
@@ -274,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         latest = ckpt.latest_step()
         if latest is not None:
             state, data_state, _ = ckpt.restore(latest, exp.abstract_state)
-            exp.source.set_state(data_state)
+            if data_state:  # empty for imported checkpoints: the stream starts fresh
+                exp.source.set_state(data_state)
             log.info("resumed from step %d", latest)
         else:
             state = exp.init_state()
@@ -289,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     finally:
         ckpt.wait()
         ckpt.close()
-        exp.source.close()
+        exp.close()
 
 
 def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
@@ -365,4 +375,4 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None, out
     try:
         return run_eval(exp, state, step, out_dir=out_dir)
     finally:
-        exp.source.close()
+        exp.close()
