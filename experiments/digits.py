@@ -7,9 +7,11 @@ Expected: recognisable digits at 128 steps after ~5k steps (minutes on one GPU, 
 """
 from shortcut_jax import config_lib
 
+TEST_ARGS = ("", "runlocal=True")
+
 
 def get_config(arg: str = ""):
-    args = dict(item.split("=", 1) for item in filter(None, (arg or "").split(",")))
+    args = config_lib.parse_config_arg(arg, {"objective": "shortcut", "runlocal": False})
     c = config_lib.default_config()
     c.data.name = "digits"
     c.model.name = "dit"
@@ -18,7 +20,7 @@ def get_config(arg: str = ""):
     c.model.width = 128
     c.model.depth = 4
     c.model.num_heads = 4
-    c.objective.name = args.get("objective", "shortcut")
+    c.objective.name = args["objective"]
     c.objective.sc_fraction = 0.25
     c.optim.lr = 3e-4
     c.train.steps = 5000
@@ -29,7 +31,7 @@ def get_config(arg: str = ""):
     c.eval.budgets = (1, 4, 128)
     c.eval.grid_budgets = (1, 4, 128)
     c.eval.metric = "none"
-    if args.get("runlocal", "False") == "True":
+    if args["runlocal"]:
         c.model.width = 32
         c.model.depth = 2
         c.model.num_heads = 2

@@ -278,3 +278,30 @@ def check_model_fits_data(config, shape: tuple) -> None:
             )
     elif len(shape) != 1:
         raise ConfigError(f"model.name='mlp' needs points [D]; the data gives {shape}: use model.name='dit'")
+
+
+def parse_config_arg(arg: str | None, allowed: dict) -> dict:
+    """``'variant=B,runlocal=True'`` -> typed dict; ``allowed`` maps each key to its default.
+
+    Values take the type of their default (bools accept True/False), so a typo in a key or value
+    fails when the config is built, with the list of valid keys.
+    """
+    out = dict(allowed)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise ConfigError(f"config argument {item!r}: expected key=value with key in {sorted(allowed)}")
+        default = allowed[key]
+        value = value.strip()
+        if isinstance(default, bool):
+            if value not in ("True", "False", "true", "false", "1", "0"):
+                raise ConfigError(f"config argument {key}={value!r} must be True or False")
+            out[key] = value in ("True", "true", "1")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out

@@ -20,6 +20,7 @@ Files written under a workdir:
 from __future__ import annotations
 
 import datetime
+import logging
 import importlib.metadata
 import json
 import math
@@ -506,3 +507,24 @@ def write_manifest(workdir: str, config: Any, *, extra: Mapping[str, Any] | None
     _write_json_atomic(manifest, dated)
     _write_json_atomic(manifest, path)
     return path
+
+
+class _BelowWarningFrom(logging.Filter):
+    def __init__(self, fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.WARNING or not any(f in record.pathname for f in self.fragments)
+
+
+def quiet_library_logs(fragments=("orbax", "tensorstore", "etils")) -> None:
+    """Drop INFO lines of chatty libraries (orbax logs every file of every save) from the log."""
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_BelowWarningFrom(fragments))
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.get_absl_handler().addFilter(_BelowWarningFrom(fragments))
+    except ImportError:
+        pass

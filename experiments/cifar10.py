@@ -1,0 +1,65 @@
+"""CIFAR-10 (JPEG q75) pixels 32x32x3, unconditional DiT-S/2: the project's few-step study.
+
+Data: the class-folder archive, extracted once, read by the image-folder reader::
+
+  python -c "from shortcut_jax.data import extract_archive as e; print(e('../shared/data/cifar10-train.tar.gz', 'data'))"
+
+Command (published recipe: batch 256, AdamW 1e-4, weight decay 0.1, EMA teacher, 1/8 self-consistency):
+  python -m shortcut_jax.main --config=experiments/cifar10.py \\
+      --config.data.path=data/cifar10/train --workdir=workdirs/cifar10_shortcut
+Variants (comma-separated key=value): objective=shortcut|flow_matching, sc_fraction=<float>,
+teacher=ema|online, assignment=official|random, flow_t=grid|uniform|logit_normal,
+level_weights=<7 comma-free weights joined by ':'>, steps=<int>, runlocal=True.
+Expected: see README's few-step quality section for the measured table.
+"""
+from shortcut_jax import config_lib
+
+TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc_fraction=0.25", "runlocal=True")
+
+
+def get_config(arg: str = ""):
+    args = config_lib.parse_config_arg(arg, {
+        "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",
+        "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "runlocal": False})
+    c = config_lib.default_config()
+    c.seed = args["seed"]
+    c.data.name = "image_folder"
+    c.data.path = "data/cifar10/train"
+    c.data.use_labels = False
+    c.data.random_flip = True
+    c.data.num_workers = 16
+    c.model.name = "dit"
+    c.model.variant = "S"
+    c.model.patch_size = 2
+    c.objective.name = args["objective"]
+    c.objective.sc_fraction = args["sc_fraction"]
+    c.objective.teacher = args["teacher"]
+    c.objective.level_assignment = args["assignment"]
+    c.objective.flow_t = args["flow_t"]
+    c.objective.level_weights = args["level_weights"].replace(":", ",")
+    c.objective.label_dropout = 0.0
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 0.1
+    c.train.steps = args["steps"]
+    c.train.batch_size = 256
+    c.train.log_every = 100
+    c.train.ckpt_every = 1000
+    c.train.eval_every = 1000
+    c.eval.budgets = (1, 2, 4, 8, 32, 128)
+    c.eval.grid_budgets = (1, 2, 4, 8, 32, 128)
+    c.eval.num_samples = 5000
+    c.eval.batch_size = 1000
+    c.eval.metric = "none"
+    if args["runlocal"]:
+        c.model.variant = ""
+        c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
+        c.train.steps = 4
+        c.train.batch_size = 64
+        c.train.log_every = 2
+        c.train.ckpt_every = 2
+        c.train.eval_every = 4
+        c.eval.budgets = (1,)
+        c.eval.grid_budgets = (1,)
+        c.eval.grid_size = 16
+        c.mesh.data = 1
+    return c

@@ -1,0 +1,47 @@
+"""ImageNet 256, class-conditional, DiT-B/2 or DiT-XL/2 in SD-VAE latent space (the paper's setting).
+
+Reference recipe: batch 256, about 810k steps, AdamW lr 1e-4, betas (0.9, 0.999), weight decay
+0.1, constant lr, bf16, EMA 0.999 teacher, self-consistency fraction 1/8, label dropout 0.1 on
+flow rows, bootstrap CFG with scale 1.5 on the smallest shortcut level's targets, evaluation with
+CFG 1.5.
+
+Data: SD-VAE latents ``x: [N, 32, 32, 4]`` float32 with ``labels: [N]`` in an ``.npz`` (arrays
+reader), ``--config.data.path=...``.
+
+Command:
+  python -m shortcut_jax.main --config=experiments/imagenet.py:variant=B \\
+      --config.data.path=/data/imagenet256_latents.npz --workdir=workdirs/imagenet_b
+Expected (paper, FID-50k at 128 / 4 / 1 steps): DiT-B 15.5 / 28.3 / 40.3; DiT-XL 3.8 / 7.8 / 10.6.
+On one H100 DiT-XL/2 at batch 256 needs ``:remat=dots`` or more devices (see README, benchmarks).
+"""
+from shortcut_jax import config_lib
+
+TEST_ARGS = ("variant=B", "variant=XL", "variant=XL,remat=dots", "variant=B,objective=flow_matching")
+
+
+def get_config(arg: str = "variant=B"):
+    args = config_lib.parse_config_arg(arg, {"variant": "B", "objective": "shortcut", "sc_fraction": 0.125,
+                                             "remat": "none"})
+    c = config_lib.default_config()
+    c.data.name = "arrays"
+    c.model.name = "dit"
+    c.model.variant = args["variant"]
+    c.model.patch_size = 2
+    c.model.remat = args["remat"]
+    c.objective.name = args["objective"]
+    c.objective.sc_fraction = args["sc_fraction"]
+    c.objective.label_dropout = 0.1
+    c.objective.bootstrap_cfg = True
+    c.objective.bootstrap_cfg_scale = 1.5
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 0.1
+    c.train.steps = 810_000
+    c.train.batch_size = 256
+    c.train.log_every = 100
+    c.train.ckpt_every = 10_000
+    c.train.eval_every = 20_000
+    c.eval.cfg_scale = 1.5
+    c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
+    c.eval.grid_budgets = (1, 4, 128)
+    c.eval.metric = "none"
+    return c

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Train on one host with all its local accelerators (one or several GPUs, or CPU).
+# JAX runs one process that drives every local device; the batch is split over them.
+#
+#   launch/single_host.sh experiments/cifar10.py workdirs/cifar10 [--config.train.steps=7000 ...]
+#   CUDA_VISIBLE_DEVICES=0,1 launch/single_host.sh experiments/imagenet.py:variant=B workdirs/in_b
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 CONFIG[:ARG] WORKDIR [--config.key=value ...]" >&2
+  exit 2
+fi
+config=$1; workdir=$2; shift 2
+cd "$(dirname "$0")/.."
+# Let XLA use most of the GPU memory up front and overlap collectives with compute.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+mkdir -p "$workdir"
+python -m shortcut_jax.main --config="$config" --workdir="$workdir" "$@" 2>&1 | tee -a "$workdir/train.log"
