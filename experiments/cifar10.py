@@ -9,7 +9,9 @@ Command (published recipe: batch 256, AdamW 1e-4, weight decay 0.1, EMA teacher,
       --config.data.path=data/cifar10/train --workdir=workdirs/cifar10_shortcut
 Variants (comma-separated key=value): objective=shortcut|flow_matching, sc_fraction=<float>,
 teacher=ema|online, assignment=official|random, flow_t=grid|uniform|logit_normal,
-level_weights=<7 comma-free weights joined by ':'>, steps=<int>, runlocal=True.
+level_weights=<7 weights joined by ':'>, steps=<int>, seed=<int>, runlocal=True,
+classifier=<dir from benchmarks.train_classifier> (reports the classifier Frechet distance, CFD,
+against the test split at every budget; CFD is this project's offline yardstick, not FID).
 Expected: see README's few-step quality section for the measured table.
 """
 from shortcut_jax import config_lib
@@ -20,7 +22,7 @@ TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {
         "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",
-        "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "runlocal": False})
+        "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "classifier": "", "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = "image_folder"
@@ -50,6 +52,10 @@ def get_config(arg: str = ""):
     c.eval.num_samples = 5000
     c.eval.batch_size = 1000
     c.eval.metric = "none"
+    if args["classifier"]:  # classifier Frechet distance against the test split's statistics
+        c.eval.metric = "cfd"
+        c.eval.classifier = args["classifier"]
+        c.eval.reference_stats = args["classifier"] + "/test_stats.npz"
     if args["runlocal"]:
         c.model.variant = ""
         c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2

@@ -105,7 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.cfg_scale = 1.0
     c.eval.num_samples = 10_000
     c.eval.batch_size = 1000
-    c.eval.metric = "auto"  # 'auto': sliced Wasserstein for points; 'none' for images until features exist
+    c.eval.metric = "auto"  # 'auto' (sliced Wasserstein for points, none for images), 'none', 'cfd'
+    # 'cfd': classifier Frechet distance (shortcut_jax.evaluation.feature_distance), needs a
+    # classifier saved by benchmarks.train_classifier and, optionally, fixed reference statistics.
+    c.eval.classifier = ""
+    c.eval.reference_stats = ""
     c.eval.use_ema = True
     c.eval.seed = 1
     return c
@@ -256,6 +260,11 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
         if not 0 <= start < stop:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
+    if config.eval.metric not in ("auto", "none", "sliced_wasserstein", "cfd"):
+        raise ConfigError(f"eval.metric={config.eval.metric!r}: use 'auto', 'none', 'sliced_wasserstein' or 'cfd'")
+    if config.eval.metric == "cfd" and not config.eval.classifier:
+        raise ConfigError("eval.metric='cfd' needs eval.classifier (a directory written by"
+                          " `python -m shortcut_jax.benchmarks.train_classifier`)")
     for n in tuple(config.eval.budgets) + tuple(config.eval.grid_budgets):
         if n not in [2**k for k in range(obj.num_levels + 1)]:
             raise ConfigError(

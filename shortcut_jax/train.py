@@ -355,6 +355,10 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
 
 def run_eval(exp: Experiment, state, step: int, writer=None, out_dir: Optional[str] = None) -> dict:
     ev = exp.config.eval
+    if ev.metric == "cfd":
+        from shortcut_jax.evaluation import feature_distance
+
+        feature_distance.register(ev.classifier, reference_stats=ev.reference_stats or None)
     return evaluate_budgets(
         exp.sampler, exp.eval_params(state), exp.source, kind=exp.spec.kind, shape=tuple(exp.spec.shape),
         num_classes=exp.spec.num_classes, budgets=ev.budgets, num_samples=ev.num_samples,
