@@ -17,12 +17,11 @@ are only written after the metrics since the last one were checked to be finite.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -129,8 +128,9 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
 class Experiment:
     """Everything built from a validated config, before anything touches the workdir."""
 
-    def __init__(self, config, workdir: str, *, spec: Optional[data.DataSpec] = None):
-        """``spec`` given: no data source is opened (benchmarks, checkpoint import)."""
+    def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
+        """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
+        None: nothing on disk is consulted."""
         config_lib.validate(config, num_devices=self.num_mesh_devices(config))
         self.config = config
         self.workdir = workdir
@@ -152,7 +152,7 @@ class Experiment:
             "objective": config.objective.to_dict(),
             "ema_decays": list(config.train.ema_decays),
         }
-        self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.ckpt_dir = os.path.join(workdir or "", "checkpoints")
         self._check_workdir()
 
         self.mesh = sharding.make_mesh(config.mesh)
@@ -177,7 +177,7 @@ class Experiment:
         return data_axis * fsdp
 
     def _check_workdir(self):
-        if not os.path.isdir(self.ckpt_dir):
+        if not self.workdir or not os.path.isdir(self.ckpt_dir):
             return
         with checkpoint.Checkpointer(self.ckpt_dir, async_save=False) as ckpt:
             saved = ckpt.read_meta()

@@ -13,7 +13,6 @@ entry to ``READERS``; the config keys it needs go in ``config.DEFAULTS``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 from shortcut_jax.data import arrays, image_folder, toy

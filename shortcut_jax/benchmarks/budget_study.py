@@ -1,0 +1,68 @@
+"""Collect evaluation results of several runs into one table and plots.
+
+Reads ``<workdir>/metrics.jsonl`` of each run (the ``eval/<metric>_<n>step`` rows written at
+every evaluation) and prints, for the last evaluated step of each run, the metric at every
+budget, and writes a plot of the metric at chosen budgets against training steps:
+
+    python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/c10_recipe \\
+        fm=workdirs/c10_fm online=workdirs/c10_online --metric cfd --out results/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+from shortcut_jax.evaluation import report
+
+
+def read_evals(workdir: str, metric: str) -> dict[int, dict[int, float]]:
+    """{training step: {budget: value}}; later lines win (a resumed run repeats steps)."""
+    pattern = re.compile(rf"^eval/{re.escape(metric)}_(\d+)step$")
+    out: dict[int, dict[int, float]] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            for key, value in row.items():
+                m = pattern.match(key)
+                if m:
+                    out.setdefault(int(row["step"]), {})[int(m.group(1))] = float(value)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="name=workdir pairs")
+    parser.add_argument("--metric", default="cfd")
+    parser.add_argument("--curve_budgets", default="1,4,128")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    runs = dict(item.split("=", 1) for item in args.runs)
+    evals = {name: read_evals(path, args.metric) for name, path in runs.items()}
+    budgets = sorted({n for ev in evals.values() for per in ev.values() for n in per})
+    print(f"{args.metric} at the last evaluated step of each run")
+    print("| run | step | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in budgets) + " |")
+    print("|---|---|" + "---|" * len(budgets))
+    final = {}
+    for name, ev in evals.items():
+        if not ev:
+            print(f"| {name} | - | no evaluations |")
+            continue
+        step = max(ev)
+        final[name] = ev[step]
+        print(f"| {name} | {step} | " + " | ".join(f"{ev[step].get(n, float('nan')):.2f}" for n in budgets) + " |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        report.plot_budget_curve(final, os.path.join(args.out, f"{args.metric}_by_budget.png"), metric_name=args.metric,
+                                 log_y=True)
+        for n in (int(b) for b in args.curve_budgets.split(",")):
+            curves = {name: {s: per[n] for s, per in ev.items() if n in per} for name, ev in evals.items()}
+            report.plot_metric_vs_training(curves, os.path.join(args.out, f"{args.metric}_{n}step_vs_training.png"),
+                                           metric_name=f"{args.metric}, {n} step(s)", log_y=True)
+        with open(os.path.join(args.out, f"{args.metric}_runs.json"), "w") as f:
+            json.dump({name: {str(s): per for s, per in ev.items()} for name, ev in evals.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Speed of the real train step (and of the sampler) on synthetic data, with MFU figures.
+
+    python -m shortcut_jax.benchmarks.train_step --rows=default --out=results.json
+    python -m shortcut_jax.benchmarks.train_step --rows=B2-shortcut,B2-flow --steps=50 --remat=dots
+
+What is timed is the program training runs: ``train.Experiment``'s ``init_state`` and
+``compile_step`` (the same step function, donated state and shardings), fed one synthetic batch
+of 1000-class data placed with ``sharding.global_batch``. Reading data and copying it to the
+device are not part of the figures. Each row reports, after ``--warmup`` untimed steps, the
+median of ``--steps`` step times (each step waited for), images/s, the ahead-of-time compile
+time, peak device memory, the analytic TFLOP of a step (``benchmarks.flops``) beside two
+checks of it (the matmuls of the traced step, and XLA's count of the compiled step), the
+achieved TFLOP/s and the MFU against two denominators: the dense bf16 matmul rate this script
+measures first (an 8192^3 ``jnp.dot``) and the H100 SXM datasheet's 989 TFLOP/s.
+A row that runs out of device memory prints OOM, with the compiler's footprint of the step;
+a row with several batch sizes tries them in order and keeps the first that fits. The memory
+limit is the allocator's: 75% of the GPU unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says
+otherwise, as in training.
+
+Each row costs about a minute and a half on an H100, mostly compiling (the step, then the
+state's initialisation): select rows with ``--rows`` to stay inside a time limit.
+
+The sampling section times ``Sampler`` (Euler, labels, no guidance) at a few step budgets on
+device-resident noise, after one untimed call per budget.
+
+Unless ``--in_process`` is given, the matmul probe, each row and the sampling section run in a
+child process of their own: the allocator's ``peak_bytes_in_use`` only grows during a process's
+life, and a row that ran out of memory must not leave the next one a fragmented heap.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shortcut_jax import config_lib, sharding, train
+from shortcut_jax.benchmarks import flops
+from shortcut_jax.data import DataSpec
+
+H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
+NUM_CLASSES = 1000
+LATENTS = (32, 32, 4)  # 256x256 images through the SD VAE
+PIXELS = (32, 32, 3)
+GIB = 2.0**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    objective: str  # 'shortcut' or 'flow_matching'
+    variant: str  # DiT variant; '' takes ``dims``
+    shape: tuple[int, int, int]
+    batches: tuple[int, ...]  # tried in order until one fits in memory
+    sc_fraction: float = 0.125
+    dims: tuple[int, int, int] = (0, 0, 0)  # width, depth, heads when variant == ''
+
+
+ROWS = {row.name: row for row in (
+    Row("S2-shortcut", "shortcut", "S", LATENTS, (256,)),
+    Row("S2-flow", "flow_matching", "S", LATENTS, (256,)),
+    Row("B2-shortcut", "shortcut", "B", LATENTS, (256,)),
+    Row("B2-flow", "flow_matching", "B", LATENTS, (256,)),
+    Row("B2-shortcut-sc0.25", "shortcut", "B", LATENTS, (256,), sc_fraction=0.25),
+    Row("XL2-shortcut", "shortcut", "XL", LATENTS, (256,)),
+    Row("XL2-flow", "flow_matching", "XL", LATENTS, (256,)),
+    Row("XL2-shortcut-max", "shortcut", "XL", LATENTS, (512, 384)),
+    Row("S2-shortcut-pixels", "shortcut", "S", PIXELS, (256,)),
+    # CPU-sized rows for smoke tests; not part of 'default'.
+    Row("tiny-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(32, 1, 2)),
+    Row("tiny-flow", "flow_matching", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
+)}
+DEFAULT_ROWS = ("S2-shortcut", "S2-flow", "B2-shortcut", "B2-flow", "B2-shortcut-sc0.25", "XL2-shortcut",
+                "XL2-flow", "XL2-shortcut-max", "S2-shortcut-pixels")
+SECTIONS = ("matmul", "train", "sampling")
+
+
+# ----------------------------------------------------------------------------- building a row
+
+
+def row_config(row: Row, batch: int, opts: argparse.Namespace):
+    c = config_lib.default_config()
+    c.model.variant = row.variant
+    c.model.width, c.model.depth, c.model.num_heads = row.dims
+    c.model.dtype = opts.dtype
+    c.model.remat = opts.remat
+    c.model.attention_impl = opts.attention_impl
+    c.objective.name = row.objective
+    c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
+    c.train.batch_size = batch
+    return c
+
+
+def model_name(row: Row) -> str:
+    width, depth, heads = row.dims
+    return f"DiT-{row.variant}/2" if row.variant else f"DiT-w{width}d{depth}h{heads}/2"
+
+
+def synthetic_batch(spec: DataSpec, batch: int, mesh, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    host = {"x": rng.standard_normal((batch, *spec.shape), dtype=np.float32),
+            "label": rng.integers(0, spec.num_classes, batch, dtype=np.int32)}
+    return sharding.global_batch(host, mesh)
+
+
+def is_oom(err: BaseException) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def compiler_memory_bytes(compiled) -> Optional[int]:
+    """The compiler's footprint of one step; donated arguments count once (they alias outputs)."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if mem is None:
+        return None
+    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def peak_memory(compiled) -> tuple[Optional[float], str]:
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / GIB, "allocator"
+    estimate = compiler_memory_bytes(compiled)
+    return (None, "") if estimate is None else (estimate / GIB, "compiler")
+
+
+def traced_step_flops(exp: train.Experiment) -> float:
+    """Matmul FLOPs of the step as traced: a check of the analytic count that, unlike XLA's count
+    of the compiled step, sees the matmuls that became cuBLAS calls on GPU (jax-ml/jax#22249)."""
+    step = train.make_train_step(exp.config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
+                                 accum_steps=exp.config.optim.accum_steps)
+    b = exp.config.train.batch_size
+    batch = {"x": jax.ShapeDtypeStruct((b, *exp.spec.shape), jnp.float32),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    return flops.traced_matmul_flops(step, exp.abstract_state, batch)
+
+
+def time_steps(compiled, state, batch, *, warmup: int, steps: int):
+    metrics = None
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        # All outputs of one execution become ready together; one scalar is the cheapest wait.
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - start)
+    return state, metrics, times
+
+
+def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
+    config = row_config(row, batch, opts)
+    shortcut = row.objective == "shortcut"
+    result = {"name": row.name, "objective": row.objective, "model": model_name(row),
+              "input": "x".join(map(str, row.shape)), "batch": batch,
+              "sc_fraction": config.objective.sc_fraction if shortcut else None,
+              "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl}
+    exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    result["tflop_per_step"] = flops.train_step_flops(
+        row.objective, batch, sc_fraction=config.objective.sc_fraction,
+        bootstrap_cfg=config.objective.bootstrap_cfg, **flops.dit_dims(config.model, row.shape)) / 1e12
+    traced = traced_step_flops(exp)
+    footprint = None
+
+    def out_of_memory(message: str) -> dict:
+        return {**result, "status": "OOM", "error": message[:300],
+                "peak_gib": None if footprint is None else footprint / GIB, "peak_source": "compiler"}
+
+    try:
+        # Compiled before the state exists so that a step that cannot fit is known without
+        # initialising a state it could never use.
+        compiled, info = exp.compile_step()
+        result["compile_s"] = info["compile_seconds"]
+        footprint = compiler_memory_bytes(compiled)
+        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        if footprint and limit and footprint > limit:
+            return out_of_memory(f"the compiler's footprint of the step, {footprint / GIB:.1f} GiB, exceeds the"
+                                 f" allocator's limit of {limit / GIB:.1f} GiB")
+        start = time.perf_counter()
+        state = jax.block_until_ready(exp.init_state())
+        init_s = time.perf_counter() - start
+        state, metrics, times = time_steps(compiled, state, synthetic_batch(exp.spec, batch, exp.mesh),
+                                           warmup=opts.warmup, steps=opts.steps)
+        peak_gib, peak_source = peak_memory(compiled)
+        loss = float(metrics["loss"])
+    except Exception as err:  # noqa: BLE001 - only running out of memory is a result
+        if not is_oom(err):
+            raise
+        return out_of_memory(str(err).splitlines()[0])
+    step_s = statistics.median(times)
+    xla_flops = info.get("compiler_flops")
+    if xla_flops is not None:
+        xla_flops *= exp.mesh.size  # the compiler counts one device's share of the partitioned step
+    return {
+        **result,
+        "status": "ok",
+        "images_per_s": batch / step_s,
+        "step_ms": step_s * 1e3,
+        "step_ms_min": min(times) * 1e3,
+        "step_ms_max": max(times) * 1e3,
+        "init_s": init_s,
+        "peak_gib": peak_gib,
+        "peak_source": peak_source,
+        "xla_tflop_per_step": None if xla_flops is None else xla_flops / 1e12,
+        "traced_tflop_per_step": traced / 1e12,
+        "tflops": result["tflop_per_step"] / step_s,
+        "final_loss": loss,
+        "compiler": info,
+    }
+
+
+# ----------------------------------------------------------------------------- matmul, sampling
+
+
+def measure_matmul(size: int, repeats: int = 5, calls: int = 10) -> Optional[dict]:
+    """Dense bf16 matmul rate: ``[size, size] @ [size, size]``, bf16 out (the default)."""
+    if size <= 0:
+        return None
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
+    b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        # Back-to-back calls keep the dispatch latency of each call out of a ~2 ms kernel.
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = dot(a, b)
+        out.block_until_ready()
+        times.append((time.perf_counter() - start) / calls)
+    seconds = statistics.median(times)
+    return {"size": size, "ms": seconds * 1e3, "tflops": 2.0 * size**3 / seconds / 1e12}
+
+
+def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
+    row = ROWS[opts.sampling_row]
+    batch = opts.sampling_batch
+    config = row_config(row, row.batches[0], opts)  # the row's training batch only has to pass validation
+    exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    params = exp.eval_params(exp.init_state())
+    inputs = synthetic_batch(exp.spec, batch, exp.mesh, seed=1)  # x serves as the noise
+    forward_flops = flops.dit_forward_flops(batch=batch, **flops.dit_dims(config.model, row.shape))
+    out = []
+    for budget in opts.sampling_budgets:
+        start = time.perf_counter()
+        exp.sampler(params, inputs["x"], inputs["label"], num_steps=budget).block_until_ready()
+        first_s = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            exp.sampler(params, inputs["x"], inputs["label"], num_steps=budget).block_until_ready()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        out.append({"model": model_name(row), "objective": row.objective, "input": "x".join(map(str, row.shape)),
+                    "batch": batch, "steps": budget, "ms": seconds * 1e3, "images_per_s": batch / seconds,
+                    "tflops": budget * forward_flops / seconds / 1e12, "first_call_s": first_s})
+    return out
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def environment() -> dict:
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "(default)"),
+            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "(default)")}
+
+
+def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
+    """One piece of the benchmark in this process, as a partial report."""
+    part = {"environment": environment()}
+    if section == "matmul":
+        part["matmul"] = measure_matmul(opts.matmul_size)
+    elif section == "train":
+        part["rows"] = [run_row(row, batch, opts)]
+        gc.collect()  # an OOM row's buffers go before the next row allocates
+    else:
+        part["sampling"] = run_sampling(opts)
+    return part
+
+
+FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "sc_fraction", "matmul_size",
+             "sampling_row", "sampling_batch", "sampling_budgets")
+
+
+def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
+    """The same piece in a fresh process (see the module docstring for why)."""
+    argv = [f"--{key}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+            for key in FORWARDED if (v := getattr(opts, key)) is not None]
+    argv += ["--in_process", f"--sections={section}"]
+    if row is not None:
+        argv += [f"--rows={row.name}", f"--batch={batch}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "part.json")
+        proc = subprocess.run([sys.executable, "-m", "shortcut_jax.benchmarks.train_step", *argv, f"--out={out}",
+                               "--quiet"], capture_output=True, text=True)
+        if proc.returncode == 0 and os.path.exists(out):
+            with open(out) as f:
+                return json.load(f)
+    what = section if row is None else f"{row.name} batch {batch}"
+    tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+    part = {"errors": [f"{what}: child exited with {proc.returncode}:\n{tail}"]}
+    if row is not None:
+        part["rows"] = [{"name": row.name, "objective": row.objective, "model": model_name(row),
+                         "input": "x".join(map(str, row.shape)), "batch": batch, "status": "failed"}]
+    return part
+
+
+def benchmark(opts, run_part: Callable[..., dict]) -> dict:
+    report = {"environment": None, "matmul": None, "rows": [], "sampling": [], "errors": [],
+              "settings": {key: getattr(opts, key) for key in FORWARDED}}
+
+    def add(part: dict):
+        report["environment"] = report["environment"] or part.get("environment")
+        report["matmul"] = report["matmul"] or part.get("matmul")
+        for key in ("rows", "sampling", "errors"):
+            report[key] += part.get(key, [])
+
+    def progress(what: str, start: float):
+        if not opts.quiet:
+            print(f"  {what}: {time.perf_counter() - start:.1f} s", flush=True)
+
+    if "matmul" in opts.sections:
+        start = time.perf_counter()
+        add(run_part(opts, "matmul"))
+        progress("matmul probe", start)
+    if "train" in opts.sections:
+        for row in select_rows(opts.rows):
+            for batch in (opts.batch,) if opts.batch else row.batches:
+                start = time.perf_counter()
+                add(run_part(opts, "train", row, batch))
+                r = report["rows"][-1]
+                status = r["status"]
+                if status == "ok":
+                    status = (f"{r['images_per_s']:.0f} img/s, {r['step_ms']:.1f} ms/step, {r['tflops']:.0f} TFLOP/s,"
+                              f" compile {r['compile_s']:.0f} s, init {r['init_s']:.0f} s")
+                progress(f"{row.name} batch {batch} ({status})", start)
+                if status != "OOM":
+                    break
+    if "sampling" in opts.sections:
+        start = time.perf_counter()
+        add(run_part(opts, "sampling"))
+        progress("sampling", start)
+
+    rate = report["matmul"]["tflops"] if report["matmul"] else None
+    for r in report["rows"]:
+        if r.get("status") == "ok":
+            r["mfu_measured"] = r["tflops"] / rate if rate else None
+            r["mfu_datasheet"] = r["tflops"] / H100_SXM_BF16_TFLOPS
+    return report
+
+
+def select_rows(spec: str) -> list[Row]:
+    names = DEFAULT_ROWS if spec == "default" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; use 'default' or names from {sorted(ROWS)}")
+    return [ROWS[n] for n in names]
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(header: list[str], lines: list[list[str]], text_columns: int) -> None:
+    """Left-aligned text in the first ``text_columns`` columns, right-aligned numbers after them."""
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+    for line in [header, ["-" * w for w in widths], *lines]:
+        print("  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(line, widths))))
+
+
+def print_report(report: dict) -> None:
+    env = report["environment"] or {}
+    settings = report["settings"]
+    print(f"\ndevice: {env.get('device_kind')} x{env.get('device_count')} ({env.get('backend')}), "
+          f"jax {env.get('jax')}, XLA_PYTHON_CLIENT_MEM_FRACTION={env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}")
+    mm = report["matmul"]
+    measured = f"{mm['tflops']:.1f} TFLOP/s ({mm['size']}^3 bf16 jnp.dot, {mm['ms']:.2f} ms)" if mm else "not measured"
+    print(f"MFU denominators: (a) measured dense bf16 matmul {measured}; "
+          f"(b) H100 SXM datasheet dense bf16 {H100_SXM_BF16_TFLOPS:.0f} TFLOP/s")
+    print("TFLOP/step: analytic matmul FLOPs (3 x forward + 2 teacher forwards on the self-consistency rows);"
+          " traced: dot_general and convolution FLOPs in the step's jaxpr (remat recomputation included);"
+          " XLA: compiled.cost_analysis()['flops'] x devices (on GPU without the cuBLAS matmuls)")
+    print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
+          f" on device; dtype={settings['dtype']} remat={settings['remat']}"
+          f" attention_impl={settings['attention_impl']}; peak memory: the allocator's peak_bytes_in_use, or"
+          " where marked * the compiler's footprint of the step (temp + arguments + outputs - donated)\n")
+    header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
+              "TFLOP/step", "traced TFLOP", "XLA TFLOP", "TFLOP/s", "MFU(a)", "MFU(b)"]
+    lines = []
+    for r in report["rows"]:
+        line = [r["name"], r["objective"], r["model"], r["input"], str(r["batch"])]
+        peak = _fmt(r.get("peak_gib"), ".2f") + ("*" if r.get("peak_source") == "compiler" else "")
+        if r["status"] != "ok":
+            lines.append(line + [r["status"], "", _fmt(r.get("compile_s"), ".1f"), peak] + [""] * 6)
+            continue
+        lines.append(line + [f"{r['images_per_s']:.0f}", f"{r['step_ms']:.2f}", f"{r['compile_s']:.1f}", peak,
+                             f"{r['tflop_per_step']:.3f}", f"{r['traced_tflop_per_step']:.3f}",
+                             _fmt(r["xla_tflop_per_step"], ".3f"),
+                             f"{r['tflops']:.1f}", _fmt(r["mfu_measured"], ".1%"), f"{r['mfu_datasheet']:.1%}"])
+    if lines:
+        print_table(header, lines, text_columns=4)
+    if report["sampling"]:
+        print("\nsampling (Euler, labels, no guidance; median of 3 calls after a warm-up call):\n")
+        print_table(["model", "objective", "input", "batch", "steps", "img/s", "ms/batch", "TFLOP/s", "first call s"],
+                    [[s["model"], s["objective"], s["input"], str(s["batch"]), str(s["steps"]),
+                      f"{s['images_per_s']:.0f}", f"{s['ms']:.1f}", f"{s['tflops']:.1f}", f"{s['first_call_s']:.1f}"]
+                     for s in report["sampling"]], text_columns=3)
+    for err in report["errors"]:
+        print(f"\nerror: {err}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="default", help=f"'default' or comma-separated names of {sorted(ROWS)}")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--dtype", default="auto", help="model.dtype: auto, bfloat16, float32")
+    p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch")
+    p.add_argument("--attention_impl", default="auto", help="model.attention_impl: auto, xla, cudnn")
+    p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
+    p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--matmul_size", type=int, default=8192, help="n of the n^3 matmul probe; 0 skips it")
+    p.add_argument("--sampling_row", default="B2-shortcut", help="row whose model the sampler runs")
+    p.add_argument("--sampling_batch", type=int, default=256)
+    p.add_argument("--sampling_budgets", default="1,4,128", help="comma-separated step counts")
+    p.add_argument("--in_process", action="store_true",
+                   help="run everything in this process (peak memory then accumulates over rows)")
+    p.add_argument("--quiet", action="store_true", help="print no progress or table")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    opts = p.parse_args(argv)
+    if opts.steps < 1 or opts.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    opts.sections = [s for s in opts.sections.split(",") if s]
+    if set(opts.sections) - set(SECTIONS):
+        p.error(f"--sections: unknown {sorted(set(opts.sections) - set(SECTIONS))}; use {SECTIONS}")
+    opts.sampling_budgets = [int(b) for b in opts.sampling_budgets.split(",") if b]
+    if opts.sampling_row not in ROWS:
+        p.error(f"--sampling_row={opts.sampling_row!r} is not one of {sorted(ROWS)}")
+    return opts
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    if "train" in opts.sections:
+        select_rows(opts.rows)  # fail on a misspelt row before anything runs
+    report = benchmark(opts, run_part_here if opts.in_process else run_part_in_child)
+    if not opts.quiet:
+        print_report(report)
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

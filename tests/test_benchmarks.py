@@ -1,0 +1,177 @@
+"""Analytic FLOP counts against XLA's own, and the train-step benchmark on a tiny model (CPU)."""
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from shortcut_jax import config_lib, train
+from shortcut_jax.benchmarks import flops
+from shortcut_jax.benchmarks import train_step as bench
+from shortcut_jax.models import DiT
+from shortcut_jax.objectives import OBJECTIVES, make_objective_config
+
+# Tiny DiT whose matmuls still dominate its elementwise work, so XLA's count (which includes
+# the elementwise ops) is within a few percent of the matmul-only count.
+TINY = dict(width=128, depth=2, heads=4, mlp_ratio=4.0, image=16, channels=4, patch=2, batch=4)
+
+
+def xla_flops(fn, *args) -> float:
+    return train.compiled_stats(jax.jit(fn).lower(*args).compile())["compiler_flops"]
+
+
+def tiny_dit():
+    model = DiT(patch_size=TINY["patch"], width=TINY["width"], depth=TINY["depth"], num_heads=TINY["heads"],
+                mlp_ratio=TINY["mlp_ratio"], num_classes=10)
+    b, s = TINY["batch"], TINY["image"]
+    x = jnp.zeros((b, s, s, TINY["channels"]))
+    t, level, label = jnp.zeros((b,)), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)
+    params = model.init(jax.random.key(0), x, t, level, label)
+    return model, params, (x, t, level, label)
+
+
+def tiny_forward_flops() -> float:
+    return flops.dit_forward_flops(TINY["width"], TINY["depth"], TINY["heads"], TINY["mlp_ratio"],
+                                   (TINY["image"] // TINY["patch"]) ** 2, TINY["channels"], TINY["patch"],
+                                   TINY["batch"])
+
+
+def test_dense_layer_count_is_exactly_xlas():
+    x = jnp.ones((24, 40))
+    dense = nn.Dense(56, use_bias=False)
+    params = dense.init(jax.random.key(0), x)
+    assert xla_flops(dense.apply, params, x) == flops.dense_flops(24, 40, 56)
+    with_bias = nn.Dense(56)
+    params = with_bias.init(jax.random.key(0), x)
+    assert xla_flops(with_bias.apply, params, x) == flops.dense_flops(24, 40, 56) + 24 * 56  # + the bias adds
+
+
+def test_dit_forward_count_is_within_ten_percent_of_xlas():
+    model, params, inputs = tiny_dit()
+    analytic = tiny_forward_flops()
+    compiler = xla_flops(model.apply, params, *inputs)
+    # XLA adds LayerNorm, softmax, GELU and the other elementwise work to the same matmuls.
+    assert analytic <= compiler <= 1.1 * analytic
+
+
+def test_backward_pass_costs_two_forwards():
+    model, params, (x, t, level, label) = tiny_dit()
+
+    def loss(p, x):
+        return jnp.mean(jnp.square(model.apply(p, x, t, level, label)))
+
+    compiler = xla_flops(jax.value_and_grad(loss), params, x)
+    assert 3 * tiny_forward_flops() <= compiler <= 1.1 * 3 * tiny_forward_flops()
+
+
+def test_traced_count_of_the_forward_equals_the_formula():
+    model, params, inputs = tiny_dit()
+    assert flops.traced_matmul_flops(model.apply, params, *inputs) == tiny_forward_flops()
+
+
+def test_traced_count_of_the_objectives_gradient_matches_the_step_formula():
+    model, params, (x, t, level, label) = tiny_dit()
+    dims = dict(width=TINY["width"], depth=TINY["depth"], heads=TINY["heads"], mlp_ratio=TINY["mlp_ratio"],
+                tokens=(TINY["image"] // TINY["patch"]) ** 2, in_channels=TINY["channels"], patch=TINY["patch"])
+    batch = {"x": jnp.zeros((64, *x.shape[1:])), "label": jnp.zeros((64,), jnp.int32)}
+
+    def apply_fn(p, *a):
+        return model.apply(p, *a)
+
+    for name in ("flow_matching", "shortcut"):
+        objective = config_lib.default_config().objective
+        objective.name = name
+        cfg = make_objective_config(objective, apply_fn, num_classes=10)
+
+        def loss(p, cfg=cfg, name=name):
+            return OBJECTIVES[name](p, p, batch, jax.random.key(0), cfg)[0]
+
+        traced = flops.traced_matmul_flops(jax.grad(loss), params)
+        analytic = flops.train_step_flops(name, 64, sc_fraction=objective.sc_fraction, **dims)
+        # the gradient skips the input-side products of the first layers, nothing else
+        assert 0.99 * analytic <= traced <= analytic
+
+
+def test_attention_and_per_example_terms_scale_as_documented():
+    base = dict(width=64, depth=1, heads=4, mlp_ratio=4.0, in_channels=4, patch=2)
+    one, two = (flops.dit_forward_flops(tokens=tk, batch=1, **base) for tk in (16, 32))
+    # doubling the tokens doubles every per-token matmul and quadruples the two attention products
+    per_example = 2 * (2 * 256 * 64 + 2 * 64 * 64) + 2 * 64 * 6 * 64 + 2 * 64 * 2 * 64
+    attention = 4.0 * 16 * 16 * 64
+    per_token = one - per_example - attention
+    assert two == pytest.approx(per_example + 2 * per_token + 4 * attention)
+    # the head count does not change the total
+    assert flops.dit_forward_flops(tokens=16, batch=1, **{**base, "heads": 1}) == one
+
+
+def test_train_step_count_adds_teacher_passes_on_self_consistency_rows_only():
+    dims = dict(width=64, depth=2, heads=4, mlp_ratio=4.0, tokens=64, in_channels=4, patch=2)
+
+    def fwd(n):
+        return flops.dit_forward_flops(batch=n, **dims)
+
+    assert flops.train_step_flops("flow_matching", 256, **dims) == 3 * fwd(256)
+    assert flops.train_step_flops("shortcut", 256, sc_fraction=0.125, **dims) == 3 * fwd(256) + 2 * fwd(32)
+    assert flops.train_step_flops("shortcut", 256, sc_fraction=0.25, **dims) == 3 * fwd(256) + 2 * fwd(64)
+    assert (flops.train_step_flops("shortcut", 256, sc_fraction=0.125, bootstrap_cfg=True, **dims)
+            == 3 * fwd(256) + 4 * fwd(32))
+
+
+def test_tiny_row_times_a_working_train_step_and_sampler_on_cpu(tmp_path, capsys):
+    row = bench.ROWS["tiny-shortcut"]
+    assert row.dims[:2] == (32, 1) and row.batches == (16,)
+    out = tmp_path / "results.json"
+    code = bench.main(["--rows=tiny-shortcut", "--in_process", "--sections=train,sampling", "--steps=2",
+                       "--warmup=1", "--sampling_row=tiny-shortcut", "--sampling_batch=8",
+                       "--sampling_budgets=1,2", f"--out={out}"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    (result,) = report["rows"]
+    assert result["status"] == "ok" and result["batch"] == 16
+    assert math.isfinite(result["final_loss"])
+    assert result["step_ms"] > 0 and result["images_per_s"] == pytest.approx(16 / result["step_ms"] * 1e3)
+    assert result["compile_s"] > 0 and result["peak_gib"] > 0 and result["peak_source"] == "compiler"
+    dims = dict(width=32, depth=1, heads=2, mlp_ratio=4.0, tokens=16, in_channels=4, patch=2)
+    assert result["tflop_per_step"] * 1e12 == pytest.approx(
+        flops.train_step_flops("shortcut", 16, sc_fraction=0.5, **dims))
+    # on CPU XLA counts the matmuls too, and adds elementwise work and the optimiser
+    assert result["xla_tflop_per_step"] >= result["tflop_per_step"]
+    # the traced step skips only the input gradients of the first layers (patch and t embedding)
+    assert 0.97 * result["tflop_per_step"] <= result["traced_tflop_per_step"] <= result["tflop_per_step"]
+    assert result["mfu_measured"] is None  # no matmul probe in this run
+    assert [s["steps"] for s in report["sampling"]] == [1, 2]
+    assert all(s["images_per_s"] > 0 for s in report["sampling"])
+    printed = capsys.readouterr().out
+    assert "989 TFLOP/s" in printed and "tiny-shortcut" in printed and "sampling" in printed
+
+
+def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
+    calls = []
+
+    def fake_part(opts, section, row=None, batch=0):
+        calls.append((section, batch))
+        if section == "matmul":
+            return {"environment": {"device_kind": "fake"}, "matmul": {"size": 8, "ms": 1.0, "tflops": 500.0}}
+        base = {"name": row.name, "objective": row.objective, "model": "m", "input": "i", "batch": batch}
+        if batch == 512:
+            return {"rows": [{**base, "status": "OOM", "peak_gib": 181.0, "peak_source": "compiler"}]}
+        return {"rows": [{**base, "status": "ok", "images_per_s": 1.0, "step_ms": 1.0, "compile_s": 1.0,
+                          "init_s": 1.0, "peak_gib": 1.0, "peak_source": "allocator", "tflop_per_step": 0.25,
+                          "traced_tflop_per_step": 0.25, "xla_tflop_per_step": 0.3, "tflops": 250.0}]}
+
+    opts = bench.parse_args(["--rows=XL2-shortcut-max", "--sections=matmul,train", "--quiet"])
+    report = bench.benchmark(opts, fake_part)
+    assert calls == [("matmul", 0), ("train", 512), ("train", 384)]
+    assert [r["status"] for r in report["rows"]] == ["OOM", "ok"]
+    assert report["rows"][1]["mfu_measured"] == 0.5
+    assert report["rows"][1]["mfu_datasheet"] == pytest.approx(250 / 989)
+    bench.print_report(report)
+    printed = capsys.readouterr().out
+    assert "OOM" in printed and "181.00*" in printed
+
+
+def test_oom_is_recognised_from_the_runtime_message():
+    assert bench.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB"))
+    assert not bench.is_oom(ValueError("shapes do not match"))
