@@ -8,6 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["shortcut_jax", "shortcut_jax.*"]),
+    # the CIFAR-10 classifier behind the classifier Frechet distance (CFD)
+    package_data={"shortcut_jax.evaluation": ["cifar10_classifier/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",
