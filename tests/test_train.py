@@ -27,31 +27,31 @@ def load_experiment(name):
     return module
 
 
-def toy_config(**overrides):
-    c = load_experiment("toy2d").get_config("runlocal=True")
-    c.train.progress_bar = False
-    c.train.use_tensorboard = False
-    c.train.async_ckpt = False
+def override(config, overrides: dict):
+    """Set dotted keys (``'train.steps'``) on a config; returns it."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config
+
+
+def quiet(config):
+    config.train.progress_bar = False
+    config.train.use_tensorboard = False
+    return config
+
+
+def toy_config(**overrides):
+    c = quiet(load_experiment("toy2d").get_config("runlocal=True"))
+    c.train.async_ckpt = False
+    return override(c, overrides)
 
 
 def digits_config(**overrides):
-    c = load_experiment("digits").get_config("runlocal=True")
-    c.train.progress_bar = False
-    c.train.use_tensorboard = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(quiet(load_experiment("digits").get_config("runlocal=True")), overrides)
 
 
 def params_of(state):
@@ -217,12 +217,7 @@ def test_bad_config_raises_before_compiling_or_writing(name, tmp_path, monkeypat
         cfg.train.unlock()
         cfg.train.stepz = 3
     else:
-        for key, value in overrides.items():
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        override(cfg, overrides)
     compiled = []
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
     workdir = tmp_path / "wd"
