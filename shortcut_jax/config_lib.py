@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.t_input_scale = 1.0
     c.model.zero_init = "final"
     c.model.remat = "none"
+    c.model.residual_dtype = "float32"  # 'float32' or 'compute' (the matmul dtype, bf16 on accelerators)
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
 
     c.objective = ml_collections.ConfigDict()
@@ -197,7 +198,8 @@ def validate(config, *, num_devices: int) -> None:
     for key, allowed in (("attention_scale", ("head_dim", "sqrt_head_dim")), ("zero_init", ("final", "adaln")),
                          ("remat", ("none", "full", "dots", "dots_no_batch")),
                          ("attention_impl", ("auto", "xla", "cudnn")),
-                         ("dtype", ("auto", "bfloat16", "float32"))):
+                         ("dtype", ("auto", "bfloat16", "float32")),
+                         ("residual_dtype", ("float32", "compute"))):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
     obj = config.objective

@@ -144,6 +144,13 @@ class Experiment:
         else:
             self.source = None
         self.spec = spec
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()  # stop the reader's threads before the error propagates
+            raise
+
+    def _build(self, config):
         config_lib.check_model_fits_data(config, tuple(self.spec.shape))
         self.meta = {
             "model": config.model.to_dict(),
@@ -152,7 +159,7 @@ class Experiment:
             "objective": config.objective.to_dict(),
             "ema_decays": list(config.train.ema_decays),
         }
-        self.ckpt_dir = os.path.join(workdir or "", "checkpoints")
+        self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
         self._check_workdir()
 
         self.mesh = sharding.make_mesh(config.mesh)

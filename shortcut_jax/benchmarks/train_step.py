@@ -96,6 +96,7 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.model.dtype = opts.dtype
     c.model.remat = opts.remat
     c.model.attention_impl = opts.attention_impl
+    c.model.residual_dtype = opts.residual_dtype
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -171,7 +172,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     result = {"name": row.name, "objective": row.objective, "model": model_name(row),
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
-              "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl}
+              "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl,
+              "residual_dtype": opts.residual_dtype}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["tflop_per_step"] = flops.train_step_flops(
         row.objective, batch, sc_fraction=config.objective.sc_fraction,
@@ -298,7 +300,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "sc_fraction", "matmul_size",
+FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "sc_fraction", "matmul_size",
              "sampling_row", "sampling_batch", "sampling_budgets")
 
 
@@ -444,6 +446,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="model.dtype: auto, bfloat16, float32")
     p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch")
     p.add_argument("--attention_impl", default="auto", help="model.attention_impl: auto, xla, cudnn")
+    p.add_argument("--residual_dtype", default="float32", help="model.residual_dtype: float32, compute")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")

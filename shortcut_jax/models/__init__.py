@@ -56,6 +56,7 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             zero_init=model_cfg.zero_init,
             ignore_level=ignore_level,
             remat=model_cfg.remat,
+            residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
             dtype=dtype,
         )
     raise ValueError(f"model.name must be 'dit' or 'mlp', got {model_cfg.name!r}")
