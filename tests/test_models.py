@@ -117,3 +117,15 @@ def test_mlp_net_shapes_and_zero_output_at_init():
     out = net.apply(params, *args)
     assert out.shape == (5, 2)
     assert float(jnp.abs(out).max()) == 0.0  # output layer starts at zero
+
+
+def test_bf16_residual_stream_stays_close_to_the_float32_stream(golden):
+    g, official, model = golden
+    params = convert.official_to_project(official)
+    args = (g["x"], g["t"], g["level"], g["label"])
+    ref = model.clone(dtype=jnp.bfloat16).apply({"params": params}, *args)
+    lean = model.clone(dtype=jnp.bfloat16, residual_dtype=jnp.bfloat16).apply({"params": params}, *args)
+    assert rel_err(lean, np.asarray(ref)) < 2e-2
+    # with float32 compute the option changes nothing
+    same = model.clone(residual_dtype=jnp.float32).apply({"params": params}, *args)
+    np.testing.assert_array_equal(same, model.apply({"params": params}, *args))
