@@ -3,7 +3,8 @@
 Command:
   python -m shortcut_jax.main --config=experiments/digits.py --workdir=workdirs/digits
 Variants: `:objective=flow_matching`, `:runlocal=True` (a few steps with a tiny model, for tests).
-Expected: recognisable digits at 128 steps after ~5k steps (minutes on one GPU, about an hour on CPU).
+Expected: not measured yet (this config exercises the image path on CPU-sized data; grids are
+written every 1000 steps under <workdir>/eval).
 """
 from shortcut_jax import config_lib
 
