@@ -111,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
     # classifier saved by benchmarks.train_classifier and, optionally, fixed reference statistics.
     c.eval.classifier = ""
     c.eval.reference_stats = ""
-    c.eval.use_ema = True
+    c.eval.use_ema = True  # sample with the first EMA tree (the reference code uses the online weights by default)
     c.eval.seed = 1
     return c
 
