@@ -200,3 +200,25 @@ def test_cfg_scale_one_equals_the_conditional_output():
     guided_3 = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7, cfg_scale=3.0, null_class=3)
     np.testing.assert_allclose(guided_1, cond, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(guided_3 - cond).max()) > 1e-3
+
+
+def test_bootstrap_cfg_on_the_tail_rows_equals_guiding_every_row_and_selecting():
+    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=4)
+    rng = np.random.default_rng(0)
+    n = 16  # official assignment of 16 rows over 7 levels: levels 0 (4 rows), 1..6 (2 rows each)
+    level = shortcut.assign_levels(None, n, 7, "official")
+    assert np.all(np.asarray(level)[-2:] == 6) and np.all(np.asarray(level)[:-2] < 6)
+    x = jnp.asarray(rng.normal(size=(n, 4, 4, 3)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 2, n) / 2, jnp.float32)
+    labels = jnp.arange(n) % 4
+    params = model.init(jax.random.key(0), x, t, level, labels)["params"]
+    params = jax.tree.map(lambda a: a + 0.05, params)
+    apply_fn = lambda p, *a: model.apply({"params": p}, *a)
+    cfg = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, bootstrap_cfg=True, bootstrap_cfg_scale=1.5, clip=0.0)
+    every = shortcut.self_consistency_targets(apply_fn, params, x, t, level, labels, cfg)
+    tail = shortcut.self_consistency_targets(apply_fn, params, x, t, level, labels, cfg, guided_tail=2)
+    np.testing.assert_allclose(tail, every, rtol=1e-5, atol=1e-6)
+    plain = shortcut.self_consistency_targets(apply_fn, params, x, t, level, labels,
+                                              ObjectiveConfig(apply_fn=apply_fn, num_classes=4, clip=0.0))
+    assert float(jnp.abs(plain[-2:] - every[-2:]).max()) > 1e-4  # guidance does act on the tail
+    np.testing.assert_allclose(plain[:-2], every[:-2], rtol=1e-5, atol=1e-6)

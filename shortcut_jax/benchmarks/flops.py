@@ -26,8 +26,9 @@ Counting rules
 - One training step counts useful work only: the student's forward and backward over the whole
   batch, ``3 x forward(B)`` (the backward pass costs two forwards: gradients with respect to the
   activations and to the weights), plus for the shortcut objective the teacher's two forward
-  passes over the ``n_sc = round(B * sc_fraction)`` self-consistency rows (four with bootstrap
-  CFG, which adds a null-class pass to each half step). Activations recomputed by
+  passes over the ``n_sc = round(B * sc_fraction)`` self-consistency rows; bootstrap CFG adds a
+  null-class pass to each half step for the rows of the smallest level, ``n_sc // num_levels``
+  rows under the official assignment. Activations recomputed by
   rematerialisation are not counted, so the resulting utilisation is model-FLOP utilisation.
 
 ``traced_matmul_flops`` counts the same way on a traced program instead of a formula: every
@@ -90,12 +91,14 @@ def dit_dims(model_cfg, shape: tuple[int, ...]) -> dict:
 
 
 def train_step_flops(objective: str, batch: int, *, sc_fraction: float = 0.125, bootstrap_cfg: bool = False,
-                     **dims) -> float:
+                     num_levels: int = 7, **dims) -> float:
     """Useful matmul FLOPs of one optimiser step; ``dims`` as ``dit_dims`` returns them."""
     total = 3 * dit_forward_flops(batch=batch, **dims)
     if objective == "shortcut":
-        teacher_passes = 4 if bootstrap_cfg else 2
-        total += teacher_passes * dit_forward_flops(batch=num_sc_rows(batch, sc_fraction), **dims)
+        n_sc = num_sc_rows(batch, sc_fraction)
+        total += 2 * dit_forward_flops(batch=n_sc, **dims)
+        if bootstrap_cfg and n_sc // num_levels:
+            total += 2 * dit_forward_flops(batch=n_sc // num_levels, **dims)
     elif objective != "flow_matching":
         raise ValueError(f"no FLOP count for objective {objective!r}")
     return total

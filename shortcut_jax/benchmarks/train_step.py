@@ -177,7 +177,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["tflop_per_step"] = flops.train_step_flops(
         row.objective, batch, sc_fraction=config.objective.sc_fraction,
-        bootstrap_cfg=config.objective.bootstrap_cfg, **flops.dit_dims(config.model, row.shape)) / 1e12
+        bootstrap_cfg=config.objective.bootstrap_cfg, num_levels=config.objective.num_levels,
+        **flops.dit_dims(config.model, row.shape)) / 1e12
     traced = traced_step_flops(exp)
     footprint = None
 

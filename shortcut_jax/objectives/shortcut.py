@@ -59,20 +59,36 @@ def plan_micro_batches(rng, batch_size: int, accum: int, cfg: common.ObjectiveCo
     return {"sc_level": levels.reshape(n_sc // accum, accum).T}
 
 
-def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cfg: common.ObjectiveConfig):
-    """Average of two teacher half steps at level ``level + 1``; no gradient flows through it."""
+def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cfg: common.ObjectiveConfig,
+                             guided_tail: int | None = None):
+    """Average of two teacher half steps at level ``level + 1``; no gradient flows through it.
+
+    With bootstrap CFG, rows at the smallest level ``K - 1`` use guided half steps. When the
+    caller knows those rows are exactly the last ``guided_tail`` ones (the official assignment),
+    the null-class passes run on those rows only, batched with the conditional pass; otherwise
+    every row gets a null-class pass and the guided rows are selected afterwards.
+    """
     half_level = level + 1
     half_d = (0.5 ** half_level.astype(jnp.float32)).reshape((-1,) + (1,) * (x_t.ndim - 1))
-    guided = None
-    if cfg.bootstrap_cfg and cfg.num_classes > 0:
-        guided = (level == cfg.num_levels - 1).reshape(half_d.shape)
+    guide = cfg.bootstrap_cfg and cfg.num_classes > 0
+    w = cfg.bootstrap_cfg_scale
 
     def velocity(x, tt):
+        if not guide:
+            return apply_fn(teacher_params, x, tt, half_level, labels)
+        if guided_tail is not None:
+            if guided_tail == 0:
+                return apply_fn(teacher_params, x, tt, half_level, labels)
+            g = slice(x.shape[0] - guided_tail, None)
+            both = apply_fn(teacher_params, jnp.concatenate([x, x[g]]), jnp.concatenate([tt, tt[g]]),
+                            jnp.concatenate([half_level, half_level[g]]),
+                            jnp.concatenate([labels, jnp.full_like(labels[g], cfg.null_class)]))
+            cond, uncond = both[: x.shape[0]], both[x.shape[0]:]
+            return cond.at[g].set(uncond + w * (cond[g] - uncond))
         cond = apply_fn(teacher_params, x, tt, half_level, labels)
-        if guided is None:
-            return cond
         uncond = apply_fn(teacher_params, x, tt, half_level, jnp.full_like(labels, cfg.null_class))
-        return jnp.where(guided, uncond + cfg.bootstrap_cfg_scale * (cond - uncond), cond)
+        guided = (level == cfg.num_levels - 1).reshape(half_d.shape)
+        return jnp.where(guided, uncond + w * (cond - uncond), cond)
 
     def clip(x):
         return jnp.clip(x, -cfg.clip, cfg.clip) if cfg.clip > 0 else x
@@ -115,8 +131,11 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     x_t = common.interpolate(x0, x1, t, cfg.noise_floor)
 
     teacher = jax.lax.stop_gradient(params) if cfg.teacher == "online" else teacher_params
+    # The official assignment puts the smallest level's rows last: guidance needs only those.
+    official = cfg.level_assignment == "official" and "sc_level" not in batch
+    guided_tail = n_sc // k if official else None
     target_sc = self_consistency_targets(
-        cfg.apply_fn, teacher, x_t[:n_sc], t[:n_sc], level[:n_sc], labels[:n_sc], cfg
+        cfg.apply_fn, teacher, x_t[:n_sc], t[:n_sc], level[:n_sc], labels[:n_sc], cfg, guided_tail
     )
     target_flow = common.flow_velocity(x0[n_sc:], x1[n_sc:], cfg.noise_floor)
 
