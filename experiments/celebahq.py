@@ -21,21 +21,15 @@ TEST_ARGS = ("", "objective=flow_matching", "sc_fraction=0.25")
 
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {"objective": "shortcut", "sc_fraction": 0.125, "variant": "B"})
-    c = config_lib.default_config()
+    c = config_lib.default_config()  # its model/optimiser defaults are the reference recipe's
     c.data.name = "arrays"
     c.data.use_labels = False
-    c.model.name = "dit"
     c.model.variant = args["variant"]
-    c.model.patch_size = 2
-    c.model.dtype = "auto"
     c.objective.name = args["objective"]
     c.objective.sc_fraction = args["sc_fraction"]
     c.objective.label_dropout = 0.0  # unconditional
-    c.optim.lr = 1e-4
-    c.optim.weight_decay = 0.1
     c.train.steps = 410_000
     c.train.batch_size = 64
-    c.train.log_every = 100
     c.train.ckpt_every = 10_000
     c.train.eval_every = 20_000
     c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
