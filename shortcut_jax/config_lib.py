@@ -158,7 +158,9 @@ def check_batch_layout(objective_cfg, batch: int, what: str) -> None:
 
 
 def num_sc_rows(objective_cfg, batch: int) -> int:
-    return int(round(batch * objective_cfg.sc_fraction))
+    from shortcut_jax.objectives.shortcut import num_sc_rows as rows  # the objective's own rounding
+
+    return rows(batch, objective_cfg.sc_fraction)
 
 
 def _unknown_keys(config, reference, prefix="") -> list[str]:

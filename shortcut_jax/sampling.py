@@ -10,7 +10,6 @@ sweep over scales does not recompile.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -87,8 +86,3 @@ class Sampler:
             labels = jnp.full((noise.shape[0],), self.num_classes, jnp.int32)
         guided = self.num_classes > 0 and float(cfg_scale) != 1.0
         return self._fn(num_steps, guided)(params, noise, labels, jnp.float32(cfg_scale))
-
-
-@functools.lru_cache(maxsize=None)
-def budgets(num_levels: int) -> tuple[int, ...]:
-    return tuple(2**k for k in range(num_levels + 1))
