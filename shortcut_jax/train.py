@@ -37,8 +37,19 @@ from shortcut_jax.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
-# Keys whose change makes a saved checkpoint unusable for the current config.
-COMPATIBILITY_KEYS = ("model", "data_shape", "num_classes", "objective.num_levels", "ema_decays")
+# Keys whose change makes a saved checkpoint unusable for the current config: what fixes the
+# parameter shapes and the meaning of the level input. Execution choices (dtype, remat, attention
+# kernel, residual dtype) may change between launches.
+COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.num_levels", "ema_decays")
+
+
+def architecture(model_cfg) -> dict:
+    if model_cfg.name == "dit":
+        width, depth, heads = config_lib.model_dims(model_cfg)
+        return {"name": "dit", "patch_size": model_cfg.patch_size, "width": width, "depth": depth,
+                "num_heads": heads, "mlp_ratio": model_cfg.mlp_ratio}
+    return {"name": model_cfg.name, "width": model_cfg.width or 256, "depth": model_cfg.depth or 4,
+            "mlp_ratio": model_cfg.mlp_ratio}  # the MLP's defaults, as build_model applies them
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -153,6 +164,7 @@ class Experiment:
     def _build(self, config):
         config_lib.check_model_fits_data(config, tuple(self.spec.shape))
         self.meta = {
+            "architecture": architecture(config.model),
             "model": config.model.to_dict(),
             "data_shape": list(self.spec.shape),
             "num_classes": self.spec.num_classes,
