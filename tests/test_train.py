@@ -89,6 +89,10 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     evals = glob.glob(os.path.join(workdir, "eval", "*", "*"))
     names = {os.path.basename(p) for p in evals}
     assert {"samples_1step.png", "distance_by_budget.md", "distance_by_budget.png"} <= names
+    # the offline entry point evaluates the saved run the same way
+    results = train.evaluate_checkpoint(toy_config(), workdir, out_dir=str(tmp_path / "offline"))
+    assert sorted(results) == [1, 128] and all(np.isfinite(v) for v in results.values())
+    assert os.path.exists(tmp_path / "offline" / "distance_by_budget.json")
 
 
 def test_image_run_writes_grids_and_resumes_to_more_steps(tmp_path):
