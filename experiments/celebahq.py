@@ -21,18 +21,10 @@ TEST_ARGS = ("", "objective=flow_matching", "sc_fraction=0.25")
 
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {"objective": "shortcut", "sc_fraction": 0.125, "variant": "B"})
-    c = config_lib.default_config()  # its model/optimiser defaults are the reference recipe's
-    c.data.name = "arrays"
+    c = config_lib.latent_paper_config(args["objective"], args["sc_fraction"])
     c.data.use_labels = False
     c.model.variant = args["variant"]
-    c.objective.name = args["objective"]
-    c.objective.sc_fraction = args["sc_fraction"]
     c.objective.label_dropout = 0.0  # unconditional
     c.train.steps = 410_000
     c.train.batch_size = 64
-    c.train.ckpt_every = 10_000
-    c.train.eval_every = 20_000
-    c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
-    c.eval.grid_budgets = (1, 4, 128)
-    c.eval.metric = "none"
     return c

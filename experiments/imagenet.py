@@ -22,19 +22,11 @@ TEST_ARGS = ("variant=B", "variant=XL", "variant=XL,remat=dots", "variant=B,obje
 def get_config(arg: str = "variant=B"):
     args = config_lib.parse_config_arg(arg, {"variant": "B", "objective": "shortcut", "sc_fraction": 0.125,
                                              "remat": "none"})
-    c = config_lib.default_config()  # its model/optimiser defaults are the reference recipe's
-    c.data.name = "arrays"
+    c = config_lib.latent_paper_config(args["objective"], args["sc_fraction"])
     c.model.variant = args["variant"]
     c.model.remat = args["remat"]
-    c.objective.name = args["objective"]
-    c.objective.sc_fraction = args["sc_fraction"]
     c.objective.bootstrap_cfg = True
     c.objective.bootstrap_cfg_scale = 1.5
     c.train.steps = 810_000
-    c.train.ckpt_every = 10_000
-    c.train.eval_every = 20_000
     c.eval.cfg_scale = 1.5
-    c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
-    c.eval.grid_budgets = (1, 4, 128)
-    c.eval.metric = "none"
     return c

@@ -116,6 +116,21 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def latent_paper_config(objective: str, sc_fraction: float) -> ml_collections.ConfigDict:
+    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): SD-VAE latents
+    read as arrays, the reference optimiser (the defaults), long-run intervals, every budget."""
+    c = default_config()
+    c.data.name = "arrays"
+    c.objective.name = objective
+    c.objective.sc_fraction = sc_fraction
+    c.train.ckpt_every = 10_000
+    c.train.eval_every = 20_000
+    c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
+    c.eval.grid_budgets = (1, 4, 128)
+    c.eval.metric = "none"  # until FID with the SD-VAE decoder exists
+    return c
+
+
 def model_dims(model_cfg) -> tuple[int, int, int]:
     """(width, depth, heads) from the variant, with explicit non-zero fields overriding it."""
     variant = model_cfg.get("variant", "")
