@@ -25,7 +25,8 @@ TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {
         "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",
-        "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "classifier": "", "runlocal": False})
+        "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "classifier": "", "ema_debias": False,
+        "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = "image_folder"
@@ -40,6 +41,7 @@ def get_config(arg: str = ""):
     c.objective.sc_fraction = args["sc_fraction"]
     c.objective.teacher = args["teacher"]
     c.objective.level_assignment = args["assignment"]
+    c.train.ema_debias = args["ema_debias"]
     c.objective.flow_t = args["flow_t"]
     c.objective.level_weights = args["level_weights"].replace(":", ",")
     c.objective.label_dropout = 0.0

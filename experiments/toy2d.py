@@ -21,7 +21,7 @@ TEST_ARGS = ("", "objective=flow_matching", "runlocal=True")
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {"dataset": "checkerboard", "objective": "shortcut", "steps": 4000,
                                              "seed": 0, "teacher": "online", "sc_fraction": 0.5,
-                                             "assignment": "official", "runlocal": False})
+                                             "assignment": "official", "ema_debias": False, "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = args["dataset"]
@@ -35,6 +35,7 @@ def get_config(arg: str = ""):
     c.objective.sc_fraction = args["sc_fraction"]
     c.objective.teacher = args["teacher"]
     c.objective.level_assignment = args["assignment"]
+    c.train.ema_debias = args["ema_debias"]
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.0
     c.optim.schedule = "cosine"

@@ -89,7 +89,7 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformation, schedule,
-                    *, accum_steps: int = 1) -> Callable:
+                    *, accum_steps: int = 1, ema_debias: bool = False) -> Callable:
     loss_fn = OBJECTIVES[objective_name]
     planner = MICRO_BATCH_PLANNERS.get(objective_name)
 
@@ -123,7 +123,8 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = train_state.update_ema(state.ema_params, params, state.ema_decays)
+        ema = train_state.update_ema(state.ema_params, params, state.ema_decays,
+                                     count=state.step + 1 if ema_debias else None)
         metrics = dict(metrics)
         metrics.update(grad_norm=global_norm(grads), param_norm=global_norm(params),
                        update_norm=global_norm(updates), lr=jnp.asarray(schedule(state.step), jnp.float32))
@@ -220,7 +221,7 @@ class Experiment:
     def compile_step(self):
         """AOT-compiled train step, with compile time and the compiler's memory/cost figures."""
         step = make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
-                               accum_steps=self.config.optim.accum_steps)
+                               accum_steps=self.config.optim.accum_steps, ema_debias=self.config.train.ema_debias)
         batch_sh = sharding.batch_sharding(self.mesh)
         b = self.config.train.batch_size
         abstract_batch = {

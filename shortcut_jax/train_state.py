@@ -5,6 +5,7 @@ objectives that use one and the default weights for evaluation. EMA updates are 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.struct
@@ -38,8 +39,23 @@ def create(params, tx: optax.GradientTransformation, rng: jax.Array, ema_decays:
     )
 
 
-def update_ema(ema_params: tuple, params, decays: Sequence[float]) -> tuple:
-    return tuple(
-        jax.tree.map(lambda e, p, d=d: (d * e.astype(jnp.float32) + (1.0 - d) * p.astype(jnp.float32)), ema, params)
-        for ema, d in zip(ema_params, decays)
-    )
+def update_ema(ema_params: tuple, params, decays: Sequence[float], count=None) -> tuple:
+    """One EMA update per decay.
+
+    With ``count`` (the number of this update, 1 for the first), the average is debiased: the
+    decay used is ``d (1 - d^(n-1)) / (1 - d^n)``, so that after ``n`` updates each tree is the
+    exponentially weighted mean of the ``n`` parameter iterates, normalised, with no weight left
+    on the initial parameters. Without it (the reference recipe) the initial parameters keep a
+    weight of ``d^n``: 37% after 1,000 updates and 14% after 2,000 at ``d = 0.999``.
+    """
+    out = []
+    for ema, d in zip(ema_params, decays):
+        if count is None:
+            beta = jnp.float32(d)
+        else:
+            n = jnp.asarray(count, jnp.float32)
+            # 1 - d^n computed as -expm1(n log d): exact for d close to 1.
+            beta = d * jnp.expm1((n - 1.0) * math.log(d)) / jnp.expm1(n * math.log(d)) if d > 0 else jnp.float32(0.0)
+        out.append(jax.tree.map(lambda e, p, b=beta: b * e.astype(jnp.float32) + (1.0 - b) * p.astype(jnp.float32),
+                                ema, params))
+    return tuple(out)

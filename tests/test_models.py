@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from shortcut_jax import config_lib
-from shortcut_jax.models import DiT, MLPNet, convert, layers
+from shortcut_jax.models import DiT, MLPNet, build_model, convert, layers, resolve_attention_impl
 from shortcut_jax.sampling import Sampler
 
 GOLDEN = os.path.join(SHARED_DATA, "official_dit_golden.npz")
@@ -129,3 +129,28 @@ def test_bf16_residual_stream_stays_close_to_the_float32_stream(golden):
     # with float32 compute the option changes nothing
     same = model.clone(residual_dtype=jnp.float32).apply({"params": params}, *args)
     np.testing.assert_array_equal(same, model.apply({"params": params}, *args))
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"backend": "gpu", "compute_capability": "9.0"}, "cudnn"),
+    ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 72}, "cudnn"),  # DiT-XL/2
+    ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 60}, None),  # not a multiple of 8
+    ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 256}, None),
+    ({"backend": "gpu", "compute_capability": "9.0", "dtype": jnp.float32}, None),
+    ({"backend": "gpu", "compute_capability": "7.5"}, None),
+    ({"backend": "tpu"}, None),
+    ({"backend": "cpu"}, None),
+])
+def test_auto_attention_picks_cudnn_only_where_it_applies(kwargs, expected):
+    assert resolve_attention_impl("auto", **kwargs) == expected
+    assert resolve_attention_impl("xla", **kwargs) == "xla"
+
+
+def test_auto_attention_on_cpu_builds_an_xla_attention_model_that_runs():
+    cfg = config_lib.default_config().model
+    cfg.variant, cfg.width, cfg.depth, cfg.num_heads = "", 32, 1, 2
+    model = build_model(cfg, num_classes=3)
+    assert jax.default_backend() == "cpu" and model.attention_impl is None
+    x = jnp.zeros((2, 8, 8, 3))
+    params = model.init(jax.random.PRNGKey(0), x, jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32))
+    assert model.apply(params, x, jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32)).shape == x.shape

@@ -210,6 +210,7 @@ BAD_CONFIGS = {
     "too small for levels": ({"train.batch_size": 16}, "self-consistency rows"),
     "patch": ({"model.patch_size": 3}, "patch_size"),
     "budget": ({"eval.budgets": (3,)}, "eval budget 3"),
+    "ema decay": ({"train.ema_decays": (0.999, 1.0)}, "ema_decays"),
 }
 
 
@@ -300,3 +301,57 @@ def test_every_experiment_file_builds_and_validates(name, arg):
     assert "python -m shortcut_jax.main" in load_experiment(name).__doc__
     data_axis, fsdp = sharding.mesh_shape(cfg.mesh, 8)
     config_lib.validate(cfg, num_devices=data_axis * fsdp)
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+def test_debiased_ema_is_the_normalised_weighted_mean_of_the_iterates():
+    from shortcut_jax import train_state
+
+    rng = np.random.default_rng(0)
+    iterates = [rng.standard_normal(5).astype(np.float32) for _ in range(40)]
+    decays = (0.9, 0.5)
+    init = {"w": np.full(5, 100.0, np.float32)}  # far from every iterate: any weight left on it shows
+    biased = debiased = (init, init)
+    for n, p in enumerate(iterates, start=1):
+        debiased = train_state.update_ema(debiased, {"w": p}, decays, count=n)
+        biased = train_state.update_ema(biased, {"w": p}, decays)
+    for i, d in enumerate(decays):
+        weights = np.array([d ** (len(iterates) - k) for k in range(1, len(iterates) + 1)])
+        expected = (weights[:, None] * np.stack(iterates)).sum(0) / weights.sum()
+        np.testing.assert_allclose(np.asarray(debiased[i]["w"]), expected, rtol=1e-5, atol=1e-5)
+        plain = d ** len(iterates) * 100.0 + (1 - d) * (weights[:, None] * np.stack(iterates)).sum(0)
+        np.testing.assert_allclose(np.asarray(biased[i]["w"]), plain, rtol=1e-5, atol=1e-5)
+    # After one update the debiased average is that update's parameters.
+    one = train_state.update_ema((init,), {"w": iterates[0]}, (0.999,), count=1)
+    np.testing.assert_allclose(np.asarray(one[0]["w"]), iterates[0], rtol=1e-6)
+
+
+def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
+    steps = 3
+    states = {}
+    for debias in (False, True):
+        cfg = toy_config(**{"train.steps": steps, "train.ema_debias": debias, "objective.teacher": "ema",
+                            "train.ema_decays": (0.999,)})
+        exp = train.Experiment(cfg, None)
+        initial = params_of(exp.init_state())
+        compiled, _ = exp.compile_step()
+        state = exp.init_state()
+        batch = sharding.global_batch({"x": np.random.default_rng(0).standard_normal(
+            (cfg.train.batch_size, 2)).astype(np.float32), "label": np.zeros(cfg.train.batch_size, np.int32)},
+            exp.mesh)
+        iterates = []
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+            iterates.append(params_of(state))
+        assert np.isfinite(float(metrics["loss"]))
+        states[debias] = (initial, iterates, jax.tree.map(np.asarray, jax.device_get(state.ema_params[0])))
+    initial, iterates, ema = states[True]
+    w = np.array([0.999 ** (steps - k) for k in range(1, steps + 1)])
+    expected = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)) / w.sum(), *iterates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ema, expected)
+    initial, iterates, ema = states[False]
+    expected = jax.tree.map(lambda i, *xs: 0.999 ** steps * i + 0.001 * sum(0.999 ** (steps - k) * x for k, x in
+                                                                          enumerate(xs, 1)), initial, *iterates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ema, expected)

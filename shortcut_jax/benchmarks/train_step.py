@@ -144,7 +144,7 @@ def traced_step_flops(exp: train.Experiment) -> float:
     """Matmul FLOPs of the step as traced: a check of the analytic count that, unlike XLA's count
     of the compiled step, sees the matmuls that became cuBLAS calls on GPU (jax-ml/jax#22249)."""
     step = train.make_train_step(exp.config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
-                                 accum_steps=exp.config.optim.accum_steps)
+                                 accum_steps=exp.config.optim.accum_steps, ema_debias=exp.config.train.ema_debias)
     b = exp.config.train.batch_size
     batch = {"x": jax.ShapeDtypeStruct((b, *exp.spec.shape), jnp.float32),
              "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
@@ -175,6 +175,7 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl,
               "residual_dtype": opts.residual_dtype}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
         row.objective, batch, sc_fraction=config.objective.sc_fraction,
         bootstrap_cfg=config.objective.bootstrap_cfg, num_levels=config.objective.num_levels,
@@ -407,9 +408,10 @@ def print_report(report: dict) -> None:
     print("TFLOP/step: analytic matmul FLOPs (3 x forward + 2 teacher forwards on the self-consistency rows);"
           " traced: dot_general and convolution FLOPs in the step's jaxpr (remat recomputation included);"
           " XLA: compiled.cost_analysis()['flops'] x devices (on GPU without the cuBLAS matmuls)")
+    kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
-          f" attention_impl={settings['attention_impl']}; peak memory: the allocator's peak_bytes_in_use, or"
+          f" attention_impl={settings['attention_impl']} (resolved: {kernels}); peak memory: the allocator's peak_bytes_in_use, or"
           " where marked * the compiler's footprint of the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
               "TFLOP/step", "traced TFLOP", "XLA TFLOP", "TFLOP/s", "MFU(a)", "MFU(b)"]
