@@ -8,5 +8,9 @@
 set -euo pipefail
 config=$1; workdir=$2; shift 2
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+# Compiled programs and GEMM autotuning results persist across launches: a resumed or repeated
+# run (another seed, the next chunk of a job) skips most of its compile time.
+cache=${SHORTCUT_JAX_CACHE:-$HOME/.cache/shortcut_jax}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$cache/jax}
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_per_fusion_autotune_cache_dir=$cache/autotune"
 srun python -m shortcut_jax.main --multihost --config="$config" --workdir="$workdir" "$@"
