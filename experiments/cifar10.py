@@ -9,17 +9,19 @@ Command (published recipe: batch 256, AdamW 1e-4, weight decay 0.1, EMA teacher,
       --config.data.path=data/cifar10/train --workdir=workdirs/cifar10_shortcut
 Variants (comma-separated key=value): objective=shortcut|flow_matching, sc_fraction=<float>,
 teacher=ema|online, assignment=official|random, flow_t=grid|uniform|logit_normal,
-level_weights=<7 weights joined by ':'>, steps=<int>, seed=<int>, runlocal=True,
+level_weights=<7 weights joined by ':'>, ema_debias=True (normalised EMA: teacher and evaluated
+weights carry no weight of the initialisation), steps=<int>, seed=<int>, runlocal=True,
 classifier=<dir from benchmarks.train_classifier> (reports the classifier Frechet distance, CFD,
 against the test split at every budget; CFD is this project's offline yardstick, not FID).
 Expected: the reference recipe is reported to give good 128-step samples but noise at 1-8 steps
 after 7,000 steps, where flow matching gives blurry images at 4-8 steps; this project's own
-table for this setting is not measured yet. Score with
+table for this setting is not complete yet (experiments/cifar10_results.md). Score with
 `classifier=shortcut_jax/evaluation/cifar10_classifier` (CFD against the test split).
 """
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc_fraction=0.25", "runlocal=True")
+TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc_fraction=0.25",
+             "ema_debias=True,sc_fraction=0.25", "runlocal=True")
 
 
 def get_config(arg: str = ""):
