@@ -45,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 0
     c.model.mlp_ratio = 4.0
     c.model.attention_scale = "head_dim"
-    c.model.attention_impl = "auto"  # 'auto' (cuDNN's fused kernel on NVIDIA GPUs where it applies, else XLA), 'xla', 'cudnn'
+    # 'auto': cuDNN's fused kernel on NVIDIA GPUs where it applies, else XLA's; 'xla' or 'cudnn' force one
+    c.model.attention_impl = "auto"
     c.model.t_input_scale = 1.0
     c.model.zero_init = "final"
     c.model.remat = "none"

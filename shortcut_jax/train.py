@@ -221,7 +221,8 @@ class Experiment:
     def compile_step(self):
         """AOT-compiled train step, with compile time and the compiler's memory/cost figures."""
         step = make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
-                               accum_steps=self.config.optim.accum_steps, ema_debias=self.config.train.ema_debias)
+                               accum_steps=self.config.optim.accum_steps,
+                               ema_debias=self.config.train.ema_debias)
         batch_sh = sharding.batch_sharding(self.mesh)
         b = self.config.train.batch_size
         abstract_batch = {

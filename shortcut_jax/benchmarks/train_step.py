@@ -411,8 +411,9 @@ def print_report(report: dict) -> None:
     kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
-          f" attention_impl={settings['attention_impl']} (resolved: {kernels}); peak memory: the allocator's peak_bytes_in_use, or"
-          " where marked * the compiler's footprint of the step (temp + arguments + outputs - donated)\n")
+          f" attention_impl={settings['attention_impl']} (resolved: {kernels});"
+          " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
+          " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
               "TFLOP/step", "traced TFLOP", "XLA TFLOP", "TFLOP/s", "MFU(a)", "MFU(b)"]
     lines = []
