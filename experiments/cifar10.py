@@ -56,7 +56,8 @@ def get_config(arg: str = ""):
     c.train.eval_every = 1000
     c.eval.budgets = (1, 2, 4, 8, 32, 128)
     c.eval.grid_budgets = (1, 2, 4, 8, 32, 128)
-    c.eval.num_samples = 5000
+    c.eval.num_samples = 1000  # every eval_every steps: the curves against training steps
+    c.eval.final_num_samples = 5000  # the last step: the table
     c.eval.batch_size = 1000
     c.eval.metric = "none"
     if args["classifier"]:  # classifier Frechet distance against the test split's statistics

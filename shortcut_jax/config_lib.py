@@ -109,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.grid_size = 64
     c.eval.cfg_scale = 1.0
     c.eval.num_samples = 10_000
+    c.eval.final_num_samples = 0  # samples at the last step's evaluation; 0: eval.num_samples
     c.eval.batch_size = 1000
     c.eval.metric = "auto"  # 'auto' (sliced Wasserstein for points, none for images), 'none', 'cfd'
     # 'cfd': classifier Frechet distance (shortcut_jax.evaluation.feature_distance), needs a
@@ -286,6 +287,8 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
         if not 0 <= start < stop:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
+    if config.eval.final_num_samples < 0:
+        raise ConfigError(f"eval.final_num_samples={config.eval.final_num_samples} must be >= 0 (0: eval.num_samples)")
     if config.eval.metric not in ("auto", "none", "sliced_wasserstein", "cfd"):
         raise ConfigError(f"eval.metric={config.eval.metric!r}: use 'auto', 'none', 'sliced_wasserstein' or 'cfd'")
     if config.eval.metric == "cfd" and not config.eval.classifier:

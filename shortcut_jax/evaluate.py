@@ -104,6 +104,8 @@ def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int]
         scalars = {f"eval/{metric}_{n}step": v for n, v in results.items()}
         if floor is not None:
             scalars[f"eval/{metric}_floor"] = floor
+        if results:
+            scalars["eval/num_samples"] = num_samples
         if scalars:
             writer.write_scalars(step, scalars)
         if images:

@@ -366,7 +366,8 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
                 _check_finite(pending)  # never checkpoint a state past a non-finite loss
                 ckpt.save(step, state, data_state=exp.source.get_state(), meta=exp.meta, force=final)
             if step % cfg.train.eval_every == 0 or final:
-                run_eval(exp, state, step, writer)
+                run_eval(exp, state, step, writer,
+                         num_samples=cfg.eval.final_num_samples if final and cfg.eval.final_num_samples else None)
         writer.flush()
         return state
     finally:
@@ -374,7 +375,8 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
         writer.close()
 
 
-def run_eval(exp: Experiment, state, step: int, writer=None, out_dir: Optional[str] = None) -> dict:
+def run_eval(exp: Experiment, state, step: int, writer=None, out_dir: Optional[str] = None,
+             num_samples: Optional[int] = None) -> dict:
     ev = exp.config.eval
     if ev.metric == "cfd":
         from shortcut_jax.evaluation import feature_distance
@@ -382,7 +384,7 @@ def run_eval(exp: Experiment, state, step: int, writer=None, out_dir: Optional[s
         feature_distance.register(ev.classifier, reference_stats=ev.reference_stats or None)
     return evaluate_budgets(
         exp.sampler, exp.eval_params(state), exp.source, kind=exp.spec.kind, shape=tuple(exp.spec.shape),
-        num_classes=exp.spec.num_classes, budgets=ev.budgets, num_samples=ev.num_samples,
+        num_classes=exp.spec.num_classes, budgets=ev.budgets, num_samples=num_samples or ev.num_samples,
         batch_size=ev.batch_size, seed=ev.seed, out_dir=out_dir or os.path.join(exp.workdir, "eval", f"{step:08d}"),
         step=step, cfg_scale=ev.cfg_scale, grid_budgets=ev.grid_budgets, grid_size=ev.grid_size,
         metric=ev.metric, writer=writer, label=exp.config.objective.name,
@@ -398,6 +400,6 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None, out
         state, _, _ = ckpt.restore(step, exp.abstract_state)
     step = int(jax.device_get(state.step))
     try:
-        return run_eval(exp, state, step, out_dir=out_dir)
+        return run_eval(exp, state, step, out_dir=out_dir, num_samples=config.eval.final_num_samples or None)
     finally:
         exp.close()

@@ -175,3 +175,38 @@ def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
 def test_oom_is_recognised_from_the_runtime_message():
     assert bench.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB"))
     assert not bench.is_oom(ValueError("shapes do not match"))
+
+
+def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(tmp_path, monkeypatch, capsys):
+    import os
+    import sys
+
+    from shortcut_jax.benchmarks import budget_study
+
+    runs = {}
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        rows = [{"step": 500, "loss": 1.0}]
+        for step, samples in ((1000, 1000), (2000, 1000), (3000, 5000)):
+            rows.append({"step": step, "eval/num_samples": samples,
+                         **{f"eval/cfd_{n}step": scale * (10 + n) / step for n in (1, 4, 128)}})
+        rows.append({"step": 3000, "eval/cfd_1step": scale * 0.5, "eval/num_samples": 5000})  # a resumed rerun wins
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        runs[name] = str(workdir)
+
+    samples = {}
+    evals = budget_study.read_evals(runs["a"], "cfd", samples)
+    assert sorted(evals) == [1000, 2000, 3000] and evals[3000][1] == 0.5
+    assert samples == {1000: 1000, 2000: 1000, 3000: 5000}
+    assert budget_study.curve_steps(evals, samples) == [1000, 2000]
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["budget_study", "--runs", f"a={runs['a']}", f"b={runs['b']}",
+                                      "--metric", "cfd", "--out", str(out)])
+    budget_study.main()
+    printed = capsys.readouterr().out
+    assert "| a | 3000 | 5000 | 0.50 |" in printed and "| b | 3000 | 5000 | 1.00 |" in printed
+    saved = json.load(open(out / "cfd_runs.json"))
+    assert saved["b"]["1000"]["samples"] == 1000 and saved["b"]["1000"]["4"] == pytest.approx(2 * 14 / 1000)
+    assert {"cfd_by_budget.png", "cfd_1step_vs_training.png", "cfd_128step_vs_training.png"} <= set(os.listdir(out))

@@ -71,7 +71,8 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
-         f"--workdir={workdir}", "--config.train.progress_bar=False"],
+         f"--workdir={workdir}", "--config.train.progress_bar=False", "--config.train.eval_every=10",
+         "--config.eval.num_samples=300", "--config.eval.final_num_samples=1000"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,6 +84,9 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     for key in ("flow_loss", "sc_loss", "sc_loss/level_0", "sc_loss/level_6", "grad_norm", "param_norm",
                 "update_norm", "lr", "input_wait_ms", "images_per_second"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
+    # cheap evaluations on the way, the last one with eval.final_num_samples
+    eval_rows = [r for r in rows if "eval/sliced_wasserstein_1step" in r]
+    assert [(r["step"], r["eval/num_samples"]) for r in eval_rows] == [(10, 300), (20, 1000)]
     manifest = json.load(open(os.path.join(workdir, "manifest.json")))
     assert manifest["config"]["train"]["steps"] == 20
     assert "jax" in json.dumps(manifest)
@@ -211,6 +215,7 @@ BAD_CONFIGS = {
     "patch": ({"model.patch_size": 3}, "patch_size"),
     "budget": ({"eval.budgets": (3,)}, "eval budget 3"),
     "ema decay": ({"train.ema_decays": (0.999, 1.0)}, "ema_decays"),
+    "final samples": ({"eval.final_num_samples": -1}, "final_num_samples"),
 }
 
 

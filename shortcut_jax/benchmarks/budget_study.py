@@ -13,12 +13,16 @@ import argparse
 import json
 import os
 import re
+from typing import Optional
 
 from shortcut_jax.evaluation import report
 
 
-def read_evals(workdir: str, metric: str) -> dict[int, dict[int, float]]:
-    """{training step: {budget: value}}; later lines win (a resumed run repeats steps)."""
+def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = None) -> dict[int, dict[int, float]]:
+    """{training step: {budget: value}}; later lines win (a resumed run repeats steps).
+
+    ``samples``, if given, receives {training step: number of samples} where the run logged it.
+    """
     pattern = re.compile(rf"^eval/{re.escape(metric)}_(\d+)step$")
     out: dict[int, dict[int, float]] = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -28,7 +32,19 @@ def read_evals(workdir: str, metric: str) -> dict[int, dict[int, float]]:
                 m = pattern.match(key)
                 if m:
                     out.setdefault(int(row["step"]), {})[int(m.group(1))] = float(value)
+            if samples is not None and "eval/num_samples" in row:
+                samples[int(row["step"])] = int(row["eval/num_samples"])
     return out
+
+
+def curve_steps(evals: dict[int, dict[int, float]], samples: dict[int, int]) -> list[int]:
+    """Steps whose evaluations share the most common sample count (a Frechet distance from fewer
+    samples is biased upwards, so points from different counts do not belong on one curve)."""
+    if not samples:
+        return sorted(evals)
+    counts = [samples.get(step) for step in evals]
+    common = max(set(counts), key=lambda c: (counts.count(c), c or 0))
+    return sorted(step for step in evals if samples.get(step) == common)
 
 
 def main():
@@ -39,11 +55,12 @@ def main():
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     runs = dict(item.split("=", 1) for item in args.runs)
-    evals = {name: read_evals(path, args.metric) for name, path in runs.items()}
+    samples = {name: {} for name in runs}
+    evals = {name: read_evals(path, args.metric, samples[name]) for name, path in runs.items()}
     budgets = sorted({n for ev in evals.values() for per in ev.values() for n in per})
     print(f"{args.metric} at the last evaluated step of each run")
-    print("| run | step | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in budgets) + " |")
-    print("|---|---|" + "---|" * len(budgets))
+    print("| run | step | samples | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in budgets) + " |")
+    print("|---|---|---|" + "---|" * len(budgets))
     final = {}
     for name, ev in evals.items():
         if not ev:
@@ -51,17 +68,19 @@ def main():
             continue
         step = max(ev)
         final[name] = ev[step]
-        print(f"| {name} | {step} | " + " | ".join(f"{ev[step].get(n, float('nan')):.2f}" for n in budgets) + " |")
+        print(f"| {name} | {step} | {samples[name].get(step, '-')} | " + " | ".join(f"{ev[step].get(n, float('nan')):.2f}" for n in budgets) + " |")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         report.plot_budget_curve(final, os.path.join(args.out, f"{args.metric}_by_budget.png"), metric_name=args.metric,
                                  log_y=True)
         for n in (int(b) for b in args.curve_budgets.split(",")):
-            curves = {name: {s: per[n] for s, per in ev.items() if n in per} for name, ev in evals.items()}
+            curves = {name: {s: ev[s][n] for s in curve_steps(ev, samples[name]) if n in ev[s]}
+                      for name, ev in evals.items()}
             report.plot_metric_vs_training(curves, os.path.join(args.out, f"{args.metric}_{n}step_vs_training.png"),
                                            metric_name=f"{args.metric}, {n} step(s)", log_y=True)
         with open(os.path.join(args.out, f"{args.metric}_runs.json"), "w") as f:
-            json.dump({name: {str(s): per for s, per in ev.items()} for name, ev in evals.items()}, f, indent=1)
+            json.dump({name: {str(s): {"samples": samples[name].get(s), **{str(n): v for n, v in per.items()}}
+                              for s, per in ev.items()} for name, ev in evals.items()}, f, indent=1)
 
 
 if __name__ == "__main__":
