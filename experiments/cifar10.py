@@ -75,5 +75,7 @@ def get_config(arg: str = ""):
         c.eval.budgets = (1,)
         c.eval.grid_budgets = (1,)
         c.eval.grid_size = 16
+        c.eval.num_samples = 200
+        c.eval.final_num_samples = 0
         c.mesh.data = 1
     return c

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One run of the CIFAR-10 few-step study (experiments/cifar10_results.md) on the local GPU(s),
+# scored with the shipped classifier (CFD at 1, 2, 4, 8, 32 and 128 steps).
+#
+#   experiments/cifar10_study.sh NAME CONFIG_ARGS [ARCHIVE] [ROOT] [--config.key=value ...]
+#   experiments/cifar10_study.sh recipe "objective=shortcut,seed=0"
+#   experiments/cifar10_study.sh fm "objective=flow_matching,seed=0"
+#   experiments/cifar10_study.sh online4 "teacher=online,sc_fraction=0.25,ema_debias=True,seed=0"
+#   python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/cifar10_study/recipe \
+#       fm=workdirs/cifar10_study/fm online4=workdirs/cifar10_study/online4 --metric cfd \
+#       --out workdirs/cifar10_study/summary
+#
+# ARCHIVE defaults to ../shared/data/cifar10-train.tar.gz (extracted once under ROOT/data);
+# ROOT defaults to workdirs/cifar10_study. The run uses the bf16 residual stream (the figures in
+# the study page were measured with it); a killed run resumes from its last checkpoint.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 NAME CONFIG_ARGS [ARCHIVE] [ROOT] [--config.key=value ...]" >&2
+  exit 2
+fi
+name=$1; args=$2; shift 2
+archive=../shared/data/cifar10-train.tar.gz
+root=workdirs/cifar10_study
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then archive=$1; shift; fi
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then root=$1; shift; fi
+cd "$(dirname "$0")/.."
+data=$(python -c "import sys; from shortcut_jax.data import extract_archive as e; print(e(sys.argv[1], sys.argv[2]))" \
+  "$archive" "$root/data")
+exec launch/single_host.sh \
+  "experiments/cifar10.py:classifier=shortcut_jax/evaluation/cifar10_classifier,$args" "$root/$name" \
+  --config.data.path="$data" --config.model.residual_dtype=compute "$@"
