@@ -187,7 +187,8 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
     for name, scale in (("a", 1.0), ("b", 2.0)):
         workdir = tmp_path / name
         workdir.mkdir()
-        rows = [{"step": 500, "loss": 1.0}]
+        rows = [{"step": 500, "loss": 1.0, "sc_loss/level_0": 0.3, "sc_loss/level_1": 0.2},
+                {"step": 1000, "loss": 0.9, "sc_loss/level_0": 0.25, "sc_loss/level_1": 0.1}]
         for step, samples in ((1000, 1000), (2000, 1000), (3000, 5000)):
             rows.append({"step": step, "eval/num_samples": samples,
                          **{f"eval/cfd_{n}step": scale * (10 + n) / step for n in (1, 4, 128)}})
@@ -200,6 +201,8 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
     assert sorted(evals) == [1000, 2000, 3000] and evals[3000][1] == 0.5
     assert samples == {1000: 1000, 2000: 1000, 3000: 5000}
     assert budget_study.curve_steps(evals, samples) == [1000, 2000]
+    assert budget_study.read_level_losses(runs["a"]) == {"level 0 (1 step)": {500: 0.3, 1000: 0.25},
+                                                         "level 1 (2 steps)": {500: 0.2, 1000: 0.1}}
 
     out = tmp_path / "study"
     monkeypatch.setattr(sys, "argv", ["budget_study", "--runs", f"a={runs['a']}", f"b={runs['b']}",
@@ -209,4 +212,5 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
     assert "| a | 3000 | 5000 | 0.50 |" in printed and "| b | 3000 | 5000 | 1.00 |" in printed
     saved = json.load(open(out / "cfd_runs.json"))
     assert saved["b"]["1000"]["samples"] == 1000 and saved["b"]["1000"]["4"] == pytest.approx(2 * 14 / 1000)
-    assert {"cfd_by_budget.png", "cfd_1step_vs_training.png", "cfd_128step_vs_training.png"} <= set(os.listdir(out))
+    assert {"cfd_by_budget.png", "cfd_1step_vs_training.png", "cfd_128step_vs_training.png",
+            "sc_loss_by_level_a.png"} <= set(os.listdir(out))

@@ -2,7 +2,9 @@
 
 Reads ``<workdir>/metrics.jsonl`` of each run (the ``eval/<metric>_<n>step`` rows written at
 every evaluation) and prints, for the last evaluated step of each run, the metric at every
-budget, and writes a plot of the metric at chosen budgets against training steps:
+budget, and writes a plot of the metric at chosen budgets against training steps, and for each
+shortcut run the self-consistency loss of every level against training steps (which levels learn
+late):
 
     python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/c10_recipe \\
         fm=workdirs/c10_fm online=workdirs/c10_online --metric cfd --out results/cifar10
@@ -35,6 +37,20 @@ def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = No
             if samples is not None and "eval/num_samples" in row:
                 samples[int(row["step"])] = int(row["eval/num_samples"])
     return out
+
+
+def read_level_losses(workdir: str) -> dict[str, dict[int, float]]:
+    """{'level k': {training step: self-consistency loss of level k}} from the logged metrics."""
+    pattern = re.compile(r"^sc_loss/level_(\d+)$")
+    out: dict[int, dict[int, float]] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            for key, value in row.items():
+                m = pattern.match(key)
+                if m:
+                    out.setdefault(int(m.group(1)), {})[int(row["step"])] = float(value)
+    return {f"level {k} ({2 ** k} step{'s' if k else ''})": out[k] for k in sorted(out)}
 
 
 def curve_steps(evals: dict[int, dict[int, float]], samples: dict[int, int]) -> list[int]:
@@ -78,6 +94,11 @@ def main():
                       for name, ev in evals.items()}
             report.plot_metric_vs_training(curves, os.path.join(args.out, f"{args.metric}_{n}step_vs_training.png"),
                                            metric_name=f"{args.metric}, {n} step(s)", log_y=True)
+        for name, path in runs.items():  # which levels learn late: the loss of each level through training
+            levels = read_level_losses(path)
+            if levels:
+                report.plot_metric_vs_training(levels, os.path.join(args.out, f"sc_loss_by_level_{name}.png"),
+                                               metric_name="self-consistency loss", title=name, log_y=True)
         with open(os.path.join(args.out, f"{args.metric}_runs.json"), "w") as f:
             json.dump({name: {str(s): {"samples": samples[name].get(s), **{str(n): v for n, v in per.items()}}
                               for s, per in ev.items()} for name, ev in evals.items()}, f, indent=1)
