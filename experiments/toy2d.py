@@ -5,7 +5,8 @@ Command:
 Variants (`--config=experiments/toy2d.py:<key>=<value>,...`):
   dataset=checkerboard|gaussian_mixture|two_moons|spiral, objective=shortcut|flow_matching,
   steps=<int>, seed=<int>, teacher=online|ema, sc_fraction=<float>, assignment=official|random,
-  ema_debias=True (normalised EMA, no weight on the initial parameters), ema_decay=<float>,
+  ema_debias=True (normalised EMA, no weight on the initial parameters), ema_decay=<float> (the
+  teacher's EMA, also evaluated unless eval_ema_decay=<float> adds a second EMA for evaluation),
   level_weights=<one weight per level 0..6, joined by ':'; level 0 is the 1-step level>,
   runlocal=True (a few steps, for tests).
 Expected (checkerboard, shortcut, 4000 steps; H100, 3 seeds, see README's benchmark): sliced
@@ -17,14 +18,16 @@ stop-gradient. With the EMA teacher (decay 0.999) 4000 steps leave the 1-step sa
 """
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("", "objective=flow_matching", "teacher=ema,ema_decay=0.99,level_weights=4:2:1:1:1:1:1", "runlocal=True")
+TEST_ARGS = ("", "objective=flow_matching", "teacher=ema,ema_decay=0.99,eval_ema_decay=0.999",
+             "level_weights=4:2:1:1:1:1:1", "runlocal=True")
 
 
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {"dataset": "checkerboard", "objective": "shortcut", "steps": 4000,
                                              "seed": 0, "teacher": "online", "sc_fraction": 0.5,
                                              "assignment": "official", "ema_debias": False,
-                                             "ema_decay": 0.999, "level_weights": "", "runlocal": False})
+                                             "ema_decay": 0.999, "eval_ema_decay": 0.0, "level_weights": "",
+                                             "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = args["dataset"]
@@ -40,6 +43,9 @@ def get_config(arg: str = ""):
     c.objective.level_assignment = args["assignment"]
     c.train.ema_debias = args["ema_debias"]
     c.train.ema_decays = (args["ema_decay"],)
+    if args["eval_ema_decay"]:  # evaluate another EMA than the teacher's
+        c.train.ema_decays = (args["ema_decay"], args["eval_ema_decay"])
+        c.eval.ema_index = 1
     c.objective.level_weights = args["level_weights"].replace(":", ",")
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.0

@@ -116,7 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
     # classifier saved by benchmarks.train_classifier and, optionally, fixed reference statistics.
     c.eval.classifier = ""
     c.eval.reference_stats = ""
-    c.eval.use_ema = True  # sample with the first EMA tree (the reference code uses the online weights by default)
+    c.eval.use_ema = True  # sample with an EMA tree (the reference code uses the online weights by default)
+    c.eval.ema_index = 0  # which train.ema_decays tree; the teacher always reads the first
     c.eval.seed = 1
     return c
 
@@ -287,6 +288,10 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
         if not 0 <= start < stop:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
+    num_ema = len(config.train.ema_decays)
+    if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:
+        raise ConfigError(f"eval.ema_index={config.eval.ema_index} must index train.ema_decays="
+                          f"{tuple(config.train.ema_decays)}")
     if config.eval.final_num_samples < 0:
         raise ConfigError(f"eval.final_num_samples={config.eval.final_num_samples} must be >= 0 (0: eval.num_samples)")
     if config.eval.metric not in ("auto", "none", "sliced_wasserstein", "cfd"):

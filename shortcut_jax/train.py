@@ -241,7 +241,8 @@ class Experiment:
             self.source.close()
 
     def eval_params(self, state):
-        return state.ema_params[0] if self.config.eval.use_ema and state.ema_params else state.params
+        return state.ema_params[self.config.eval.ema_index] if self.config.eval.use_ema and state.ema_params \
+            else state.params
 
 
 def compiled_stats(compiled) -> dict:

@@ -216,6 +216,7 @@ BAD_CONFIGS = {
     "budget": ({"eval.budgets": (3,)}, "eval budget 3"),
     "ema decay": ({"train.ema_decays": (0.999, 1.0)}, "ema_decays"),
     "final samples": ({"eval.final_num_samples": -1}, "final_num_samples"),
+    "eval ema": ({"eval.ema_index": 1}, "eval.ema_index"),
 }
 
 
@@ -360,3 +361,15 @@ def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
     expected = jax.tree.map(lambda i, *xs: 0.999 ** steps * i + 0.001 * sum(0.999 ** (steps - k) * x for k, x in
                                                                           enumerate(xs, 1)), initial, *iterates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ema, expected)
+
+
+def test_evaluation_samples_the_chosen_ema_tree_and_the_teacher_reads_the_first():
+    cfg = toy_config(**{"train.ema_decays": (0.99, 0.999), "eval.ema_index": 1})
+    exp = train.Experiment(cfg, None)
+    state = exp.init_state()
+    state = state.replace(ema_params=(jax.tree.map(lambda p: p + 1.0, state.params),
+                                      jax.tree.map(lambda p: p + 2.0, state.params)))
+    assert exp.eval_params(state) is state.ema_params[1]
+    assert state.teacher_params is state.ema_params[0]
+    cfg.eval.use_ema = False
+    assert train.Experiment(cfg, None).eval_params(state) is state.params

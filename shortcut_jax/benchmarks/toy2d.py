@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--dataset", default="checkerboard")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first_seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
     parser.add_argument("--extra", default="", help="extra config arguments for both runs, e.g. teacher=ema")
     parser.add_argument("--objectives", default="shortcut,flow_matching",
                         help="objectives to run; flow matching ignores the shortcut-only --extra keys")
@@ -66,7 +67,7 @@ def main():
     floors = []
     with tempfile.TemporaryDirectory() as tmp:
         for objective in runs:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 arg = f"dataset={args.dataset},objective={objective},steps={args.steps},seed={seed}"
                 if args.extra:
                     arg += "," + args.extra
