@@ -10,7 +10,9 @@ Command (published recipe: batch 256, AdamW 1e-4, weight decay 0.1, EMA teacher,
 Variants (comma-separated key=value): objective=shortcut|flow_matching, sc_fraction=<float>,
 teacher=ema|online, assignment=official|random, flow_t=grid|uniform|logit_normal,
 level_weights=<7 weights joined by ':'>, ema_debias=True (normalised EMA: teacher and evaluated
-weights carry no weight of the initialisation), steps=<int>, seed=<int>, runlocal=True,
+weights carry no weight of the initialisation), ema_decay=<float> (the teacher's EMA, 0.999 as
+published; also the evaluated one unless eval_ema_decay=<float> adds a second), steps=<int>,
+seed=<int>, runlocal=True,
 classifier=<dir from benchmarks.train_classifier> (reports the classifier Frechet distance, CFD,
 against the test split at every budget; CFD is this project's offline yardstick, not FID).
 Expected: the reference recipe is reported to give good 128-step samples but noise at 1-8 steps
@@ -21,14 +23,14 @@ table for this setting is not complete yet (experiments/cifar10_results.md). Sco
 from shortcut_jax import config_lib
 
 TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc_fraction=0.25",
-             "ema_debias=True,sc_fraction=0.25", "runlocal=True")
+             "ema_debias=True,sc_fraction=0.25,ema_decay=0.99,eval_ema_decay=0.999", "runlocal=True")
 
 
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg(arg, {
         "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",
         "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "classifier": "", "ema_debias": False,
-        "runlocal": False})
+        "ema_decay": 0.999, "eval_ema_decay": 0.0, "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = "image_folder"
@@ -44,6 +46,10 @@ def get_config(arg: str = ""):
     c.objective.teacher = args["teacher"]
     c.objective.level_assignment = args["assignment"]
     c.train.ema_debias = args["ema_debias"]
+    c.train.ema_decays = (args["ema_decay"],)  # the teacher's EMA (teacher=ema), also evaluated by default
+    if args["eval_ema_decay"]:  # evaluate another EMA than the teacher's
+        c.train.ema_decays = (args["ema_decay"], args["eval_ema_decay"])
+        c.eval.ema_index = 1
     c.objective.flow_t = args["flow_t"]
     c.objective.level_weights = args["level_weights"].replace(":", ",")
     c.objective.label_dropout = 0.0
