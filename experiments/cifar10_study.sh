@@ -5,12 +5,14 @@
 #   experiments/cifar10_study.sh NAME CONFIG_ARGS [ARCHIVE] [ROOT] [--config.key=value ...]
 #   experiments/cifar10_study.sh recipe "objective=shortcut,seed=0"
 #   experiments/cifar10_study.sh fm "objective=flow_matching,seed=0"
+#   experiments/cifar10_study.sh ema99 "ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,seed=0"
 #   experiments/cifar10_study.sh online4 "teacher=online,sc_fraction=0.25,ema_debias=True,seed=0"
 #   python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/cifar10_study/recipe \
-#       fm=workdirs/cifar10_study/fm online4=workdirs/cifar10_study/online4 --metric cfd \
+#       fm=workdirs/cifar10_study/fm ema99=workdirs/cifar10_study/ema99 --metric cfd \
 #       --out workdirs/cifar10_study/summary
 #
-# ARCHIVE defaults to ../shared/data/cifar10-train.tar.gz (extracted once under ROOT/data);
+# ARCHIVE and ROOT are relative to the repository root. ARCHIVE defaults to
+# ../shared/data/cifar10-train.tar.gz (extracted once under ROOT/data);
 # ROOT defaults to workdirs/cifar10_study. The run uses the bf16 residual stream (the figures in
 # the study page were measured with it); a killed run resumes from its last checkpoint.
 set -euo pipefail
