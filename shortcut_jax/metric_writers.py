@@ -221,6 +221,22 @@ class MetricWriter:
         self.close()
 
 
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows :meth:`MetricWriter.write_scalars` appended to ``<workdir>/metrics.jsonl``, in
+    order ([] if there is none); a last line cut off by a killed run is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def save_image_grid(
     images: np.ndarray,
     path: str | None,

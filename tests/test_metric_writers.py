@@ -193,3 +193,14 @@ def test_progress_bar(capsys):
     hidden.update(3, {"loss": 1.0})
     hidden.close()
     assert capsys.readouterr().err == ""
+
+
+def test_read_metrics_returns_the_written_rows_and_skips_a_cut_last_line(tmp_path):
+    writer = mw.MetricWriter(str(tmp_path), use_tensorboard=False)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.write_scalars(2, {"eval/cfd_1step": 3.0})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a run killed mid-line
+    assert mw.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}, {"step": 2, "eval/cfd_1step": 3.0}]
+    assert mw.read_metrics(str(tmp_path / "missing")) == []

@@ -17,7 +17,21 @@ import os
 import re
 from typing import Optional
 
+from shortcut_jax import metric_writers
 from shortcut_jax.evaluation import report
+
+
+def _series(rows: list[dict], pattern: str) -> dict[int, dict[int, float]]:
+    """{n: {training step: value}} for every key matching ``pattern`` (one integer group n);
+    later rows win (a resumed run repeats steps)."""
+    regex = re.compile(pattern)
+    out: dict[int, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            m = regex.match(key)
+            if m:
+                out.setdefault(int(m.group(1)), {})[int(row["step"])] = float(value)
+    return out
 
 
 def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = None) -> dict[int, dict[int, float]]:
@@ -25,32 +39,20 @@ def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = No
 
     ``samples``, if given, receives {training step: number of samples} where the run logged it.
     """
-    pattern = re.compile(rf"^eval/{re.escape(metric)}_(\d+)step$")
+    rows = metric_writers.read_metrics(workdir)
+    if samples is not None:
+        samples.update({int(r["step"]): int(r["eval/num_samples"]) for r in rows if "eval/num_samples" in r})
     out: dict[int, dict[int, float]] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            for key, value in row.items():
-                m = pattern.match(key)
-                if m:
-                    out.setdefault(int(row["step"]), {})[int(m.group(1))] = float(value)
-            if samples is not None and "eval/num_samples" in row:
-                samples[int(row["step"])] = int(row["eval/num_samples"])
+    for budget, curve in _series(rows, rf"^eval/{re.escape(metric)}_(\d+)step$").items():
+        for step, value in curve.items():
+            out.setdefault(step, {})[budget] = value
     return out
 
 
 def read_level_losses(workdir: str) -> dict[str, dict[int, float]]:
     """{'level k': {training step: self-consistency loss of level k}} from the logged metrics."""
-    pattern = re.compile(r"^sc_loss/level_(\d+)$")
-    out: dict[int, dict[int, float]] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            for key, value in row.items():
-                m = pattern.match(key)
-                if m:
-                    out.setdefault(int(m.group(1)), {})[int(row["step"])] = float(value)
-    return {f"level {k} ({2 ** k} step{'s' if k else ''})": out[k] for k in sorted(out)}
+    levels = _series(metric_writers.read_metrics(workdir), r"^sc_loss/level_(\d+)$")
+    return {f"level {k} ({2 ** k} step{'s' if k else ''})": levels[k] for k in sorted(levels)}
 
 
 def curve_steps(evals: dict[int, dict[int, float]], samples: dict[int, int]) -> list[int]:

@@ -12,7 +12,6 @@ the verdict; exits non-zero on any difference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -33,19 +32,9 @@ def command(workdir: str, steps: int, ckpt_every: int) -> list[str]:
 
 
 def logged_steps(workdir: str) -> list[int]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    steps = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-            if "loss" in row:
-                steps.append(int(row["step"]))
-    return steps
+    from shortcut_jax import metric_writers
+
+    return [int(row["step"]) for row in metric_writers.read_metrics(workdir) if "loss" in row]
 
 
 def run_and_kill(workdir: str, steps: int, ckpt_every: int, kill_at: int, env) -> bool:
