@@ -164,6 +164,10 @@ class Experiment:
 
     def _build(self, config):
         config_lib.check_model_fits_data(config, tuple(self.spec.shape))
+        if config.eval.metric == "cfd":  # checks the classifier's files now; loads it at the first evaluation
+            from shortcut_jax.evaluation import feature_distance
+
+            feature_distance.register(config.eval.classifier, reference_stats=config.eval.reference_stats or None)
         self.meta = {
             "architecture": architecture(config.model),
             "model": config.model.to_dict(),
@@ -241,8 +245,9 @@ class Experiment:
             self.source.close()
 
     def eval_params(self, state):
-        return state.ema_params[self.config.eval.ema_index] if self.config.eval.use_ema and state.ema_params \
-            else state.params
+        if self.config.eval.use_ema and state.ema_params:
+            return state.ema_params[self.config.eval.ema_index]
+        return state.params
 
 
 def compiled_stats(compiled) -> dict:
@@ -367,8 +372,7 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
                 _check_finite(pending)  # never checkpoint a state past a non-finite loss
                 ckpt.save(step, state, data_state=exp.source.get_state(), meta=exp.meta, force=final)
             if step % cfg.train.eval_every == 0 or final:
-                run_eval(exp, state, step, writer,
-                         num_samples=cfg.eval.final_num_samples if final and cfg.eval.final_num_samples else None)
+                run_eval(exp, state, step, writer, final=final)
         writer.flush()
         return state
     finally:
@@ -377,15 +381,14 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
 
 
 def run_eval(exp: Experiment, state, step: int, writer=None, out_dir: Optional[str] = None,
-             num_samples: Optional[int] = None) -> dict:
+             final: bool = False) -> dict:
+    """Every budget of ``config.eval``; a ``final`` evaluation draws ``eval.final_num_samples``
+    where that is set."""
     ev = exp.config.eval
-    if ev.metric == "cfd":
-        from shortcut_jax.evaluation import feature_distance
-
-        feature_distance.register(ev.classifier, reference_stats=ev.reference_stats or None)
     return evaluate_budgets(
         exp.sampler, exp.eval_params(state), exp.source, kind=exp.spec.kind, shape=tuple(exp.spec.shape),
-        num_classes=exp.spec.num_classes, budgets=ev.budgets, num_samples=num_samples or ev.num_samples,
+        num_classes=exp.spec.num_classes, budgets=ev.budgets,
+        num_samples=(final and ev.final_num_samples) or ev.num_samples,
         batch_size=ev.batch_size, seed=ev.seed, out_dir=out_dir or os.path.join(exp.workdir, "eval", f"{step:08d}"),
         step=step, cfg_scale=ev.cfg_scale, grid_budgets=ev.grid_budgets, grid_size=ev.grid_size,
         metric=ev.metric, writer=writer, label=exp.config.objective.name,
@@ -401,6 +404,6 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None, out
         state, _, _ = ckpt.restore(step, exp.abstract_state)
     step = int(jax.device_get(state.step))
     try:
-        return run_eval(exp, state, step, out_dir=out_dir, num_samples=config.eval.final_num_samples or None)
+        return run_eval(exp, state, step, out_dir=out_dir, final=True)
     finally:
         exp.close()

@@ -25,3 +25,36 @@ def test_shipped_classifier_is_accurate_on_cifar10_test_images(tmp_path):
     noise = np.random.default_rng(0).uniform(-1, 1, images.shape).astype(np.float32)
     fake = feature_distance.classifier_frechet_distance(extractor, noise, stats)
     assert real * 10 < fake
+
+
+def test_training_scores_cfd_at_each_evaluation_loading_the_classifier_once(tmp_path, monkeypatch):
+    import importlib.util
+
+    from shortcut_jax import metric_writers, train
+
+    root = extract_archive(os.path.join(SHARED_DATA, "cifar10-test.tar.gz"), str(tmp_path / "data"))
+    experiments = os.path.join(os.path.dirname(__file__), "..", "experiments", "cifar10.py")
+    spec = importlib.util.spec_from_file_location("cifar10_config", experiments)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(f"runlocal=True,classifier={SHIPPED}")
+    cfg.data.path = root
+    cfg.train.eval_every = 2
+    cfg.eval.num_samples = 100
+    cfg.eval.final_num_samples = 150
+    cfg.train.progress_bar = False
+    cfg.train.use_tensorboard = False
+    built = []
+    real_extractor = feature_distance.FeatureExtractor
+
+    def counting_extractor(*args, **kwargs):
+        built.append(1)
+        return real_extractor(*args, **kwargs)
+
+    monkeypatch.setattr(feature_distance, "FeatureExtractor", counting_extractor)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(cfg, workdir)
+    evals = [r for r in metric_writers.read_metrics(workdir) if "eval/cfd_1step" in r]
+    assert [(r["step"], r["eval/num_samples"]) for r in evals] == [(2, 100), (4, 150)]
+    assert all(np.isfinite(r["eval/cfd_1step"]) for r in evals)
+    assert len(built) == 1  # one classifier for the whole run

@@ -197,7 +197,9 @@ def register(path: str, *, name: str = "cfd", reference_stats=None, batch_size: 
         if fixed is not None:
             stats = fixed
         elif reference_stats is not None:
-            stats = state.setdefault("file_stats", load_stats(os.fspath(reference_stats)))
+            if "file_stats" not in state:
+                state["file_stats"] = load_stats(os.fspath(reference_stats))
+            stats = state["file_stats"]
         else:
             ref = to_uint8(reference, extractor.image_size)
             key = _stats_key(extractor, ref)

@@ -74,11 +74,9 @@ def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cf
     w = cfg.bootstrap_cfg_scale
 
     def velocity(x, tt):
-        if not guide:
+        if not guide or guided_tail == 0:
             return apply_fn(teacher_params, x, tt, half_level, labels)
         if guided_tail is not None:
-            if guided_tail == 0:
-                return apply_fn(teacher_params, x, tt, half_level, labels)
             g = slice(x.shape[0] - guided_tail, None)
             both = apply_fn(teacher_params, jnp.concatenate([x, x[g]]), jnp.concatenate([tt, tt[g]]),
                             jnp.concatenate([half_level, half_level[g]]),
