@@ -45,11 +45,7 @@ def get_config(arg: str = ""):
     c.objective.sc_fraction = args["sc_fraction"]
     c.objective.teacher = args["teacher"]
     c.objective.level_assignment = args["assignment"]
-    c.train.ema_debias = args["ema_debias"]
-    c.train.ema_decays = (args["ema_decay"],)  # the teacher's EMA (teacher=ema), also evaluated by default
-    if args["eval_ema_decay"]:  # evaluate another EMA than the teacher's
-        c.train.ema_decays = (args["ema_decay"], args["eval_ema_decay"])
-        c.eval.ema_index = 1
+    config_lib.set_ema(c, args["ema_decay"], args["eval_ema_decay"], args["ema_debias"])
     c.objective.flow_t = args["flow_t"]
     c.objective.level_weights = args["level_weights"].replace(":", ",")
     c.objective.label_dropout = 0.0

@@ -6,7 +6,8 @@
 #   experiments/cifar10_study.sh recipe "objective=shortcut,seed=0"
 #   experiments/cifar10_study.sh fm "objective=flow_matching,seed=0"
 #   experiments/cifar10_study.sh ema99 "ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,seed=0"
-#   experiments/cifar10_study.sh online4 "teacher=online,sc_fraction=0.25,ema_debias=True,seed=0"
+#   experiments/cifar10_study.sh online4 \
+#       "teacher=online,sc_fraction=0.25,ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,seed=0"
 #   python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/cifar10_study/recipe \
 #       fm=workdirs/cifar10_study/fm ema99=workdirs/cifar10_study/ema99 --metric cfd \
 #       --out workdirs/cifar10_study/summary

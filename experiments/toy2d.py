@@ -41,11 +41,7 @@ def get_config(arg: str = ""):
     c.objective.sc_fraction = args["sc_fraction"]
     c.objective.teacher = args["teacher"]
     c.objective.level_assignment = args["assignment"]
-    c.train.ema_debias = args["ema_debias"]
-    c.train.ema_decays = (args["ema_decay"],)
-    if args["eval_ema_decay"]:  # evaluate another EMA than the teacher's
-        c.train.ema_decays = (args["ema_decay"], args["eval_ema_decay"])
-        c.eval.ema_index = 1
+    config_lib.set_ema(c, args["ema_decay"], args["eval_ema_decay"], args["ema_debias"])
     c.objective.level_weights = args["level_weights"].replace(":", ",")
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.0

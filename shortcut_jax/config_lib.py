@@ -137,6 +137,14 @@ def latent_paper_config(objective: str, sc_fraction: float) -> ml_collections.Co
     return c
 
 
+def set_ema(config, decay: float, eval_decay: float = 0.0, debias: bool = False) -> None:
+    """One EMA at ``decay`` (the teacher's, also evaluated), or with ``eval_decay`` a second one
+    that evaluation samples instead; ``debias``: see ``train.ema_debias``."""
+    config.train.ema_debias = debias
+    config.train.ema_decays = (decay, eval_decay) if eval_decay else (decay,)
+    config.eval.ema_index = 1 if eval_decay else 0
+
+
 def model_dims(model_cfg) -> tuple[int, int, int]:
     """(width, depth, heads) from the variant, with explicit non-zero fields overriding it."""
     variant = model_cfg.get("variant", "")

@@ -373,3 +373,10 @@ def test_evaluation_samples_the_chosen_ema_tree_and_the_teacher_reads_the_first(
     assert state.teacher_params is state.ema_params[0]
     cfg.eval.use_ema = False
     assert train.Experiment(cfg, None).eval_params(state) is state.params
+
+
+def test_experiment_ema_arguments_set_the_teacher_and_evaluated_trees():
+    cfg = load_experiment("toy2d").get_config("teacher=ema,ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True")
+    assert tuple(cfg.train.ema_decays) == (0.99, 0.999) and cfg.eval.ema_index == 1 and cfg.train.ema_debias
+    cfg = load_experiment("cifar10").get_config("ema_decay=0.99")
+    assert tuple(cfg.train.ema_decays) == (0.99,) and cfg.eval.ema_index == 0 and not cfg.train.ema_debias
