@@ -72,6 +72,7 @@ def sources_for_stream_tests(tmp_path, class_folder):
     return [
         ("arrays", make_config(name="arrays", path=npz, random_flip=True)),
         ("image_folder", folder_config(class_folder[0], random_flip=True)),
+        ("image_folder_cached", folder_config(class_folder[0], random_flip=True, cache_decoded=True)),
         ("checkerboard", make_config(name="checkerboard")),
     ]
 
@@ -341,6 +342,42 @@ def test_multi_host_slices_union_to_global_batch(tmp_path, class_folder):
                     np.concatenate([piece[key] for piece in pieces]), expected[key], name)
         for source in (whole, *parts):
             source.close()
+
+
+def test_decoded_cache_gives_the_same_stream_and_reference(class_folder):
+    root = class_folder[0]
+    plain, cached = (make_dataset(folder_config(root, random_flip=True, cache_decoded=c),
+                                  batch_size=5, seed=2) for c in (False, True))
+    assert_batches_equal(take(cached, 7), take(plain, 7))  # 35 examples: three epochs, flips
+    np.testing.assert_array_equal(cached.reference(9, seed=4), plain.reference(9, seed=4))
+    for source in (plain, cached):
+        source.close()
+
+
+def test_decoded_cache_decodes_each_file_once_up_front(class_folder, monkeypatch):
+    from shortcut_jax.data import image_folder
+    calls = []
+    real = image_folder.load_image
+    monkeypatch.setattr(image_folder, "load_image", lambda path, size: calls.append(path) or real(path, size))
+    source = make_dataset(folder_config(class_folder[0], cache_decoded=True), batch_size=5, seed=0)
+    assert sorted(calls) == sorted(source._files)
+    take(source, 6)
+    source.reference(4, seed=0)
+    assert len(calls) == len(source._files)
+    source.close()
+
+
+def test_decoded_cache_larger_than_memory_is_refused(class_folder, monkeypatch):
+    from shortcut_jax.data import image_folder
+    monkeypatch.setattr(image_folder, "_available_memory", lambda: 1000)  # 12 images of 6x6x3: 1,296 bytes
+    with pytest.raises(ValueError, match="data.cache_decoded=False"):
+        make_dataset(folder_config(class_folder[0], cache_decoded=True), batch_size=5, seed=0)
+
+
+@pytest.mark.parametrize("name", ["checkerboard", "digits"])
+def test_decoded_cache_is_for_image_folders_only(name):
+    with pytest.raises(ValueError, match="data.cache_decoded=False"):
+        make_dataset(make_config(name=name, cache_decoded=True), batch_size=4, seed=0)
 
 
 def test_close_stops_worker_threads(class_folder):

@@ -171,6 +171,7 @@ def _check_arrays(path: str, x: np.ndarray, labels: np.ndarray | None) -> str:
 def prepare_arrays(config, name: str) -> dict[str, Any]:
     """Loads and checks the arrays once so ``build_arrays`` need not read the file again."""
     cfg.reject_image_size(config, name)
+    cfg.reject_cache_decoded(config, name)
     path = cfg.get(config, "path")
     if not path:
         raise ValueError(
@@ -207,6 +208,7 @@ def build_arrays(config, prepared: dict[str, Any], layout: BatchLayout, seed: in
 def prepare_digits(config, name: str) -> dict[str, Any]:
     cfg.reject_path(config, name)
     cfg.reject_image_size(config, name)
+    cfg.reject_cache_decoded(config, name)
     from sklearn.datasets import load_digits  # deferred: importing scikit-learn takes ~1 s
 
     digits = load_digits()

@@ -128,4 +128,5 @@ class ToySource(Source):
 def prepare_toy(config, name: str) -> None:
     cfg.reject_path(config, name)
     cfg.reject_image_size(config, name)
+    cfg.reject_cache_decoded(config, name)
     cfg.reject_random_flip(config, name)
