@@ -4,9 +4,9 @@ For ``N = 2^k`` steps: ``d = 1/N``, ``t_i = i/N``, ``x <- x + d * s(x, t_i, k)``
 ``x1 = x0 + s(x0, 0, 0)``. With classifier-free guidance (scale ``w != 1``) the velocity is
 ``u + w (c - u)`` from a conditional and a null-class pass, batched into one call.
 
-``Sampler`` compiles once per (budget, guided or not); the loop over steps is a
-``lax.fori_loop`` inside that one program, and the guidance scale is a traced argument, so a
-sweep over scales does not recompile.
+``Sampler`` compiles once per input shape and guided-or-not: the number of steps, the level and
+the guidance scale are traced arguments and the loop over steps is a ``lax.fori_loop`` with a
+traced trip count, so a sweep over budgets (1 to 128) or over scales does not recompile.
 """
 from __future__ import annotations
 
@@ -31,10 +31,15 @@ def check_budget(num_steps: int, num_levels: int) -> int:
 def euler_sample(apply_fn, params, noise, labels, *, num_steps: int, num_levels: int,
                  cfg_scale=None, null_class: int = 0) -> jax.Array:
     """Traceable N-step Euler sampler (call inside jit, or through ``Sampler``)."""
-    level_value = check_budget(num_steps, num_levels)
+    level = check_budget(num_steps, num_levels)
+    return _euler(apply_fn, params, noise, labels, num_steps, level, cfg_scale, null_class)
+
+
+def _euler(apply_fn, params, noise, labels, num_steps, level, cfg_scale, null_class: int) -> jax.Array:
+    """The loop of ``euler_sample``; ``num_steps`` and ``level`` may be traced int32 scalars."""
     b = noise.shape[0]
-    d = 1.0 / num_steps
-    level = jnp.full((b,), level_value, jnp.int32)
+    d = 1.0 / jnp.asarray(num_steps, jnp.float32)  # exact for powers of two
+    level = jnp.full((b,), level, jnp.int32)
 
     def velocity(x, t):
         tt = jnp.full((b,), t, jnp.float32)
@@ -58,7 +63,7 @@ def euler_sample(apply_fn, params, noise, labels, *, num_steps: int, num_levels:
 
 
 class Sampler:
-    """Jit-compiled samplers for one network, cached per (budget, guided)."""
+    """Jit-compiled samplers for one network: one program per (input shape, guided)."""
 
     def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int):
         self.apply_fn = apply_fn
@@ -66,23 +71,20 @@ class Sampler:
         self.num_classes = num_classes
         self._compiled: dict = {}
 
-    def _fn(self, num_steps: int, guided: bool):
-        key = (num_steps, guided)
-        if key not in self._compiled:
-            check_budget(num_steps, self.num_levels)
+    def _fn(self, guided: bool):
+        if guided not in self._compiled:
 
-            def run(params, noise, labels, cfg_scale):
-                return euler_sample(
-                    self.apply_fn, params, noise, labels, num_steps=num_steps, num_levels=self.num_levels,
-                    cfg_scale=cfg_scale if guided else None, null_class=self.num_classes,
-                )
+            def run(params, noise, labels, cfg_scale, num_steps, level):
+                return _euler(self.apply_fn, params, noise, labels, num_steps, level,
+                              cfg_scale if guided else None, self.num_classes)
 
-            self._compiled[key] = jax.jit(run)
-        return self._compiled[key]
+            self._compiled[guided] = jax.jit(run)
+        return self._compiled[guided]
 
     def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
-        check_budget(num_steps, self.num_levels)
+        level = check_budget(num_steps, self.num_levels)
         if labels is None:
             labels = jnp.full((noise.shape[0],), self.num_classes, jnp.int32)
         guided = self.num_classes > 0 and float(cfg_scale) != 1.0
-        return self._fn(num_steps, guided)(params, noise, labels, jnp.float32(cfg_scale))
+        return self._fn(guided)(params, noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps),
+                                jnp.int32(level))

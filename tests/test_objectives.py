@@ -182,6 +182,30 @@ def test_sampler_passes_the_budget_level_and_grid_times():
     assert seen == [(0.0, 2), (0.25, 2), (0.5, 2), (0.75, 2)]
 
 
+def tiny_conditional_dit():
+    """(apply_fn, params, noise, labels): a one-block DiT over 3 classes with non-zero weights."""
+    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3)
+    noise = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 3)), jnp.float32)
+    labels = jnp.array([0, 1, 2])
+    params = model.init(jax.random.key(0), noise, jnp.zeros(3), jnp.zeros(3, jnp.int32), labels)["params"]
+    params = jax.tree.map(lambda a: a + 0.05, params)
+    return (lambda p, *a: model.apply({"params": p}, *a)), params, noise, labels
+
+
+def test_sampler_compiles_once_for_every_budget_and_matches_the_static_loop():
+    apply_fn, params, noise, labels = tiny_conditional_dit()
+    sampler = Sampler(apply_fn, num_levels=7, num_classes=3)
+    traces = []
+    counted = lambda p, *a: traces.append(1) or apply_fn(p, *a)
+    sampler.apply_fn = counted
+    for steps, scale in [(1, 1.0), (2, 1.0), (8, 1.0), (2, 2.5), (4, 4.0)]:
+        got = sampler(params, noise, labels, num_steps=steps, cfg_scale=scale)
+        want = euler_sample(apply_fn, params, noise, labels, num_steps=steps, num_levels=7,
+                            cfg_scale=None if scale == 1.0 else scale, null_class=3)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert len(traces) == 2  # one trace unguided, one guided, whatever the budget or scale
+
+
 @pytest.mark.parametrize("bad", [3, 0, 6, 256, 2.0])
 def test_sampler_refuses_invalid_budgets(bad):
     with pytest.raises(ValueError, match="valid budget"):
@@ -189,12 +213,7 @@ def test_sampler_refuses_invalid_budgets(bad):
 
 
 def test_cfg_scale_one_equals_the_conditional_output():
-    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3)
-    noise = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 3)), jnp.float32)
-    labels = jnp.array([0, 1, 2])
-    params = model.init(jax.random.key(0), noise, jnp.zeros(3), jnp.zeros(3, jnp.int32), labels)["params"]
-    params = jax.tree.map(lambda a: a + 0.05, params)
-    apply_fn = lambda p, *a: model.apply({"params": p}, *a)
+    apply_fn, params, noise, labels = tiny_conditional_dit()
     cond = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7)
     guided_1 = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7, cfg_scale=1.0, null_class=3)
     guided_3 = euler_sample(apply_fn, params, noise, labels, num_steps=2, num_levels=7, cfg_scale=3.0, null_class=3)
