@@ -4,16 +4,24 @@
 labels, and scores them against fresh data with the metric the data calls for:
 - 2-D points: sliced Wasserstein distance (512 random projections) against fresh data points,
   with the data-against-data floor;
-- images: sample grids for now; image metrics plug in through ``IMAGE_METRICS``.
-It writes a table (``.md``/``.json``/``.csv``), a plot of distance against budget, and a grid
-or scatter per budget.
+- images: sample grids, and the metric named by ``eval.metric`` from ``IMAGE_METRICS`` (the
+  classifier Frechet distance ``cfd``, FID where Inception weights are available).
+It writes a table (``.md``/``.json``/``.csv``), a plot of distance against budget, a grid or
+scatter per budget, and last ``evaluation.json`` (step, sample count, metric, results), whose
+presence marks the evaluation as finished.
 
 Command line (evaluates the latest checkpoint of a run)::
 
     python -m shortcut_jax.evaluate --config=experiments/toy2d.py --workdir=/tmp/toy
+
+Without ``--out_dir`` the results go to ``<workdir>/eval/<step>/`` and into the run's
+``metrics.jsonl`` when that step has no finished evaluation (a run stopped during its final
+evaluation is completed as the training loop would have done it); otherwise to the first free
+``eval/<step>_offline<k>/``, and the run's own results are left as they are.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +29,9 @@ import numpy as np
 
 from shortcut_jax import metric_writers
 from shortcut_jax.evaluation import distances, report
+
+# Written last by every evaluation: its presence means the folder holds a finished evaluation.
+FINISHED = "evaluation.json"
 
 # name -> fn(samples [N, ...], reference [M, ...]) -> float; for image data sets.
 IMAGE_METRICS: dict[str, Callable] = {}
@@ -47,7 +58,7 @@ def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, 
     for start in range(0, num_samples, batch_size):
         stop = min(start + batch_size, num_samples)
         n = stop - start
-        # pad the last chunk so every call has one shape (one compilation per budget)
+        # pad the last chunk so every call has one shape (one compilation for every budget)
         chunk_noise = np.zeros((batch_size, *shape), np.float32)
         chunk_noise[:n] = noise[start:stop]
         chunk_labels = np.full(batch_size, num_classes, np.int32)
@@ -100,6 +111,9 @@ def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int]
         report.write_budget_table(results, os.path.join(out_dir, "distance_by_budget"), metric_name=name, floor=floor)
         report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, "distance_by_budget.png"),
                                  metric_name=name, floor=floor, title=f"step {step}")
+    with open(os.path.join(out_dir, FINISHED), "w") as f:
+        json.dump({"step": step, "num_samples": num_samples, "metric": metric, "label": label,
+                   "results": {str(n): v for n, v in results.items()}, "floor": floor}, f, indent=1)
     if writer is not None:
         scalars = {f"eval/{metric}_{n}step": v for n, v in results.items()}
         if floor is not None:
@@ -111,6 +125,19 @@ def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int]
         if images:
             writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
     return results
+
+
+def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
+    """(folder, whether it is the run's own ``eval/<step>``) for an offline evaluation: the
+    run's own folder unless a finished evaluation is there, else the first free
+    ``eval/<step>_offline<k>``, so that nothing already written is replaced."""
+    own = os.path.join(workdir, "eval", f"{step:08d}")
+    if not os.path.exists(os.path.join(own, FINISHED)):
+        return own, True
+    k = 1
+    while os.path.exists(f"{own}_offline{k}"):
+        k += 1
+    return f"{own}_offline{k}", False
 
 
 def main(argv):

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from shortcut_jax import checkpoint, config_lib, data, metric_writers, sharding, train_state
-from shortcut_jax.evaluate import evaluate_budgets
+from shortcut_jax.evaluate import evaluate_budgets, offline_out_dir
 from shortcut_jax.models import build_model
 from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, OBJECTIVES, make_objective_config
 from shortcut_jax.sampling import Sampler
@@ -403,7 +403,16 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None, out
     with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
         state, _, _ = ckpt.restore(step, exp.abstract_state)
     step = int(jax.device_get(state.step))
+    writer = None
+    if out_dir is None:
+        out_dir, own = offline_out_dir(exp.workdir, step)
+        if own:  # completes the run's evaluation at this step, so it joins the run's metrics too
+            writer = metric_writers.MetricWriter(exp.workdir, use_tensorboard=False)
+        log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
+                 " and metrics.jsonl" if writer else "")
     try:
-        return run_eval(exp, state, step, out_dir=out_dir, final=True)
+        return run_eval(exp, state, step, writer, out_dir=out_dir, final=True)
     finally:
+        if writer is not None:
+            writer.close()
         exp.close()

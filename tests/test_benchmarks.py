@@ -5,7 +5,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from PIL import Image
 
 from shortcut_jax import config_lib, train
 from shortcut_jax.benchmarks import flops
@@ -195,6 +197,11 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
         rows.append({"step": 3000, "eval/cfd_1step": scale * 0.5, "eval/num_samples": 5000})  # a resumed rerun wins
         (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         runs[name] = str(workdir)
+        for step, budgets in ((2000, (1, 4)), (3000, (1, 4) if name == "a" else (1, 4, 128))):
+            folder = workdir / "eval" / f"{step:08d}"
+            folder.mkdir(parents=True)
+            for n in budgets:  # a 10x12 grid whose red channel says run, green says budget
+                Image.fromarray(np.full((10, 12, 3), (int(scale * 50), n, 0), np.uint8)).save(folder / f"samples_{n}step.png")
 
     samples = {}
     evals = budget_study.read_evals(runs["a"], "cfd", samples)
@@ -214,3 +221,11 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
     assert saved["b"]["1000"]["samples"] == 1000 and saved["b"]["1000"]["4"] == pytest.approx(2 * 14 / 1000)
     assert {"cfd_by_budget.png", "cfd_1step_vs_training.png", "cfd_128step_vs_training.png",
             "sc_loss_by_level_a.png"} <= set(os.listdir(out))
+    # Grids side by side at the last step both runs saved, in the budgets both saved (1 and 4).
+    grid = np.asarray(Image.open(out / "samples_step3000.png").convert("RGB"))
+    assert grid.shape == (24 + 2 * (10 + 4), 96 + 2 * (12 + 4), 3)
+    for i, red in enumerate((50, 100)):
+        for j, green in enumerate((1, 4)):
+            top, left = 24 + i * 14, 96 + j * 16
+            assert (grid[top:top + 10, left:left + 12] == (red, green, 0)).all()
+    assert budget_study.compose_grids(runs, 1000, str(tmp_path / "none.png")) is None

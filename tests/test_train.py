@@ -97,6 +97,21 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     results = train.evaluate_checkpoint(toy_config(), workdir, out_dir=str(tmp_path / "offline"))
     assert sorted(results) == [1, 128] and all(np.isfinite(v) for v in results.values())
     assert os.path.exists(tmp_path / "offline" / "distance_by_budget.json")
+    # By default it never replaces a finished evaluation, nor the run's metrics...
+    own = os.path.join(workdir, "eval", "00000020")
+    table = open(os.path.join(own, "distance_by_budget.md")).read()
+    lines = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+    again = train.evaluate_checkpoint(toy_config(), workdir)
+    assert again == results and open(os.path.join(own, "distance_by_budget.md")).read() == table
+    assert os.path.exists(own + "_offline1/evaluation.json")
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == lines
+    # ...but completes one that was cut off, as the training loop would have written it.
+    os.remove(os.path.join(own, "evaluation.json"))
+    train.evaluate_checkpoint(toy_config(), workdir)
+    last = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+    assert last["step"] == 20 and last["eval/num_samples"] == 1000
+    assert last["eval/sliced_wasserstein_1step"] == results[1]
+    assert json.load(open(os.path.join(own, "evaluation.json")))["num_samples"] == 1000
 
 
 def test_image_run_writes_grids_and_resumes_to_more_steps(tmp_path):
@@ -380,3 +395,13 @@ def test_experiment_ema_arguments_set_the_teacher_and_evaluated_trees():
     assert tuple(cfg.train.ema_decays) == (0.99, 0.999) and cfg.eval.ema_index == 1 and cfg.train.ema_debias
     cfg = load_experiment("cifar10").get_config("ema_decay=0.99")
     assert tuple(cfg.train.ema_decays) == (0.99,) and cfg.eval.ema_index == 0 and not cfg.train.ema_debias
+
+
+def test_cifar10_preset_sets_the_recommended_arguments_and_explicit_ones_win():
+    cifar10 = load_experiment("cifar10")
+    preset = cifar10.get_config("preset=few_step,seed=3")
+    assert preset == cifar10.get_config("teacher=online,sc_fraction=0.25,ema_debias=True,seed=3")
+    assert preset != cifar10.get_config("seed=3")
+    assert cifar10.get_config("preset=few_step,sc_fraction=0.125").objective.sc_fraction == 0.125
+    with pytest.raises(config_lib.ConfigError, match="few_step"):
+        cifar10.get_config("preset=fast")

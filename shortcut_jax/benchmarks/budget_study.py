@@ -2,9 +2,10 @@
 
 Reads ``<workdir>/metrics.jsonl`` of each run (the ``eval/<metric>_<n>step`` rows written at
 every evaluation) and prints, for the last evaluated step of each run, the metric at every
-budget, and writes a plot of the metric at chosen budgets against training steps, and for each
+budget, and writes a plot of the metric at chosen budgets against training steps, for each
 shortcut run the self-consistency loss of every level against training steps (which levels learn
-late):
+late), and one image of the runs' sample grids side by side (a row per run, a column per budget)
+at the last step whose grids every run saved:
 
     python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/c10_recipe \\
         fm=workdirs/c10_fm online=workdirs/c10_online --metric cfd --out results/cifar10
@@ -12,10 +13,14 @@ late):
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
 from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 from shortcut_jax import metric_writers
 from shortcut_jax.evaluation import report
@@ -65,6 +70,42 @@ def curve_steps(evals: dict[int, dict[int, float]], samples: dict[int, int]) -> 
     return sorted(step for step in evals if samples.get(step) == common)
 
 
+def grid_steps(workdir: str) -> set[int]:
+    """Training steps at which the run saved sample grids (``eval/<step>/samples_<n>step.png``)."""
+    return {int(os.path.basename(os.path.dirname(p)))
+            for p in glob.glob(os.path.join(workdir, "eval", "*", "samples_*step.png"))
+            if os.path.basename(os.path.dirname(p)).isdigit()}
+
+
+def compose_grids(runs: dict[str, str], step: int, path: str, label_px: int = 24) -> Optional[str]:
+    """One image of every run's sample grid at ``step``: a row per run (in the given order), a
+    column per budget that every run saved; returns the path, or None when no budget is shared."""
+    def grids(workdir):
+        found = glob.glob(os.path.join(workdir, "eval", f"{step:08d}", "samples_*step.png"))
+        return {int(re.search(r"samples_(\d+)step", p).group(1)): p for p in found}
+
+    per_run = {name: grids(workdir) for name, workdir in runs.items()}
+    budgets = sorted(set.intersection(*(set(g) for g in per_run.values()))) if per_run else []
+    if not budgets:
+        return None
+    tiles = {(name, n): np.asarray(Image.open(per_run[name][n]).convert("RGB")) for name in runs for n in budgets}
+    h = max(t.shape[0] for t in tiles.values())
+    w = max(t.shape[1] for t in tiles.values())
+    gap = 4
+    canvas = Image.new("RGB", (label_px * 4 + len(budgets) * (w + gap), label_px + len(runs) * (h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, n in enumerate(budgets):
+        draw.text((label_px * 4 + j * (w + gap) + w // 2 - 20, 6), f"{n} step{'s' if n > 1 else ''}", fill="black")
+    for i, name in enumerate(runs):
+        top = label_px + i * (h + gap)
+        draw.text((4, top + h // 2), name[:14], fill="black")
+        for j, n in enumerate(budgets):
+            canvas.paste(Image.fromarray(tiles[(name, n)]), (label_px * 4 + j * (w + gap), top))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="name=workdir pairs")
@@ -101,6 +142,10 @@ def main():
             if levels:
                 report.plot_metric_vs_training(levels, os.path.join(args.out, f"sc_loss_by_level_{name}.png"),
                                                metric_name="self-consistency loss", title=name, log_y=True)
+        shared = set.intersection(*(grid_steps(path) for path in runs.values()))
+        if shared:
+            composed = compose_grids(runs, max(shared), os.path.join(args.out, f"samples_step{max(shared)}.png"))
+            print(f"sample grids at step {max(shared)}: {composed}")
         with open(os.path.join(args.out, f"{args.metric}_runs.json"), "w") as f:
             json.dump({name: {str(s): {"samples": samples[name].get(s), **{str(n): v for n, v in per.items()}}
                               for s, per in ev.items()} for name, ev in evals.items()}, f, indent=1)
