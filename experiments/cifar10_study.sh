@@ -3,13 +3,12 @@
 # scored with the shipped classifier (CFD at 1, 2, 4, 8, 32 and 128 steps).
 #
 #   experiments/cifar10_study.sh NAME CONFIG_ARGS [ARCHIVE] [ROOT] [--config.key=value ...]
+#   experiments/cifar10_study.sh preset "preset=few_step,seed=0"
+#   experiments/cifar10_study.sh fm "objective=flow_matching,ema_debias=True,seed=0"
 #   experiments/cifar10_study.sh recipe "objective=shortcut,seed=0"
-#   experiments/cifar10_study.sh fm "objective=flow_matching,seed=0"
-#   experiments/cifar10_study.sh ema99 "ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,seed=0"
-#   experiments/cifar10_study.sh online4 \
-#       "teacher=online,sc_fraction=0.25,ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,seed=0"
-#   python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/cifar10_study/recipe \
-#       fm=workdirs/cifar10_study/fm ema99=workdirs/cifar10_study/ema99 --metric cfd \
+#   experiments/cifar10_study.sh ema99 "ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,sc_fraction=0.25,seed=0"
+#   python -m shortcut_jax.benchmarks.budget_study --runs preset=workdirs/cifar10_study/preset \
+#       fm=workdirs/cifar10_study/fm recipe=workdirs/cifar10_study/recipe --metric cfd \
 #       --out workdirs/cifar10_study/summary
 #
 # ARCHIVE and ROOT are relative to the repository root. ARCHIVE defaults to
