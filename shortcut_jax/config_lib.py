@@ -17,6 +17,10 @@ import math
 
 import ml_collections
 
+# model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
+# does not import the model code)
+REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch", "dots_norms")
+
 # name -> (width, depth, heads); MLP ratio 4 for all.
 DIT_VARIANTS = {
     "S": (384, 12, 6),
@@ -227,7 +231,7 @@ def validate(config, *, num_devices: int) -> None:
         if width % 4:
             raise ConfigError(f"model.width={width} must be a multiple of 4 (2-D sin-cos positions)")
     for key, allowed in (("attention_scale", ("head_dim", "sqrt_head_dim")), ("zero_init", ("final", "adaln")),
-                         ("remat", ("none", "full", "dots", "dots_no_batch")),
+                         ("remat", REMAT_CHOICES),
                          ("attention_impl", ("auto", "xla", "cudnn")),
                          ("dtype", ("auto", "bfloat16", "float32")),
                          ("residual_dtype", ("float32", "compute"))):

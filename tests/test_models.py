@@ -156,7 +156,7 @@ def test_auto_attention_on_cpu_builds_an_xla_attention_model_that_runs():
     assert model.apply(params, x, jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32)).shape == x.shape
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_norms"])
 def test_remat_policies_give_the_plain_loss_and_gradients(remat):
     model = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3)
     rng = np.random.default_rng(0)
@@ -174,3 +174,28 @@ def test_remat_policies_give_the_plain_loss_and_gradients(remat):
     got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat_model, p)))(params)
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got_grads, ref_grads)
+
+
+def test_dots_norms_policy_keeps_the_two_layernorm_outputs_of_every_block_beyond_dots():
+    model = DiT(patch_size=2, width=32, depth=3, num_heads=2, num_classes=3)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 3)), jnp.float32)
+    t, level, label = jnp.linspace(0.1, 0.9, 4), jnp.array([0, 1, 2, 7]), jnp.array([0, 1, 2, 3])
+    params = model.init(jax.random.PRNGKey(0), x, t, level, label)["params"]
+
+    def saved(remat):  # the residuals jax.vjp keeps for the backward pass, as (count, bytes)
+        m = model.clone(remat=remat)
+        _, vjp = jax.vjp(lambda p: jnp.mean(m.apply({"params": p}, x, t, level, label) ** 2), params)
+        leaves = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype")]
+        return len(leaves), sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+
+    dots, norms = saved("dots"), saved("dots_norms")
+    # XLA's attention output is a matmul, which 'dots' keeps already; the cuDNN kernel's is not.
+    token_bytes = 4 * 16 * 32 * 4  # batch x tokens x width, float32
+    assert norms[0] - dots[0] == 2 * 3 and norms[1] - dots[1] == 2 * 3 * token_bytes
+    assert saved("full")[1] < dots[1] < norms[1] < saved("none")[1]
+
+
+def test_config_check_knows_every_remat_policy():
+    from shortcut_jax import config_lib
+    from shortcut_jax.models.dit import REMAT_POLICIES
+    assert set(config_lib.REMAT_CHOICES) == {"none", *REMAT_POLICIES}

@@ -448,7 +448,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--dtype", default="auto", help="model.dtype: auto, bfloat16, float32")
-    p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch")
+    p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch, dots_norms")
     p.add_argument("--attention_impl", default="auto", help="model.attention_impl: auto, xla, cudnn")
     p.add_argument("--residual_dtype", default="float32", help="model.residual_dtype: float32, compute")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")

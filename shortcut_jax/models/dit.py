@@ -24,6 +24,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from shortcut_jax.models import layers
 
@@ -57,7 +58,8 @@ class DiTBlock(nn.Module):
         mod = mod.astype(jnp.float32)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
 
-        h = layers.modulate(layers.layer_norm(x), shift_a, scale_a).astype(self.dtype)
+        # Names mark what a remat policy may keep (REMAT_POLICIES); they change nothing otherwise.
+        h = checkpoint_name(layers.modulate(layers.layer_norm(x), shift_a, scale_a).astype(self.dtype), "block_norm")
         qkv = nn.Dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
@@ -65,12 +67,13 @@ class DiTBlock(nn.Module):
             scale=attention_scale_value(self.attention_scale, head_dim),
             implementation=self.attention_impl,
         )  # [batch, tokens, heads, head_dim]
+        attn = checkpoint_name(attn, "attention")
         attn = nn.Dense(width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="proj")(
             attn.reshape(batch, tokens, width)
         )
         x = x + (gate_a[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
 
-        h = layers.modulate(layers.layer_norm(x), shift_m, scale_m).astype(self.dtype)
+        h = checkpoint_name(layers.modulate(layers.layer_norm(x), shift_m, scale_m).astype(self.dtype), "block_norm")
         h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
 
@@ -101,7 +104,7 @@ class DiT(nn.Module):
     t_input_scale: float = 1.0
     zero_init: str = "final"  # 'final' (reference network) or 'adaln' (DiT paper's adaLN-Zero)
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
-    remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch'
+    remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch', 'dots_norms'
     residual_dtype: Dtype = jnp.float32  # the token stream between blocks; LayerNorm always reads it in f32
     dtype: Dtype = jnp.float32
 
@@ -152,6 +155,12 @@ REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # matmul outputs, the two modulated LayerNorm outputs and the attention output of each block:
+    # the backward pass then recomputes only GELU and the residual sums (3 more token-sized
+    # tensors per block than 'dots')
+    "dots_norms": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names("block_norm", "attention")),
 }
 
 
