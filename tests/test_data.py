@@ -18,6 +18,7 @@ from shortcut_jax.data import (
     validate_data_config,
 )
 from shortcut_jax.data import toy
+from shortcut_jax.data.core import BatchLayout
 
 CLASS_SIZES = {"cat": 4, "dog": 3, "eel": 5}  # 12 images, so batches of 5 straddle epochs
 
@@ -365,6 +366,30 @@ def test_decoded_cache_decodes_each_file_once_up_front(class_folder, monkeypatch
     source.reference(4, seed=0)
     assert len(calls) == len(source._files)
     source.close()
+
+
+def test_decoded_cache_filled_by_worker_processes_gives_the_same_stream(class_folder, monkeypatch):
+    from shortcut_jax.data import image_folder
+    monkeypatch.setattr(image_folder, "CACHE_PROCESSES_FROM", 0)
+    monkeypatch.setattr(image_folder, "CACHE_MIN_PROCESSES", 2)
+    monkeypatch.setattr(image_folder.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(image_folder, "CACHE_CHUNK", 5)  # 12 images: three tasks, three processes
+    calls = []
+    real = image_folder._decode_in_subprocess
+    monkeypatch.setattr(image_folder, "_decode_in_subprocess", lambda *a: calls.append(len(a[0])) or real(*a))
+    root = class_folder[0]
+    plain, cached = (make_dataset(folder_config(root, random_flip=True, cache_decoded=c),
+                                  batch_size=5, seed=2) for c in (False, True))
+    assert sorted(calls) == [2, 5, 5]
+    assert_batches_equal(take(cached, 5), take(plain, 5))
+    for source in (plain, cached):
+        source.close()
+    # A file that disappears after the scan: the worker's error reaches the caller, naming it.
+    index = image_folder.scan_image_folder(root, 0, 3)
+    os.remove(os.path.join(root, "dog", "01.png"))
+    with pytest.raises(RuntimeError, match="01.png"):
+        image_folder.ImageFolderSource(index, layout=BatchLayout(5), seed=0, num_workers=3,
+                                       cache_decoded=True)
 
 
 def test_decoded_cache_larger_than_memory_is_refused(class_folder, monkeypatch):
