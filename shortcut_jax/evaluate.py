@@ -132,7 +132,8 @@ def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
     run's own folder unless a finished evaluation is there, else the first free
     ``eval/<step>_offline<k>``, so that nothing already written is replaced."""
     own = os.path.join(workdir, "eval", f"{step:08d}")
-    if not os.path.exists(os.path.join(own, FINISHED)):
+    # A table without the marker is a finished evaluation written before the marker existed.
+    if not any(os.path.exists(os.path.join(own, name)) for name in (FINISHED, "distance_by_budget.json")):
         return own, True
     k = 1
     while os.path.exists(f"{own}_offline{k}"):

@@ -107,6 +107,11 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == lines
     # ...but completes one that was cut off, as the training loop would have written it.
     os.remove(os.path.join(own, "evaluation.json"))
+    assert train.evaluate_checkpoint(toy_config(), workdir) == results  # a table alone also counts
+    assert os.path.exists(own + "_offline2/evaluation.json")
+    for name in ("evaluation.json", "distance_by_budget.json"):
+        if os.path.exists(os.path.join(own, name)):
+            os.remove(os.path.join(own, name))
     train.evaluate_checkpoint(toy_config(), workdir)
     last = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
     assert last["step"] == 20 and last["eval/num_samples"] == 1000

@@ -31,9 +31,9 @@ Decoded cache
 With ``cache_decoded`` every image is decoded once when the reader is built (by up to
 ``num_workers`` worker processes for large folders) and kept as uint8 in host memory; batches
 are then gathered from that array in the caller's thread and no decoding thread runs during
-training. The stream is the same as without the cache, batch
-for batch. Worth it whenever the data fits: many decoding threads contend with the training
-loop's own Python for the interpreter lock, which can halve the steps a fast accelerator gets.
+training. The stream is the same as without the cache, batch for batch. Worth it whenever the
+data fits: many decoding threads contend with the training loop's own Python for the
+interpreter lock, which can halve the steps a fast accelerator gets.
 """
 from __future__ import annotations
 

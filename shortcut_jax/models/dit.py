@@ -156,8 +156,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # matmul outputs, the two modulated LayerNorm outputs and the attention output of each block:
-    # the backward pass then recomputes only GELU and the residual sums (3 more token-sized
-    # tensors per block than 'dots')
+    # the backward pass then recomputes only GELU and the residual sums (per block, 3 more
+    # token-sized tensors than 'dots' with the cuDNN kernel; 2 with XLA's attention, whose output
+    # is a matmul output 'dots' keeps already)
     "dots_norms": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_saveable,
         jax.checkpoint_policies.save_only_these_names("block_norm", "attention")),
