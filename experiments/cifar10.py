@@ -29,25 +29,13 @@ TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc
              "ema_debias=True,sc_fraction=0.25,ema_decay=0.99,eval_ema_decay=0.999", "preset=few_step",
              "runlocal=True")
 
-DEFAULTS = {
-    "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",
-    "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "classifier": "", "ema_debias": False,
-    "ema_decay": 0.999, "eval_ema_decay": 0.0, "runlocal": False, "preset": ""}
-# preset=NAME changes these defaults; arguments given beside it still win.
-PRESETS = {
-    "": {},  # the published recipe
-    # Recommended for few-step quality early in training (experiments/cifar10_results.md): targets
-    # from the online network (stop-gradient) instead of the lagging EMA teacher, a quarter of the
-    # batch on self-consistency, and the evaluated EMA without the initialisation's share.
-    "few_step": {"teacher": "online", "sc_fraction": 0.25, "ema_debias": True},
-}
 
 
 def get_config(arg: str = ""):
-    preset = config_lib.parse_config_arg(arg, DEFAULTS)["preset"]
-    if preset not in PRESETS:
-        raise config_lib.ConfigError(f"config argument preset={preset!r}: use one of {sorted(PRESETS)}")
-    args = config_lib.parse_config_arg(arg, {**DEFAULTS, **PRESETS[preset]})
+    args = config_lib.parse_config_arg_with_preset(arg, {  # preset=few_step: see config_lib.PRESETS
+        "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",
+        "flow_t": "grid", "level_weights": "", "steps": 7000, "seed": 0, "classifier": "", "ema_debias": False,
+        "ema_decay": 0.999, "eval_ema_decay": 0.0, "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = "image_folder"

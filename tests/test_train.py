@@ -410,3 +410,10 @@ def test_cifar10_preset_sets_the_recommended_arguments_and_explicit_ones_win():
     assert cifar10.get_config("preset=few_step,sc_fraction=0.125").objective.sc_fraction == 0.125
     with pytest.raises(config_lib.ConfigError, match="few_step"):
         cifar10.get_config("preset=fast")
+    for name, arg in (("celebahq", ""), ("imagenet", "variant=B")):
+        cfg = load_experiment(name).get_config(",".join(filter(None, (arg, "preset=few_step"))))
+        assert (cfg.objective.teacher, cfg.objective.sc_fraction, cfg.train.ema_debias) == ("online", 0.25, True)
+        cfg = load_experiment(name).get_config(arg)
+        assert (cfg.objective.teacher, cfg.objective.sc_fraction, cfg.train.ema_debias) == ("ema", 0.125, False)
+    with pytest.raises(config_lib.ConfigError, match="does not take"):
+        config_lib.parse_config_arg_with_preset("preset=few_step", {"objective": "shortcut"})
