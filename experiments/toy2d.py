@@ -8,7 +8,7 @@ Variants (`--config=experiments/toy2d.py:<key>=<value>,...`):
   ema_debias=True (normalised EMA, no weight on the initial parameters), ema_decay=<float> (the
   teacher's EMA, also evaluated unless eval_ema_decay=<float> adds a second EMA for evaluation),
   level_weights=<one weight per level 0..6, joined by ':'; level 0 is the 1-step level>,
-  runlocal=True (a few steps, for tests).
+  flow_t=grid|uniform|logit_normal (t of the flow-matching rows), runlocal=True (a few steps, for tests).
 Expected (checkerboard, shortcut, 4000 steps; H100, 3 seeds, see README's benchmark): sliced
 Wasserstein distance 0.056 at 1 step and 0.038 at 128 steps against a data-against-data floor of
 0.022; flow matching with the same model and steps: 1.11 at 1 step, 0.036 at 128.
@@ -19,7 +19,7 @@ stop-gradient. With the EMA teacher (decay 0.999) 4000 steps leave the 1-step sa
 from shortcut_jax import config_lib
 
 TEST_ARGS = ("", "objective=flow_matching", "teacher=ema,ema_decay=0.99,eval_ema_decay=0.999",
-             "level_weights=4:2:1:1:1:1:1", "runlocal=True")
+             "level_weights=4:2:1:1:1:1:1", "flow_t=logit_normal", "runlocal=True")
 
 
 def get_config(arg: str = ""):
@@ -27,7 +27,7 @@ def get_config(arg: str = ""):
                                              "seed": 0, "teacher": "online", "sc_fraction": 0.5,
                                              "assignment": "official", "ema_debias": False,
                                              "ema_decay": 0.999, "eval_ema_decay": 0.0, "level_weights": "",
-                                             "runlocal": False})
+                                             "flow_t": "grid", "runlocal": False})
     c = config_lib.default_config()
     c.seed = args["seed"]
     c.data.name = args["dataset"]
@@ -43,6 +43,7 @@ def get_config(arg: str = ""):
     c.objective.level_assignment = args["assignment"]
     config_lib.set_ema(c, args["ema_decay"], args["eval_ema_decay"], args["ema_debias"])
     c.objective.level_weights = args["level_weights"].replace(":", ",")
+    c.objective.flow_t = args["flow_t"]
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.0
     c.optim.schedule = "cosine"
