@@ -30,7 +30,6 @@ TEST_ARGS = ("", "objective=flow_matching", "teacher=online,assignment=random,sc
              "runlocal=True")
 
 
-
 def get_config(arg: str = ""):
     args = config_lib.parse_config_arg_with_preset(arg, {  # preset=few_step: see config_lib.PRESETS
         "objective": "shortcut", "sc_fraction": 0.125, "teacher": "ema", "assignment": "official",

@@ -7,8 +7,8 @@ labels, and scores them against fresh data with the metric the data calls for:
 - images: sample grids, and the metric named by ``eval.metric`` from ``IMAGE_METRICS`` (the
   classifier Frechet distance ``cfd``, FID where Inception weights are available).
 It writes a table (``.md``/``.json``/``.csv``), a plot of distance against budget, a grid or
-scatter per budget, and last ``evaluation.json`` (step, sample count, metric, results), whose
-presence marks the evaluation as finished.
+scatter per budget, and last ``evaluation.json`` (step, sample count, metric), whose presence
+marks the evaluation as finished.
 
 Command line (evaluates the latest checkpoint of a run)::
 
@@ -32,6 +32,8 @@ from shortcut_jax.evaluation import distances, report
 
 # Written last by every evaluation: its presence means the folder holds a finished evaluation.
 FINISHED = "evaluation.json"
+# The per-budget table (TABLE + .md/.json/.csv) and its plot (TABLE + .png).
+TABLE = "distance_by_budget"
 
 # name -> fn(samples [N, ...], reference [M, ...]) -> float; for image data sets.
 IMAGE_METRICS: dict[str, Callable] = {}
@@ -108,12 +110,11 @@ def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int]
 
     if results:
         name = metric.replace("_", " ")
-        report.write_budget_table(results, os.path.join(out_dir, "distance_by_budget"), metric_name=name, floor=floor)
-        report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, "distance_by_budget.png"),
+        report.write_budget_table(results, os.path.join(out_dir, TABLE), metric_name=name, floor=floor)
+        report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, TABLE + ".png"),
                                  metric_name=name, floor=floor, title=f"step {step}")
     with open(os.path.join(out_dir, FINISHED), "w") as f:
-        json.dump({"step": step, "num_samples": num_samples, "metric": metric, "label": label,
-                   "results": {str(n): v for n, v in results.items()}, "floor": floor}, f, indent=1)
+        json.dump({"step": step, "num_samples": num_samples, "metric": metric, "label": label}, f, indent=1)
     if writer is not None:
         scalars = {f"eval/{metric}_{n}step": v for n, v in results.items()}
         if floor is not None:
@@ -133,7 +134,7 @@ def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
     ``eval/<step>_offline<k>``, so that nothing already written is replaced."""
     own = os.path.join(workdir, "eval", f"{step:08d}")
     # A table without the marker is a finished evaluation written before the marker existed.
-    if not any(os.path.exists(os.path.join(own, name)) for name in (FINISHED, "distance_by_budget.json")):
+    if not any(os.path.exists(os.path.join(own, name)) for name in (FINISHED, TABLE + ".json")):
         return own, True
     k = 1
     while os.path.exists(f"{own}_offline{k}"):

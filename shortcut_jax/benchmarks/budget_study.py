@@ -19,7 +19,6 @@ import os
 import re
 from typing import Optional
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from shortcut_jax import metric_writers
@@ -39,12 +38,14 @@ def _series(rows: list[dict], pattern: str) -> dict[int, dict[int, float]]:
     return out
 
 
-def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = None) -> dict[int, dict[int, float]]:
+def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = None,
+               rows: Optional[list[dict]] = None) -> dict[int, dict[int, float]]:
     """{training step: {budget: value}}; later lines win (a resumed run repeats steps).
 
-    ``samples``, if given, receives {training step: number of samples} where the run logged it.
+    ``samples``, if given, receives {training step: number of samples} where the run logged it;
+    ``rows``: the run's metrics if already read.
     """
-    rows = metric_writers.read_metrics(workdir)
+    rows = metric_writers.read_metrics(workdir) if rows is None else rows
     if samples is not None:
         samples.update({int(r["step"]): int(r["eval/num_samples"]) for r in rows if "eval/num_samples" in r})
     out: dict[int, dict[int, float]] = {}
@@ -54,9 +55,10 @@ def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = No
     return out
 
 
-def read_level_losses(workdir: str) -> dict[str, dict[int, float]]:
+def read_level_losses(workdir: str, rows: Optional[list[dict]] = None) -> dict[str, dict[int, float]]:
     """{'level k': {training step: self-consistency loss of level k}} from the logged metrics."""
-    levels = _series(metric_writers.read_metrics(workdir), r"^sc_loss/level_(\d+)$")
+    rows = metric_writers.read_metrics(workdir) if rows is None else rows
+    levels = _series(rows, r"^sc_loss/level_(\d+)$")
     return {f"level {k} ({2 ** k} step{'s' if k else ''})": levels[k] for k in sorted(levels)}
 
 
@@ -70,27 +72,26 @@ def curve_steps(evals: dict[int, dict[int, float]], samples: dict[int, int]) -> 
     return sorted(step for step in evals if samples.get(step) == common)
 
 
-def grid_steps(workdir: str) -> set[int]:
-    """Training steps at which the run saved sample grids (``eval/<step>/samples_<n>step.png``)."""
-    return {int(os.path.basename(os.path.dirname(p)))
-            for p in glob.glob(os.path.join(workdir, "eval", "*", "samples_*step.png"))
-            if os.path.basename(os.path.dirname(p)).isdigit()}
+def saved_grids(workdir: str) -> dict[int, dict[int, str]]:
+    """{training step: {budget: path}} of the sample grids a run saved (``eval/<step>/samples_<n>step.png``)."""
+    out: dict[int, dict[int, str]] = {}
+    for path in glob.glob(os.path.join(workdir, "eval", "*", "samples_*step.png")):
+        step, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+        if step.isdigit():
+            out.setdefault(int(step), {})[int(re.match(r"samples_(\d+)step", name).group(1))] = path
+    return out
 
 
 def compose_grids(runs: dict[str, str], step: int, path: str, label_px: int = 24) -> Optional[str]:
     """One image of every run's sample grid at ``step``: a row per run (in the given order), a
     column per budget that every run saved; returns the path, or None when no budget is shared."""
-    def grids(workdir):
-        found = glob.glob(os.path.join(workdir, "eval", f"{step:08d}", "samples_*step.png"))
-        return {int(re.search(r"samples_(\d+)step", p).group(1)): p for p in found}
-
-    per_run = {name: grids(workdir) for name, workdir in runs.items()}
+    per_run = {name: saved_grids(workdir).get(step, {}) for name, workdir in runs.items()}
     budgets = sorted(set.intersection(*(set(g) for g in per_run.values()))) if per_run else []
     if not budgets:
         return None
-    tiles = {(name, n): np.asarray(Image.open(per_run[name][n]).convert("RGB")) for name in runs for n in budgets}
-    h = max(t.shape[0] for t in tiles.values())
-    w = max(t.shape[1] for t in tiles.values())
+    tiles = {(name, n): Image.open(per_run[name][n]).convert("RGB") for name in runs for n in budgets}
+    h = max(t.height for t in tiles.values())
+    w = max(t.width for t in tiles.values())
     gap = 4
     canvas = Image.new("RGB", (label_px * 4 + len(budgets) * (w + gap), label_px + len(runs) * (h + gap)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -100,7 +101,7 @@ def compose_grids(runs: dict[str, str], step: int, path: str, label_px: int = 24
         top = label_px + i * (h + gap)
         draw.text((4, top + h // 2), name[:14], fill="black")
         for j, n in enumerate(budgets):
-            canvas.paste(Image.fromarray(tiles[(name, n)]), (label_px * 4 + j * (w + gap), top))
+            canvas.paste(tiles[(name, n)], (label_px * 4 + j * (w + gap), top))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path
@@ -114,8 +115,9 @@ def main():
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     runs = dict(item.split("=", 1) for item in args.runs)
+    rows = {name: metric_writers.read_metrics(path) for name, path in runs.items()}
     samples = {name: {} for name in runs}
-    evals = {name: read_evals(path, args.metric, samples[name]) for name, path in runs.items()}
+    evals = {name: read_evals(path, args.metric, samples[name], rows[name]) for name, path in runs.items()}
     budgets = sorted({n for ev in evals.values() for per in ev.values() for n in per})
     print(f"{args.metric} at the last evaluated step of each run")
     print("| run | step | samples | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in budgets) + " |")
@@ -138,11 +140,11 @@ def main():
             report.plot_metric_vs_training(curves, os.path.join(args.out, f"{args.metric}_{n}step_vs_training.png"),
                                            metric_name=f"{args.metric}, {n} step(s)", log_y=True)
         for name, path in runs.items():  # which levels learn late: the loss of each level through training
-            levels = read_level_losses(path)
+            levels = read_level_losses(path, rows[name])
             if levels:
                 report.plot_metric_vs_training(levels, os.path.join(args.out, f"sc_loss_by_level_{name}.png"),
                                                metric_name="self-consistency loss", title=name, log_y=True)
-        shared = set.intersection(*(grid_steps(path) for path in runs.values()))
+        shared = set.intersection(*(set(saved_grids(path)) for path in runs.values()))
         if shared:
             composed = compose_grids(runs, max(shared), os.path.join(args.out, f"samples_step{max(shared)}.png"))
             print(f"sample grids at step {max(shared)}: {composed}")

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from shortcut_jax import metric_writers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -32,8 +34,6 @@ def command(workdir: str, steps: int, ckpt_every: int) -> list[str]:
 
 
 def logged_steps(workdir: str) -> list[int]:
-    from shortcut_jax import metric_writers
-
     return [int(row["step"]) for row in metric_writers.read_metrics(workdir) if "loss" in row]
 
 

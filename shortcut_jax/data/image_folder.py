@@ -317,6 +317,12 @@ def decode_files(paths: Sequence[str], image_size: int, shape: tuple) -> np.ndar
     return out
 
 
+def _flipped_float(pixels: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """Mirrors the rows ``flips`` marks (in place) and scales uint8 to float32 in [-1, 1]."""
+    pixels[flips] = pixels[flips, :, ::-1]
+    return uint8_to_float(pixels)
+
+
 def _decode_in_subprocess(paths: Sequence[str], image_size: int, shape: tuple) -> np.ndarray:
     """``decode_files`` in a fresh interpreter (``python -m shortcut_jax.data.decode_worker``)."""
     job = json.dumps({"paths": list(paths), "image_size": image_size, "shape": list(shape)})
@@ -435,20 +441,12 @@ class ImageFolderSource(FiniteStreamMixin, Source):
                  need / 2**20, time.perf_counter() - start)
         return decoded
 
-    def _decode(self, index: int) -> np.ndarray:
-        return _decode_file(self._files[index], self._image_size, self.spec.shape)
-
     def _decode_rows(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray) -> None:
-        pixels = np.empty(out.shape, dtype=np.uint8)
-        for row, (index, flip) in enumerate(zip(indices, flips)):
-            image = self._decode(index)
-            pixels[row] = image[:, ::-1] if flip else image
-        out[:] = uint8_to_float(pixels)
+        pixels = decode_files([self._files[i] for i in indices], self._image_size, self.spec.shape)
+        out[:] = _flipped_float(pixels, flips)
 
     def _gather(self, indices: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        pixels = self._decoded[indices]
-        pixels[flips] = pixels[flips, :, ::-1]
-        return uint8_to_float(pixels)
+        return _flipped_float(self._decoded[indices], flips)
 
     def _submit(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray,
                 rows_per_task: int) -> list:
