@@ -17,10 +17,10 @@ published; also the evaluated one unless eval_ema_decay=<float> adds a second), 
 seed=<int>, runlocal=True,
 classifier=<dir from benchmarks.train_classifier> (reports the classifier Frechet distance, CFD,
 against the test split at every budget; CFD is this project's offline yardstick, not FID).
-Expected (one H100, one seed, 5,000 samples, CFD against the test split; about 6 minutes of
-training at 5,050 images/s): after 7,000 steps preset=few_step gives CFD 26.3 at 1 step, 16.9 at
-4 and 17.4 at 128 steps, where flow matching gives 97.3, 38.8 and 17.7
-(experiments/cifar10_results.md). Score with
+Expected (one H100, mean of two seeds, 5,000 samples, CFD against the test split; about 6 minutes
+of training at 5,000-6,000 images/s): after 7,000 steps preset=few_step gives CFD 24.8 at 1 step,
+16.7 at 4 and 17.4 at 128 steps, flow matching 97.8, 39.0 and 17.9, the published recipe 80.2,
+84.7 and 18.0 (experiments/cifar10_results.md). Score with
 `classifier=shortcut_jax/evaluation/cifar10_classifier`.
 """
 from shortcut_jax import config_lib
