@@ -342,7 +342,7 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
     try:
         while step < total:
             if profile and step == profile[0]:
-                jax.profiler.start_trace(os.path.join(exp.workdir, "profile"))
+                jax.profiler.start_trace(os.path.join(exp.workdir, "profile"), create_perfetto_trace=True)
             t0 = time.perf_counter()
             batch = sharding.global_batch(exp.source.next_batch(), exp.mesh)
             wait_time += time.perf_counter() - t0

@@ -1,4 +1,5 @@
 """Analytic FLOP counts against XLA's own, and the train-step benchmark on a tiny model (CPU)."""
+import gzip
 import json
 import math
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from shortcut_jax import config_lib, train
 from shortcut_jax.benchmarks import flops
+from shortcut_jax.benchmarks import trace_summary
 from shortcut_jax.benchmarks import train_step as bench
 from shortcut_jax.models import DiT
 from shortcut_jax.objectives import OBJECTIVES, make_objective_config
@@ -127,7 +129,8 @@ def test_tiny_row_times_a_working_train_step_and_sampler_on_cpu(tmp_path, capsys
     out = tmp_path / "results.json"
     code = bench.main(["--rows=tiny-shortcut", "--in_process", "--sections=train,sampling", "--steps=2",
                        "--warmup=1", "--sampling_row=tiny-shortcut", "--sampling_batch=8",
-                       "--sampling_budgets=1,2", f"--out={out}"])
+                       "--sampling_budgets=1,2", f"--out={out}", f"--profile_dir={tmp_path / 'prof'}",
+                       "--profile_steps=2"])
     assert code == 0
     report = json.loads(out.read_text())
     (result,) = report["rows"]
@@ -142,11 +145,16 @@ def test_tiny_row_times_a_working_train_step_and_sampler_on_cpu(tmp_path, capsys
     assert result["xla_tflop_per_step"] >= result["tflop_per_step"]
     # the traced step skips only the input gradients of the first layers (patch and t embedding)
     assert 0.97 * result["tflop_per_step"] <= result["traced_tflop_per_step"] <= result["tflop_per_step"]
-    assert result["mfu_measured"] is None  # no matmul probe in this run
+    assert result["mfu_measured"] is None  # no matmul probe in this run (sections: train, sampling)
     assert [s["steps"] for s in report["sampling"]] == [1, 2]
     assert all(s["images_per_s"] > 0 for s in report["sampling"])
     printed = capsys.readouterr().out
     assert "989 TFLOP/s" in printed and "tiny-shortcut" in printed and "sampling" in printed
+    # two more steps traced after the timing, summarised from the trace the profiler wrote
+    profile = result["profile"]
+    assert profile["steps"] == 2 and profile["trace"].startswith(str(tmp_path / "prof" / "tiny-shortcut-b16"))
+    assert profile["lanes"] and all(lane["busy_ms"] > 0 for lane in profile["lanes"])
+    assert "profile of tiny-shortcut batch 16 (2 traced steps)" in printed
 
 
 def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
@@ -172,6 +180,13 @@ def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
     bench.print_report(report)
     printed = capsys.readouterr().out
     assert "OOM" in printed and "181.00*" in printed
+
+
+def test_matmul_probe_reports_the_median_rate_inside_its_spread():
+    mm = bench.measure_matmul(64, repeats=3, calls=2, warm_s=0.01)
+    assert mm["timings"] == 3 and mm["size"] == 64
+    assert 0 < mm["tflops_min"] <= mm["tflops"] <= mm["tflops_max"]
+    assert mm["tflops"] == pytest.approx(2 * 64**3 / (mm["ms"] / 1e3) / 1e12)
 
 
 def test_oom_is_recognised_from_the_runtime_message():
@@ -229,3 +244,35 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
             top, left = 24 + i * 14, 96 + j * 16
             assert (grid[top:top + 10, left:left + 12] == (red, green, 0)).all()
     assert budget_study.compose_grids(runs, 1000, str(tmp_path / "none.png")) is None
+
+
+def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "python"}}]
+    kernels = [("sm90_xmma_gemm_bf16", 0, 40), ("loop_add_fusion", 40, 10), ("cudnn_flash_fprop", 50, 30),
+               ("sm90_xmma_gemm_bf16", 100, 40), ("input_reduce_fusion", 140, 10), ("memcpy HtoD", 150, 5)]
+    events = meta + [{"ph": "X", "pid": 2, "tid": 7, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+    # a host event, and two nested host events: the host lane is left out once device lanes exist
+    events += [{"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction(step)", "ts": 0, "dur": 200},
+               {"ph": "X", "pid": 1, "tid": 3, "name": "inner", "ts": 10, "dur": 50}]
+    path = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = trace_summary.summarize_path(str(tmp_path))
+    assert summary["trace"] == str(path) and summary["device_lanes"]
+    (lane,) = summary["lanes"]
+    assert lane["thread"] == "Stream #7(Compute)" and lane["events"] == 6
+    assert lane["busy_ms"] == pytest.approx(0.135) and lane["span_ms"] == pytest.approx(0.155)
+    shares = {k: v["share"] for k, v in lane["categories"].items()}
+    assert shares == pytest.approx({"matmul": 80 / 135, "attention": 30 / 135, "fusion": 20 / 135,
+                                    "copy": 5 / 135})
+    assert lane["top"][0] == {"name": "sm90_xmma_gemm_bf16", "count": 2, "ms": 0.08, "share": 80 / 135}
+    # without device lanes (a CPU trace) the host lanes are summarised; nested events count once as busy
+    host = trace_summary.summarize([e for e in events if e.get("pid") == 1])
+    assert not host["device_lanes"]
+    assert host["lanes"][0]["busy_ms"] == pytest.approx(0.2) and host["lanes"][0]["summed_ms"] == pytest.approx(0.25)
+    with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
+        trace_summary.find_trace(str(tmp_path / "plugins" / "profile" / "missing"))

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shortcut_jax import config_lib, sharding, train
-from shortcut_jax.benchmarks import flops
+from shortcut_jax.benchmarks import flops, trace_summary
 from shortcut_jax.data import DataSpec
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
@@ -166,6 +166,18 @@ def time_steps(compiled, state, batch, *, warmup: int, steps: int):
     return state, metrics, times
 
 
+def profile_steps(compiled, state, batch, trace_dir: str, steps: int) -> dict:
+    """Trace ``steps`` more steps into ``trace_dir``; the trace's summary (``trace_summary``)."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        metrics["loss"].block_until_ready()
+    summary = trace_summary.summarize_path(trace_dir, top=10)
+    summary["lanes"] = summary["lanes"][:4]
+    summary["steps"] = steps
+    return summary
+
+
 def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     config = row_config(row, batch, opts)
     shortcut = row.objective == "shortcut"
@@ -204,6 +216,10 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
                                            warmup=opts.warmup, steps=opts.steps)
         peak_gib, peak_source = peak_memory(compiled)
         loss = float(metrics["loss"])
+        if opts.profile_dir:  # after the timing, so that tracing costs none of the timed steps
+            result["profile"] = profile_steps(compiled, state, synthetic_batch(exp.spec, batch, exp.mesh),
+                                              os.path.join(opts.profile_dir, f"{row.name}-b{batch}"),
+                                              opts.profile_steps)
     except Exception as err:  # noqa: BLE001 - only running out of memory is a result
         if not is_oom(err):
             raise
@@ -233,8 +249,14 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- matmul, sampling
 
 
-def measure_matmul(size: int, repeats: int = 5, calls: int = 10) -> Optional[dict]:
-    """Dense bf16 matmul rate: ``[size, size] @ [size, size]``, bf16 out (the default)."""
+def measure_matmul(size: int, repeats: int = 20, calls: int = 20, warm_s: float = 1.0) -> Optional[dict]:
+    """Dense bf16 matmul rate: ``[size, size] @ [size, size]``, bf16 out (the default).
+
+    The card first runs the matmul for ``warm_s`` seconds, so that the rate is taken at the clock
+    it holds under sustained load (as during training), not at a short burst's boost clock; then
+    ``repeats`` timings of ``calls`` back-to-back calls each. The rate is the median's; the
+    spread (slowest and fastest timing) is reported beside it.
+    """
     if size <= 0:
         return None
     key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
@@ -242,6 +264,11 @@ def measure_matmul(size: int, repeats: int = 5, calls: int = 10) -> Optional[dic
     b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warm_s:
+        for _ in range(calls):
+            out = dot(a, b)
+        out.block_until_ready()
     times = []
     for _ in range(repeats):
         # Back-to-back calls keep the dispatch latency of each call out of a ~2 ms kernel.
@@ -250,8 +277,10 @@ def measure_matmul(size: int, repeats: int = 5, calls: int = 10) -> Optional[dic
             out = dot(a, b)
         out.block_until_ready()
         times.append((time.perf_counter() - start) / calls)
+    rate = lambda seconds: 2.0 * size**3 / seconds / 1e12  # noqa: E731
     seconds = statistics.median(times)
-    return {"size": size, "ms": seconds * 1e3, "tflops": 2.0 * size**3 / seconds / 1e12}
+    return {"size": size, "ms": seconds * 1e3, "tflops": rate(seconds), "tflops_min": rate(max(times)),
+            "tflops_max": rate(min(times)), "warm_s": warm_s, "timings": repeats}
 
 
 def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
@@ -303,7 +332,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
 
 
 FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "sc_fraction", "matmul_size",
-             "sampling_row", "sampling_batch", "sampling_budgets")
+             "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
@@ -402,7 +431,11 @@ def print_report(report: dict) -> None:
     print(f"\ndevice: {env.get('device_kind')} x{env.get('device_count')} ({env.get('backend')}), "
           f"jax {env.get('jax')}, XLA_PYTHON_CLIENT_MEM_FRACTION={env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}")
     mm = report["matmul"]
-    measured = f"{mm['tflops']:.1f} TFLOP/s ({mm['size']}^3 bf16 jnp.dot, {mm['ms']:.2f} ms)" if mm else "not measured"
+    measured = "not measured"
+    if mm:
+        spread = f", timings {mm['tflops_min']:.1f}-{mm['tflops_max']:.1f}" if "tflops_min" in mm else ""
+        measured = (f"{mm['tflops']:.1f} TFLOP/s ({mm['size']}^3 bf16 jnp.dot, median {mm['ms']:.2f} ms after"
+                    f" {mm.get('warm_s', 0):.0f} s of warm-up{spread})")
     print(f"MFU denominators: (a) measured dense bf16 matmul {measured}; "
           f"(b) H100 SXM datasheet dense bf16 {H100_SXM_BF16_TFLOPS:.0f} TFLOP/s")
     print("TFLOP/step: analytic matmul FLOPs (3 x forward + 2 teacher forwards on the self-consistency rows);"
@@ -435,6 +468,10 @@ def print_report(report: dict) -> None:
                     [[s["model"], s["objective"], s["input"], str(s["batch"]), str(s["steps"]),
                       f"{s['images_per_s']:.0f}", f"{s['ms']:.1f}", f"{s['tflops']:.1f}", f"{s['first_call_s']:.1f}"]
                      for s in report["sampling"]], text_columns=3)
+    for r in report["rows"]:
+        if r.get("profile"):
+            print(f"\nprofile of {r['name']} batch {r['batch']} ({r['profile']['steps']} traced steps):")
+            trace_summary.print_summary(r["profile"], steps=r["profile"]["steps"], lanes=2)
     for err in report["errors"]:
         print(f"\nerror: {err}")
 
@@ -462,9 +499,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run everything in this process (peak memory then accumulates over rows)")
     p.add_argument("--quiet", action="store_true", help="print no progress or table")
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--profile_dir", default="", help="trace --profile_steps more steps of each row into"
+                   " <dir>/<row>-b<batch> and print where the device time goes (trace_summary)")
+    p.add_argument("--profile_steps", type=int, default=3)
     opts = p.parse_args(argv)
-    if opts.steps < 1 or opts.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.profile_steps < 1:
+        p.error("--steps and --profile_steps must be >= 1 and --warmup >= 0")
+    opts.profile_dir = os.path.abspath(opts.profile_dir) if opts.profile_dir else ""
     opts.sections = [s for s in opts.sections.split(",") if s]
     if set(opts.sections) - set(SECTIONS):
         p.error(f"--sections: unknown {sorted(set(opts.sections) - set(SECTIONS))}; use {SECTIONS}")
