@@ -102,6 +102,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.wandb_project = "shortcut_jax"
     c.train.profile_steps = ""  # e.g. '100,110': trace steps [100, 110) to <workdir>/profile
     c.train.progress_bar = True
+    # Where the initial state is computed: 'device' (one program on the mesh) or 'host' (on the
+    # host CPU, then placed on the mesh: the initialiser's hundreds of small random-number
+    # kernels are compiled for the CPU instead of the accelerator, and the initial parameters of
+    # a seed are the same for every accelerator and mesh shape).
+    c.train.init_on = "device"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
@@ -324,6 +329,8 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
         if not 0 <= start < stop:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
+    if config.train.get("init_on", "device") not in ("device", "host"):
+        raise ConfigError(f"train.init_on={config.train.init_on!r}: use 'device' or 'host'")
     num_ema = len(config.train.ema_decays)
     if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:
         raise ConfigError(f"eval.ema_index={config.eval.ema_index} must index train.ema_decays="

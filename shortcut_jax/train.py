@@ -180,6 +180,7 @@ class Experiment:
         self._check_workdir()
 
         self.mesh = sharding.make_mesh(config.mesh)
+        self.host_cpu = self._host_cpu() if config.train.get("init_on", "device") == "host" else None
         self.model = build_model(config.model, num_classes=self.spec.num_classes,
                                  ignore_level=config.objective.name == "flow_matching")
         self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
@@ -220,7 +221,27 @@ class Experiment:
         return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays)
 
     def init_state(self):
+        if self.config.train.get("init_on", "device") == "host":
+            return self._init_on_host()
         return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
+
+    @staticmethod
+    def _host_cpu():
+        try:
+            return jax.local_devices(backend="cpu")[0]
+        except RuntimeError as err:
+            raise config_lib.ConfigError(
+                "train.init_on='host' needs JAX's CPU backend: add 'cpu' to JAX_PLATFORMS (e.g."
+                " JAX_PLATFORMS=cuda,cpu) or set train.init_on='device'") from err
+
+    def _init_on_host(self):
+        """The initial state computed on this host's CPU, then placed shard by shard on the mesh
+        (every process computes the same full state, so this works on many hosts as on one)."""
+        with jax.default_device(self.host_cpu):
+            host = jax.device_get(jax.jit(self._init)(jax.random.PRNGKey(self.config.seed)))
+        return jax.tree.map(
+            lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x[idx])),
+            host, self.state_shardings)
 
     def compile_step(self):
         """AOT-compiled train step, with compile time and the compiler's memory/cost figures."""

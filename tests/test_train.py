@@ -354,6 +354,25 @@ def test_debiased_ema_is_the_normalised_weighted_mean_of_the_iterates():
     np.testing.assert_allclose(np.asarray(one[0]["w"]), iterates[0], rtol=1e-6)
 
 
+def test_state_initialised_on_the_host_equals_the_one_initialised_on_the_fsdp_mesh():
+    cfg = digits_config(**{"mesh.data": 4, "mesh.fsdp": 2, "model.width": 64})
+    exp = train.Experiment(cfg, "/nonexistent-workdir-for-test")
+    on_device = exp.init_state()
+    exp.config.train.init_on = "host"
+    exp.host_cpu = jax.local_devices(backend="cpu")[0]
+    on_host = exp.init_state()
+    exp.source.close()
+    leaves_d, tree_d = jax.tree.flatten(on_device)
+    leaves_h, tree_h = jax.tree.flatten(on_host)
+    assert tree_d == tree_h
+    assert any("fsdp" in str(x.sharding.spec) for x in leaves_h)  # placed shard by shard, not replicated
+    for d, h, want in zip(leaves_d, leaves_h, jax.tree.leaves(exp.state_shardings)):
+        assert h.sharding == want
+        np.testing.assert_array_equal(np.asarray(jax.device_get(h)), np.asarray(jax.device_get(d)))
+    with pytest.raises(config_lib.ConfigError, match="train.init_on"):
+        config_lib.validate(digits_config(**{"train.init_on": "cpu"}), num_devices=8)
+
+
 def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
     steps = 3
     states = {}

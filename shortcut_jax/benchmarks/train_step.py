@@ -100,6 +100,7 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
+    c.train.init_on = opts.init_on
     return c
 
 
@@ -332,7 +333,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
 
 
 FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "sc_fraction", "matmul_size",
-             "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps")
+             "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
@@ -502,6 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile_dir", default="", help="trace --profile_steps more steps of each row into"
                    " <dir>/<row>-b<batch> and print where the device time goes (trace_summary)")
     p.add_argument("--profile_steps", type=int, default=3)
+    p.add_argument("--init_on", default="device", choices=("device", "host"),
+                   help="train.init_on: where the initial state is computed (its time is the row's init_s)")
     opts = p.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0 or opts.profile_steps < 1:
         p.error("--steps and --profile_steps must be >= 1 and --warmup >= 0")
