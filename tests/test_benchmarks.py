@@ -12,7 +12,7 @@ from PIL import Image
 
 from shortcut_jax import config_lib, train
 from shortcut_jax.benchmarks import flops
-from shortcut_jax.benchmarks import trace_summary
+from shortcut_jax.benchmarks import lever_sweep, trace_summary
 from shortcut_jax.benchmarks import train_step as bench
 from shortcut_jax.models import DiT
 from shortcut_jax.objectives import OBJECTIVES, make_objective_config
@@ -276,3 +276,22 @@ def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
     assert host["lanes"][0]["busy_ms"] == pytest.approx(0.2) and host["lanes"][0]["summed_ms"] == pytest.approx(0.25)
     with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
         trace_summary.find_trace(str(tmp_path / "plugins" / "profile" / "missing"))
+
+
+def test_lever_sweep_compares_variants_with_the_baseline_and_keeps_a_failed_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    out = tmp_path / "sweep.json"
+    code = lever_sweep.main(["--rows=tiny-shortcut", "--common=--steps=2 --warmup=1", f"--out={out}",
+                             "--variants", "base||", "host||--init_on=host", "bad|--xla_no_such_flag_here=1|"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    table = {x["variant"]: x for x in result["table"]}
+    assert table["base"]["status"] == table["host"]["status"] == "ok"
+    assert table["host"]["vs_base"] == pytest.approx(table["host"]["images_per_s"] / table["base"]["images_per_s"] - 1)
+    # the two initialisations give one state, so the same steps give the same loss
+    assert table["host"]["final_loss"] == pytest.approx(table["base"]["final_loss"], rel=1e-6)
+    assert table["bad"]["status"] != "ok" and "xla_no_such_flag_here" in result["runs"]["bad"][0]["errors"][0]
+    printed = capsys.readouterr().out
+    assert "vs base" in printed and "failed" in printed
+    with pytest.raises(ValueError, match="NAME\\|XLA_FLAGS"):
+        lever_sweep.parse_variant("only-a-name")
