@@ -17,6 +17,7 @@ are only written after the metrics since the last one were checked to be finite.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -212,11 +213,11 @@ class Experiment:
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
 
-    def _init(self, rng):
+    def _init(self, rng, model=None):
         init_rng, state_rng = jax.random.split(rng)
         shape = tuple(self.spec.shape)
         x = jnp.zeros((1, *shape), jnp.float32)
-        params = self.model.init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
+        params = (model or self.model).init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
                                  jnp.zeros((1,), jnp.int32))["params"]
         return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays)
 
@@ -237,8 +238,14 @@ class Experiment:
     def _init_on_host(self):
         """The initial state computed on this host's CPU, then placed shard by shard on the mesh
         (every process computes the same full state, so this works on many hosts as on one)."""
+        model = self.model
+        if getattr(model, "attention_impl", None) not in (None, "xla"):
+            # a GPU kernel cannot be lowered for the CPU; the attention has no parameters, so the
+            # XLA implementation initialises the same ones
+            model = model.clone(attention_impl="xla")
         with jax.default_device(self.host_cpu):
-            host = jax.device_get(jax.jit(self._init)(jax.random.PRNGKey(self.config.seed)))
+            host = jax.device_get(jax.jit(functools.partial(self._init, model=model))(
+                jax.random.PRNGKey(self.config.seed)))
         return jax.tree.map(
             lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x[idx])),
             host, self.state_shardings)
