@@ -222,7 +222,7 @@ class Experiment:
         return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays)
 
     def init_state(self):
-        if self.config.train.get("init_on", "device") == "host":
+        if self.host_cpu is not None:  # train.init_on='host'
             return self._init_on_host()
         return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
 

@@ -358,8 +358,7 @@ def test_state_initialised_on_the_host_equals_the_one_initialised_on_the_fsdp_me
     cfg = digits_config(**{"mesh.data": 4, "mesh.fsdp": 2, "model.width": 64})
     exp = train.Experiment(cfg, "/nonexistent-workdir-for-test")
     on_device = exp.init_state()
-    exp.config.train.init_on = "host"
-    exp.host_cpu = jax.local_devices(backend="cpu")[0]
+    exp.host_cpu = jax.local_devices(backend="cpu")[0]  # as train.init_on='host' sets it
     on_host = exp.init_state()
     # a GPU attention kernel cannot be traced for the CPU: the host path initialises with XLA's
     # attention instead, which has the same (no) parameters

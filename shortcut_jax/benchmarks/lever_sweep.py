@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from shortcut_jax.benchmarks import train_step
+
 
 def parse_variant(spec: str) -> dict:
     parts = spec.split("|")
@@ -105,9 +107,7 @@ def print_table(result: dict) -> None:
         lines.append([x["variant"], x["row"], f"{x['images_per_s']:.0f}", f"{x['min']:.0f}-{x['max']:.0f}", vs,
                       f"{x['step_ms']:.2f}", f"{x['peak_gib']:.2f}", f"{x['compile_s']:.1f}", f"{x['init_s']:.1f}",
                       f"{x['ok']}/{x['runs']}"])
-    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
-    for line in [header, ["-" * w for w in widths], *lines]:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    train_step.print_table(header, lines, text_columns=2)
     for v in result["variants"]:
         errors = [e for run in result["runs"][v["name"]] for e in run["errors"]]
         if errors:
@@ -131,9 +131,7 @@ def main(argv=None) -> int:
         p.error(f"--variants: names must differ, got {names}")
     if opts.repeats < 1:
         p.error("--repeats must be >= 1")
-    from shortcut_jax.benchmarks.train_step import select_rows
-
-    select_rows(opts.rows)  # a misspelt row fails here, before any variant runs
+    train_step.select_rows(opts.rows)  # a misspelt row fails here, before any variant runs
     result = sweep(variants, opts.rows, shlex.split(opts.common), opts.repeats)
     print()
     print_table(result)
