@@ -20,6 +20,8 @@ import ml_collections
 # model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
 # does not import the model code)
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch", "dots_norms")
+# model.lean_ops parts (models.dit.LEAN_OPS)
+LEAN_OPS = ("norm", "gelu", "qkv")
 
 # name -> (width, depth, heads); MLP ratio 4 for all.
 DIT_VARIANTS = {
@@ -55,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.zero_init = "final"
     c.model.remat = "none"
     c.model.residual_dtype = "float32"  # 'float32' or 'compute' (the matmul dtype, bf16 on accelerators)
+    # the same function with less memory traffic: comma-separated subset of norm,gelu,qkv or 'none'
+    # (models/dit.py LEAN_OPS; the levers file measures each on a GPU)
+    c.model.lean_ops = "norm,gelu,qkv"
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
 
     c.objective = ml_collections.ConfigDict()
@@ -205,6 +210,21 @@ def parse_level_weights(spec: str, num_levels: int) -> list[float] | None:
     return weights
 
 
+def parse_lean_ops(spec: str) -> tuple[str, ...]:
+    """``model.lean_ops``: 'none', 'all' or a comma-separated subset of LEAN_OPS."""
+    spec = (spec or "none").strip()
+    if spec == "none":
+        return ()
+    if spec == "all":
+        return LEAN_OPS
+    parts = tuple(p.strip() for p in spec.split(","))
+    unknown = [p for p in parts if p not in LEAN_OPS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ConfigError(f"model.lean_ops={spec!r}: write 'none', 'all' or a comma-separated subset of"
+                          f" {','.join(LEAN_OPS)} without repeats")
+    return tuple(p for p in LEAN_OPS if p in parts)
+
+
 def check_batch_layout(objective_cfg, batch: int, what: str) -> None:
     """The self-consistency rows of a batch must cover every level at least once."""
     if objective_cfg.name != "shortcut":
@@ -266,6 +286,7 @@ def validate(config, *, num_devices: int) -> None:
                          ("residual_dtype", ("float32", "compute"))):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
+    parse_lean_ops(config.model.lean_ops)
     obj = config.objective
     if obj.teacher not in ("ema", "online"):
         raise ConfigError(f"objective.teacher={obj.teacher!r}: use 'ema' or 'online'")

@@ -97,6 +97,7 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.model.remat = opts.remat
     c.model.attention_impl = opts.attention_impl
     c.model.residual_dtype = opts.residual_dtype
+    c.model.lean_ops = opts.lean_ops
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -186,7 +187,7 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
               "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl,
-              "residual_dtype": opts.residual_dtype}
+              "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
@@ -332,8 +333,8 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "sc_fraction", "matmul_size",
-             "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
+FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "lean_ops", "sc_fraction",
+             "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
@@ -445,7 +446,8 @@ def print_report(report: dict) -> None:
     kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
-          f" attention_impl={settings['attention_impl']} (resolved: {kernels});"
+          f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
+          f" residual_dtype={settings.get('residual_dtype')} lean_ops={settings.get('lean_ops')};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
@@ -489,6 +491,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch, dots_norms")
     p.add_argument("--attention_impl", default="auto", help="model.attention_impl: auto, xla, cudnn")
     p.add_argument("--residual_dtype", default="float32", help="model.residual_dtype: float32, compute")
+    p.add_argument("--lean_ops", default="norm,gelu,qkv",
+                   help="model.lean_ops: 'none', 'all' or a subset of norm,gelu,qkv (the same function, less traffic)")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")

@@ -50,7 +50,7 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
 
 
 def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
-    from shortcut_jax.config_lib import model_dims
+    from shortcut_jax.config_lib import model_dims, parse_lean_ops
 
     dtype = resolve_dtype(model_cfg.dtype)
     if model_cfg.name == "mlp":
@@ -79,6 +79,7 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             ignore_level=ignore_level,
             remat=model_cfg.remat,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
+            lean_ops=parse_lean_ops(model_cfg.lean_ops),
             dtype=dtype,
         )
     raise ValueError(f"model.name must be 'dit' or 'mlp', got {model_cfg.name!r}")

@@ -39,6 +39,13 @@ def attention_scale_value(kind: str, head_dim: int) -> float:
     raise ValueError(f"attention_scale must be 'head_dim' or 'sqrt_head_dim', got {kind!r}")
 
 
+# The same network computed with less memory traffic, each part switchable for measurement:
+# 'norm': LayerNorm + modulation with a backward pass that keeps x and the per-token statistics;
+# 'gelu': GELU in float32 with a backward pass that keeps only its input;
+# 'qkv': q, k and v from three matmuls on slices of the one qkv kernel (no split, no concatenation).
+LEAN_OPS = ("norm", "gelu", "qkv")
+
+
 class DiTBlock(nn.Module):
     width: int
     num_heads: int
@@ -47,6 +54,7 @@ class DiTBlock(nn.Module):
     attention_impl: Optional[str]
     zero_init_adaln: bool
     dtype: Dtype
+    lean_ops: tuple = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -59,9 +67,14 @@ class DiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
 
         # Names mark what a remat policy may keep (REMAT_POLICIES); they change nothing otherwise.
-        h = checkpoint_name(layers.modulate(layers.layer_norm(x), shift_a, scale_a).astype(self.dtype), "block_norm")
-        qkv = nn.Dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv")(h)
-        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
+        h = checkpoint_name(self.norm(x, shift_a, scale_a), "block_norm")
+        qkv_init = layers.xavier_uniform_stacked(3)
+        if "qkv" in self.lean_ops:
+            q, k, v = (y.reshape(batch, tokens, self.num_heads, head_dim) for y in
+                       layers.SplitDense(width, 3, kernel_init=qkv_init, dtype=self.dtype, name="qkv")(h))
+        else:
+            qkv = nn.Dense(3 * width, kernel_init=qkv_init, dtype=self.dtype, name="qkv")(h)
+            q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
             q, k, v,
             scale=attention_scale_value(self.attention_scale, head_dim),
@@ -73,21 +86,33 @@ class DiTBlock(nn.Module):
         )
         x = x + (gate_a[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
 
-        h = checkpoint_name(layers.modulate(layers.layer_norm(x), shift_m, scale_m).astype(self.dtype), "block_norm")
-        h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(h)
+        h = checkpoint_name(self.norm(x, shift_m, scale_m), "block_norm")
+        h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
+                       name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
+
+    def norm(self, x, shift, scale):
+        return modulated_norm(x, shift, scale, self.dtype, "norm" in self.lean_ops)
+
+
+def modulated_norm(x, shift, scale, dtype, lean: bool):
+    """LayerNorm then the adaptive modulation, in float32, cast to the matmul dtype."""
+    if lean:
+        return layers.norm_modulate(x, shift, scale, dtype)
+    return layers.modulate(layers.layer_norm(x), shift, scale).astype(dtype)
 
 
 class FinalLayer(nn.Module):
     out_features: int
     dtype: Dtype
+    lean_ops: tuple = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
         width = x.shape[-1]
         mod = nn.Dense(2 * width, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="adaln")(nn.silu(cond))
         shift, scale = jnp.split(mod.astype(jnp.float32), 2, axis=-1)
-        h = layers.modulate(layers.layer_norm(x), shift, scale).astype(self.dtype)
+        h = modulated_norm(x, shift, scale, self.dtype, "norm" in self.lean_ops)
         return nn.Dense(self.out_features, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out")(h)
 
 
@@ -106,6 +131,8 @@ class DiT(nn.Module):
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
     remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch', 'dots_norms'
     residual_dtype: Dtype = jnp.float32  # the token stream between blocks; LayerNorm always reads it in f32
+    # hand-written backward passes / split matmuls of the same function (layers.py, LEAN_OPS)
+    lean_ops: tuple = LEAN_OPS
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -143,9 +170,9 @@ class DiT(nn.Module):
         for i in range(self.depth):
             tokens = block_cls(
                 self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                self.zero_init == "adaln", self.dtype, name=f"block_{i}",
+                self.zero_init == "adaln", self.dtype, self.lean_ops, name=f"block_{i}",
             )(tokens, cond)
-        out = FinalLayer(p * p * out_channels, self.dtype, name="final")(tokens, cond)
+        out = FinalLayer(p * p * out_channels, self.dtype, self.lean_ops, name="final")(tokens, cond)
         # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]
         out = out.astype(jnp.float32).reshape(batch, gh, gw, p, p, out_channels)
         return out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, gh * p, gw * p, out_channels)

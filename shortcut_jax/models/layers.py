@@ -8,10 +8,12 @@ Precision policy, applied here once so that both networks follow it:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,74 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1.0 + scale[expand]) + shift[expand]
 
 
+# Hand-written backward passes for the two memory-bound ops of every block ('lean' ops).
+# Autodiff of the plain expressions above keeps (or recomputes) more than it needs: XLA saves
+# GELU's tanh beside its output, and LayerNorm's scale gradient (a sum over tokens) cannot share
+# a kernel with the row statistics it depends on, so a float32 token-sized product is written and
+# read back. These versions keep only their inputs (plus LayerNorm's per-token mean and inverse
+# standard deviation) and compute the same values; tests compare both against the plain ones.
+
+
+def _expand(v: jax.Array, ndim: int) -> jax.Array:
+    """``[batch, width]`` -> ``[batch, 1, ..., width]`` for an ``ndim``-dimensional input."""
+    return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, out_dtype: Dtype = jnp.float32,
+                  eps: float = 1e-6) -> jax.Array:
+    """``modulate(layer_norm(x), shift, scale)`` in float32, cast to ``out_dtype``."""
+    return _norm_modulate_fwd(x, shift, scale, out_dtype, eps)[0]
+
+
+def _norm_modulate_fwd(x, shift, scale, out_dtype, eps):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
+    out = (xf - mean) * rstd * (1.0 + _expand(scale, x.ndim)) + _expand(shift, x.ndim)
+    return out.astype(out_dtype), (x, mean, rstd, shift, scale)
+
+
+def _norm_modulate_bwd(out_dtype, eps, residuals, g):
+    x, mean, rstd, shift, scale = residuals
+    g = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    tokens = tuple(range(1, x.ndim - 1))  # the per-example modulation is shared by these axes
+    d_shift = jnp.sum(g, axis=tokens) if tokens else g
+    d_scale = jnp.sum(g * xhat, axis=tokens) if tokens else g * xhat
+    gx = g * (1.0 + _expand(scale, x.ndim))  # gradient of the normalised x
+    dx = rstd * (gx - jnp.mean(gx, axis=-1, keepdims=True) - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), d_shift.astype(shift.dtype), d_scale.astype(scale.dtype)
+
+
+norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """``nn.gelu(x, approximate=True)`` computed in float32, returned in ``x``'s dtype."""
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + _GELU_A * xf * xf * xf)))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    x2 = xf * xf
+    t = jnp.tanh(_GELU_C * xf * (1.0 + _GELU_A * x2))
+    slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x2)
+    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def sinusoidal_embedding(values: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
     """[cos, sin] of ``values`` times geometric frequencies ``exp(-ln(max_period) i / (dim/2))``."""
     half = dim // 2
@@ -122,15 +192,44 @@ class TimestepEmbedder(nn.Module):
         return nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="out")(emb)
 
 
+class SplitDense(nn.Module):
+    """``nn.Dense(parts * features)``'s parameters applied as ``parts`` matmuls on column slices.
+
+    The kernel ``[in, parts * features]`` and bias (same names, shapes and initialisation as
+    ``nn.Dense``) stay one parameter each, so checkpoints do not change; the outputs come out as
+    separate arrays, which saves the copy that splits one wide output (q, k and v for the
+    attention kernel) and the concatenation of their gradients in the backward pass.
+    """
+
+    features: int
+    parts: int
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        total = self.parts * self.features
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], total), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (total,), jnp.float32)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        outs = []
+        for i in range(self.parts):
+            cols = slice(i * self.features, (i + 1) * self.features)
+            y = jax.lax.dot_general(x, kernel[:, cols], (((x.ndim - 1,), (0,)), ((), ())))
+            outs.append(y + bias[cols])
+        return tuple(outs)
+
+
 class Mlp(nn.Module):
     """Transformer feed-forward block (tanh-approximated GELU, as the reference network)."""
 
     hidden: int
     dtype: Dtype = jnp.float32
+    lean_gelu: bool = False  # gelu_tanh (float32, backward keeps only its input) instead of nn.gelu
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x, approximate=True)
+        x = gelu_tanh(x) if self.lean_gelu else nn.gelu(x, approximate=True)
         return nn.Dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(x)
