@@ -21,7 +21,7 @@ import ml_collections
 # does not import the model code)
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch", "dots_norms")
 # model.lean_ops parts (models.dit.LEAN_OPS)
-LEAN_OPS = ("norm", "gelu", "qkv")
+LEAN_OPS = ("norm", "gelu")
 
 # name -> (width, depth, heads); MLP ratio 4 for all.
 DIT_VARIANTS = {
@@ -57,9 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.zero_init = "final"
     c.model.remat = "none"
     c.model.residual_dtype = "float32"  # 'float32' or 'compute' (the matmul dtype, bf16 on accelerators)
-    # the same function with less memory traffic: comma-separated subset of norm,gelu,qkv or 'none'
-    # (models/dit.py LEAN_OPS; the levers file measures each on a GPU)
-    c.model.lean_ops = "norm,gelu,qkv"
+    # the same function with less memory traffic: 'all', 'none' or a comma-separated subset of
+    # norm,gelu (models/dit.py LEAN_OPS; benchmarks/throughput_levers.md measures each)
+    c.model.lean_ops = "all"
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
 
     c.objective = ml_collections.ConfigDict()

@@ -278,6 +278,27 @@ def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
         trace_summary.find_trace(str(tmp_path / "plugins" / "profile" / "missing"))
 
 
+def test_trace_summary_categories_of_kernel_names_from_an_h100_trace():
+    # names as a jax 0.11.2 profile of the DiT-B/2 step on one H100 recorded them
+    seen = {
+        "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": "matmul",
+        "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_splitK_NTN": "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "matmul",
+        "gemm_fusion_dot_67": "matmul",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)": "attention",
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)": "attention",
+        "input_add_reduce_fusion_124": "fusion",
+        "loop_convert_multiply_fusion_11": "fusion",
+        "fusion_1653": "fusion",
+        "wrapped_convert_17": "fusion",
+        "memcpy128": "copy",
+        "Memset 3": "copy",
+    }
+    assert {name: trace_summary.category(name) for name in seen} == seen
+
+
 def test_lever_sweep_compares_variants_with_the_baseline_and_keeps_a_failed_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     out = tmp_path / "sweep.json"

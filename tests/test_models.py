@@ -156,19 +156,25 @@ def test_auto_attention_on_cpu_builds_an_xla_attention_model_that_runs():
     assert model.apply(params, x, jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32)).shape == x.shape
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_norms"])
-def test_remat_policies_give_the_plain_loss_and_gradients(remat):
-    model = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3)
-    rng = np.random.default_rng(0)
+def _regression_problem(model, seed: int, move: float):
+    """A tiny batch, the model's parameters moved off their initial values (the final layer starts
+    at zero; moved, gradients reach every block) and ``loss(model, params)``."""
+    rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
     t, level, label = jnp.linspace(0.1, 0.9, 4), jnp.array([0, 1, 2, 7]), jnp.array([0, 1, 2, 3])
     params = model.init(jax.random.PRNGKey(0), x, t, level, label)["params"]
-    # the final layer starts at zero; move it so that gradients reach every block
-    params = jax.tree.map(lambda p: p + 0.01 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    params = jax.tree.map(lambda p: p + move * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
 
     def loss(m, p):
         return jnp.mean((m.apply({"params": p}, x, t, level, label) - x) ** 2)
 
+    return params, loss, (x, t, level, label)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "dots_norms"])
+def test_remat_policies_give_the_plain_loss_and_gradients(remat):
+    model = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3)
+    params, loss, _ = _regression_problem(model, seed=0, move=0.01)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
     remat_model = model.clone(remat=remat)
     got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat_model, p)))(params)
@@ -199,3 +205,84 @@ def test_config_check_knows_every_remat_policy():
     from shortcut_jax import config_lib
     from shortcut_jax.models.dit import REMAT_POLICIES
     assert set(config_lib.REMAT_CHOICES) == {"none", *REMAT_POLICIES}
+
+
+def _lean_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)) * 2.0 + 0.5, jnp.float32)
+    shift, scale = (jnp.asarray(rng.standard_normal((3, 16)), jnp.float32) for _ in range(2))
+    weights = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
+    return x, shift, scale, weights
+
+
+def test_norm_modulate_has_the_plain_value_and_gradients():
+    x, shift, scale, w = _lean_inputs()
+
+    def plain(x, a, b):
+        return jnp.sum(w * layers.modulate(layers.layer_norm(x), a, b))
+
+    def lean(x, a, b):
+        return jnp.sum(w * layers.norm_modulate(x, a, b))
+
+    np.testing.assert_allclose(lean(x, shift, scale), plain(x, shift, scale), rtol=1e-6)
+    want = jax.grad(plain, (0, 1, 2))(x, shift, scale)
+    for got in (jax.grad(lean, (0, 1, 2))(x, shift, scale), jax.jit(jax.grad(lean, (0, 1, 2)))(x, shift, scale)):
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # [batch, width] inputs (no token axis) and a bf16 output / bf16 input keep their dtypes
+    np.testing.assert_allclose(jax.grad(lambda a: jnp.sum(layers.norm_modulate(x[:, 0], a, scale) ** 2))(shift),
+                               jax.grad(lambda a: jnp.sum(layers.modulate(layers.layer_norm(x[:, 0]), a, scale) ** 2))(shift),
+                               rtol=1e-5)
+    out = layers.norm_modulate(x.astype(jnp.bfloat16), shift, scale, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    dx = jax.grad(lambda v: jnp.sum(layers.norm_modulate(v, shift, scale, jnp.bfloat16).astype(jnp.float32)))(
+        x.astype(jnp.bfloat16))
+    assert dx.dtype == jnp.bfloat16
+
+
+def test_gelu_tanh_has_the_plain_value_and_gradient_and_keeps_only_its_input():
+    x = jnp.linspace(-6.0, 6.0, 301, dtype=jnp.float32)
+    np.testing.assert_allclose(layers.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
+                               jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=True)))(x), rtol=1e-5, atol=5e-6)
+    # bf16 in, bf16 out, computed in float32: closer to the float32 function than bf16 arithmetic
+    xb = x.astype(jnp.bfloat16)
+    assert layers.gelu_tanh(xb).dtype == jnp.bfloat16
+    exact = jax.nn.gelu(xb.astype(jnp.float32), approximate=True)
+    assert float(jnp.max(jnp.abs(layers.gelu_tanh(xb).astype(jnp.float32) - exact))) <= float(
+        jnp.max(jnp.abs(jax.nn.gelu(xb, approximate=True).astype(jnp.float32) - exact)))
+
+    def saved_bytes(fn):
+        _, vjp = jax.vjp(lambda v: jnp.sum(fn(v) * v), x)  # the product keeps x either way
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype"))
+
+    assert saved_bytes(layers.gelu_tanh) < saved_bytes(lambda v: jax.nn.gelu(v, approximate=True))
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
+    plain = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3, lean_ops=(), remat=remat)
+    params, loss, (x, t, level, label) = _regression_problem(plain, seed=1, move=0.05)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+    for lean_ops in (("norm",), ("gelu",), config_lib.LEAN_OPS):
+        model = plain.clone(lean_ops=lean_ops)
+        # same parameters (names, shapes, initial values)
+        jax.tree.map(np.testing.assert_array_equal, model.init(jax.random.PRNGKey(0), x, t, level, label)["params"],
+                     plain.init(jax.random.PRNGKey(0), x, t, level, label)["params"])
+        got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
+        np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), got_grads, ref_grads)
+
+
+def test_lean_ops_config_values():
+    from shortcut_jax.models.dit import LEAN_OPS
+    assert config_lib.LEAN_OPS == LEAN_OPS == DiT().lean_ops
+    assert config_lib.parse_lean_ops("all") == LEAN_OPS
+    assert config_lib.parse_lean_ops("none") == ()
+    assert config_lib.parse_lean_ops("gelu, norm") == ("norm", "gelu")
+    for bad in ("qkv", "norm,norm", "gelu;norm"):
+        with pytest.raises(config_lib.ConfigError, match="model.lean_ops"):
+            config_lib.parse_lean_ops(bad)
+    cfg = config_lib.default_config()
+    cfg.model.variant, cfg.model.lean_ops = "S", "gelu"
+    assert build_model(cfg.model, num_classes=3).lean_ops == ("gelu",)

@@ -491,8 +491,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch, dots_norms")
     p.add_argument("--attention_impl", default="auto", help="model.attention_impl: auto, xla, cudnn")
     p.add_argument("--residual_dtype", default="float32", help="model.residual_dtype: float32, compute")
-    p.add_argument("--lean_ops", default="norm,gelu,qkv",
-                   help="model.lean_ops: 'none', 'all' or a subset of norm,gelu,qkv (the same function, less traffic)")
+    p.add_argument("--lean_ops", default="all",
+                   help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")

@@ -41,9 +41,8 @@ def attention_scale_value(kind: str, head_dim: int) -> float:
 
 # The same network computed with less memory traffic, each part switchable for measurement:
 # 'norm': LayerNorm + modulation with a backward pass that keeps x and the per-token statistics;
-# 'gelu': GELU in float32 with a backward pass that keeps only its input;
-# 'qkv': q, k and v from three matmuls on slices of the one qkv kernel (no split, no concatenation).
-LEAN_OPS = ("norm", "gelu", "qkv")
+# 'gelu': GELU in float32 with a backward pass that keeps only its input.
+LEAN_OPS = ("norm", "gelu")
 
 
 class DiTBlock(nn.Module):
@@ -68,13 +67,8 @@ class DiTBlock(nn.Module):
 
         # Names mark what a remat policy may keep (REMAT_POLICIES); they change nothing otherwise.
         h = checkpoint_name(self.norm(x, shift_a, scale_a), "block_norm")
-        qkv_init = layers.xavier_uniform_stacked(3)
-        if "qkv" in self.lean_ops:
-            q, k, v = (y.reshape(batch, tokens, self.num_heads, head_dim) for y in
-                       layers.SplitDense(width, 3, kernel_init=qkv_init, dtype=self.dtype, name="qkv")(h))
-        else:
-            qkv = nn.Dense(3 * width, kernel_init=qkv_init, dtype=self.dtype, name="qkv")(h)
-            q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
+        qkv = nn.Dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv")(h)
+        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
             q, k, v,
             scale=attention_scale_value(self.attention_scale, head_dim),

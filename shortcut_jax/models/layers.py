@@ -13,7 +13,6 @@ import math
 from typing import Any, Callable
 
 import flax.linen as nn
-from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,19 +90,30 @@ def _expand(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
 
 
+def _norm_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
+
+
+def _norm_apply(x, mean, rstd, shift, scale, out_dtype):
+    out = (x.astype(jnp.float32) - mean) * rstd * (1.0 + _expand(scale, x.ndim)) + _expand(shift, x.ndim)
+    return out.astype(out_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, out_dtype: Dtype = jnp.float32,
                   eps: float = 1e-6) -> jax.Array:
     """``modulate(layer_norm(x), shift, scale)`` in float32, cast to ``out_dtype``."""
-    return _norm_modulate_fwd(x, shift, scale, out_dtype, eps)[0]
+    return _norm_apply(x, *_norm_stats(x, eps), shift, scale, out_dtype)
 
 
 def _norm_modulate_fwd(x, shift, scale, out_dtype, eps):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
-    out = (xf - mean) * rstd * (1.0 + _expand(scale, x.ndim)) + _expand(shift, x.ndim)
-    return out.astype(out_dtype), (x, mean, rstd, shift, scale)
+    # The barrier makes the statistics a stored [batch, tokens] result: left to itself XLA
+    # recomputes them inside the backward kernels, and a kernel that reduces rows cannot also
+    # reduce over tokens, so the scale gradient's product went through memory in float32.
+    mean, rstd = jax.lax.optimization_barrier(_norm_stats(x, eps))
+    return _norm_apply(x, mean, rstd, shift, scale, out_dtype), (x, mean, rstd, shift, scale)
 
 
 def _norm_modulate_bwd(out_dtype, eps, residuals, g):
@@ -190,34 +200,6 @@ class TimestepEmbedder(nn.Module):
         emb = nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="hidden")(emb.astype(self.dtype))
         emb = nn.silu(emb)
         return nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="out")(emb)
-
-
-class SplitDense(nn.Module):
-    """``nn.Dense(parts * features)``'s parameters applied as ``parts`` matmuls on column slices.
-
-    The kernel ``[in, parts * features]`` and bias (same names, shapes and initialisation as
-    ``nn.Dense``) stay one parameter each, so checkpoints do not change; the outputs come out as
-    separate arrays, which saves the copy that splits one wide output (q, k and v for the
-    attention kernel) and the concatenation of their gradients in the backward pass.
-    """
-
-    features: int
-    parts: int
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        total = self.parts * self.features
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], total), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (total,), jnp.float32)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        outs = []
-        for i in range(self.parts):
-            cols = slice(i * self.features, (i + 1) * self.features)
-            y = jax.lax.dot_general(x, kernel[:, cols], (((x.ndim - 1,), (0,)), ((), ())))
-            outs.append(y + bias[cols])
-        return tuple(outs)
 
 
 class Mlp(nn.Module):
