@@ -286,3 +286,12 @@ def test_lean_ops_config_values():
     cfg = config_lib.default_config()
     cfg.model.variant, cfg.model.lean_ops = "S", "gelu"
     assert build_model(cfg.model, num_classes=3).lean_ops == ("gelu",)
+
+
+def test_plain_ops_keep_forward_mode_derivatives():
+    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3, lean_ops=())
+    params, _, (x, t, level, label) = _regression_problem(model, seed=2, move=0.05)
+    f = lambda v: model.apply({"params": params}, v, t, level, label)  # noqa: E731
+    _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    eps = 1e-3
+    np.testing.assert_allclose(tangent, (f(x + eps) - f(x - eps)) / (2 * eps), rtol=2e-2, atol=2e-3)

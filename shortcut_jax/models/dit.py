@@ -125,7 +125,8 @@ class DiT(nn.Module):
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
     remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch', 'dots_norms'
     residual_dtype: Dtype = jnp.float32  # the token stream between blocks; LayerNorm always reads it in f32
-    # hand-written backward passes / split matmuls of the same function (layers.py, LEAN_OPS)
+    # hand-written backward passes of the same function (LEAN_OPS); () for forward-mode autodiff
+    # (jax.jvp), which custom backward passes do not support
     lean_ops: tuple = LEAN_OPS
     dtype: Dtype = jnp.float32
 

@@ -4,7 +4,8 @@ Precision policy, applied here once so that both networks follow it:
 - parameters are created in float32 (``param_dtype``);
 - matrix work (Dense, Conv, attention products) runs in ``dtype`` (bf16 on accelerators);
 - LayerNorm statistics, the modulation that follows it, softmax and the sinusoidal
-  embeddings are computed in float32 and cast to ``dtype`` only when they feed a matmul.
+  embeddings (and GELU, through ``gelu_tanh``) are computed in float32 and cast to ``dtype``
+  only when they feed a matmul.
 """
 from __future__ import annotations
 
