@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from shortcut_jax import checkpoint, config_lib, data, metric_writers, sharding, train_state
+from shortcut_jax.benchmarks import trace_summary
 from shortcut_jax.evaluate import evaluate_budgets, offline_out_dir
 from shortcut_jax.models import build_model
 from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, OBJECTIVES, make_objective_config
@@ -370,6 +371,8 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, primary: bool):
     try:
         while step < total:
             if profile and step == profile[0]:
+                if primary:  # lets trace_summary attribute kernels to model scopes
+                    trace_summary.write_hlo(compiled, os.path.join(exp.workdir, "profile"))
                 jax.profiler.start_trace(os.path.join(exp.workdir, "profile"), create_perfetto_trace=True)
             t0 = time.perf_counter()
             batch = sharding.global_batch(exp.source.next_batch(), exp.mesh)

@@ -155,6 +155,12 @@ def test_tiny_row_times_a_working_train_step_and_sampler_on_cpu(tmp_path, capsys
     assert profile["steps"] == 2 and profile["trace"].startswith(str(tmp_path / "prof" / "tiny-shortcut-b16"))
     assert profile["lanes"] and all(lane["busy_ms"] > 0 for lane in profile["lanes"])
     assert "profile of tiny-shortcut batch 16 (2 traced steps)" in printed
+    # the compiled step's HLO beside the trace: its op names attribute XLA's kernels to model scopes
+    hlo = tmp_path / "prof" / "tiny-shortcut-b16" / trace_summary.HLO_FILE
+    assert profile["hlo"] == str(hlo)
+    scopes = {trace_summary.scope(op) for op in trace_summary.hlo_op_names(hlo.read_text()).values()}
+    assert {"fwd DiT/block_*/mlp", "bwd DiT/block_*/mlp", "fwd DiT/final", "bwd DiT/final"} <= scopes
+    assert all("scopes" in lane for lane in profile["lanes"])
 
 
 def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
@@ -276,6 +282,46 @@ def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
     assert host["lanes"][0]["busy_ms"] == pytest.approx(0.2) and host["lanes"][0]["summed_ms"] == pytest.approx(0.25)
     with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
         trace_summary.find_trace(str(tmp_path / "plugins" / "profile" / "missing"))
+
+
+def test_trace_summary_attributes_kernels_to_model_scopes_through_the_hlo(tmp_path, capsys):
+    hlo = "\n".join([
+        'HloModule jit_train_step',
+        '%fused_computation.3 (param_0: f32[4]) -> f32[4] {',
+        '  %multiply.9 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(train_step)/jvp(DiT)/x/mul"}',
+        '}',
+        'ENTRY %main {',
+        '  %fusion.12 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.3, metadata={op_name='
+        '"jit(train_step)/transpose(jvp(DiT))/block_3/mlp/mul" stack_frame_id=4}',
+        '  %loop_add_fusion.2 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(DiT)/block_0/add"}',
+        '  ROOT %input_reduce_fusion.7 = f32[4]{0} fusion(%p), kind=kInput, metadata={op_name='
+        '"jit(train_step)/transpose(jvp(DiT))/block_10/mlp/fc1/reduce_sum"}',
+        '  %custom-call.5 = bf16[8,8]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm"',
+        '}'])
+    ops = trace_summary.hlo_op_names(hlo)
+    assert ops["fusion_12"].endswith("block_3/mlp/mul") and "custom_call_5" not in ops
+    assert trace_summary.scope(ops["fusion_12"]) == "bwd DiT/block_*/mlp"
+    assert trace_summary.scope("jit(step)/jvp(DiT)/label_embed/jit(_take)/broadcast_in_dim") == "fwd DiT/label_embed/_take"
+    assert trace_summary.scope("jit(loss)") == "fwd (top level)"
+    meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    kernels = [("fusion_12", 0, 10), ("loop_add_fusion_2", 10, 5), ("input_reduce_fusion_7", 15, 3),
+               ("nvjet_sm90_tst_128x160", 18, 20), ("input_reduce_fusion_99", 38, 2), ("fusion_12", 40, 10)]
+    events = meta + [{"ph": "X", "pid": 2, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+    trace = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    (tmp_path / trace_summary.HLO_FILE).write_text(hlo)
+    summary = trace_summary.summarize_path(str(tmp_path))
+    assert summary["hlo"] == str(tmp_path / trace_summary.HLO_FILE)
+    ms = {k: v["ms"] for k, v in summary["lanes"][0]["scopes"].items()}
+    assert ms == pytest.approx({"bwd DiT/block_*/mlp": 0.02, "(matmul, no scope)": 0.02, "fwd DiT/block_*": 0.005,
+                                "bwd DiT/block_*/mlp/fc1": 0.003, "(fusion, no scope)": 0.002})
+    trace_summary.main([str(tmp_path), "--steps=2"])
+    assert "0.010 ms/step  40.0%  bwd DiT/block_*/mlp" in capsys.readouterr().out
+    # without the HLO file the scopes are left out
+    (tmp_path / trace_summary.HLO_FILE).unlink()
+    assert "scopes" not in trace_summary.summarize_path(str(tmp_path))["lanes"][0]
 
 
 def test_trace_summary_categories_of_kernel_names_from_an_h100_trace():

@@ -12,6 +12,13 @@ so that the next lever is chosen by the measured time share:
 
 Event names are whatever the backend records (kernel names on GPU streams, HLO op names on
 "XLA Ops" lanes); the categories are matched on them by the patterns in ``CATEGORIES``.
+
+Where the compiled step's HLO text lies beside the trace (``train_step.hlo.txt``, written by
+both profiling paths; ``--hlo`` names another), each XLA-generated kernel is also attributed to
+the place in the model that produced it, from the ``op_name`` jax records on every HLO
+instruction: ``bwd DiT/block_*/mlp`` is the backward pass of every block's MLP, summed over the
+blocks. Library kernels (cuBLAS GEMMs, cuDNN attention) carry no such name and are listed by
+category.
 """
 from __future__ import annotations
 
@@ -35,6 +42,51 @@ CATEGORIES = (
     ("fusion", r"fusion|loop_|input_|wrapped_|reduce|triton|elementwise|kernel"),
 )
 DEVICE_PROCESS = re.compile(r"/device:|gpu|tpu", re.IGNORECASE)
+HLO_FILE = "train_step.hlo.txt"  # the compiled step's HLO, written beside a trace
+_HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bmetadata=\{[^}]*?\bop_name="([^"]*)"')
+
+
+def write_hlo(compiled, trace_dir: str) -> str:
+    """The compiled step's HLO text as ``trace_dir/HLO_FILE`` (what scope attribution reads)."""
+    os.makedirs(trace_dir, exist_ok=True)
+    path = os.path.join(trace_dir, HLO_FILE)
+    with open(path, "w") as f:
+        f.write(compiled.as_text())
+    return path
+
+
+def kernel_name(instruction: str) -> str:
+    """The name XLA's GPU backend gives the kernel of an HLO instruction ('.' and '-' -> '_')."""
+    return re.sub(r"[.\-]", "_", instruction)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> the ``op_name`` jax recorded for the instruction (first one of a name)."""
+    out: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_OP.match(line)
+        if m:
+            out.setdefault(kernel_name(m.group(1)), m.group(2))
+    return out
+
+
+def scope(op_name: str) -> str:
+    """'jit(train_step)/transpose(jvp(DiT))/block_11/mlp/mul' -> 'bwd DiT/block_*/mlp'.
+
+    The last component (the primitive) is dropped, transformation wrappers are unwrapped and
+    numbered module names merged, so that one scope sums a layer over the blocks.
+    """
+    parts = op_name.split("/")
+    if parts and parts[0].startswith("jit("):
+        parts = parts[1:]
+    direction = "bwd" if any(p.startswith("transpose(") for p in parts) else "fwd"
+    clean = []
+    for part in parts[:-1]:
+        while (m := re.fullmatch(r"[\w.]+\((.*)\)", part)) is not None:
+            part = m.group(1)
+        if part:
+            clean.append(re.sub(r"_\d+", "_*", part))
+    return f"{direction} {'/'.join(clean) or '(top level)'}"
 
 
 def find_trace(path: str) -> str:
@@ -74,8 +126,9 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(events: list[dict], top: int = 15) -> dict:
-    """Lanes with their busy time, top events and category split (times in milliseconds)."""
+def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, str]] = None) -> dict:
+    """Lanes with their busy time, top events and category split (times in milliseconds); with
+    ``op_names`` (``hlo_op_names``) also the time by model scope."""
     process_names, thread_names = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -93,10 +146,15 @@ def summarize(events: list[dict], top: int = 15) -> dict:
         evs = lanes[key]
         by_name = collections.defaultdict(lambda: [0, 0.0])
         by_category = collections.defaultdict(float)
+        by_scope = collections.defaultdict(float)
         for e in evs:
             by_name[e["name"]][0] += 1
             by_name[e["name"]][1] += float(e["dur"])
-            by_category[category(e["name"])] += float(e["dur"])
+            kind = category(e["name"])
+            by_category[kind] += float(e["dur"])
+            if op_names is not None:
+                op = op_names.get(kernel_name(e["name"]))
+                by_scope[scope(op) if op else f"({kind}, no scope)"] += float(e["dur"])
         summed = sum(v[1] for v in by_name.values())
         busy = _busy_us([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs])
         start = min(float(e["ts"]) for e in evs)
@@ -115,16 +173,33 @@ def summarize(events: list[dict], top: int = 15) -> dict:
             "categories": {k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
                            for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         })
+        if op_names is not None:
+            out[-1]["scopes"] = {k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
+                                 for k, v in sorted(by_scope.items(), key=lambda kv: -kv[1])}
     out.sort(key=lambda lane: (not lane["device"], -lane["busy_ms"]))
     return {"device_lanes": bool(device), "lanes": out}
 
 
-def summarize_path(path: str, top: int = 15) -> dict:
+def find_hlo(path: str) -> Optional[str]:
+    """``HLO_FILE`` under a trace directory (newest first), or None."""
+    if not os.path.isdir(path):
+        return None
+    found = glob.glob(os.path.join(path, "**", HLO_FILE), recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def summarize_path(path: str, top: int = 15, hlo: Optional[str] = None) -> dict:
     trace = find_trace(path)
-    return {"trace": trace, **summarize(load_events(trace), top=top)}
+    hlo = hlo or find_hlo(path)
+    op_names = None
+    if hlo:
+        with open(hlo) as f:
+            op_names = hlo_op_names(f.read())
+    return {"trace": trace, "hlo": hlo, **summarize(load_events(trace), top=top, op_names=op_names)}
 
 
-def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width: int = 90) -> None:
+def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width: int = 90,
+                  scopes: int = 20) -> None:
     kind = "device" if summary["device_lanes"] else "host (the trace has no device lanes)"
     print(f"trace: {summary.get('trace', '-')}\n{kind} lanes, busiest first; ms per step = ms / {steps};"
           " shares of the lane's summed event time (nested events count in each level); xN: events in the trace")
@@ -136,6 +211,10 @@ def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width
         for t in lane["top"]:
             name = t["name"] if len(t["name"]) <= width else t["name"][:width - 3] + "..."
             print(f"  {t['ms'] / steps:9.3f} ms/step {t['share']:6.1%} x{t['count']:<6d} {name}")
+        if "scopes" in lane:
+            print(f"  by model scope (op_name of each kernel's HLO instruction, {summary.get('hlo')}):")
+            for name, v in list(lane["scopes"].items())[:scopes]:
+                print(f"  {v['ms'] / steps:9.3f} ms/step {v['share']:6.1%}  {name}")
 
 
 def main(argv=None) -> int:
@@ -144,12 +223,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1, help="steps the trace holds: figures are divided by it")
     p.add_argument("--top", type=int, default=15, help="events listed per lane")
     p.add_argument("--lanes", type=int, default=4, help="lanes printed (busiest device lanes first)")
+    p.add_argument("--hlo", default="", help=f"the step's compiled HLO text (default: {HLO_FILE} under the path)")
+    p.add_argument("--scopes", type=int, default=20, help="model scopes listed per lane")
     p.add_argument("--out", default="", help="also write the summary as JSON here")
     opts = p.parse_args(argv)
     if opts.steps < 1:
         p.error("--steps must be >= 1")
-    summary = summarize_path(opts.path, top=opts.top)
-    print_summary(summary, steps=opts.steps, lanes=opts.lanes)
+    if opts.hlo and not os.path.isfile(opts.hlo):
+        p.error(f"--hlo {opts.hlo}: no such file")
+    summary = summarize_path(opts.path, top=opts.top, hlo=opts.hlo or None)
+    print_summary(summary, steps=opts.steps, lanes=opts.lanes, scopes=opts.scopes)
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -170,6 +170,7 @@ def time_steps(compiled, state, batch, *, warmup: int, steps: int):
 
 def profile_steps(compiled, state, batch, trace_dir: str, steps: int) -> dict:
     """Trace ``steps`` more steps into ``trace_dir``; the trace's summary (``trace_summary``)."""
+    trace_summary.write_hlo(compiled, trace_dir)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
             state, metrics = compiled(state, batch)
