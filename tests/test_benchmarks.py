@@ -302,7 +302,8 @@ def test_trace_summary_attributes_kernels_to_model_scopes_through_the_hlo(tmp_pa
     assert ops["fusion_12"].endswith("block_3/mlp/mul") and "custom_call_5" not in ops
     assert trace_summary.scope(ops["fusion_12"]) == "bwd DiT/block_*/mlp"
     assert trace_summary.scope("jit(step)/jvp(DiT)/label_embed/jit(_take)/broadcast_in_dim") == "fwd DiT/label_embed/_take"
-    assert trace_summary.scope("jit(loss)") == "fwd (top level)"
+    assert trace_summary.scope("jit(loss)") == "(top level)"
+    assert trace_summary.scope("jit(train_step)/DiT/block_2/mlp/fc1/dot_general") == "DiT/block_*/mlp/fc1"
     meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
     kernels = [("fusion_12", 0, 10), ("loop_add_fusion_2", 10, 5), ("input_reduce_fusion_7", 15, 3),
                ("nvjet_sm90_tst_128x160", 18, 20), ("input_reduce_fusion_99", 38, 2), ("fusion_12", 40, 10)]

@@ -74,19 +74,23 @@ def scope(op_name: str) -> str:
     """'jit(train_step)/transpose(jvp(DiT))/block_11/mlp/mul' -> 'bwd DiT/block_*/mlp'.
 
     The last component (the primitive) is dropped, transformation wrappers are unwrapped and
-    numbered module names merged, so that one scope sums a layer over the blocks.
+    numbered module names merged, so that one scope sums a layer over the blocks. 'fwd' and
+    'bwd' mark the forward and backward pass of a differentiated function (passes inside the
+    loss under stop_gradient, like the teacher's, count as 'fwd'); work outside it (the
+    optimizer and EMA updates) has no prefix.
     """
     parts = op_name.split("/")
     if parts and parts[0].startswith("jit("):
         parts = parts[1:]
-    direction = "bwd" if any(p.startswith("transpose(") for p in parts) else "fwd"
+    direction = ("bwd " if any(p.startswith("transpose(") for p in parts)
+                 else "fwd " if any(p.startswith("jvp(") for p in parts) else "")
     clean = []
     for part in parts[:-1]:
         while (m := re.fullmatch(r"[\w.]+\((.*)\)", part)) is not None:
             part = m.group(1)
         if part:
             clean.append(re.sub(r"_\d+", "_*", part))
-    return f"{direction} {'/'.join(clean) or '(top level)'}"
+    return direction + ("/".join(clean) or "(top level)")
 
 
 def find_trace(path: str) -> str:
