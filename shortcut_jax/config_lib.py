@@ -350,7 +350,7 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
         if not 0 <= start < stop:
             raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
-    if config.train.get("init_on", "device") not in ("device", "host"):
+    if config.train.init_on not in ("device", "host"):
         raise ConfigError(f"train.init_on={config.train.init_on!r}: use 'device' or 'host'")
     num_ema = len(config.train.ema_decays)
     if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:

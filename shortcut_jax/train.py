@@ -182,7 +182,7 @@ class Experiment:
         self._check_workdir()
 
         self.mesh = sharding.make_mesh(config.mesh)
-        self.host_cpu = self._host_cpu() if config.train.get("init_on", "device") == "host" else None
+        self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
         self.model = build_model(config.model, num_classes=self.spec.num_classes,
                                  ignore_level=config.objective.name == "flow_matching")
         self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)

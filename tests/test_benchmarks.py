@@ -195,6 +195,13 @@ def test_matmul_probe_reports_the_median_rate_inside_its_spread():
     assert mm["tflops"] == pytest.approx(2 * 64**3 / (mm["ms"] / 1e3) / 1e12)
 
 
+def test_misspelt_model_flags_stop_the_benchmark_before_any_row(capsys):
+    for bad in ("--lean_ops=qkv", "--remat=dotz", "--residual_dtype=bf16"):
+        with pytest.raises(SystemExit):
+            bench.parse_args([bad])
+        assert bad.split("=")[0] in capsys.readouterr().err
+
+
 def test_oom_is_recognised_from_the_runtime_message():
     assert bench.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB"))
     assert not bench.is_oom(ValueError("shapes do not match"))

@@ -93,16 +93,21 @@ def scope(op_name: str) -> str:
     return direction + ("/".join(clean) or "(top level)")
 
 
+def _newest_below(path: str, name: str) -> Optional[str]:
+    """The most recently written file called ``name`` (a glob pattern) anywhere below ``path``."""
+    found = glob.glob(os.path.join(path, "**", name), recursive=True)
+    return max(found, key=os.path.getmtime) if found else None
+
+
 def find_trace(path: str) -> str:
     """``path`` itself if it is a trace file, else the newest perfetto trace below it."""
     if os.path.isfile(path):
         return path
-    found = glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True)
-    found = found or glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True)
+    found = _newest_below(path, "perfetto_trace.json.gz") or _newest_below(path, "*.trace.json.gz")
     if not found:
         raise FileNotFoundError(f"no perfetto_trace.json.gz below {path!r}: trace with "
                                 "jax.profiler.trace(dir, create_perfetto_trace=True)")
-    return max(found, key=os.path.getmtime)
+    return found
 
 
 def load_events(path: str) -> list[dict]:
@@ -149,17 +154,23 @@ def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, st
     for key in sorted(chosen, key=lambda k: (process_names.get(k[0], ""), thread_names.get(k, ""))):
         evs = lanes[key]
         by_name = collections.defaultdict(lambda: [0, 0.0])
-        by_category = collections.defaultdict(float)
-        by_scope = collections.defaultdict(float)
         for e in evs:
             by_name[e["name"]][0] += 1
             by_name[e["name"]][1] += float(e["dur"])
-            kind = category(e["name"])
-            by_category[kind] += float(e["dur"])
+        by_category = collections.defaultdict(float)
+        by_scope = collections.defaultdict(float)
+        for name, (_, dur) in by_name.items():  # classified once per distinct name
+            kind = category(name)
+            by_category[kind] += dur
             if op_names is not None:
-                op = op_names.get(kernel_name(e["name"]))
-                by_scope[scope(op) if op else f"({kind}, no scope)"] += float(e["dur"])
+                op = op_names.get(kernel_name(name))
+                by_scope[scope(op) if op else f"({kind}, no scope)"] += dur
         summed = sum(v[1] for v in by_name.values())
+
+        def shares(totals: dict) -> dict:
+            return {k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
+                    for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
         busy = _busy_us([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs])
         start = min(float(e["ts"]) for e in evs)
         end = max(float(e["ts"]) + float(e["dur"]) for e in evs)
@@ -174,22 +185,17 @@ def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, st
             "summed_ms": summed / 1e3,  # above busy_ms where events nest
             "top": [{"name": n, "count": c, "ms": d / 1e3, "share": d / summed if summed else 0.0}
                     for n, (c, d) in ranked],
-            "categories": {k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
-                           for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "categories": shares(by_category),
         })
         if op_names is not None:
-            out[-1]["scopes"] = {k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
-                                 for k, v in sorted(by_scope.items(), key=lambda kv: -kv[1])}
+            out[-1]["scopes"] = shares(by_scope)
     out.sort(key=lambda lane: (not lane["device"], -lane["busy_ms"]))
     return {"device_lanes": bool(device), "lanes": out}
 
 
 def find_hlo(path: str) -> Optional[str]:
-    """``HLO_FILE`` under a trace directory (newest first), or None."""
-    if not os.path.isdir(path):
-        return None
-    found = glob.glob(os.path.join(path, "**", HLO_FILE), recursive=True)
-    return max(found, key=os.path.getmtime) if found else None
+    """The newest ``HLO_FILE`` under a trace directory, or None."""
+    return _newest_below(path, HLO_FILE) if os.path.isdir(path) else None
 
 
 def summarize_path(path: str, top: int = 15, hlo: Optional[str] = None) -> dict:

@@ -448,7 +448,7 @@ def print_report(report: dict) -> None:
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
-          f" residual_dtype={settings.get('residual_dtype')} lean_ops={settings.get('lean_ops')};"
+          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
@@ -489,9 +489,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--dtype", default="auto", help="model.dtype: auto, bfloat16, float32")
-    p.add_argument("--remat", default="none", help="model.remat: none, full, dots, dots_no_batch, dots_norms")
-    p.add_argument("--attention_impl", default="auto", help="model.attention_impl: auto, xla, cudnn")
-    p.add_argument("--residual_dtype", default="float32", help="model.residual_dtype: float32, compute")
+    p.add_argument("--remat", default="none", choices=config_lib.REMAT_CHOICES, help="model.remat")
+    p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"), help="model.attention_impl")
+    p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
     p.add_argument("--lean_ops", default="all",
                    help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
@@ -513,6 +513,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0 or opts.profile_steps < 1:
         p.error("--steps and --profile_steps must be >= 1 and --warmup >= 0")
+    try:  # a misspelt part fails here, not in every row's child process
+        config_lib.parse_lean_ops(opts.lean_ops)
+    except config_lib.ConfigError as err:
+        p.error(f"--lean_ops: {err}")
     opts.profile_dir = os.path.abspath(opts.profile_dir) if opts.profile_dir else ""
     opts.sections = [s for s in opts.sections.split(",") if s]
     if set(opts.sections) - set(SECTIONS):
