@@ -48,6 +48,7 @@ import numpy as np
 from shortcut_jax import config_lib, sharding, train
 from shortcut_jax.benchmarks import flops, trace_summary
 from shortcut_jax.data import DataSpec
+from shortcut_jax.models import fused_mlp
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
 NUM_CLASSES = 1000
@@ -98,6 +99,8 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.model.attention_impl = opts.attention_impl
     c.model.residual_dtype = opts.residual_dtype
     c.model.lean_ops = opts.lean_ops
+    c.model.mlp_impl = opts.mlp_impl
+    c.model.mlp_tiles = opts.mlp_tiles
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -188,7 +191,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
               "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl,
-              "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
+              "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops,
+              "mlp_impl": opts.mlp_impl, "mlp_tiles": opts.mlp_tiles}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
@@ -334,7 +338,8 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "lean_ops", "sc_fraction",
+FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "lean_ops", "mlp_impl", "mlp_tiles",
+             "sc_fraction",
              "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
@@ -448,7 +453,8 @@ def print_report(report: dict) -> None:
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
-          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']};"
+          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
+          f" mlp_impl={settings.get('mlp_impl', 'xla')};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
@@ -494,6 +500,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
     p.add_argument("--lean_ops", default="all",
                    help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
+    p.add_argument("--mlp_impl", default="xla", choices=("xla", "pallas"),
+                   help="model.mlp_impl: 'pallas' fuses the MLP's input-gradient GEMM with GELU's derivative")
+    p.add_argument("--mlp_tiles", default="", help="model.mlp_tiles: rows,cols,depth,num_warps,num_stages of the"
+                   " 'pallas' kernel ('' its default; benchmarks/fused_mlp_kernel.py times candidates)")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -517,6 +527,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         config_lib.parse_lean_ops(opts.lean_ops)
     except config_lib.ConfigError as err:
         p.error(f"--lean_ops: {err}")
+    try:
+        fused_mlp.parse_tiles(opts.mlp_tiles)
+    except ValueError as err:
+        p.error(f"--{err}")
     opts.profile_dir = os.path.abspath(opts.profile_dir) if opts.profile_dir else ""
     opts.sections = [s for s in opts.sections.split(",") if s]
     if set(opts.sections) - set(SECTIONS):

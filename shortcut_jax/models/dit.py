@@ -54,6 +54,8 @@ class DiTBlock(nn.Module):
     zero_init_adaln: bool
     dtype: Dtype
     lean_ops: tuple = ()
+    mlp_impl: str = "xla"
+    mlp_tiles: Optional[tuple] = None  # fused_mlp.TileConfig of the 'pallas' kernel; None: its default
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -82,7 +84,7 @@ class DiTBlock(nn.Module):
 
         h = checkpoint_name(self.norm(x, shift_m, scale_m), "block_norm")
         h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
-                       name="mlp")(h)
+                       impl=self.mlp_impl, tiles=self.mlp_tiles, name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
 
     def norm(self, x, shift, scale):
@@ -128,6 +130,10 @@ class DiT(nn.Module):
     # hand-written backward passes of the same function (LEAN_OPS); () for forward-mode autodiff
     # (jax.jvp), which custom backward passes do not support
     lean_ops: tuple = LEAN_OPS
+    # 'pallas': the MLP's input gradient through one fused GEMM kernel (models/fused_mlp.py; one
+    # device, GELU computed as the 'gelu' lean op); 'xla': XLA's kernels
+    mlp_impl: str = "xla"
+    mlp_tiles: Optional[tuple] = None  # fused_mlp.TileConfig of the 'pallas' kernel; None: its default
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -165,7 +171,8 @@ class DiT(nn.Module):
         for i in range(self.depth):
             tokens = block_cls(
                 self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                self.zero_init == "adaln", self.dtype, self.lean_ops, name=f"block_{i}",
+                self.zero_init == "adaln", self.dtype, self.lean_ops, self.mlp_impl, self.mlp_tiles,
+                name=f"block_{i}",
             )(tokens, cond)
         out = FinalLayer(p * p * out_channels, self.dtype, self.lean_ops, name="final")(tokens, cond)
         # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]
