@@ -56,14 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.t_input_scale = 1.0
     c.model.zero_init = "final"
     c.model.remat = "none"
+    c.model.remat_blocks = -1  # how many blocks (the first ones) use model.remat; -1: all of them
     c.model.residual_dtype = "float32"  # 'float32' or 'compute' (the matmul dtype, bf16 on accelerators)
     # the same function with less memory traffic: 'all', 'none' or a comma-separated subset of
     # norm,gelu (models/dit.py LEAN_OPS; benchmarks/throughput_levers.md measures each)
     c.model.lean_ops = "all"
-    # 'pallas': the MLP's input gradient (GEMM times GELU's derivative) as one fused GEMM kernel
-    # (models/fused_mlp.py; one device; GELU as the 'gelu' lean op computes it); 'xla': XLA's kernels
-    c.model.mlp_impl = "xla"
-    c.model.mlp_tiles = ""  # the fused kernel's tiles 'rows,cols,depth,num_warps,num_stages'; '' its default
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
 
     c.objective = ml_collections.ConfigDict()
@@ -286,21 +283,14 @@ def validate(config, *, num_devices: int) -> None:
     for key, allowed in (("attention_scale", ("head_dim", "sqrt_head_dim")), ("zero_init", ("final", "adaln")),
                          ("remat", REMAT_CHOICES),
                          ("attention_impl", ("auto", "xla", "cudnn")),
-                         ("mlp_impl", ("xla", "pallas")),
                          ("dtype", ("auto", "bfloat16", "float32")),
                          ("residual_dtype", ("float32", "compute"))):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
     parse_lean_ops(config.model.lean_ops)
-    if config.model.mlp_impl == "pallas" and num_devices > 1:
-        raise ConfigError(f"model.mlp_impl='pallas' runs on one device (its kernel is not partitioned), the mesh has"
-                          f" {num_devices}; use model.mlp_impl='xla'")
-    from shortcut_jax.models.fused_mlp import parse_tiles
-
-    try:
-        parse_tiles(config.model.mlp_tiles)
-    except ValueError as err:
-        raise ConfigError(f"model.{err}") from None
+    if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
+        raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
+                          " (the number of blocks that use model.remat)")
     obj = config.objective
     if obj.teacher not in ("ema", "online"):
         raise ConfigError(f"objective.teacher={obj.teacher!r}: use 'ema' or 'online'")

@@ -196,7 +196,7 @@ def test_matmul_probe_reports_the_median_rate_inside_its_spread():
 
 
 def test_misspelt_model_flags_stop_the_benchmark_before_any_row(capsys):
-    for bad in ("--lean_ops=qkv", "--remat=dotz", "--residual_dtype=bf16"):
+    for bad in ("--lean_ops=qkv", "--remat=dotz", "--residual_dtype=bf16", "--remat_blocks=-2"):
         with pytest.raises(SystemExit):
             bench.parse_args([bad])
         assert bad.split("=")[0] in capsys.readouterr().err
@@ -370,3 +370,43 @@ def test_lever_sweep_compares_variants_with_the_baseline_and_keeps_a_failed_one(
     assert "vs base" in printed and "failed" in printed
     with pytest.raises(ValueError, match="NAME\\|XLA_FLAGS"):
         lever_sweep.parse_variant("only-a-name")
+
+
+def test_fused_gelu_grad_kernel_equals_the_gemm_times_geluderivative():
+    from shortcut_jax.benchmarks import fused_mlp_kernel as fk
+    from shortcut_jax.models import layers
+
+    # the derivative is the backward pass of the model's GELU
+    x = jnp.linspace(-6.0, 6.0, 97, dtype=jnp.float32)
+    np.testing.assert_allclose(fk.gelu_slope(x), jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x), rtol=1e-6)
+    rng = np.random.default_rng(0)
+    rows, width, hidden = 64, 32, 96  # a 2 x 3 grid of 32 x 32 tiles (96 tiles only by 32)
+    dy, w, h = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, width), (hidden, width), (rows, hidden)))
+    tiles = fk.TileConfig(32, 128, 16)
+    assert fk.fits(rows, width, hidden, tiles) and not fk.fits(rows, 24, hidden, tiles)
+    want = (dy @ w.T) * fk.gelu_slope(h)
+    np.testing.assert_allclose(fk.gelu_grad_matmul(dy, w, h, tiles), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fk.gelu_grad_matmul(dy, w, h, tiles, derivative=False), dy @ w.T, rtol=1e-5, atol=1e-5)
+    got = fk.gelu_grad_matmul(dy.astype(jnp.bfloat16), w.astype(jnp.bfloat16), h.astype(jnp.bfloat16), tiles)
+    assert got.dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
+    with pytest.raises(ValueError, match="do not chain"):
+        fk.gelu_grad_matmul(dy, w.T, h, tiles)
+
+
+def test_fused_kernel_benchmark_runs_and_rejects_malformed_flags(tmp_path, capsys):
+    from shortcut_jax.benchmarks import fused_mlp_kernel as fk
+
+    out = tmp_path / "k.json"
+    rows = fk.main(["--shapes=32x16x64", "--tiles=16,32,16,4,3;16,32,16,4,3,0", "--iters=1", "--dtype=float32",
+                    "--gemm_alone", f"--out={out}"])
+    names = [r["name"] for r in rows]
+    assert names == ["xla gemm", "xla gemm+gelu'", "fused 16,32,16,4,3,1", "pallas gemm 16,32,16,4,3,1",
+                     "fused 16,32,16,4,3,0", "pallas gemm 16,32,16,4,3,0"]
+    assert all(r["rel_err"] < 1e-5 for r in rows if "rel_err" in r) and "rel_err" not in rows[0]
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "| 32x16x64 | fused 16,32,16,4,3,1 |" in capsys.readouterr().out
+    for bad in ("--tiles=24,32,16,4,3", "--tiles=16,32,16", "--tiles=16,32,16,4,3,2", "--shapes=32x16"):
+        with pytest.raises(SystemExit):
+            fk.main([bad])
+        assert "--" in capsys.readouterr().err

@@ -201,6 +201,39 @@ def test_dots_norms_policy_keeps_the_two_layernorm_outputs_of_every_block_beyond
     assert saved("full")[1] < dots[1] < norms[1] < saved("none")[1]
 
 
+def test_remat_blocks_rematerialises_only_the_first_blocks_with_the_same_gradients():
+    model = DiT(patch_size=2, width=32, depth=3, num_heads=2, num_classes=3)
+    params, loss, (x, t, level, label) = _regression_problem(model, seed=1, move=0.01)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
+
+    def saved_bytes(m):  # the residuals jax.vjp keeps for the backward pass
+        _, vjp = jax.vjp(lambda p: loss(m, p), params)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype"))
+
+    sizes = []
+    for blocks in (0, 1, 2, 3, -1):
+        m = model.clone(remat="full", remat_blocks=blocks)
+        got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(m, p)))(params)
+        np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got_grads, ref_grads)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(m, p)))(params))
+        assert jaxpr.count("remat") + jaxpr.count("checkpoint[") == (3 if blocks < 0 else blocks)
+        sizes.append(saved_bytes(m))
+    # every block taken into remat keeps less; 0 keeps what the plain model keeps, -1 what 3 of 3 keep
+    assert sizes[0] == saved_bytes(model) and sizes[0] > sizes[1] > sizes[2] > sizes[3] == sizes[4]
+
+
+def test_config_check_rejects_remat_blocks_beyond_the_depth():
+    from shortcut_jax import config_lib
+    c = config_lib.default_config()
+    c.model.variant, c.model.remat, c.model.remat_blocks = "S", "dots", 13
+    with pytest.raises(config_lib.ConfigError, match=r"model.remat_blocks=13 must be -1 \(every block\) or 0..12"):
+        config_lib.validate(c, num_devices=1)
+    for ok in (-1, 0, 12):
+        c.model.remat_blocks = ok
+        config_lib.validate(c, num_devices=1)
+
+
 def test_config_check_knows_every_remat_policy():
     from shortcut_jax import config_lib
     from shortcut_jax.models.dit import REMAT_POLICIES

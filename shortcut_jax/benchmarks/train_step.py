@@ -48,7 +48,6 @@ import numpy as np
 from shortcut_jax import config_lib, sharding, train
 from shortcut_jax.benchmarks import flops, trace_summary
 from shortcut_jax.data import DataSpec
-from shortcut_jax.models import fused_mlp
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
 NUM_CLASSES = 1000
@@ -96,11 +95,10 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.model.width, c.model.depth, c.model.num_heads = row.dims
     c.model.dtype = opts.dtype
     c.model.remat = opts.remat
+    c.model.remat_blocks = opts.remat_blocks
     c.model.attention_impl = opts.attention_impl
     c.model.residual_dtype = opts.residual_dtype
     c.model.lean_ops = opts.lean_ops
-    c.model.mlp_impl = opts.mlp_impl
-    c.model.mlp_tiles = opts.mlp_tiles
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -190,9 +188,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     result = {"name": row.name, "objective": row.objective, "model": model_name(row),
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
-              "dtype": opts.dtype, "remat": opts.remat, "attention_impl": opts.attention_impl,
-              "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops,
-              "mlp_impl": opts.mlp_impl, "mlp_tiles": opts.mlp_tiles}
+              "dtype": opts.dtype, "remat": opts.remat, "remat_blocks": opts.remat_blocks, "attention_impl": opts.attention_impl,
+              "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
@@ -338,7 +335,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", "dtype", "remat", "attention_impl", "residual_dtype", "lean_ops", "mlp_impl", "mlp_tiles",
+FORWARDED = ("steps", "warmup", "dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops",
              "sc_fraction",
              "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
@@ -452,9 +449,9 @@ def print_report(report: dict) -> None:
     kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
+          f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
-          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
-          f" mlp_impl={settings.get('mlp_impl', 'xla')};"
+          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
@@ -496,14 +493,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--dtype", default="auto", help="model.dtype: auto, bfloat16, float32")
     p.add_argument("--remat", default="none", choices=config_lib.REMAT_CHOICES, help="model.remat")
+    p.add_argument("--remat_blocks", type=int, default=-1, help="model.remat_blocks: how many blocks use --remat"
+                   " (-1: all)")
     p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"), help="model.attention_impl")
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
     p.add_argument("--lean_ops", default="all",
                    help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
-    p.add_argument("--mlp_impl", default="xla", choices=("xla", "pallas"),
-                   help="model.mlp_impl: 'pallas' fuses the MLP's input-gradient GEMM with GELU's derivative")
-    p.add_argument("--mlp_tiles", default="", help="model.mlp_tiles: rows,cols,depth,num_warps,num_stages of the"
-                   " 'pallas' kernel ('' its default; benchmarks/fused_mlp_kernel.py times candidates)")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -523,14 +518,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0 or opts.profile_steps < 1:
         p.error("--steps and --profile_steps must be >= 1 and --warmup >= 0")
+    if opts.remat_blocks < -1:
+        p.error(f"--remat_blocks={opts.remat_blocks}: use -1 (every block) or a block count")
     try:  # a misspelt part fails here, not in every row's child process
         config_lib.parse_lean_ops(opts.lean_ops)
     except config_lib.ConfigError as err:
         p.error(f"--lean_ops: {err}")
-    try:
-        fused_mlp.parse_tiles(opts.mlp_tiles)
-    except ValueError as err:
-        p.error(f"--{err}")
     opts.profile_dir = os.path.abspath(opts.profile_dir) if opts.profile_dir else ""
     opts.sections = [s for s in opts.sections.split(",") if s]
     if set(opts.sections) - set(SECTIONS):

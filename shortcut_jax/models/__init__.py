@@ -51,7 +51,6 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
 
 def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
     from shortcut_jax.config_lib import model_dims, parse_lean_ops
-    from shortcut_jax.models.fused_mlp import parse_tiles
 
     dtype = resolve_dtype(model_cfg.dtype)
     if model_cfg.name == "mlp":
@@ -79,10 +78,9 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             zero_init=model_cfg.zero_init,
             ignore_level=ignore_level,
             remat=model_cfg.remat,
+            remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
             lean_ops=parse_lean_ops(model_cfg.lean_ops),
-            mlp_impl=model_cfg.mlp_impl,
-            mlp_tiles=parse_tiles(model_cfg.mlp_tiles),
             dtype=dtype,
         )
     raise ValueError(f"model.name must be 'dit' or 'mlp', got {model_cfg.name!r}")

@@ -54,8 +54,6 @@ class DiTBlock(nn.Module):
     zero_init_adaln: bool
     dtype: Dtype
     lean_ops: tuple = ()
-    mlp_impl: str = "xla"
-    mlp_tiles: Optional[tuple] = None  # fused_mlp.TileConfig of the 'pallas' kernel; None: its default
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -84,7 +82,7 @@ class DiTBlock(nn.Module):
 
         h = checkpoint_name(self.norm(x, shift_m, scale_m), "block_norm")
         h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
-                       impl=self.mlp_impl, tiles=self.mlp_tiles, name="mlp")(h)
+                       name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
 
     def norm(self, x, shift, scale):
@@ -126,14 +124,13 @@ class DiT(nn.Module):
     zero_init: str = "final"  # 'final' (reference network) or 'adaln' (DiT paper's adaLN-Zero)
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
     remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch', 'dots_norms'
+    # how many blocks (the first ones) use `remat`; the rest keep all their activations. -1: all.
+    # Fills the memory left over by a policy instead of recomputing in every block.
+    remat_blocks: int = -1
     residual_dtype: Dtype = jnp.float32  # the token stream between blocks; LayerNorm always reads it in f32
     # hand-written backward passes of the same function (LEAN_OPS); () for forward-mode autodiff
     # (jax.jvp), which custom backward passes do not support
     lean_ops: tuple = LEAN_OPS
-    # 'pallas': the MLP's input gradient through one fused GEMM kernel (models/fused_mlp.py; one
-    # device, GELU computed as the 'gelu' lean op); 'xla': XLA's kernels
-    mlp_impl: str = "xla"
-    mlp_tiles: Optional[tuple] = None  # fused_mlp.TileConfig of the 'pallas' kernel; None: its default
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -167,12 +164,12 @@ class DiT(nn.Module):
                        name="label_embed")(label).astype(self.dtype)
         ).astype(jnp.float32)
 
-        block_cls = remat_block(DiTBlock, self.remat)
+        remat_cls = remat_block(DiTBlock, self.remat)
         for i in range(self.depth):
+            block_cls = remat_cls if self.remat_blocks < 0 or i < self.remat_blocks else DiTBlock
             tokens = block_cls(
                 self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                self.zero_init == "adaln", self.dtype, self.lean_ops, self.mlp_impl, self.mlp_tiles,
-                name=f"block_{i}",
+                self.zero_init == "adaln", self.dtype, self.lean_ops, name=f"block_{i}",
             )(tokens, cond)
         out = FinalLayer(p * p * out_channels, self.dtype, self.lean_ops, name="final")(tokens, cond)
         # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -209,18 +209,10 @@ class Mlp(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
     lean_gelu: bool = False  # gelu_tanh (float32, backward keeps only its input) instead of nn.gelu
-    # 'pallas': GELU and fc2 through fused_mlp.GeluDense (GELU as gelu_tanh, the input gradient
-    # one fused kernel); 'xla': the plain layers
-    impl: str = "xla"
-    tiles: Optional[tuple] = None  # fused_mlp.TileConfig of the 'pallas' kernel; None: its default
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
-        if self.impl == "pallas":
-            from shortcut_jax.models.fused_mlp import DEFAULT_TILES, GeluDense
-
-            return GeluDense(width, kernel_init=xavier_uniform(), tiles=self.tiles or DEFAULT_TILES, name="fc2")(x)
         x = gelu_tanh(x) if self.lean_gelu else nn.gelu(x, approximate=True)
         return nn.Dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(x)
