@@ -15,14 +15,14 @@ Expected (paper, FID-50k at 128 / 4 / 1 steps): DiT-B 15.5 / 28.3 / 40.3; DiT-XL
 On one H100 DiT-XL/2 at batch 256 needs ``:remat=dots`` or more devices (see README, benchmarks);
 ``:remat=dots,remat_blocks=14`` rematerialises only half of the 28 blocks, 3.7% faster at 72 GiB
 (with ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
-Arguments: variant, objective, sc_fraction, remat, remat_blocks, teacher=ema|online, ema_debias=True|False, and
-preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
+Arguments: variant, objective, sc_fraction, remat, remat_blocks, teacher=ema|online,
+ema_debias=True|False, and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("variant=B", "variant=XL", "variant=XL,remat=dots", "variant=XL,remat=dots,remat_blocks=14", "variant=B,objective=flow_matching",
-             "variant=B,preset=few_step")
+TEST_ARGS = ("variant=B", "variant=XL", "variant=XL,remat=dots", "variant=XL,remat=dots,remat_blocks=14",
+             "variant=B,objective=flow_matching", "variant=B,preset=few_step")
 
 
 def get_config(arg: str = "variant=B"):

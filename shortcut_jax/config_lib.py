@@ -291,6 +291,9 @@ def validate(config, *, num_devices: int) -> None:
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")
+    if config.model.remat_blocks != -1 and config.model.remat == "none":
+        raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} picks the blocks that use model.remat,"
+                          " which is 'none': set model.remat (e.g. 'dots') or leave model.remat_blocks=-1")
     obj = config.objective
     if obj.teacher not in ("ema", "online"):
         raise ConfigError(f"objective.teacher={obj.teacher!r}: use 'ema' or 'online'")

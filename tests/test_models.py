@@ -232,6 +232,9 @@ def test_config_check_rejects_remat_blocks_beyond_the_depth():
     for ok in (-1, 0, 12):
         c.model.remat_blocks = ok
         config_lib.validate(c, num_devices=1)
+    c.model.remat = "none"
+    with pytest.raises(config_lib.ConfigError, match="set model.remat"):
+        config_lib.validate(c, num_devices=1)
 
 
 def test_config_check_knows_every_remat_policy():

@@ -188,8 +188,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     result = {"name": row.name, "objective": row.objective, "model": model_name(row),
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
-              "dtype": opts.dtype, "remat": opts.remat, "remat_blocks": opts.remat_blocks, "attention_impl": opts.attention_impl,
-              "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
+              "dtype": opts.dtype, "remat": opts.remat, "remat_blocks": opts.remat_blocks,
+              "attention_impl": opts.attention_impl, "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
