@@ -17,7 +17,7 @@ float32 reference relative to the reference's largest value. ``xla gemm`` is cuB
 alone (its bf16 output written to memory), ``xla gemm+gelu'`` the two kernels autodiff makes,
 ``pallas gemm`` this kernel without the derivative, ``mosaic gemm`` jax's example Hopper matmul
 (Pallas' Mosaic GPU backend) for what a Pallas GEMM can reach. On one H100 with jax 0.11.2 the
-Pallas GEMMs ran at 560-650 TFLOP/s against cuBLAS's 760 on this shape, which costs more than the
+Pallas GEMMs ran at 550-650 TFLOP/s against cuBLAS's 760 on this shape, which costs more than the
 fused epilogue saves; the model therefore keeps XLA's kernels (``throughput_levers.md``). Needs a
 GPU for figures; on CPU the kernel runs in Pallas' interpreter (use tiny ``--shapes``).
 """
