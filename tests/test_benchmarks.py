@@ -410,3 +410,48 @@ def test_fused_kernel_benchmark_runs_and_rejects_malformed_flags(tmp_path, capsy
         with pytest.raises(SystemExit):
             fk.main([bad])
         assert "--" in capsys.readouterr().err
+
+
+def test_trace_summary_memory_rate_of_xla_kernels_from_the_hlo_shapes(tmp_path, capsys):
+    hlo = "\n".join([
+        "HloModule jit_train_step",
+        "%fused_computation.1 (param_0.5: bf16[64,32]) -> bf16[64,32] {",
+        "  %param_0.5 = bf16[64,32]{1,0} parameter(0)",
+        "  ROOT %negate.1 = bf16[64,32]{1,0} negate(%param_0.5)",
+        "}",
+        "ENTRY %main (p0: bf16[64,32], p1: f32[32]) -> (bf16[64,32], f32[64]) {",
+        "  %p0 = bf16[64,32]{1,0} parameter(0)",
+        "  %p1 = f32[32]{0} parameter(1)",
+        "  %gte = f32[4,2]{1,0} get-tuple-element(%t), index=0",
+        # a tuple output and an operand named twice: 4096 out + 256 + 4096 in, each once
+        "  %input_reduce_fusion.3 = (f32[64]{0}, bf16[64,32]{1,0}) fusion(%p0, %p1, %p0), kind=kInput,"
+        " calls=%fused_computation.1, metadata={op_name=\"jit(train_step)/jvp(DiT)/norm/reduce_sum\"}",
+        "  %copy.2 = bf16[64,32]{0,1} copy(%p0)",
+        "  %fusion.4 = f32[64]{0} fusion(%undefined), kind=kLoop, calls=%fused_computation.1",
+        "  %custom-call.5 = bf16[64,64]{1,0} custom-call(%p0, %p0), custom_call_target=\"__cublas$gemm\"",
+        "  ROOT %tuple.6 = (bf16[64,32]{1,0}, f32[64]{0}) tuple(%copy.2, %fusion.4)",
+        "}"])
+    assert trace_summary.shape_bytes("(bf16[256,3072]{1,0}, f32[256]{0})") == 256 * 3072 * 2 + 256 * 4
+    assert trace_summary.shape_bytes("f32[]") == 4 and trace_summary.shape_bytes("token[]") is None
+    sizes = trace_summary.hlo_kernel_bytes(hlo)
+    # the fusion with an operand the text does not define and the library call are left out
+    assert sizes == {"input_reduce_fusion_3": 64 * 4 + 64 * 32 * 2 + 64 * 32 * 2 + 32 * 4, "copy_2": 2 * 64 * 32 * 2}
+    meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    kernels = [("input_reduce_fusion_3", 0, 0.004), ("input_reduce_fusion_3", 1, 0.004), ("copy_2", 2, 0.008),
+               ("fusion_4", 3, 1.0), ("nvjet_sm90_tst_128x160", 5, 2.0)]
+    events = meta + [{"ph": "X", "pid": 2, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+    trace = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    (tmp_path / trace_summary.HLO_FILE).write_text(hlo)
+    lane = trace_summary.summarize_path(str(tmp_path))["lanes"][0]
+    top = {t["name"]: t for t in lane["top"]}
+    fusion_bytes = sizes["input_reduce_fusion_3"]
+    assert top["input_reduce_fusion_3"]["tb_per_s"] == pytest.approx(2 * fusion_bytes / 0.008 / 1e6)
+    assert top["copy_2"]["gb"] == pytest.approx(8192 / 1e9) and "tb_per_s" not in top["fusion_4"]
+    assert lane["xla_kernels"]["kernels"] == 2 and lane["xla_kernels"]["ms"] == pytest.approx(0.016 / 1e3)
+    assert lane["xla_kernels"]["tb_per_s"] == pytest.approx((2 * fusion_bytes + 8192) / 0.016 / 1e6)
+    trace_summary.main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "XLA's kernels with sizes in the HLO (2)" in printed and "input_reduce_fusion_3  " in printed

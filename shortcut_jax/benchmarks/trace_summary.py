@@ -18,7 +18,11 @@ both profiling paths; ``--hlo`` names another), each XLA-generated kernel is als
 the place in the model that produced it, from the ``op_name`` jax records on every HLO
 instruction: ``bwd DiT/block_*/mlp`` is the backward pass of every block's MLP, summed over the
 blocks. Library kernels (cuBLAS GEMMs, cuDNN attention) carry no such name and are listed by
-category.
+category. The same HLO gives the bytes each XLA kernel (fusion or copy) reads and writes, so the
+listing also shows the memory rate a kernel reached, and each lane how much of its time went to
+XLA's own kernels at what average rate: against the card's bandwidth (about 3.35 TB/s on an H100
+SXM) this says how much a memory-bound kernel could still gain. Every operand and output counts
+whole, once: a kernel that reads only a slice of an operand is credited with more than it moved.
 """
 from __future__ import annotations
 
@@ -44,6 +48,11 @@ CATEGORIES = (
 DEVICE_PROCESS = re.compile(r"/device:|gpu|tpu", re.IGNORECASE)
 HLO_FILE = "train_step.hlo.txt"  # the compiled step's HLO, written beside a trace
 _HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bmetadata=\{[^}]*?\bop_name="([^"]*)"')
+_HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+KERNEL_OPCODES = ("fusion", "copy")  # instructions that run as one XLA-generated kernel
 
 
 def write_hlo(compiled, trace_dir: str) -> str:
@@ -67,6 +76,70 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
         m = _HLO_OP.match(line)
         if m:
             out.setdefault(kernel_name(m.group(1)), m.group(2))
+    return out
+
+
+def shape_bytes(shape: str) -> Optional[int]:
+    """Bytes of an HLO shape string ('bf16[256,3072]{1,0}', a tuple of them, 'f32[]'); None if a
+    dtype is unknown."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in DTYPE_BYTES:
+            return None
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size * DTYPE_BYTES[dtype]
+    return total
+
+
+def _split_definition(rest: str) -> Optional[tuple[str, str, str]]:
+    """'SHAPE opcode(operands), attrs' -> (SHAPE, opcode, operands), brackets balanced."""
+    if rest.startswith("("):  # a tuple shape
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                shape, rest = rest[:i + 1], rest[i + 1:].lstrip()
+                break
+        else:
+            return None
+    else:
+        shape, _, rest = rest.partition(" ")
+    m = re.match(r"([\w\-]+)\(", rest)
+    if not m:
+        return None
+    depth, start = 0, m.end()
+    for i in range(m.end() - 1, len(rest)):
+        depth += rest[i] == "("
+        depth -= rest[i] == ")"
+        if depth == 0:
+            return shape, m.group(1), rest[start:i]
+    return None
+
+
+def hlo_kernel_bytes(hlo_text: str) -> dict[str, int]:
+    """Kernel name -> bytes its instruction reads and writes (operands and output, each whole and
+    once), for fusions and copies whose operand shapes the text defines."""
+    shapes: dict[str, Optional[int]] = {}
+    kernels: list[tuple[str, str, str]] = []
+    for line in hlo_text.splitlines():
+        m = _HLO_DEF.match(line)
+        if not m:
+            continue
+        parts = _split_definition(line[m.end():])
+        if parts is None:
+            continue
+        shape, opcode, operands = parts
+        shapes[m.group(1)] = shape_bytes(shape)
+        if opcode in KERNEL_OPCODES:
+            kernels.append((m.group(1), shape, operands))
+    out: dict[str, int] = {}
+    for name, shape, operands in kernels:
+        sizes = [shape_bytes(shape)] + [shapes.get(op) for op in dict.fromkeys(re.findall(r"%([\w.\-]+)", operands))]
+        if all(s is not None for s in sizes):
+            out.setdefault(kernel_name(name), sum(sizes))
     return out
 
 
@@ -135,9 +208,11 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, str]] = None) -> dict:
+def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, str]] = None,
+              kernel_bytes: Optional[dict[str, int]] = None) -> dict:
     """Lanes with their busy time, top events and category split (times in milliseconds); with
-    ``op_names`` (``hlo_op_names``) also the time by model scope."""
+    ``op_names`` (``hlo_op_names``) also the time by model scope; with ``kernel_bytes``
+    (``hlo_kernel_bytes``) the memory rate of each XLA kernel and of all of them together."""
     process_names, thread_names = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -175,6 +250,12 @@ def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, st
         start = min(float(e["ts"]) for e in evs)
         end = max(float(e["ts"]) + float(e["dur"]) for e in evs)
         ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+        moved = {}  # name -> bytes over all its calls, for kernels the HLO gives sizes for
+        if kernel_bytes is not None:
+            for name, (count, _) in by_name.items():
+                size = kernel_bytes.get(kernel_name(name))
+                if size is not None:
+                    moved[name] = size * count
         out.append({
             "process": process_names.get(key[0], str(key[0])),
             "thread": thread_names.get(key, str(key[1])),
@@ -183,14 +264,24 @@ def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, st
             "span_ms": (end - start) / 1e3,
             "busy_ms": busy / 1e3,
             "summed_ms": summed / 1e3,  # above busy_ms where events nest
-            "top": [{"name": n, "count": c, "ms": d / 1e3, "share": d / summed if summed else 0.0}
+            "top": [{"name": n, "count": c, "ms": d / 1e3, "share": d / summed if summed else 0.0,
+                     **({"gb": moved[n] / 1e9, "tb_per_s": _rate(moved[n], d)} if n in moved else {})}
                     for n, (c, d) in ranked],
             "categories": shares(by_category),
         })
+        if kernel_bytes is not None:
+            dur = sum(by_name[n][1] for n in moved)
+            out[-1]["xla_kernels"] = {"ms": dur / 1e3, "gb": sum(moved.values()) / 1e9,
+                                      "tb_per_s": _rate(sum(moved.values()), dur), "kernels": len(moved)}
         if op_names is not None:
             out[-1]["scopes"] = shares(by_scope)
     out.sort(key=lambda lane: (not lane["device"], -lane["busy_ms"]))
     return {"device_lanes": bool(device), "lanes": out}
+
+
+def _rate(num_bytes: float, dur_us: float) -> float:
+    """TB/s of ``num_bytes`` moved in ``dur_us`` microseconds."""
+    return num_bytes / dur_us / 1e6 if dur_us > 0 else 0.0
 
 
 def find_hlo(path: str) -> Optional[str]:
@@ -201,11 +292,13 @@ def find_hlo(path: str) -> Optional[str]:
 def summarize_path(path: str, top: int = 15, hlo: Optional[str] = None) -> dict:
     trace = find_trace(path)
     hlo = hlo or find_hlo(path)
-    op_names = None
+    op_names = kernel_bytes = None
     if hlo:
         with open(hlo) as f:
-            op_names = hlo_op_names(f.read())
-    return {"trace": trace, "hlo": hlo, **summarize(load_events(trace), top=top, op_names=op_names)}
+            text = f.read()
+        op_names, kernel_bytes = hlo_op_names(text), hlo_kernel_bytes(text)
+    return {"trace": trace, "hlo": hlo,
+            **summarize(load_events(trace), top=top, op_names=op_names, kernel_bytes=kernel_bytes)}
 
 
 def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width: int = 90,
@@ -218,9 +311,15 @@ def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width
               f"{lane['span_ms'] / steps:.2f} ms/step span, {lane['events']} events")
         cats = ", ".join(f"{k} {v['share']:.1%}" for k, v in lane["categories"].items())
         print(f"  categories: {cats}")
+        if lane.get("xla_kernels", {}).get("kernels"):
+            x = lane["xla_kernels"]
+            print(f"  XLA's kernels with sizes in the HLO ({x['kernels']}): {x['ms'] / steps:.2f} ms/step moving"
+                  f" {x['gb'] / steps:.1f} GB/step, {x['tb_per_s']:.2f} TB/s on average (operands and outputs counted"
+                  " whole)")
         for t in lane["top"]:
             name = t["name"] if len(t["name"]) <= width else t["name"][:width - 3] + "..."
-            print(f"  {t['ms'] / steps:9.3f} ms/step {t['share']:6.1%} x{t['count']:<6d} {name}")
+            rate = f"  {t['tb_per_s']:.2f} TB/s" if "tb_per_s" in t else ""
+            print(f"  {t['ms'] / steps:9.3f} ms/step {t['share']:6.1%} x{t['count']:<6d} {name}{rate}")
         if "scopes" in lane:
             print(f"  by model scope (op_name of each kernel's HLO instruction, {summary.get('hlo')}):")
             for name, v in list(lane["scopes"].items())[:scopes]:
