@@ -291,6 +291,17 @@ def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
         trace_summary.find_trace(str(tmp_path / "plugins" / "profile" / "missing"))
 
 
+def _write_device_trace(tmp_path, kernels, hlo: str):
+    """One GPU stream of (name, start, duration) kernels as a profiler would leave it, the HLO beside."""
+    meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    events = meta + [{"ph": "X", "pid": 2, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+    trace = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    (tmp_path / trace_summary.HLO_FILE).write_text(hlo)
+
+
 def test_trace_summary_attributes_kernels_to_model_scopes_through_the_hlo(tmp_path, capsys):
     hlo = "\n".join([
         'HloModule jit_train_step',
@@ -311,15 +322,9 @@ def test_trace_summary_attributes_kernels_to_model_scopes_through_the_hlo(tmp_pa
     assert trace_summary.scope("jit(step)/jvp(DiT)/label_embed/jit(_take)/broadcast_in_dim") == "fwd DiT/label_embed/_take"
     assert trace_summary.scope("jit(loss)") == "(top level)"
     assert trace_summary.scope("jit(train_step)/DiT/block_2/mlp/fc1/dot_general") == "DiT/block_*/mlp/fc1"
-    meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
     kernels = [("fusion_12", 0, 10), ("loop_add_fusion_2", 10, 5), ("input_reduce_fusion_7", 15, 3),
                ("nvjet_sm90_tst_128x160", 18, 20), ("input_reduce_fusion_99", 38, 2), ("fusion_12", 40, 10)]
-    events = meta + [{"ph": "X", "pid": 2, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
-    trace = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
-    trace.parent.mkdir(parents=True)
-    with gzip.open(trace, "wt") as f:
-        json.dump({"traceEvents": events}, f)
-    (tmp_path / trace_summary.HLO_FILE).write_text(hlo)
+    _write_device_trace(tmp_path, kernels, hlo)
     summary = trace_summary.summarize_path(str(tmp_path))
     assert summary["hlo"] == str(tmp_path / trace_summary.HLO_FILE)
     ms = {k: v["ms"] for k, v in summary["lanes"][0]["scopes"].items()}
@@ -436,15 +441,9 @@ def test_trace_summary_memory_rate_of_xla_kernels_from_the_hlo_shapes(tmp_path, 
     sizes = trace_summary.hlo_kernel_bytes(hlo)
     # the fusion with an operand the text does not define and the library call are left out
     assert sizes == {"input_reduce_fusion_3": 64 * 4 + 64 * 32 * 2 + 64 * 32 * 2 + 32 * 4, "copy_2": 2 * 64 * 32 * 2}
-    meta = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
     kernels = [("input_reduce_fusion_3", 0, 0.004), ("input_reduce_fusion_3", 1, 0.004), ("copy_2", 2, 0.008),
                ("fusion_4", 3, 1.0), ("nvjet_sm90_tst_128x160", 5, 2.0)]
-    events = meta + [{"ph": "X", "pid": 2, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
-    trace = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
-    trace.parent.mkdir(parents=True)
-    with gzip.open(trace, "wt") as f:
-        json.dump({"traceEvents": events}, f)
-    (tmp_path / trace_summary.HLO_FILE).write_text(hlo)
+    _write_device_trace(tmp_path, kernels, hlo)
     lane = trace_summary.summarize_path(str(tmp_path))["lanes"][0]
     top = {t["name"]: t for t in lane["top"]}
     fusion_bytes = sizes["input_reduce_fusion_3"]
