@@ -383,13 +383,14 @@ def test_fused_gelu_grad_kernel_equals_the_gemm_times_geluderivative():
 
     # the derivative is the backward pass of the model's GELU
     x = jnp.linspace(-6.0, 6.0, 97, dtype=jnp.float32)
-    np.testing.assert_allclose(fk.gelu_slope(x), jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x), rtol=1e-6)
+    np.testing.assert_allclose(layers.gelu_tanh_slope(x), jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
+                               rtol=1e-6)
     rng = np.random.default_rng(0)
     rows, width, hidden = 64, 32, 96  # a 2 x 3 grid of 32 x 32 tiles (96 tiles only by 32)
     dy, w, h = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, width), (hidden, width), (rows, hidden)))
     tiles = fk.TileConfig(32, 128, 16)
     assert fk.fits(rows, width, hidden, tiles) and not fk.fits(rows, 24, hidden, tiles)
-    want = (dy @ w.T) * fk.gelu_slope(h)
+    want = (dy @ w.T) * layers.gelu_tanh_slope(h)
     np.testing.assert_allclose(fk.gelu_grad_matmul(dy, w, h, tiles), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fk.gelu_grad_matmul(dy, w, h, tiles, derivative=False), dy @ w.T, rtol=1e-5, atol=1e-5)
     got = fk.gelu_grad_matmul(dy.astype(jnp.bfloat16), w.astype(jnp.bfloat16), h.astype(jnp.bfloat16), tiles)

@@ -51,13 +51,6 @@ class TileConfig(NamedTuple):
     fast_tanh: int = 1  # 1: the derivative's tanh by the GPU's approximate instruction (tanh.approx.f32)
 
 
-def gelu_slope(x, tanh=jnp.tanh):
-    """d/dx of the tanh-approximated GELU in float32 (the expression of ``layers.gelu_tanh``'s backward)."""
-    x2 = x * x
-    t = tanh(layers._GELU_C * x * (1.0 + layers._GELU_A * x2))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * layers._GELU_C * (1.0 + 3.0 * layers._GELU_A * x2)
-
-
 def _fit(size: int, preferred: int) -> int | None:
     """The largest power of two <= ``preferred`` and >= 16 that divides ``size``."""
     tile = preferred
@@ -116,7 +109,7 @@ def gelu_grad_matmul(dy: jax.Array, w: jax.Array, h: jax.Array, tiles: TileConfi
 
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
         if derivative:
-            acc = acc * gelu_slope(h_ref[row_block, col_block].astype(jnp.float32), tanh)
+            acc = acc * layers.gelu_tanh_slope(h_ref[row_block, col_block].astype(jnp.float32), tanh)
         out_ref[row_block, col_block] = acc.astype(out_ref.dtype)
 
     return pl.pallas_call(
@@ -194,13 +187,13 @@ def run_shape(rows: int, width: int, hidden: int, tiles: list, iters: int, dtype
     w = (jax.random.normal(keys[1], (hidden, width), jnp.float32) / np.sqrt(width)).astype(dtype)
     h = jax.random.normal(keys[2], (rows, hidden), jnp.float32).astype(dtype)
     ref = jax.jit(lambda dy, w, h: jnp.dot(dy.astype(jnp.float32), w.astype(jnp.float32).T,
-                                           precision="highest") * gelu_slope(h.astype(jnp.float32)))
+                                           precision="highest") * layers.gelu_tanh_slope(h.astype(jnp.float32)))
     expected = ref(dy, w, h)
     scale = float(jnp.max(jnp.abs(expected)))
     flop = 2.0 * rows * width * hidden
     gemm = jax.jit(lambda dy, w: jnp.dot(dy, w.T))
     xla = jax.jit(lambda dy, w, h: (jnp.dot(dy, w.T).astype(jnp.float32)
-                                    * gelu_slope(h.astype(jnp.float32))).astype(h.dtype))
+                                    * layers.gelu_tanh_slope(h.astype(jnp.float32))).astype(h.dtype))
     candidates = [("xla gemm", gemm, (dy, w), False), ("xla gemm+gelu'", xla, (dy, w, h), True)]
     for t in tiles:
         if not fits(rows, width, hidden, t):

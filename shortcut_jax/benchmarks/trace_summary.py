@@ -93,30 +93,29 @@ def shape_bytes(shape: str) -> Optional[int]:
     return total
 
 
+def _closing(text: str, start: int) -> Optional[int]:
+    """Index of the ')' that closes the '(' at ``text[start]``, or None."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] == "("
+        depth -= text[i] == ")"
+        if depth == 0:
+            return i
+    return None
+
+
 def _split_definition(rest: str) -> Optional[tuple[str, str, str]]:
     """'SHAPE opcode(operands), attrs' -> (SHAPE, opcode, operands), brackets balanced."""
     if rest.startswith("("):  # a tuple shape
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                shape, rest = rest[:i + 1], rest[i + 1:].lstrip()
-                break
-        else:
+        end = _closing(rest, 0)
+        if end is None:
             return None
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     m = re.match(r"([\w\-]+)\(", rest)
-    if not m:
-        return None
-    depth, start = 0, m.end()
-    for i in range(m.end() - 1, len(rest)):
-        depth += rest[i] == "("
-        depth -= rest[i] == ")"
-        if depth == 0:
-            return shape, m.group(1), rest[start:i]
-    return None
+    end = _closing(rest, m.end() - 1) if m else None
+    return None if end is None else (shape, m.group(1), rest[m.end():end])
 
 
 def hlo_kernel_bytes(hlo_text: str) -> dict[str, int]:

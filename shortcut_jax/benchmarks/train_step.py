@@ -336,8 +336,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
 
 
 FORWARDED = ("steps", "warmup", "dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops",
-             "sc_fraction",
-             "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
+             "sc_fraction", "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:

@@ -146,12 +146,16 @@ def _gelu_fwd(x):
     return gelu_tanh(x), x
 
 
+def gelu_tanh_slope(x: jax.Array, tanh: Callable = jnp.tanh) -> jax.Array:
+    """d/dx of the tanh-approximated GELU for float32 ``x`` (``tanh``: another implementation of
+    it, e.g. a kernel's approximate instruction)."""
+    x2 = x * x
+    t = tanh(_GELU_C * x * (1.0 + _GELU_A * x2))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x2)
+
+
 def _gelu_bwd(x, g):
-    xf = x.astype(jnp.float32)
-    x2 = xf * xf
-    t = jnp.tanh(_GELU_C * xf * (1.0 + _GELU_A * x2))
-    slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x2)
-    return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
+    return ((g.astype(jnp.float32) * gelu_tanh_slope(x.astype(jnp.float32))).astype(x.dtype),)
 
 
 gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
