@@ -22,7 +22,6 @@ import ml_collections
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch", "dots_norms")
 # model.lean_ops parts (models.dit.LEAN_OPS)
 LEAN_OPS = ("norm", "gelu")
-GELU_DTYPES = ("float32", "compute")  # model.gelu_dtype
 
 # name -> (width, depth, heads); MLP ratio 4 for all.
 DIT_VARIANTS = {
@@ -62,9 +61,6 @@ def default_config() -> ml_collections.ConfigDict:
     # the same function with less memory traffic: 'all', 'none' or a comma-separated subset of
     # norm,gelu (models/dit.py LEAN_OPS; benchmarks/throughput_levers.md measures each)
     c.model.lean_ops = "all"
-    # the lean GELU's forward arithmetic: 'float32', or 'compute' (the matmul dtype, in the form
-    # XLA's cuBLASLt path folds into fc1's epilogue under XLA_FLAGS=--xla_gpu_enable_cublaslt=true)
-    c.model.gelu_dtype = "float32"
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
 
     c.objective = ml_collections.ConfigDict()
@@ -288,15 +284,10 @@ def validate(config, *, num_devices: int) -> None:
                          ("remat", REMAT_CHOICES),
                          ("attention_impl", ("auto", "xla", "cudnn")),
                          ("dtype", ("auto", "bfloat16", "float32")),
-                         ("residual_dtype", ("float32", "compute")),
-                         ("gelu_dtype", GELU_DTYPES)):
+                         ("residual_dtype", ("float32", "compute"))):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
-    lean_ops = parse_lean_ops(config.model.lean_ops)
-    if config.model.gelu_dtype != "float32" and "gelu" not in lean_ops:
-        raise ConfigError(f"model.gelu_dtype={config.model.gelu_dtype!r} sets the lean GELU's arithmetic, which"
-                          f" model.lean_ops={config.model.lean_ops!r} leaves out: add gelu to model.lean_ops"
-                          " or leave model.gelu_dtype='float32'")
+    parse_lean_ops(config.model.lean_ops)
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")

@@ -295,50 +295,6 @@ def test_gelu_tanh_has_the_plain_value_and_gradient_and_keeps_only_its_input():
     assert saved_bytes(layers.gelu_tanh) < saved_bytes(lambda v: jax.nn.gelu(v, approximate=True))
 
 
-def test_gelu_tanh_in_the_compute_dtype_is_nn_gelu_with_the_float32_backward():
-    xb = jnp.linspace(-6.0, 6.0, 301, dtype=jnp.float32).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(layers.gelu_tanh(xb, False), jax.nn.gelu(xb, approximate=True))
-    grad = lambda fn: jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32)))(xb)  # noqa: E731
-    np.testing.assert_array_equal(grad(lambda v: layers.gelu_tanh(v, False)), grad(layers.gelu_tanh))
-    # the forward pass runs in bf16 (tanh of a bf16 value), the float32 one does not
-    assert _tanh_input_dtypes(lambda v: layers.gelu_tanh(v, False), xb) == ["bfloat16"]
-    assert _tanh_input_dtypes(layers.gelu_tanh, xb) == ["float32"]
-
-
-def _tanh_input_dtypes(fn, *args) -> list:
-    """The input dtype of every tanh in ``fn``'s jaxpr, nested ones (custom_vjp, jit) included."""
-    from jax.extend.core import jaxprs_in_params
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "tanh":
-                found.append(str(eqn.invars[0].aval.dtype))
-            for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
-def test_gelu_dtype_reaches_every_block_and_needs_the_lean_gelu():
-    cfg = config_lib.default_config()
-    cfg.model.variant, cfg.model.dtype, cfg.model.gelu_dtype = "S", "bfloat16", "compute"
-    config_lib.validate(cfg, num_devices=1)
-    model = build_model(cfg.model, num_classes=3).clone(width=32, depth=2, num_heads=2)
-    x = jnp.zeros((1, 4, 4, 3))
-    t, level, label = jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), x, t, level, label)["params"]
-
-    def tanh_dtypes(m):
-        return _tanh_input_dtypes(lambda p: m.apply({"params": p}, x, t, level, label), params)
-
-    assert tanh_dtypes(model) == ["bfloat16"] * 2  # one GELU per block
-    assert tanh_dtypes(model.clone(gelu_dtype="float32")) == ["float32"] * 2
-    cfg.model.lean_ops = "norm"
-    with pytest.raises(config_lib.ConfigError, match="add gelu to model.lean_ops"):
-        config_lib.validate(cfg, num_devices=1)
-
-
 @pytest.mark.parametrize("remat", ["none", "dots"])
 def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
     plain = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3, lean_ops=(), remat=remat)

@@ -99,7 +99,6 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.model.attention_impl = opts.attention_impl
     c.model.residual_dtype = opts.residual_dtype
     c.model.lean_ops = opts.lean_ops
-    c.model.gelu_dtype = opts.gelu_dtype
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -190,8 +189,7 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
               "dtype": opts.dtype, "remat": opts.remat, "remat_blocks": opts.remat_blocks,
-              "attention_impl": opts.attention_impl, "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops,
-              "gelu_dtype": opts.gelu_dtype}
+              "attention_impl": opts.attention_impl, "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
@@ -337,7 +335,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", "dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops", "gelu_dtype",
+FORWARDED = ("steps", "warmup", "dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops",
              "sc_fraction", "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
@@ -452,8 +450,7 @@ def print_report(report: dict) -> None:
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
           f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
-          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
-          f" gelu_dtype={settings.get('gelu_dtype', 'float32')};"
+          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
@@ -501,9 +498,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
     p.add_argument("--lean_ops", default="all",
                    help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
-    p.add_argument("--gelu_dtype", default="float32", choices=config_lib.GELU_DTYPES,
-                   help="model.gelu_dtype: the lean GELU's forward arithmetic ('compute': in the form XLA's"
-                   " cuBLASLt path, XLA_FLAGS=--xla_gpu_enable_cublaslt=true, folds into fc1's epilogue)")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -526,8 +520,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if opts.remat_blocks < -1:
         p.error(f"--remat_blocks={opts.remat_blocks}: use -1 (every block) or a block count")
     try:  # a misspelt part fails here, not in every row's child process
-        if "gelu" not in config_lib.parse_lean_ops(opts.lean_ops) and opts.gelu_dtype != "float32":
-            raise config_lib.ConfigError("--gelu_dtype=compute needs gelu in --lean_ops")
+        config_lib.parse_lean_ops(opts.lean_ops)
     except config_lib.ConfigError as err:
         p.error(f"--lean_ops: {err}")
     opts.profile_dir = os.path.abspath(opts.profile_dir) if opts.profile_dir else ""

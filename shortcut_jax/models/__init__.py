@@ -81,7 +81,6 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
             lean_ops=parse_lean_ops(model_cfg.lean_ops),
-            gelu_dtype=model_cfg.gelu_dtype,
             dtype=dtype,
         )
     raise ValueError(f"model.name must be 'dit' or 'mlp', got {model_cfg.name!r}")

@@ -43,8 +43,6 @@ def attention_scale_value(kind: str, head_dim: int) -> float:
 # 'norm': LayerNorm + modulation with a backward pass that keeps x and the per-token statistics;
 # 'gelu': GELU in float32 with a backward pass that keeps only its input.
 LEAN_OPS = ("norm", "gelu")
-# gelu_dtype, the lean GELU's forward arithmetic: 'float32', or 'compute' (the matmul dtype,
-# written as nn.gelu writes it, which XLA's cuBLASLt rewriter can fold into fc1's epilogue).
 
 
 class DiTBlock(nn.Module):
@@ -56,7 +54,6 @@ class DiTBlock(nn.Module):
     zero_init_adaln: bool
     dtype: Dtype
     lean_ops: tuple = ()
-    gelu_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -85,7 +82,7 @@ class DiTBlock(nn.Module):
 
         h = checkpoint_name(self.norm(x, shift_m, scale_m), "block_norm")
         h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
-                       gelu_in_float32=self.gelu_dtype == "float32", name="mlp")(h)
+                       name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
 
     def norm(self, x, shift, scale):
@@ -134,7 +131,6 @@ class DiT(nn.Module):
     # hand-written backward passes of the same function (LEAN_OPS); () for forward-mode autodiff
     # (jax.jvp), which custom backward passes do not support
     lean_ops: tuple = LEAN_OPS
-    gelu_dtype: str = "float32"  # 'float32' or 'compute': the lean GELU's forward arithmetic
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -173,7 +169,7 @@ class DiT(nn.Module):
             block_cls = remat_cls if self.remat_blocks < 0 or i < self.remat_blocks else DiTBlock
             tokens = block_cls(
                 self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                self.zero_init == "adaln", self.dtype, self.lean_ops, self.gelu_dtype, name=f"block_{i}",
+                self.zero_init == "adaln", self.dtype, self.lean_ops, name=f"block_{i}",
             )(tokens, cond)
         out = FinalLayer(p * p * out_channels, self.dtype, self.lean_ops, name="final")(tokens, cond)
         # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]

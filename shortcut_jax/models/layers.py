@@ -135,19 +135,15 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def gelu_tanh(x: jax.Array, in_float32: bool = True) -> jax.Array:
-    """``nn.gelu(x, approximate=True)`` computed in float32 (or, ``in_float32=False``, in ``x``'s
-    dtype as ``nn.gelu`` writes it: the expression XLA's cuBLASLt rewriter folds into the epilogue
-    of the matmul that produces ``x``), returned in ``x``'s dtype."""
-    if not in_float32:
-        return jax.nn.gelu(x, approximate=True)
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """``nn.gelu(x, approximate=True)`` computed in float32, returned in ``x``'s dtype."""
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + _GELU_A * xf * xf * xf)))).astype(x.dtype)
 
 
-def _gelu_fwd(x, in_float32):
-    return gelu_tanh(x, in_float32), x
+def _gelu_fwd(x):
+    return gelu_tanh(x), x
 
 
 def gelu_tanh_slope(x: jax.Array, tanh: Callable = jnp.tanh) -> jax.Array:
@@ -158,7 +154,7 @@ def gelu_tanh_slope(x: jax.Array, tanh: Callable = jnp.tanh) -> jax.Array:
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x2)
 
 
-def _gelu_bwd(in_float32, x, g):  # float32 either way
+def _gelu_bwd(x, g):
     return ((g.astype(jnp.float32) * gelu_tanh_slope(x.astype(jnp.float32))).astype(x.dtype),)
 
 
@@ -217,11 +213,10 @@ class Mlp(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
     lean_gelu: bool = False  # gelu_tanh (float32, backward keeps only its input) instead of nn.gelu
-    gelu_in_float32: bool = True  # the lean GELU's forward arithmetic; False: in the compute dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
-        x = gelu_tanh(x, self.gelu_in_float32) if self.lean_gelu else nn.gelu(x, approximate=True)
+        x = gelu_tanh(x) if self.lean_gelu else nn.gelu(x, approximate=True)
         return nn.Dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(x)
