@@ -251,8 +251,11 @@ class Experiment:
             lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x[idx])),
             host, self.state_shardings)
 
-    def compile_step(self):
-        """AOT-compiled train step, with compile time and the compiler's memory/cost figures."""
+    def compile_step(self, donate: bool = True):
+        """AOT-compiled train step, with compile time and the compiler's memory/cost figures.
+
+        The state is donated (updated in place); ``donate=False`` keeps the input state alive
+        beside the new one, for measuring what donation saves."""
         step = make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
                                accum_steps=self.config.optim.accum_steps,
                                ema_debias=self.config.train.ema_debias)
@@ -262,7 +265,7 @@ class Experiment:
             "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
         }
-        jitted = jax.jit(step, donate_argnums=(0,), out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
         start = time.perf_counter()
         compiled = jitted.lower(self.abstract_state, abstract_batch).compile()
         info = {"compile_seconds": time.perf_counter() - start}

@@ -196,7 +196,7 @@ def test_matmul_probe_reports_the_median_rate_inside_its_spread():
 
 
 def test_misspelt_model_flags_stop_the_benchmark_before_any_row(capsys):
-    for bad in ("--lean_ops=qkv", "--remat=dotz", "--residual_dtype=bf16", "--remat_blocks=-2"):
+    for bad in ("--lean_ops=qkv", "--remat=dotz", "--residual_dtype=bf16", "--remat_blocks=-2", "--donate=no"):
         with pytest.raises(SystemExit):
             bench.parse_args([bad])
         assert bad.split("=")[0] in capsys.readouterr().err

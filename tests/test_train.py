@@ -354,6 +354,16 @@ def test_debiased_ema_is_the_normalised_weighted_mean_of_the_iterates():
     np.testing.assert_allclose(np.asarray(one[0]["w"]), iterates[0], rtol=1e-6)
 
 
+def test_compiled_step_updates_the_donated_state_in_place_unless_told_not_to():
+    exp = train.Experiment(digits_config(), "/nonexistent-workdir-for-test")
+    exp.source.close()
+    state_bytes = sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state))
+    donated, _ = exp.compile_step()
+    kept, _ = exp.compile_step(donate=False)
+    assert donated.memory_analysis().alias_size_in_bytes == state_bytes  # every state buffer is reused
+    assert kept.memory_analysis().alias_size_in_bytes == 0
+
+
 def test_state_initialised_on_the_host_equals_the_one_initialised_on_the_fsdp_mesh():
     cfg = digits_config(**{"mesh.data": 4, "mesh.fsdp": 2, "model.width": 64})
     exp = train.Experiment(cfg, "/nonexistent-workdir-for-test")

@@ -4,14 +4,15 @@
     python -m shortcut_jax.benchmarks.train_step --rows=B2-shortcut,B2-flow --steps=50 --remat=dots
 
 What is timed is the program training runs: ``train.Experiment``'s ``init_state`` and
-``compile_step`` (the same step function, donated state and shardings), fed one synthetic batch
-of 1000-class data placed with ``sharding.global_batch``. Reading data and copying it to the
-device are not part of the figures. Each row reports, after ``--warmup`` untimed steps, the
-median of ``--steps`` step times (each step waited for), images/s, the ahead-of-time compile
-time, peak device memory, the analytic TFLOP of a step (``benchmarks.flops``) beside two
-checks of it (the matmuls of the traced step, and XLA's count of the compiled step), the
-achieved TFLOP/s and the MFU against two denominators: the dense bf16 matmul rate this script
-measures first (an 8192^3 ``jnp.dot``) and the H100 SXM datasheet's 989 TFLOP/s.
+``compile_step`` (the same step function, donated state and shardings; ``--donate=off`` measures
+the step without donation), fed one synthetic batch of 1000-class data placed with
+``sharding.global_batch``. Reading data and copying it to the device are not part of the
+figures. Each row reports, after ``--warmup`` untimed steps, the median of ``--steps`` step
+times (each step waited for), images/s, the ahead-of-time compile time, peak device memory, the
+analytic TFLOP of a step (``benchmarks.flops``) beside two checks of it (the matmuls of the
+traced step, and XLA's count of the compiled step), the achieved TFLOP/s and the MFU against two
+denominators: the dense bf16 matmul rate this script measures first (an 8192^3 ``jnp.dot``) and
+the H100 SXM datasheet's 989 TFLOP/s.
 A row that runs out of device memory prints OOM, with the compiler's footprint of the step;
 a row with several batch sizes tries them in order and keeps the first that fits. The memory
 limit is the allocator's: 75% of the GPU unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says
@@ -189,7 +190,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
               "dtype": opts.dtype, "remat": opts.remat, "remat_blocks": opts.remat_blocks,
-              "attention_impl": opts.attention_impl, "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops}
+              "attention_impl": opts.attention_impl, "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops,
+              "donate": opts.donate}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
@@ -206,7 +208,7 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     try:
         # Compiled before the state exists so that a step that cannot fit is known without
         # initialising a state it could never use.
-        compiled, info = exp.compile_step()
+        compiled, info = exp.compile_step(donate=opts.donate == "on")
         result["compile_s"] = info["compile_seconds"]
         footprint = compiler_memory_bytes(compiled)
         limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
@@ -336,7 +338,7 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
 
 
 FORWARDED = ("steps", "warmup", "dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops",
-             "sc_fraction", "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
+             "donate", "sc_fraction", "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
@@ -450,7 +452,8 @@ def print_report(report: dict) -> None:
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
           f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
-          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']};"
+          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
+          f" donate={settings.get('donate', 'on')};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
     header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
@@ -498,6 +501,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
     p.add_argument("--lean_ops", default="all",
                    help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
+    p.add_argument("--donate", default="on", choices=("on", "off"),
+                   help="donate the state to the step (as training does); 'off' measures what donation saves")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
