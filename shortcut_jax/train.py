@@ -265,7 +265,8 @@ class Experiment:
             "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
         }
-        jitted = jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else (),
+                         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
         start = time.perf_counter()
         compiled = jitted.lower(self.abstract_state, abstract_batch).compile()
         info = {"compile_seconds": time.perf_counter() - start}
