@@ -90,16 +90,16 @@ SECTIONS = ("matmul", "train", "sampling")
 # ----------------------------------------------------------------------------- building a row
 
 
+# flags that set the config key model.<flag> of every row
+MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops")
+
+
 def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c = config_lib.default_config()
     c.model.variant = row.variant
     c.model.width, c.model.depth, c.model.num_heads = row.dims
-    c.model.dtype = opts.dtype
-    c.model.remat = opts.remat
-    c.model.remat_blocks = opts.remat_blocks
-    c.model.attention_impl = opts.attention_impl
-    c.model.residual_dtype = opts.residual_dtype
-    c.model.lean_ops = opts.lean_ops
+    for key in MODEL_FLAGS:
+        c.model[key] = getattr(opts, key)
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -189,9 +189,7 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     result = {"name": row.name, "objective": row.objective, "model": model_name(row),
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
-              "dtype": opts.dtype, "remat": opts.remat, "remat_blocks": opts.remat_blocks,
-              "attention_impl": opts.attention_impl, "residual_dtype": opts.residual_dtype, "lean_ops": opts.lean_ops,
-              "donate": opts.donate}
+              **{key: getattr(opts, key) for key in MODEL_FLAGS + ("donate",)}}
     exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
@@ -337,8 +335,8 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", "dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops",
-             "donate", "sc_fraction", "matmul_size", "sampling_row", "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
+FORWARDED = ("steps", "warmup", *MODEL_FLAGS, "donate", "sc_fraction", "matmul_size", "sampling_row", "sampling_batch",
+             "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
