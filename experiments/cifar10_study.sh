@@ -3,11 +3,12 @@
 # scored with the shipped classifier (CFD at 1, 2, 4, 8, 32 and 128 steps).
 #
 #   experiments/cifar10_study.sh NAME CONFIG_ARGS [ARCHIVE] [ROOT] [--config.key=value ...]
-#   experiments/cifar10_study.sh preset "preset=few_step,seed=0"
-#   experiments/cifar10_study.sh fm "objective=flow_matching,ema_debias=True,seed=0"
-#   experiments/cifar10_study.sh recipe "objective=shortcut,seed=0"
-#   experiments/cifar10_study.sh ema99 "ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True,sc_fraction=0.25,seed=0"
-#   python -m shortcut_jax.benchmarks.budget_study --runs preset=workdirs/cifar10_study/preset \
+#   experiments/cifar10_study.sh preset "preset=few_step" --config.seed=0
+#   experiments/cifar10_study.sh fm "objective=flow_matching" --config.train.ema_debias=True --config.seed=0
+#   experiments/cifar10_study.sh recipe "objective=shortcut" --config.seed=0
+#   experiments/cifar10_study.sh ema99 "" --config.train.ema_decays='(0.99,0.999)' --config.eval.ema_index=1 \
+#       --config.train.ema_debias=True --config.objective.sc_fraction=0.25 --config.seed=0
+#   python -m benchmarks.budget_study --runs preset=workdirs/cifar10_study/preset \
 #       fm=workdirs/cifar10_study/fm recipe=workdirs/cifar10_study/recipe --metric cfd \
 #       --out workdirs/cifar10_study/summary
 #

@@ -38,14 +38,14 @@ index).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from shortcut_jax.jsonable import jsonable
 
 __all__ = ["Checkpointer", "check_compatible"]
 
@@ -101,31 +101,14 @@ def _raw_to_keys(restored: Any, abstract_state: Any) -> Any:
     return jax.tree.map(leaf, abstract_state, restored)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict
-        return obj.to_dict()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(
-        f"Object of type {type(obj).__name__} is not JSON serialisable; convert it "
-        "before putting it into data_state/meta."
-    )
-
-
 def _to_json(obj: Any, what: str) -> Any:
-    """Round-trips ``obj`` through JSON so what is saved equals what is restored."""
+    """``obj`` in JSON types, so what is saved equals what is restored."""
     if obj is None:
         obj = {}
     if not isinstance(obj, dict) and not hasattr(obj, "to_dict"):
         raise TypeError(f"{what} must be a dict, got {type(obj).__name__}")
     try:
-        return json.loads(json.dumps(obj, default=_json_default))
+        return jsonable(obj, strict=True)
     except TypeError as e:
         raise TypeError(f"{what}: {e}") from e
 

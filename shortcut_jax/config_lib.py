@@ -17,9 +17,14 @@ import math
 
 import ml_collections
 
+from shortcut_jax.data import default_data_config
+from shortcut_jax.evaluation.metrics import METRIC_CHOICES
+from shortcut_jax.objectives import OBJECTIVES
+from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
+
 # model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
 # does not import the model code)
-REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch", "dots_norms")
+REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")
 # model.lean_ops parts (models.dit.LEAN_OPS)
 LEAN_OPS = ("norm", "gelu")
 
@@ -37,8 +42,7 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    from shortcut_jax.data import default_data_config
-
+    """Every key a run reads, with its default; locked, so a misspelt key fails where it is set."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -58,9 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.remat_blocks = -1  # how many blocks (the first ones) use model.remat; -1: all of them
     c.model.residual_dtype = "float32"  # 'float32' or 'compute' (the matmul dtype, bf16 on accelerators)
-    # the same function with less memory traffic: 'all', 'none' or a comma-separated subset of
-    # norm,gelu (models/dit.py LEAN_OPS; benchmarks/throughput_levers.md measures each)
-    c.model.lean_ops = "all"
+    # hand-written backward passes that keep only their inputs: the same function with less memory
+    # traffic; a subset of LEAN_OPS, () for plain autodiff (needed for forward-mode derivatives)
+    c.model.lean_ops = LEAN_OPS
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
 
     c.objective = ml_collections.ConfigDict()
@@ -74,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.bootstrap_cfg = False
     c.objective.bootstrap_cfg_scale = 1.5
     c.objective.noise_floor = 1e-5  # x_t = (1 - (1 - floor) t) x0 + t x1
-    c.objective.level_weights = ""  # '' (uniform) or comma-separated weights per level 0..num_levels-1
+    c.objective.level_weights = ()  # () (uniform) or one weight per level 0..num_levels-1
     c.objective.flow_t = "grid"  # t of flow rows: 'grid' (finest grid, as published), 'uniform', 'logit_normal'
 
     c.data = default_data_config()
@@ -106,7 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.use_tensorboard = True
     c.train.use_wandb = False
     c.train.wandb_project = "shortcut_jax"
-    c.train.profile_steps = ""  # e.g. '100,110': trace steps [100, 110) to <workdir>/profile
+    c.train.profile_steps = ()  # (start, stop), e.g. (100, 110): trace those steps to <workdir>/profile
     c.train.progress_bar = True
     # Where the initial state is computed: 'device' (one program on the mesh) or 'host' (on the
     # host CPU, then placed on the mesh: the initialiser's hundreds of small random-number
@@ -134,16 +138,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.use_ema = True  # sample with an EMA tree (the reference code uses the online weights by default)
     c.eval.ema_index = 0  # which train.ema_decays tree; the teacher always reads the first
     c.eval.seed = 1
+    c.lock()
     return c
 
 
-def latent_paper_config(objective: str, sc_fraction: float) -> ml_collections.ConfigDict:
+def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
     """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): SD-VAE latents
     read as arrays, the reference optimiser (the defaults), long-run intervals, every budget."""
     c = default_config()
     c.data.name = "arrays"
     c.objective.name = objective
-    c.objective.sc_fraction = sc_fraction
     c.train.ckpt_every = 10_000
     c.train.eval_every = 20_000
     c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -152,36 +156,23 @@ def latent_paper_config(objective: str, sc_fraction: float) -> ml_collections.Co
     return c
 
 
-# preset=NAME in an experiment file's argument: new defaults for some of its arguments (those
-# given beside it still win). "few_step" is recommended for few-step quality early in training
-# (evidence: experiments/cifar10_results.md): self-consistency targets from the online network
-# (stop-gradient) instead of the lagging EMA teacher, a quarter of the batch on self-consistency,
-# and evaluated EMA weights without the initialisation's share.
+# preset=NAME in an experiment file's argument: config keys set together, after the file's own
+# settings (--config.key=value flags still win). "few_step" is recommended for few-step quality
+# early in training (evidence: experiments/cifar10_results.md): self-consistency targets from the
+# online network (stop-gradient) instead of the lagging EMA teacher, a quarter of the batch on
+# self-consistency, and evaluated EMA weights without the initialisation's share.
 PRESETS = {
-    "": {},  # the file's own defaults (the published recipe where it follows one)
-    "few_step": {"teacher": "online", "sc_fraction": 0.25, "ema_debias": True},
+    "": {},  # the file's own settings (the published recipe where it follows one)
+    "few_step": {"objective.teacher": "online", "objective.sc_fraction": 0.25, "train.ema_debias": True},
 }
 
 
-def parse_config_arg_with_preset(arg: str | None, allowed: dict) -> dict:
-    """``parse_config_arg`` plus a ``preset`` key whose entry in ``PRESETS`` replaces defaults."""
-    allowed = {**allowed, "preset": ""}
-    preset = parse_config_arg(arg, allowed)["preset"]
-    if preset not in PRESETS:
-        raise ConfigError(f"config argument preset={preset!r}: use one of {sorted(PRESETS)}")
-    missing = sorted(set(PRESETS[preset]) - set(allowed))
-    if missing:
-        raise ConfigError(f"config argument preset={preset!r} sets {missing}, which this experiment file "
-                          "does not take")
-    return parse_config_arg(arg, {**allowed, **PRESETS[preset]})
-
-
-def set_ema(config, decay: float, eval_decay: float = 0.0, debias: bool = False) -> None:
-    """One EMA at ``decay`` (the teacher's, also evaluated), or with ``eval_decay`` a second one
-    that evaluation samples instead; ``debias``: see ``train.ema_debias``."""
-    config.train.ema_debias = debias
-    config.train.ema_decays = (decay, eval_decay) if eval_decay else (decay,)
-    config.eval.ema_index = 1 if eval_decay else 0
+def apply_preset(config, name: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(f"config argument preset={name!r}: use one of {sorted(PRESETS)}")
+    for dotted, value in PRESETS[name].items():
+        section, key = dotted.split(".")
+        config[section][key] = value
 
 
 def model_dims(model_cfg) -> tuple[int, int, int]:
@@ -196,34 +187,23 @@ def model_dims(model_cfg) -> tuple[int, int, int]:
     return width, depth, heads
 
 
-def parse_level_weights(spec: str, num_levels: int) -> list[float] | None:
-    if not spec:
-        return None
-    try:
-        weights = [float(w) for w in spec.split(",")]
-    except ValueError:
-        raise ConfigError(f"objective.level_weights={spec!r} must be comma-separated numbers") from None
-    if len(weights) != num_levels or any(w < 0 for w in weights) or sum(weights) <= 0:
+def check_level_weights(weights, num_levels: int) -> None:
+    weights = tuple(weights)
+    if not weights:
+        return
+    if (len(weights) != num_levels or any(not isinstance(w, (int, float)) or w < 0 for w in weights)
+            or sum(weights) <= 0):
         raise ConfigError(
-            f"objective.level_weights needs {num_levels} non-negative weights (levels 0..{num_levels - 1}),"
-            f" got {spec!r}"
+            f"objective.level_weights needs () or {num_levels} non-negative weights (levels 0..{num_levels - 1}),"
+            f" e.g. --config.objective.level_weights='({', '.join(['1.0'] * num_levels)})'; got {weights!r}"
         )
-    return weights
 
 
-def parse_lean_ops(spec: str) -> tuple[str, ...]:
-    """``model.lean_ops``: 'none', 'all' or a comma-separated subset of LEAN_OPS."""
-    spec = (spec or "none").strip()
-    if spec == "none":
-        return ()
-    if spec == "all":
-        return LEAN_OPS
-    parts = tuple(p.strip() for p in spec.split(","))
-    unknown = [p for p in parts if p not in LEAN_OPS]
-    if unknown or len(set(parts)) != len(parts):
-        raise ConfigError(f"model.lean_ops={spec!r}: write 'none', 'all' or a comma-separated subset of"
-                          f" {','.join(LEAN_OPS)} without repeats")
-    return tuple(p for p in LEAN_OPS if p in parts)
+def check_lean_ops(ops) -> None:
+    ops = tuple(ops)
+    unknown = [p for p in ops if p not in LEAN_OPS]
+    if unknown or len(set(ops)) != len(ops):
+        raise ConfigError(f"model.lean_ops={ops!r}: use a subset of {LEAN_OPS} without repeats, () for none")
 
 
 def check_batch_layout(objective_cfg, batch: int, what: str) -> None:
@@ -241,20 +221,7 @@ def check_batch_layout(objective_cfg, batch: int, what: str) -> None:
 
 
 def num_sc_rows(objective_cfg, batch: int) -> int:
-    from shortcut_jax.objectives.shortcut import num_sc_rows as rows  # the objective's own rounding
-
-    return rows(batch, objective_cfg.sc_fraction)
-
-
-def _unknown_keys(config, reference, prefix="") -> list[str]:
-    out = []
-    for key in config.keys():
-        path = f"{prefix}{key}"
-        if key not in reference:
-            out.append(path)
-        elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
-            out.extend(_unknown_keys(config[key], reference[key], path + "."))
-    return out
+    return _objective_sc_rows(batch, objective_cfg.sc_fraction)  # the objective's own rounding
 
 
 def validate(config, *, num_devices: int) -> None:
@@ -263,11 +230,6 @@ def validate(config, *, num_devices: int) -> None:
     Checks that need the data (image size against the patch) or the workdir (a checkpoint of a
     different model) run in ``train`` right after this, still before anything is compiled.
     """
-    from shortcut_jax.objectives import OBJECTIVES
-
-    unknown = _unknown_keys(config, default_config())
-    if unknown:
-        raise ConfigError(f"unknown config keys {unknown}: check their spelling against config_lib.default_config()")
     if config.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(OBJECTIVES)}")
     if config.model.name not in ("dit", "mlp"):
@@ -287,7 +249,7 @@ def validate(config, *, num_devices: int) -> None:
                          ("residual_dtype", ("float32", "compute"))):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
-    parse_lean_ops(config.model.lean_ops)
+    check_lean_ops(config.model.lean_ops)
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")
@@ -305,7 +267,7 @@ def validate(config, *, num_devices: int) -> None:
         raise ConfigError(f"objective.sc_fraction={obj.sc_fraction} must be in (0, 1)")
     if obj.flow_t not in ("grid", "uniform", "logit_normal"):
         raise ConfigError(f"objective.flow_t={obj.flow_t!r}: use 'grid', 'uniform' or 'logit_normal'")
-    parse_level_weights(obj.level_weights, obj.num_levels)
+    check_level_weights(obj.level_weights, obj.num_levels)
     bad_decays = [d for d in config.train.ema_decays if not 0.0 <= float(d) < 1.0]
     if bad_decays:
         raise ConfigError(f"train.ema_decays={tuple(config.train.ema_decays)}: each decay must be in [0, 1)")
@@ -351,12 +313,10 @@ def validate(config, *, num_devices: int) -> None:
         if train[key] < 1:
             raise ConfigError(f"train.{key}={train[key]} must be >= 1")
     if train.profile_steps:
-        try:
-            start, stop = (int(s) for s in train.profile_steps.split(","))
-        except ValueError:
-            raise ConfigError(f"train.profile_steps={train.profile_steps!r} must be 'start,stop'") from None
-        if not 0 <= start < stop:
-            raise ConfigError(f"train.profile_steps={train.profile_steps!r} needs 0 <= start < stop")
+        steps = tuple(train.profile_steps)
+        if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] < steps[1]:
+            raise ConfigError(f"train.profile_steps={steps!r} must be () or (start, stop) with 0 <= start < stop,"
+                              " e.g. --config.train.profile_steps='(100,110)'")
     if config.train.init_on not in ("device", "host"):
         raise ConfigError(f"train.init_on={config.train.init_on!r}: use 'device' or 'host'")
     num_ema = len(config.train.ema_decays)
@@ -365,11 +325,11 @@ def validate(config, *, num_devices: int) -> None:
                           f"{tuple(config.train.ema_decays)}")
     if config.eval.final_num_samples < 0:
         raise ConfigError(f"eval.final_num_samples={config.eval.final_num_samples} must be >= 0 (0: eval.num_samples)")
-    if config.eval.metric not in ("auto", "none", "sliced_wasserstein", "cfd"):
-        raise ConfigError(f"eval.metric={config.eval.metric!r}: use 'auto', 'none', 'sliced_wasserstein' or 'cfd'")
+    if config.eval.metric not in METRIC_CHOICES:
+        raise ConfigError(f"eval.metric={config.eval.metric!r}: use one of {list(METRIC_CHOICES)}")
     if config.eval.metric == "cfd" and not config.eval.classifier:
         raise ConfigError("eval.metric='cfd' needs eval.classifier (a directory written by"
-                          " `python -m shortcut_jax.benchmarks.train_classifier`)")
+                          " `python -m benchmarks.train_classifier`)")
     for n in tuple(config.eval.budgets) + tuple(config.eval.grid_budgets):
         if n not in [2**k for k in range(obj.num_levels + 1)]:
             raise ConfigError(

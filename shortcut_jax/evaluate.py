@@ -1,14 +1,22 @@
 """Evaluation at several step budgets: one entry point for training-time and offline evaluation.
 
-``evaluate_budgets`` draws samples at each budget (1, 2, 4, ..., 128) from one set of noise and
-labels, and scores them against fresh data with the metric the data calls for:
-- 2-D points: sliced Wasserstein distance (512 random projections) against fresh data points,
-  with the data-against-data floor;
-- images: sample grids, and the metric named by ``eval.metric`` from ``IMAGE_METRICS`` (the
-  classifier Frechet distance ``cfd``, FID where Inception weights are available).
-It writes a table (``.md``/``.json``/``.csv``), a plot of distance against budget, a grid or
-scatter per budget, and last ``evaluation.json`` (step, sample count, metric), whose presence
-marks the evaluation as finished.
+``evaluate_budgets`` draws samples at each budget of ``config.eval`` (1, 2, 4, ..., 128) from one
+set of noise and labels, spread over the mesh's devices (each draws its own share), and scores
+them with the run's metric (``evaluation.metrics``: sliced Wasserstein distance for 2-D points,
+the classifier Frechet distance ``cfd`` for CIFAR-10 images). It writes a table
+(``.md``/``.json``/``.csv``), a plot of the metric against the budget, a grid or scatter per
+budget, and last ``evaluation.json`` (step, sample count, metric), whose presence marks the
+evaluation as finished.
+
+The path of a checkpoint to a grid::
+
+    evaluate_checkpoint(config, workdir)
+      -> Experiment(config, workdir)             (checks, model, mesh, sampler, metric)
+      -> Checkpointer.restore(step, abstract_state)
+      -> evaluate_state: params = EMA or online tree
+           for each budget n: draw_samples -> Sampler (jit, noise split over the mesh)
+                              -> metric scorer, grid PNG
+      -> table, plot, evaluation.json, metrics.jsonl
 
 Command line (evaluates the latest checkpoint of a run)::
 
@@ -22,29 +30,23 @@ evaluation is completed as the training loop would have done it); otherwise to t
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
+import jax
 import numpy as np
 
-from shortcut_jax import metric_writers
-from shortcut_jax.evaluation import distances, report
+from shortcut_jax import checkpoint, plots, writers
+from shortcut_jax.evaluation import report
+from shortcut_jax.experiment import Experiment
+
+log = logging.getLogger(__name__)
 
 # Written last by every evaluation: its presence means the folder holds a finished evaluation.
 FINISHED = "evaluation.json"
 # The per-budget table (TABLE + .md/.json/.csv) and its plot (TABLE + .png).
 TABLE = "distance_by_budget"
-
-# name -> fn(samples [N, ...], reference [M, ...]) -> float; for image data sets.
-IMAGE_METRICS: dict[str, Callable] = {}
-
-
-def save_grid(samples: np.ndarray, path: str) -> np.ndarray:
-    """Grid of RGB/grey images; other channel counts (undecoded latents) show their first three
-    channels over a unit-variance range."""
-    if samples.shape[-1] in (1, 3):
-        return metric_writers.save_image_grid(samples, path)
-    return metric_writers.save_image_grid(samples[..., :3], path, value_range=(-2.5, 2.5))
 
 
 def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
@@ -66,59 +68,50 @@ def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, 
         chunk_labels = np.full(batch_size, num_classes, np.int32)
         chunk_labels[:n] = labels[start:stop] if num_classes > 0 else num_classes
         x = sampler(params, chunk_noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
-        out.append(np.asarray(x)[:n])
+        out.append(sampler.to_host(x)[:n])
     return np.concatenate(out)
 
 
-def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int], num_classes: int,
-                     budgets: Sequence[int], num_samples: int, batch_size: int, seed: int, out_dir: str,
-                     step: int, cfg_scale: float = 1.0, grid_budgets: Sequence[int] = (),
-                     grid_size: int = 64, metric: str = "auto", writer=None,
-                     label: str = "") -> dict[int, float]:
-    """Samples at each budget, the metric per budget, and the files that show them."""
+def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
+                     final: bool = False, writer=None, label: str = "") -> dict[int, float]:
+    """Samples at each budget of ``eval_cfg``, ``metric`` per budget (None: grids only), and the
+    files that show them. A ``final`` evaluation draws ``eval.final_num_samples`` where set."""
     os.makedirs(out_dir, exist_ok=True)
-    metric = ("sliced_wasserstein" if kind == "points" else "none") if metric == "auto" else metric
+    shape, kind = tuple(spec.shape), spec.kind
+    num_samples = (final and eval_cfg.final_num_samples) or eval_cfg.num_samples
+    budgets, grid_budgets, grid_size = tuple(eval_cfg.budgets), tuple(eval_cfg.grid_budgets), eval_cfg.grid_size
+    scorer = metric.against(source, num_samples, eval_cfg.seed) if metric is not None else None
     results: dict[int, float] = {}
-    floor: Optional[float] = None
-    reference = None
-    if metric == "sliced_wasserstein":
-        reference = source.reference(num_samples, seed=seed + 1)
-        floor = distances.sliced_wasserstein(source.reference(num_samples, seed=seed + 2), reference)
-    elif metric != "none":
-        if metric not in IMAGE_METRICS:
-            raise ValueError(f"eval.metric={metric!r} is unknown; use 'auto', 'none', 'sliced_wasserstein'"
-                             f" or one of {sorted(IMAGE_METRICS)}")
-        reference = source.reference(num_samples, seed=seed + 1)
-
     images = {}
     for n in sorted(set(budgets) | set(grid_budgets)):
-        count = num_samples if n in budgets and metric != "none" else grid_size
-        samples = draw_samples(sampler, params, shape=shape, num_classes=num_classes, num_samples=count,
-                               batch_size=min(batch_size, count), num_steps=n, seed=seed, cfg_scale=cfg_scale)
-        if n in budgets and metric == "sliced_wasserstein":
-            results[n] = distances.sliced_wasserstein(samples, reference)
-        elif n in budgets and metric != "none":
-            results[n] = float(IMAGE_METRICS[metric](samples, reference))
+        count = num_samples if n in budgets and scorer is not None else grid_size
+        samples = draw_samples(sampler, params, shape=shape, num_classes=spec.num_classes, num_samples=count,
+                               batch_size=min(eval_cfg.batch_size, count), num_steps=n, seed=eval_cfg.seed,
+                               cfg_scale=eval_cfg.cfg_scale)
+        if n in budgets and scorer is not None:
+            results[n] = scorer(samples)
         if n in grid_budgets:
             path = os.path.join(out_dir, f"samples_{n}step.png")
             if kind == "points":
-                images[f"samples_{n}step"] = metric_writers.save_scatter(
-                    samples[:grid_size * 40], path, reference=None if reference is None else reference[:2000],
-                    title=f"{n} step(s), step {step}")
+                reference = None if scorer is None or scorer.reference is None else scorer.reference[:2000]
+                images[f"samples_{n}step"] = plots.save_scatter(
+                    samples[:grid_size * 40], path, reference=reference, title=f"{n} step(s), step {step}")
             else:
-                images[f"samples_{n}step"] = save_grid(samples[:grid_size], path)
+                images[f"samples_{n}step"] = plots.save_grid(samples[:grid_size], path)
 
+    metric_key = metric.name if metric is not None else "none"
+    floor = scorer.floor if scorer is not None else None
     if results:
-        name = metric.replace("_", " ")
-        report.write_budget_table(results, os.path.join(out_dir, TABLE), metric_name=name, floor=floor)
+        report.write_budget_table(results, os.path.join(out_dir, TABLE), metric_name=metric.display_name,
+                                  floor=floor)
         report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, TABLE + ".png"),
-                                 metric_name=name, floor=floor, title=f"step {step}")
+                                 metric_name=metric.display_name, floor=floor, title=f"step {step}")
     with open(os.path.join(out_dir, FINISHED), "w") as f:
-        json.dump({"step": step, "num_samples": num_samples, "metric": metric, "label": label}, f, indent=1)
+        json.dump({"step": step, "num_samples": num_samples, "metric": metric_key, "label": label}, f, indent=1)
     if writer is not None:
-        scalars = {f"eval/{metric}_{n}step": v for n, v in results.items()}
+        scalars = {f"eval/{metric_key}_{n}step": v for n, v in results.items()}
         if floor is not None:
-            scalars[f"eval/{metric}_floor"] = floor
+            scalars[f"eval/{metric_key}_floor"] = floor
         if results:
             scalars["eval/num_samples"] = num_samples
         if scalars:
@@ -126,6 +119,15 @@ def evaluate_budgets(sampler, params, source, *, kind: str, shape: Sequence[int]
         if images:
             writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
     return results
+
+
+def evaluate_state(exp: Experiment, state, step: int, *, out_dir: Optional[str] = None, writer=None,
+                   final: bool = False) -> dict[int, float]:
+    """Every budget of the experiment's ``config.eval`` for one train state."""
+    return evaluate_budgets(
+        exp.config.eval, exp.sampler, exp.eval_params(state), exp.source, exp.spec, exp.metric,
+        out_dir=out_dir or os.path.join(exp.workdir, "eval", f"{step:08d}"), step=step, final=final,
+        writer=writer, label=exp.config.objective.name)
 
 
 def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
@@ -142,21 +144,45 @@ def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
     return f"{own}_offline{k}", False
 
 
+def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
+                        out_dir: Optional[str] = None) -> dict[int, float]:
+    """Evaluate a saved run at every budget of ``config.eval`` (final sample count)."""
+    exp = Experiment(config, workdir)
+    try:
+        if not os.path.isdir(exp.ckpt_dir):
+            raise FileNotFoundError(f"no checkpoints under {exp.ckpt_dir}: train first or fix --workdir")
+        with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
+            state, _, _ = ckpt.restore(step, exp.abstract_state)
+        step = int(jax.device_get(state.step))
+        writer = None
+        if out_dir is None:
+            out_dir, own = offline_out_dir(exp.workdir, step)
+            if own:  # completes the run's evaluation at this step, so it joins the run's metrics too
+                writer = writers.MetricWriter(exp.workdir, use_tensorboard=False)
+            log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
+                     " and metrics.jsonl" if writer else "")
+        try:
+            return evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True)
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        exp.close()
+
+
 def main(argv):
     del argv
     from absl import flags
 
-    from shortcut_jax import train
-
-    cfg = flags.FLAGS.config
-    train.evaluate_checkpoint(cfg, flags.FLAGS.workdir, out_dir=flags.FLAGS.out_dir or None)
+    evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, out_dir=flags.FLAGS.out_dir or None)
 
 
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (python, get_config(arg)).")
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (python, get_config(arg)).",
+                                    lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory holding checkpoints.")
     flags.DEFINE_string("out_dir", "", "Where to write tables and plots (default <workdir>/eval/<step>).")
     flags.mark_flags_as_required(["config", "workdir"])

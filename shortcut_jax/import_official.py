@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shortcut_jax import checkpoint, config_lib, data, train
+from shortcut_jax import checkpoint, config_lib, data
+from shortcut_jax.experiment import Experiment
 from shortcut_jax.models import convert
 
 
@@ -91,7 +92,7 @@ def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into a fresh --workdir")
-    exp = train.Experiment(config, workdir, spec=spec)
+    exp = Experiment(config, workdir, spec=spec)
 
     params = convert.official_to_project(train_state["params"])
     _check_shapes("params", params, exp.abstract_state.params)

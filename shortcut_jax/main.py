@@ -28,9 +28,9 @@ def main(argv):
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
-    from shortcut_jax import metric_writers, train
+    from shortcut_jax import train, writers
 
-    metric_writers.quiet_library_logs()
+    writers.quiet_library_logs()
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

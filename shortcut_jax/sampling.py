@@ -15,6 +15,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from shortcut_jax import sharding
 
 
 def check_budget(num_steps: int, num_levels: int) -> int:
@@ -63,12 +66,19 @@ def _euler(apply_fn, params, noise, labels, num_steps, level, cfg_scale, null_cl
 
 
 class Sampler:
-    """Jit-compiled samplers for one network: one program per (input shape, guided)."""
+    """Jit-compiled samplers for one network: one program per (input shape, guided).
 
-    def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int):
+    With a ``mesh`` the noise and labels are split over its batch axes, so each device draws its
+    own share of the samples (a batch that does not divide evenly is padded, and the padding
+    dropped); the parameters keep the shardings they come with. Results are global arrays:
+    ``to_host`` gathers them on every process.
+    """
+
+    def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, mesh=None):
         self.apply_fn = apply_fn
         self.num_levels = num_levels
         self.num_classes = num_classes
+        self.mesh = mesh
         self._compiled: dict = {}
 
     def _fn(self, guided: bool):
@@ -78,13 +88,31 @@ class Sampler:
                 return _euler(self.apply_fn, params, noise, labels, num_steps, level,
                               cfg_scale if guided else None, self.num_classes)
 
-            self._compiled[guided] = jax.jit(run)
+            out = None if self.mesh is None else sharding.batch_sharding(self.mesh)
+            self._compiled[guided] = jax.jit(run, out_shardings=out)
         return self._compiled[guided]
 
-    def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
+    def _arguments(self, noise, labels, num_steps: int, cfg_scale: float):
+        """(guided, arguments of the jitted sampler, number of real rows)."""
         level = check_budget(num_steps, self.num_levels)
+        n = noise.shape[0]
         if labels is None:
-            labels = jnp.full((noise.shape[0],), self.num_classes, jnp.int32)
+            labels = np.full((n,), self.num_classes, np.int32)
         guided = self.num_classes > 0 and float(cfg_scale) != 1.0
-        return self._fn(guided)(params, noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps),
-                                jnp.int32(level))
+        if self.mesh is not None:
+            noise, labels = (sharding.shard_rows(np.asarray(a), self.mesh) for a in (noise, labels))
+        return guided, (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps), jnp.int32(level)), n
+
+    def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
+        guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale)
+        out = self._fn(guided)(params, *args)
+        return out if out.shape[0] == n else out[:n]
+
+    def lower(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0):
+        """The lowered program ``__call__`` runs (for inspecting per-device shapes and costs)."""
+        guided, args, _ = self._arguments(noise, labels, num_steps, cfg_scale)
+        return self._fn(guided).lower(params, *args)
+
+    @staticmethod
+    def to_host(x: jax.Array) -> np.ndarray:
+        return sharding.to_host(x)

@@ -75,3 +75,22 @@ def global_batch(host_batch: dict, mesh: Mesh) -> dict:
     """Per-process numpy rows -> global arrays sharded over the batch axes of ``mesh``."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
+
+
+def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds in full -> a global array split by rows over the
+    batch axes. Rows are padded with zeros to a multiple of the batch axes' size."""
+    parts = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    pad = -x.shape[0] % parts
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one numpy array on every process (gathered across hosts if needed)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

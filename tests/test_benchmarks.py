@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shortcut_jax import config_lib, train
-from shortcut_jax.benchmarks import flops
-from shortcut_jax.benchmarks import lever_sweep, trace_summary
-from shortcut_jax.benchmarks import train_step as bench
+from shortcut_jax import config_lib, experiment
+from benchmarks import flops
+from benchmarks import lever_sweep, trace_summary
+from benchmarks import train_step as bench
 from shortcut_jax.models import DiT
 from shortcut_jax.objectives import OBJECTIVES, make_objective_config
 
@@ -23,7 +23,7 @@ TINY = dict(width=128, depth=2, heads=4, mlp_ratio=4.0, image=16, channels=4, pa
 
 
 def xla_flops(fn, *args) -> float:
-    return train.compiled_stats(jax.jit(fn).lower(*args).compile())["compiler_flops"]
+    return experiment.compiled_stats(jax.jit(fn).lower(*args).compile())["compiler_flops"]
 
 
 def tiny_dit():
@@ -211,7 +211,7 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
     import os
     import sys
 
-    from shortcut_jax.benchmarks import budget_study
+    from benchmarks import budget_study
 
     runs = {}
     for name, scale in (("a", 1.0), ("b", 2.0)):
@@ -378,7 +378,7 @@ def test_lever_sweep_compares_variants_with_the_baseline_and_keeps_a_failed_one(
 
 
 def test_fused_gelu_grad_kernel_equals_the_gemm_times_geluderivative():
-    from shortcut_jax.benchmarks import fused_mlp_kernel as fk
+    from benchmarks import fused_mlp_kernel as fk
     from shortcut_jax.models import layers
 
     # the derivative is the backward pass of the model's GELU
@@ -401,7 +401,7 @@ def test_fused_gelu_grad_kernel_equals_the_gemm_times_geluderivative():
 
 
 def test_fused_kernel_benchmark_runs_and_rejects_malformed_flags(tmp_path, capsys):
-    from shortcut_jax.benchmarks import fused_mlp_kernel as fk
+    from benchmarks import fused_mlp_kernel as fk
 
     out = tmp_path / "k.json"
     rows = fk.main(["--shapes=32x16x64", "--tiles=16,32,16,4,3;16,32,16,4,3,0", "--iters=1", "--dtype=float32",

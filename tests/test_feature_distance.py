@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shortcut_jax import evaluate
-from shortcut_jax.benchmarks import feature_ladder, train_classifier
-from shortcut_jax.evaluation import classifier, feature_distance
+from benchmarks import feature_ladder, train_classifier
+from shortcut_jax import config_lib
+from shortcut_jax.evaluation import classifier, feature_distance, metrics
 
 # Small enough that every compilation takes a second or two on a CPU.
 TINY = {"widths": [8, 8, 16, 16]}
@@ -207,30 +207,47 @@ def test_blur_and_noise_helpers():
     assert noisy.min() >= -1 and noisy.max() <= 1
 
 
-def test_register_adds_cfd_to_image_metrics(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "IMAGE_METRICS", {})
+class _ReferenceSource:
+    """The one method of a data source that a metric reads: ``reference(n, seed)``."""
+
+    def __init__(self, images):
+        self.images = images
+        self.calls = []
+
+    def reference(self, n, seed):
+        self.calls.append((n, seed))
+        return self.images[:n]
+
+
+def test_cfd_metric_built_from_the_eval_config_scores_against_the_data_or_fixed_statistics(tiny, tmp_path):
     config, _, variables = tiny
     path = str(tmp_path / "clf")
     classifier.save_classifier(path, config, variables)
     x, _ = _synthetic(60, seed=8)
     samples = feature_ladder.add_noise(x, 0.2)
-    reference = classifier.images_to_float(x)
+    source = _ReferenceSource(classifier.images_to_float(x))
+    eval_cfg = config_lib.default_config().eval
+    eval_cfg.metric, eval_cfg.classifier, eval_cfg.seed = "cfd", path, 5
 
-    metric = feature_distance.register(path)
-    assert evaluate.IMAGE_METRICS["cfd"] is metric
-    value = metric(samples, np.asarray(reference))
+    metric = metrics.build_metric(eval_cfg, "images")
+    scorer = metric.against(source, 60, eval_cfg.seed)
+    assert source.calls == [(60, 6)]  # the reference draw: eval.seed + 1
+    value = scorer(samples)
     assert math.isfinite(value) and value > 0
-    assert metric(np.asarray(reference), np.asarray(reference)) < 1e-6 * value
-    assert math.isnan(metric(np.full_like(samples, np.nan), np.asarray(reference)))
+    assert scorer(source.images) < 1e-6 * value
+    assert math.isnan(scorer(np.full_like(samples, np.nan)))
 
     stats_file = str(tmp_path / "ref.npz")
     extractor = feature_distance.FeatureExtractor(path)
     feature_distance.reference_stats(extractor, x, cache_path=stats_file)
-    fixed = feature_distance.register(path, name="cfd_test", reference_stats=stats_file)
-    # The reference images are ignored when fixed statistics are given.
-    assert fixed(samples, None) == pytest.approx(value, rel=1e-9)
-    with pytest.raises(FileNotFoundError):
-        feature_distance.register(str(tmp_path / "missing"))
+    eval_cfg.reference_stats = stats_file
+    fixed = metrics.build_metric(eval_cfg, "images").against(source, 60, 0)
+    assert len(source.calls) == 1  # fixed statistics: the data is not read
+    assert fixed(samples) == pytest.approx(value, rel=1e-9)
+    eval_cfg.classifier = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="eval.classifier"):
+        metrics.build_metric(eval_cfg, "images")
+    assert metrics.build_metric(config_lib.default_config().eval, "images") is None  # 'auto' on images
 
 
 # ---------------------------------------------------------------- data and scripts

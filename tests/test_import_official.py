@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from conftest import SHARED_DATA
-from shortcut_jax import checkpoint, config_lib, import_official, train
+from shortcut_jax import checkpoint, config_lib, data, import_official, train
+from shortcut_jax.experiment import Experiment
 from shortcut_jax.models import convert
 
 
@@ -53,8 +54,8 @@ def test_import_carries_params_ema_and_adam_moments(official_pickle, tmp_path):
     cfg = small_config()
     step = import_official.import_checkpoint(import_official.load_pickle(path), cfg, workdir, image_size=8)
     assert step == 1234
-    spec = train.data.DataSpec(shape=(8, 8, 4), num_classes=10, kind="images")
-    exp = train.Experiment(cfg, workdir, spec=spec)
+    spec = data.DataSpec(shape=(8, 8, 4), num_classes=10, kind="images")
+    exp = Experiment(cfg, workdir, spec=spec)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         state, data_state, _ = ckpt.restore(None, exp.abstract_state)
     assert int(state.step) == 1234 and data_state == {}

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from shortcut_jax import checkpoint, config_lib, sharding, train
+from shortcut_jax import checkpoint, config_lib, evaluate, sharding, train
+from shortcut_jax.experiment import Experiment
 from shortcut_jax.objectives import shortcut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,25 +95,25 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     names = {os.path.basename(p) for p in evals}
     assert {"samples_1step.png", "distance_by_budget.md", "distance_by_budget.png"} <= names
     # the offline entry point evaluates the saved run the same way
-    results = train.evaluate_checkpoint(toy_config(), workdir, out_dir=str(tmp_path / "offline"))
+    results = evaluate.evaluate_checkpoint(toy_config(), workdir, out_dir=str(tmp_path / "offline"))
     assert sorted(results) == [1, 128] and all(np.isfinite(v) for v in results.values())
     assert os.path.exists(tmp_path / "offline" / "distance_by_budget.json")
     # By default it never replaces a finished evaluation, nor the run's metrics...
     own = os.path.join(workdir, "eval", "00000020")
     table = open(os.path.join(own, "distance_by_budget.md")).read()
     lines = len(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
-    again = train.evaluate_checkpoint(toy_config(), workdir)
+    again = evaluate.evaluate_checkpoint(toy_config(), workdir)
     assert again == results and open(os.path.join(own, "distance_by_budget.md")).read() == table
     assert os.path.exists(own + "_offline1/evaluation.json")
     assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == lines
     # ...but completes one that was cut off, as the training loop would have written it.
     os.remove(os.path.join(own, "evaluation.json"))
-    assert train.evaluate_checkpoint(toy_config(), workdir) == results  # a table alone also counts
+    assert evaluate.evaluate_checkpoint(toy_config(), workdir) == results  # a table alone also counts
     assert os.path.exists(own + "_offline2/evaluation.json")
     for name in ("evaluation.json", "distance_by_budget.json"):
         if os.path.exists(os.path.join(own, name)):
             os.remove(os.path.join(own, name))
-    train.evaluate_checkpoint(toy_config(), workdir)
+    evaluate.evaluate_checkpoint(toy_config(), workdir)
     last = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
     assert last["step"] == 20 and last["eval/num_samples"] == 1000
     assert last["eval/sliced_wasserstein_1step"] == results[1]
@@ -175,7 +176,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
 
 
 def run_steps(config, n, batches):
-    exp = train.Experiment(config, "/nonexistent-workdir-for-test")
+    exp = Experiment(config, "/nonexistent-workdir-for-test")
     state = exp.init_state()
     compiled, _ = exp.compile_step()
     losses = []
@@ -189,7 +190,7 @@ def run_steps(config, n, batches):
 def test_data_parallel_on_8_devices_matches_one_device():
     assert jax.device_count() == 8
     cfg1 = digits_config(**{"mesh.data": 1})
-    exp = train.Experiment(cfg1, "/nonexistent-workdir-for-test")
+    exp = Experiment(cfg1, "/nonexistent-workdir-for-test")
     batches = [exp.source.next_batch() for _ in range(5)]
     exp.source.close()
     loss1, params1 = run_steps(cfg1, 5, batches)
@@ -203,7 +204,7 @@ def test_data_parallel_on_8_devices_matches_one_device():
 def test_fsdp_mesh_shards_parameters_and_matches():
     # width 64: the MLP kernels (64 x 256) are large enough to be sharded
     cfg = digits_config(**{"mesh.data": 4, "mesh.fsdp": 2, "model.width": 64})
-    exp = train.Experiment(cfg, "/nonexistent-workdir-for-test")
+    exp = Experiment(cfg, "/nonexistent-workdir-for-test")
     specs = [s.spec for s in jax.tree.leaves(exp.state_shardings)]
     assert any("fsdp" in str(spec) for spec in specs)
     batches = [exp.source.next_batch() for _ in range(3)]
@@ -226,7 +227,6 @@ def _listing(path):
 
 
 BAD_CONFIGS = {
-    "unknown key": ({"train.stepz": 3}, "unknown config keys"),
     "objective": ({"objective.name": "consistency_magic"}, "objective.name"),
     "dataset": ({"data.name": "imagenet9000"}, "imagenet9000"),
     "devices": ({"mesh.data": 8, "train.batch_size": 60}, "divisible by the 8 devices"),
@@ -279,7 +279,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
         train.train_and_evaluate(cfg, workdir)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         last = ckpt.latest_step()
-        exp = train.Experiment(cfg, workdir)
+        exp = Experiment(cfg, workdir)
         state, _, _ = ckpt.restore(last, exp.abstract_state)
         exp.source.close()
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(jax.device_get(state.params)))
@@ -355,7 +355,7 @@ def test_debiased_ema_is_the_normalised_weighted_mean_of_the_iterates():
 
 
 def test_compiled_step_updates_the_donated_state_in_place_unless_told_not_to():
-    exp = train.Experiment(digits_config(), "/nonexistent-workdir-for-test")
+    exp = Experiment(digits_config(), "/nonexistent-workdir-for-test")
     exp.source.close()
     state_bytes = sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state))
     donated, _ = exp.compile_step()
@@ -366,7 +366,7 @@ def test_compiled_step_updates_the_donated_state_in_place_unless_told_not_to():
 
 def test_state_initialised_on_the_host_equals_the_one_initialised_on_the_fsdp_mesh():
     cfg = digits_config(**{"mesh.data": 4, "mesh.fsdp": 2, "model.width": 64})
-    exp = train.Experiment(cfg, "/nonexistent-workdir-for-test")
+    exp = Experiment(cfg, "/nonexistent-workdir-for-test")
     on_device = exp.init_state()
     exp.host_cpu = jax.local_devices(backend="cpu")[0]  # as train.init_on='host' sets it
     on_host = exp.init_state()
@@ -393,7 +393,7 @@ def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
     for debias in (False, True):
         cfg = toy_config(**{"train.steps": steps, "train.ema_debias": debias, "objective.teacher": "ema",
                             "train.ema_decays": (0.999,)})
-        exp = train.Experiment(cfg, None)
+        exp = Experiment(cfg, None)
         initial = params_of(exp.init_state())
         compiled, _ = exp.compile_step()
         state = exp.init_state()
@@ -418,29 +418,34 @@ def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
 
 def test_evaluation_samples_the_chosen_ema_tree_and_the_teacher_reads_the_first():
     cfg = toy_config(**{"train.ema_decays": (0.99, 0.999), "eval.ema_index": 1})
-    exp = train.Experiment(cfg, None)
+    exp = Experiment(cfg, None)
     state = exp.init_state()
     state = state.replace(ema_params=(jax.tree.map(lambda p: p + 1.0, state.params),
                                       jax.tree.map(lambda p: p + 2.0, state.params)))
     assert exp.eval_params(state) is state.ema_params[1]
     assert state.teacher_params is state.ema_params[0]
     cfg.eval.use_ema = False
-    assert train.Experiment(cfg, None).eval_params(state) is state.params
+    assert Experiment(cfg, None).eval_params(state) is state.params
 
 
-def test_experiment_ema_arguments_set_the_teacher_and_evaluated_trees():
-    cfg = load_experiment("toy2d").get_config("teacher=ema,ema_decay=0.99,eval_ema_decay=0.999,ema_debias=True")
-    assert tuple(cfg.train.ema_decays) == (0.99, 0.999) and cfg.eval.ema_index == 1 and cfg.train.ema_debias
-    cfg = load_experiment("cifar10").get_config("ema_decay=0.99")
-    assert tuple(cfg.train.ema_decays) == (0.99,) and cfg.eval.ema_index == 0 and not cfg.train.ema_debias
+def test_config_is_locked_so_a_misspelt_key_fails_where_it_is_set():
+    cfg = load_experiment("toy2d").get_config("")
+    with pytest.raises(AttributeError, match="stepz"):
+        cfg.train.stepz = 3
+    with pytest.raises(config_lib.ConfigError, match="expected key=value with key in"):
+        load_experiment("toy2d").get_config("steps=10")  # a single key is a --config flag, not an argument
 
 
-def test_cifar10_preset_sets_the_recommended_arguments_and_explicit_ones_win():
+def test_cifar10_preset_sets_the_recommended_keys_and_flags_still_win():
     cifar10 = load_experiment("cifar10")
-    preset = cifar10.get_config("preset=few_step,seed=3")
-    assert preset == cifar10.get_config("teacher=online,sc_fraction=0.25,ema_debias=True,seed=3")
-    assert preset != cifar10.get_config("seed=3")
-    assert cifar10.get_config("preset=few_step,sc_fraction=0.125").objective.sc_fraction == 0.125
+    preset = cifar10.get_config("preset=few_step")
+    recipe = cifar10.get_config("")
+    assert preset != recipe
+    changed = {"objective.teacher": "online", "objective.sc_fraction": 0.25, "train.ema_debias": True}
+    assert preset == override(recipe, changed)
+    # a --config flag is applied after get_config, so it overrides the preset's value
+    assert override(cifar10.get_config("preset=few_step"), {"objective.sc_fraction": 0.125}) \
+        .objective.sc_fraction == 0.125
     with pytest.raises(config_lib.ConfigError, match="few_step"):
         cifar10.get_config("preset=fast")
     for name, arg in (("celebahq", ""), ("imagenet", "variant=B")):
@@ -448,5 +453,22 @@ def test_cifar10_preset_sets_the_recommended_arguments_and_explicit_ones_win():
         assert (cfg.objective.teacher, cfg.objective.sc_fraction, cfg.train.ema_debias) == ("online", 0.25, True)
         cfg = load_experiment(name).get_config(arg)
         assert (cfg.objective.teacher, cfg.objective.sc_fraction, cfg.train.ema_debias) == ("ema", 0.125, False)
-    with pytest.raises(config_lib.ConfigError, match="does not take"):
-        config_lib.parse_config_arg_with_preset("preset=few_step", {"objective": "shortcut"})
+
+
+def test_experiment_reads_and_checks_the_data_once(tmp_path, monkeypatch):
+    from shortcut_jax.data import registry
+
+    np.save(tmp_path / "points.npy", np.random.default_rng(0).standard_normal((256, 2)).astype(np.float32))
+    real = registry.READERS["arrays"]
+    prepared = []
+
+    def counting_prepare(config, name):
+        prepared.append(name)
+        return real.prepare(config, name)
+
+    monkeypatch.setitem(registry.READERS, "arrays", registry.Reader(prepare=counting_prepare, build=real.build))
+    cfg = toy_config(**{"data.name": "arrays", "data.path": str(tmp_path / "points.npy")})
+    exp = Experiment(cfg, None)
+    assert exp.source.num_examples == 256 and exp.source.next_batch()["x"].shape == (64, 2)
+    exp.close()
+    assert prepared == ["arrays"]  # loaded and scanned for non-finite values once, not twice

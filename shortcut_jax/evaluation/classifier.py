@@ -458,7 +458,7 @@ def load_classifier(directory: str) -> tuple[dict, dict, dict]:
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist; train a classifier with "
-                                    "python -m shortcut_jax.benchmarks.train_classifier first.")
+                                    "python -m benchmarks.train_classifier first.")
     with open(config_path, encoding="utf-8") as f:
         meta = json.load(f)
     config = normalize_config(meta["architecture"])

@@ -237,7 +237,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     w1, v1 = np.linalg.eigh(s1)
     w1 = np.clip(w1, 0.0, None)
-    keep = w1 > 0
+    # Eigenvalues below the rounding level of eigh are null directions: kept, each would add
+    # ~1e-8 * ||s|| of noise to the cross term.
+    keep = w1 > w1.max(initial=0.0) * w1.size * np.finfo(np.float64).eps
     # With b = V diag(sqrt(w)), s1^{1/2} = b V^T and b^T s2 b = V^T (s1^{1/2} s2 s1^{1/2}) V:
     # an orthogonal similarity, so same spectrum with one product fewer, and
     # dropping null directions of s1 removes their rounding noise outright.

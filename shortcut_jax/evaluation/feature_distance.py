@@ -1,7 +1,7 @@
 """Classifier Frechet distance (CFD): the FID formula in the features of the project's own classifier.
 
 The network is the CIFAR-10 classifier of ``evaluation.classifier`` (trained with
-``python -m shortcut_jax.benchmarks.train_classifier``), not Inception, so a CFD is not an FID:
+``python -m benchmarks.train_classifier``), not Inception, so a CFD is not an FID:
 always report it as "classifier Frechet distance" or "CFD", never as FID, and compare CFDs only
 when they come from the same classifier weights (``FeatureExtractor.fingerprint``).
 
@@ -11,8 +11,7 @@ Usage::
     ref = reference_stats(extractor, test_images, cache_path='classifier_ckpt/test_stats.npz')
     cfd = classifier_frechet_distance(extractor, samples, ref)
 
-    # or, as an image metric of shortcut_jax.evaluate (eval.metric='cfd'):
-    register('classifier_ckpt', reference_stats='classifier_ckpt/test_stats.npz')
+    # as the evaluation metric eval.metric='cfd': evaluation.metrics.ClassifierFrechet
 
 Samples are floats in [-1, 1] (or uint8). Before feature extraction they are clipped to [-1, 1]
 and rounded to the 8-bit grid, as they would be when saved as images: the reference images are
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ __all__ = [
     "load_classifier",
     "load_stats",
     "reference_stats",
-    "register",
+    "stats_key",
     "to_uint8",
 ]
 
@@ -113,7 +112,7 @@ class FeatureExtractor:
         return out
 
 
-def _stats_key(extractor: FeatureExtractor, images_u8: np.ndarray) -> str:
+def stats_key(extractor: FeatureExtractor, images_u8: np.ndarray) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{extractor.fingerprint}\0{images_u8.shape}\n".encode())
     digest.update(np.ascontiguousarray(images_u8).tobytes())
@@ -135,7 +134,7 @@ def reference_stats(extractor: FeatureExtractor, images, cache_path: str | None 
     with another key is recomputed and overwritten.
     """
     x = to_uint8(images, extractor.image_size)
-    key = _stats_key(extractor, x)
+    key = stats_key(extractor, x)
     if cache_path and os.path.isfile(cache_path):
         with np.load(cache_path) as f:
             if "key" in f.files and str(f["key"]) == key:
@@ -151,7 +150,7 @@ def reference_stats(extractor: FeatureExtractor, images, cache_path: str | None 
     return mu, sigma
 
 
-def _as_stats(stats) -> tuple[np.ndarray, np.ndarray]:
+def as_stats(stats) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(stats, (str, os.PathLike)):
         return load_stats(os.fspath(stats))
     mu, sigma = stats
@@ -160,57 +159,9 @@ def _as_stats(stats) -> tuple[np.ndarray, np.ndarray]:
 
 def classifier_frechet_distance(extractor: FeatureExtractor, samples, reference_stats) -> float:
     """CFD between ``samples`` [N, H, W, 3] and reference statistics ``(mu, sigma)`` (or their file)."""
-    mu_r, sigma_r = _as_stats(reference_stats)
+    mu_r, sigma_r = as_stats(reference_stats)
     if mu_r.shape != (extractor.dim,):
         raise ValueError(f"reference statistics have dimension {mu_r.shape}, the classifier's "
                          f"features {extractor.dim}")
     mu, sigma = distances.gaussian_stats(extractor(samples))
     return distances.frechet_distance(mu, sigma, mu_r, sigma_r)
-
-
-def register(path: str, *, name: str = "cfd", reference_stats=None, batch_size: int = 500) -> Callable:
-    """Adds ``IMAGE_METRICS[name] = fn(samples, reference) -> CFD`` to ``shortcut_jax.evaluate``.
-
-    With ``reference_stats`` (``(mu, sigma)`` or a file from :func:`reference_stats`, e.g. the
-    ``test_stats.npz`` that ``train_classifier`` writes) every score is against those fixed
-    statistics and the ``reference`` images ``evaluate_budgets`` passes are not used. Without
-    it the statistics of ``reference`` are computed, once per distinct reference set.
-
-    The classifier is loaded on the first call, so registering from a config file costs
-    nothing until the metric is used. Samples with non-finite values (a diverged model) score
-    NaN instead of stopping the run.
-    """
-    from shortcut_jax import evaluate
-
-    if not os.path.isfile(os.path.join(path, classifier.CONFIG_FILE)):
-        raise FileNotFoundError(f"no classifier saved at {path!r} (expected {classifier.CONFIG_FILE} there)")
-    if isinstance(reference_stats, (str, os.PathLike)) and not os.path.isfile(reference_stats):
-        raise FileNotFoundError(f"reference statistics file {os.fspath(reference_stats)!r} does not exist")
-    fixed = None if reference_stats is None or isinstance(reference_stats, (str, os.PathLike)) \
-        else _as_stats(reference_stats)
-    state: dict[str, Any] = {}
-
-    def metric(samples, reference) -> float:
-        if "extractor" not in state:
-            state["extractor"] = FeatureExtractor(path, batch_size=batch_size)
-        extractor = state["extractor"]
-        if fixed is not None:
-            stats = fixed
-        elif reference_stats is not None:
-            if "file_stats" not in state:
-                state["file_stats"] = load_stats(os.fspath(reference_stats))
-            stats = state["file_stats"]
-        else:
-            ref = to_uint8(reference, extractor.image_size)
-            key = _stats_key(extractor, ref)
-            if state.get("ref_key") != key:
-                state["ref_key"], state["ref_stats"] = key, distances.gaussian_stats(extractor(ref))
-            stats = state["ref_stats"]
-        if not np.all(np.isfinite(np.asarray(samples, np.float32))):
-            logging.warning("samples contain non-finite values; %s is NaN", METRIC_NAME)
-            return float("nan")
-        return classifier_frechet_distance(extractor, samples, stats)
-
-    metric.metric_name = METRIC_NAME
-    evaluate.IMAGE_METRICS[name] = metric
-    return metric

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from shortcut_jax.models.dit import DiT
+from shortcut_jax.models.dit import LEAN_OPS, DiT
 from shortcut_jax.models.mlp import MLPNet
 
 
@@ -28,8 +28,8 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
 
     'auto' picks the fused cuDNN kernel where it applies: an NVIDIA GPU of compute capability
     8.0 or newer, bf16/fp16 inputs and a head size that is a multiple of 8 up to 128 (DiT-S/B/L/XL
-    all qualify). On one H100 it made the DiT-B/2 shortcut step 27% faster and cut its peak memory
-    from 40.9 to 27.4 GiB (``benchmarks/throughput_levers.md``). Elsewhere 'auto' leaves the choice
+    all qualify); it never stores the attention scores (README's throughput table measures it).
+    Elsewhere 'auto' leaves the choice
     to XLA (``None``). The cuDNN kernel has no forward-mode derivative (``jax.jvp``); no objective
     here needs one, and ``'xla'`` forces the XLA implementation.
     """
@@ -50,7 +50,7 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
 
 
 def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
-    from shortcut_jax.config_lib import model_dims, parse_lean_ops
+    from shortcut_jax.config_lib import model_dims
 
     dtype = resolve_dtype(model_cfg.dtype)
     if model_cfg.name == "mlp":
@@ -80,7 +80,7 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             remat=model_cfg.remat,
             remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
-            lean_ops=parse_lean_ops(model_cfg.lean_ops),
+            lean_ops=tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
             dtype=dtype,
         )
     raise ValueError(f"model.name must be 'dit' or 'mlp', got {model_cfg.name!r}")

@@ -24,7 +24,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from shortcut_jax.models import layers
 
@@ -65,8 +64,7 @@ class DiTBlock(nn.Module):
         mod = mod.astype(jnp.float32)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
 
-        # Names mark what a remat policy may keep (REMAT_POLICIES); they change nothing otherwise.
-        h = checkpoint_name(self.norm(x, shift_a, scale_a), "block_norm")
+        h = self.norm(x, shift_a, scale_a)
         qkv = nn.Dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
@@ -74,13 +72,12 @@ class DiTBlock(nn.Module):
             scale=attention_scale_value(self.attention_scale, head_dim),
             implementation=self.attention_impl,
         )  # [batch, tokens, heads, head_dim]
-        attn = checkpoint_name(attn, "attention")
         attn = nn.Dense(width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="proj")(
             attn.reshape(batch, tokens, width)
         )
         x = x + (gate_a[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
 
-        h = checkpoint_name(self.norm(x, shift_m, scale_m), "block_norm")
+        h = self.norm(x, shift_m, scale_m)
         h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
                        name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
@@ -123,7 +120,7 @@ class DiT(nn.Module):
     t_input_scale: float = 1.0
     zero_init: str = "final"  # 'final' (reference network) or 'adaln' (DiT paper's adaLN-Zero)
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
-    remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch', 'dots_norms'
+    remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch'
     # how many blocks (the first ones) use `remat`; the rest keep all their activations. -1: all.
     # Fills the memory left over by a policy instead of recomputing in every block.
     remat_blocks: int = -1
@@ -181,13 +178,6 @@ REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # matmul outputs, the two modulated LayerNorm outputs and the attention output of each block:
-    # the backward pass then recomputes only GELU and the residual sums (per block, 3 more
-    # token-sized tensors than 'dots' with the cuDNN kernel; 2 with XLA's attention, whose output
-    # is a matmul output 'dots' keeps already)
-    "dots_norms": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable,
-        jax.checkpoint_policies.save_only_these_names("block_norm", "attention")),
 }
 
 

@@ -28,9 +28,7 @@ MICRO_BATCH_PLANNERS = {
 
 def make_objective_config(objective_cfg, apply_fn, num_classes: int) -> ObjectiveConfig:
     """Static objective context from the ``config.objective`` ConfigDict."""
-    from shortcut_jax.config_lib import parse_level_weights
-
-    weights = parse_level_weights(objective_cfg.get("level_weights", ""), objective_cfg.num_levels)
+    weights = tuple(float(w) for w in objective_cfg.get("level_weights", ()))
     return ObjectiveConfig(
         apply_fn=apply_fn,
         num_classes=num_classes,
@@ -43,7 +41,7 @@ def make_objective_config(objective_cfg, apply_fn, num_classes: int) -> Objectiv
         bootstrap_cfg=objective_cfg.bootstrap_cfg,
         bootstrap_cfg_scale=objective_cfg.bootstrap_cfg_scale,
         noise_floor=objective_cfg.noise_floor,
-        level_weights=None if weights is None else tuple(weights),
+        level_weights=weights or None,
         flow_t=objective_cfg.get("flow_t", "grid"),
     )
 

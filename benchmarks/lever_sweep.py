@@ -6,7 +6,7 @@ runs each row in its own child), one after the other, ``--repeats`` times round-
 a drift of the card's clock shows as a spread rather than as a lever's effect. The first
 variant is the baseline the others are compared with:
 
-    python -m shortcut_jax.benchmarks.lever_sweep --rows=B2-shortcut --out=levers.json \\
+    python -m benchmarks.lever_sweep --rows=B2-shortcut --out=levers.json \\
         --variants "base||" "triton_gemm|--xla_gpu_triton_gemm_any=true|" \\
         "cuda_graphs_off|--xla_gpu_enable_command_buffer=|" "host_init||--init_on=host"
 
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from shortcut_jax.benchmarks import train_step
+from benchmarks import train_step
 
 
 def parse_variant(spec: str) -> dict:
@@ -44,7 +44,7 @@ def run_variant(variant: dict, rows: str, common: list[str]) -> dict:
     env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), variant["xla_flags"]) if f)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "shortcut_jax.benchmarks.train_step", f"--rows={rows}", "--sections=train",
+        cmd = [sys.executable, "-m", "benchmarks.train_step", f"--rows={rows}", "--sections=train",
                "--quiet", f"--out={out}", *common, *variant["args"]]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -8,7 +8,7 @@ the trace has none, as on CPU, each host lane), the busy time, the events that t
 time and a split into kernel categories (matmul, attention, fusion, copy, collective, other),
 so that the next lever is chosen by the measured time share:
 
-    python -m shortcut_jax.benchmarks.trace_summary workdirs/run/profile --steps=3
+    python -m benchmarks.trace_summary workdirs/run/profile --steps=3
 
 Event names are whatever the backend records (kernel names on GPU streams, HLO op names on
 "XLA Ops" lanes); the categories are matched on them by the patterns in ``CATEGORIES``.
@@ -36,6 +36,8 @@ import re
 import sys
 from typing import Optional
 
+from shortcut_jax.train import HLO_FILE, write_hlo  # noqa: F401 - re-exported for profiling callers
+
 # First match wins; matched case-insensitively against the event name.
 CATEGORIES = (
     ("attention", r"flash|fmha|attention|sdpa|cudnn"),
@@ -46,22 +48,12 @@ CATEGORIES = (
     ("fusion", r"fusion|loop_|input_|wrapped_|reduce|triton|elementwise|kernel"),
 )
 DEVICE_PROCESS = re.compile(r"/device:|gpu|tpu", re.IGNORECASE)
-HLO_FILE = "train_step.hlo.txt"  # the compiled step's HLO, written beside a trace
 _HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bmetadata=\{[^}]*?\bop_name="([^"]*)"')
 _HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 KERNEL_OPCODES = ("fusion", "copy")  # instructions that run as one XLA-generated kernel
-
-
-def write_hlo(compiled, trace_dir: str) -> str:
-    """The compiled step's HLO text as ``trace_dir/HLO_FILE`` (what scope attribution reads)."""
-    os.makedirs(trace_dir, exist_ok=True)
-    path = os.path.join(trace_dir, HLO_FILE)
-    with open(path, "w") as f:
-        f.write(compiled.as_text())
-    return path
 
 
 def kernel_name(instruction: str) -> str:

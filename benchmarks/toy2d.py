@@ -7,7 +7,7 @@ table with the data-against-data floor and the project's targets:
 - its 1-step distance is at most 1.5x its 128-step distance;
 - flow matching's 1-step distance is at least 3x the shortcut model's.
 
-    python -m shortcut_jax.benchmarks.toy2d --seeds=3 --steps=4000 --out=toy2d_results
+    python -m benchmarks.toy2d --seeds=3 --steps=4000 --out=toy2d_results
 """
 from __future__ import annotations
 
@@ -20,20 +20,44 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(arg: str):
+def load_config(arg: str, overrides: dict | None = None):
+    """``experiments/toy2d.py:arg`` with ``{'section.key': value}`` overrides applied, as the
+    ``--config.section.key=value`` flags would."""
     spec = importlib.util.spec_from_file_location("toy2d_config", os.path.join(ROOT, "experiments", "toy2d.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    config = module.get_config(arg)
+    for dotted, value in (overrides or {}).items():
+        *path, key = dotted.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[key] = value
+    return config
 
 
-def run_one(arg: str, workdir: str) -> tuple[dict[int, float], float, float]:
+def parse_overrides(text: str) -> dict:
+    """'objective.teacher=ema,train.ema_debias=True' -> {'objective.teacher': 'ema', ...}; values
+    are Python literals where they parse as one, strings otherwise."""
+    import ast
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def run_one(arg: str, overrides: dict, workdir: str) -> tuple[dict[int, float], float, float]:
     from shortcut_jax import train
 
-    config = load_config(arg)
+    config = load_config(arg, overrides)
     config.train.progress_bar = False
     config.train.use_tensorboard = False
     start = time.perf_counter()
@@ -52,26 +76,26 @@ def main():
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first_seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
-    parser.add_argument("--extra", default="", help="extra config arguments for both runs, e.g. teacher=ema")
+    parser.add_argument("--extra", default="", help="config overrides for every run, e.g. objective.teacher=ema")
     parser.add_argument("--objectives", default="shortcut,flow_matching",
                         help="objectives to run; flow matching ignores the shortcut-only --extra keys")
     parser.add_argument("--out", default="", help="directory for the table, plot and JSON")
     args = parser.parse_args()
 
-    from shortcut_jax import metric_writers
+    from shortcut_jax import writers
     from shortcut_jax.evaluation import report
 
-    metric_writers.quiet_library_logs()
+    writers.quiet_library_logs()
 
     runs: dict[str, list[dict[int, float]]] = {name: [] for name in args.objectives.split(",")}
     floors = []
     with tempfile.TemporaryDirectory() as tmp:
         for objective in runs:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                arg = f"dataset={args.dataset},objective={objective},steps={args.steps},seed={seed}"
-                if args.extra:
-                    arg += "," + args.extra
-                res, floor, seconds = run_one(arg, os.path.join(tmp, f"{objective}_{seed}"))
+                overrides = {"data.name": args.dataset, "train.steps": args.steps, "seed": seed,
+                             **parse_overrides(args.extra)}
+                res, floor, seconds = run_one(f"objective={objective}", overrides,
+                                              os.path.join(tmp, f"{objective}_{seed}"))
                 runs[objective].append(res)
                 floors.append(floor)
                 print(f"{objective} seed {seed}: {seconds:.0f} s, " +

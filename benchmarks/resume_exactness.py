@@ -7,7 +7,7 @@ checkpoint. At the end every parameter, EMA parameter and optimiser-state array 
 is compared bit for bit. Prints each kill step, the checkpoint each restart resumed from, and
 the verdict; exits non-zero on any difference.
 
-    python -m shortcut_jax.benchmarks.resume_exactness --kills=5 --steps=120
+    python -m benchmarks.resume_exactness --kills=5 --steps=120
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from shortcut_jax import metric_writers
+from shortcut_jax import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +34,7 @@ def command(workdir: str, steps: int, ckpt_every: int) -> list[str]:
 
 
 def logged_steps(workdir: str) -> list[int]:
-    return [int(row["step"]) for row in metric_writers.read_metrics(workdir) if "loss" in row]
+    return [int(row["step"]) for row in writers.read_metrics(workdir) if "loss" in row]
 
 
 def run_and_kill(workdir: str, steps: int, ckpt_every: int, kill_at: int, env) -> bool:
@@ -59,12 +59,13 @@ def run_and_kill(workdir: str, steps: int, ckpt_every: int, kill_at: int, env) -
 def final_arrays(workdir: str, steps: int) -> dict[str, np.ndarray]:
     import jax
 
-    from shortcut_jax import checkpoint, train
-    from shortcut_jax.benchmarks.toy2d import load_config
+    from benchmarks.toy2d import load_config
+    from shortcut_jax import checkpoint
+    from shortcut_jax.experiment import Experiment
 
     config = load_config("runlocal=True")
     config.train.steps = steps
-    exp = train.Experiment(config, workdir)
+    exp = Experiment(config, workdir)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         state, _, _ = ckpt.restore(steps, exp.abstract_state)
     exp.close()

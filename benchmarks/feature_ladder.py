@@ -1,6 +1,6 @@
 """Sanity ladder for the classifier Frechet distance (CFD): known degradations must score worse.
 
-    python -m shortcut_jax.benchmarks.feature_ladder --classifier classifier_ckpt \
+    python -m benchmarks.feature_ladder --classifier classifier_ckpt \
         --train_archive ../shared/data/cifar10-train.tar.gz \
         --test_archive ../shared/data/cifar10-test.tar.gz --out_dir ladder
 
@@ -155,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from shortcut_jax.benchmarks.train_classifier import load_split
+    from benchmarks.train_classifier import load_split
 
     args = parse_args(argv)
     extractor = feature_distance.FeatureExtractor(args.classifier, batch_size=args.batch_size)

@@ -1,6 +1,6 @@
 """Throughput of the image-folder reader on an extracted archive (e.g. CIFAR-10 JPEGs).
 
-    python -m shortcut_jax.benchmarks.reader_speed \
+    python -m benchmarks.reader_speed \
         --archive ../shared/data/cifar10-train.tar.gz --batch_size 256 --num_batches 50 --workers 8
 
 Prints the extraction time (0 when already extracted), the validation scan time (listing plus

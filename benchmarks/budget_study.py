@@ -7,7 +7,7 @@ shortcut run the self-consistency loss of every level against training steps (wh
 late), and one image of the runs' sample grids side by side (a row per run, a column per budget)
 at the last step whose grids every run saved:
 
-    python -m shortcut_jax.benchmarks.budget_study --runs recipe=workdirs/c10_recipe \\
+    python -m benchmarks.budget_study --runs recipe=workdirs/c10_recipe \\
         fm=workdirs/c10_fm online=workdirs/c10_online --metric cfd --out results/cifar10
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from shortcut_jax import metric_writers
+from shortcut_jax import writers
 from shortcut_jax.evaluation import report
 
 
@@ -45,7 +45,7 @@ def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = No
     ``samples``, if given, receives {training step: number of samples} where the run logged it;
     ``rows``: the run's metrics if already read.
     """
-    rows = metric_writers.read_metrics(workdir) if rows is None else rows
+    rows = writers.read_metrics(workdir) if rows is None else rows
     if samples is not None:
         samples.update({int(r["step"]): int(r["eval/num_samples"]) for r in rows if "eval/num_samples" in r})
     out: dict[int, dict[int, float]] = {}
@@ -57,7 +57,7 @@ def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = No
 
 def read_level_losses(workdir: str, rows: Optional[list[dict]] = None) -> dict[str, dict[int, float]]:
     """{'level k': {training step: self-consistency loss of level k}} from the logged metrics."""
-    rows = metric_writers.read_metrics(workdir) if rows is None else rows
+    rows = writers.read_metrics(workdir) if rows is None else rows
     levels = _series(rows, r"^sc_loss/level_(\d+)$")
     return {f"level {k} ({2 ** k} step{'s' if k else ''})": levels[k] for k in sorted(levels)}
 
@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     runs = dict(item.split("=", 1) for item in args.runs)
-    rows = {name: metric_writers.read_metrics(path) for name, path in runs.items()}
+    rows = {name: writers.read_metrics(path) for name, path in runs.items()}
     samples = {name: {} for name in runs}
     evals = {name: read_evals(path, args.metric, samples[name], rows[name]) for name, path in runs.items()}
     budgets = sorted({n for ev in evals.values() for per in ev.values() for n in per})

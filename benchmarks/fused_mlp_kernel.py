@@ -7,8 +7,8 @@ here (Pallas, Triton backend) computes the same product in one pass: a GEMM over
 float32 accumulator is multiplied by GELU's derivative before it is stored. This script times
 it, for several tile configurations, against XLA's two kernels and against the GEMM alone:
 
-    python -m shortcut_jax.benchmarks.fused_mlp_kernel                     # DiT-B/2 and XL/2, batch 256
-    python -m shortcut_jax.benchmarks.fused_mlp_kernel --shapes=65536x768x3072 --tiles="128,128,64,4,3,1" \\
+    python -m benchmarks.fused_mlp_kernel                     # DiT-B/2 and XL/2, batch 256
+    python -m benchmarks.fused_mlp_kernel --shapes=65536x768x3072 --tiles="128,128,64,4,3,1" \\
         --gemm_alone --mosaic
 
 Each row prints the time of one call (``--iters`` calls back to back, the best of three runs), the

@@ -1,4 +1,4 @@
-"""Tests for shortcut_jax.metric_writers."""
+"""Run records: metric writers, sample pictures, the manifest, JSON conversion."""
 
 import glob
 import json
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shortcut_jax import metric_writers as mw
+from shortcut_jax import manifest, plots, writers
+from shortcut_jax.jsonable import jsonable
 
 
 def _read_jsonl(path):
@@ -23,12 +24,12 @@ def _read_jsonl(path):
 
 def test_jsonl_appends_across_writers_and_converts_scalars(tmp_path):
     workdir = str(tmp_path / "run")
-    w = mw.MetricWriter(workdir)
+    w = writers.MetricWriter(workdir)
     w.write_scalars(1, {"loss": np.float32(0.25), "lr": jnp.asarray(1e-3), "epoch": np.int64(2)})
     w.write_scalars(2, {"loss": jnp.asarray(0.5, jnp.bfloat16), "ok": np.bool_(True), "nan": float("nan")})
     w.close()
     # A resumed run opens a new writer on the same workdir.
-    with mw.MetricWriter(workdir) as w2:
+    with writers.MetricWriter(workdir) as w2:
         w2.write_scalars(np.int64(3), {"loss": 0.125, "grad_norm": np.array([2.0], np.float64)})
     rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -41,7 +42,7 @@ def test_jsonl_appends_across_writers_and_converts_scalars(tmp_path):
 
 
 def test_write_scalars_rejects_arrays_and_reserved_name(tmp_path):
-    with mw.MetricWriter(str(tmp_path), use_tensorboard=False) as w:
+    with writers.MetricWriter(str(tmp_path), use_tensorboard=False) as w:
         with pytest.raises(ValueError, match="single numbers"):
             w.write_scalars(0, {"v": np.ones(3)})
         with pytest.raises(ValueError, match="reserved"):
@@ -50,7 +51,7 @@ def test_write_scalars_rejects_arrays_and_reserved_name(tmp_path):
 
 def test_non_primary_writer_writes_nothing(tmp_path):
     workdir = str(tmp_path / "run")
-    with mw.MetricWriter(workdir, is_primary=False, use_wandb=True) as w:
+    with writers.MetricWriter(workdir, is_primary=False, use_wandb=True) as w:
         w.write_scalars(1, {"loss": 1.0})
         w.write_images(1, {"x": np.zeros((2, 2, 3), np.uint8)})
     assert not os.path.exists(workdir)
@@ -60,7 +61,7 @@ def test_write_images_png_and_tensorboard(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
     gray = rng.integers(0, 256, (4, 4, 1), dtype=np.uint8)
-    with mw.MetricWriter(str(tmp_path)) as w:
+    with writers.MetricWriter(str(tmp_path)) as w:
         w.write_images(7, {"samples/euler 1": rgb, "gray": gray})
         with pytest.raises(ValueError, match="uint8"):
             w.write_images(7, {"bad": rgb.astype(np.float32)})
@@ -72,7 +73,7 @@ def test_write_images_png_and_tensorboard(tmp_path):
 def test_wandb_missing_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
     with pytest.raises(ImportError, match="pip install wandb"):
-        mw.MetricWriter(str(tmp_path), use_wandb=True)
+        writers.MetricWriter(str(tmp_path), use_wandb=True)
 
 
 def test_wandb_logging_and_resume_id(tmp_path, monkeypatch):
@@ -87,7 +88,7 @@ def test_wandb_logging_and_resume_id(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     config = ml_collections.ConfigDict({"model": {"width": 64}})
     for _ in range(2):
-        with mw.MetricWriter(str(tmp_path), use_wandb=True, wandb_project="p", config=config,
+        with writers.MetricWriter(str(tmp_path), use_wandb=True, wandb_project="p", config=config,
                              use_tensorboard=False) as w:
             w.write_scalars(5, {"loss": np.float32(1.5)})
     inits = [c[1] for c in calls if c[0] == "init"]
@@ -103,7 +104,7 @@ def test_save_image_grid_layout_and_png(tmp_path):
     images[0, 0, 0] = 7.0  # out of range: clipped
     images[1, 0, 0] = np.nan
     path = str(tmp_path / "sub" / "grid.png")
-    grid = mw.save_image_grid(images, path, nrow=3)
+    grid = plots.save_image_grid(images, path, nrow=3)
     assert grid.dtype == np.uint8
     assert grid.shape == (2 * (h + 2) + 2, 3 * (w + 2) + 2, 3)
     # Borders and gaps are padding; the unused last cell stays empty.
@@ -119,33 +120,33 @@ def test_save_image_grid_layout_and_png(tmp_path):
 def test_save_image_grid_gray_and_value_range(tmp_path):
     images = np.linspace(0, 1, 2 * 3 * 3).reshape(2, 3, 3, 1)
     path = str(tmp_path / "g.png")
-    grid = mw.save_image_grid(images, path, value_range=(0, 1))
+    grid = plots.save_image_grid(images, path, value_range=(0, 1))
     assert grid.shape == (3 + 4, 2 * 3 + 6, 1)
     assert grid[2, 2, 0] == 0 and grid[4, 12 - 3, 0] == 255
     loaded = Image.open(path)
     assert loaded.mode == "L"
     np.testing.assert_array_equal(np.asarray(loaded), grid[..., 0])
     with pytest.raises(ValueError):
-        mw.save_image_grid(np.zeros((2, 3, 3, 2)), None)
+        plots.save_image_grid(np.zeros((2, 3, 3, 2)), None)
 
 
 def test_save_scatter(tmp_path):
     rng = np.random.default_rng(0)
     path = str(tmp_path / "s" / "scatter.png")
-    image = mw.save_scatter(rng.normal(size=(200, 2)), path, reference=rng.normal(size=(100, 2)), lim=4)
+    image = plots.save_scatter(rng.normal(size=(200, 2)), path, reference=rng.normal(size=(100, 2)), lim=4)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
     assert Image.open(path).size == (image.shape[1], image.shape[0])
     # Both colours are present: generated in blue, reference in orange.
     assert (image[..., 2].astype(int) - image[..., 0] > 80).any()
     assert (image[..., 0].astype(int) - image[..., 2] > 80).any()
     with pytest.raises(ValueError):
-        mw.save_scatter(np.zeros((3, 3)), None)
+        plots.save_scatter(np.zeros((3, 3)), None)
 
 
 def test_write_manifest(tmp_path, monkeypatch):
     config = ml_collections.ConfigDict({"model": {"width": 64, "mult": (1, 2)}, "act": np.tanh, "lr": np.float32(0.5)})
     monkeypatch.setattr(sys, "argv", ["train.py", "--workdir", str(tmp_path)])
-    path = mw.write_manifest(str(tmp_path), config, extra={"resumed_from": 10})
+    path = manifest.write_manifest(str(tmp_path), config, extra={"resumed_from": 10})
     assert path == str(tmp_path / "manifest.json")
     with open(path) as f:
         m = json.load(f)
@@ -161,7 +162,7 @@ def test_write_manifest(tmp_path, monkeypatch):
     assert m["devices"]["platform"] == "cpu" and m["devices"]["device_count"] == 8
     assert m["devices"]["process_count"] == 1
     # A second launch keeps the first manifest and updates manifest.json.
-    mw.write_manifest(str(tmp_path), {"model": {"width": 128}})
+    manifest.write_manifest(str(tmp_path), {"model": {"width": 128}})
     dated = sorted(glob.glob(str(tmp_path / "manifest-*.json")))
     assert len(dated) == 2
     with open(path) as f:
@@ -171,36 +172,25 @@ def test_write_manifest(tmp_path, monkeypatch):
 
 
 def test_git_info_outside_checkout(tmp_path, monkeypatch):
-    monkeypatch.setattr(mw, "_git", lambda args, cwd: None)
-    info = mw._git_info()
+    monkeypatch.setattr(manifest, "_git", lambda args, cwd: None)
+    info = manifest._git_info()
     assert info["commit"] == "unknown" and info["dirty"] is None
 
 
-def test_progress_bar(capsys):
-    bar = mw.ProgressBar(total_steps=20, initial_step=5, batch_size=64)
-    assert bar.step == 5
-    for step in (6, 8, 8, 12):
-        bar.update(step, {"loss": jnp.asarray(0.5)})
-    bar.update(13)
-    assert bar.step == 13
-    rate = bar.steps_per_second()
-    assert rate is None or rate > 0
-    bar.write("eval done")
-    bar.close()
-    err = capsys.readouterr().err
-    assert "loss=0.5" in err and "/20" in err
-    hidden = mw.ProgressBar(10, 0, 8, is_primary=False)
-    hidden.update(3, {"loss": 1.0})
-    hidden.close()
-    assert capsys.readouterr().err == ""
+def test_jsonable_is_strict_only_when_asked():
+    record = {"t": (1, np.int64(2)), "a": np.arange(2.0), "s": {3}, "cfg": ml_collections.ConfigDict({"k": 1})}
+    assert jsonable(record, strict=True) == {"t": [1, 2], "a": [0.0, 1.0], "s": [3], "cfg": {"k": 1}}
+    assert isinstance(jsonable({"f": np.tanh})["f"], str)  # a manifest keeps what it can
+    with pytest.raises(TypeError, match="ufunc"):
+        jsonable({"f": np.tanh}, strict=True)  # a checkpoint refuses what would not come back equal
 
 
 def test_read_metrics_returns_the_written_rows_and_skips_a_cut_last_line(tmp_path):
-    writer = mw.MetricWriter(str(tmp_path), use_tensorboard=False)
+    writer = writers.MetricWriter(str(tmp_path), use_tensorboard=False)
     writer.write_scalars(1, {"loss": 0.5})
     writer.write_scalars(2, {"eval/cfd_1step": 3.0})
     writer.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a run killed mid-line
-    assert mw.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}, {"step": 2, "eval/cfd_1step": 3.0}]
-    assert mw.read_metrics(str(tmp_path / "missing")) == []
+    assert writers.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}, {"step": 2, "eval/cfd_1step": 3.0}]
+    assert writers.read_metrics(str(tmp_path / "missing")) == []

@@ -1,9 +1,9 @@
 """Speed of the real train step (and of the sampler) on synthetic data, with MFU figures.
 
-    python -m shortcut_jax.benchmarks.train_step --rows=default --out=results.json
-    python -m shortcut_jax.benchmarks.train_step --rows=B2-shortcut,B2-flow --steps=50 --remat=dots
+    python -m benchmarks.train_step --rows=default --out=results.json
+    python -m benchmarks.train_step --rows=B2-shortcut,B2-flow --steps=50 --remat=dots
 
-What is timed is the program training runs: ``train.Experiment``'s ``init_state`` and
+What is timed is the program training runs: ``Experiment``'s ``init_state`` and
 ``compile_step`` (the same step function, donated state and shardings; ``--donate=off`` measures
 the step without donation), fed one synthetic batch of 1000-class data placed with
 ``sharding.global_batch``. Reading data and copying it to the device are not part of the
@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import config_lib, sharding, train
-from shortcut_jax.benchmarks import flops, trace_summary
+from benchmarks import flops, trace_summary
+from shortcut_jax import config_lib, sharding
 from shortcut_jax.data import DataSpec
+from shortcut_jax.experiment import Experiment
+from shortcut_jax.train_step import make_train_step
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
 NUM_CLASSES = 1000
@@ -94,12 +96,19 @@ SECTIONS = ("matmul", "train", "sampling")
 MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops")
 
 
+def lean_ops(text: str) -> tuple:
+    """--lean_ops 'all', 'none' or 'norm,gelu' -> model.lean_ops."""
+    if text == "all":
+        return config_lib.LEAN_OPS
+    return () if text in ("none", "") else tuple(p.strip() for p in text.split(","))
+
+
 def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c = config_lib.default_config()
     c.model.variant = row.variant
     c.model.width, c.model.depth, c.model.num_heads = row.dims
     for key in MODEL_FLAGS:
-        c.model[key] = getattr(opts, key)
+        c.model[key] = lean_ops(opts.lean_ops) if key == "lean_ops" else getattr(opts, key)
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -144,10 +153,10 @@ def peak_memory(compiled) -> tuple[Optional[float], str]:
     return (None, "") if estimate is None else (estimate / GIB, "compiler")
 
 
-def traced_step_flops(exp: train.Experiment) -> float:
+def traced_step_flops(exp: Experiment) -> float:
     """Matmul FLOPs of the step as traced: a check of the analytic count that, unlike XLA's count
     of the compiled step, sees the matmuls that became cuBLAS calls on GPU (jax-ml/jax#22249)."""
-    step = train.make_train_step(exp.config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
+    step = make_train_step(exp.config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
                                  accum_steps=exp.config.optim.accum_steps, ema_debias=exp.config.train.ema_debias)
     b = exp.config.train.batch_size
     batch = {"x": jax.ShapeDtypeStruct((b, *exp.spec.shape), jnp.float32),
@@ -190,7 +199,7 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
               **{key: getattr(opts, key) for key in MODEL_FLAGS + ("donate",)}}
-    exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    exp = Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
         row.objective, batch, sc_fraction=config.objective.sc_fraction,
@@ -291,7 +300,7 @@ def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
     row = ROWS[opts.sampling_row]
     batch = opts.sampling_batch
     config = row_config(row, row.batches[0], opts)  # the row's training batch only has to pass validation
-    exp = train.Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    exp = Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
     params = exp.eval_params(exp.init_state())
     inputs = synthetic_batch(exp.spec, batch, exp.mesh, seed=1)  # x serves as the noise
     forward_flops = flops.dit_forward_flops(batch=batch, **flops.dit_dims(config.model, row.shape))
@@ -348,7 +357,7 @@ def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int 
         argv += [f"--rows={row.name}", f"--batch={batch}"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "part.json")
-        proc = subprocess.run([sys.executable, "-m", "shortcut_jax.benchmarks.train_step", *argv, f"--out={out}",
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv, f"--out={out}",
                                "--quiet"], capture_output=True, text=True)
         if proc.returncode == 0 and os.path.exists(out):
             with open(out) as f:
@@ -523,7 +532,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if opts.remat_blocks < -1:
         p.error(f"--remat_blocks={opts.remat_blocks}: use -1 (every block) or a block count")
     try:  # a misspelt part fails here, not in every row's child process
-        config_lib.parse_lean_ops(opts.lean_ops)
+        config_lib.check_lean_ops(lean_ops(opts.lean_ops))
     except config_lib.ConfigError as err:
         p.error(f"--lean_ops: {err}")
     opts.profile_dir = os.path.abspath(opts.profile_dir) if opts.profile_dir else ""

@@ -1,0 +1,258 @@
+"""``Experiment``: everything a run builds from its config before it touches the workdir.
+
+The config is checked (``config_lib.validate``), the data source opened once (its reader's
+preparation checks files and headers), the workdir's checkpoint checked for compatibility, and
+then the model, objective context, optimiser, mesh, state shardings, sampler and evaluation metric
+are built. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
+(``evaluate.py``), the checkpoint importer and the benchmarks all start from one.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from shortcut_jax import checkpoint, config_lib, data, sharding, train_state
+from shortcut_jax.evaluation import metrics
+from shortcut_jax.models import build_model
+from shortcut_jax.objectives import make_objective_config
+from shortcut_jax.sampling import Sampler
+from shortcut_jax.train_step import make_train_step
+
+log = logging.getLogger(__name__)
+
+# Keys whose change makes a saved checkpoint unusable for the current config: what fixes the
+# parameter shapes and the meaning of the level input. Execution choices (dtype, remat, attention
+# kernel, residual dtype) may change between launches.
+COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.num_levels", "ema_decays")
+
+
+def architecture(model_cfg) -> dict:
+    if model_cfg.name == "dit":
+        width, depth, heads = config_lib.model_dims(model_cfg)
+        return {"name": "dit", "patch_size": model_cfg.patch_size, "width": width, "depth": depth,
+                "num_heads": heads, "mlp_ratio": model_cfg.mlp_ratio}
+    return {"name": model_cfg.name, "width": model_cfg.width or 256, "depth": model_cfg.depth or 4,
+            "mlp_ratio": model_cfg.mlp_ratio}  # the MLP's defaults, as build_model applies them
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    lr = optim_cfg.lr
+    warmup = int(optim_cfg.warmup_steps)
+    if optim_cfg.schedule == "constant":
+        return optax.constant_schedule(lr)
+    if optim_cfg.schedule == "warmup":
+        return optax.linear_schedule(0.0, lr, max(warmup, 1)) if warmup else optax.constant_schedule(lr)
+    if optim_cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
+    raise config_lib.ConfigError(f"optim.schedule={optim_cfg.schedule!r} is unknown")
+
+
+def weight_decay_mask(kind: str) -> Optional[Callable]:
+    if kind == "all":  # the reference recipe decays every parameter
+        return None
+    return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(optim_cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                        weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask(optim_cfg.weight_decay_mask))
+    if optim_cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw), schedule
+    return adamw, schedule
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+class Experiment:
+    """Everything built from a validated config, before anything touches the workdir."""
+
+    def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
+        """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
+        None: nothing on disk is consulted."""
+        config_lib.validate(config, num_devices=self.num_mesh_devices(config))
+        self.config = config
+        self.workdir = workdir
+        process_count = jax.process_count()
+        self.batch_per_process = config.train.batch_size // process_count
+        if spec is None:
+            # make_dataset runs the reader's checks (file listing, header scan, array loading)
+            # once and builds the source from what they read.
+            self.source = data.make_dataset(config.data, batch_size=self.batch_per_process, seed=config.seed,
+                                            process_index=jax.process_index(), process_count=process_count)
+            spec = self.source.spec
+        else:
+            self.source = None
+        self.spec = spec
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()  # stop the reader's threads before the error propagates
+            raise
+
+    def _build(self, config):
+        config_lib.check_model_fits_data(config, tuple(self.spec.shape))
+        try:  # checks the metric's files now; a network behind it is loaded at the first evaluation
+            self.metric = metrics.build_metric(config.eval, self.spec.kind)
+        except ValueError as err:
+            raise config_lib.ConfigError(str(err)) from None
+        self.meta = {
+            "architecture": architecture(config.model),
+            "model": config.model.to_dict(),
+            "data_shape": list(self.spec.shape),
+            "num_classes": self.spec.num_classes,
+            "objective": config.objective.to_dict(),
+            "ema_decays": list(config.train.ema_decays),
+        }
+        self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
+        self._check_workdir()
+
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
+        self.model = build_model(config.model, num_classes=self.spec.num_classes,
+                                 ignore_level=config.objective.name == "flow_matching")
+        self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
+        self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes)
+        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        self.sampler = Sampler(self.apply_fn, num_levels=config.objective.num_levels,
+                               num_classes=self.spec.num_classes, mesh=self.mesh)
+
+        init_rng = jax.random.PRNGKey(config.seed)
+        self.abstract_state = jax.eval_shape(self._init, init_rng)
+        self.state_shardings = sharding.state_shardings(self.abstract_state, self.mesh)
+        self.abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
+            self.state_shardings)
+
+    @staticmethod
+    def num_mesh_devices(config) -> int:
+        data_axis, fsdp = sharding.mesh_shape(config.mesh, jax.device_count())
+        return data_axis * fsdp
+
+    def _check_workdir(self):
+        if not self.workdir or not os.path.isdir(self.ckpt_dir):
+            return
+        with checkpoint.Checkpointer(self.ckpt_dir, async_save=False) as ckpt:
+            saved = ckpt.read_meta()
+        if saved is not None:
+            try:
+                checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
+            except ValueError as e:
+                raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
+
+    def _init(self, rng, model=None):
+        init_rng, state_rng = jax.random.split(rng)
+        shape = tuple(self.spec.shape)
+        x = jnp.zeros((1, *shape), jnp.float32)
+        params = (model or self.model).init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
+                                 jnp.zeros((1,), jnp.int32))["params"]
+        return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays)
+
+    def init_state(self):
+        if self.host_cpu is not None:  # train.init_on='host'
+            return self._init_on_host()
+        return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))
+
+    @staticmethod
+    def _host_cpu():
+        try:
+            return jax.local_devices(backend="cpu")[0]
+        except RuntimeError as err:
+            raise config_lib.ConfigError(
+                "train.init_on='host' needs JAX's CPU backend: add 'cpu' to JAX_PLATFORMS (e.g."
+                " JAX_PLATFORMS=cuda,cpu) or set train.init_on='device'") from err
+
+    def _init_on_host(self):
+        """The initial state computed on this host's CPU, then placed shard by shard on the mesh
+        (every process computes the same full state, so this works on many hosts as on one)."""
+        model = self.model
+        if getattr(model, "attention_impl", None) not in (None, "xla"):
+            # a GPU kernel cannot be lowered for the CPU; the attention has no parameters, so the
+            # XLA implementation initialises the same ones
+            model = model.clone(attention_impl="xla")
+        with jax.default_device(self.host_cpu):
+            host = jax.device_get(jax.jit(functools.partial(self._init, model=model))(
+                jax.random.PRNGKey(self.config.seed)))
+        return jax.tree.map(
+            lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x[idx])),
+            host, self.state_shardings)
+
+    def compile_step(self, donate: bool = True):
+        """AOT-compiled train step, with compile time and the compiler's memory/cost figures.
+
+        The state is donated (updated in place); ``donate=False`` keeps the input state alive
+        beside the new one, for measuring what donation saves."""
+        step = make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
+                               accum_steps=self.config.optim.accum_steps,
+                               ema_debias=self.config.train.ema_debias)
+        batch_sh = sharding.batch_sharding(self.mesh)
+        b = self.config.train.batch_size
+        abstract_batch = {
+            "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
+        }
+        jitted = jax.jit(step, donate_argnums=(0,) if donate else (),
+                         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        start = time.perf_counter()
+        compiled = jitted.lower(self.abstract_state, abstract_batch).compile()
+        info = {"compile_seconds": time.perf_counter() - start}
+        info.update(compiled_stats(compiled))
+        return compiled, info
+
+    def close(self):
+        if self.source is not None:
+            self.source.close()
+
+    def eval_params(self, state):
+        if self.config.eval.use_ema and state.ema_params:
+            return state.ema_params[self.config.eval.ema_index]
+        return state.params
+
+
+def compiled_stats(compiled) -> dict:
+    """Memory and FLOP figures from the compiler (absent where the backend does not report them)."""
+    out = {}
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                         "generated_code_size_in_bytes"):
+                if hasattr(mem, name):
+                    out[name] = int(getattr(mem, name))
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        pass
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        if cost and "flops" in cost:
+            out["compiler_flops"] = float(cost["flops"])
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def parameter_overview(params) -> tuple[int, str]:
+    """(total count, a table of parameter counts by top-level module) for the start-up log."""
+    rows = []
+    for name, sub in (params.items() if isinstance(params, dict) else [("params", params)]):
+        leaves = jax.tree.leaves(sub)
+        rows.append((name, sum(int(np.prod(leaf.shape)) for leaf in leaves), len(leaves)))
+    total = sum(count for _, count, _ in rows)
+    width = max([len(name) for name, _, _ in rows] + [6])
+    lines = [f"{'module':<{width}}  {'parameters':>12}  arrays"]
+    lines += [f"{name:<{width}}  {count:>12,}  {n}" for name, count, n in rows]
+    lines.append(f"{'total':<{width}}  {total:>12,}  {sum(n for _, _, n in rows)}")
+    return total, "\n".join(lines)

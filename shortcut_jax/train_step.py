@@ -1,0 +1,72 @@
+"""The train step: one function of (state, batch) that the loop jits once, with the state donated.
+
+::
+
+    rng = fold_in(state.rng, state.step)
+    (loss, metrics), grads = value_and_grad(objective)(params, teacher_params, batch, rng)
+        [lax.scan over micro-batches when optim.accum_steps > 1]
+    params, opt_state = optax update ; ema_params = EMA update
+
+The objective is looked up by name in ``objectives.OBJECTIVES``; the step never learns which
+method runs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from shortcut_jax import train_state
+from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, OBJECTIVES
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformation, schedule,
+                    *, accum_steps: int = 1, ema_debias: bool = False) -> Callable:
+    loss_fn = OBJECTIVES[objective_name]
+    planner = MICRO_BATCH_PLANNERS.get(objective_name)
+
+    def train_step(state: train_state.TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        teacher = state.teacher_params
+        grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, teacher, b, r, obj_cfg), has_aux=True)
+
+        if accum_steps == 1:
+            (_, metrics), grads = grad_fn(state.params, batch, rng)
+        else:
+            rng, plan_rng = jax.random.split(rng)
+            batch_size = jax.tree.leaves(batch)[0].shape[0]
+            micro = jax.tree.map(lambda x: x.reshape(accum_steps, batch_size // accum_steps, *x.shape[1:]), batch)
+            if planner is not None:
+                micro.update(planner(plan_rng, batch_size, accum_steps, obj_cfg))
+            rngs = jax.random.split(rng, accum_steps)
+
+            def body(carry, xs):
+                grads_sum, metrics_sum = carry
+                mb, r = xs
+                (_, m), g = grad_fn(state.params, mb, r)
+                return (jax.tree.map(jnp.add, grads_sum, g), jax.tree.map(jnp.add, metrics_sum, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, rngs))
+            grads = jax.tree.map(lambda g: g / accum_steps, grads)
+            metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = train_state.update_ema(state.ema_params, params, state.ema_decays,
+                                     count=state.step + 1 if ema_debias else None)
+        metrics = dict(metrics)
+        metrics.update(grad_norm=global_norm(grads), param_norm=global_norm(params),
+                       update_norm=global_norm(updates), lr=jnp.asarray(schedule(state.step), jnp.float32))
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
