@@ -48,7 +48,10 @@ the training process); each builds whole batches, decoding, scaling to [-1, 1] a
 there, and the batches come back through shared memory in stream order, so the stream does not
 depend on N. ``num_workers`` 0 builds batches in threads of the training process (small data,
 tests). Worker processes start on the first ``next_batch`` and again after a ``set_state``
-that moves the position.
+that moves the position; each start costs seconds (every worker imports grain, which imports
+JAX, and TFDS). Workers are spawned, so they import the caller's main module again: a script
+that reads with ``num_workers`` > 0 keeps its work under ``if __name__ == '__main__':``
+(``shortcut_jax.main`` does).
 
 Preparing a data set (once; needs TensorFlow: ``pip install tensorflow-cpu``)::
 
