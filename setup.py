@@ -26,10 +26,13 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # TFDS pipelines (ImageNet, CelebA-HQ, CIFAR-10 from TFDS) need tensorflow too;
-        # it is imported only inside those readers.
-        "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.15"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9"],
+        # data.name='tfds': reads data sets TFDS prepared in ArrayRecord, without TensorFlow
+        # (gcsfs reads data_dir=gs://... metadata). Preparing a data set (`tfds build`) needs
+        # TensorFlow as well: pip install tensorflow-cpu, on the machine that prepares it.
+        # Minimum versions are the ones tested.
+        "tfds": ["tensorflow-datasets>=4.9.10", "grain>=0.2.18", "array-record>=0.8", "gcsfs"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
+                 "array-record>=0.8"],
         "wandb": ["wandb"],
     },
 )

@@ -21,7 +21,8 @@ DEFAULTS: dict[str, Any] = {
     "random_flip": False,
     # False gives label 0 everywhere and num_classes 0.
     "use_labels": True,
-    # Decoding threads for image folders (also used for the header scan in validation).
+    # Decoding workers. Image folders: threads (also used for the header scan in validation).
+    # TFDS: worker processes (0 decodes in threads of the training process).
     "num_workers": 8,
     # False streams examples in their stored order (sorted file names for folders).
     "shuffle": True,
@@ -30,7 +31,22 @@ DEFAULTS: dict[str, Any] = {
     # that fits in memory (CIFAR-10: 150 MiB); refused when it would take more than half of the
     # memory available.
     "cache_decoded": False,
+    # TFDS (data.name='tfds'): the data set, e.g. 'cifar10', 'celeb_a_hq/256', 'imagenet2012',
+    # 'mnist', 'lsun/bedroom', optionally with a version ('imagenet2012:5.1.0').
+    "tfds_name": "",
+    # TFDS split, with TFDS's slicing syntax ('train', 'validation', 'train[:90%]').
+    "split": "train",
+    # TFDS data folder (local or gs://); '' uses TFDS's default ($TFDS_DATA_DIR or
+    # ~/tensorflow_datasets).
+    "data_dir": "",
+    # TFDS feature holding the image, and the one holding the class label (read only when
+    # use_labels is True).
+    "image_key": "image",
+    "label_key": "label",
 }
+
+# Keys that only the TFDS reader reads: set for another reader, they point at a wrong data.name.
+TFDS_ONLY_KEYS = ("tfds_name", "data_dir")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -67,12 +83,28 @@ def check_common_fields(config) -> None:
             f"data.image_size must be an int >= 0 (0 keeps the native size), got {image_size!r}."
         )
     workers = get(config, "num_workers")
-    if not _is_int(workers) or workers < 1:
-        raise ValueError(f"data.num_workers must be an int >= 1 (e.g. 8), got {workers!r}.")
+    # TFDS decodes in threads of the training process with 0 worker processes; image folders
+    # always need at least one decoding thread.
+    fewest_workers = 0 if name == "tfds" else 1
+    if not _is_int(workers) or workers < fewest_workers:
+        raise ValueError(
+            f"data.num_workers must be an int >= {fewest_workers} (e.g. 8), got {workers!r}."
+        )
     for key in ("random_flip", "use_labels", "shuffle", "cache_decoded"):
         value = get(config, key)
         if not isinstance(value, bool):
             raise ValueError(f"data.{key} must be True or False, got {value!r}.")
+    for key in ("tfds_name", "split", "data_dir", "image_key", "label_key"):
+        value = get(config, key)
+        if not isinstance(value, str):
+            raise ValueError(f"data.{key} must be a string, got {value!r}.")
+    if name != "tfds":
+        for key in TFDS_ONLY_KEYS:
+            if get(config, key):
+                raise ValueError(
+                    f"data.{key}={get(config, key)!r} is set but data.name={name!r} does not "
+                    f"read TFDS data sets; set data.name='tfds', or data.{key}=''."
+                )
 
 
 def reject_path(config, name: str) -> None:
@@ -88,7 +120,7 @@ def reject_image_size(config, name: str) -> None:
     if get(config, "image_size"):
         raise ValueError(
             f"data.image_size={get(config, 'image_size')} is only supported for "
-            f"data.name='image_folder'; set data.image_size=0 for {name!r}."
+            f"data.name='image_folder' or 'tfds'; set data.image_size=0 for {name!r}."
         )
 
 

@@ -15,7 +15,8 @@ Pixels
 ------
 Every image is converted to RGB. With ``image_size`` 0 all images must share one size (checked
 from the headers during validation). With ``image_size`` N the largest centred square is cropped
-and resized to NxN with Pillow's bicubic filter, which antialiases when shrinking. Pixels are
+and resized to NxN with Pillow's bicubic filter, which antialiases when shrinking
+(``preprocess.centre_crop_resize``, shared with the TFDS reader). Pixels are
 mapped to [-1, 1] by ``x / 127.5 - 1``.
 
 Threads and determinism
@@ -63,6 +64,7 @@ from shortcut_jax.data.core import (
     draw_reference_indices,
     uint8_to_float,
 )
+from shortcut_jax.data.preprocess import centre_crop_resize
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 # Enough to act on without flooding the terminal when a whole folder is bad.
@@ -279,17 +281,7 @@ def load_image(path: str, image_size: int) -> np.ndarray:
         # convert() copies even when the mode already matches; skipping it is a measurable
         # share of the per-image cost for small images.
         image = opened if opened.mode == "RGB" else opened.convert("RGB")
-    if image_size:
-        width, height = image.size
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        if width != height:
-            # Cropping first, rather than resize(box=...), keeps the filter from reaching into
-            # pixels outside the square.
-            image = image.crop((left, top, left + side, top + side))
-        if side != image_size:
-            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image)
+    return centre_crop_resize(image, image_size)
 
 
 def _decode_file(path: str, image_size: int, shape: tuple) -> np.ndarray:

@@ -7,7 +7,7 @@ Each reader is a pair of functions:
   arrays, a scanned file list), so the data is read only once.
 - ``build(config, prepared, layout, seed)`` returns the ``Source``.
 
-A new reader (for instance ``'tfds'``) is added by writing these two functions and adding an
+A new reader is added by writing these two functions and adding an
 entry to ``READERS``; the config keys it needs go in ``config.DEFAULTS``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from shortcut_jax.data import arrays, image_folder, toy
+from shortcut_jax.data import arrays, image_folder, tfds, toy
 from shortcut_jax.data import config as cfg
 from shortcut_jax.data.core import BatchLayout, Source
 
@@ -39,6 +39,7 @@ READERS: dict[str, Reader] = {
     "arrays": Reader(prepare=arrays.prepare_arrays, build=arrays.build_arrays),
     "image_folder": Reader(prepare=image_folder.prepare_image_folder,
                            build=image_folder.build_image_folder),
+    "tfds": Reader(prepare=tfds.prepare_tfds, build=tfds.build_tfds),
 }
 
 
