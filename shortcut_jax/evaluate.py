@@ -26,16 +26,24 @@ Without ``--out_dir`` the results go to ``<workdir>/eval/<step>/`` and into the 
 ``metrics.jsonl`` when that step has no finished evaluation (a run stopped during its final
 evaluation is completed as the training loop would have done it); otherwise to the first free
 ``eval/<step>_offline<k>/``, and the run's own results are left as they are.
+
+In a job of several processes every process samples its share and scores the gathered samples;
+only process 0 writes files. A remote ``out_dir`` (``gs://...``) is filled from a local temporary
+folder once the evaluation is done, ``evaluation.json`` last.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 from shortcut_jax import checkpoint, plots, writers
 from shortcut_jax.evaluation import report
@@ -72,11 +80,38 @@ def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, 
     return np.concatenate(out)
 
 
+@contextlib.contextmanager
+def _local_folder(out_dir: str):
+    """``out_dir`` where it is local; for a remote one a temporary local folder (tables and plots
+    are written with local file functions) copied to ``out_dir`` on success, ``FINISHED`` last."""
+    if not writers.is_remote(out_dir):
+        if writers.primary_process():
+            os.makedirs(out_dir, exist_ok=True)
+        yield out_dir
+        return
+    local = tempfile.mkdtemp(prefix="eval-")
+    try:
+        yield local
+        if writers.primary_process():
+            target = epath.Path(out_dir)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in sorted(os.listdir(local), key=lambda n: n == FINISHED):
+                (target / name).write_bytes(epath.Path(os.path.join(local, name)).read_bytes())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
                      final: bool = False, writer=None, label: str = "") -> dict[int, float]:
     """Samples at each budget of ``eval_cfg``, ``metric`` per budget (None: grids only), and the
     files that show them. A ``final`` evaluation draws ``eval.final_num_samples`` where set."""
-    os.makedirs(out_dir, exist_ok=True)
+    with _local_folder(out_dir) as local_dir:
+        return _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, out_dir=local_dir, step=step,
+                                 final=final, writer=writer, label=label)
+
+
+def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
+                      final: bool, writer, label: str) -> dict[int, float]:
     shape, kind = tuple(spec.shape), spec.kind
     num_samples = (final and eval_cfg.final_num_samples) or eval_cfg.num_samples
     budgets, grid_budgets, grid_size = tuple(eval_cfg.budgets), tuple(eval_cfg.grid_budgets), eval_cfg.grid_size
@@ -101,13 +136,16 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
 
     metric_key = metric.name if metric is not None else "none"
     floor = scorer.floor if scorer is not None else None
-    if results:
+    primary = writers.primary_process()  # every process holds the same results; one writes them
+    if results and primary:
         report.write_budget_table(results, os.path.join(out_dir, TABLE), metric_name=metric.display_name,
                                   floor=floor)
         report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, TABLE + ".png"),
                                  metric_name=metric.display_name, floor=floor, title=f"step {step}")
-    with open(os.path.join(out_dir, FINISHED), "w") as f:
-        json.dump({"step": step, "num_samples": num_samples, "metric": metric_key, "label": label}, f, indent=1)
+    if primary:
+        with open(os.path.join(out_dir, FINISHED), "w") as f:
+            json.dump({"step": step, "num_samples": num_samples, "metric": metric_key, "label": label}, f,
+                      indent=1)
     if writer is not None:
         scalars = {f"eval/{metric_key}_{n}step": v for n, v in results.items()}
         if floor is not None:
@@ -136,10 +174,10 @@ def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
     ``eval/<step>_offline<k>``, so that nothing already written is replaced."""
     own = os.path.join(workdir, "eval", f"{step:08d}")
     # A table without the marker is a finished evaluation written before the marker existed.
-    if not any(os.path.exists(os.path.join(own, name)) for name in (FINISHED, TABLE + ".json")):
+    if not any(epath.Path(own, name).exists() for name in (FINISHED, TABLE + ".json")):
         return own, True
     k = 1
-    while os.path.exists(f"{own}_offline{k}"):
+    while epath.Path(f"{own}_offline{k}").exists():
         k += 1
     return f"{own}_offline{k}", False
 
@@ -149,7 +187,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
     """Evaluate a saved run at every budget of ``config.eval`` (final sample count)."""
     exp = Experiment(config, workdir)
     try:
-        if not os.path.isdir(exp.ckpt_dir):
+        if not epath.Path(exp.ckpt_dir).is_dir():
             raise FileNotFoundError(f"no checkpoints under {exp.ckpt_dir}: train first or fix --workdir")
         with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
             state, _, _ = ckpt.restore(step, exp.abstract_state)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import sharding
+from shortcut_jax import distributed, sharding
 
 
 def check_budget(num_steps: int, num_levels: int) -> int:
@@ -71,7 +71,10 @@ class Sampler:
     With a ``mesh`` the noise and labels are split over its batch axes, so each device draws its
     own share of the samples (a batch that does not divide evenly is padded, and the padding
     dropped); the parameters keep the shardings they come with. Results are global arrays:
-    ``to_host`` gathers them on every process.
+    ``to_host`` gathers them on every process. In a job of several processes each program is
+    compiled ahead of its first run and the processes wait for each other in between
+    (``distributed.sync``), so that none starts the program's collectives while another still
+    compiles it.
     """
 
     def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, mesh=None):
@@ -80,6 +83,7 @@ class Sampler:
         self.num_classes = num_classes
         self.mesh = mesh
         self._compiled: dict = {}
+        self._executables: dict = {}  # several processes: (guided, argument signature) -> compiled
 
     def _fn(self, guided: bool):
         if guided not in self._compiled:
@@ -105,8 +109,18 @@ class Sampler:
 
     def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
         guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale)
-        out = self._fn(guided)(params, *args)
+        run = self._fn(guided) if jax.process_count() == 1 else self._executable(guided, params, args)
+        out = run(params, *args)
         return out if out.shape[0] == n else out[:n]
+
+    def _executable(self, guided: bool, params, args):
+        leaves = jax.tree.leaves((params, args))
+        signature = (guided, jax.tree.structure((params, args)),
+                     tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+        if signature not in self._executables:
+            self._executables[signature] = self._fn(guided).lower(params, *args).compile()
+            distributed.sync("sampler_compiled")
+        return self._executables[signature]
 
     def lower(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0):
         """The lowered program ``__call__`` runs (for inspecting per-device shapes and costs)."""

@@ -1,0 +1,250 @@
+"""Training across processes, meshes and preemptions, and into remote workdirs.
+
+The jobs of several processes (marker ``multiprocess``; ``pytest -m multiprocess`` runs them
+alone) spawn 2 and 4 CPU processes on this machine that join through ``jax.distributed``
+(coordinator on a free local port, Gloo collectives), each with its own simulated CPU devices and
+its own slice of every batch. Every spawned process runs under a time-out and is ended by the
+test when it passes it, so a job that hangs fails the test instead of the suite.
+
+Run as a script, this file is the worker of the two-process job (``python
+tests/test_multiprocess.py dit_job ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+
+# How long a spawned process may take to join its job, and the whole job to finish.
+JOIN_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 420
+
+# The DiT of the two-process job: digits 8x8, two heads, one block of width 64 (wide enough that
+# fsdp shards its kernels), batch 64; a SIGTERM to process 1 once step SIGNAL_AFTER is logged.
+DIT = {"model.width": 64, "model.depth": 1, "train.log_every": 1, "train.ckpt_every": 1000,
+       "train.eval_every": 1000, "train.async_ckpt": False, "eval.grid_size": 16}
+DIT_DP = {"mesh.data": -1, "mesh.fsdp": 1}
+DIT_FSDP = {"mesh.data": 2, "mesh.fsdp": 2}
+SIGNAL_AFTER = 3
+STEPS_AFTER_RESUME = 2
+
+
+def load_experiment(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_config(name, overrides: dict):
+    c = load_experiment(name).get_config("runlocal=True")
+    c.train.progress_bar = False
+    c.train.use_tensorboard = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+# --------------------------------------------------------------------------- the two-process worker
+
+
+def _signal_self_after(metrics_path: str, step: int, timeout_s: float = 300) -> None:
+    """SIGTERM to this process once process 0 has logged ``step`` (the run is then mid-way)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                logged = [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+            if logged and max(logged) >= step:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        time.sleep(0.02)
+
+
+def dit_job(args) -> None:
+    """One process of the two-process job: a run stopped by a SIGTERM to process 1 alone (data
+    parallel), resumed on the fsdp mesh for a few steps and a final evaluation."""
+    from jax.experimental import multihost_utils
+
+    from shortcut_jax import distributed, train
+
+    distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
+                           timeout_s=JOIN_TIMEOUT_S)
+    if args.process_id == 1:
+        threading.Thread(target=_signal_self_after, daemon=True,
+                         args=(os.path.join(args.workdir, "metrics.jsonl"), SIGNAL_AFTER)).start()
+    state = train.train_and_evaluate(make_config("digits", {**DIT, **DIT_DP, "train.steps": 100_000}),
+                                     args.workdir)
+    stopped = int(state.step)
+    state = train.train_and_evaluate(
+        make_config("digits", {**DIT, **DIT_FSDP, "train.steps": stopped + STEPS_AFTER_RESUME}), args.workdir)
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    np.savez(args.out, stopped_at=stopped, final_step=int(state.step), **flat_params(params))
+
+
+if __name__ == "__main__":
+    import faulthandler
+    import logging
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a hung job
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job", choices=["dit_job"])
+    parser.add_argument("--process_id", type=int, required=True)
+    parser.add_argument("--num_processes", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True)
+    dit_job(parser.parse_args())
+    sys.exit(0)
+
+
+# --------------------------------------------------------------------------- test helpers
+
+import jax  # noqa: E402  (after the worker: a spawned process sets its devices in its environment)
+import pytest  # noqa: E402
+
+from shortcut_jax import checkpoint, distributed, sharding, train, writers  # noqa: E402
+from shortcut_jax.experiment import Experiment  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(local_devices: int) -> dict:
+    """A spawned process's environment: CPU only, its own simulated devices, the test cache."""
+    cache = jax.config.jax_compilation_cache_dir
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}")
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def run_job(commands: list[list[str]], env: dict, logdir, timeout_s: float = JOB_TIMEOUT_S) -> list[int]:
+    """Runs one process per command; returns their exit codes. Past ``timeout_s`` every process
+    still running is killed and the test fails with the end of each log."""
+    logs = [open(os.path.join(logdir, f"process_{i}.log"), "w") for i in range(len(commands))]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+             for cmd, log in zip(commands, logs)]
+    deadline = time.time() + timeout_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.time(), 0.1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:  # Python's stacks into the log where the process registered for it, then the end
+            p.send_signal(signal.SIGUSR1)
+        time.sleep(1.0 if hung else 0)
+        for p in hung:
+            p.kill()
+            p.wait()
+        for log in logs:
+            log.close()
+    codes = [p.returncode for p in procs]
+    if hung or any(codes):
+        tails = []
+        for i in range(len(commands)):
+            with open(os.path.join(logdir, f"process_{i}.log")) as f:
+                tails.append(f"--- process {i} (exit {codes[i]}):\n" + f.read()[-3000:])
+        what = f"passed the {timeout_s} s time-out" if hung else "failed"
+        pytest.fail(f"the job {what}:\n" + "\n".join(tails))
+    return codes
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    x = np.concatenate([a[k].ravel() for k in sorted(a)])
+    y = np.concatenate([b[k].ravel() for k in sorted(b)])
+    return float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+# --------------------------------------------------------------------------- two processes, a DiT
+
+
+@pytest.mark.multiprocess
+def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_path):
+    workdir = str(tmp_path / "run")
+    port = free_port()
+    outs = [str(tmp_path / f"params_{i}.npz") for i in range(2)]
+    commands = [[sys.executable, os.path.abspath(__file__), "dit_job", f"--process_id={i}", "--num_processes=2",
+                 f"--port={port}", f"--workdir={workdir}", f"--out={outs[i]}"] for i in range(2)]
+    run_job(commands, process_env(local_devices=2), tmp_path)
+    results = [dict(np.load(o)) for o in outs]
+    stopped = [int(r.pop("stopped_at")) for r in results]
+    final = [int(r.pop("final_step")) for r in results]
+
+    # The SIGTERM reached process 1 alone; both stopped after the same step, which was saved.
+    assert stopped[0] == stopped[1] > SIGNAL_AFTER, stopped
+    assert final == [stopped[0] + STEPS_AFTER_RESUME] * 2
+    logs = [open(tmp_path / f"process_{i}.log").read() for i in range(2)]
+    assert all(f"stopped at step {stopped[0]} of 100000 on a preemption notice" in log for log in logs)
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        assert ckpt.all_steps() == [stopped[0], final[0]]
+    # Both processes hold the same parameters after the fsdp steps.
+    for k in results[0]:
+        np.testing.assert_array_equal(results[0][k], results[1][k])
+
+    # One process, one device, the same steps: equal within float tolerance (sums run in
+    # another order), and at the same data position.
+    one = str(tmp_path / "one")
+    reference = train.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": final[0]}),
+                                         one)
+    assert relative_difference(results[0], flat_params(jax.device_get(reference.params))) < 1e-5
+
+    # The job's checkpoint restores in this process (one process, 8 devices, another mesh):
+    # bit for bit what the job's processes held, at the reference run's data position.
+    cfg = make_config("digits", {**DIT, "mesh.data": 4, "mesh.fsdp": 2, "train.steps": final[0]})
+    exp = Experiment(cfg, workdir)
+    try:
+        with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
+            restored, data_state, meta = ckpt.restore(final[0], exp.abstract_state)
+        with checkpoint.Checkpointer(os.path.join(one, "checkpoints"), async_save=False) as ckpt:
+            _, reference_data_state, _ = ckpt.restore(final[0], exp.abstract_state)
+    finally:
+        exp.close()
+    got = flat_params(jax.device_get(restored.params))
+    for k in results[0]:
+        np.testing.assert_array_equal(got[k], results[0][k])
+    assert data_state == reference_data_state and data_state["position"] == final[0] * 64
+    assert meta["process_count"] == 2 and meta["global_batch"] == 64
+
+    # The final evaluation ran on both processes; process 0 wrote its grid, which shows the
+    # same samples as the one-process run's (pixels within one level of 255).
+    grid = os.path.join("eval", f"{final[0]:08d}", "samples_1step.png")
+    from PIL import Image
+
+    job_grid = np.asarray(Image.open(os.path.join(workdir, grid)), np.int32)
+    one_grid = np.asarray(Image.open(os.path.join(one, grid)), np.int32)
+    assert job_grid.shape == one_grid.shape and np.abs(job_grid - one_grid).max() <= 1
+    assert os.path.exists(os.path.join(workdir, "eval", f"{final[0]:08d}", "evaluation.json"))
