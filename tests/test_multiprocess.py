@@ -38,7 +38,8 @@ DIT = {"model.width": 64, "model.depth": 1, "train.log_every": 1, "train.ckpt_ev
        "train.eval_every": 1000, "train.async_ckpt": False, "eval.grid_size": 16}
 DIT_DP = {"mesh.data": -1, "mesh.fsdp": 1}
 DIT_FSDP = {"mesh.data": 2, "mesh.fsdp": 2}
-SIGNAL_AFTER = 3
+STARTED = 2  # steps of the one-process start
+SIGNAL_AFTER = 4
 STEPS_AFTER_RESUME = 2
 
 
@@ -86,8 +87,9 @@ def _signal_self_after(metrics_path: str, step: int, timeout_s: float = 300) -> 
 
 
 def dit_job(args) -> None:
-    """One process of the two-process job: a run stopped by a SIGTERM to process 1 alone (data
-    parallel), resumed on the fsdp mesh for a few steps and a final evaluation."""
+    """One process of the two-process job: the run in ``args.workdir`` resumed on the data-parallel
+    mesh and stopped by a SIGTERM to process 1 alone, then resumed on the fsdp mesh for a few steps
+    and a final evaluation."""
     from jax.experimental import multihost_utils
 
     from shortcut_jax import distributed, train
@@ -199,24 +201,26 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
     outs = [str(tmp_path / f"params_{i}.npz") for i in range(2)]
     commands = [[sys.executable, os.path.abspath(__file__), "dit_job", f"--process_id={i}", "--num_processes=2",
                  f"--port={port}", f"--workdir={workdir}", f"--out={outs[i]}"] for i in range(2)]
+    # One process starts the run (and compiles the initial state, which the job then need not).
+    train.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": STARTED}), workdir)
     run_job(commands, process_env(local_devices=2), tmp_path)
     results = [dict(np.load(o)) for o in outs]
     stopped = [int(r.pop("stopped_at")) for r in results]
     final = [int(r.pop("final_step")) for r in results]
 
     # The SIGTERM reached process 1 alone; both stopped after the same step, which was saved.
-    assert stopped[0] == stopped[1] > SIGNAL_AFTER, stopped
+    assert stopped[0] == stopped[1] > max(SIGNAL_AFTER, STARTED), stopped
     assert final == [stopped[0] + STEPS_AFTER_RESUME] * 2
     logs = [open(tmp_path / f"process_{i}.log").read() for i in range(2)]
     assert all(f"stopped at step {stopped[0]} of 100000 on a preemption notice" in log for log in logs)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
-        assert ckpt.all_steps() == [stopped[0], final[0]]
+        assert ckpt.all_steps() == [STARTED, stopped[0], final[0]]
     # Both processes hold the same parameters after the fsdp steps.
     for k in results[0]:
         np.testing.assert_array_equal(results[0][k], results[1][k])
 
-    # One process, one device, the same steps: equal within float tolerance (sums run in
-    # another order), and at the same data position.
+    # One process, one device, the same steps from the start: equal within float tolerance (sums
+    # run in another order), and at the same data position.
     one = str(tmp_path / "one")
     reference = train.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": final[0]}),
                                          one)
@@ -238,6 +242,7 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
         np.testing.assert_array_equal(got[k], results[0][k])
     assert data_state == reference_data_state and data_state["position"] == final[0] * 64
     assert meta["process_count"] == 2 and meta["global_batch"] == 64
+    assert "resumed from step 2 (processes 1 -> 2; the data stream continues" in logs[0]
 
     # The final evaluation ran on both processes; process 0 wrote its grid, which shows the
     # same samples as the one-process run's (pixels within one level of 255).
@@ -248,3 +253,44 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
     one_grid = np.asarray(Image.open(os.path.join(one, grid)), np.int32)
     assert job_grid.shape == one_grid.shape and np.abs(job_grid - one_grid).max() <= 1
     assert os.path.exists(os.path.join(workdir, "eval", f"{final[0]:08d}", "evaluation.json"))
+
+
+# --------------------------------------------------------------------------- four processes, the CLI
+
+# The 2-D toy with flow matching (the cheapest step to compile; a residual MLP of width 128, whose
+# kernels fsdp shards) on a data x fsdp mesh of 2 x 2 whose fsdp pairs span processes; 20 steps,
+# the final evaluation on 1000 samples at 1 and 128 steps.
+TOY = {"model.width": 128, "model.depth": 2, "objective.name": "flow_matching"}
+
+
+@pytest.mark.multiprocess
+def test_four_cli_processes_train_and_evaluate_as_one_process(tmp_path):
+    workdir = str(tmp_path / "run")
+    port = free_port()
+    flags = [f"--config.{k}={v}" for k, v in TOY.items()] + [
+        "--config.train.progress_bar=False", "--config.train.use_tensorboard=False", "--config.mesh.data=2",
+        "--config.mesh.fsdp=2"]
+    commands = [[sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
+                 f"--workdir={workdir}", *flags, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=4", f"--process_id={i}", f"--initialization_timeout={JOIN_TIMEOUT_S}"]
+                for i in range(4)]
+    assert run_job(commands, process_env(local_devices=1), tmp_path) == [0, 0, 0, 0]
+
+    one = str(tmp_path / "one")
+    reference = train.train_and_evaluate(make_config("toy2d", {**TOY, "mesh.data": 1}), one)
+    exp = Experiment(make_config("toy2d", {**TOY, "mesh.data": 1}), workdir)
+    try:
+        with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
+            assert ckpt.all_steps() == [10, 20]
+            restored, data_state, meta = ckpt.restore(20, exp.abstract_state)
+    finally:
+        exp.close()
+    assert meta["process_count"] == 4 and data_state == {"step": 20}
+    assert relative_difference(flat_params(jax.device_get(restored.params)),
+                               flat_params(jax.device_get(reference.params))) < 1e-5
+    # the evaluation gathered every process's samples: the same distances as one process's
+    rows = [r for r in writers.read_metrics(workdir) if "eval/num_samples" in r]
+    one_rows = [r for r in writers.read_metrics(one) if "eval/num_samples" in r]
+    assert [r["step"] for r in rows] == [20] and rows[0]["eval/num_samples"] == 1000
+    for key in ("eval/sliced_wasserstein_1step", "eval/sliced_wasserstein_128step"):
+        np.testing.assert_allclose(rows[0][key], one_rows[0][key], rtol=1e-4)
