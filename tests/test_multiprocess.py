@@ -294,3 +294,230 @@ def test_four_cli_processes_train_and_evaluate_as_one_process(tmp_path):
     assert [r["step"] for r in rows] == [20] and rows[0]["eval/num_samples"] == 1000
     for key in ("eval/sliced_wasserstein_1step", "eval/sliced_wasserstein_128step"):
         np.testing.assert_allclose(rows[0][key], one_rows[0][key], rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- joining a job
+
+
+def test_a_process_that_cannot_reach_the_coordinator_fails_naming_it_within_the_time_out():
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(distributed.CoordinatorUnreachable, match=rf"127\.0\.0\.1:{port} within the 1\.5 s"):
+        distributed.initialize(f"127.0.0.1:{port}", 2, 1, timeout_s=1.5)
+    assert 1.5 <= time.monotonic() - start < 10
+    assert not distributed.is_initialized()  # it never reached jax.distributed.initialize
+
+
+# --------------------------------------------------------------------------- another mesh
+
+# A checkpoint of a flow-matching DiT (the quickest DiT step to compile) saved on a data x fsdp
+# mesh of 4 x 2; kernels of width 64 are sharded by fsdp.
+MESH_RUN = {"model.width": 64, "model.depth": 1, "objective.name": "flow_matching"}
+SAVED_ON = {"mesh.data": 4, "mesh.fsdp": 2}
+OTHER_MESHES = {"one device": {"mesh.data": 1, "mesh.fsdp": 1}, "data=8": {"mesh.data": 8, "mesh.fsdp": 1},
+                "fsdp=8": {"mesh.data": 1, "mesh.fsdp": 8}}
+
+
+def _save(directory, state, data_state, meta):
+    with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
+        ckpt.save(int(jax.device_get(state.step)), state, data_state=data_state, meta=meta, force=True)
+
+
+def _restore(directory, exp):
+    with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
+        return ckpt.restore(None, exp.abstract_state)
+
+
+def _next_loss(exp, state) -> float:
+    compiled, _ = exp.compile_step()
+    _, metrics = compiled(state, sharding.global_batch(exp.source.next_batch(), exp.mesh))
+    return float(metrics["loss"])
+
+
+def test_checkpoint_restores_onto_other_meshes_and_back_and_continues_with_the_same_loss(tmp_path):
+    saved_exp = Experiment(make_config("digits", {**MESH_RUN, **SAVED_ON}), None)
+    try:
+        assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(saved_exp.state_shardings))
+        state = saved_exp.init_state()
+        compiled, _ = saved_exp.compile_step()
+        for _ in range(2):
+            state, _ = compiled(state, sharding.global_batch(saved_exp.source.next_batch(), saved_exp.mesh))
+        saved_dir = str(tmp_path / "saved")
+        _save(saved_dir, state, saved_exp.source.get_state(), saved_exp.meta)
+        saved = jax.tree.map(np.asarray, jax.device_get(state))
+        next_batch = saved_exp.source.next_batch()
+        _, metrics = compiled(state, sharding.global_batch(next_batch, saved_exp.mesh))
+        saved_next_loss = float(metrics["loss"])
+    finally:
+        saved_exp.close()
+
+    for name, mesh in OTHER_MESHES.items():
+        exp = Experiment(make_config("digits", {**MESH_RUN, **mesh}), None)
+        try:
+            restored, data_state, _ = _restore(saved_dir, exp)
+            # every array in the new mesh's sharding, bit for bit the saved values
+            for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(exp.state_shardings)):
+                assert leaf.sharding == want, name
+            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, jax.device_get(restored)), saved)
+            # and the reverse: saved from this mesh, restored onto the first one
+            back_dir = str(tmp_path / f"from {name}")
+            _save(back_dir, restored, data_state, exp.meta)
+            back_exp = Experiment(make_config("digits", {**MESH_RUN, **SAVED_ON}), None)
+            try:
+                back, back_data_state, _ = _restore(back_dir, back_exp)
+            finally:
+                back_exp.close()
+            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, jax.device_get(back)), saved)
+            assert back_data_state == data_state
+            # the same data position and the same next loss (sums in another order: float tolerance)
+            exp.source.set_state(data_state)
+            np.testing.assert_array_equal(exp.source.next_batch()["x"], next_batch["x"])
+            exp.source.set_state(data_state)
+            np.testing.assert_allclose(_next_loss(exp, restored), saved_next_loss, rtol=1e-5, err_msg=name)
+        finally:
+            exp.close()
+
+    # A global batch changed at resume (documented in train.py): the stream continues at the
+    # first example not yet seen, so half the batch holds the first half of the saved run's next.
+    exp = Experiment(make_config("digits", {**MESH_RUN, **SAVED_ON, "train.batch_size": 32}), None)
+    try:
+        _, data_state, _ = _restore(saved_dir, exp)
+        exp.source.set_state(data_state)
+        np.testing.assert_array_equal(exp.source.next_batch()["x"], next_batch["x"][:32])
+    finally:
+        exp.close()
+
+
+# --------------------------------------------------------------------------- preemption
+
+# The 2-D toy with a constant learning rate, so that a run's length (train.steps) changes nothing
+# about its steps: the SIGTERMed run is given many steps, its resumption and the unbroken run few.
+PREEMPTED = {"optim.schedule": "constant", "train.log_every": 1, "train.ckpt_every": 1000,
+             "train.eval_every": 1000, "train.async_ckpt": True, "eval.budgets": (1,), "eval.num_samples": 200,
+             "eval.batch_size": 200}
+
+
+def test_sigterm_finishes_the_step_saves_it_exits_0_and_the_resumed_run_is_bitwise_unbroken(tmp_path):
+    workdir = str(tmp_path / "run")
+    flags = [f"--config.{k}={v}" for k, v in PREEMPTED.items() if k != "eval.budgets"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
+         f"--workdir={workdir}", "--config.train.steps=100000", "--config.eval.budgets=(1,)",
+         "--config.train.progress_bar=False", "--config.train.use_tensorboard=False", *flags],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if [r for r in writers.read_metrics(workdir) if r.get("step", 0) >= 5]:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it was signalled"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        saved = ckpt.all_steps()
+    assert len(saved) == 1 and 5 <= saved[0] < 1000, saved  # the preemption's save, not a periodic one
+    stopped = saved[0]
+    assert f"stopped at step {stopped} of 100000 on SIGTERM: checkpoint of step {stopped} saved" in stderr
+    assert [r["step"] for r in writers.read_metrics(metrics.rsplit("/", 1)[0])][-1] == stopped
+
+    # The resumed run (a few more steps) equals an unbroken one bit for bit; the loop's SIGTERM
+    # handler is in place only while it runs.
+    def previous(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        resumed = train.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}), workdir)
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    unbroken = train.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}),
+                                        str(tmp_path / "unbroken"))
+    assert int(resumed.step) == stopped + 3
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(unbroken))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------- remote workdirs
+
+
+def fake_bucket(root):
+    """``gs://<path>`` served from ``root/<path>`` through ``etils.epath`` alone: what reaches
+    the fake went through epath; a plain ``open``/``os`` call on a gs:// path would write a
+    local ``gs:`` folder instead."""
+    from etils.epath import testing as epath_testing
+
+    def local(path):
+        path = os.fspath(path)
+        return os.path.join(root, path[len("gs://"):]) if path.startswith("gs://") else path
+
+    def one(original, path, *args, **kwargs):
+        return original(local(path), *args, **kwargs)
+
+    def two(original, path, destination, *args, **kwargs):
+        return original(local(path), local(destination), *args, **kwargs)
+
+    return epath_testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
+                                    remove=one, rmtree=one, stat=one, rename=two, replace=two, copy=two)
+
+
+class _ScaledNoise:
+    """A stand-in sampler (no compilation): samples are half the noise."""
+
+    def __call__(self, params, noise, labels, *, num_steps, cfg_scale):
+        return 0.5 * np.asarray(noise)
+
+    @staticmethod
+    def to_host(x):
+        return np.asarray(x)
+
+
+def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epath(tmp_path, monkeypatch):
+    from shortcut_jax import data, evaluate, manifest
+    from shortcut_jax.evaluation import metrics
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    bucket = tmp_path / "bucket"
+    workdir = "gs://bucket-name/run"
+    stored = bucket / "bucket-name" / "run"
+    cfg = make_config("toy2d", {"eval.budgets": (1, 2), "eval.grid_budgets": (1,), "eval.num_samples": 200,
+                                "eval.batch_size": 200})
+    with fake_bucket(str(bucket)):
+        writer = writers.MetricWriter(workdir, use_tensorboard=False)
+        writer.write_scalars(1, {"loss": 0.5})
+        writer.write_images(1, {"grid": np.zeros((4, 4, 3), np.uint8)})
+        writer.close()
+        resumed = writers.MetricWriter(workdir, use_tensorboard=False)  # a resumed run continues the log
+        resumed.write_scalars(2, {"loss": 0.25})
+        source = data.make_dataset(cfg.data, batch_size=64, seed=0)
+        results = evaluate.evaluate_budgets(
+            cfg.eval, _ScaledNoise(), None, source, source.spec, metrics.build_metric(cfg.eval, "points"),
+            out_dir=f"{workdir}/eval/00000002", step=2, writer=resumed)
+        resumed.close()
+        rows = writers.read_metrics(workdir)
+        manifest.write_manifest(workdir, cfg)
+        train.write_hlo(type("Compiled", (), {"as_text": lambda self: "HloModule m"})(), f"{workdir}/profile")
+        offline = evaluate.offline_out_dir(workdir, 2)
+
+    assert not (cwd / "gs:").exists() and os.listdir(cwd) == []  # nothing took the local path
+    assert [r["step"] for r in rows] == [1, 2, 2] and rows[1]["loss"] == 0.25
+    assert rows[2]["eval/sliced_wasserstein_1step"] == results[1]
+    assert (stored / "images" / "grid_00000001.png").exists()
+    evaluation = stored / "eval" / "00000002"
+    assert json.loads((evaluation / "evaluation.json").read_text())["step"] == 2
+    assert {"distance_by_budget.md", "distance_by_budget.json", "distance_by_budget.png",
+            "samples_1step.png"} <= set(os.listdir(evaluation))
+    assert json.loads((stored / "manifest.json").read_text())["config"]["train"]["steps"] == cfg.train.steps
+    assert len(glob.glob(str(stored / "manifest-*.json"))) == 1
+    assert (stored / "profile" / train.HLO_FILE).read_text() == "HloModule m"
+    assert offline == (f"{workdir}/eval/00000002_offline1", False)  # the finished evaluation was seen
