@@ -243,12 +243,7 @@ BAD_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_config_raises_before_compiling_or_writing(name, tmp_path, monkeypatch):
     overrides, message = BAD_CONFIGS[name]
-    cfg = digits_config()
-    if "train.stepz" in overrides:
-        cfg.train.unlock()
-        cfg.train.stepz = 3
-    else:
-        override(cfg, overrides)
+    cfg = override(digits_config(), overrides)
     compiled = []
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
     workdir = tmp_path / "wd"
