@@ -642,16 +642,26 @@ class InceptionFeatures:
         x = images_to_uint8(images)
         n, b = len(x), self.batch_size
         out = np.empty((n, FEATURE_DIM), np.float32)
+        pending = []  # (start, count, features on device): one chunk in flight ahead
         with jax.default_matmul_precision("float32"):
             for start in range(0, n, b):
                 chunk = x[start:start + b]
                 m = len(chunk)
                 if m < b:
                     chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), np.uint8)])
+                # Dispatch is asynchronous: the next chunk's transfer and the network overlap
+                # with copying the previous chunk's features back.
                 chunk = jax.device_put(chunk, self._batch_sharding)
-                feats = self._network(self._variables, self._prepare(chunk))
-                out[start:start + m] = np.asarray(feats)[:m]
+                pending.append((start, m, self._network(self._variables, self._prepare(chunk))))
+                if len(pending) > 1:
+                    self._collect(out, *pending.pop(0))
+            for item in pending:
+                self._collect(out, *item)
         return out
+
+    @staticmethod
+    def _collect(out, start, count, features) -> None:
+        out[start:start + count] = np.asarray(features)[:count]
 
 
 # ------------------------------------------------------------------------------------ conversion
