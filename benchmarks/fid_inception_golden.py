@@ -11,8 +11,8 @@ dict's names and shapes, so anyone can rebuild them without torch):
 (name, shape) list and the seed -- not the weights. ``tests/test_fid_inception.py`` checks the
 Flax network against it::
 
-    PYTHONPATH=/path/with/torchvision-and-pytorch-fid python benchmarks/fid_inception_golden.py \\
-        --mode=golden --out=tests/goldens/fid_inception_golden.npz
+    python -m benchmarks.fid_inception_golden --mode=golden \\
+        --out=tests/goldens/fid_inception_golden.npz
 
 ``--mode=frechet`` (meant for a GPU) extracts features of two sets of random images (10,000
 each by default) with both implementations, float32 everywhere (TF32 off in torch, HIGHEST
@@ -21,7 +21,7 @@ precision in JAX), and reports how far the Frechet distances between the sets di
 same set, the largest relative feature error, and images/s of each implementation. Results go
 to ``OUT_DIR/fid_parity.json``::
 
-    python benchmarks/fid_inception_golden.py --mode=frechet --num_images=10000 --out=results/
+    python -m benchmarks.fid_inception_golden --mode=frechet --num_images=10000 --out=results/
 
 Needs torch, torchvision and pytorch-fid (pure Python; ``pip install --no-deps pytorch-fid``).
 Where torchvision's compiled operators do not load (a CUDA torchvision wheel beside a CPU torch),
@@ -39,9 +39,6 @@ import time
 import types
 
 import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 SEED = 20261202
 # 299: no resize; 256 and 32: enlarged (the usual data sizes); 96x480: enlarged along rows and

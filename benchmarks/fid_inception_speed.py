@@ -5,7 +5,7 @@ Speed does not depend on the weights' values, so the network runs with
 call does (host -> device transfer, resize to 299, the network at full float32 precision,
 features back to the host), measured after one warm-up call per input size::
 
-    python benchmarks/fid_inception_speed.py --sizes=32,256,299 --batch_sizes=200,500 \\
+    python -m benchmarks.fid_inception_speed --sizes=32,256,299 --batch_sizes=200,500 \\
         --num_images=10000 --out=results/
 
 Writes ``OUT/fid_inception_speed.json``.
@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
