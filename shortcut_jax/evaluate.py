@@ -338,14 +338,15 @@ def apply_overrides(config, *, metric: Optional[str] = None, num_samples: Option
     return config
 
 
-def define_flags(flag_values=None):
-    """The command's flags (in ``flag_values``, default absl's global ones)."""
+def define_flags(flag_values=None, argv=None):
+    """The command's flags (in ``flag_values``, default absl's global ones); ``argv`` stands for
+    ``sys.argv`` where ``--config.<key>`` overrides are looked for (for parsing in-process)."""
     from absl import flags
     from ml_collections import config_flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "Experiment config file (python, get_config(arg)).",
-                                    lock_config=True, flag_values=fv)
+                                    lock_config=True, flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Run directory holding checkpoints (local or gs://).", flag_values=fv)
     flags.DEFINE_string("out_dir", "", "Where to write tables and plots (default <workdir>/eval/<step>).",
                         flag_values=fv)

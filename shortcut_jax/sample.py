@@ -199,14 +199,15 @@ def write_images(samples: np.ndarray, labels: np.ndarray, *, out: str = "", out_
 # ----------------------------------------------------------------------------- command line
 
 
-def define_flags(flag_values=None):
-    """The command's flags (in ``flag_values``, default absl's global ones)."""
+def define_flags(flag_values=None, argv=None):
+    """The command's flags (in ``flag_values``, default absl's global ones); ``argv`` stands for
+    ``sys.argv`` where ``--config.<key>`` overrides are looked for (for parsing in-process)."""
     from absl import flags
     from ml_collections import config_flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "The run's config file (python, get_config(arg)).",
-                                    lock_config=True, flag_values=fv)
+                                    lock_config=True, flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Run directory holding checkpoints (local or gs://).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
     flags.DEFINE_integer("num_steps", 1, "Sampling budget: a power of two up to 2^objective.num_levels.",

@@ -260,7 +260,8 @@ class FrechetInception:
             try:
                 self.reference = fid.load_stats(reference, source=self.source)
             except fid.StatsMismatchError as err:
-                raise fid.StatsMismatchError(f"{err} Fix eval.fid_source, or eval.fid_reference.") from None
+                raise fid.StatsMismatchError(f"{err}: fix eval.fid_source (the data set the reference must record),"
+                                             " or set eval.fid_reference to statistics of that data set") from None
         self.unverified: list[str] = []
         self._extractor = None
         self._data_stats: dict[str, fid.FIDStats] = {}
