@@ -76,7 +76,8 @@ def sample_shape(spec, decode: Optional[Callable] = None) -> tuple:
     shape = tuple(spec.shape)
     if decode is None:
         return shape
-    out = jax.eval_shape(decode, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    # one row per device: a decoder jitted over the mesh may require its batch to divide
+    out = jax.eval_shape(decode, jax.ShapeDtypeStruct((jax.device_count(), *shape), jnp.float32))
     return tuple(out.shape[1:])
 
 
@@ -120,59 +121,29 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
     scorer = metric.against(source, num_samples, eval_cfg.seed, cache_dir=cache_dir) if metric is not None else None
     # a scatter plot shows more points than a grid shows images
     shown_count = grid_size * 40 if kind == "points" else grid_size
-    primary = jax.process_index() == 0
     results: dict[int, float] = {}
     images, timings, exports = {}, {}, {}
     for n in sorted(set(budgets) | set(grid_budgets)):
         scored = n in budgets and scorer is not None
         count = num_samples if scored or n in exported else grid_size
-        timing: dict[str, float] = {}
-        began = time.perf_counter()
-        accumulator = scorer.accumulator() if scored else None
-        shown: list[np.ndarray] = []
-        kept = 0
-        with contextlib.ExitStack() as stack:
-            sample_file = None
-            if n in exported and primary:
-                exports[n] = export_path(eval_cfg, out_dir, n)
-                sample_file = stack.enter_context(adm_npz.ADMSampleWriter(
-                    exports[n], num_images=count, image_shape=(*image_shape[:2], 3),
-                    with_labels=spec.num_classes > 0))
-            bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"{n} step(s)", disable=not progress,
-                                           dynamic_ncols=True, leave=False))
-            for x, labels in sample_batches(
-                    sampler, params, shape=shape, num_classes=spec.num_classes, num_samples=count,
-                    batch_size=min(eval_cfg.batch_size, count), num_steps=n, seed=eval_cfg.seed,
-                    cfg_scale=eval_cfg.cfg_scale, label_mode=eval_cfg.label_mode, decode=decode, timings=timing):
-                if kept < shown_count:
-                    shown.append(x[:shown_count - kept])
-                    kept += len(shown[-1])
-                scoring = time.perf_counter()
-                if accumulator is not None:
-                    accumulator.add(x)
-                timing["score_s"] = timing.get("score_s", 0.0) + time.perf_counter() - scoring
-                if sample_file is not None:
-                    sample_file.add(grey_to_rgb(x), labels if spec.num_classes > 0 else None)
-                bar.update(len(x))
-        if accumulator is not None:
-            scoring = time.perf_counter()
-            results[n] = accumulator.result()
-            timing["score_s"] += time.perf_counter() - scoring
-        total = time.perf_counter() - began
-        timings[n] = {"samples": count, **{k: round(v, 3) for k, v in timing.items()},
-                      "total_s": round(total, 3), "images_per_s": round(count / total, 1)}
-        if n in results:
-            log.info("%d step(s): %s %.6g (%d samples, %.1f images/s)", n, metric.display_name, results[n], count,
-                     count / total)
+        if n in exported and jax.process_index() == 0:
+            exports[n] = export_path(eval_cfg, out_dir, n)
+        value, shown, timings[n] = _draw_budget(
+            eval_cfg, sampler, params, spec, n, count, accumulator=scorer.accumulator() if scored else None,
+            export=exports.get(n), image_shape=image_shape, shown_count=shown_count, decode=decode,
+            progress=progress)
+        if value is not None:
+            results[n] = value
+            log.info("%d step(s): %s %.6g (%d samples, %.1f images/s)", n, metric.display_name, value, count,
+                     timings[n]["images_per_s"])
         if n in grid_budgets:
-            samples = np.concatenate(shown)
             path = os.path.join(out_dir, f"samples_{n}step.png")
             if kind == "points":
                 reference = None if scorer is None or scorer.reference is None else scorer.reference[:2000]
                 images[f"samples_{n}step"] = plots.save_scatter(
-                    samples, path, reference=reference, title=f"{n} step(s), step {step}")
+                    shown, path, reference=reference, title=f"{n} step(s), step {step}")
             else:
-                images[f"samples_{n}step"] = plots.save_grid(samples, path)
+                images[f"samples_{n}step"] = plots.save_grid(shown, path)
 
     metric_key = metric.name if metric is not None else "none"
     floor = scorer.floor if scorer is not None else None
@@ -200,6 +171,47 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
         if images:
             writer.write_images(step, {f"eval/{k}": v for k, v in images.items()})
     return results
+
+
+def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *, accumulator, export,
+                 image_shape: tuple, shown_count: int, decode, progress: bool):
+    """``count`` samples at one budget, batch by batch, into the metric's accumulator (or None)
+    and the ADM file ``export`` (or None); returns (metric value or None, the first
+    ``shown_count`` samples, timings)."""
+    timing = {"sample_s": 0.0, "score_s": 0.0}
+    began = time.perf_counter()
+    shown: list[np.ndarray] = []
+    kept = 0
+    with contextlib.ExitStack() as stack:
+        sample_file = None
+        if export is not None:  # removed again if anything fails before the last sample is in
+            sample_file = stack.enter_context(adm_npz.ADMSampleWriter(
+                export, num_images=count, image_shape=(*image_shape[:2], 3), with_labels=spec.num_classes > 0))
+        bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"{num_steps} step(s)", disable=not progress,
+                                       dynamic_ncols=True, leave=False))
+        for x, labels in sample_batches(
+                sampler, params, shape=tuple(spec.shape), num_classes=spec.num_classes, num_samples=count,
+                batch_size=min(eval_cfg.batch_size, count), num_steps=num_steps, seed=eval_cfg.seed,
+                cfg_scale=eval_cfg.cfg_scale, label_mode=eval_cfg.label_mode, decode=decode, timings=timing):
+            if kept < shown_count:
+                shown.append(x[:shown_count - kept])
+                kept += len(shown[-1])
+            scoring = time.perf_counter()
+            if accumulator is not None:
+                accumulator.add(x)
+            timing["score_s"] += time.perf_counter() - scoring
+            if sample_file is not None:
+                sample_file.add(grey_to_rgb(x), labels if spec.num_classes > 0 else None)
+            bar.update(len(x))
+    value = None
+    if accumulator is not None:
+        scoring = time.perf_counter()
+        value = accumulator.result()
+        timing["score_s"] += time.perf_counter() - scoring
+    total = time.perf_counter() - began
+    timing = {"samples": count, **{k: round(v, 3) for k, v in timing.items()}, "total_s": round(total, 3),
+              "images_per_s": round(count / total, 1)}
+    return value, np.concatenate(shown), timing
 
 
 def fid_stats_dir(workdir: Optional[str]) -> Optional[str]:

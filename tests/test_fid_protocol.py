@@ -118,9 +118,9 @@ def test_balanced_labels_give_every_class_n_over_c_and_the_remainder_to_distinct
 
 def test_fid_per_budget_through_the_cli_equals_the_fid_of_its_exported_samples(run, stand_in, tmp_path):
     out = str(tmp_path / "eval")
-    argv = [f"--config={DIGITS}:runlocal=True", "--config.train.progress_bar=False", f"--workdir={run['workdir']}", f"--out_dir={out}",
-            "--metric=fid", "--num_samples=40", "--budgets=1,4", "--cfg_scale=1.5", "--config.eval.batch_size=16",
-            f"--fid_weights={run['weights']}", "--export_npz=exported_{steps}.npz"]
+    argv = [f"--config={DIGITS}:runlocal=True", "--config.train.progress_bar=False", "--config.eval.batch_size=16",
+            f"--workdir={run['workdir']}", "--metric=fid", "--num_samples=40", "--budgets=1,4", "--cfg_scale=1.5",
+            f"--fid_weights={run['weights']}", "--export_npz=exported_{steps}.npz", f"--out_dir={out}"]
     results = run_cli(evaluate, argv)
 
     # The samples, drawn independently of the evaluation: the run's EMA weights, eval.seed, balanced labels.
