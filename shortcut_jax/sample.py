@@ -37,7 +37,7 @@ import numpy as np
 
 from shortcut_jax import checkpoint, plots, sampling
 from shortcut_jax.data import DataSpec
-from shortcut_jax.evaluate import require_checkpoint
+from shortcut_jax.evaluate import require_checkpoint, sample_shape
 from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8
 from shortcut_jax.evaluation.sample_sets import class_labels, sample_batches
 from shortcut_jax.experiment import COMPATIBILITY_KEYS, Experiment
@@ -171,27 +171,32 @@ def sample(run: LoadedRun, *, num_images: int, num_steps: int, labels=None, clas
     return np.concatenate([x for x, _ in parts]), chosen
 
 
-def write_images(samples: np.ndarray, labels: np.ndarray, *, out: str = "", out_dir: str = "",
-                 title: str = "") -> list[str]:
-    """A grid (images) or scatter plot (points) at ``out``, or one PNG per image in ``out_dir``
-    (``00000_class3.png``, ...); returns the paths written."""
+def check_outputs(sample_shape: tuple, *, out: str = "", out_dir: str = "") -> None:
+    """One output, and ``--out_dir`` only for images (RGB or greyscale)."""
     if bool(out) == bool(out_dir):
         raise ValueError("give --out=FILE.png (one grid) or --out_dir=DIR (one PNG per image)")
-    points = samples.ndim == 2
+    if out_dir and (len(sample_shape) != 3 or sample_shape[-1] not in (1, 3)):
+        raise ValueError(f"--out_dir writes images; these samples are {tuple(sample_shape)}: use --out for "
+                         + ("a scatter plot" if len(sample_shape) == 1 else "a grid of their first three channels"))
+
+
+def write_images(samples: np.ndarray, labels: Optional[np.ndarray], *, out: str = "", out_dir: str = "",
+                 title: str = "") -> list[str]:
+    """A grid (images) or scatter plot (points) at ``out``, or one PNG per image in ``out_dir``
+    (``00000_class3.png``, ...; ``00000.png`` without ``labels``); returns the paths written."""
+    check_outputs(samples.shape[1:], out=out, out_dir=out_dir)
     if out:
-        if points:
+        if samples.ndim == 2:
             plots.save_scatter(samples, out, title=title or None)
         else:
             plots.save_grid(samples, out)
         return [out]
-    if points or samples.shape[-1] not in (1, 3):
-        raise ValueError(f"--out_dir writes images; these samples are {samples.shape[1:]}: use --out for "
-                         + ("a scatter plot" if points else "a grid of their first three channels"))
     os.makedirs(out_dir, exist_ok=True)
     pixels = to_uint8(grey_to_rgb(samples))[..., :samples.shape[-1]]
     paths = []
-    for i, (image, label) in enumerate(zip(pixels, labels)):
-        paths.append(os.path.join(out_dir, f"{i:05d}_class{int(label)}.png"))
+    for i, image in enumerate(pixels):
+        name = f"{i:05d}.png" if labels is None else f"{i:05d}_class{int(labels[i])}.png"
+        paths.append(os.path.join(out_dir, name))
         plots.write_png(image, paths[-1])
     return paths
 
@@ -226,8 +231,7 @@ def define_flags(flag_values=None, argv=None):
 
 def run(fv) -> list[str]:
     """The command; returns the files written."""
-    if bool(fv.out) == bool(fv.out_dir):
-        raise ValueError("give --out=FILE.png (one grid) or --out_dir=DIR (one PNG per image)")
+    check_outputs((0, 0, 3), out=fv.out, out_dir=fv.out_dir)  # one of them; the shape is checked below
     if fv.num_images < 1:
         raise ValueError(f"--num_images={fv.num_images} must be >= 1")
     labels = None
@@ -240,16 +244,20 @@ def run(fv) -> list[str]:
     # Everything the request can get wrong is checked against the checkpoint's metadata, before
     # the checkpoint is restored or anything compiled.
     spec, levels = saved_spec(fv.workdir, fv.step)
-    sampling.check_budget(fv.num_steps, levels)
+    sampling.check_budget(fv.num_steps, levels or fv.config.objective.num_levels)
     resolve_labels(spec.num_classes, fv.num_images, labels=labels, class_label=class_label)
     check_guidance(fv.cfg_scale, spec.num_classes)
+    if spec.kind == "points":
+        check_outputs(spec.shape, out=fv.out, out_dir=fv.out_dir)
     loaded = load_run(fv.config, fv.workdir, step=fv.step, use_ema=fv.use_ema)
     try:
+        # latents: what the run's decoder makes of them (traced, not compiled)
+        check_outputs(sample_shape(spec, loaded.exp.decode), out=fv.out, out_dir=fv.out_dir)
         samples, chosen = sample(loaded, num_images=fv.num_images, num_steps=fv.num_steps, labels=labels,
                                  class_label=class_label, cfg_scale=fv.cfg_scale, seed=fv.seed)
     finally:
         loaded.close()
-    paths = write_images(samples, chosen, out=fv.out, out_dir=fv.out_dir,
+    paths = write_images(samples, chosen if spec.num_classes else None, out=fv.out, out_dir=fv.out_dir,
                          title=f"{fv.num_steps} step(s), step {loaded.step}")
     print(f"wrote {len(paths)} file(s): {paths[0]}{' ...' if len(paths) > 1 else ''}"
           f" ({fv.num_images} samples at {fv.num_steps} step(s), checkpoint step {loaded.step})")

@@ -81,6 +81,7 @@ ERRORS = {
     "class": (["--class=-1"], r"--class holds \[-1\]"),
     "both": (["--labels=1", "--class=2"], "give --labels or --class, not both"),
     "output": (["--out=a.png", "--out_dir=b"], "give --out=FILE.png"),
+    "no output": (["--out="], "give --out=FILE.png"),
 }
 
 
