@@ -559,3 +559,14 @@ def test_experiment_reads_and_checks_the_data_once(tmp_path, monkeypatch):
     assert exp.source.num_examples == 256 and exp.source.next_batch()["x"].shape == (64, 2)
     exp.close()
     assert prepared == ["arrays"]  # loaded and scanned for non-finite values once, not twice
+
+
+def test_log_interval_means_weight_level_losses_by_their_rows():
+    fetched = [(1, {"loss": 1.0, "sc_loss/level_3": 0.0, "sc_loss/level_3/rows": 0.0}),
+               (2, {"loss": 3.0, "sc_loss/level_3": 0.5, "sc_loss/level_3/rows": 4.0}),
+               (3, {"loss": 2.0, "sc_loss/level_3": 0.2, "sc_loss/level_3/rows": 1.0})]
+    means = train._mean_metrics(fetched)
+    assert means["loss"] == pytest.approx(2.0)
+    # the step without level-3 rows counts for nothing: (0.5 * 4 + 0.2 * 1) / 5
+    assert means["sc_loss/level_3"] == pytest.approx(0.44)
+    assert means["sc_loss/level_3/rows"] == pytest.approx(5 / 3)
