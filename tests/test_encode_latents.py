@@ -2,6 +2,7 @@
 reader): a tiny image folder encoded with a tiny random-weights VAE saved as a diffusers folder,
 resume after an interrupted encode, the reader's stream (posterior samples, flips, resume,
 process slices) and the errors of both."""
+import importlib.util
 import json
 import os
 import shutil
@@ -257,10 +258,13 @@ def test_reader_resume_mid_epoch_gives_the_same_next_batches(workspace):
     expected = [first.next_batch() for _ in range(3)]
     resumed = make_dataset(config, batch_size=3, seed=7)
     resumed.set_state(json.loads(json.dumps(state)))
-    for want in expected:
-        got = resumed.next_batch()
-        np.testing.assert_array_equal(got["x"], want["x"])
-        np.testing.assert_array_equal(got["label"], want["label"])
+    first.set_state(state)  # back on a source whose worker has prepared a later batch
+    for source in (resumed, first):
+        for want in expected:
+            got = source.next_batch()
+            np.testing.assert_array_equal(got["x"], want["x"])
+            np.testing.assert_array_equal(got["label"], want["label"])
+        source.close()
 
 
 def test_process_slices_make_up_the_global_batch(workspace):
@@ -333,3 +337,17 @@ def test_path_that_is_not_an_encoded_folder(tmp_path):
         validate_data_config(latent_config(str(tmp_path / "latents.npz")))
     with pytest.raises(ValueError, match="has no manifest.json"):
         validate_data_config(latent_config(str(tmp_path)))
+
+
+def test_speed_benchmark_runs_on_a_tiny_setting(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "vae_speed.py")
+    spec = importlib.util.spec_from_file_location("vae_speed", path)
+    vae_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vae_speed)
+    rows = vae_speed.main(["--sections=encoder,reader", "--tiny", "--image_size=16", "--batch_size=8",
+                           "--num_batches=1", "--dtypes=float32", "--reader_examples=300", "--reader_shard_size=128",
+                           "--reader_batches=5", f"--reader_dir={tmp_path / 'synthetic'}"])
+    encoder, reader = rows
+    assert encoder["section"] == "encoder" and encoder["source_images_per_s"] > 0
+    assert reader["examples"] == 300 and reader["latents_per_s"] > 0
+    assert len([n for n in os.listdir(tmp_path / "synthetic") if n.endswith(".moments.npy")]) == 3

@@ -32,7 +32,7 @@ them again (``madvise(MADV_DONTNEED)``; the kernel's page cache keeps them) afte
 """
 from __future__ import annotations
 
-import dataclasses
+import concurrent.futures
 import json
 import mmap
 import os
@@ -56,8 +56,9 @@ MANIFEST = "manifest.json"
 # Random streams of this module; distinct from core's PERMUTATION/FLIP/REFERENCE/TOY streams (0-3).
 LATENT_NOISE_STREAM = 4
 LATENT_REFERENCE_STREAM = 5
-# Drop the mapped pages from this process after reading this many bytes through them.
-RELEASE_BYTES = 1 << 30
+# Drop the mapped pages from this process after this many bytes were read through them (rows
+# counted whole, with both mirror halves, because the kernel maps the pages around a fault too).
+RELEASE_BYTES = 256 << 20
 STORAGE_DTYPES = ("float32", "float16")
 MOMENTS_LAYOUT = "[n, 2 (image, mirrored image), 2 (mean, std), h, w, c], unscaled"
 
@@ -185,7 +186,7 @@ class LatentSet:
             order = np.argsort(local, kind="stable")  # ascending offsets within the file
             rows, local = rows[order], local[order]
             out[rows] = self._shards[s].array[local, flip_axis[rows]]  # [k, 2 (mean, std), h, w, c]
-        self._read_since_release += out.size * self.dtype.itemsize
+        self._read_since_release += 2 * out.size * self.dtype.itemsize
         if self._read_since_release >= RELEASE_BYTES:
             for shard in self._shards:
                 shard.release()
@@ -204,7 +205,14 @@ def posterior_noise(seed: int, stream: int, positions: np.ndarray, shape: tuple[
 
 
 class LatentSource(FiniteStreamMixin, Source):
-    """Scaled posterior samples of an encoded set (see the module docstring)."""
+    """Scaled posterior samples of an encoded set (see the module docstring).
+
+    A worker thread prepares the batch that follows the one just returned (the noise draws
+    and the copies out of the mapped files release the interpreter lock), so a training loop
+    that dispatches its step before asking for the next batch finds it ready. Which rows and
+    which noise a batch holds depends only on its position, never on the thread's timing;
+    ``get_state`` reports the position of the next batch to be returned.
+    """
 
     def __init__(self, latent_set: LatentSet, *, layout: BatchLayout, seed: int, shuffle: bool = True,
                  random_flip: bool = False, use_labels: bool = True):
@@ -219,6 +227,9 @@ class LatentSource(FiniteStreamMixin, Source):
         self._random_flip = random_flip
         self._order = ExampleOrder(self.num_examples, seed, shuffle)
         self._position = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="latents")
+        self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self._closed = False
 
     def _scaled(self, mean: np.ndarray, std: np.ndarray, eps: np.ndarray) -> np.ndarray:
         s = self.latent_set
@@ -229,15 +240,34 @@ class LatentSource(FiniteStreamMixin, Source):
             return np.zeros(len(indices), dtype=np.int32)
         return self.latent_set.labels[indices].astype(np.int32)
 
-    def next_batch(self) -> dict[str, np.ndarray]:
-        start = self._position + self._layout.offset
+    def _batch_at(self, position: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch that starts at stream position ``position``."""
+        start = position + self._layout.offset
         count = self._layout.batch_size
         indices, flips = self._order.lookup(start, count, self._random_flip)
         mean, std = self.latent_set.moments(indices, flips)
-        eps = posterior_noise(self._seed, LATENT_NOISE_STREAM, np.arange(start, start + count),
-                              self.spec.shape)
-        self._position += self._layout.global_batch_size
+        eps = posterior_noise(self._seed, LATENT_NOISE_STREAM, np.arange(start, start + count), self.spec.shape)
         return {"x": self._scaled(mean, std, eps), "label": self._labels_for(indices)}
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise RuntimeError("next_batch() called after close().")
+        if self._pending is None:
+            self._pending = (self._position, self._pool.submit(self._batch_at, self._position))
+        _, future = self._pending
+        try:
+            batch = future.result()
+        except BaseException:
+            self._pending = None  # the position stays on the failed batch
+            raise
+        self._position += self._layout.global_batch_size
+        self._pending = (self._position, self._pool.submit(self._batch_at, self._position))
+        return batch
+
+    def _on_seek(self, position: int) -> None:
+        if self._pending is not None and self._pending[0] != position:
+            self._pending[1].cancel()  # one already running finishes and is dropped
+            self._pending = None
 
     def reference(self, n: int, seed: int) -> np.ndarray:
         """Scaled posterior samples of ``n`` distinct examples (not mirrored), chosen by ``seed``."""
@@ -245,6 +275,15 @@ class LatentSource(FiniteStreamMixin, Source):
         mean, std = self.latent_set.moments(indices, np.zeros(len(indices), dtype=bool))
         eps = posterior_noise(seed, LATENT_REFERENCE_STREAM, np.arange(len(indices)), self.spec.shape)
         return self._scaled(mean, std, eps)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _describe_vae(manifest: dict[str, Any]) -> str:
