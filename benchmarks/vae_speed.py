@@ -9,7 +9,8 @@ all local devices) on random uint8 images, float32 and bfloat16 compute; images/
 images (the VAE runs on twice as many). decoder: latents -> images, the evaluation's direction.
 Both use the sd-vae-ft-mse network with seeded weights (speed does not depend on the values;
 ``--vae=DIR`` loads real ones), ``--tiny`` a small VAE for a quick check. Timing: one compiled
-warm-up call, then ``--num_batches`` calls, each waited for.
+warm-up call, then ``--num_batches`` calls, each waited for; ``temp_gib`` is the compiler's
+figure for the program's scratch memory.
 
 reader: writes a synthetic latent set of ``--reader_examples`` examples of 32x32x4 moments (once;
 kept in ``--reader_dir`` and reused when its manifest matches), then reads ``--reader_batches``
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="encoder,decoder,reader")
     parser.add_argument("--batch_size", type=int, default=64, help="images (encoder/decoder) or latents (reader)")
+    parser.add_argument("--decoder_batch_size", type=int, default=0, help="0: --batch_size")
     parser.add_argument("--num_batches", type=int, default=10)
     parser.add_argument("--image_size", type=int, default=SD_SIZE)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to time")
@@ -73,17 +75,29 @@ def _vae(args):
     return vae_weights.LoadedVAE(config, vae_weights.seeded_params(config, 0), "seeded", "", "", "")
 
 
-def _timed(fn, num_batches: int) -> tuple[float, float]:
-    """(first call incl. compilation, mean seconds per later call)."""
+def _compile_and_time(jitted, arguments, num_batches: int) -> dict[str, float]:
+    """Compiles once (ahead of time, for the compiler's memory figure), then times one warm-up
+    call and ``num_batches`` calls, each waited for."""
     import jax
 
     start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
+    compiled = jitted.lower(*arguments).compile()
+    compile_s = time.perf_counter() - start
+    memory_stats = compiled.memory_analysis()
+    temp_gib = getattr(memory_stats, "temp_size_in_bytes", 0) / 2**30
+    jax.block_until_ready(compiled(*arguments))
     start = time.perf_counter()
     for _ in range(num_batches):
-        jax.block_until_ready(fn())
-    return first, (time.perf_counter() - start) / num_batches
+        jax.block_until_ready(compiled(*arguments))
+    return {"compile_s": compile_s, "temp_gib": temp_gib, "per_call_s": (time.perf_counter() - start) / num_batches}
+
+
+def report(rows: list[dict], row: dict) -> list[dict]:
+    """Prints ``row`` at once (a later section may fail) and appends it to ``rows``."""
+    rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    print(json.dumps(rounded), flush=True)
+    rows.append(row)
+    return rows
 
 
 def bench_encoder(args, vae) -> list[dict]:
@@ -97,11 +111,11 @@ def bench_encoder(args, vae) -> list[dict]:
     rows = []
     for dtype in args.dtypes.split(","):
         encode, params, sharding = make_encoder(vae, dtype, devices)
-        batch = jax.device_put(pixels, sharding)
-        first, per_call = _timed(lambda: encode(params, batch), args.num_batches)
-        rows.append({"section": "encoder", "dtype": dtype, "batch": args.batch_size, "compile_and_first_s": first,
-                     "ms_per_batch": 1e3 * per_call, "source_images_per_s": args.batch_size / per_call,
-                     "vae_images_per_s": 2 * args.batch_size / per_call})
+        timing = _compile_and_time(encode, (params, jax.device_put(pixels, sharding)), args.num_batches)
+        per_call = timing.pop("per_call_s")
+        report(rows, {"section": "encoder", "dtype": dtype, "batch": args.batch_size, **timing,
+                      "ms_per_batch": 1e3 * per_call, "source_images_per_s": args.batch_size / per_call,
+                      "vae_images_per_s": 2 * args.batch_size / per_call})
     return rows
 
 
@@ -114,17 +128,19 @@ def bench_decoder(args, vae) -> list[dict]:
 
     mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     shard, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    batch_size = args.decoder_batch_size or args.batch_size
     latents = np.random.default_rng(1).standard_normal(
-        (args.batch_size, *vae.config.latent_shape(args.image_size))).astype(np.float32)
+        (batch_size, *vae.config.latent_shape(args.image_size))).astype(np.float32)
     rows = []
     for dtype in args.dtypes.split(","):
         model = AutoencoderKL(vae.config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         decode = jax.jit(lambda p, z, m=model: m.apply({"params": p}, z, method=AutoencoderKL.decode),
                          in_shardings=(replicated, shard), out_shardings=shard)
-        params, batch = jax.device_put(vae.params, replicated), jax.device_put(latents, shard)
-        first, per_call = _timed(lambda: decode(params, batch), args.num_batches)
-        rows.append({"section": "decoder", "dtype": dtype, "batch": args.batch_size, "compile_and_first_s": first,
-                     "ms_per_batch": 1e3 * per_call, "images_per_s": args.batch_size / per_call})
+        timing = _compile_and_time(decode, (jax.device_put(vae.params, replicated), jax.device_put(latents, shard)),
+                                   args.num_batches)
+        per_call = timing.pop("per_call_s")
+        report(rows, {"section": "decoder", "dtype": dtype, "batch": batch_size, **timing,
+                      "ms_per_batch": 1e3 * per_call, "images_per_s": batch_size / per_call})
     return rows
 
 
@@ -184,11 +200,11 @@ def bench_reader(args) -> list[dict]:
         source.next_batch()
     elapsed = time.perf_counter() - start
     after = memory()
-    return [{"section": "reader", "examples": args.reader_examples, "dtype": args.reader_dtype,
+    return report([], {"section": "reader", "examples": args.reader_examples, "dtype": args.reader_dtype,
              "set_gib": size / 2**30, "write_or_reuse_s": written, "open_s": opened, "batch": args.batch_size,
              "batches": args.reader_batches, "latents_per_s": args.batch_size * args.reader_batches / elapsed,
              "ms_per_batch": 1e3 * elapsed / args.reader_batches, "memory_mib_before": before,
-             "memory_mib_after": after}]
+             "memory_mib_after": after})
 
 
 def main(argv=None) -> list[dict]:
@@ -207,8 +223,6 @@ def main(argv=None) -> list[dict]:
             rows += bench_decoder(args, vae)
     if "reader" in sections:
         rows += bench_reader(args)
-    for row in rows:
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     return rows
 
 
