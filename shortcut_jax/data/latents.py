@@ -27,8 +27,8 @@ a mirrored latent (the two differ).
 
 Memory: the shards are mapped, never read whole; labels (4 bytes an example) are held in memory.
 Pages read through the mapping count towards the process's resident size, so the reader drops
-them again (``madvise(MADV_DONTNEED)``; the kernel's page cache keeps them) after every
-``RELEASE_BYTES`` read: resident memory stays bounded, whatever the set's size.
+them again (``madvise(MADV_DONTNEED)``; the kernel's page cache keeps them) whenever that size
+has grown by ``RELEASE_BYTES``: resident memory stays bounded, whatever the set's size.
 """
 from __future__ import annotations
 
@@ -56,8 +56,10 @@ MANIFEST = "manifest.json"
 # Random streams of this module; distinct from core's PERMUTATION/FLIP/REFERENCE/TOY streams (0-3).
 LATENT_NOISE_STREAM = 4
 LATENT_REFERENCE_STREAM = 5
-# Drop the mapped pages from this process after this many bytes were read through them (rows
-# counted whole, with both mirror halves, because the kernel maps the pages around a fault too).
+# Drop the mapped pages from this process once its file-backed resident memory has grown by
+# this much since the last drop. Measured (Linux's /proc/self/statm), not estimated from the bytes
+# read: a fault maps the pages around it too, and with large page-cache folios whole folios, so
+# the mapped size can be many times what was read.
 RELEASE_BYTES = 256 << 20
 STORAGE_DTYPES = ("float32", "float16")
 MOMENTS_LAYOUT = "[n, 2 (image, mirrored image), 2 (mean, std), h, w, c], unscaled"
@@ -121,6 +123,15 @@ def moments_shape(manifest: dict[str, Any], count: int) -> tuple[int, ...]:
     return (count, 2, 2, *manifest["latent_shape"])
 
 
+def resident_file_bytes() -> int | None:
+    """This process's resident file-backed (shared) memory in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[2]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class _MappedShard:
     """One shard's moments, mapped read-only, as an ndarray view."""
 
@@ -174,6 +185,20 @@ class LatentSet:
         self._shards = [_MappedShard(shard_paths(root, s)[0], moments_shape(manifest, c), self.dtype)
                         for s, c in enumerate(counts)]
         self._read_since_release = 0
+        self._resident_after_release = resident_file_bytes()
+
+    def _release_if_grown(self, bytes_read: int) -> None:
+        resident = resident_file_bytes()
+        if resident is None:  # no measurement: count what was read, four times over
+            self._read_since_release += 4 * bytes_read
+            grown = self._read_since_release
+        else:
+            grown = resident - self._resident_after_release
+        if grown >= RELEASE_BYTES:
+            for shard in self._shards:
+                shard.release()
+            self._read_since_release = 0
+            self._resident_after_release = resident_file_bytes()
 
     def moments(self, indices: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 mean and std [len(indices), h, w, c] of the examples, mirrored where ``flips``."""
@@ -186,11 +211,7 @@ class LatentSet:
             order = np.argsort(local, kind="stable")  # ascending offsets within the file
             rows, local = rows[order], local[order]
             out[rows] = self._shards[s].array[local, flip_axis[rows]]  # [k, 2 (mean, std), h, w, c]
-        self._read_since_release += 2 * out.size * self.dtype.itemsize
-        if self._read_since_release >= RELEASE_BYTES:
-            for shard in self._shards:
-                shard.release()
-            self._read_since_release = 0
+        self._release_if_grown(out.size * self.dtype.itemsize)
         return out[:, 0], out[:, 1]
 
 
