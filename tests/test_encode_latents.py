@@ -306,7 +306,7 @@ def test_set_of_another_vae_size_or_scale_is_refused(workspace, overrides, messa
 
 def test_matching_expectations_are_accepted(workspace):
     sha = workspace["manifest"]["vae"]["weights_sha256"]
-    for vae in ("tiny-vae", sha[:12]):
+    for vae in ("tiny-vae", "someone/tiny-vae", sha[:12]):
         validate_data_config(latent_config(workspace["out"], image_size=IMAGE_SIZE, latent_vae=vae,
                                            latent_scale=0.18215))
 

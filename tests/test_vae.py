@@ -251,3 +251,18 @@ def test_scale_and_unscale_are_inverse():
     z = np.linspace(-3, 3, 7, dtype=np.float32)
     np.testing.assert_allclose(scale_latents(z, config), (z - 0.1) * 0.3, rtol=1e-6)
     np.testing.assert_allclose(unscale_latents(scale_latents(z, config), config), z, rtol=1e-6)
+
+
+def test_latent_decoder_unscales_batches_and_clips(tmp_path, tiny):
+    config, state_dict = tiny
+    folder = str(tmp_path / "vae")
+    vae_weights.write_diffusers_folder(folder, config, state_dict)
+    vae = vae_weights.load_vae(folder)
+    scaled = np.random.default_rng(0).standard_normal((5, 4, 4, 4)).astype(np.float32)  # two batches of 3
+    images = vae.latent_decoder(dtype=jnp.float32, batch_size=3)(scaled)
+    model = AutoencoderKL(config)
+    want = jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))(
+        vae.params, unscale_latents(scaled, config))
+    assert images.shape == (5, 8, 8, 3)
+    np.testing.assert_allclose(images, np.clip(want, -1, 1), rtol=1e-5, atol=1e-5)
+    assert np.abs(want).max() > 1  # the clip did something

@@ -43,8 +43,9 @@ DEFAULTS: dict[str, Any] = {
     # use_labels is True).
     "image_key": "image",
     "label_key": "label",
-    # 'latents' only: the VAE the set must have been encoded with (its name, e.g.
-    # 'stabilityai/sd-vae-ft-mse', or a prefix of 8+ hex digits of its weights' sha256); '' accepts any.
+    # 'latents' only: the VAE the set must have been encoded with: its hub id or folder name (compared
+    # by the last part: 'stabilityai/sd-vae-ft-mse' accepts a set encoded from /models/sd-vae-ft-mse),
+    # or a prefix of 8+ hex digits of its weights' sha256; '' accepts any.
     # (data.image_size, when set, is the image size the set must have been encoded at.)
     "latent_vae": "",
     # 'latents' only: the scaling factor the set's VAE must have; 0.0 takes the set's own.

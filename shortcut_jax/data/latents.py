@@ -312,6 +312,14 @@ def _describe_vae(manifest: dict[str, Any]) -> str:
     return f"{vae['name']!r} (weights sha256 {vae['weights_sha256'][:12]}...)"
 
 
+def _same_vae_name(expected: str, recorded: str) -> bool:
+    """Hub ids and folder names name the same VAE by their last part: a set encoded from
+    ``/models/sd-vae-ft-mse`` (a ``huggingface-cli download --local-dir``) is accepted for
+    ``stabilityai/sd-vae-ft-mse``."""
+    last = lambda name: name.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    return expected == recorded or last(expected) == last(recorded)
+
+
 def check_expectations(config, manifest: dict[str, Any], root: str) -> None:
     """Refuses a set made with another VAE, image size or scale than the config asks for."""
     image_size = cfg.get(config, "image_size")
@@ -323,7 +331,8 @@ def check_expectations(config, manifest: dict[str, Any], root: str) -> None:
     vae = cfg.get(config, "latent_vae")
     if vae:
         known = manifest["vae"]
-        matches = vae == known["name"] or (len(vae) >= 8 and known["weights_sha256"].startswith(vae.lower()))
+        matches = _same_vae_name(vae, known["name"]) or \
+            (len(vae) >= 8 and known["weights_sha256"].startswith(vae.lower()))
         if not matches:
             raise LatentSetError(
                 f"data.path={root!r} was encoded with the VAE {_describe_vae(manifest)} but data.latent_vae="

@@ -295,6 +295,36 @@ class LoadedVAE:
     def module(self, dtype=jnp.float32) -> AutoencoderKL:
         return AutoencoderKL(self.config, dtype=dtype)
 
+    def latent_decoder(self, dtype=jnp.bfloat16, batch_size: int = 32):
+        """A function: scaled latents (numpy [N, h, w, c], the space a model trains in) -> images,
+        float32 numpy [N, H, W, 3] clipped to [-1, 1]. Runs in batches of ``batch_size``, the last
+        padded, so it compiles once. bf16 by default: on a GPU, float32 convolutions at full
+        precision are about 15x slower and need far more scratch memory (benchmarks/vae_speed.py).
+        """
+        import jax
+
+        from shortcut_jax.models.vae import unscale_latents
+
+        module, config = self.module(dtype), self.config
+
+        @jax.jit
+        def decode(params, scaled):
+            images = module.apply({"params": params}, unscale_latents(scaled, config), method=AutoencoderKL.decode)
+            return jnp.clip(images, -1.0, 1.0)
+
+        def run(latents: np.ndarray) -> np.ndarray:
+            latents = np.asarray(latents, np.float32)
+            out = []
+            for start in range(0, len(latents), batch_size):
+                chunk = latents[start:start + batch_size]
+                padded = np.zeros((batch_size, *latents.shape[1:]), np.float32)
+                padded[:len(chunk)] = chunk
+                out.append(np.asarray(decode(self.params, padded))[:len(chunk)])
+            side = latents.shape[1] * config.downsample_factor
+            return np.concatenate(out) if out else np.zeros((0, side, side, config.out_channels), np.float32)
+
+        return run
+
     def describe(self) -> dict[str, Any]:
         """What a latent set records about the VAE that made it."""
         return {"name": self.name, "folder": os.path.abspath(self.folder), "weights_file": os.path.basename(
