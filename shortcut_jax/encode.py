@@ -123,10 +123,12 @@ def _write_json(path: str, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> None:
-    """Creates ``out_dir`` or checks that it holds an encode of the same plan; removes the
-    temporary files a killed run left. Raises EncodeError before touching anything else."""
+def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> dict[str, Any] | None:
+    """Creates ``out_dir`` or checks that it holds an encode of the same plan (returning its
+    manifest); removes the temporary files a killed run left. Raises EncodeError before
+    touching anything else."""
     manifest_path = os.path.join(out_dir, latent_format.MANIFEST)
+    existing = None
     if os.path.isfile(manifest_path):
         try:
             with open(manifest_path) as f:
@@ -144,7 +146,7 @@ def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for stray in glob.glob(os.path.join(out_dir, "shard_*.npy.tmp")):
         os.remove(stray)
-    _write_json(manifest_path, {**planned, "complete": False})
+    return existing
 
 
 def shard_is_done(out_dir: str, planned: dict[str, Any], shard: dict[str, Any]) -> bool:
@@ -243,8 +245,12 @@ def encode_images(source: ImageBatches, out_dir: str, vae, settings: EncodeSetti
         raise EncodeError(f"the source gives {source.image_size}x{source.image_size} images but image_size="
                           f"{settings.image_size}")
     planned = plan(source, vae, settings)
-    prepare_out_dir(out_dir, planned)
+    existing = prepare_out_dir(out_dir, planned)
     todo = [s for s in planned["shards"] if not shard_is_done(out_dir, planned, s)]
+    if existing is not None and existing.get("complete") and not todo:
+        log.info("%s already holds all %d examples", out_dir, existing["count"])
+        return existing
+    _write_json(os.path.join(out_dir, latent_format.MANIFEST), {**planned, "complete": False})
     done_examples = planned["count"] - sum(s["count"] for s in todo)
     if max_shards is not None:
         todo = todo[:max_shards]

@@ -164,6 +164,19 @@ def test_command_line_finishes_an_interrupted_encode(workspace):
     assert shard_bytes(out) == shard_bytes(workspace["out"])
 
 
+def test_encode_of_a_finished_folder_rewrites_nothing(workspace):
+    out = str(workspace["root"] / "finished")
+    shutil.copytree(workspace["out"], out)
+    stamps = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out)}
+    source = open_image_folder(workspace["images"], IMAGE_SIZE, 2)
+    try:
+        manifest = encode.encode_images(source, out, workspace["vae"], settings(), progress=False)
+    finally:
+        source.close()
+    assert manifest["complete"]
+    assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out)} == stamps
+
+
 def test_encode_refuses_a_folder_of_other_settings_and_changes_nothing(workspace):
     out = str(workspace["root"] / "other_settings")
     shutil.copytree(workspace["out"], out)
