@@ -3,8 +3,9 @@
     python -m shortcut_jax.encode --source=/data/celebahq256 --out=/data/celebahq256_latents \\
         --vae=/models/sd-vae-ft-mse --image_size=256 --batch_size=128
 
-reads the images through ``data.image_source`` (``--source_type``, default ``image_folder``:
-class sub-folders or a flat folder), centre-crops and resizes each to ``--image_size`` (see
+reads the images through ``data.image_source`` (``--source_type``: ``image_folder``, the default,
+class sub-folders or a flat folder; or ``tfds``, ``--source=celeb_a_hq/256 --split=train
+--data_dir=...``, a data set TFDS prepared in ArrayRecord), centre-crops and resizes each to ``--image_size`` (see
 ``image_source`` for the convention), encodes it **and its horizontal mirror** with the VAE, and
 writes the posterior mean and standard deviation of both with the labels, in shards of
 ``--shard_size`` examples, plus ``manifest.json`` (the format is described in ``data.latents``;
@@ -297,7 +298,13 @@ def main(argv) -> None:
     import jax
 
     check_settings(settings, vae.config, jax.local_device_count())
-    source = IMAGE_SOURCES[FLAGS.source_type](FLAGS.source, FLAGS.image_size, FLAGS.num_workers)
+    options = {}
+    if FLAGS.source_type == "tfds":
+        options = {"split": FLAGS.split, "data_dir": FLAGS.data_dir}
+    elif FLAGS.split != "train" or FLAGS.data_dir:
+        raise SystemExit("--split and --data_dir are for --source_type=tfds; leave them out for "
+                         f"--source_type={FLAGS.source_type}")
+    source = IMAGE_SOURCES[FLAGS.source_type](FLAGS.source, FLAGS.image_size, FLAGS.num_workers, **options)
     try:
         manifest = encode_images(source, FLAGS.out, vae, settings, max_shards=FLAGS.max_shards)
     finally:
@@ -309,8 +316,11 @@ def main(argv) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("source", None, "Images: a folder for --source_type=image_folder.")
+    flags.DEFINE_string("source", None, "Images: a folder (--source_type=image_folder) or a TFDS name "
+                        "(--source_type=tfds, e.g. celeb_a_hq/256).")
     flags.DEFINE_string("source_type", "image_folder", f"One of {sorted(IMAGE_SOURCES)}.")
+    flags.DEFINE_string("split", "train", "TFDS split (--source_type=tfds).")
+    flags.DEFINE_string("data_dir", "", "TFDS data folder (--source_type=tfds); '' is TFDS's default.")
     flags.DEFINE_string("out", None, "Output folder (created; an unfinished one is continued).")
     flags.DEFINE_string("vae", "stabilityai/sd-vae-ft-mse", "diffusers VAE folder or hub id.")
     flags.DEFINE_integer("image_size", 256, "Centre-crop and resize every image to this square size.")
@@ -318,7 +328,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("shard_size", 4096, "Examples per shard file.")
     flags.DEFINE_enum("dtype", "float32", list(latent_format.STORAGE_DTYPES), "Storage dtype of the moments.")
     flags.DEFINE_enum("compute_dtype", "float32", list(COMPUTE_DTYPES), "The VAE's compute dtype.")
-    flags.DEFINE_integer("num_workers", 8, "Image decoding threads.")
+    flags.DEFINE_integer("num_workers", 8, "Image decoding threads (TFDS: worker processes).")
     flags.DEFINE_integer("max_shards", None, "Stop after encoding this many new shards.")
     flags.mark_flags_as_required(["source", "out"])
 

@@ -19,7 +19,7 @@ from shortcut_jax.data import default_data_config, make_dataset, validate_data_c
 from shortcut_jax.data import latents as latent_format
 from shortcut_jax.data.core import ExampleOrder, uint8_to_float
 from shortcut_jax.data.image_folder import load_image
-from shortcut_jax.data.image_source import open_image_folder
+from shortcut_jax.data.image_source import IMAGE_SOURCES, ReaderImages, open_image_folder
 from shortcut_jax.models import vae_weights
 from shortcut_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -145,6 +145,20 @@ def test_encode_stopped_midway_and_resumed_gives_identical_shards(workspace):
     assert os.stat(os.path.join(out, "shard_00000.moments.npy")).st_mtime_ns == first_written  # not redone
     assert shard_bytes(out) == shard_bytes(workspace["out"])
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_any_reader_through_its_source_interface_gives_the_same_shards(workspace):
+    config = default_data_config()
+    config.name, config.path, config.num_workers = "image_folder", workspace["images"], 2
+    source = ReaderImages(config, IMAGE_SIZE)  # the image-folder reader, used only as a Source
+    out = str(workspace["root"] / "through_reader")
+    try:
+        assert (source.num_examples, source.num_classes) == (NUM_IMAGES, 2)
+        manifest = encode.encode_images(source, out, workspace["vae"], settings(), progress=False)
+    finally:
+        source.close()
+    assert manifest["complete"] and manifest["source"]["type"] == "image_folder"
+    assert shard_bytes(out) == shard_bytes(workspace["out"])
 
 
 def test_command_line_finishes_an_interrupted_encode(workspace):
@@ -364,3 +378,44 @@ def test_speed_benchmark_runs_on_a_tiny_setting(tmp_path):
     assert encoder["section"] == "encoder" and encoder["source_images_per_s"] > 0
     assert reader["examples"] == 300 and reader["latents_per_s"] > 0
     assert len([n for n in os.listdir(tmp_path / "synthetic") if n.endswith(".moments.npy")]) == 3
+
+
+def test_tfds_data_set_encodes_like_the_same_images_in_a_folder(workspace, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("grain")
+    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in files_in_order(workspace["images"])]
+    labels = [0] * 5 + [1] * 6
+
+    class EncodeTinyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                "label": tfds.features.ClassLabel(num_classes=2)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (image, label) in enumerate(zip(pixels, labels)):
+                yield i, {"image": Image.fromarray(image), "label": label}
+
+    data_dir = str(tmp_path / "tfds")
+    EncodeTinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    source = IMAGE_SOURCES["tfds"]("encode_tiny_images", IMAGE_SIZE, 0, split="train", data_dir=data_dir)
+    out = str(tmp_path / "encoded")
+    try:
+        manifest = encode.encode_images(source, out, workspace["vae"], settings(), progress=False)
+    finally:
+        source.close()
+    assert manifest["source"]["type"] == "tfds" and manifest["source"]["tfds_name"] == "encode_tiny_images"
+    assert manifest["count"] == NUM_IMAGES and manifest["num_classes"] == 2
+    # TFDS stores the examples in an order of its own: match each to the folder's by its moments
+    got, want = stored_moments(out), stored_moments(workspace["out"])
+    got_labels = np.concatenate([np.load(latent_format.shard_paths(out, s)[1]) for s in range(3)])
+    distance = np.abs(got[:, None] - want[None]).reshape(NUM_IMAGES, NUM_IMAGES, -1).max(-1)
+    match = distance.argmin(1)
+    assert sorted(match) == list(range(NUM_IMAGES)) and distance.min(1).max() < 1e-5
+    np.testing.assert_array_equal(got_labels, np.asarray(labels)[match])
