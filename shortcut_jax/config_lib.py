@@ -143,10 +143,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
-    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): SD-VAE latents
-    read as arrays, the reference optimiser (the defaults), long-run intervals, every budget."""
+    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): sd-vae-ft-mse
+    posterior moments of 256x256 images and their mirrors written by ``shortcut_jax.encode``
+    (a fresh posterior sample at every visit, the mirror's moments when the flip says so), the
+    reference optimiser (the defaults), long-run intervals, every budget."""
     c = default_config()
-    c.data.name = "arrays"
+    c.data.name = "latents"
+    c.data.random_flip = True
+    c.data.image_size = 256  # the encoded images' size, checked against the set's manifest
+    c.data.latent_vae = "stabilityai/sd-vae-ft-mse"
     c.objective.name = objective
     c.train.ckpt_every = 10_000
     c.train.eval_every = 20_000
