@@ -144,6 +144,8 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array) -> jax.Array:
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         batch, height, width_px, channels = x.shape
         p = self.patch_size
         if height % p or width_px % p:
@@ -173,8 +175,6 @@ class DiT(nn.Module):
                        name="label_embed")(label).astype(self.dtype)
         ).astype(jnp.float32)
 
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         fp8_form = self.fp8_form if self.matmul_precision == "fp8" else None
         remat_cls = remat_block(DiTBlock, self.remat)
         for i in range(self.depth):
