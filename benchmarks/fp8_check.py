@@ -1,28 +1,30 @@
 """Do the FP8 train step's matmuls really run as FP8 GEMMs, and how fast is one FP8 matmul?
 
     python -m benchmarks.fp8_check --out=fp8_check                      # GPU: DiT-B/2 step, fc1 shape
-    python -m benchmarks.fp8_check --row=tiny-shortcut --matmul_shape=256,64,128 --warm_s=0 --out=/tmp/f
+    python -m benchmarks.fp8_check --row=tiny-shortcut --matmul_shape=256,64,128 --warm_s=0   # CPU
 
 Step section: the train step of a ``benchmarks.train_step`` row (default ``B2-shortcut``: DiT-B/2,
 batch 256, 32x32x4, shortcut at 1/8), once with bf16 matmuls and once per FP8 dot form
 (``models.fp8.FORMS``), lowered and compiled as training compiles it (state donated), not run.
 For each it prints the dot_generals of the lowered program by operand and result element types
-(with FP8: e4m3 x e4m3 forward, e5m2 x e4m3 input gradient, e4m3 x e5m2 kernel gradient) and
-the matmuls of the optimised program by kind: custom calls by target (``__cublas$lt$matmul$f8``
-is cuBLASLt's FP8 GEMM; ``__cublas$gemm`` and ``__cublas$lt$matmul`` the others), Triton GEMM
-fusions, convolutions and plain ``dot`` instructions (on CPU every matmul; on a GPU those inside
-Triton fusions or left to XLA's own emitters), each with its operand and output element types.
-XLA turns an FP8 dot it cannot map to cuBLASLt into an f16 or bf16 GEMM without an error, so the
-line to read is ``FP8 GEMMs: <compiled> of <lowered> FP8 dots``. The optimised HLO of each
-program is written, gzipped, beside the JSON.
+(with FP8: e4m3 x e4m3 forward, e5m2 x e4m3 input gradient, e4m3 x e5m2 kernel gradient; the
+'dequant' form's dots read float32 operands converted from FP8, counted as such) and the matmuls
+of the optimised program by kind: custom calls by target (``__cublas$lt$matmul$f8`` is cuBLASLt's
+FP8 GEMM; ``__cublas$gemm`` and ``__cublas$lt$matmul`` the others), Triton GEMM fusions,
+convolutions and plain ``dot`` instructions (on CPU every matmul; on a GPU those inside Triton
+fusions or left to XLA's own emitters), each with its operand and output element types. XLA
+turns an FP8 dot it cannot map to cuBLASLt into an f16 GEMM without an error, so the line to
+read is ``FP8 GEMMs: <compiled> of <lowered> FP8 dots``. With ``--out``, the optimised HLO of
+each program is written there, gzipped, beside ``fp8_check.json``.
 
 Matmul section: one ``[M, K] x [K, N]`` matmul (default DiT-B/2's fc1 at batch 256: 65536 x 768
-by 768 x 3072) with bf16 operands, in each FP8 form and as a quantize-dequantize-to-bf16 control
-(the pattern XLA's rewriter does not take), three ways: the GEMM alone on operands quantized
-beforehand; the forward (current scales of both operands, quantization, GEMM, scaling); forward
-and backward (the three GEMMs and the gradient's quantization). Each is the median of
-``--repeats`` timings of ``--calls`` back-to-back calls after ``--warm_s`` seconds of warm-up,
-as TFLOP/s of 2MNK (three times that with the backward), with the GEMM kinds of its program.
+by 768 x 3072; several shapes with '/'), bf16 activations and a float32 kernel as a layer sees
+them, with bf16 matmuls, in each FP8 form, and as a quantize-dequantize-to-bf16 control (the
+pattern that stayed a bf16 GEMM in a probe on an H200), three ways: the GEMM alone on operands
+quantized beforehand; the forward (current scales of both operands, quantization, GEMM,
+scaling); forward and backward (the three GEMMs and the gradient's quantization). Each is the
+median of ``--repeats`` timings of ``--calls`` back-to-back calls after ``--warm_s`` seconds of
+warm-up, as TFLOP/s of 2MNK (three times that with the backward), with the matmuls of its program.
 
 On CPU both sections run (XLA's CPU backend converts FP8 operands to a wider type), which is how
 the script is tested; the figures mean something on a GPU with FP8 tensor cores.
@@ -214,7 +216,18 @@ def time_calls(fn, args, *, warm_s: float, repeats: int, calls: int) -> list[flo
 
 
 def check_matmul(args, variants: list[str]) -> dict:
-    m, k, n = args.matmul_shape
+    rows = []
+    for shape in args.matmul_shape:
+        rows += matmul_rows(args, shape, variants)
+    for r in rows:
+        base = next((b for b in rows if b["variant"] == "bf16" and b["mode"] == r["mode"] and b["shape"] == r["shape"]),
+                    None)
+        r["vs_bf16"] = r["tflops"] / base["tflops"] if base else None
+    return {"warm_s": args.warm_s, "repeats": args.repeats, "calls": args.calls, "rows": rows}
+
+
+def matmul_rows(args, shape: tuple, variants: list[str]) -> list[dict]:
+    m, k, n = shape
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     w = jax.random.normal(keys[1], (k, n), jnp.float32) / k**0.5
@@ -231,15 +244,12 @@ def check_matmul(args, variants: list[str]) -> dict:
             compiled = jax.jit(fn).lower(*fn_args).compile()
             times = time_calls(compiled, fn_args, warm_s=args.warm_s, repeats=args.repeats, calls=args.calls)
             seconds = statistics.median(times)
-            rows.append({"variant": variant, "mode": mode, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
+            rows.append({"shape": [m, k, n], "variant": variant, "mode": mode, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
                          "tflops_min": flops / max(times) / 1e12, "tflops_max": flops / min(times) / 1e12,
                          "matmuls": compiled_matmuls(compiled.as_text())})
-        log(args, f"  matmul {variant}: " + ", ".join(f"{r['mode']} {r['tflops']:.1f}" for r in rows[-3:])
-            + " TFLOP/s")
-    for r in rows:
-        base = next(b for b in rows if b["variant"] == "bf16" and b["mode"] == r["mode"]) if "bf16" in variants else None
-        r["vs_bf16"] = r["tflops"] / base["tflops"] if base else None
-    return {"shape": [m, k, n], "warm_s": args.warm_s, "repeats": args.repeats, "calls": args.calls, "rows": rows}
+        log(args, f"  matmul {m}x{k}x{n} {variant}: "
+            + ", ".join(f"{r['mode']} {r['tflops']:.1f}" for r in rows[-3:]) + " TFLOP/s")
+    return rows
 
 
 # ----------------------------------------------------------------------------- report
@@ -248,6 +258,10 @@ def check_matmul(args, variants: list[str]) -> dict:
 def log(args, text: str) -> None:
     if not args.quiet:
         print(text, flush=True)
+
+
+def _rate(tflops: float) -> str:
+    return f"{tflops:.1f}" if tflops >= 1 else f"{tflops:.2g}"  # CPU-sized runs stay readable
 
 
 def print_report(report: dict) -> None:
@@ -270,15 +284,14 @@ def print_report(report: dict) -> None:
                 print(f"    ** {r['lowered_f8_dots'] - r['compiled_f8_gemms']} FP8 dots did not become {F8_GEMM_TARGET}")
     mm = report.get("matmul")
     if mm:
-        m, k, n = mm["shape"]
-        print(f"\nmatmul [{m}, {k}] x [{k}, {n}], bf16 operands (median of {mm['repeats']} x {mm['calls']} calls"
-              f" after {mm['warm_s']:.0f} s of warm-up):\n")
-        header = ["variant", "mode", "ms", "TFLOP/s", "min-max", "vs bf16", "matmuls in the program"]
-        lines = [[r["variant"], r["mode"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
-                  f"{r['tflops_min']:.1f}-{r['tflops_max']:.1f}",
+        print(f"\nmatmul [M, K] x [K, N], bf16 activations, float32 kernel (median of {mm['repeats']} x"
+              f" {mm['calls']} calls after {mm['warm_s']:.0f} s of warm-up):\n")
+        header = ["M,K,N", "variant", "mode", "ms", "TFLOP/s", "min-max", "vs bf16", "matmuls in the program"]
+        lines = [[",".join(map(str, r["shape"])), r["variant"], r["mode"], f"{r['ms']:.3f}", _rate(r["tflops"]),
+                  f"{_rate(r['tflops_min'])}-{_rate(r['tflops_max'])}",
                   "-" if r["vs_bf16"] is None else f"{r['vs_bf16']:.2f}x",
                   "; ".join(f"{c} {key}" for key, c in r["matmuls"].items())] for r in mm["rows"]]
-        train_step.print_table(header, lines, text_columns=2)
+        train_step.print_table(header, lines, text_columns=3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -291,7 +304,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"subset of {VARIANTS}: bf16 matmuls, the FP8 dot forms, and the quantize-dequantize"
                         f" control ({CONTROL}, matmul section only)")
-    p.add_argument("--matmul_shape", default="65536,768,3072", help="M,K,N of the timed matmul")
+    p.add_argument("--matmul_shape", default="65536,768,3072",
+                   help="M,K,N of the timed matmul; several separated by '/', e.g. DiT-B/2's four layers at batch"
+                        " 256: 65536,768,2304/65536,768,768/65536,768,3072/65536,3072,768")
     p.add_argument("--warm_s", type=float, default=1.0, help="seconds of warm-up before each matmul's timings")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--calls", type=int, default=20)
@@ -307,11 +322,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.row not in train_step.ROWS:
         p.error(f"--row={args.row!r} is not one of {sorted(train_step.ROWS)}")
     try:
-        args.matmul_shape = tuple(int(v) for v in args.matmul_shape.split(","))
+        args.matmul_shape = [tuple(int(v) for v in shape.split(",")) for shape in args.matmul_shape.split("/")]
     except ValueError:
-        args.matmul_shape = ()
-    if len(args.matmul_shape) != 3 or min(args.matmul_shape) < 1:
-        p.error("--matmul_shape needs three positive integers M,K,N, e.g. 65536,768,3072")
+        args.matmul_shape = [()]
+    if any(len(shape) != 3 or min(shape) < 1 for shape in args.matmul_shape):
+        p.error("--matmul_shape needs M,K,N (three positive integers), several separated by '/',"
+                " e.g. 65536,768,3072/65536,3072,768")
     if args.repeats < 1 or args.calls < 1:
         p.error("--repeats and --calls must be >= 1")
     try:  # a misspelt train_step flag fails here, before anything compiles

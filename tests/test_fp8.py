@@ -322,11 +322,12 @@ def test_fp8_check_runs_on_cpu_on_a_tiny_row(tmp_path, capsys):
     assert "HloModule" in gzip.open(step["hlo"], "rt").read(200)
     assert "FP8 GEMMs: 0 of 12 FP8 dots" in capsys.readouterr().out  # the line to read on a GPU
 
-    assert fp8_check.main(["--sections=matmul", "--matmul_shape=64,32,48", "--warm_s=0", "--repeats=1", "--calls=1",
-                           f"--out={out}", "--quiet"]) == 0
+    assert fp8_check.main(["--sections=matmul", "--matmul_shape=64,32,48/32,48,16", "--warm_s=0", "--repeats=1",
+                           "--calls=1", f"--out={out}", "--quiet"]) == 0
     rows = json.loads((out / "fp8_check.json").read_text())["matmul"]["rows"]
-    assert [(r["variant"], r["mode"]) for r in rows] == [
-        (v, m) for v in fp8_check.VARIANTS for m in ("gemm", "forward", "forward_backward")]
+    assert [(r["shape"], r["variant"], r["mode"]) for r in rows] == [
+        (s, v, m) for s in ([64, 32, 48], [32, 48, 16]) for v in fp8_check.VARIANTS
+        for m in ("gemm", "forward", "forward_backward")]
     assert all(r["tflops"] > 0 and r["matmuls"] for r in rows)
     assert all(r["vs_bf16"] == 1.0 for r in rows if r["variant"] == "bf16")
     for bad in (["--variants=fp16"], ["--matmul_shape=1,2"], ["--train_step_args=--remat=sometimes"]):

@@ -18,9 +18,10 @@ products are accumulated in float32 by the GEMM and the scales applied to its ou
 How the dot is written decides whether XLA's GPU backend emits an FP8 GEMM at all: its GEMM
 rewriter turns a dot into the cuBLASLt FP8 call (``__cublas$lt$matmul$f8``) only when each operand
 is FP8 itself, or an FP8 array converted to a wider type and multiplied by a broadcast scalar (a
-"scaled FP8 dot", optionally through reshapes and transposes); anything else, e.g. a
-quantize-dequantize round trip that a later pass rewrites, becomes an ordinary bf16 or f32 GEMM
-without an error. Two forms are written here (``FORMS``) so that one GPU run can compare them:
+"scaled FP8 dot", optionally through reshapes and transposes), and it turns an FP8 dot it cannot
+map into an f16 GEMM without an error; a quantize-dequantize round trip into bf16 feeding a bf16
+dot stayed a bf16 GEMM in a probe on an H200 (jax 0.11.2). Two forms are written here (``FORMS``)
+so that one GPU run can compare them:
 
 - ``'direct'``: ``dot_general`` on the FP8 arrays with ``preferred_element_type`` the compute dtype
   (bf16 on GPUs), the scales multiplied into the output afterwards (fused by XLA with the bias
