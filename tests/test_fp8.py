@@ -107,12 +107,18 @@ def test_fp8_gradients_equal_the_fp8_formula(form):
     np.testing.assert_allclose(dwb, (qxb.T @ qg) * sxb * sg, rtol=1e-5, atol=1e-5)
 
 
-def test_all_zero_tensors_give_zeros_not_nan():
+def test_zero_tensors_give_zeros_and_non_finite_ones_stay_non_finite():
     # the gradient that reaches the blocks while the zero-initialised final layer is zero
     x, w, _ = layer_inputs(seed=3)
     y, dx, dw = fp8_layer(np.zeros_like(x), w, np.zeros((x.shape[0], w.shape[1]), np.float32), "direct")
     for t in (y, dx, dw):
         assert np.all(np.asarray(t) == 0)
+    # an overflow upstream must reach the loss (training stops on it), not vanish in the scaling
+    for bad in (np.inf, np.nan):
+        x_bad = x.copy()
+        x_bad[5, 7] = bad
+        y, dx, dw = fp8_layer(x_bad, w, np.ones((x.shape[0], w.shape[1]), np.float32), "direct")
+        assert not np.all(np.isfinite(y)) and not np.all(np.isfinite(dw))
 
 
 # ----------------------------------------------------------------------------- the DiT

@@ -62,9 +62,12 @@ def current_scale(x: jax.Array, fmt) -> jax.Array:
     """Per-tensor scale of ``x`` for ``fmt``: ``amax(|x|) / max(fmt)``, float32 scalar.
 
     An all-zero tensor (e.g. the gradient reaching the blocks while the zero-initialised final
-    layer is still zero) gets scale 1, so that quantizing it gives zeros rather than 0/0; a
-    non-finite amax gives a non-finite scale, and the non-finite values reach the loss, where
-    training stops on them."""
+    layer is still zero) gets scale 1, so that quantizing it gives zeros rather than 0/0. A tensor
+    holding inf or NaN stays non-finite through the quantization and the GEMM, so the loss or the
+    update turns non-finite and training stops on it as it would without FP8.
+
+    On a mesh, the amax of a sharded tensor is a global reduction: one scalar all-reduce per
+    quantized tensor."""
     amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
     return jnp.where(amax > 0, amax / format_max(fmt), jnp.float32(1.0))
 
