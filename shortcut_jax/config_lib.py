@@ -27,6 +27,8 @@ from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")
 # model.lean_ops parts (models.dit.LEAN_OPS)
 LEAN_OPS = ("norm", "gelu")
+# model.matmul_precision values (models.dit.MATMUL_PRECISIONS)
+MATMUL_PRECISIONS = ("bf16", "fp8")
 # eval.label_mode values (evaluation.sample_sets.class_labels)
 LABEL_MODES = ("balanced", "random")
 
@@ -68,6 +70,12 @@ def default_config() -> ml_collections.ConfigDict:
     # traffic; a subset of LEAN_OPS, () for plain autodiff (needed for forward-mode derivatives)
     c.model.lean_ops = LEAN_OPS
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
+    # 'bf16': matmuls in model.dtype; 'fp8' (DiT): qkv, proj and the MLP of every block multiply in
+    # FP8 (e4m3 operands, e5m2 gradients, per-tensor scales of the current step; models/fp8.py),
+    # the GEMMs writing model.dtype. Meant for GPUs with FP8 tensor cores (Ada, Hopper and later);
+    # allowed everywhere: XLA's CPU backend computes the same values slowly (tests), and with
+    # model.dtype='float32' only the FP8 rounding differs from the float32 network.
+    c.model.matmul_precision = "bf16"
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "shortcut"
@@ -161,10 +169,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
-    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): SD-VAE latents
-    read as arrays, the reference optimiser (the defaults), long-run intervals, every budget."""
+    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): sd-vae-ft-mse
+    posterior moments of 256x256 images and their mirrors written by ``shortcut_jax.encode``
+    (a fresh posterior sample at every visit, the mirror's moments when the flip says so), the
+    reference optimiser (the defaults), long-run intervals, every budget."""
     c = default_config()
-    c.data.name = "arrays"
+    c.data.name = "latents"
+    c.data.random_flip = True
+    c.data.image_size = 256  # the encoded images' size, checked against the set's manifest
+    c.data.latent_vae = "stabilityai/sd-vae-ft-mse"
     c.objective.name = objective
     c.train.ckpt_every = 10_000
     c.train.eval_every = 20_000
@@ -264,10 +277,14 @@ def validate(config, *, num_devices: int) -> None:
                          ("remat", REMAT_CHOICES),
                          ("attention_impl", ("auto", "xla", "cudnn")),
                          ("dtype", ("auto", "bfloat16", "float32")),
-                         ("residual_dtype", ("float32", "compute"))):
+                         ("residual_dtype", ("float32", "compute")),
+                         ("matmul_precision", MATMUL_PRECISIONS)):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
     check_lean_ops(config.model.lean_ops)
+    if config.model.matmul_precision == "fp8" and config.model.name != "dit":
+        raise ConfigError(f"model.matmul_precision='fp8' applies to the DiT's blocks only; model.name="
+                          f"{config.model.name!r} has no FP8 layers: set model.matmul_precision='bf16'")
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")

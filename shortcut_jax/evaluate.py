@@ -72,12 +72,17 @@ TABLE = "distance_by_budget"
 
 def sample_shape(spec, decode: Optional[Callable] = None) -> tuple:
     """Shape of one sample as metrics, grids and sample files see it: the data's, or what
-    ``decode`` makes of it (found by tracing, without compiling)."""
+    ``decode`` makes of it: found by tracing a JAX decoder, without compiling; a decoder that
+    works on host arrays (``LoadedVAE.latent_decoder``) is run once on zeros instead."""
     shape = tuple(spec.shape)
     if decode is None:
         return shape
     # one row per device: a decoder jitted over the mesh may require its batch to divide
-    out = jax.eval_shape(decode, jax.ShapeDtypeStruct((jax.device_count(), *shape), jnp.float32))
+    rows = jax.device_count()
+    try:
+        out = jax.eval_shape(decode, jax.ShapeDtypeStruct((rows, *shape), jnp.float32))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        out = np.asarray(decode(np.zeros((rows, *shape), np.float32)))
     return tuple(out.shape[1:])
 
 

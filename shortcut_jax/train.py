@@ -71,8 +71,19 @@ def _check_finite(pending: list) -> list[dict]:
 
 
 def _mean_metrics(fetched: list) -> dict:
+    """Means over a log interval; a metric with a '<name>/rows' companion (a mean over a varying
+    number of rows, such as a level's) is weighted by those rows, so a step without any counts
+    for nothing."""
     keys = fetched[0][1].keys()
-    return {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
+    out = {}
+    for k in keys:
+        values = np.array([m[k] for _, m in fetched], np.float64)
+        if k + "/rows" in keys:
+            rows = np.array([m[k + "/rows"] for _, m in fetched], np.float64)
+            out[k] = float(np.sum(values * rows) / max(np.sum(rows), 1.0))
+        else:
+            out[k] = float(np.mean(values))
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

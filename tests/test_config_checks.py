@@ -53,6 +53,8 @@ CASES = {
     "heads": (validate({"model.width": 36, "model.num_heads": 8}), "model.num_heads=8"),
     "width": (validate({"model.width": 6, "model.num_heads": 2}), "multiple of 4"),
     "choice": (validate({"model.attention_scale": "sqrt"}), "model.attention_scale='sqrt'"),
+    "fp8 outside the DiT": (validate({"model.name": "mlp", "model.matmul_precision": "fp8"}),
+                            "model.matmul_precision='fp8' applies to the DiT's blocks only"),
     "remat blocks": (validate({"model.remat": "dots", "model.remat_blocks": 99}), "model.remat_blocks=99"),
     "remat blocks without remat": (validate({"model.remat_blocks": 1}), "set model.remat"),
     "teacher": (validate({"objective.teacher": "oracle"}), "objective.teacher='oracle'"),

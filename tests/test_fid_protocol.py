@@ -215,6 +215,9 @@ def test_decoded_latents_are_what_grids_metrics_and_sample_files_see(stand_in, t
     grid = np.asarray(Image.open(tmp_path / "e" / "samples_4step.png"))
     assert grid.shape == (3 * 10 + 2, 3 * 10 + 2, 3)  # 3x3 decoded 8x8 RGB images, 2-pixel borders
 
+    # A decoder of host arrays (as the VAE's latent_decoder is) is not traceable: run once for the shape.
+    assert evaluate.sample_shape(spec, lambda latents: np.asarray(decode(np.asarray(latents)))) == (8, 8, 3)
+
     # Without the decoder the samples are latents, which FID refuses before sampling.
     eval_cfg.export_budgets = ()
     with pytest.raises(ValueError, match="latent runs decode them first"):

@@ -6,7 +6,10 @@ Every objective is a pure function with one signature::
 
 ``batch`` holds ``x`` (data, ``[B, ...]``) and ``label`` (``[B]`` int32); ``teacher_params``
 are the EMA weights (objectives without a teacher ignore them); ``metrics`` is a flat dict of
-scalars. The train step never learns which method runs.
+scalars. A metric that is a mean over a
+subset of rows whose size can vary between batches (a level's rows) comes with that size as
+``'<name>/rows'``, so that means over micro-batches or steps can be weighted by it. The train step
+never learns which method runs.
 """
 from __future__ import annotations
 
