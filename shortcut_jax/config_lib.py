@@ -29,6 +29,8 @@ REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")
 LEAN_OPS = ("norm", "gelu")
 # model.matmul_precision values (models.dit.MATMUL_PRECISIONS)
 MATMUL_PRECISIONS = ("bf16", "fp8")
+# eval.label_mode values (evaluation.sample_sets.class_labels)
+LABEL_MODES = ("balanced", "random")
 
 # name -> (width, depth, heads); MLP ratio 4 for all.
 DIT_VARIANTS = {
@@ -138,11 +140,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 10_000
     c.eval.final_num_samples = 0  # samples at the last step's evaluation; 0: eval.num_samples
     c.eval.batch_size = 1000
-    c.eval.metric = "auto"  # 'auto' (sliced Wasserstein for points, none for images), 'none', 'cfd'
+    # 'auto' (sliced Wasserstein for points, none for images), 'none', 'sliced_wasserstein', 'cfd', 'fid'
+    c.eval.metric = "auto"
     # 'cfd': classifier Frechet distance (shortcut_jax.evaluation.feature_distance), needs a
     # classifier saved by benchmarks.train_classifier and, optionally, fixed reference statistics.
     c.eval.classifier = ""
     c.eval.reference_stats = ""
+    # 'fid': FID in pytorch-fid's Inception features (shortcut_jax.evaluation.fid). Reference
+    # statistics: a file of `python -m shortcut_jax.evaluation.fid --stats`, an ADM reference batch
+    # or a mu/sigma file; '' computes them from eval.num_samples data images (cached, keyed by
+    # the images and the weights, in fid_stats/ beside the workdir).
+    c.eval.fid_reference = ""
+    c.eval.fid_weights = ""  # '' -> $SHORTCUT_JAX_FID_WEIGHTS, then ~/.cache/shortcut_jax, torch hub's cache
+    c.eval.fid_source = ""  # the data set the reference must record ('' : not checked)
+    c.eval.fid_batch_size = 200  # images per Inception chunk (rounded up to the local devices)
+    # Class labels of the samples: 'balanced' (each class N // num_classes times, the remainder
+    # spread by the seed; 50 per class for 50k ImageNet samples) or 'random' (uniform).
+    c.eval.label_mode = "balanced"
+    # Budgets whose samples are written as the ADM evaluator's .npz (arr_0 uint8 NHWC, arr_1
+    # labels), to eval.export_npz: a file name with {steps}, relative to the evaluation folder.
+    c.eval.export_budgets = ()
+    c.eval.export_npz = "samples_{steps}step.npz"
     c.eval.use_ema = True  # sample with an EMA tree (the reference code uses the online weights by default)
     c.eval.ema_index = 0  # which train.ema_decays tree; the teacher always reads the first
     c.eval.seed = 1
@@ -353,6 +371,31 @@ def validate(config, *, num_devices: int) -> None:
                 f"eval budget {n} is not a power of two up to 2^objective.num_levels={2 ** obj.num_levels}:"
                 " fix eval.budgets / eval.grid_budgets"
             )
+    check_eval_outputs(config.eval)
+
+
+def check_eval_outputs(eval_cfg) -> None:
+    """Sample labels, the FID chunk and the sample export of the eval section."""
+    if eval_cfg.label_mode not in LABEL_MODES:
+        raise ConfigError(f"eval.label_mode={eval_cfg.label_mode!r}: use one of {list(LABEL_MODES)}")
+    if eval_cfg.fid_batch_size < 1:
+        raise ConfigError(f"eval.fid_batch_size={eval_cfg.fid_batch_size} must be >= 1")
+    exported = tuple(eval_cfg.export_budgets)
+    missing = sorted(set(exported) - set(eval_cfg.budgets))
+    if missing:
+        raise ConfigError(f"eval.export_budgets={exported} holds {missing}, which are not in eval.budgets="
+                          f"{tuple(eval_cfg.budgets)}: export only evaluated budgets, or add them there")
+    pattern = eval_cfg.export_npz
+    if exported and not pattern.endswith(".npz"):
+        raise ConfigError(f"eval.export_npz={pattern!r} must name a .npz file (the ADM sample format)")
+    try:
+        pattern.format(steps=1)
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"eval.export_npz={pattern!r}: the only field it may hold is {{steps}}"
+                          " (the budget), e.g. 'samples_{steps}step.npz'") from None
+    if len(set(exported)) > 1 and "{steps}" not in pattern:
+        raise ConfigError(f"eval.export_npz={pattern!r} is one file for {len(set(exported))} budgets: put"
+                          " {steps} in it, e.g. 'samples_{steps}step.npz'")
 
 
 def check_model_fits_data(config, shape: tuple) -> None:

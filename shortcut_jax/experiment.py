@@ -79,6 +79,8 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
 class Experiment:
     """Everything built from a validated config, before anything touches the workdir."""
 
+    decode = None  # latents [N, h, w, c] -> images [N, H, W, 3] in [-1, 1]; the latent setting sets it
+
     def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
         """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
         None: nothing on disk is consulted."""

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shortcut_jax.evaluation.inception import images_to_uint8
+from shortcut_jax.evaluation.pixels import to_uint8
 
 __all__ = ["ADMSampleWriter", "adm_npz_image_shape", "read_adm_npz", "write_adm_npz"]
 
@@ -38,7 +38,7 @@ class ADMSampleWriter:
             for images, labels in batches:   # images uint8, or float in [-1, 1]
                 writer.add(images, labels)
 
-    Float images are clipped and rounded to uint8 (``inception.images_to_uint8``). Leaving the
+    Float images are clipped and rounded to uint8 (``pixels.to_uint8``). Leaving the
     ``with`` block before ``num_images`` were added removes the partial file and raises.
     """
 
@@ -67,7 +67,7 @@ class ADMSampleWriter:
         np.lib.format.write_array_header_1_0(self._member, header)
 
     def add(self, images, labels=None) -> None:
-        x = images_to_uint8(images)
+        x = to_uint8(images)
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"images have shape {x.shape[1:]}, this file holds {self.image_shape}")
         if self.count + len(x) > self.num_images:
@@ -123,7 +123,7 @@ class ADMSampleWriter:
 
 def write_adm_npz(path: str, images, labels=None) -> str:
     """Writes ``images`` ([N, H, W, 3] uint8, or float in [-1, 1]) and optional labels [N]."""
-    x = images_to_uint8(images)
+    x = to_uint8(images)
     with ADMSampleWriter(path, num_images=len(x), image_shape=x.shape[1:],
                          with_labels=labels is not None) as writer:
         writer.add(x, labels)

@@ -304,7 +304,7 @@ def data_image_batches(data_config, *, batch_size: int, num_images: int = 0):
     """uint8 batches ``[B, H, W, 3]`` of the first ``num_images`` examples (0: all) of the data
     a ``data`` config section describes, in stored order, each example exactly once."""
     from shortcut_jax.data import make_dataset
-    from shortcut_jax.evaluation.inception import images_to_uint8
+    from shortcut_jax.evaluation.pixels import to_uint8
 
     config = dict(data_config)
     config["shuffle"] = False  # stored order: the first N examples, none twice
@@ -329,7 +329,7 @@ def data_image_batches(data_config, *, batch_size: int, num_images: int = 0):
                 done += len(x)
                 if done // 5000 != (done - len(x)) // 5000 or done == total:
                     logging.info("%d of %d images", done, total)
-                yield images_to_uint8(x)
+                yield to_uint8(x)
 
     return batches()
 

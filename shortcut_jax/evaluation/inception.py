@@ -47,6 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The one quantisation of samples to 8-bit images, shared with CFD and the ADM sample files
+# (imported under the name this module has always offered it by).
+from shortcut_jax.evaluation.pixels import to_uint8 as images_to_uint8
+
 __all__ = [
     "FEATURE_DIM",
     "INPUT_SIZE",
@@ -317,8 +321,9 @@ def find_weights(path: str | None = None) -> str:
     """
     how = (
         f"The FID Inception weights are pytorch-fid's {WEIGHTS_FILE}, from {WEIGHTS_URL} . "
-        f"Download it and either pass its path (the eval config's fid_weights key, or --weights "
-        f"on the command line), set ${WEIGHTS_ENV_VAR} to it, or put it (or the .npz that "
+        f"Download it and either pass its path (eval.fid_weights in the run's config, "
+        f"--fid_weights of shortcut_jax.evaluate, or --weights of shortcut_jax.evaluation.fid), "
+        f"set ${WEIGHTS_ENV_VAR} to it, or put it (or the .npz that "
         f"'python -m shortcut_jax.evaluation.inception --convert {WEIGHTS_FILE} --out "
         f"{os.path.join(DEFAULT_DIR, CONVERTED_FILE)}' writes, which needs no torch to load) in "
         f"{DEFAULT_DIR}{os.sep}."
@@ -575,30 +580,11 @@ def _check_release_hash(path: str, sha: str) -> None:
 # ------------------------------------------------------------------------------ feature extractor
 
 
-def images_to_uint8(images) -> np.ndarray:
-    """``[N, H, W, 3]`` uint8, or float in [-1, 1] -> uint8 (clipped, rounded to the 8-bit grid).
-
-    Float samples are quantised as they would be when saved as PNG or as the ADM ``.npz``, so a
-    model is scored on the images a user would see and every evaluator would read.
-    """
-    x = np.asarray(images)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must have shape [N, H, W, 3], got {x.shape}")
-    if x.dtype == np.uint8:
-        return x
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("images contain non-finite values")
-    # Inverse of the data readers' u / 127.5 - 1: data images come back as the same bytes.
-    return np.round((np.clip(x.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-
-
 class InceptionFeatures:
     """FID pool features: ``extractor(images) -> float32 [N, 2048]``.
 
     ``images``: ``[N, H, W, 3]``, uint8 or float in [-1, 1] (quantised to uint8 first, see
-    :func:`images_to_uint8`), any H and W. Images go through in chunks of ``batch_size`` (the
+    ``pixels.to_uint8``), any H and W. Images go through in chunks of ``batch_size`` (the
     last chunk zero-padded), split over ``devices`` (default: this process's devices; the chunk
     is rounded up to a multiple of their number). The network is compiled once for all input
     sizes: only the resize step is compiled per (H, W).
