@@ -164,6 +164,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.use_ema = True  # sample with an EMA tree (the reference code uses the online weights by default)
     c.eval.ema_index = 0  # which train.ema_decays tree; the teacher always reads the first
     c.eval.seed = 1
+    # Latent runs: samples are decoded by the VAE that encoded the set (its folder from the set's
+    # manifest, or eval.vae), in batches of eval.decode_batch_size, before grids and image metrics.
+    c.eval.vae = ""
+    c.eval.decode_batch_size = 32
     c.lock()
     return c
 
@@ -183,7 +187,9 @@ def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
     c.train.eval_every = 20_000
     c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
     c.eval.grid_budgets = (1, 4, 128)
-    c.eval.metric = "none"  # until FID with the SD-VAE decoder exists
+    # grids only by default; FID needs reference statistics of the training images:
+    # --config.eval.metric=fid --config.eval.fid_reference=<stats from python -m shortcut_jax.evaluation.fid>
+    c.eval.metric = "none"
     return c
 
 
@@ -358,6 +364,9 @@ def validate(config, *, num_devices: int) -> None:
     if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:
         raise ConfigError(f"eval.ema_index={config.eval.ema_index} must index train.ema_decays="
                           f"{tuple(config.train.ema_decays)}")
+    if config.eval.decode_batch_size < 1:
+        raise ConfigError(f"eval.decode_batch_size={config.eval.decode_batch_size} must be >= 1 (latent runs"
+                          " decode samples in batches of this size; 8 or fewer for float32 on a GPU)")
     if config.eval.final_num_samples < 0:
         raise ConfigError(f"eval.final_num_samples={config.eval.final_num_samples} must be >= 0 (0: eval.num_samples)")
     if config.eval.metric not in METRIC_CHOICES:

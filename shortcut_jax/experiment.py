@@ -79,7 +79,8 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
 class Experiment:
     """Everything built from a validated config, before anything touches the workdir."""
 
-    decode = None  # latents [N, h, w, c] -> images [N, H, W, 3] in [-1, 1]; the latent setting sets it
+    # latents [N, h, w, c] -> images [N, H, W, 3] in [-1, 1] for latent runs (None: samples are images)
+    decode = None
 
     def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
         """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
@@ -110,6 +111,7 @@ class Experiment:
             self.metric = metrics.build_metric(config.eval, self.spec.kind)
         except ValueError as err:
             raise config_lib.ConfigError(str(err)) from None
+        self.decode = self._latent_decoder(config)
         self.meta = {
             "architecture": architecture(config.model),
             "model": config.model.to_dict(),
@@ -137,6 +139,29 @@ class Experiment:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
             self.state_shardings)
+
+    def _latent_decoder(self, config):
+        """For a latent set: the VAE that encoded it (the folder its manifest names, or
+        ``eval.vae``), as a decoder of sampled latents; checked to be the same weights."""
+        manifest = getattr(self.source, "manifest", None)
+        if config.data.name != "latents" or manifest is None:
+            return None
+        from shortcut_jax.models import resolve_dtype, vae_weights
+
+        recorded = manifest["vae"]
+        where = config.eval.vae or recorded["folder"]
+        try:
+            vae = vae_weights.load_vae(where)
+        except vae_weights.WeightsError as err:
+            raise config_lib.ConfigError(f"decoding the samples of latent set {config.data.path}: {err} (set"
+                                         " eval.vae to the VAE's folder on this machine)") from None
+        if vae.weights_sha256 != recorded["weights_sha256"]:
+            raise config_lib.ConfigError(
+                f"eval.vae={where!r} holds other weights (sha256 {vae.weights_sha256[:12]}...) than the VAE"
+                f" that encoded {config.data.path} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"
+                " point eval.vae at that VAE's folder")
+        # bf16 on accelerators (float32 convolutions at full precision are about 15x slower there)
+        return vae.latent_decoder(dtype=resolve_dtype("auto"), batch_size=config.eval.decode_batch_size)
 
     @staticmethod
     def num_mesh_devices(config) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shortcut_jax import checkpoint, manifest, sharding, writers
-from shortcut_jax.evaluate import evaluate_state
+from shortcut_jax.evaluate import check_before_sampling, evaluate_state
 from shortcut_jax.experiment import Experiment, parameter_overview
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ def _mean_metrics(fetched: list) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Train (or resume) to ``config.train.steps``; returns the final train state."""
     exp = Experiment(config, workdir)  # every check happens here, before the workdir is touched
+    try:
+        check_before_sampling(exp)  # the evaluation's checks too, before training starts
+    except BaseException:
+        exp.close()
+        raise
     cfg = exp.config
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(exp.ckpt_dir, keep=cfg.train.keep_ckpts, async_save=cfg.train.async_ckpt)

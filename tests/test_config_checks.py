@@ -78,6 +78,7 @@ CASES = {
     "profile": (validate({"train.profile_steps": (5,)}), "train.profile_steps"),
     "init on": (validate({"train.init_on": "tpu"}), "train.init_on='tpu'"),
     "evaluated ema": (validate({"eval.ema_index": 1}), "eval.ema_index=1"),
+    "decode batch": (validate({"eval.decode_batch_size": 0}), "eval.decode_batch_size=0"),
     "final samples": (validate({"eval.final_num_samples": -1}), "eval.final_num_samples=-1"),
     "metric": (validate({"eval.metric": "fid9"}), "eval.metric='fid9'"),
     "cfd without classifier": (validate({"eval.metric": "cfd"}), "needs eval.classifier"),
