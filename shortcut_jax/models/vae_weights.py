@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shortcut_jax.models.convert import flatten, unflatten
 from shortcut_jax.models.vae import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = "config.json"
@@ -81,32 +82,12 @@ def torch_name(path: tuple[str, ...]) -> str:
     return ".".join([_torch_module_name(m) for m in modules] + [leaf])
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def flax_param_shapes(config: VAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Every parameter path of the network with its shape (traced, nothing is computed)."""
     side = config.downsample_factor
     images = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
     shapes = jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), images)
-    return {path: tuple(leaf.shape) for path, leaf in _flatten(shapes["params"]).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten(shapes["params"]).items()}
 
 
 def _torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -178,7 +159,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: VAEConfig) -> dict
     if problems:
         raise WeightsError("the state dict does not match the VAE config: " + "; ".join(problems)
                            + ". Check that config.json and the weights file come from the same model.")
-    return _unflatten(params)
+    return unflatten(params)
 
 
 # --- seeded weights ----------------------------------------------------------------------------
