@@ -15,8 +15,9 @@ import pytest
 
 from shortcut_jax import config_lib, sampling, sharding, train_state
 from shortcut_jax.models import MLPNet, build_model
-from shortcut_jax.objectives import (NEEDS, OBJECTIVES, ObjectiveConfig, consistency, diffusion, make_objective_config,
-                                     make_sampler, progressive, reflow, resolve_stages, warm_start)
+from shortcut_jax.objectives import (NEEDS, OBJECTIVES, ObjectiveConfig, check_method_config, diffusion,
+                                     make_objective_config, make_sampler, progressive, reflow, resolve_stages,
+                                     warm_start)
 
 FLOOR = 1e-5
 K = 7
@@ -299,6 +300,37 @@ def test_curricula_refuse_a_schedule_that_does_not_fit_the_run():
         OBJECTIVES["consistency_training"](None, None, {"x": points(4), "label": jnp.zeros(4, jnp.int32)},
                                            jax.random.key(0), resolve_stages("consistency_training", ObjectiveConfig(
                                                apply_fn=point_field, num_classes=0), 100))
+
+
+METHOD_CONFIG_ERRORS = {
+    "no teacher": ({"name": "progressive_distillation"}, "set objective.teacher_checkpoint"),
+    "missing teacher": ({"name": "consistency_distillation", "teacher_checkpoint": "/no/such/run/checkpoints"},
+                        "is not a directory"),
+    "phases too long": ({"name": "progressive_distillation", "teacher_checkpoint": "TMP", "stage_steps": 200},
+                        "stage_steps=200"),
+    "curriculum too long": ({"name": "consistency_training", "stage_steps": 167}, "stage_steps=167"),
+    "final level": ({"name": "consistency_training", "consistency_final_level": 9}, "consistency_final_level=9"),
+    "schedule": ({"name": "diffusion", "diffusion_schedule": "sigmoid"}, "diffusion_schedule='sigmoid'"),
+    "floor": ({"name": "diffusion", "diffusion_min_alpha_bar": 0.0}, "diffusion_min_alpha_bar"),
+    "live share": ({"name": "live_reflow", "reflow_fraction": 0.001}, "reflow_fraction=0.001"),
+    "live steps": ({"name": "live_reflow", "reflow_steps": 0}, "reflow_steps=0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_CONFIG_ERRORS))
+def test_method_config_checks_name_the_key_to_change(case, tmp_path):
+    keys, message = METHOD_CONFIG_ERRORS[case]
+    obj = config_lib.default_config().objective
+    for key, value in keys.items():
+        obj[key] = str(tmp_path) if value == "TMP" else value
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        check_method_config(obj, batch_size=64, total_steps=1000)
+    # the same keys with valid values pass
+    good = config_lib.default_config().objective
+    good.name = keys["name"]
+    if NEEDS[good.name].frozen_teacher:
+        good.teacher_checkpoint = str(tmp_path)
+    check_method_config(good, batch_size=64, total_steps=1000)
 
 
 # ------------------------------------------------------------------------------------ reflow

@@ -109,6 +109,56 @@ def resolve_stages(name: str, cfg: ObjectiveConfig, total_steps: int | None) -> 
     return dataclasses.replace(cfg, stage_steps=steps)
 
 
+def check_method_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
+    """Checks of the comparison methods' keys, to run before anything is compiled.
+
+    Raises ``config_lib.ConfigError`` naming the key to change: an unknown schedule, a
+    curriculum that does not fit ``train.steps``, a live-reflow share that leaves a group empty,
+    a distillation method without an existing ``objective.teacher_checkpoint`` directory.
+    Whether the teacher's checkpoint fits the model is checked where it is read (its meta
+    against this run's, ``checkpoint.check_compatible``).
+    """
+    import os
+
+    from shortcut_jax.config_lib import ConfigError
+
+    name = objective_cfg.name
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r} is unknown; use one of {sorted(OBJECTIVES)}")
+    needs = NEEDS[name]
+    get = objective_cfg.get
+    if name == "diffusion":
+        if get("diffusion_schedule", "cosine") not in diffusion.SCHEDULES:
+            raise ConfigError(f"objective.diffusion_schedule={get('diffusion_schedule')!r}: use one of"
+                              f" {list(diffusion.SCHEDULES)}")
+        if not 0.0 < get("diffusion_min_alpha_bar", 1e-4) < 1.0:
+            raise ConfigError(f"objective.diffusion_min_alpha_bar={get('diffusion_min_alpha_bar')} must be in (0, 1)")
+    final = get("consistency_final_level", -1)
+    if name == "consistency_training" and not -1 <= final <= objective_cfg.num_levels:
+        raise ConfigError(f"objective.consistency_final_level={final} must be -1 (num_levels - 1) or in"
+                          f" 0..objective.num_levels={objective_cfg.num_levels}")
+    if needs.num_stages is not None:
+        try:
+            make_objective_config(objective_cfg, None, 0, total_steps=total_steps)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if name == "live_reflow":
+        n = reflow.num_reflow_rows(batch_size, get("reflow_fraction", 0.125))
+        if not 0 < n < batch_size:
+            raise ConfigError(f"objective.reflow_fraction={get('reflow_fraction')} gives {n} of the {batch_size}"
+                              " rows of train.batch_size to live reflow: it must leave at least one row to each group")
+        if get("reflow_steps", 8) < 1:
+            raise ConfigError(f"objective.reflow_steps={get('reflow_steps')} must be >= 1")
+    if needs.frozen_teacher:
+        path = get("teacher_checkpoint", "")
+        if not path:
+            raise ConfigError(f"objective.name={name!r} distils a trained model: set objective.teacher_checkpoint"
+                              " to its run's checkpoint directory (<workdir>/checkpoints)")
+        if "://" not in path and not os.path.isdir(path):
+            raise ConfigError(f"objective.teacher_checkpoint={path!r} is not a directory: give the teacher run's"
+                              " <workdir>/checkpoints")
+
+
 def make_sampler(name: str, cfg: ObjectiveConfig, *, seed: int = 0):
     """The sampler an objective's model is evaluated with; every one has ``Sampler``'s call."""
     kind = NEEDS[name].sampler
@@ -121,5 +171,5 @@ def make_sampler(name: str, cfg: ObjectiveConfig, *, seed: int = 0):
     return sampling.Sampler(cfg.apply_fn, num_levels=cfg.num_levels, num_classes=cfg.num_classes)
 
 
-__all__ = ["MICRO_BATCH_PLANNERS", "NEEDS", "OBJECTIVES", "Needs", "ObjectiveConfig", "make_objective_config",
-           "make_sampler", "resolve_stages"]
+__all__ = ["MICRO_BATCH_PLANNERS", "NEEDS", "OBJECTIVES", "Needs", "ObjectiveConfig", "check_method_config",
+           "make_objective_config", "make_sampler", "resolve_stages"]
