@@ -133,7 +133,7 @@ def _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class: int):
 
 
 def ddim_sample(apply_fn, params, noise, labels, *, num_steps: int, alpha_bar_fn, level: int, cfg_scale=None,
-                null_class: int = 0) -> jax.Array:
+                null_class: int = 0, clip: float = 0.0) -> jax.Array:
     """Deterministic DDIM (eta = 0) from noise to data in ``num_steps`` equal steps (traceable).
 
     ``apply_fn`` predicts the noise ``eps`` at network time ``t`` (diffusion time ``s = 1 - t``);
@@ -141,12 +141,16 @@ def ddim_sample(apply_fn, params, noise, labels, *, num_steps: int, alpha_bar_fn
     Step ``i`` goes from ``t_i = i/N`` to ``t_{i+1}``: the data estimate
     ``x1 = (x - sqrt(1 - a) eps) / sqrt(a)`` is re-noised with the same ``eps`` to the next level,
     ``x' = sqrt(a') x1 + sqrt(1 - a') eps``; the last step returns the data estimate (``a' = 1``).
+    With ``clip > 0`` the data estimate is clipped to ``[-clip, clip]`` (the noise estimate is
+    kept), as image diffusion samplers clip theirs to the pixel range: near pure noise the
+    estimate divides the network's error by ``sqrt(a)`` (0.01 at the schedule's floor), and
+    unclipped it throws a few samples far outside the data.
     """
     return _ddim(apply_fn, params, noise, labels, check_step_count(num_steps), level, alpha_bar_fn, cfg_scale,
-                 null_class)
+                 null_class, clip)
 
 
-def _ddim(apply_fn, params, noise, labels, num_steps, level, alpha_bar_fn, cfg_scale, null_class):
+def _ddim(apply_fn, params, noise, labels, num_steps, level, alpha_bar_fn, cfg_scale, null_class, clip=0.0):
     predict = _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class)
     n = jnp.asarray(num_steps, jnp.float32)
 
@@ -156,6 +160,8 @@ def _ddim(apply_fn, params, noise, labels, num_steps, level, alpha_bar_fn, cfg_s
         a, a_next = alpha_bar_fn(1.0 - t), alpha_bar_fn(1.0 - t_next)
         eps = predict(x, t)
         x1 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+        if clip > 0:
+            x1 = jnp.clip(x1, -clip, clip)
         return jnp.sqrt(a_next) * x1 + jnp.sqrt(1.0 - a_next) * eps
 
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
@@ -201,8 +207,7 @@ def _consistency(apply_fn, params, noise, labels, num_steps, level, noise_floor,
         t_next = (i + 1).astype(jnp.float32) / n
         z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), row_shape))(keys)
         renoised = (1.0 - (1.0 - noise_floor) * t_next) * z + t_next * x1
-        last = jnp.reshape(i + 1 >= num_steps, ())
-        return jnp.where(last, x1, renoised)
+        return jnp.where(i + 1 >= num_steps, x1, renoised)
 
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
 
@@ -237,13 +242,15 @@ class _TracedStepSampler:
 class DDIMSampler(_TracedStepSampler):
     """Jit-compiled DDIM for a noise-prediction network; the level input is the finest level."""
 
-    def __init__(self, apply_fn: Callable, alpha_bar_fn: Callable, *, num_levels: int, num_classes: int):
+    def __init__(self, apply_fn: Callable, alpha_bar_fn: Callable, *, num_levels: int, num_classes: int,
+                 clip: float = 0.0):
         super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes)
         self.alpha_bar_fn = alpha_bar_fn
+        self.clip = clip
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps):
         return _ddim(self.apply_fn, params, noise, labels, num_steps, self.num_levels, self.alpha_bar_fn,
-                     cfg_scale, self.num_classes)
+                     cfg_scale, self.num_classes, self.clip)
 
 
 class ConsistencySampler(_TracedStepSampler):

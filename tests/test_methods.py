@@ -111,6 +111,15 @@ def test_ddim_with_the_exact_noise_predictor_inverts_the_forward_process_for_poi
     np.testing.assert_allclose(out, mean, atol=2e-4)
 
 
+def test_ddim_clips_the_data_estimate_only_when_asked():
+    far = jnp.full((3, 2), 10.0)  # a data point outside the clip range
+    run = functools.partial(sampling.ddim_sample, eps_of_point_data("cosine", far, 0.0), None, points(3) / 0.7,
+                            jnp.zeros(3, jnp.int32), num_steps=2, level=K,
+                            alpha_bar_fn=lambda s: diffusion.alpha_bar(s, "cosine", 1e-4))
+    np.testing.assert_allclose(run(), far, atol=1e-3)
+    np.testing.assert_allclose(run(clip=4.0), jnp.full((3, 2), 4.0), atol=1e-5)
+
+
 def test_ddim_on_gaussian_data_follows_the_exact_chain_and_reaches_the_data_distribution():
     mean, std = 0.5, 0.3
     ab = lambda s: diffusion.alpha_bar(s, "cosine", 1e-4)  # noqa: E731

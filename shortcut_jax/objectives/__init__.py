@@ -163,8 +163,9 @@ def make_sampler(name: str, cfg: ObjectiveConfig, *, seed: int = 0):
     """The sampler an objective's model is evaluated with; every one has ``Sampler``'s call."""
     kind = NEEDS[name].sampler
     if kind == "ddim":
+        # the data estimate clipped like the shortcut targets (objective.clip, default 4)
         return sampling.DDIMSampler(cfg.apply_fn, diffusion.alpha_bar_fn(cfg), num_levels=cfg.num_levels,
-                                    num_classes=cfg.num_classes)
+                                    num_classes=cfg.num_classes, clip=cfg.clip)
     if kind == "consistency":
         return sampling.ConsistencySampler(cfg.apply_fn, num_levels=cfg.num_levels, num_classes=cfg.num_classes,
                                            noise_floor=cfg.noise_floor, seed=seed)
