@@ -22,8 +22,7 @@ import optax
 from shortcut_jax import checkpoint, config_lib, data, sharding, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model
-from shortcut_jax.objectives import make_objective_config
-from shortcut_jax.sampling import Sampler
+from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
 from shortcut_jax.train_step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -125,13 +124,13 @@ class Experiment:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
-        self.model = build_model(config.model, num_classes=self.spec.num_classes,
-                                 ignore_level=config.objective.name == "flow_matching")
+        needs = NEEDS[config.objective.name]
+        self.model = build_model(config.model, num_classes=self.spec.num_classes, ignore_level=not needs.level_input)
         self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
-        self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes)
+        self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes,
+                                             total_steps=config.train.steps)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
-        self.sampler = Sampler(self.apply_fn, num_levels=config.objective.num_levels,
-                               num_classes=self.spec.num_classes, mesh=self.mesh)
+        self.sampler = make_sampler(config.objective.name, self.obj_cfg, seed=config.eval.seed, mesh=self.mesh)
 
         init_rng = jax.random.PRNGKey(config.seed)
         self.abstract_state = jax.eval_shape(self._init, init_rng)
