@@ -536,7 +536,7 @@ def run_two_steps(name, mesh):
              jax.random.key(0))
     replicated = sharding.replicated(mesh)
     state = jax.device_put(state, replicated)
-    step = jax.jit(make_step(name, cfg, tx, name == "progressive_distillation"), out_shardings=(replicated, replicated))
+    step = jax.jit(make_step(name, cfg, tx, NEEDS[name].teacher_snapshots), out_shardings=(replicated, replicated))
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(2):
@@ -591,3 +591,4 @@ def test_objective_table_is_complete():
     assert {n for n, needs in NEEDS.items() if needs.frozen_teacher} == {"consistency_distillation",
                                                                         "progressive_distillation"}
     assert {n for n, needs in NEEDS.items() if needs.step} == {"consistency_training", "progressive_distillation"}
+    assert {n for n, needs in NEEDS.items() if needs.teacher_snapshots} == {"progressive_distillation"}
