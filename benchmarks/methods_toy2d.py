@@ -16,7 +16,8 @@ Two-stage methods start from the flow-matching run of the same seed (which is al
   -step Euler sampler (stage one, written and read back as pair files), then flow matching on
   them, initialised from the teacher.
 One-stage methods train from scratch: shortcut (the quick start's setting: online teacher, half
-the batch on self-consistency), flow matching, diffusion (cosine schedule, DDIM), consistency
+the batch on self-consistency), flow matching, diffusion (cosine schedule, DDIM with the data
+estimate clipped at ±4), consistency
 training (d from 1 to 1/64 in 7 stages) and live reflow (1/8 of the batch on pairs generated
 by the model itself in 8 Euler steps).
 
@@ -83,7 +84,7 @@ def train(name: str, steps: int, seed: int, *, init_params=None, teacher=None, p
                                  jnp.zeros(1, jnp.int32))["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, max(steps, 101))
     tx = optax.adamw(schedule, weight_decay=0.0)
-    snapshot = name == "progressive_distillation"
+    snapshot = needs.teacher_snapshots
 
     def one_step(state, batch):
         params, ema, frozen, opt_state, step = state

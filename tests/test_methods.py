@@ -442,7 +442,7 @@ def test_warm_start_computes_the_source_function_at_every_level(source_ignores_l
 
 def test_warm_start_refuses_parameters_of_another_model():
     _, source = tiny_mlp(width=32)
-    _, init = tiny_mlp(width=48)
+    init = jax.eval_shape(mlp_model(False, 48)[1], jax.random.key(0))  # shapes suffice
     with pytest.raises(ValueError, match="shape differs.*same architecture"):
         warm_start.warm_start_params(source, init)
 
@@ -531,12 +531,12 @@ def run_two_steps(name, mesh):
     # stage_steps=1: the two steps cross a curriculum stage and a teacher snapshot
     if NEEDS[name].num_stages:
         cfg = dataclasses.replace(cfg, stage_steps=1)
-    tx = optax.adam(1e-2)
+    tx = optax.sgd(0.1)  # few operations: the compile time is what this test spends
     state = (params, params, jax.tree.map(lambda a: a * 0.9, params), tx.init(params), jnp.int32(0),
              jax.random.key(0))
     replicated = sharding.replicated(mesh)
     state = jax.device_put(state, replicated)
-    step = jax.jit(make_step(name, cfg, tx, name == "progressive_distillation"), out_shardings=(replicated, replicated))
+    step = jax.jit(make_step(name, cfg, tx, NEEDS[name].teacher_snapshots), out_shardings=(replicated, replicated))
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(2):
@@ -548,7 +548,8 @@ def run_two_steps(name, mesh):
     return np.array(losses), jax.device_get(state[0])
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+# shortcut's data-parallel equality is tested through the real train step in test_train.py
+@pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - {"shortcut"}))
 def test_every_objective_gives_the_same_two_steps_on_8_devices_as_on_one(name):
     assert jax.device_count() == 8
     one = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
@@ -590,3 +591,4 @@ def test_objective_table_is_complete():
     assert {n for n, needs in NEEDS.items() if needs.frozen_teacher} == {"consistency_distillation",
                                                                         "progressive_distillation"}
     assert {n for n, needs in NEEDS.items() if needs.step} == {"consistency_training", "progressive_distillation"}
+    assert {n for n, needs in NEEDS.items() if needs.teacher_snapshots} == {"progressive_distillation"}

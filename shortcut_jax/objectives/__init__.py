@@ -48,7 +48,8 @@ NEEDS = {
     "consistency_training": Needs(step=True, level_input=False, sampler="consistency",
                                   num_stages=consistency.num_stages),
     "consistency_distillation": Needs(frozen_teacher=True, level_input=False, sampler="consistency"),
-    "progressive_distillation": Needs(step=True, frozen_teacher=True, num_stages=progressive.num_stages),
+    "progressive_distillation": Needs(step=True, frozen_teacher=True, teacher_snapshots=True,
+                                      num_stages=progressive.num_stages),
     "reflow": Needs(pairs=True, level_input=False),
     "live_reflow": Needs(),
 }

@@ -1,4 +1,5 @@
-"""What every objective shares: its static context, the noise path and the loss reductions.
+"""What every objective shares: its static context, what it needs from the train step, the
+curriculum stages, the noise path and the loss reductions.
 
 Conventions used by every objective and sampler in the project:
 - ``x0`` is Gaussian noise, ``x1`` data; ``x_t = (1 - (1 - floor) t) x0 + t x1`` with a tiny
@@ -77,7 +78,10 @@ class Needs:
     level_input: bool = True  # False: the level input is constant; the model may ignore it
     # curricula: cfg -> how many stages objective.stage_steps must fit in the run (None: no curriculum)
     num_stages: Optional[Callable[["ObjectiveConfig"], int]] = None
-    sampler: str = "euler"  # 'euler', 'ddim' or 'consistency' (sampling.make_sampler)
+    # the frozen teacher is re-snapshotted from the student at stage starts
+    # (progressive.teacher_for_step, called by the train step before the loss)
+    teacher_snapshots: bool = False
+    sampler: str = "euler"  # 'euler', 'ddim' or 'consistency' (objectives.make_sampler)
 
 
 def check_stage_schedule(name: str, stage_steps: int, num_stages: int, total_steps: int) -> int:
