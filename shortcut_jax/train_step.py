@@ -32,7 +32,7 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
     planner = MICRO_BATCH_PLANNERS.get(objective_name)
     # curricula read the number of updates done so far from the batch (every micro-batch of one
     # update is in the same stage); it is added here, never part of the data stream
-    with_step = NEEDS[objective_name].step
+    with_step = objective_name in NEEDS and NEEDS[objective_name].step
 
     def train_step(state: train_state.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
