@@ -24,6 +24,8 @@ setup(
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        # the Stable Diffusion VAE's weights (diffusers' .safetensors, read through its numpy API)
+        "safetensors>=0.4",
     ],
     extras_require={
         # data.name='tfds': reads data sets TFDS prepared in ArrayRecord, without TensorFlow
@@ -31,8 +33,14 @@ setup(
         # TensorFlow as well: pip install tensorflow-cpu, on the machine that prepares it.
         # Minimum versions are the ones tested.
         "tfds": ["tensorflow-datasets>=4.9.10", "grain>=0.2.18", "array-record>=0.8", "gcsfs"],
+        # reading pytorch-fid's .pth FID Inception weights (once, to convert them to a .npz that
+        # loads without torch: python -m shortcut_jax.evaluation.inception --convert ...)
+        "fid-convert": ["torch"],
+        # nbformat, nbclient and ipykernel execute notebooks/shortcut_colab.ipynb headlessly
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
-                 "array-record>=0.8"],
+                 "array-record>=0.8", "nbformat>=5.11", "nbclient>=0.11", "ipykernel>=7.0"],
         "wandb": ["wandb"],
+        # VAE weights by hub id (python -m shortcut_jax.encode --vae=stabilityai/sd-vae-ft-mse)
+        "hub": ["huggingface_hub>=0.20"],
     },
 )

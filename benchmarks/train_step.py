@@ -50,6 +50,7 @@ from benchmarks import flops, trace_summary
 from shortcut_jax import config_lib, sharding
 from shortcut_jax.data import DataSpec
 from shortcut_jax.experiment import Experiment
+from shortcut_jax.models.fp8 import FORMS as FP8_FORMS
 from shortcut_jax.train_step import make_train_step
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
@@ -93,7 +94,7 @@ SECTIONS = ("matmul", "train", "sampling")
 
 
 # flags that set the config key model.<flag> of every row
-MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops")
+MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops", "matmul_precision")
 
 
 def lean_ops(text: str) -> tuple:
@@ -114,6 +115,16 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c.train.batch_size = batch
     c.train.init_on = opts.init_on
     return c
+
+
+def experiment_for(config, row: Row, opts: argparse.Namespace) -> Experiment:
+    """The row's ``Experiment`` on synthetic data; ``--fp8_form`` (how the FP8 dots are written, a
+    measurement switch of the model rather than a config key) replaces the built model's, which
+    the experiment's apply function reads when the step is traced."""
+    exp = Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    if getattr(opts, "fp8_form", None) and config.model.matmul_precision == "fp8":
+        exp.model = exp.model.clone(fp8_form=opts.fp8_form)
+    return exp
 
 
 def model_name(row: Row) -> str:
@@ -199,7 +210,8 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
               "input": "x".join(map(str, row.shape)), "batch": batch,
               "sc_fraction": config.objective.sc_fraction if shortcut else None,
               **{key: getattr(opts, key) for key in MODEL_FLAGS + ("donate",)}}
-    exp = Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    exp = experiment_for(config, row, opts)
+    result["fp8_form"] = getattr(exp.model, "fp8_form", None) if config.model.matmul_precision == "fp8" else None
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
     result["tflop_per_step"] = flops.train_step_flops(
         row.objective, batch, sc_fraction=config.objective.sc_fraction,
@@ -300,7 +312,7 @@ def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
     row = ROWS[opts.sampling_row]
     batch = opts.sampling_batch
     config = row_config(row, row.batches[0], opts)  # the row's training batch only has to pass validation
-    exp = Experiment(config, None, spec=DataSpec(row.shape, NUM_CLASSES, "images"))
+    exp = experiment_for(config, row, opts)
     params = exp.eval_params(exp.init_state())
     inputs = synthetic_batch(exp.spec, batch, exp.mesh, seed=1)  # x serves as the noise
     forward_flops = flops.dit_forward_flops(batch=batch, **flops.dit_dims(config.model, row.shape))
@@ -344,8 +356,8 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", *MODEL_FLAGS, "donate", "sc_fraction", "matmul_size", "sampling_row", "sampling_batch",
-             "sampling_budgets", "profile_dir", "profile_steps", "init_on")
+FORWARDED = ("steps", "warmup", *MODEL_FLAGS, "fp8_form", "donate", "sc_fraction", "matmul_size", "sampling_row",
+             "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
@@ -455,11 +467,15 @@ def print_report(report: dict) -> None:
           " traced: dot_general and convolution FLOPs in the step's jaxpr (remat recomputation included);"
           " XLA: compiled.cost_analysis()['flops'] x devices (on GPU without the cuBLAS matmuls)")
     kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
+    precision = settings.get("matmul_precision", "bf16")
+    if precision == "fp8":
+        precision += f" (form {settings.get('fp8_form') or 'direct'})"
     print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
           f" on device; dtype={settings['dtype']} remat={settings['remat']}"
           f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
           f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
+          f" matmul_precision={precision}"
           f" donate={settings.get('donate', 'on')};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
@@ -508,6 +524,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
     p.add_argument("--lean_ops", default="all",
                    help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
+    p.add_argument("--matmul_precision", default="bf16", choices=config_lib.MATMUL_PRECISIONS,
+                   help="model.matmul_precision: 'fp8' runs the DiT blocks' qkv, proj and MLP matmuls in FP8")
+    p.add_argument("--fp8_form", default="", choices=("", *FP8_FORMS),
+                   help="with --matmul_precision=fp8: how the FP8 dots are written (models.fp8.FORMS;"
+                        " '' keeps the model's default, 'direct')")
     p.add_argument("--donate", default="on", choices=("on", "off"),
                    help="donate the state to the step (as training does); 'off' measures what donation saves")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")

@@ -5,13 +5,14 @@ Hyperparameters are the reference recipe's: batch 64, about 410k steps, AdamW lr
 self-consistency fraction 1/8 (the paper's text says 1/4: `--config.objective.sc_fraction=0.25`), levels 0..6,
 clipping at 4.
 
-Data: an ``.npz``/``.npy`` of SD-VAE latents, ``x: [N, 32, 32, 4]`` float32 (posterior samples of
-sd-vae-ft-mse times 0.18215), read by the arrays reader: pass ``--config.data.path=...``. The
-paper also flips images before encoding; flip when you encode (encode both orientations).
+Data: the SD-VAE (sd-vae-ft-mse) posterior moments of every image and its mirror, written once
+by ``python -m shortcut_jax.encode --source=/data/celebahq256 --out=/data/celebahq256_latents
+--vae=/models/sd-vae-ft-mse --image_size=256`` (README: "Latent space"); the latent reader draws
+a fresh posterior sample at every visit and flips by picking the mirror's moments.
 
 Command:
   python -m shortcut_jax.main --config=experiments/celebahq.py \\
-      --config.data.path=/data/celebahq256_latents.npy --workdir=workdirs/celebahq_b
+      --config.data.path=/data/celebahq256_latents --workdir=workdirs/celebahq_b
 Expected (paper, FID-50k at 128 / 4 / 1 steps): 6.9 / 13.8 / 20.5 after about 410k steps.
 Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).

@@ -5,12 +5,14 @@ Reference recipe: batch 256, about 810k steps, AdamW lr 1e-4, betas (0.9, 0.999)
 flow rows, bootstrap CFG with scale 1.5 on the smallest shortcut level's targets, evaluation with
 CFG 1.5.
 
-Data: SD-VAE latents ``x: [N, 32, 32, 4]`` float32 with ``labels: [N]`` in an ``.npz`` (arrays
-reader), ``--config.data.path=...``.
+Data: the SD-VAE (sd-vae-ft-mse) posterior moments of every image and its mirror with labels,
+written once by ``python -m shortcut_jax.encode --source_type=tfds --source=imagenet2012
+--data_dir=/data/tfds --out=/data/imagenet256_latents --vae=/models/sd-vae-ft-mse
+--image_size=256`` (README: "Latent space"); ``--config.data.path=...`` names that folder.
 
 Command:
   python -m shortcut_jax.main --config=experiments/imagenet.py:variant=B \\
-      --config.data.path=/data/imagenet256_latents.npz --workdir=workdirs/imagenet_b
+      --config.data.path=/data/imagenet256_latents --workdir=workdirs/imagenet_b
 Expected (paper, FID-50k at 128 / 4 / 1 steps): DiT-B 15.5 / 28.3 / 40.3; DiT-XL 3.8 / 7.8 / 10.6.
 On one 80 GB GPU DiT-XL/2 at batch 256 needs ``--config.model.remat=dots`` or more devices (see
 README); adding ``--config.model.remat_blocks=14`` rematerialises only half of the 28 blocks

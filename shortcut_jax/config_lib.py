@@ -19,7 +19,7 @@ import ml_collections
 
 from shortcut_jax.data import default_data_config
 from shortcut_jax.evaluation.metrics import METRIC_CHOICES
-from shortcut_jax.objectives import OBJECTIVES
+from shortcut_jax.objectives import OBJECTIVES, check_method_config
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
 # model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
@@ -27,6 +27,10 @@ from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")
 # model.lean_ops parts (models.dit.LEAN_OPS)
 LEAN_OPS = ("norm", "gelu")
+# model.matmul_precision values (models.dit.MATMUL_PRECISIONS)
+MATMUL_PRECISIONS = ("bf16", "fp8")
+# eval.label_mode values (evaluation.sample_sets.class_labels)
+LABEL_MODES = ("balanced", "random")
 
 # name -> (width, depth, heads); MLP ratio 4 for all.
 DIT_VARIANTS = {
@@ -34,6 +38,20 @@ DIT_VARIANTS = {
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
+}
+
+
+# Objectives whose loss functions and samplers exist (objectives/, tested) but that the train loop
+# cannot run yet: what is missing there.
+NOT_IN_THE_LOOP = {
+    "consistency_distillation": "restoring a frozen teacher from objective.teacher_checkpoint into the train"
+                                " state is not built yet; train consistency_training, or use"
+                                " objectives.consistency.distillation_loss_fn in your own loop",
+    "progressive_distillation": "restoring a frozen teacher from objective.teacher_checkpoint and"
+                                " re-snapshotting it per phase in the train state is not built yet; use"
+                                " objectives.progressive.loss_fn in your own loop",
+    "reflow": "a reader of stored (noise, sample) pairs is not built yet; train live_reflow, or use"
+              " objectives.reflow.generate_pairs and loss_fn in your own loop",
 }
 
 
@@ -66,6 +84,12 @@ def default_config() -> ml_collections.ConfigDict:
     # traffic; a subset of LEAN_OPS, () for plain autodiff (needed for forward-mode derivatives)
     c.model.lean_ops = LEAN_OPS
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
+    # 'bf16': matmuls in model.dtype; 'fp8' (DiT): qkv, proj and the MLP of every block multiply in
+    # FP8 (e4m3 operands, e5m2 gradients, per-tensor scales of the current step; models/fp8.py),
+    # the GEMMs writing model.dtype. Meant for GPUs with FP8 tensor cores (Ada, Hopper and later);
+    # allowed everywhere: XLA's CPU backend computes the same values slowly (tests), and with
+    # model.dtype='float32' only the FP8 rounding differs from the float32 network.
+    c.model.matmul_precision = "bf16"
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "shortcut"
@@ -80,6 +104,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.noise_floor = 1e-5  # x_t = (1 - (1 - floor) t) x0 + t x1
     c.objective.level_weights = ()  # () (uniform) or one weight per level 0..num_levels-1
     c.objective.flow_t = "grid"  # t of flow rows: 'grid' (finest grid, as published), 'uniform', 'logit_normal'
+    # comparison methods (objectives/: diffusion, consistency, progressive, reflow)
+    c.objective.diffusion_schedule = "cosine"  # 'cosine' or 'linear' alpha-bar schedule
+    c.objective.diffusion_min_alpha_bar = 1e-4  # floor of alpha-bar (signal fraction at t = 0)
+    c.objective.stage_steps = 0  # steps per curriculum stage; 0: train.steps // stages
+    c.objective.consistency_final_level = -1  # last discretisation 2^-level; -1: num_levels - 1
+    c.objective.reflow_fraction = 0.125  # live reflow: share of the batch on generated pairs
+    c.objective.reflow_steps = 8  # live reflow: Euler steps that generate the pairs
+    c.objective.reflow_cfg_scale = 1.0  # live reflow: guidance of the generating pass
+    c.objective.teacher_checkpoint = ""  # distillation: the teacher run's <workdir>/checkpoints
+    c.objective.teacher_step = -1  # its step (-1: latest)
+    c.objective.teacher_weights = "ema"  # 'ema' or 'params'
 
     c.data = default_data_config()
 
@@ -130,29 +165,56 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 10_000
     c.eval.final_num_samples = 0  # samples at the last step's evaluation; 0: eval.num_samples
     c.eval.batch_size = 1000
-    c.eval.metric = "auto"  # 'auto' (sliced Wasserstein for points, none for images), 'none', 'cfd'
+    # 'auto' (sliced Wasserstein for points, none for images), 'none', 'sliced_wasserstein', 'cfd', 'fid'
+    c.eval.metric = "auto"
     # 'cfd': classifier Frechet distance (shortcut_jax.evaluation.feature_distance), needs a
     # classifier saved by benchmarks.train_classifier and, optionally, fixed reference statistics.
     c.eval.classifier = ""
     c.eval.reference_stats = ""
+    # 'fid': FID in pytorch-fid's Inception features (shortcut_jax.evaluation.fid). Reference
+    # statistics: a file of `python -m shortcut_jax.evaluation.fid --stats`, an ADM reference batch
+    # or a mu/sigma file; '' computes them from eval.num_samples data images (cached, keyed by
+    # the images and the weights, in fid_stats/ beside the workdir).
+    c.eval.fid_reference = ""
+    c.eval.fid_weights = ""  # '' -> $SHORTCUT_JAX_FID_WEIGHTS, then ~/.cache/shortcut_jax, torch hub's cache
+    c.eval.fid_source = ""  # the data set the reference must record ('' : not checked)
+    c.eval.fid_batch_size = 200  # images per Inception chunk (rounded up to the local devices)
+    # Class labels of the samples: 'balanced' (each class N // num_classes times, the remainder
+    # spread by the seed; 50 per class for 50k ImageNet samples) or 'random' (uniform).
+    c.eval.label_mode = "balanced"
+    # Budgets whose samples are written as the ADM evaluator's .npz (arr_0 uint8 NHWC, arr_1
+    # labels), to eval.export_npz: a file name with {steps}, relative to the evaluation folder.
+    c.eval.export_budgets = ()
+    c.eval.export_npz = "samples_{steps}step.npz"
     c.eval.use_ema = True  # sample with an EMA tree (the reference code uses the online weights by default)
     c.eval.ema_index = 0  # which train.ema_decays tree; the teacher always reads the first
     c.eval.seed = 1
+    # Latent runs: samples are decoded by the VAE that encoded the set (its folder from the set's
+    # manifest, or eval.vae), in batches of eval.decode_batch_size, before grids and image metrics.
+    c.eval.vae = ""
+    c.eval.decode_batch_size = 32
     c.lock()
     return c
 
 
 def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
-    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): SD-VAE latents
-    read as arrays, the reference optimiser (the defaults), long-run intervals, every budget."""
+    """Shared start of the paper's latent-space settings (CelebA-HQ, ImageNet): sd-vae-ft-mse
+    posterior moments of 256x256 images and their mirrors written by ``shortcut_jax.encode``
+    (a fresh posterior sample at every visit, the mirror's moments when the flip says so), the
+    reference optimiser (the defaults), long-run intervals, every budget."""
     c = default_config()
-    c.data.name = "arrays"
+    c.data.name = "latents"
+    c.data.random_flip = True
+    c.data.image_size = 256  # the encoded images' size, checked against the set's manifest
+    c.data.latent_vae = "stabilityai/sd-vae-ft-mse"
     c.objective.name = objective
     c.train.ckpt_every = 10_000
     c.train.eval_every = 20_000
     c.eval.budgets = (1, 2, 4, 8, 16, 32, 64, 128)
     c.eval.grid_budgets = (1, 4, 128)
-    c.eval.metric = "none"  # until FID with the SD-VAE decoder exists
+    # grids only by default; FID needs reference statistics of the training images:
+    # --config.eval.metric=fid --config.eval.fid_reference=<stats from python -m shortcut_jax.evaluation.fid>
+    c.eval.metric = "none"
     return c
 
 
@@ -232,6 +294,12 @@ def validate(config, *, num_devices: int) -> None:
     """
     if config.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(OBJECTIVES)}")
+    if config.objective.name in NOT_IN_THE_LOOP:
+        raise ConfigError(f"objective.name={config.objective.name!r}: {NOT_IN_THE_LOOP[config.objective.name]}")
+    try:
+        check_method_config(config.objective, batch_size=config.train.batch_size, total_steps=config.train.steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.model.name not in ("dit", "mlp"):
         raise ConfigError(f"model.name={config.model.name!r} is unknown; use 'dit' or 'mlp'")
     if config.model.name == "dit":
@@ -246,10 +314,14 @@ def validate(config, *, num_devices: int) -> None:
                          ("remat", REMAT_CHOICES),
                          ("attention_impl", ("auto", "xla", "cudnn")),
                          ("dtype", ("auto", "bfloat16", "float32")),
-                         ("residual_dtype", ("float32", "compute"))):
+                         ("residual_dtype", ("float32", "compute")),
+                         ("matmul_precision", MATMUL_PRECISIONS)):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
     check_lean_ops(config.model.lean_ops)
+    if config.model.matmul_precision == "fp8" and config.model.name != "dit":
+        raise ConfigError(f"model.matmul_precision='fp8' applies to the DiT's blocks only; model.name="
+                          f"{config.model.name!r} has no FP8 layers: set model.matmul_precision='bf16'")
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")
@@ -323,6 +395,9 @@ def validate(config, *, num_devices: int) -> None:
     if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:
         raise ConfigError(f"eval.ema_index={config.eval.ema_index} must index train.ema_decays="
                           f"{tuple(config.train.ema_decays)}")
+    if config.eval.decode_batch_size < 1:
+        raise ConfigError(f"eval.decode_batch_size={config.eval.decode_batch_size} must be >= 1 (latent runs"
+                          " decode samples in batches of this size; 8 or fewer for float32 on a GPU)")
     if config.eval.final_num_samples < 0:
         raise ConfigError(f"eval.final_num_samples={config.eval.final_num_samples} must be >= 0 (0: eval.num_samples)")
     if config.eval.metric not in METRIC_CHOICES:
@@ -336,6 +411,31 @@ def validate(config, *, num_devices: int) -> None:
                 f"eval budget {n} is not a power of two up to 2^objective.num_levels={2 ** obj.num_levels}:"
                 " fix eval.budgets / eval.grid_budgets"
             )
+    check_eval_outputs(config.eval)
+
+
+def check_eval_outputs(eval_cfg) -> None:
+    """Sample labels, the FID chunk and the sample export of the eval section."""
+    if eval_cfg.label_mode not in LABEL_MODES:
+        raise ConfigError(f"eval.label_mode={eval_cfg.label_mode!r}: use one of {list(LABEL_MODES)}")
+    if eval_cfg.fid_batch_size < 1:
+        raise ConfigError(f"eval.fid_batch_size={eval_cfg.fid_batch_size} must be >= 1")
+    exported = tuple(eval_cfg.export_budgets)
+    missing = sorted(set(exported) - set(eval_cfg.budgets))
+    if missing:
+        raise ConfigError(f"eval.export_budgets={exported} holds {missing}, which are not in eval.budgets="
+                          f"{tuple(eval_cfg.budgets)}: export only evaluated budgets, or add them there")
+    pattern = eval_cfg.export_npz
+    if exported and not pattern.endswith(".npz"):
+        raise ConfigError(f"eval.export_npz={pattern!r} must name a .npz file (the ADM sample format)")
+    try:
+        pattern.format(steps=1)
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"eval.export_npz={pattern!r}: the only field it may hold is {{steps}}"
+                          " (the budget), e.g. 'samples_{steps}step.npz'") from None
+    if len(set(exported)) > 1 and "{steps}" not in pattern:
+        raise ConfigError(f"eval.export_npz={pattern!r} is one file for {len(set(exported))} budgets: put"
+                          " {steps} in it, e.g. 'samples_{steps}step.npz'")
 
 
 def check_model_fits_data(config, shape: tuple) -> None:

@@ -1,26 +1,38 @@
 """Evaluation at several step budgets: one entry point for training-time and offline evaluation.
 
 ``evaluate_budgets`` draws samples at each budget of ``config.eval`` (1, 2, 4, ..., 128) from one
-set of noise and labels, spread over the mesh's devices (each draws its own share), and scores
-them with the run's metric (``evaluation.metrics``: sliced Wasserstein distance for 2-D points,
-the classifier Frechet distance ``cfd`` for CIFAR-10 images). It writes a table
+set of noise and labels (``evaluation.sample_sets``: fixed by ``eval.seed``, class-balanced or
+random labels), batch by batch and spread over the mesh's devices (each draws its own share),
+decodes them when the experiment has a decoder (latent runs), and scores them with the run's
+metric (``evaluation.metrics``: sliced Wasserstein distance for 2-D points, the classifier
+Frechet distance ``cfd`` for CIFAR-10, ``fid`` for any images). It writes a table
 (``.md``/``.json``/``.csv``), a plot of the metric against the budget, a grid or scatter per
-budget, and last ``evaluation.json`` (step, sample count, metric), whose presence marks the
-evaluation as finished.
+budget, optionally the samples as the ADM evaluator's ``.npz``, and last ``evaluation.json``
+(step, sample count, metric, its provenance, timings), whose presence marks the evaluation as
+finished.
 
 The path of a checkpoint to a grid::
 
     evaluate_checkpoint(config, workdir)
+      -> require_checkpoint(workdir)             (before anything is built)
       -> Experiment(config, workdir)             (checks, model, mesh, sampler, metric)
+      -> check_before_sampling                   (metric and export against the samples' shape)
       -> Checkpointer.restore(step, abstract_state)
       -> evaluate_state: params = EMA or online tree
-           for each budget n: draw_samples -> Sampler (jit, noise split over the mesh)
-                              -> metric scorer, grid PNG
+           for each budget n: sample_batches -> Sampler (jit, noise split over the mesh) [-> decode]
+                              -> metric accumulator, ADM .npz, grid PNG
       -> table, plot, evaluation.json, metrics.jsonl
 
 Command line (evaluates the latest checkpoint of a run)::
 
     python -m shortcut_jax.evaluate --config=experiments/toy2d.py --workdir=/tmp/toy
+    python -m shortcut_jax.evaluate --config=experiments/imagenet.py:variant=B --workdir=DIR \
+        --metric=fid --num_samples=50000 --budgets=1,2,4,8,16,32,64,128 \
+        --fid_reference=VIRTUAL_imagenet256_labeled.npz --cfg_scale=1.5 --export_npz=samples_{steps}step.npz
+
+Flags ``--metric --num_samples --budgets --cfg_scale --use_ema --label_mode --fid_reference
+--fid_weights --export_npz --export_budgets`` set the ``eval`` keys of the same names
+(``--num_samples`` sets ``eval.final_num_samples``) and win over ``--config.eval.<key>``.
 
 Without ``--out_dir`` the results go to ``<workdir>/eval/<step>/`` and into the run's
 ``metrics.jsonl`` when that step has no finished evaluation (a run stopped during its final
@@ -39,15 +51,22 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from shortcut_jax import checkpoint, plots, writers
-from shortcut_jax.evaluation import report
+from shortcut_jax.evaluation import adm_npz, report
+from shortcut_jax.evaluation.pixels import grey_to_rgb
+# The sample set (noise, labels, batches over the mesh); draw_samples is also this module's API.
+from shortcut_jax.evaluation.sample_sets import draw_samples, sample_batches  # noqa: F401
 from shortcut_jax.experiment import Experiment
+from shortcut_jax.jsonable import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +76,31 @@ FINISHED = "evaluation.json"
 TABLE = "distance_by_budget"
 
 
-def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
-                 num_steps: int, seed: int, cfg_scale: float = 1.0) -> np.ndarray:
-    """``num_samples`` samples at one budget; noise and labels depend only on ``seed``."""
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((num_samples, *shape)).astype(np.float32)
-    if num_classes > 0:
-        labels = rng.integers(0, num_classes, num_samples).astype(np.int32)
-    else:
-        labels = np.zeros(num_samples, np.int32)
-    out = []
-    for start in range(0, num_samples, batch_size):
-        stop = min(start + batch_size, num_samples)
-        n = stop - start
-        # pad the last chunk so every call has one shape (one compilation for every budget)
-        chunk_noise = np.zeros((batch_size, *shape), np.float32)
-        chunk_noise[:n] = noise[start:stop]
-        chunk_labels = np.full(batch_size, num_classes, np.int32)
-        chunk_labels[:n] = labels[start:stop] if num_classes > 0 else num_classes
-        x = sampler(params, chunk_noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
-        out.append(sampler.to_host(x)[:n])
-    return np.concatenate(out)
+def sample_shape(spec, decode: Optional[Callable] = None) -> tuple:
+    """Shape of one sample as metrics, grids and sample files see it: the data's, or what
+    ``decode`` makes of it: found by tracing a JAX decoder, without compiling; a decoder that
+    works on host arrays (``LoadedVAE.latent_decoder``) is run once on zeros instead."""
+    shape = tuple(spec.shape)
+    if decode is None:
+        return shape
+    # one row per device: a decoder jitted over the mesh may require its batch to divide
+    rows = jax.device_count()
+    try:
+        out = jax.eval_shape(decode, jax.ShapeDtypeStruct((rows, *shape), jnp.float32))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        out = np.asarray(decode(np.zeros((rows, *shape), np.float32)))
+    return tuple(out.shape[1:])
+
+
+def check_exportable(eval_cfg, kind: str, image_shape: tuple) -> None:
+    if eval_cfg.export_budgets and (kind != "images" or image_shape[-1] not in (1, 3)):
+        raise ValueError(f"eval.export_budgets={tuple(eval_cfg.export_budgets)}: the samples are {kind} of shape"
+                         f" {image_shape}, and the ADM .npz holds RGB images; set eval.export_budgets=()")
+
+
+def export_path(eval_cfg, out_dir: str, steps: int) -> str:
+    """Where the samples of one budget are written (``eval.export_npz``, relative to ``out_dir``)."""
+    return os.path.join(out_dir, os.path.expanduser(eval_cfg.export_npz.format(steps=steps)))
 
 
 @contextlib.contextmanager
@@ -85,67 +108,104 @@ def _local_folder(out_dir: str):
     """``out_dir`` where it is local; for a remote one a temporary local folder (tables and plots
     are written with local file functions) copied to ``out_dir`` on success, ``FINISHED`` last."""
     if not writers.is_remote(out_dir):
-        if writers.primary_process():
-            os.makedirs(out_dir, exist_ok=True)
         yield out_dir
         return
     local = tempfile.mkdtemp(prefix="eval-")
     try:
         yield local
         if writers.primary_process():
-            target = epath.Path(out_dir)
-            target.mkdir(parents=True, exist_ok=True)
-            for name in sorted(os.listdir(local), key=lambda n: n == FINISHED):
-                (target / name).write_bytes(epath.Path(os.path.join(local, name)).read_bytes())
+            files = sorted((os.path.relpath(os.path.join(root, name), local) for root, _, names in os.walk(local)
+                            for name in names), key=lambda name: name == FINISHED)
+            for name in files:
+                target = epath.Path(out_dir) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(epath.Path(os.path.join(local, name)).read_bytes())
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
 
 def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
-                     final: bool = False, writer=None, label: str = "") -> dict[int, float]:
+                     final: bool = False, writer=None, label: str = "", decode: Optional[Callable] = None,
+                     progress: bool = False, cache_dir: Optional[str] = None,
+                     info: Optional[dict] = None) -> dict[int, float]:
     """Samples at each budget of ``eval_cfg``, ``metric`` per budget (None: grids only), and the
-    files that show them. A ``final`` evaluation draws ``eval.final_num_samples`` where set."""
-    with _local_folder(out_dir) as local_dir:
-        return _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, out_dir=local_dir, step=step,
-                                 final=final, writer=writer, label=label)
+    files that show them. A ``final`` evaluation draws ``eval.final_num_samples`` where set.
+
+    Samples are drawn batch by batch (``eval.batch_size``, split over the sampler's mesh) and
+    each batch goes to the metric's accumulator, to the ADM sample file of budgets in
+    ``eval.export_budgets``, and, for the first ``eval.grid_size``, to the grid; a budget's samples
+    are held at once only by metrics that need the whole set (CFD, sliced Wasserstein).
+    ``decode`` (latents -> images in [-1, 1]) is applied to every batch first. ``progress``
+    shows a bar with images/s. ``cache_dir``: where metrics may keep reference statistics.
+    ``info`` joins ``evaluation.json``, which also records the metric's provenance and the time
+    spent sampling, decoding and scoring each budget.
+    """
+    with _local_folder(out_dir) as write_dir:
+        return _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, out_dir=out_dir,
+                                 write_dir=write_dir, step=step, final=final, writer=writer, label=label,
+                                 decode=decode, progress=progress, cache_dir=cache_dir, info=info)
 
 
-def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
-                      final: bool, writer, label: str) -> dict[int, float]:
+def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, write_dir: str,
+                      step: int, final: bool, writer, label: str, decode: Optional[Callable], progress: bool,
+                      cache_dir: Optional[str], info: Optional[dict]) -> dict[int, float]:
+    """``evaluate_budgets`` writing its files into ``write_dir`` (``out_dir``, or a local
+    folder standing in for a remote one); ``out_dir`` is where they are recorded to be."""
     shape, kind = tuple(spec.shape), spec.kind
+    image_shape = sample_shape(spec, decode)
+    # Everything that can be refused is refused before the first sample is drawn.
+    check_exportable(eval_cfg, kind, image_shape)
+    if metric is not None:
+        metric.check(data_shape=shape, image_shape=image_shape)
+    primary = writers.primary_process()  # every process holds the same results; one writes them
+    if primary:
+        os.makedirs(write_dir, exist_ok=True)
     num_samples = (final and eval_cfg.final_num_samples) or eval_cfg.num_samples
     budgets, grid_budgets, grid_size = tuple(eval_cfg.budgets), tuple(eval_cfg.grid_budgets), eval_cfg.grid_size
-    scorer = metric.against(source, num_samples, eval_cfg.seed) if metric is not None else None
+    exported = set(eval_cfg.export_budgets)
+    scorer = metric.against(source, num_samples, eval_cfg.seed, cache_dir=cache_dir) if metric is not None else None
+    # a scatter plot shows more points than a grid shows images
+    shown_count = grid_size * 40 if kind == "points" else grid_size
     results: dict[int, float] = {}
-    images = {}
+    images, timings, exports = {}, {}, {}
     for n in sorted(set(budgets) | set(grid_budgets)):
-        count = num_samples if n in budgets and scorer is not None else grid_size
-        samples = draw_samples(sampler, params, shape=shape, num_classes=spec.num_classes, num_samples=count,
-                               batch_size=min(eval_cfg.batch_size, count), num_steps=n, seed=eval_cfg.seed,
-                               cfg_scale=eval_cfg.cfg_scale)
-        if n in budgets and scorer is not None:
-            results[n] = scorer(samples)
+        scored = n in budgets and scorer is not None
+        count = num_samples if scored or n in exported else grid_size
+        if n in exported and primary:
+            exports[n] = export_path(eval_cfg, out_dir, n)
+        value, shown, timings[n] = _draw_budget(
+            eval_cfg, sampler, params, spec, n, count, accumulator=scorer.accumulator() if scored else None,
+            export=export_path(eval_cfg, write_dir, n) if n in exports else None, image_shape=image_shape,
+            shown_count=shown_count, decode=decode, progress=progress)
+        if value is not None:
+            results[n] = value
+            log.info("%d step(s): %s %.6g (%d samples, %.1f images/s)", n, metric.display_name, value, count,
+                     timings[n]["images_per_s"])
         if n in grid_budgets:
-            path = os.path.join(out_dir, f"samples_{n}step.png")
+            path = os.path.join(write_dir, f"samples_{n}step.png")
             if kind == "points":
                 reference = None if scorer is None or scorer.reference is None else scorer.reference[:2000]
                 images[f"samples_{n}step"] = plots.save_scatter(
-                    samples[:grid_size * 40], path, reference=reference, title=f"{n} step(s), step {step}")
+                    shown, path, reference=reference, title=f"{n} step(s), step {step}")
             else:
-                images[f"samples_{n}step"] = plots.save_grid(samples[:grid_size], path)
+                images[f"samples_{n}step"] = plots.save_grid(shown, path)
 
     metric_key = metric.name if metric is not None else "none"
     floor = scorer.floor if scorer is not None else None
-    primary = writers.primary_process()  # every process holds the same results; one writes them
     if results and primary:
-        report.write_budget_table(results, os.path.join(out_dir, TABLE), metric_name=metric.display_name,
+        report.write_budget_table(results, os.path.join(write_dir, TABLE), metric_name=metric.display_name,
                                   floor=floor)
-        report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, TABLE + ".png"),
+        report.plot_budget_curve({label or "model": results}, os.path.join(write_dir, TABLE + ".png"),
                                  metric_name=metric.display_name, floor=floor, title=f"step {step}")
+    finished = {"step": step, "num_samples": num_samples, "metric": metric_key, "label": label,
+                "seed": eval_cfg.seed, "label_mode": eval_cfg.label_mode, "cfg_scale": eval_cfg.cfg_scale,
+                **(info or {}),
+                "metric_info": metric.describe() if metric is not None else None,
+                "exports": {str(k): v for k, v in exports.items()},
+                "timings": {str(k): v for k, v in timings.items()}}
     if primary:
-        with open(os.path.join(out_dir, FINISHED), "w") as f:
-            json.dump({"step": step, "num_samples": num_samples, "metric": metric_key, "label": label}, f,
-                      indent=1)
+        with open(os.path.join(write_dir, FINISHED), "w") as f:
+            json.dump(jsonable(finished), f, indent=1)
     if writer is not None:
         scalars = {f"eval/{metric_key}_{n}step": v for n, v in results.items()}
         if floor is not None:
@@ -159,13 +219,73 @@ def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_di
     return results
 
 
+def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *, accumulator, export,
+                 image_shape: tuple, shown_count: int, decode, progress: bool):
+    """``count`` samples at one budget, batch by batch, into the metric's accumulator (or None)
+    and the ADM file ``export`` (or None); returns (metric value or None, the first
+    ``shown_count`` samples, timings)."""
+    timing = {"sample_s": 0.0, "score_s": 0.0}
+    began = time.perf_counter()
+    shown: list[np.ndarray] = []
+    kept = 0
+    with contextlib.ExitStack() as stack:
+        sample_file = None
+        if export is not None:  # removed again if anything fails before the last sample is in
+            sample_file = stack.enter_context(adm_npz.ADMSampleWriter(
+                export, num_images=count, image_shape=(*image_shape[:2], 3), with_labels=spec.num_classes > 0))
+        bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"{num_steps} step(s)", disable=not progress,
+                                       dynamic_ncols=True, leave=False))
+        for x, labels in sample_batches(
+                sampler, params, shape=tuple(spec.shape), num_classes=spec.num_classes, num_samples=count,
+                batch_size=min(eval_cfg.batch_size, count), num_steps=num_steps, seed=eval_cfg.seed,
+                cfg_scale=eval_cfg.cfg_scale, label_mode=eval_cfg.label_mode, decode=decode, timings=timing):
+            if kept < shown_count:
+                shown.append(x[:shown_count - kept])
+                kept += len(shown[-1])
+            scoring = time.perf_counter()
+            if accumulator is not None:
+                accumulator.add(x)
+            timing["score_s"] += time.perf_counter() - scoring
+            if sample_file is not None:
+                sample_file.add(grey_to_rgb(x), labels if spec.num_classes > 0 else None)
+            bar.update(len(x))
+    value = None
+    if accumulator is not None:
+        scoring = time.perf_counter()
+        value = accumulator.result()
+        timing["score_s"] += time.perf_counter() - scoring
+    total = time.perf_counter() - began
+    timing = {"samples": count, **{k: round(v, 3) for k, v in timing.items()}, "total_s": round(total, 3),
+              "images_per_s": round(count / total, 1)}
+    return value, np.concatenate(shown), timing
+
+
+def fid_stats_dir(workdir: Optional[str]) -> Optional[str]:
+    """Where reference statistics computed from the data are cached: ``fid_stats/`` beside the
+    workdir, shared by the runs of one folder (the files are keyed by the images and the
+    network's weights, so runs on other data never read each other's). None for remote
+    workdirs: the statistics are then kept in memory only."""
+    if not workdir or "://" in workdir:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(workdir)), "fid_stats")
+
+
+def evaluated_params(config) -> str:
+    """Which weights an evaluation samples with (for evaluation.json)."""
+    decays = tuple(config.train.ema_decays)
+    if config.eval.use_ema and decays:
+        return f"ema {config.eval.ema_index} (decay {decays[config.eval.ema_index]})"
+    return "online"
+
+
 def evaluate_state(exp: Experiment, state, step: int, *, out_dir: Optional[str] = None, writer=None,
-                   final: bool = False) -> dict[int, float]:
+                   final: bool = False, progress: bool = False) -> dict[int, float]:
     """Every budget of the experiment's ``config.eval`` for one train state."""
     return evaluate_budgets(
         exp.config.eval, exp.sampler, exp.eval_params(state), exp.source, exp.spec, exp.metric,
         out_dir=out_dir or os.path.join(exp.workdir, "eval", f"{step:08d}"), step=step, final=final,
-        writer=writer, label=exp.config.objective.name)
+        writer=writer, label=exp.config.objective.name, decode=exp.decode, progress=progress,
+        cache_dir=fid_stats_dir(exp.workdir), info={"params": evaluated_params(exp.config)})
 
 
 def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
@@ -182,14 +302,36 @@ def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
     return f"{own}_offline{k}", False
 
 
+def require_checkpoint(workdir: str) -> str:
+    """The checkpoint folder of ``workdir`` (local or ``gs://``), refused when it holds no
+    checkpoint; nothing is created."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    folder = epath.Path(ckpt_dir)
+    steps = [p.name for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}: fix --workdir (the folder a run was trained into), or train first"
+            f" (python -m shortcut_jax.main --config=... --workdir={workdir})")
+    return ckpt_dir
+
+
+def check_before_sampling(exp: Experiment) -> None:
+    """The metric's and the sample export's checks against the samples' shape (after any
+    decoding), before a checkpoint is restored or anything compiled."""
+    image_shape = sample_shape(exp.spec, exp.decode)
+    check_exportable(exp.config.eval, exp.spec.kind, image_shape)
+    if exp.metric is not None:
+        exp.metric.check(data_shape=tuple(exp.spec.shape), image_shape=image_shape)
+
+
 def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
                         out_dir: Optional[str] = None) -> dict[int, float]:
     """Evaluate a saved run at every budget of ``config.eval`` (final sample count)."""
+    ckpt_dir = require_checkpoint(workdir)
     exp = Experiment(config, workdir)
     try:
-        if not epath.Path(exp.ckpt_dir).is_dir():
-            raise FileNotFoundError(f"no checkpoints under {exp.ckpt_dir}: train first or fix --workdir")
-        with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
+        check_before_sampling(exp)
+        with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
             state, _, _ = ckpt.restore(step, exp.abstract_state)
         step = int(jax.device_get(state.step))
         writer = None
@@ -197,10 +339,11 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
             out_dir, own = offline_out_dir(exp.workdir, step)
             if own:  # completes the run's evaluation at this step, so it joins the run's metrics too
                 writer = writers.MetricWriter(exp.workdir, use_tensorboard=False)
-            log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
-                     " and metrics.jsonl" if writer else "")
+        log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
+                 " and metrics.jsonl" if writer else "")
         try:
-            return evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True)
+            return evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
+                                  progress=config.train.progress_bar and jax.process_index() == 0)
         finally:
             if writer is not None:
                 writer.close()
@@ -208,20 +351,105 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
         exp.close()
 
 
-def main(argv):
-    del argv
-    from absl import flags
+# ----------------------------------------------------------------------------- command line
 
-    evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, out_dir=flags.FLAGS.out_dir or None)
+
+def _ints(values, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{flag}={','.join(values)}: give integers separated by commas, e.g. 1,2,4") from None
+
+
+def apply_overrides(config, *, metric: Optional[str] = None, num_samples: Optional[int] = None,
+                    budgets=None, cfg_scale: Optional[float] = None, use_ema: Optional[bool] = None,
+                    label_mode: Optional[str] = None, export_npz: Optional[str] = None, export_budgets=None,
+                    fid_reference: Optional[str] = None, fid_weights: Optional[str] = None):
+    """The command line's flags set onto ``config.eval`` (None: leave the key as it is).
+
+    ``num_samples`` sets ``eval.final_num_samples``: an offline evaluation is a final one.
+    ``export_npz`` without ``export_budgets`` exports every evaluated budget.
+    """
+    ev = config.eval
+    if metric is not None:
+        ev.metric = metric
+    if num_samples is not None:
+        ev.final_num_samples = int(num_samples)
+    if budgets is not None:
+        ev.budgets = _ints(budgets, "budgets")
+    if cfg_scale is not None:
+        ev.cfg_scale = float(cfg_scale)
+    if use_ema is not None:
+        ev.use_ema = bool(use_ema)
+    if label_mode is not None:
+        ev.label_mode = label_mode
+    if fid_reference is not None:
+        ev.fid_reference = fid_reference
+    if fid_weights is not None:
+        ev.fid_weights = fid_weights
+    if export_budgets is not None:
+        ev.export_budgets = _ints(export_budgets, "export_budgets")
+    if export_npz is not None:
+        ev.export_npz = export_npz
+        if not ev.export_budgets:
+            ev.export_budgets = tuple(ev.budgets)
+    return config
+
+
+def define_flags(flag_values=None, argv=None):
+    """The command's flags (in ``flag_values``, default absl's global ones); ``argv`` stands for
+    ``sys.argv`` where ``--config.<key>`` overrides are looked for (for parsing in-process)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (python, get_config(arg)).",
+                                    lock_config=True, flag_values=fv, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints (local or gs://).", flag_values=fv)
+    flags.DEFINE_string("out_dir", "", "Where to write tables and plots (default <workdir>/eval/<step>).",
+                        flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", flag_values=fv)
+    flags.DEFINE_string("metric", None, "eval.metric: fid, cfd, sliced_wasserstein, none, auto.", flag_values=fv)
+    flags.DEFINE_integer("num_samples", None, "Samples per budget (sets eval.final_num_samples), e.g. 50000.",
+                         flag_values=fv)
+    flags.DEFINE_list("budgets", None, "eval.budgets, e.g. 1,2,4,8,16,32,64,128.", flag_values=fv)
+    flags.DEFINE_float("cfg_scale", None, "eval.cfg_scale (1: no guidance).", flag_values=fv)
+    flags.DEFINE_bool("use_ema", None, "eval.use_ema: sample with the EMA weights (false: the online ones).",
+                      flag_values=fv)
+    flags.DEFINE_string("label_mode", None, "eval.label_mode: balanced or random.", flag_values=fv)
+    flags.DEFINE_string("fid_reference", None, "eval.fid_reference: FID reference statistics (.npz).",
+                        flag_values=fv)
+    flags.DEFINE_string("fid_weights", None, "eval.fid_weights: FID Inception weights (.pth or converted .npz).",
+                        flag_values=fv)
+    flags.DEFINE_string("export_npz", None, "eval.export_npz: write the samples as ADM .npz files, a name with"
+                        " {steps} (relative to the evaluation folder); every budget unless --export_budgets.",
+                        flag_values=fv)
+    flags.DEFINE_list("export_budgets", None, "eval.export_budgets: budgets whose samples are written.",
+                      flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+    return fv
+
+
+def run(fv) -> dict[int, float]:
+    """The command: the flags' overrides on the config, then :func:`evaluate_checkpoint`."""
+    config = apply_overrides(
+        fv.config, metric=fv.metric, num_samples=fv.num_samples, budgets=fv.budgets, cfg_scale=fv.cfg_scale,
+        use_ema=fv.use_ema, label_mode=fv.label_mode, export_npz=fv.export_npz, export_budgets=fv.export_budgets,
+        fid_reference=fv.fid_reference, fid_weights=fv.fid_weights)
+    results = evaluate_checkpoint(config, fv.workdir, step=fv.step, out_dir=fv.out_dir or None)
+    for n, value in sorted(results.items()):
+        print(f"{config.eval.metric} at {n} step(s): {value:.6g}")
+    return results
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import app
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (python, get_config(arg)).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints.")
-    flags.DEFINE_string("out_dir", "", "Where to write tables and plots (default <workdir>/eval/<step>).")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    _FLAGS = define_flags()
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        run(_FLAGS)
+
+    app.run(_main)

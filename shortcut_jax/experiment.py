@@ -23,8 +23,7 @@ from etils import epath
 from shortcut_jax import checkpoint, config_lib, data, sharding, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model
-from shortcut_jax.objectives import make_objective_config
-from shortcut_jax.sampling import Sampler
+from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
 from shortcut_jax.train_step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,9 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
 class Experiment:
     """Everything built from a validated config, before anything touches the workdir."""
 
+    # latents [N, h, w, c] -> images [N, H, W, 3] in [-1, 1] for latent runs (None: samples are images)
+    decode = None
+
     def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
         """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
         None: nothing on disk is consulted."""
@@ -109,6 +111,7 @@ class Experiment:
             self.metric = metrics.build_metric(config.eval, self.spec.kind)
         except ValueError as err:
             raise config_lib.ConfigError(str(err)) from None
+        self.decode = self._latent_decoder(config)
         self.meta = {
             "architecture": architecture(config.model),
             "model": config.model.to_dict(),
@@ -125,13 +128,13 @@ class Experiment:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
-        self.model = build_model(config.model, num_classes=self.spec.num_classes,
-                                 ignore_level=config.objective.name == "flow_matching")
+        needs = NEEDS[config.objective.name]
+        self.model = build_model(config.model, num_classes=self.spec.num_classes, ignore_level=not needs.level_input)
         self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
-        self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes)
+        self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes,
+                                             total_steps=config.train.steps)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
-        self.sampler = Sampler(self.apply_fn, num_levels=config.objective.num_levels,
-                               num_classes=self.spec.num_classes, mesh=self.mesh)
+        self.sampler = make_sampler(config.objective.name, self.obj_cfg, seed=config.eval.seed, mesh=self.mesh)
 
         init_rng = jax.random.PRNGKey(config.seed)
         self.abstract_state = jax.eval_shape(self._init, init_rng)
@@ -139,6 +142,29 @@ class Experiment:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
             self.state_shardings)
+
+    def _latent_decoder(self, config):
+        """For a latent set: the VAE that encoded it (the folder its manifest names, or
+        ``eval.vae``), as a decoder of sampled latents; checked to be the same weights."""
+        manifest = getattr(self.source, "manifest", None)
+        if config.data.name != "latents" or manifest is None:
+            return None
+        from shortcut_jax.models import resolve_dtype, vae_weights
+
+        recorded = manifest["vae"]
+        where = config.eval.vae or recorded["folder"]
+        try:
+            vae = vae_weights.load_vae(where)
+        except vae_weights.WeightsError as err:
+            raise config_lib.ConfigError(f"decoding the samples of latent set {config.data.path}: {err} (set"
+                                         " eval.vae to the VAE's folder on this machine)") from None
+        if vae.weights_sha256 != recorded["weights_sha256"]:
+            raise config_lib.ConfigError(
+                f"eval.vae={where!r} holds other weights (sha256 {vae.weights_sha256[:12]}...) than the VAE"
+                f" that encoded {config.data.path} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"
+                " point eval.vae at that VAE's folder")
+        # bf16 on accelerators (float32 convolutions at full precision are about 15x slower there)
+        return vae.latent_decoder(dtype=resolve_dtype("auto"), batch_size=config.eval.decode_batch_size)
 
     @staticmethod
     def num_mesh_devices(config) -> int:

@@ -65,6 +65,22 @@ def _euler(apply_fn, params, noise, labels, num_steps, level, cfg_scale, null_cl
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
 
 
+def _synced(executables: dict, jitted, params, args):
+    """``jitted``, or in a job of several processes its program compiled for these arguments
+    ahead of the first run, every process waiting for the others in between
+    (``distributed.sync``): none starts the program's collectives while another still compiles
+    it. ``executables`` keeps the compiled programs by argument signature."""
+    if jax.process_count() == 1:
+        return jitted
+    leaves = jax.tree.leaves((params, args))
+    signature = (id(jitted), jax.tree.structure((params, args)),
+                 tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    if signature not in executables:
+        executables[signature] = jitted.lower(params, *args).compile()
+        distributed.sync("sampler_compiled")
+    return executables[signature]
+
+
 class Sampler:
     """Jit-compiled samplers for one network: one program per (input shape, guided).
 
@@ -83,7 +99,7 @@ class Sampler:
         self.num_classes = num_classes
         self.mesh = mesh
         self._compiled: dict = {}
-        self._executables: dict = {}  # several processes: (guided, argument signature) -> compiled
+        self._executables: dict = {}  # several processes: argument signature -> compiled program
 
     def _fn(self, guided: bool):
         if guided not in self._compiled:
@@ -109,18 +125,8 @@ class Sampler:
 
     def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
         guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale)
-        run = self._fn(guided) if jax.process_count() == 1 else self._executable(guided, params, args)
-        out = run(params, *args)
+        out = _synced(self._executables, self._fn(guided), params, args)(params, *args)
         return out if out.shape[0] == n else out[:n]
-
-    def _executable(self, guided: bool, params, args):
-        leaves = jax.tree.leaves((params, args))
-        signature = (guided, jax.tree.structure((params, args)),
-                     tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
-        if signature not in self._executables:
-            self._executables[signature] = self._fn(guided).lower(params, *args).compile()
-            distributed.sync("sampler_compiled")
-        return self._executables[signature]
 
     def lower(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0):
         """The lowered program ``__call__`` runs (for inspecting per-device shapes and costs)."""
@@ -130,3 +136,194 @@ class Sampler:
     @staticmethod
     def to_host(x: jax.Array) -> np.ndarray:
         return sharding.to_host(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers of the comparison methods. The Euler sampler above serves shortcut models, flow
+# matching, progressive distillation and reflow; diffusion needs DDIM, consistency models their
+# predict-then-renoise sampler. All take the same call as ``Sampler`` so that evaluation can use
+# any of them, and all compile once per input shape (the step count is traced).
+
+
+def check_step_count(num_steps) -> int:
+    """DDIM and the consistency sampler run any positive number of steps."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be a positive integer")
+    return num_steps
+
+
+def euler_sample_at_level(apply_fn, params, noise, labels, *, num_steps: int, level: int, cfg_scale=None,
+                          null_class: int = 0) -> jax.Array:
+    """N Euler steps of size 1/N that all read the level input ``level`` (traceable).
+
+    Live reflow generates its pairs with the flow-matching level (8 steps at level K), which the
+    budget-to-level rule of ``euler_sample`` would not give.
+    """
+    return _euler(apply_fn, params, noise, labels, check_step_count(num_steps), level, cfg_scale, null_class)
+
+
+def _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class: int):
+    """``(x, t) -> network output`` with the level and labels fixed, guided when ``cfg_scale`` is set."""
+    b = labels.shape[0]
+    level = jnp.broadcast_to(jnp.asarray(level, jnp.int32), (b,))
+
+    def predict(x, t):
+        tt = jnp.full((b,), t, jnp.float32)
+        if cfg_scale is None:
+            return apply_fn(params, x, tt, level, labels).astype(jnp.float32)
+        both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([tt, tt]),
+                        jnp.concatenate([level, level]),
+                        jnp.concatenate([labels, jnp.full_like(labels, null_class)])).astype(jnp.float32)
+        cond, uncond = both[:b], both[b:]
+        return uncond + cfg_scale * (cond - uncond)
+
+    return predict
+
+
+def ddim_sample(apply_fn, params, noise, labels, *, num_steps: int, alpha_bar_fn, level: int, cfg_scale=None,
+                null_class: int = 0, clip: float = 0.0) -> jax.Array:
+    """Deterministic DDIM (eta = 0) from noise to data in ``num_steps`` equal steps (traceable).
+
+    ``apply_fn`` predicts the noise ``eps`` at network time ``t`` (diffusion time ``s = 1 - t``);
+    ``alpha_bar_fn(s)`` is the signal fraction of the path (``objectives.diffusion.alpha_bar``).
+    Step ``i`` goes from ``t_i = i/N`` to ``t_{i+1}``: the data estimate
+    ``x1 = (x - sqrt(1 - a) eps) / sqrt(a)`` is re-noised with the same ``eps`` to the next level,
+    ``x' = sqrt(a') x1 + sqrt(1 - a') eps``; the last step returns the data estimate (``a' = 1``).
+    With ``clip > 0`` the data estimate is clipped to ``[-clip, clip]`` (the noise estimate is
+    kept), as image diffusion samplers clip theirs to the pixel range: near pure noise the
+    estimate divides the network's error by ``sqrt(a)`` (0.01 at the schedule's floor), and
+    unclipped it throws a few samples far outside the data.
+    """
+    return _ddim(apply_fn, params, noise, labels, check_step_count(num_steps), level, alpha_bar_fn, cfg_scale,
+                 null_class, clip)
+
+
+def _ddim(apply_fn, params, noise, labels, num_steps, level, alpha_bar_fn, cfg_scale, null_class, clip=0.0):
+    predict = _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class)
+    n = jnp.asarray(num_steps, jnp.float32)
+
+    def step(i, x):
+        t = i.astype(jnp.float32) / n
+        t_next = (i + 1).astype(jnp.float32) / n
+        a, a_next = alpha_bar_fn(1.0 - t), alpha_bar_fn(1.0 - t_next)
+        eps = predict(x, t)
+        x1 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+        if clip > 0:
+            x1 = jnp.clip(x1, -clip, clip)
+        return jnp.sqrt(a_next) * x1 + jnp.sqrt(1.0 - a_next) * eps
+
+    return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+
+
+def row_keys(noise: jax.Array, seed: int) -> jax.Array:
+    """One random key per row, a function of that row's values only.
+
+    The consistency sampler re-noises every row with fresh noise drawn from its own key, so a
+    sample depends on its starting noise alone, not on its batch or its position in one.
+    """
+    b = noise.shape[0]
+    bits = jax.lax.bitcast_convert_type(noise.reshape(b, -1).astype(jnp.float32), jnp.uint32)
+    # position-dependent odd multipliers, sums modulo 2^32: a permutation of values changes the hash
+    weights = (2 * jnp.arange(bits.shape[1], dtype=jnp.uint32) + 1) * jnp.uint32(0x9E3779B1)
+    digest = jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
+    return jax.vmap(lambda d: jax.random.fold_in(jax.random.key(seed), d))(digest)
+
+
+def consistency_sample(apply_fn, params, noise, labels, *, num_steps: int, level: int, noise_floor: float = 1e-5,
+                       seed: int = 0, cfg_scale=None, null_class: int = 0) -> jax.Array:
+    """Multistep consistency sampling: predict the data, re-noise to the next time, repeat (traceable).
+
+    The network's output ``v(x, t)`` is read as the velocity of one jump to the data,
+    ``x1 = x + (1 - t) v``. With ``N`` steps and ``t_i = i/N``: predict ``x1`` at ``t_i``, then
+    place it on a fresh noise path at ``t_{i+1}``, ``x = (1 - (1 - floor) t_{i+1}) z + t_{i+1} x1``
+    with new Gaussian noise ``z`` (from ``row_keys``); the last prediction is the sample.
+    One step is ``x0 + v(x0, 0)``.
+    """
+    return _consistency(apply_fn, params, noise, labels, check_step_count(num_steps), level, noise_floor, seed,
+                        cfg_scale, null_class)
+
+
+def _consistency(apply_fn, params, noise, labels, num_steps, level, noise_floor, seed, cfg_scale, null_class):
+    predict = _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class)
+    n = jnp.asarray(num_steps, jnp.float32)
+    keys = row_keys(noise, seed)
+    row_shape = noise.shape[1:]
+
+    def step(i, x):
+        t = i.astype(jnp.float32) / n
+        x1 = x + (1.0 - t) * predict(x, t)
+        t_next = (i + 1).astype(jnp.float32) / n
+        z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), row_shape))(keys)
+        renoised = (1.0 - (1.0 - noise_floor) * t_next) * z + t_next * x1
+        return jnp.where(i + 1 >= num_steps, x1, renoised)
+
+    return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+
+
+class _TracedStepSampler:
+    """Shared call of the comparison samplers: one jitted program per (input shape, guided); with
+    a ``mesh`` the rows are split over its batch axes, as ``Sampler`` does (and compiled ahead
+    of the first run in a job of several processes)."""
+
+    def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, mesh=None):
+        self.apply_fn = apply_fn
+        self.num_levels = num_levels
+        self.num_classes = num_classes
+        self.mesh = mesh
+        self._compiled: dict = {}
+        self._executables: dict = {}
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps):
+        raise NotImplementedError
+
+    def _fn(self, guided: bool):
+        if guided not in self._compiled:
+            out = None if self.mesh is None else sharding.batch_sharding(self.mesh)
+            self._compiled[guided] = jax.jit(
+                lambda params, noise, labels, cfg_scale, num_steps: self._loop(
+                    params, noise, labels, cfg_scale if guided else None, num_steps), out_shardings=out)
+        return self._compiled[guided]
+
+    def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
+        check_step_count(num_steps)
+        n = noise.shape[0]
+        if labels is None:
+            labels = np.full((n,), self.num_classes, np.int32)
+        guided = self.num_classes > 0 and float(cfg_scale) != 1.0
+        if self.mesh is not None:
+            noise, labels = (sharding.shard_rows(np.asarray(a), self.mesh) for a in (noise, labels))
+        args = (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps))
+        out = _synced(self._executables, self._fn(guided), params, args)(params, *args)
+        return out if out.shape[0] == n else out[:n]
+
+    @staticmethod
+    def to_host(x: jax.Array) -> np.ndarray:
+        return sharding.to_host(x)
+
+
+class DDIMSampler(_TracedStepSampler):
+    """Jit-compiled DDIM for a noise-prediction network; the level input is the finest level."""
+
+    def __init__(self, apply_fn: Callable, alpha_bar_fn: Callable, *, num_levels: int, num_classes: int,
+                 clip: float = 0.0, mesh=None):
+        super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes, mesh=mesh)
+        self.alpha_bar_fn = alpha_bar_fn
+        self.clip = clip
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps):
+        return _ddim(self.apply_fn, params, noise, labels, num_steps, self.num_levels, self.alpha_bar_fn,
+                     cfg_scale, self.num_classes, self.clip)
+
+
+class ConsistencySampler(_TracedStepSampler):
+    """Jit-compiled multistep consistency sampler; the level input is the finest level, as in training."""
+
+    def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, noise_floor: float = 1e-5,
+                 seed: int = 0, mesh=None):
+        super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes, mesh=mesh)
+        self.noise_floor = noise_floor
+        self.seed = seed
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps):
+        return _consistency(self.apply_fn, params, noise, labels, num_steps, self.num_levels, self.noise_floor,
+                            self.seed, cfg_scale, self.num_classes)

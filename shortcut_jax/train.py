@@ -53,7 +53,7 @@ from etils import epath
 from tqdm import tqdm
 
 from shortcut_jax import checkpoint, distributed, manifest, sharding, writers
-from shortcut_jax.evaluate import evaluate_state
+from shortcut_jax.evaluate import check_before_sampling, evaluate_state
 from shortcut_jax.experiment import Experiment, parameter_overview
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,29 @@ def _check_finite(pending: list) -> list[dict]:
 
 
 def _mean_metrics(fetched: list) -> dict:
+    """Means over a log interval; a metric with a '<name>/rows' companion (a mean over a varying
+    number of rows, such as a level's) is weighted by those rows, so a step without any counts
+    for nothing."""
     keys = fetched[0][1].keys()
-    return {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
+    out = {}
+    for k in keys:
+        values = np.array([m[k] for _, m in fetched], np.float64)
+        if k + "/rows" in keys:
+            rows = np.array([m[k + "/rows"] for _, m in fetched], np.float64)
+            out[k] = float(np.sum(values * rows) / max(np.sum(rows), 1.0))
+        else:
+            out[k] = float(np.mean(values))
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Train (or resume) to ``config.train.steps``; returns the final train state."""
     exp = Experiment(config, workdir)  # every check happens here, before the workdir is touched
+    try:
+        check_before_sampling(exp)  # the evaluation's checks too, before training starts
+    except BaseException:
+        exp.close()
+        raise
     cfg = exp.config
     # Every process has looked at the workdir before any creates its checkpoint folder: they all
     # take the same branch in Experiment's check, whose orbax manager synchronises the processes.

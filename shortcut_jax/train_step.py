@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from shortcut_jax import train_state
-from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, OBJECTIVES
+from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, NEEDS, OBJECTIVES
 
 
 def global_norm(tree) -> jax.Array:
@@ -30,6 +30,9 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
                     *, accum_steps: int = 1, ema_debias: bool = False) -> Callable:
     loss_fn = OBJECTIVES[objective_name]
     planner = MICRO_BATCH_PLANNERS.get(objective_name)
+    # curricula read the number of updates done so far from the batch (every micro-batch of one
+    # update is in the same stage); it is added here, never part of the data stream
+    with_step = objective_name in NEEDS and NEEDS[objective_name].step
 
     def train_step(state: train_state.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -37,6 +40,8 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
         grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, teacher, b, r, obj_cfg), has_aux=True)
 
         if accum_steps == 1:
+            if with_step:
+                batch = dict(batch, step=state.step)
             (_, metrics), grads = grad_fn(state.params, batch, rng)
         else:
             rng, plan_rng = jax.random.split(rng)
@@ -46,18 +51,37 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
                 micro.update(planner(plan_rng, batch_size, accum_steps, obj_cfg))
             rngs = jax.random.split(rng, accum_steps)
 
+            # A metric reported beside a row count '<name>/rows' is a mean over a subset of rows
+            # whose size varies between micro-batches (a level can be missing from one): it is
+            # summed weighted by its rows and divided by the rows of the global batch, which are
+            # summed. Every other metric is a mean over equal micro-batches and is averaged.
+            def row_weighted(m):
+                return {k: v * m[k + "/rows"] if k + "/rows" in m else v for k, v in m.items()}
+
             def body(carry, xs):
                 grads_sum, metrics_sum = carry
                 mb, r = xs
+                if with_step:
+                    mb = dict(mb, step=state.step)
                 (_, m), g = grad_fn(state.params, mb, r)
-                return (jax.tree.map(jnp.add, grads_sum, g), jax.tree.map(jnp.add, metrics_sum, m)), None
+                return (jax.tree.map(jnp.add, grads_sum, g), jax.tree.map(jnp.add, metrics_sum, row_weighted(m))), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1])
+            first = jax.tree.map(lambda x: x[0], micro)
+            if with_step:
+                first = dict(first, step=state.step)
+            m_shape = jax.eval_shape(lambda: grad_fn(state.params, first, rngs[0])[0][1])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, rngs))
+            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, rngs))
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
-            metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+            metrics = {}
+            for k, v in sums.items():
+                if k + "/rows" in sums:  # a row-weighted mean (0 where the global batch has no row)
+                    metrics[k] = v / jnp.maximum(sums[k + "/rows"], 1.0)
+                elif k.endswith("/rows") and k[: -len("/rows")] in sums:  # rows of the global batch
+                    metrics[k] = v
+                else:
+                    metrics[k] = v / accum_steps
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -2,6 +2,7 @@
 import gzip
 import json
 import math
+import types
 
 import flax.linen as nn
 import jax
@@ -188,11 +189,22 @@ def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
     assert "OOM" in printed and "181.00*" in printed
 
 
-def test_matmul_probe_reports_the_median_rate_inside_its_spread():
-    mm = bench.measure_matmul(64, repeats=3, calls=2, warm_s=0.01)
+def test_matmul_probe_reports_the_median_timing_and_the_slowest_and_fastest(monkeypatch):
+    # A clock that makes the three timed repeats (2 calls each) last 8, 2 and 3 ms: the median call
+    # takes 1.5 ms (the mean would be 2.2), the slowest 4 ms, the fastest 1 ms.
+    repeats_s = (0.008, 0.002, 0.003)
+    readings = [0.0, 0.0]  # the warm-up loop's start and its first check (warm_s=0 ends it)
+    for i, seconds in enumerate(repeats_s):
+        readings += [10.0 * (i + 1), 10.0 * (i + 1) + seconds]
+    clock = iter(readings)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    mm = bench.measure_matmul(64, repeats=3, calls=2, warm_s=0.0)
+    assert next(clock, None) is None  # every reading was taken: one start and one stop per repeat
+    rate = lambda seconds: 2 * 64**3 / seconds / 1e12  # noqa: E731
     assert mm["timings"] == 3 and mm["size"] == 64
-    assert 0 < mm["tflops_min"] <= mm["tflops"] <= mm["tflops_max"]
-    assert mm["tflops"] == pytest.approx(2 * 64**3 / (mm["ms"] / 1e3) / 1e12)
+    assert mm["ms"] == pytest.approx(1.5)
+    assert mm["tflops"] == pytest.approx(rate(0.0015))
+    assert mm["tflops_min"] == pytest.approx(rate(0.004)) and mm["tflops_max"] == pytest.approx(rate(0.001))
 
 
 def test_misspelt_model_flags_stop_the_benchmark_before_any_row(capsys):

@@ -178,7 +178,43 @@ def test_images_are_checked(extractor):
                           np.full((1, 32, 32, 3), 255, np.uint8))
 
 
-def test_ladder_structure_on_random_data(extractor, tmp_path):
+def independent_cfd(extractor, images, reference_stats) -> float:
+    """The Frechet distance of the extractor's features written out here, not through the module
+    under test: tr((s1 s2)^1/2) is the sum of the square roots of the eigenvalues of s1 s2 (real
+    and non-negative for covariance matrices, up to rounding)."""
+    f = extractor(images).astype(np.float64)
+    mu1, s1 = f.mean(axis=0), np.cov(f, rowvar=False)
+    mu2, s2 = reference_stats
+    root_trace = np.sum(np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0.0, None)))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * root_trace)
+
+
+def assert_ladder_values(result, extractor, train_images, test_images=None, test_stats=None):
+    """Rows over the whole training set (clean, blurred) equal the distance computed here; the
+    monotone flags say what the rows' values say."""
+    rows = result["rows"]
+    full = max(r["n"] for r in rows)
+    assert full == len(train_images)
+    if test_stats is None:
+        g = extractor(test_images).astype(np.float64)
+        test_stats = (g.mean(axis=0), np.cov(g, rowvar=False))
+    scale = float(np.trace(test_stats[1]))
+    checked = 0
+    for r in rows:
+        if r["n"] != full or r["condition"] == "noise":  # subsets and noise draws are the ladder's own
+            continue
+        images = train_images if r["condition"] == "clean" else feature_ladder.blur(train_images, r["param"])
+        want = independent_cfd(extractor, images, reference_stats=test_stats)
+        assert r["cfd"] == pytest.approx(want, rel=1e-4, abs=1e-6 * scale), r
+        checked += 1
+    assert checked >= 2  # the clean row and at least one blur row
+    clean = next(r["cfd"] for r in rows if r["condition"] == "clean" and r["n"] == full)
+    for condition in ("noise", "blur"):
+        values = [clean] + [r["cfd"] for r in rows if r["condition"] == condition]
+        assert result["monotone"][condition] == all(b > a for a, b in zip(values, values[1:]))
+
+
+def test_ladder_rows_on_random_data(extractor, tmp_path):
     rng = np.random.default_rng(6)
     train = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     test = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
@@ -190,6 +226,7 @@ def test_ladder_structure_on_random_data(extractor, tmp_path):
     assert all(math.isfinite(r["cfd"]) and r["cfd"] >= 0 for r in result["rows"])
     assert set(result["monotone"]) == {"noise", "blur"}
     assert result["reference_size"] == 30
+    assert_ladder_values(result, extractor, train, test_images=test)
     md, js = feature_ladder.write_ladder(result, str(tmp_path / "ladder"))
     text = open(md, encoding="utf-8").read()
     assert "CFD" in text and "FID" not in text
@@ -278,7 +315,6 @@ def test_scripts_end_to_end(tmp_path):
     meta = json.load(open(os.path.join(out, classifier.CONFIG_FILE), encoding="utf-8"))
     assert meta["architecture"]["widths"] == [8, 8, 16, 16] and meta["architecture"]["num_classes"] == 3
     assert meta["info"]["num_train"] == 24 and len(meta["info"]["history"]) == 2
-    assert 0.0 <= meta["info"]["test_accuracy"] <= 1.0
     assert os.path.isfile(os.path.join(out, "test_stats.npz"))
     # The decoded split is cached next to the extracted folder, in the same pixels and labels
     # as the project's image-folder reader gives.
@@ -294,6 +330,16 @@ def test_scripts_end_to_end(tmp_path):
     images, labels, names = classifier.load_image_folder(os.path.join(cache, "tiny", "test"), num_workers=2)
     assert names == ("class0", "class1", "class2")
     assert np.array_equal(uint8_to_float(images), batch["x"]) and np.array_equal(labels, batch["label"])
+    # The recorded accuracy and statistics are those of the saved weights on the test split.
+    config, variables, _ = classifier.load_classifier(out)
+    eval_model = classifier.build_model(config, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    accuracy = classifier.accuracy(eval_model, variables, images, labels)
+    assert meta["info"]["test_accuracy"] == meta["info"]["history"][-1]["test_accuracy"] == accuracy
+    saved_extractor = feature_distance.FeatureExtractor(out)
+    features = saved_extractor(images).astype(np.float64)
+    mu, sigma = feature_distance.load_stats(os.path.join(out, "test_stats.npz"))
+    np.testing.assert_allclose(mu, features.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-4, atol=1e-6)
 
     ladder_dir = str(tmp_path / "ladder")
     assert feature_ladder.main([
@@ -302,3 +348,7 @@ def test_scripts_end_to_end(tmp_path):
         "--blur", "1.0", "--workers", "2", "--batch_size", "16"]) == 0
     result = json.load(open(os.path.join(ladder_dir, "feature_ladder.json"), encoding="utf-8"))
     assert len(result["rows"]) == 4 and result["reference_size"] == 12
+    assert result["classifier"]["fingerprint"] == saved_extractor.fingerprint
+    assert result["classifier"]["test_accuracy"] == accuracy
+    train_images, _, _ = classifier.load_image_folder(os.path.join(cache, "tiny", "train"), num_workers=2)
+    assert_ladder_values(result, saved_extractor, train_images, test_stats=(mu, sigma))

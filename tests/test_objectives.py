@@ -1,5 +1,7 @@
 """Properties of the shortcut and flow-matching objectives and of the any-step sampler."""
 import collections
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -82,11 +84,46 @@ def test_random_assignment_covers_levels_and_label_dropout_rate():
 
 
 def test_rows_use_disjoint_images_and_independent_noise():
-    # Each row's x_t must depend on its own image only: perturb one image, only its row moves.
-    cfg = ObjectiveConfig(apply_fn=None, num_classes=0, sc_fraction=0.25)
-    rows = shortcut.sample_rows(jnp.zeros((16, 3)), jnp.zeros(16, jnp.int32), jax.random.key(1), cfg)
+    # Perturb one image at a time: only that image's row may move, in the student's input and in
+    # the teacher's (self-consistency rows). The published code cuts both row groups from the same
+    # first images, so there one image moves two rows.
+    b, cfg_kw = 32, dict(num_classes=0, sc_fraction=0.5, clip=0.0)
+    n_sc = shortcut.num_sc_rows(b, 0.5)
+    x1 = np.random.default_rng(0).normal(size=(b, 3)).astype(np.float32)
+    key = jax.random.key(1)
+
+    @jax.jit
+    def inputs(images):
+        """(teacher's first half-step input [n_sc, 3], student's input [b, 3]), as the objective passes them."""
+        calls = []
+
+        def recorder(p, x, t, level, label):
+            calls.append(x)
+            return jnp.zeros_like(x)
+
+        cfg = ObjectiveConfig(apply_fn=recorder, **cfg_kw)
+        shortcut.loss_fn(None, None, {"x": images, "label": jnp.zeros(b, jnp.int32)}, key, cfg)
+        teacher_first, _, student = calls  # two teacher half steps, then one student pass
+        return teacher_first, student
+
+    rows = shortcut.sample_rows(jnp.asarray(x1), jnp.zeros(b, jnp.int32), key, ObjectiveConfig(apply_fn=None, **cfg_kw))
+    t = np.asarray(rows["t"])
     x0 = np.asarray(rows["x0"])
-    assert len({tuple(np.round(r, 6)) for r in x0}) == 16  # no shared noise between rows
+    assert len({tuple(np.round(r, 6)) for r in x0}) == b  # no shared noise between rows
+    # rows at t = 0 see pure noise, whatever their image (every level-0 row): most rows do not
+    assert np.count_nonzero(t[:n_sc]) >= n_sc // 2 and np.count_nonzero(t[n_sc:]) == b - n_sc
+    other_images = shortcut.sample_rows(jnp.asarray(x1 + 1.0), jnp.zeros(b, jnp.int32), key,
+                                        ObjectiveConfig(apply_fn=None, **cfg_kw))
+    np.testing.assert_array_equal(np.asarray(other_images["x0"]), x0)  # the noise does not depend on the images
+    teacher, student = map(np.asarray, inputs(x1))
+    for j in range(b):
+        perturbed = x1.copy()
+        perturbed[j] += 1.0
+        teacher_j, student_j = map(np.asarray, inputs(perturbed))
+        moved = np.any(student_j != student, axis=1)
+        assert moved.tolist() == [i == j and t[j] > 0 for i in range(b)], j
+        moved = np.any(teacher_j != teacher, axis=1)
+        assert moved.tolist() == [i == j and t[j] > 0 for i in range(n_sc)], j
 
 
 def test_shortcut_loss_is_zero_for_the_exact_field_and_metrics_per_level():
@@ -105,30 +142,56 @@ def test_shortcut_loss_with_a_real_network_and_level_weights():
     model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 3)), jnp.float32)
     labels = jnp.arange(32) % 4
-    params = model.init(jax.random.key(0), x, jnp.zeros(32), jnp.zeros(32, jnp.int32), labels)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros(32), jnp.zeros(32, jnp.int32), labels)["params"]
     # give the output layer weights so the network is not identically zero
     params = jax.tree.map(lambda a: a + 0.01, params)
     apply_fn = lambda p, *a: model.apply({"params": p}, *a)
-    base = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25)
     batch = {"x": x, "label": labels}
-    loss, m = OBJECTIVES["shortcut"](params, params, batch, jax.random.key(2), base)
+
+    def objective(**kw):  # (student params, teacher params) -> (loss, metrics), compiled
+        cfg = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25, **kw)
+        return jax.jit(lambda p, teacher: OBJECTIVES["shortcut"](p, teacher, batch, jax.random.key(2), cfg))
+
+    base = objective()
+    loss, m = base(params, params)
     np.testing.assert_allclose(float(loss), (8 * float(m["sc_loss"]) + 24 * float(m["flow_loss"])) / 32, rtol=1e-5)
     per_level = np.array([float(m[f"sc_loss/level_{k}"]) for k in range(7)])
     # official assignment with 8 rows: 2 at level 0, one each at 1..6
     np.testing.assert_allclose(float(m["sc_loss"]), (2 * per_level[0] + per_level[1:].sum()) / 8, rtol=1e-5)
-    weighted = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25, level_weights=(1, 0, 0, 0, 0, 0, 0))
-    loss_w, _ = OBJECTIVES["shortcut"](params, params, batch, jax.random.key(2), weighted)
+    loss_w, _ = objective(level_weights=(1, 0, 0, 0, 0, 0, 0))(params, params)
     np.testing.assert_allclose(float(loss_w), (2 * 7 * per_level[0] + 24 * float(m["flow_loss"])) / 32, rtol=1e-5)
     # online teacher ignores teacher_params
-    online = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25, teacher="online")
+    online = objective(teacher="online")
     other = jax.tree.map(lambda a: a * 3, params)
-    l_on, _ = OBJECTIVES["shortcut"](params, other, batch, jax.random.key(2), online)
+    l_on, _ = online(params, other)
     np.testing.assert_allclose(float(l_on), float(loss), rtol=1e-6)
-    l_ema, _ = OBJECTIVES["shortcut"](params, other, batch, jax.random.key(2), base)
+    l_ema, _ = base(params, other)
     assert abs(float(l_ema) - float(loss)) > 1e-6
-    # gradients reach the student only
-    g = jax.grad(lambda p: OBJECTIVES["shortcut"](p, params, batch, jax.random.key(2), base)[0])(params)
-    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(g))
+    # gradients reach the student only: with the online teacher (the differentiated parameters
+    # themselves) the gradient is the one with the teacher's weights, hence its targets, held fixed
+    g_online = jax.jit(jax.grad(lambda p: online(p, other)[0]))(params)
+    g_fixed = jax.jit(jax.grad(lambda p: base(p, params)[0]))(params)
+    assert jax.tree.structure(g_online) == jax.tree.structure(g_fixed)
+    for a, b in zip(jax.tree.leaves(g_online), jax.tree.leaves(g_fixed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert sum(float(jnp.sum(jnp.square(a))) for a in jax.tree.leaves(g_fixed)) > 0
+
+
+def test_teacher_half_steps_run_at_the_next_level():
+    # A field that depends on the level only, p * 2^level: the student predicts p 2^k on a
+    # self-consistency row at level k, two teacher half steps at level k + 1 give the target
+    # p 2^(k+1), so the row's loss is p^2 4^k (a teacher at level k would give 0).
+    p = 0.01
+    field = lambda params, x, t, level, label: params * jnp.broadcast_to(  # noqa: E731
+        (2.0 ** level.astype(jnp.float32))[:, None], x.shape)
+    cfg = ObjectiveConfig(apply_fn=field, num_classes=0, sc_fraction=0.25, clip=0.0)
+    x1 = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+    batch = {"x": x1, "label": jnp.zeros(64, jnp.int32)}
+    for teacher in ("ema", "online"):
+        objective = functools.partial(OBJECTIVES["shortcut"], cfg=dataclasses.replace(cfg, teacher=teacher))
+        _, metrics = jax.jit(objective)(p, p, batch, jax.random.key(0))
+        per_level = np.array([float(metrics[f"sc_loss/level_{k}"]) for k in range(7)])
+        np.testing.assert_allclose(per_level, p**2 * 4.0 ** np.arange(7), rtol=1e-5)
 
 
 def test_bootstrap_cfg_changes_only_the_smallest_level_targets():

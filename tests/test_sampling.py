@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from shortcut_jax import sharding
+from shortcut_jax.evaluate import draw_samples
+from shortcut_jax.evaluation.sample_sets import class_labels
 from shortcut_jax.models import DiT
 from shortcut_jax.sampling import Sampler
 
@@ -60,3 +62,30 @@ def test_sampler_on_8_devices_gives_each_device_its_share_and_the_samples_of_one
     odd = spread(params, noise[:5], labels[:5], num_steps=2)
     np.testing.assert_allclose(spread.to_host(odd), np.asarray(one(params, noise[:5], labels[:5], num_steps=2)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_draw_samples_with_balanced_labels_on_8_devices_equal_one_device_and_no_device_repeats_another():
+    apply_fn, params, _, _ = _setup()
+    mesh_cfg = type("M", (), {"data": -1, "fsdp": 1})()
+    one = Sampler(apply_fn, num_levels=7, num_classes=3, mesh=sharding.make_mesh(mesh_cfg, jax.devices()[:1]))
+    spread = Sampler(apply_fn, num_levels=7, num_classes=3, mesh=sharding.make_mesh(mesh_cfg))
+    # 36 samples in batches of 16: two full batches and a padded one; guided, 2 steps
+    kwargs = dict(shape=(8, 8, 3), num_classes=3, num_samples=36, batch_size=BATCH, num_steps=2, seed=5,
+                  cfg_scale=1.5, label_mode="balanced")
+    expected = draw_samples(one, params, **kwargs)
+    got = draw_samples(spread, params, **kwargs)
+    assert got.shape == (36, 8, 8, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    labels = class_labels(36, 3, mode="balanced", seed=5)
+    assert np.bincount(labels, minlength=3).tolist() == [12, 12, 12]
+
+    # One batch of that set: each of the 8 devices holds 2 rows of its own, together every row once.
+    noise = np.random.default_rng(5).standard_normal((BATCH, 8, 8, 3)).astype(np.float32)
+    out = spread(params, noise, labels[:BATCH], num_steps=2, cfg_scale=1.5)
+    rows = sorted((s.index[0].start, s.index[0].stop) for s in out.addressable_shards)
+    assert rows == [(2 * d, 2 * d + 2) for d in range(8)]
+    assert len({s.device for s in out.addressable_shards}) == 8
+    for shard in out.addressable_shards:
+        np.testing.assert_allclose(np.asarray(shard.data), expected[shard.index[0]], rtol=1e-5, atol=1e-5)
+    shares = [np.asarray(s.data).tobytes() for s in out.addressable_shards]
+    assert len(set(shares)) == 8

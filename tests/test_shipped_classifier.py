@@ -12,12 +12,18 @@ SHIPPED = os.path.join(os.path.dirname(classifier.__file__), "cifar10_classifier
 
 def test_shipped_classifier_is_accurate_on_cifar10_test_images(tmp_path):
     root = extract_archive(os.path.join(SHARED_DATA, "cifar10-test.tar.gz"), str(tmp_path))
-    images, labels, _ = classifier.load_image_folder(root, limit=500, cache=False, num_workers=2)
+    images, labels, names = classifier.load_image_folder(root, limit=500, cache=False, num_workers=2)
     config, variables, meta = classifier.load_classifier(SHIPPED)
-    assert meta["info"]["test_accuracy"] >= 0.90
+    info = meta["info"]
+    # the labels it was trained on are the archive's folders, in the reader's order
+    assert tuple(info["class_names"]) == names and info["num_test"] == 10_000
     model = classifier.build_model(config)
     acc = classifier.accuracy(model, variables, images, labels, batch_size=250)
-    assert acc >= 0.85  # 500 of the 10,000 images the recorded 90.3% was measured on
+    # The recorded accuracy (10,000 test images) is measured again on 500 of them: the two agree
+    # within four binomial standard errors of a 500-image estimate (5.3 points at 90%).
+    recorded = info["test_accuracy"]
+    assert recorded >= 0.90
+    assert abs(acc - recorded) <= 4 * np.sqrt(recorded * (1 - recorded) / len(labels)), (acc, recorded)
     # features against the shipped test-split statistics: a real subset is close, noise is far
     extractor = feature_distance.FeatureExtractor(SHIPPED)
     stats = feature_distance.load_stats(os.path.join(SHIPPED, "test_stats.npz"))

@@ -3,6 +3,7 @@ config checks before compiling, non-finite losses, gradient accumulation."""
 import glob
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -10,12 +11,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from shortcut_jax import checkpoint, config_lib, evaluate, sharding, train
+from shortcut_jax import checkpoint, config_lib, evaluate, sharding, train, train_state, train_step
 from shortcut_jax.experiment import Experiment
-from shortcut_jax.objectives import shortcut
+from shortcut_jax.objectives import OBJECTIVES, make_objective_config, shortcut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -135,14 +138,19 @@ def test_image_run_writes_grids_and_resumes_to_more_steps(tmp_path):
 # --------------------------------------------------------------------------- exact resume
 
 
-def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, caplog):
     steps = 40
     overrides = {"train.steps": steps, "train.ckpt_every": 4, "train.log_every": 1, "train.eval_every": 1000,
                  "train.async_ckpt": True}
     reference = train.train_and_evaluate(toy_config(**overrides), str(tmp_path / "reference"))
 
+    # The kill point comes from a seed that is printed and named in every failure message:
+    # SIGKILL_TEST_SEED=<seed> replays it.
+    seed = int(os.environ.get("SIGKILL_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    kill_after = int(np.random.default_rng(seed).integers(9, 30))
+    replay = f"kill after step {kill_after}; replay with SIGKILL_TEST_SEED={seed}"
+    print(replay)
     workdir = str(tmp_path / "killed")
-    kill_after = int(np.random.default_rng().integers(9, 30))
     args = [f"--config.{k}={v}" for k, v in overrides.items()] + ["--config.train.progress_bar=False"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
@@ -163,13 +171,22 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
         proc.wait()
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         saved = ckpt.latest_step()
-    assert saved is not None and saved < steps, f"killed too late (saved {saved}); kill_after={kill_after}"
+    assert saved is not None and saved < steps, f"killed too late (saved {saved}); {replay}"
+    killed_rows = len([r for r in read_jsonl(metrics) if "loss" in r])
 
-    resumed = train.train_and_evaluate(toy_config(**overrides), workdir)
-    for a, b in zip(jax.tree.leaves(params_of(reference)), jax.tree.leaves(params_of(resumed))):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(jax.device_get(reference.ema_params)), jax.tree.leaves(jax.device_get(resumed.ema_params))):
-        np.testing.assert_array_equal(a, b)
+    with caplog.at_level(logging.INFO, logger=train.__name__):
+        resumed = train.train_and_evaluate(toy_config(**overrides), workdir)
+    # it resumed from the saved step, not from scratch: the log says so, and its metrics follow
+    # the killed run's from the step after the checkpoint
+    assert f"resumed from step {saved}" in [r.getMessage() for r in caplog.records], replay
+    logged = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
+    assert logged[killed_rows:] == list(range(saved + 1, steps + 1)), replay
+    # the whole state (step, parameters, EMA, optimiser state, rng) is bit for bit the reference's
+    ref_leaves, ref_tree = jax.tree.flatten(jax.device_get(reference))
+    res_leaves, res_tree = jax.tree.flatten(jax.device_get(resumed))
+    assert res_tree == ref_tree, replay
+    for a, b in zip(ref_leaves, res_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=replay)
 
 
 # --------------------------------------------------------------------------- data parallelism
@@ -209,9 +226,13 @@ def test_fsdp_mesh_shards_parameters_and_matches():
     assert any("fsdp" in str(spec) for spec in specs)
     batches = [exp.source.next_batch() for _ in range(3)]
     exp.source.close()
-    loss_fsdp, _ = run_steps(cfg, 3, batches)
-    loss_one, _ = run_steps(digits_config(**{"mesh.data": 1, "model.width": 64}), 3, batches)
+    loss_fsdp, params_fsdp = run_steps(cfg, 3, batches)
+    loss_one, params_one = run_steps(digits_config(**{"mesh.data": 1, "model.width": 64}), 3, batches)
     np.testing.assert_allclose(loss_fsdp, loss_one, rtol=1e-5)
+    assert jax.tree.structure(params_fsdp) == jax.tree.structure(params_one)
+    flat_one = np.concatenate([a.ravel() for a in jax.tree.leaves(params_one)])
+    flat_fsdp = np.concatenate([a.ravel() for a in jax.tree.leaves(params_fsdp)])
+    assert np.linalg.norm(flat_fsdp - flat_one) / np.linalg.norm(flat_one) <= 1e-5
 
 
 # --------------------------------------------------------------------------- config checks
@@ -243,12 +264,7 @@ BAD_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_config_raises_before_compiling_or_writing(name, tmp_path, monkeypatch):
     overrides, message = BAD_CONFIGS[name]
-    cfg = digits_config()
-    if "train.stepz" in overrides:
-        cfg.train.unlock()
-        cfg.train.stepz = 3
-    else:
-        override(cfg, overrides)
+    cfg = override(digits_config(), overrides)
     compiled = []
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
     workdir = tmp_path / "wd"
@@ -299,12 +315,83 @@ def test_accumulation_spreads_levels_over_the_global_batch():
     assert all(len(set(np.asarray(row).tolist())) >= 4 for row in plan)  # each micro-batch mixes levels
 
 
-def test_training_with_accumulation_runs_and_logs_every_level(tmp_path):
-    cfg = digits_config(**{"optim.accum_steps": 2, "train.batch_size": 112, "train.steps": 2, "train.log_every": 2,
+def test_training_with_accumulation_logs_every_level_weighted_by_its_rows(tmp_path):
+    # 16 self-consistency rows of a 64-row batch over 7 levels, dealt to 4 micro-batches: levels
+    # 1..6 have one row in two of the micro-batches and none in the other two.
+    cfg = digits_config(**{"optim.accum_steps": 4, "train.batch_size": 64, "train.steps": 2, "train.log_every": 1,
                            "train.eval_every": 100})
+    levels = cfg.objective.num_levels
+    n_sc = shortcut.num_sc_rows(64, cfg.objective.sc_fraction)
+    plan = shortcut.plan_micro_batches(jax.random.key(0), 64, 4, make_objective_config(cfg.objective, None, 10))
+    plan = plan["sc_level"]
+    assert any(set(range(levels)) - set(np.asarray(row).tolist()) for row in plan)  # some level is missing
+    global_rows = np.bincount(np.asarray(shortcut.assign_levels(None, n_sc, levels, "official")), minlength=levels)
+
     state = train.train_and_evaluate(cfg, str(tmp_path / "acc"))
     rows = [r for r in read_jsonl(str(tmp_path / "acc" / "metrics.jsonl")) if "loss" in r]
-    assert int(state.step) == 2 and np.isfinite(rows[-1]["loss"])
+    assert int(state.step) == 2 and [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        per_level = np.array([r[f"sc_loss/level_{i}"] for i in range(levels)])
+        counts = np.array([r[f"sc_loss/level_{i}/rows"] for i in range(levels)])
+        np.testing.assert_array_equal(counts, global_rows)  # the rows of the whole global batch
+        assert np.all(np.isfinite(per_level))
+        # each level's mean, weighted by its rows, gives the mean over every self-consistency row
+        # (a level's mean divided by the micro-batch count would fall short of it)
+        np.testing.assert_allclose(np.sum(counts * per_level) / n_sc, r["sc_loss"], rtol=1e-5)
+        np.testing.assert_allclose((n_sc * r["sc_loss"] + (64 - n_sc) * r["flow_loss"]) / 64, r["loss"], rtol=1e-5)
+    # The zero-initialised output layer makes the first step's self-consistency losses all zero;
+    # after one update every level has a loss of its own.
+    assert all(rows[-1][f"sc_loss/level_{i}"] > 0 for i in range(levels))
+
+
+ROWWISE = "rowwise_levels_for_test"
+
+
+def rowwise_objective(params, teacher_params, batch, rng, cfg):
+    """A deterministic objective in the objectives' metric convention: each row's loss depends on
+    its own row only, its level is its label, and per-level means come with their row counts."""
+    del teacher_params, rng, cfg
+    err = jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["x"][:, ::-1]), axis=-1)  # [rows]
+    one_hot = jax.nn.one_hot(batch["label"], 5, dtype=jnp.float32)  # [rows, levels]
+    counts = jnp.sum(one_hot, axis=0)
+    per_level = jnp.sum(one_hot * err[:, None], axis=0) / jnp.maximum(counts, 1.0)
+    metrics = {"loss": jnp.mean(err)}
+    for i in range(5):
+        metrics[f"err/level_{i}"] = per_level[i]
+        metrics[f"err/level_{i}/rows"] = counts[i]
+    return jnp.mean(err), metrics
+
+
+def test_accumulated_step_equals_one_step_on_the_global_batch_with_levels_missing_from_micro_batches(monkeypatch):
+    monkeypatch.setitem(OBJECTIVES, ROWWISE, rowwise_objective)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    # 4 micro-batches of 8 rows: level 0 in every one, level 1 in the first only, level 2 in the
+    # first (one row) and the last (five), level 3 in the third only, level 4 nowhere
+    level = np.array([0, 0, 1, 1, 1, 2, 0, 0] + [0] * 8 + [3, 3, 0, 0, 0, 0, 0, 0] + [2] * 5 + [0] * 3, np.int32)
+    batch = {"x": jnp.asarray(x), "label": jnp.asarray(level)}
+    params = {"w": jnp.asarray(rng.standard_normal((6, 6)) * 0.3, jnp.float32)}
+    tx = optax.adam(1e-2)
+    schedule = optax.constant_schedule(1e-2)
+    results = {}
+    for accum in (1, 4):
+        step = jax.jit(train_step.make_train_step(ROWWISE, None, tx, schedule, accum_steps=accum))
+        state = train_state.create(params, tx, jax.random.PRNGKey(0), (0.9,))
+        new_state, metrics = step(state, batch)
+        results[accum] = (params_of(new_state), jax.device_get(metrics))
+    (params_1, m1), (params_4, m4) = results[1], results[4]
+    assert set(m1) == set(m4)
+    err = np.mean(np.square(x @ np.asarray(params["w"]) - x[:, ::-1]), axis=-1)  # independent reference
+    for i in range(5):
+        rows = level == i
+        assert m4[f"err/level_{i}/rows"] == m1[f"err/level_{i}/rows"] == rows.sum()
+        want = err[rows].mean() if rows.any() else 0.0
+        np.testing.assert_allclose(m1[f"err/level_{i}"], want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(m4[f"err/level_{i}"], want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(params_4["w"], params_1["w"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(params_1["w"], np.asarray(params["w"]))  # the step did move the parameters
 
 
 # --------------------------------------------------------------------------- experiments
@@ -472,3 +559,14 @@ def test_experiment_reads_and_checks_the_data_once(tmp_path, monkeypatch):
     assert exp.source.num_examples == 256 and exp.source.next_batch()["x"].shape == (64, 2)
     exp.close()
     assert prepared == ["arrays"]  # loaded and scanned for non-finite values once, not twice
+
+
+def test_log_interval_means_weight_level_losses_by_their_rows():
+    fetched = [(1, {"loss": 1.0, "sc_loss/level_3": 0.0, "sc_loss/level_3/rows": 0.0}),
+               (2, {"loss": 3.0, "sc_loss/level_3": 0.5, "sc_loss/level_3/rows": 4.0}),
+               (3, {"loss": 2.0, "sc_loss/level_3": 0.2, "sc_loss/level_3/rows": 1.0})]
+    means = train._mean_metrics(fetched)
+    assert means["loss"] == pytest.approx(2.0)
+    # the step without level-3 rows counts for nothing: (0.5 * 4 + 0.2 * 1) / 5
+    assert means["sc_loss/level_3"] == pytest.approx(0.44)
+    assert means["sc_loss/level_3/rows"] == pytest.approx(5 / 3)

@@ -1,11 +1,12 @@
-"""Data input for shortcut_jax: 2-D toy distributions, digits, user arrays and image folders.
+"""Data input for shortcut_jax: 2-D toy distributions, digits, user arrays, image folders, TFDS.
 
 Every reader returns a ``Source`` whose batches are ``{'x': float32 [B, *shape],
 'label': int32 [B]}``, deterministic given the seed and resumable through
 ``get_state``/``set_state``. See ``core`` for how positions map to examples and processes.
 States are small JSON dicts of ints: ``{'position', 'num_examples'}`` for finite data (arrays,
-digits, image folders; ``position`` counts examples consumed by all processes together, so it
-survives a change of process count) and ``{'step'}`` for the toy distributions.
+digits, image folders, TFDS; ``position`` counts examples consumed by all processes together, so
+it survives a change of process count; the TFDS state also carries ``tfds_name``, ``split``,
+``shuffle`` and ``seed``, checked at resume) and ``{'step'}`` for the toy distributions.
 
 Usage::
 

@@ -43,6 +43,13 @@ DEFAULTS: dict[str, Any] = {
     # use_labels is True).
     "image_key": "image",
     "label_key": "label",
+    # 'latents' only: the VAE the set must have been encoded with: its hub id or folder name (compared
+    # by the last part: 'stabilityai/sd-vae-ft-mse' accepts a set encoded from /models/sd-vae-ft-mse),
+    # or a prefix of 8+ hex digits of its weights' sha256; '' accepts any.
+    # (data.image_size, when set, is the image size the set must have been encoded at.)
+    "latent_vae": "",
+    # 'latents' only: the scaling factor the set's VAE must have; 0.0 takes the set's own.
+    "latent_scale": 0.0,
 }
 
 # Keys that only the TFDS reader reads: set for another reader, they point at a wrong data.name.
@@ -105,6 +112,15 @@ def check_common_fields(config) -> None:
                     f"data.{key}={get(config, key)!r} is set but data.name={name!r} does not "
                     f"read TFDS data sets; set data.name='tfds', or data.{key}=''."
                 )
+    latent_vae, latent_scale = get(config, "latent_vae"), get(config, "latent_scale")
+    if not isinstance(latent_vae, str):
+        raise ValueError(f"data.latent_vae must be a string ('' accepts any VAE), got {latent_vae!r}.")
+    if not isinstance(latent_scale, numbers.Real) or isinstance(latent_scale, bool) or latent_scale < 0:
+        raise ValueError(f"data.latent_scale must be a number >= 0 (0 takes the set's own), got {latent_scale!r}.")
+    if name != "latents" and (latent_vae or latent_scale):
+        raise ValueError(
+            f"data.latent_vae / data.latent_scale describe pre-encoded latents (data.name='latents'), not "
+            f"data.name={name!r}; set them to '' and 0.0.")
 
 
 def reject_path(config, name: str) -> None:

@@ -30,6 +30,7 @@ from absl import logging
 
 from shortcut_jax.evaluation import classifier, distances
 from shortcut_jax.evaluation.classifier import load_classifier
+from shortcut_jax.evaluation.pixels import to_uint8
 
 __all__ = [
     "METRIC_NAME",
@@ -43,24 +44,6 @@ __all__ = [
 ]
 
 METRIC_NAME = "classifier Fréchet distance (CFD)"
-
-
-def to_uint8(images, image_size: int | None = None) -> np.ndarray:
-    """Images [N, H, W, 3] (uint8, or float in [-1, 1]) -> uint8, clipped and rounded."""
-    x = np.asarray(images)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must have shape [N, H, W, 3], got {x.shape}")
-    if image_size is not None and x.shape[1:3] != (image_size, image_size):
-        raise ValueError(f"the classifier takes {image_size}x{image_size} images, got {x.shape[1]}x{x.shape[2]}")
-    if x.dtype == np.uint8:
-        return x
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {x.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("images contain non-finite values")
-    # Inverse of the data module's x / 127.5 - 1, so that a data image survives the round
-    # trip unchanged.
-    return np.round((np.clip(x.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 class FeatureExtractor:

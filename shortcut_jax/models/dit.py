@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shortcut_jax.models import layers
+from shortcut_jax.models import fp8, layers
 
 Dtype = Any
 
@@ -43,6 +43,15 @@ def attention_scale_value(kind: str, head_dim: int) -> float:
 # 'gelu': GELU in float32 with a backward pass that keeps only its input.
 LEAN_OPS = ("norm", "gelu")
 
+# model.matmul_precision: 'bf16' multiplies in the compute dtype (bf16 on accelerators, float32
+# on CPU); 'fp8' runs the four large dense layers of every block (qkv, proj, fc1, fc2: about 94% of
+# DiT-B/2's matmul FLOPs at 256 tokens) through FP8 GEMMs (models/fp8.py). The rest stays in the
+# compute dtype: the attention products (most of the other 6%); the adaLN modulations, the
+# embedders and the patch embedding (matmuls over batch rows or 16-wide patches, under 1% of the
+# FLOPs; an error in a modulation scales or shifts every token of an example alike); and the
+# final layer (16 output features: the network's output itself).
+MATMUL_PRECISIONS = ("bf16", "fp8")
+
 
 class DiTBlock(nn.Module):
     width: int
@@ -53,6 +62,7 @@ class DiTBlock(nn.Module):
     zero_init_adaln: bool
     dtype: Dtype
     lean_ops: tuple = ()
+    fp8_form: Optional[str] = None  # None: qkv, proj and the MLP in ``dtype``; else FP8 in that form
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -65,21 +75,21 @@ class DiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
 
         h = self.norm(x, shift_a, scale_a)
-        qkv = nn.Dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv")(h)
+        qkv = fp8.dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype,
+                        fp8_form=self.fp8_form, name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
             q, k, v,
             scale=attention_scale_value(self.attention_scale, head_dim),
             implementation=self.attention_impl,
         )  # [batch, tokens, heads, head_dim]
-        attn = nn.Dense(width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="proj")(
-            attn.reshape(batch, tokens, width)
-        )
+        attn = fp8.dense(width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form,
+                         name="proj")(attn.reshape(batch, tokens, width))
         x = x + (gate_a[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
 
         h = self.norm(x, shift_m, scale_m)
         h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
-                       name="mlp")(h)
+                       fp8_form=self.fp8_form, name="mlp")(h)
         return x + (gate_m[:, None] * h.astype(jnp.float32)).astype(x.dtype)
 
     def norm(self, x, shift, scale):
@@ -128,10 +138,14 @@ class DiT(nn.Module):
     # hand-written backward passes of the same function (LEAN_OPS); () for forward-mode autodiff
     # (jax.jvp), which custom backward passes do not support
     lean_ops: tuple = LEAN_OPS
+    matmul_precision: str = "bf16"  # MATMUL_PRECISIONS; 'fp8': the blocks' large dense layers in FP8
+    fp8_form: str = "direct"  # how the FP8 dots are written (models.fp8.FORMS), for measurement
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array) -> jax.Array:
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         batch, height, width_px, channels = x.shape
         p = self.patch_size
         if height % p or width_px % p:
@@ -161,12 +175,13 @@ class DiT(nn.Module):
                        name="label_embed")(label).astype(self.dtype)
         ).astype(jnp.float32)
 
+        fp8_form = self.fp8_form if self.matmul_precision == "fp8" else None
         remat_cls = remat_block(DiTBlock, self.remat)
         for i in range(self.depth):
             block_cls = remat_cls if self.remat_blocks < 0 or i < self.remat_blocks else DiTBlock
             tokens = block_cls(
                 self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                self.zero_init == "adaln", self.dtype, self.lean_ops, name=f"block_{i}",
+                self.zero_init == "adaln", self.dtype, self.lean_ops, fp8_form, name=f"block_{i}",
             )(tokens, cond)
         out = FinalLayer(p * p * out_channels, self.dtype, self.lean_ops, name="final")(tokens, cond)
         # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]

@@ -5,18 +5,21 @@ Precision policy, applied here once so that both networks follow it:
 - matrix work (Dense, Conv, attention products) runs in ``dtype`` (bf16 on accelerators);
 - LayerNorm statistics, the modulation that follows it, softmax and the sinusoidal
   embeddings (and GELU, through ``gelu_tanh``) are computed in float32 and cast to ``dtype``
-  only when they feed a matmul.
+  only when they feed a matmul;
+- optionally, the DiT's large dense layers multiply in FP8 (``fp8.py``; ``Mlp(fp8_form=...)``).
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from shortcut_jax.models import fp8
 
 Dtype = Any
 
@@ -213,10 +216,13 @@ class Mlp(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
     lean_gelu: bool = False  # gelu_tanh (float32, backward keeps only its input) instead of nn.gelu
+    fp8_form: Optional[str] = None  # None: matmuls in ``dtype``; else FP8 in that form (fp8.FORMS)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        x = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
+        x = fp8.dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form,
+                      name="fc1")(x)
         x = gelu_tanh(x) if self.lean_gelu else nn.gelu(x, approximate=True)
-        return nn.Dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(x)
+        return fp8.dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form,
+                         name="fc2")(x)

@@ -1,4 +1,5 @@
-"""What every objective shares: its static context, the noise path and the loss reductions.
+"""What every objective shares: its static context, what it needs from the train step, the
+curriculum stages, the noise path and the loss reductions.
 
 Conventions used by every objective and sampler in the project:
 - ``x0`` is Gaussian noise, ``x1`` data; ``x_t = (1 - (1 - floor) t) x0 + t x1`` with a tiny
@@ -40,10 +41,90 @@ class ObjectiveConfig:
     noise_floor: float = 1e-5
     level_weights: Optional[tuple[float, ...]] = None
     flow_t: str = "grid"  # 'grid' (t on the finest grid, as published), 'uniform', 'logit_normal'
+    # diffusion: 'cosine' (default) or 'linear' alpha-bar schedule, floored at min_alpha_bar
+    diffusion_schedule: str = "cosine"
+    diffusion_min_alpha_bar: float = 1e-4
+    # curricula (consistency training, progressive distillation): training steps per stage,
+    # resolved from the run's length by make_objective_config (0 only before resolution)
+    stage_steps: int = 0
+    # consistency training: the last stage's discretisation is 2^-final_level (-1: num_levels - 1,
+    # the published 1/64 for 7 levels); stages run 0..final_level, d = 2^-stage
+    consistency_final_level: int = -1
+    # live reflow: share of the batch given generated one-step pairs, the Euler steps that
+    # generate them and their guidance scale (1.0: conditional output, no guidance)
+    reflow_fraction: float = 0.125
+    reflow_steps: int = 8
+    reflow_cfg_scale: float = 1.0
 
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    @property
+    def final_consistency_level(self) -> int:
+        return self.num_levels - 1 if self.consistency_final_level < 0 else self.consistency_final_level
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What an objective needs from the train step and the input pipeline beyond ``x``/``label``.
+
+    The train step reads this instead of special-casing objective names.
+    """
+
+    step: bool = False  # reads batch['step'] (int32 scalar: updates done before this one)
+    frozen_teacher: bool = False  # teacher_params is {'ema': EMA tree, 'teacher': frozen tree}
+    pairs: bool = False  # batch carries 'noise' [B, ...] beside 'x' (stored reflow pairs)
+    level_input: bool = True  # False: the level input is constant; the model may ignore it
+    # curricula: cfg -> how many stages objective.stage_steps must fit in the run (None: no curriculum)
+    num_stages: Optional[Callable[["ObjectiveConfig"], int]] = None
+    # the frozen teacher is re-snapshotted from the student at stage starts
+    # (progressive.teacher_for_step, called by the train step before the loss)
+    teacher_snapshots: bool = False
+    sampler: str = "euler"  # 'euler', 'ddim' or 'consistency' (objectives.make_sampler)
+
+
+def check_stage_schedule(name: str, stage_steps: int, num_stages: int, total_steps: int) -> int:
+    """Steps per curriculum stage: ``stage_steps`` or, when 0, ``total_steps // num_stages``.
+
+    Every stage must start within the run (the last one continues to the end), or the curriculum
+    never reaches the step count it is meant to train; raises ``ValueError`` naming the keys.
+    """
+    if stage_steps < 0:
+        raise ValueError(f"objective.stage_steps={stage_steps} must be >= 0 (0: train.steps / stages)")
+    if stage_steps == 0:
+        if total_steps < num_stages:
+            raise ValueError(
+                f"objective.name={name!r} runs {num_stages} stages but train.steps={total_steps} gives them"
+                f" fewer than one step each: raise train.steps to at least {num_stages}")
+        return total_steps // num_stages
+    if stage_steps * (num_stages - 1) >= total_steps:
+        raise ValueError(
+            f"objective.name={name!r}: {num_stages} stages of objective.stage_steps={stage_steps} need more than"
+            f" {stage_steps * (num_stages - 1)} steps to reach the last stage, train.steps={total_steps}:"
+            f" lower objective.stage_steps to at most {max((total_steps - 1) // max(num_stages - 1, 1), 0)}"
+            " or raise train.steps")
+    return stage_steps
+
+
+def stage_of_step(batch: dict, cfg: ObjectiveConfig, num_stages: int, name: str) -> jax.Array:
+    """Curriculum stage (int32 scalar in ``[0, num_stages)``) of the step in ``batch['step']``."""
+    if "step" not in batch:
+        raise KeyError(f"objective {name!r} follows a curriculum and needs batch['step'] (the int32 count of"
+                       " updates done); the train step adds it")
+    if cfg.stage_steps < 1:
+        raise ValueError(f"objective {name!r} needs ObjectiveConfig.stage_steps >= 1; build the config with"
+                         " make_objective_config(..., total_steps=train.steps)")
+    step = jnp.asarray(batch["step"], jnp.int32)
+    return jnp.minimum(step // cfg.stage_steps, num_stages - 1)
+
+
+def ema_and_frozen_teacher(teacher_params, name: str):
+    """(EMA params, frozen teacher params) from the ``{'ema', 'teacher'}`` dict of distillation."""
+    if not (isinstance(teacher_params, dict) and set(teacher_params) == {"ema", "teacher"}):
+        raise TypeError(f"objective {name!r} distils a frozen teacher: teacher_params must be"
+                        " {'ema': EMA params, 'teacher': teacher params}")
+    return teacher_params["ema"], teacher_params["teacher"]
 
 
 def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array, floor: float) -> jax.Array:

@@ -22,6 +22,9 @@ Level assignment: ``'official'`` spreads the self-consistency rows evenly over t
 (``n_sc // K`` each, the remainder to level 0); ``'random'`` draws each row's level uniformly.
 A caller that accumulates gradients over micro-batches passes the levels of this micro-batch's
 rows as ``batch['sc_level']``, so that levels are spread over the whole global batch.
+
+Metrics: ``loss``, ``flow_loss``, ``sc_loss`` and, per level ``i``, ``sc_loss/level_i`` (the mean
+over that level's rows, 0 where it has none) with its row count ``sc_loss/level_i/rows``.
 """
 from __future__ import annotations
 
@@ -157,7 +160,10 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     }
     one_hot = jax.nn.one_hot(level_sc, k, dtype=jnp.float32)  # [n_sc, K]
     counts = jnp.sum(one_hot, axis=0)
-    per_level = jnp.sum(one_hot * mse_sc[:, None], axis=0) / jnp.maximum(counts, 1.0)
+    per_level = jnp.sum(one_hot * mse_sc[:, None], axis=0) / jnp.maximum(counts, 1.0)  # 0 where a level has no row
     for i in range(k):
         metrics[f"sc_loss/level_{i}"] = per_level[i]
+        # The rows behind that mean: a level can be missing from a micro-batch (few rows per
+        # level, random assignment), so means over micro-batches are weighted by these counts.
+        metrics[f"sc_loss/level_{i}/rows"] = counts[i]
     return loss, metrics

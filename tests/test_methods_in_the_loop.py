@@ -1,0 +1,55 @@
+"""The comparison methods that the train loop runs, end to end: a few steps of the 2-D toy,
+evaluated with each method's own sampler; and the ones it cannot run yet, refused before training."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from shortcut_jax import config_lib, train, writers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy(objective, **overrides):
+    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "experiments", "toy2d.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"objective={objective},runlocal=True")
+    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 14, 7, 14, 14
+    c.train.progress_bar, c.train.use_tensorboard, c.train.async_ckpt = False, False, False
+    c.eval.budgets, c.eval.grid_budgets, c.eval.num_samples = (1, 4), (1,), 500
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        c[section][key] = value
+    return c
+
+
+@pytest.mark.parametrize("objective,sampler", [("diffusion", "DDIMSampler"),
+                                               ("consistency_training", "ConsistencySampler"),
+                                               ("live_reflow", "Sampler")])
+def test_method_trains_in_the_loop_and_is_evaluated_with_its_sampler(objective, sampler, tmp_path, monkeypatch):
+    from shortcut_jax import experiment
+
+    built = []
+    real = experiment.make_sampler
+    monkeypatch.setattr(experiment, "make_sampler", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    workdir = str(tmp_path / objective)
+    state = train.train_and_evaluate(toy(objective), workdir)
+    assert int(state.step) == 14
+    assert type(built[0]).__name__ == sampler
+    rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == [7, 14] and all(np.isfinite(r["loss"]) for r in rows)
+    with open(os.path.join(workdir, "eval", "00000014", "distance_by_budget.json")) as f:
+        table = json.load(f)
+    assert [int(r["steps"]) for r in table["rows"]] == [1, 4]
+    assert all(np.isfinite(r[table["metric_name"]]) for r in table["rows"])
+
+
+@pytest.mark.parametrize("objective", sorted(config_lib.NOT_IN_THE_LOOP))
+def test_methods_the_loop_cannot_run_yet_are_refused_before_training(objective, tmp_path):
+    workdir = tmp_path / objective
+    with pytest.raises(config_lib.ConfigError, match=f"objective.name='{objective}'"):
+        train.train_and_evaluate(toy(objective), str(workdir))
+    assert not workdir.exists()
