@@ -4,6 +4,10 @@
 #
 #   launch/single_host.sh experiments/cifar10.py workdirs/cifar10 [--config.train.steps=7000 ...]
 #   CUDA_VISIBLE_DEVICES=0,1 launch/single_host.sh experiments/imagenet.py:variant=B workdirs/in_b
+#
+# SIGTERM (docker stop, Kubernetes, a spot VM's notice) reaches the training process itself: it
+# finishes the step, saves a checkpoint and exits 0; the same command resumes the run.
+# Several processes on this host instead: launch/local_processes.sh.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG[:ARG] WORKDIR [--config.key=value ...]" >&2
@@ -19,4 +23,6 @@ cache=${SHORTCUT_JAX_CACHE:-$HOME/.cache/shortcut_jax}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$cache/jax}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_per_fusion_autotune_cache_dir=$cache/autotune"
 mkdir -p "$workdir"
-python -m shortcut_jax.main --config="$config" --workdir="$workdir" "$@" 2>&1 | tee -a "$workdir/train.log"
+# exec: python replaces this shell, so a SIGTERM sent to the script's process is the loop's.
+exec > >(tee -a "$workdir/train.log") 2>&1
+exec python -m shortcut_jax.main --config="$config" --workdir="$workdir" "$@"

@@ -252,6 +252,13 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"] or {})
 
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step at which every process of a ``jax.distributed`` job is to save and
+        stop after a preemption notice (JAX's preemption service: SIGTERM on CPU and GPU, a
+        maintenance event on Cloud TPU); call it after every step, on every process. Always
+        False in a process outside such a job."""
+        return bool(self._manager.reached_preemption(int(step)))
+
     def wait(self) -> None:
         """Blocks until pending async saves are committed; re-raises their errors."""
         self._manager.wait_until_finished()

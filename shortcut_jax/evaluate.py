@@ -38,6 +38,10 @@ Without ``--out_dir`` the results go to ``<workdir>/eval/<step>/`` and into the 
 ``metrics.jsonl`` when that step has no finished evaluation (a run stopped during its final
 evaluation is completed as the training loop would have done it); otherwise to the first free
 ``eval/<step>_offline<k>/``, and the run's own results are left as they are.
+
+In a job of several processes every process samples its share and scores the gathered samples;
+only process 0 writes files. A remote ``out_dir`` (``gs://...``) is filled from a local temporary
+folder once the evaluation is done, ``evaluation.json`` last.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -97,6 +103,27 @@ def export_path(eval_cfg, out_dir: str, steps: int) -> str:
     return os.path.join(out_dir, os.path.expanduser(eval_cfg.export_npz.format(steps=steps)))
 
 
+@contextlib.contextmanager
+def _local_folder(out_dir: str):
+    """``out_dir`` where it is local; for a remote one a temporary local folder (tables and plots
+    are written with local file functions) copied to ``out_dir`` on success, ``FINISHED`` last."""
+    if not writers.is_remote(out_dir):
+        yield out_dir
+        return
+    local = tempfile.mkdtemp(prefix="eval-")
+    try:
+        yield local
+        if writers.primary_process():
+            files = sorted((os.path.relpath(os.path.join(root, name), local) for root, _, names in os.walk(local)
+                            for name in names), key=lambda name: name == FINISHED)
+            for name in files:
+                target = epath.Path(out_dir) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(epath.Path(os.path.join(local, name)).read_bytes())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
                      final: bool = False, writer=None, label: str = "", decode: Optional[Callable] = None,
                      progress: bool = False, cache_dir: Optional[str] = None,
@@ -113,13 +140,26 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
     ``info`` joins ``evaluation.json``, which also records the metric's provenance and the time
     spent sampling, decoding and scoring each budget.
     """
+    with _local_folder(out_dir) as write_dir:
+        return _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, out_dir=out_dir,
+                                 write_dir=write_dir, step=step, final=final, writer=writer, label=label,
+                                 decode=decode, progress=progress, cache_dir=cache_dir, info=info)
+
+
+def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, write_dir: str,
+                      step: int, final: bool, writer, label: str, decode: Optional[Callable], progress: bool,
+                      cache_dir: Optional[str], info: Optional[dict]) -> dict[int, float]:
+    """``evaluate_budgets`` writing its files into ``write_dir`` (``out_dir``, or a local
+    folder standing in for a remote one); ``out_dir`` is where they are recorded to be."""
     shape, kind = tuple(spec.shape), spec.kind
     image_shape = sample_shape(spec, decode)
     # Everything that can be refused is refused before the first sample is drawn.
     check_exportable(eval_cfg, kind, image_shape)
     if metric is not None:
         metric.check(data_shape=shape, image_shape=image_shape)
-    os.makedirs(out_dir, exist_ok=True)
+    primary = writers.primary_process()  # every process holds the same results; one writes them
+    if primary:
+        os.makedirs(write_dir, exist_ok=True)
     num_samples = (final and eval_cfg.final_num_samples) or eval_cfg.num_samples
     budgets, grid_budgets, grid_size = tuple(eval_cfg.budgets), tuple(eval_cfg.grid_budgets), eval_cfg.grid_size
     exported = set(eval_cfg.export_budgets)
@@ -131,18 +171,18 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
     for n in sorted(set(budgets) | set(grid_budgets)):
         scored = n in budgets and scorer is not None
         count = num_samples if scored or n in exported else grid_size
-        if n in exported and jax.process_index() == 0:
+        if n in exported and primary:
             exports[n] = export_path(eval_cfg, out_dir, n)
         value, shown, timings[n] = _draw_budget(
             eval_cfg, sampler, params, spec, n, count, accumulator=scorer.accumulator() if scored else None,
-            export=exports.get(n), image_shape=image_shape, shown_count=shown_count, decode=decode,
-            progress=progress)
+            export=export_path(eval_cfg, write_dir, n) if n in exports else None, image_shape=image_shape,
+            shown_count=shown_count, decode=decode, progress=progress)
         if value is not None:
             results[n] = value
             log.info("%d step(s): %s %.6g (%d samples, %.1f images/s)", n, metric.display_name, value, count,
                      timings[n]["images_per_s"])
         if n in grid_budgets:
-            path = os.path.join(out_dir, f"samples_{n}step.png")
+            path = os.path.join(write_dir, f"samples_{n}step.png")
             if kind == "points":
                 reference = None if scorer is None or scorer.reference is None else scorer.reference[:2000]
                 images[f"samples_{n}step"] = plots.save_scatter(
@@ -152,10 +192,10 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
 
     metric_key = metric.name if metric is not None else "none"
     floor = scorer.floor if scorer is not None else None
-    if results:
-        report.write_budget_table(results, os.path.join(out_dir, TABLE), metric_name=metric.display_name,
+    if results and primary:
+        report.write_budget_table(results, os.path.join(write_dir, TABLE), metric_name=metric.display_name,
                                   floor=floor)
-        report.plot_budget_curve({label or "model": results}, os.path.join(out_dir, TABLE + ".png"),
+        report.plot_budget_curve({label or "model": results}, os.path.join(write_dir, TABLE + ".png"),
                                  metric_name=metric.display_name, floor=floor, title=f"step {step}")
     finished = {"step": step, "num_samples": num_samples, "metric": metric_key, "label": label,
                 "seed": eval_cfg.seed, "label_mode": eval_cfg.label_mode, "cfg_scale": eval_cfg.cfg_scale,
@@ -163,8 +203,9 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
                 "metric_info": metric.describe() if metric is not None else None,
                 "exports": {str(k): v for k, v in exports.items()},
                 "timings": {str(k): v for k, v in timings.items()}}
-    with open(os.path.join(out_dir, FINISHED), "w") as f:
-        json.dump(jsonable(finished), f, indent=1)
+    if primary:
+        with open(os.path.join(write_dir, FINISHED), "w") as f:
+            json.dump(jsonable(finished), f, indent=1)
     if writer is not None:
         scalars = {f"eval/{metric_key}_{n}step": v for n, v in results.items()}
         if floor is not None:
@@ -253,10 +294,10 @@ def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:
     ``eval/<step>_offline<k>``, so that nothing already written is replaced."""
     own = os.path.join(workdir, "eval", f"{step:08d}")
     # A table without the marker is a finished evaluation written before the marker existed.
-    if not any(os.path.exists(os.path.join(own, name)) for name in (FINISHED, TABLE + ".json")):
+    if not any(epath.Path(own, name).exists() for name in (FINISHED, TABLE + ".json")):
         return own, True
     k = 1
-    while os.path.exists(f"{own}_offline{k}"):
+    while epath.Path(f"{own}_offline{k}").exists():
         k += 1
     return f"{own}_offline{k}", False
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from shortcut_jax import checkpoint, config_lib, data, sharding, train_state
 from shortcut_jax.evaluation import metrics
@@ -118,6 +119,9 @@ class Experiment:
             "num_classes": self.spec.num_classes,
             "objective": config.objective.to_dict(),
             "ema_decays": list(config.train.ema_decays),
+            # not compatibility keys: a resume may change them (train.py says how it continues)
+            "global_batch": config.train.batch_size,
+            "process_count": jax.process_count(),
         }
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
         self._check_workdir()
@@ -168,7 +172,8 @@ class Experiment:
         return data_axis * fsdp
 
     def _check_workdir(self):
-        if not self.workdir or not os.path.isdir(self.ckpt_dir):
+        # through epath, so that a remote workdir (gs://...) is looked at, not skipped
+        if not self.workdir or not epath.Path(self.ckpt_dir).is_dir():
             return
         with checkpoint.Checkpointer(self.ckpt_dir, async_save=False) as ckpt:
             saved = ckpt.read_meta()

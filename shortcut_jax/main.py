@@ -2,7 +2,10 @@
 
 Flags only; the work happens in ``train.train_and_evaluate``. Any config value can be
 overridden with ``--config.<key>=<value>``. On multi-host systems (TPU pods, several GPU hosts)
-pass ``--multihost`` so every process joins the job before JAX touches a device.
+pass ``--multihost`` so every process joins the job before JAX touches a device; on a scheduler
+(SLURM, Cloud TPU) JAX finds the coordinator itself, elsewhere give ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (two CPU processes on one machine: README, Launching).
+SIGTERM stops the run after the current step with a checkpoint and exit status 0.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,6 +17,8 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU po
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-node GPU without a scheduler.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-node GPU without a scheduler).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-node GPU without a scheduler).")
+flags.DEFINE_float("initialization_timeout", 300, "Seconds to wait for the coordinator and every process to"
+                   " join (--multihost); a process that cannot reach the coordinator fails after it.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -23,9 +28,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    from shortcut_jax import distributed
+
     if FLAGS.multihost:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               timeout_s=FLAGS.initialization_timeout)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     from shortcut_jax import train, writers

@@ -18,6 +18,7 @@ import tempfile
 from typing import Any, Mapping
 
 import jax
+from etils import epath
 
 from shortcut_jax.jsonable import jsonable
 
@@ -81,6 +82,10 @@ def _device_info() -> dict:
 
 
 def _write_json_atomic(obj: Any, path: str) -> None:
+    if "://" in path:
+        # An object store (gs://...) replaces an object whole, never leaving a part of it.
+        epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        return
     # Written to a temporary file and renamed, so an interrupted write never
     # leaves a truncated manifest behind.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".manifest-", suffix=".tmp")
@@ -120,7 +125,7 @@ def write_manifest(workdir: str, config: Any, *, extra: Mapping[str, Any] | None
         "config": jsonable(config),
         "extra": jsonable(dict(extra or {})),
     }
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # os.makedirs locally; gs:// and others too
     # Microseconds keep names unique and in launch order when sorted.
     stamp = now.strftime("%Y%m%dT%H%M%S.%fZ")
     dated = os.path.join(workdir, f"manifest-{stamp}.json")

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import sharding
+from shortcut_jax import distributed, sharding
 
 
 def check_budget(num_steps: int, num_levels: int) -> int:
@@ -65,13 +65,32 @@ def _euler(apply_fn, params, noise, labels, num_steps, level, cfg_scale, null_cl
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
 
 
+def _synced(executables: dict, jitted, params, args):
+    """``jitted``, or in a job of several processes its program compiled for these arguments
+    ahead of the first run, every process waiting for the others in between
+    (``distributed.sync``): none starts the program's collectives while another still compiles
+    it. ``executables`` keeps the compiled programs by argument signature."""
+    if jax.process_count() == 1:
+        return jitted
+    leaves = jax.tree.leaves((params, args))
+    signature = (id(jitted), jax.tree.structure((params, args)),
+                 tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    if signature not in executables:
+        executables[signature] = jitted.lower(params, *args).compile()
+        distributed.sync("sampler_compiled")
+    return executables[signature]
+
+
 class Sampler:
     """Jit-compiled samplers for one network: one program per (input shape, guided).
 
     With a ``mesh`` the noise and labels are split over its batch axes, so each device draws its
     own share of the samples (a batch that does not divide evenly is padded, and the padding
     dropped); the parameters keep the shardings they come with. Results are global arrays:
-    ``to_host`` gathers them on every process.
+    ``to_host`` gathers them on every process. In a job of several processes each program is
+    compiled ahead of its first run and the processes wait for each other in between
+    (``distributed.sync``), so that none starts the program's collectives while another still
+    compiles it.
     """
 
     def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, mesh=None):
@@ -80,6 +99,7 @@ class Sampler:
         self.num_classes = num_classes
         self.mesh = mesh
         self._compiled: dict = {}
+        self._executables: dict = {}  # several processes: argument signature -> compiled program
 
     def _fn(self, guided: bool):
         if guided not in self._compiled:
@@ -105,7 +125,7 @@ class Sampler:
 
     def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
         guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale)
-        out = self._fn(guided)(params, *args)
+        out = _synced(self._executables, self._fn(guided), params, args)(params, *args)
         return out if out.shape[0] == n else out[:n]
 
     def lower(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0):
@@ -242,7 +262,8 @@ def _consistency(apply_fn, params, noise, labels, num_steps, level, noise_floor,
 
 class _TracedStepSampler:
     """Shared call of the comparison samplers: one jitted program per (input shape, guided); with
-    a ``mesh`` the rows are split over its batch axes, as ``Sampler`` does."""
+    a ``mesh`` the rows are split over its batch axes, as ``Sampler`` does (and compiled ahead
+    of the first run in a job of several processes)."""
 
     def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, mesh=None):
         self.apply_fn = apply_fn
@@ -250,6 +271,7 @@ class _TracedStepSampler:
         self.num_classes = num_classes
         self.mesh = mesh
         self._compiled: dict = {}
+        self._executables: dict = {}
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps):
         raise NotImplementedError
@@ -270,7 +292,8 @@ class _TracedStepSampler:
         guided = self.num_classes > 0 and float(cfg_scale) != 1.0
         if self.mesh is not None:
             noise, labels = (sharding.shard_rows(np.asarray(a), self.mesh) for a in (noise, labels))
-        out = self._fn(guided)(params, noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps))
+        args = (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps))
+        out = _synced(self._executables, self._fn(guided), params, args)(params, *args)
         return out if out.shape[0] == n else out[:n]
 
     @staticmethod

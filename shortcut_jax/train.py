@@ -14,11 +14,29 @@ The path of a batch::
           -> metrics kept on device until the next log step, then checked finite and written
         every train.ckpt_every steps: checkpoint (state, data position, run metadata)
         every train.eval_every steps: evaluate.evaluate_state (samples at every budget)
+        on SIGTERM or a preemption notice: finish the step, checkpoint it, return (exit 0)
 
 Everything that can be wrong with a config is checked before anything is compiled or written
 (``config_lib.validate``, the data checks, the workdir's checkpoint). A run resumes by itself
 from the latest checkpoint in ``workdir``, including the data stream's position; checkpoints
 are only written after the metrics since the last one were checked to be finite.
+
+Resuming elsewhere. A checkpoint restores onto any mesh and any number of processes: every array
+is read into the shardings of the current run (``Experiment.abstract_state``), and the data
+position counts examples of the global batch (batches for the 2-D toys), whoever read them. With
+the same ``train.batch_size`` the run continues exactly where it stopped (up to the order of
+floating-point sums, which depends on the mesh). A different ``train.batch_size`` is accepted: the
+stream continues at the first example not yet seen, and the step count (and with it the learning
+rate schedule) continues from the saved step; the learning rate is not rescaled.
+
+Preemption. SIGTERM (SLURM, Kubernetes, spot VMs) or a Cloud TPU maintenance notice stops the loop
+after the step in flight, on every process at the same step (``distributed.StopRequests``); that
+step is checkpointed and ``train_and_evaluate`` returns, so the command exits with status 0 and
+the same command resumes the run.
+
+Remote workdirs. ``workdir`` may be any path orbax and ``etils.epath`` accept (``gs://bucket/run``
+with gcsfs or TensorFlow installed): checkpoints go through orbax, metrics, the manifest and the
+evaluation files through ``etils.epath``.
 """
 from __future__ import annotations
 
@@ -31,9 +49,10 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
-from shortcut_jax import checkpoint, manifest, sharding, writers
+from shortcut_jax import checkpoint, distributed, manifest, sharding, writers
 from shortcut_jax.evaluate import check_before_sampling, evaluate_state
 from shortcut_jax.experiment import Experiment, parameter_overview
 
@@ -45,10 +64,9 @@ HLO_FILE = "train_step.hlo.txt"
 
 def write_hlo(compiled, trace_dir: str) -> str:
     """The compiled step's HLO text as ``trace_dir/HLO_FILE``."""
-    os.makedirs(trace_dir, exist_ok=True)
+    epath.Path(trace_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(trace_dir, HLO_FILE)
-    with open(path, "w") as f:
-        f.write(compiled.as_text())
+    epath.Path(path).write_text(compiled.as_text())
     return path
 
 
@@ -95,31 +113,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         exp.close()
         raise
     cfg = exp.config
-    os.makedirs(workdir, exist_ok=True)
+    # Every process has looked at the workdir before any creates its checkpoint folder: they all
+    # take the same branch in Experiment's check, whose orbax manager synchronises the processes.
+    distributed.sync("workdir_checked")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.Checkpointer(exp.ckpt_dir, keep=cfg.train.keep_ckpts, async_save=cfg.train.async_ckpt)
     try:
         latest = ckpt.latest_step()
         if latest is not None:
-            state, data_state, _ = ckpt.restore(latest, exp.abstract_state)
+            state, data_state, saved_meta = ckpt.restore(latest, exp.abstract_state)
             if data_state:  # empty for imported checkpoints: the stream starts fresh
                 exp.source.set_state(data_state)
-            log.info("resumed from step %d", latest)
+            log.info("resumed from step %d%s", latest, _layout_change(saved_meta, exp.meta))
         else:
             state = exp.init_state()
         num_params, overview = parameter_overview(state.params)
         log.info("parameters (%s):\n%s", f"{num_params:,}", overview)
         compiled, compile_info = exp.compile_step()
         log.info("train step compiled: %s", json.dumps(compile_info))
+        distributed.sync("train_step_compiled")  # no process starts the step while another compiles it
         manifest.write_manifest(workdir, cfg, extra={"compile": compile_info, "meta": exp.meta,
                                                      "num_params": num_params, "mesh": dict(exp.mesh.shape)})
         writer = writers.MetricWriter(workdir, use_tensorboard=cfg.train.use_tensorboard,
                                       use_wandb=cfg.train.use_wandb, wandb_project=cfg.train.wandb_project,
                                       config=cfg)
-        return _loop(exp, state, compiled, ckpt, writer)
+        with distributed.StopRequests(ckpt.reached_preemption) as stop:
+            return _loop(exp, state, compiled, ckpt, writer, stop)
     finally:
         ckpt.wait()
         ckpt.close()
         exp.close()
+
+
+def _layout_change(saved: dict, current: dict) -> str:
+    """A note for the resume log line where the global batch or the process count changed."""
+    notes = []
+    for key, what in (("global_batch", "global batch"), ("process_count", "processes")):
+        if key in saved and saved[key] != current[key]:
+            notes.append(f"{what} {saved[key]} -> {current[key]}")
+    if not notes:
+        return ""
+    return (" (" + ", ".join(notes) + "; the data stream continues at the first example not yet seen,"
+            " the schedule at the saved step)")
 
 
 def _progress_bar(cfg, step: int) -> tqdm:
@@ -130,7 +165,7 @@ def _progress_bar(cfg, step: int) -> tqdm:
                 disable=not (cfg.train.progress_bar and writers.primary_process()))
 
 
-def _loop(exp: Experiment, state, compiled, ckpt, writer):
+def _loop(exp: Experiment, state, compiled, ckpt, writer, stop: distributed.StopRequests):
     cfg = exp.config
     total = cfg.train.steps
     step = int(jax.device_get(state.step))
@@ -160,7 +195,9 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer):
                 jax.profiler.stop_trace()
 
             final = step == total
-            if step % cfg.train.log_every == 0 or final:
+            # asked after every step on every process: a preemption stops all of them at one step
+            stopping = not final and stop.reached(step)
+            if step % cfg.train.log_every == 0 or final or stopping:
                 fetched = _check_finite(pending)
                 pending = []
                 now = time.perf_counter()
@@ -173,9 +210,14 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer):
                 bar.set_postfix({"loss": f"{scalars['loss']:.4g}",
                                  "img/s": f"{scalars['images_per_second']:.1f}"}, refresh=False)
             bar.update(step - bar.n)
-            if step % cfg.train.ckpt_every == 0 or final:
+            if step % cfg.train.ckpt_every == 0 or final or stopping:
                 _check_finite(pending)  # never checkpoint a state past a non-finite loss
-                ckpt.save(step, state, data_state=exp.source.get_state(), meta=exp.meta, force=final)
+                ckpt.save(step, state, data_state=exp.source.get_state(), meta=exp.meta, force=final or stopping)
+            if stopping:
+                ckpt.wait()
+                log.warning("stopped at step %d of %d on %s: checkpoint of step %d saved in %s; run the same"
+                            " command again to resume", step, total, stop.reason, step, exp.ckpt_dir)
+                break
             if step % cfg.train.eval_every == 0 or final:
                 evaluate_state(exp, state, step, writer=writer, final=final)
         writer.flush()

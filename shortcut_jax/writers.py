@@ -12,23 +12,71 @@ Files written under a workdir:
   ``json`` does (``NaN``, ``Infinity``), which ``json.loads`` reads back.
 * ``tensorboard/``: TensorBoard event files (a new file per launch).
 * ``images/<name>_<step>.png``: images passed to ``write_images``.
+
+Remote workdirs (``gs://bucket/run``, any path ``etils.epath`` opens; ``is_remote``) are written
+through ``etils.epath``. An object store cannot append to a file, so there ``metrics.jsonl`` is
+kept in memory (continuing what the workdir already holds) and uploaded whole at most every
+``REMOTE_UPLOAD_S`` seconds and at ``flush``/``close``: a crash loses at most that much of the log,
+and the steps since the last checkpoint are logged again by the resumed run anyway. TensorBoard
+writes ``gs://`` itself (tensorboardX, with ``google-cloud-storage`` installed); wandb keeps its
+local files in its default folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import io
 import os
+import time
 import uuid
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from shortcut_jax.jsonable import jsonable
 from shortcut_jax.plots import write_png
 
-__all__ = ["MetricWriter", "primary_process", "quiet_library_logs", "read_metrics"]
+__all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
+
+# A remote metrics.jsonl is rewritten whole; at most this often, and at every flush and close.
+REMOTE_UPLOAD_S = 30.0
+
+
+def is_remote(path) -> bool:
+    """Whether ``path`` names an object store or other non-local file system (``gs://...``):
+    written through ``etils.epath``; local paths keep plain ``open`` and ``os``."""
+    return "://" in os.fspath(path)
+
+
+class _RemoteLines:
+    """A text file on a store without appends: the lines in memory, the object rewritten whole."""
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._text = io.StringIO()
+        if self._path.exists():
+            existing = self._path.read_text()
+            self._text.write(existing if not existing or existing.endswith("\n") else existing + "\n")
+        self._last_upload = time.monotonic()
+        self._dirty = False
+
+    def write(self, line: str) -> None:
+        self._text.write(line)
+        self._dirty = True
+        if time.monotonic() - self._last_upload >= REMOTE_UPLOAD_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._path.write_text(self._text.getvalue())
+            self._dirty = False
+        self._last_upload = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
 
 
 def primary_process(enabled: bool = True) -> bool:
@@ -78,6 +126,7 @@ class MetricWriter:
         is_primary: bool = True,
     ):
         self.workdir = os.fspath(workdir)
+        self.remote = is_remote(self.workdir)
         self.active = primary_process(is_primary)
         self._jsonl = None
         self._tb = None
@@ -92,10 +141,15 @@ class MetricWriter:
                     "wandb logging is enabled (use_wandb=True) but wandb is not installed. "
                     "Run `pip install wandb`, or turn wandb logging off in the config."
                 ) from e
-        os.makedirs(self.workdir, exist_ok=True)
-        # Line buffering puts every record on disk as it is written, so a crash
-        # loses no logged step.
-        self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", buffering=1, encoding="utf-8")
+        jsonl = os.path.join(self.workdir, "metrics.jsonl")
+        if self.remote:
+            epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+            self._jsonl = _RemoteLines(jsonl)
+        else:
+            os.makedirs(self.workdir, exist_ok=True)
+            # Line buffering puts every record on disk as it is written, so a crash
+            # loses no logged step.
+            self._jsonl = open(jsonl, "a", buffering=1, encoding="utf-8")
         if use_tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -106,19 +160,17 @@ class MetricWriter:
                 logdir=os.path.join(self.workdir, "tensorboard"), filename_suffix=f".{uuid.uuid4().hex[:8]}"
             )
         if use_wandb:
-            id_file = os.path.join(self.workdir, "wandb_run_id.txt")
-            if os.path.exists(id_file):
-                with open(id_file, encoding="utf-8") as f:
-                    run_id = f.read().strip()
+            id_file = epath.Path(os.path.join(self.workdir, "wandb_run_id.txt"))
+            if id_file.exists():
+                run_id = id_file.read_text(encoding="utf-8").strip()
             else:
                 run_id = wandb.util.generate_id()
-                with open(id_file, "w", encoding="utf-8") as f:
-                    f.write(run_id)
+                id_file.write_text(run_id, encoding="utf-8")
             self._wandb = wandb
             wandb.init(
                 project=wandb_project,
                 config=jsonable(config) if config is not None else None,
-                dir=self.workdir,
+                dir=None if self.remote else self.workdir,  # wandb's own files stay local
                 id=run_id,
                 resume="allow",
             )
@@ -154,7 +206,11 @@ class MetricWriter:
                 image = image[..., None]
             if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
                 raise ValueError(f"Image {name!r} must be [H, W, C] with C in (1, 3, 4), got {image.shape}.")
-            write_png(image, os.path.join(self.workdir, "images", f"{_safe_name(name)}_{step:08d}.png"))
+            path = os.path.join(self.workdir, "images", f"{_safe_name(name)}_{step:08d}.png")
+            if self.remote:
+                _write_png_remote(image, path)
+            else:
+                write_png(image, path)
             if self._tb is not None:
                 self._tb.add_image(name, image, global_step=step, dataformats="HWC")
             if self._wandb is not None:
@@ -185,19 +241,36 @@ class MetricWriter:
         self.close()
 
 
+def _write_png_remote(image: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())
+
+
 def read_metrics(workdir: str) -> list[dict]:
     """The rows :meth:`MetricWriter.write_scalars` appended to ``<workdir>/metrics.jsonl``, in
     order ([] if there is none); a last line cut off by a killed run is skipped."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if is_remote(workdir):
+        remote = epath.Path(path)
+        lines = remote.read_text(encoding="utf-8").splitlines() if remote.exists() else []
+    elif os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    else:
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return rows
 
 
