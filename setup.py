@@ -42,5 +42,8 @@ setup(
         "wandb": ["wandb"],
         # VAE weights by hub id (python -m shortcut_jax.encode --vae=stabilityai/sd-vae-ft-mse)
         "hub": ["huggingface_hub>=0.20"],
+        # gs:// workdirs: gcsfs for etils.epath (checkpoints, metrics), google-cloud-storage for
+        # TensorBoard's event files
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )
