@@ -1,4 +1,4 @@
-"""Joining a multi-process job, and agreeing across its processes on when to stop early.
+"""Joining a multi-process job, waiting for its processes, and agreeing on when to stop early.
 
 Joining. ``initialize`` wraps ``jax.distributed.initialize`` so that it is bounded in time and
 its failures say what to check. When a process cannot reach the coordinator, JAX's runtime aborts
@@ -10,7 +10,8 @@ the log line written just before joining names the address, the process and the 
 
 On CPU the processes exchange collectives through Gloo (``jax_cpu_collectives_implementation``,
 JAX's default), so a job of several CPU processes on one machine runs the same programs as one on
-several accelerator hosts.
+several accelerator hosts. ``sync`` is a barrier between processes that compiles nothing; the loop
+and the samplers call it between compiling a program and running it.
 
 Stopping early. A preempted job gets a notice before it is killed: SIGTERM from SLURM,
 Kubernetes or a spot VM, or a maintenance event on a Cloud TPU. ``StopRequests`` turns it into
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # jax.distributed.initialize's own default: long enough for a pod's hosts to boot unevenly.
 DEFAULT_TIMEOUT_S = 300
+# How long a process waits at a barrier for the others, which may be compiling a large program
+# that it loaded from the cache; a process that died ends the job sooner (JAX's heartbeat).
+SYNC_TIMEOUT_S = 3600
 
 
 class CoordinatorUnreachable(ConnectionError):
@@ -107,15 +111,16 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                                process_id=process_id, initialization_timeout=remaining)
 
 
-def sync(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def sync(name: str, timeout_s: float = SYNC_TIMEOUT_S) -> None:
     """Waits until every process of the job reaches ``sync(name)``; nothing in a single process.
 
     A barrier of the coordination service, not a collective over devices: it has its own
     time-out and needs no compiled program. Processes call it between compiling a program and
     running it. On CPU, Gloo gives a process 30 s to join a collective the others started, and
-    the processes of one job do not compile alike: JAX keys its persistent compilation cache by
-    process, and only process 0 writes to it, so process 0 may load a program the others compile
-    for a minute.
+    the processes of one job do not compile alike: a program's key in JAX's persistent
+    compilation cache differs from process to process (it includes the process's view of the
+    devices) and only process 0 writes entries, so process 0 may load a program that the others
+    compile for a minute.
     """
     if jax.process_count() == 1:
         return

@@ -86,6 +86,7 @@ class Experiment:
         """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
         None: nothing on disk is consulted."""
         config_lib.validate(config, num_devices=self.num_mesh_devices(config))
+        self.check_mesh_spans_processes(config)
         self.config = config
         self.workdir = workdir
         process_count = jax.process_count()
@@ -170,6 +171,17 @@ class Experiment:
     def num_mesh_devices(config) -> int:
         data_axis, fsdp = sharding.mesh_shape(config.mesh, jax.device_count())
         return data_axis * fsdp
+
+    @staticmethod
+    def check_mesh_spans_processes(config) -> None:
+        """In a job of several processes each one feeds its slice of the batch to its own devices,
+        so the mesh must hold every device of every process."""
+        used, total, processes = Experiment.num_mesh_devices(config), jax.device_count(), jax.process_count()
+        if processes > 1 and used != total:
+            raise config_lib.ConfigError(
+                f"mesh.data={config.mesh.data} x mesh.fsdp={config.mesh.fsdp} uses {used} of the {total} devices of"
+                f" the {processes} processes; each process feeds its own devices its slice of the batch, so the"
+                " mesh must hold them all: set mesh.data=-1")
 
     def _check_workdir(self):
         # through epath, so that a remote workdir (gs://...) is looked at, not skipped

@@ -130,7 +130,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402  (after the worker: a spawned process sets its devices in its environment)
 import pytest  # noqa: E402
 
-from shortcut_jax import checkpoint, distributed, sharding, train, writers  # noqa: E402
+from shortcut_jax import checkpoint, config_lib, distributed, sharding, train, writers  # noqa: E402
 from shortcut_jax.experiment import Experiment  # noqa: E402
 
 
@@ -521,3 +521,24 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
     assert len(glob.glob(str(stored / "manifest-*.json"))) == 1
     assert (stored / "profile" / train.HLO_FILE).read_text() == "HloModule m"
     assert offline == (f"{workdir}/eval/00000002_offline1", False)  # the finished evaluation was seen
+
+
+# --------------------------------------------------------------------------- memory per device
+
+
+def test_fsdp_state_per_device_is_within_a_tenth_of_an_even_split_for_dit_b2_on_8_devices():
+    from benchmarks import memory_per_device as bench
+
+    opts = argparse.Namespace(batch_per_device=64, dtype="float32", objective="shortcut", compile=[])
+    dp, fsdp = (bench.measure("B", 8, mode, opts) for mode in ("dp", "fsdp"))
+    # the count is what the shardings hold: replicated under dp, split under fsdp
+    assert dp["params_bytes"] == 4 * dp["num_params"]  # float32
+    assert 0 <= dp["opt_bytes"] - 2 * dp["params_bytes"] <= 64  # Adam's two moments and its step counts
+    assert fsdp["params_bytes"] + fsdp["opt_bytes"] <= bench.target_bytes([dp, fsdp], fsdp)
+    assert fsdp["params_bytes"] >= dp["params_bytes"] / 8  # nothing is counted twice or dropped
+
+
+def test_a_mesh_that_leaves_out_devices_of_a_job_is_refused_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as in a job of two processes of 4 devices
+    with pytest.raises(config_lib.ConfigError, match="uses 1 of the 8 devices of the 2 processes.*mesh.data=-1"):
+        Experiment(make_config("digits", {"mesh.data": 1}), None)
