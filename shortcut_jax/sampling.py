@@ -81,8 +81,9 @@ def _synced(executables: dict, jitted, params, args):
     return executables[signature]
 
 
-class Sampler:
-    """Jit-compiled samplers for one network: one program per (input shape, guided).
+class _MeshSampler:
+    """The call every sampler shares: one jitted program per (input shape, guided), the step
+    count (and whatever ``_extra_args`` adds) traced, so a sweep over budgets compiles once.
 
     With a ``mesh`` the noise and labels are split over its batch axes, so each device draws its
     own share of the samples (a batch that does not divide evenly is padded, and the padding
@@ -101,27 +102,32 @@ class Sampler:
         self._compiled: dict = {}
         self._executables: dict = {}  # several processes: argument signature -> compiled program
 
+    def _extra_args(self, num_steps: int) -> tuple:
+        """Checks the budget; traced arguments of ``_loop`` beyond the step count."""
+        check_step_count(num_steps)
+        return ()
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps, *extra):
+        raise NotImplementedError
+
     def _fn(self, guided: bool):
         if guided not in self._compiled:
-
-            def run(params, noise, labels, cfg_scale, num_steps, level):
-                return _euler(self.apply_fn, params, noise, labels, num_steps, level,
-                              cfg_scale if guided else None, self.num_classes)
-
             out = None if self.mesh is None else sharding.batch_sharding(self.mesh)
-            self._compiled[guided] = jax.jit(run, out_shardings=out)
+            self._compiled[guided] = jax.jit(
+                lambda params, noise, labels, cfg_scale, num_steps, *extra: self._loop(
+                    params, noise, labels, cfg_scale if guided else None, num_steps, *extra), out_shardings=out)
         return self._compiled[guided]
 
     def _arguments(self, noise, labels, num_steps: int, cfg_scale: float):
         """(guided, arguments of the jitted sampler, number of real rows)."""
-        level = check_budget(num_steps, self.num_levels)
+        extra = self._extra_args(num_steps)
         n = noise.shape[0]
         if labels is None:
             labels = np.full((n,), self.num_classes, np.int32)
         guided = self.num_classes > 0 and float(cfg_scale) != 1.0
         if self.mesh is not None:
             noise, labels = (sharding.shard_rows(np.asarray(a), self.mesh) for a in (noise, labels))
-        return guided, (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps), jnp.int32(level)), n
+        return guided, (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps), *extra), n
 
     def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
         guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale)
@@ -136,6 +142,17 @@ class Sampler:
     @staticmethod
     def to_host(x: jax.Array) -> np.ndarray:
         return sharding.to_host(x)
+
+
+class Sampler(_MeshSampler):
+    """The Euler sampler with the level input: budgets are powers of two up to the finest level,
+    and the level is a traced argument beside the step count."""
+
+    def _extra_args(self, num_steps: int) -> tuple:
+        return (jnp.int32(check_budget(num_steps, self.num_levels)),)
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps, level):
+        return _euler(self.apply_fn, params, noise, labels, num_steps, level, cfg_scale, self.num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,48 +277,7 @@ def _consistency(apply_fn, params, noise, labels, num_steps, level, noise_floor,
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
 
 
-class _TracedStepSampler:
-    """Shared call of the comparison samplers: one jitted program per (input shape, guided); with
-    a ``mesh`` the rows are split over its batch axes, as ``Sampler`` does (and compiled ahead
-    of the first run in a job of several processes)."""
-
-    def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, mesh=None):
-        self.apply_fn = apply_fn
-        self.num_levels = num_levels
-        self.num_classes = num_classes
-        self.mesh = mesh
-        self._compiled: dict = {}
-        self._executables: dict = {}
-
-    def _loop(self, params, noise, labels, cfg_scale, num_steps):
-        raise NotImplementedError
-
-    def _fn(self, guided: bool):
-        if guided not in self._compiled:
-            out = None if self.mesh is None else sharding.batch_sharding(self.mesh)
-            self._compiled[guided] = jax.jit(
-                lambda params, noise, labels, cfg_scale, num_steps: self._loop(
-                    params, noise, labels, cfg_scale if guided else None, num_steps), out_shardings=out)
-        return self._compiled[guided]
-
-    def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
-        check_step_count(num_steps)
-        n = noise.shape[0]
-        if labels is None:
-            labels = np.full((n,), self.num_classes, np.int32)
-        guided = self.num_classes > 0 and float(cfg_scale) != 1.0
-        if self.mesh is not None:
-            noise, labels = (sharding.shard_rows(np.asarray(a), self.mesh) for a in (noise, labels))
-        args = (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps))
-        out = _synced(self._executables, self._fn(guided), params, args)(params, *args)
-        return out if out.shape[0] == n else out[:n]
-
-    @staticmethod
-    def to_host(x: jax.Array) -> np.ndarray:
-        return sharding.to_host(x)
-
-
-class DDIMSampler(_TracedStepSampler):
+class DDIMSampler(_MeshSampler):
     """Jit-compiled DDIM for a noise-prediction network; the level input is the finest level."""
 
     def __init__(self, apply_fn: Callable, alpha_bar_fn: Callable, *, num_levels: int, num_classes: int,
@@ -315,7 +291,7 @@ class DDIMSampler(_TracedStepSampler):
                      cfg_scale, self.num_classes, self.clip)
 
 
-class ConsistencySampler(_TracedStepSampler):
+class ConsistencySampler(_MeshSampler):
     """Jit-compiled multistep consistency sampler; the level input is the finest level, as in training."""
 
     def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, noise_floor: float = 1e-5,
