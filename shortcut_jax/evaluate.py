@@ -257,7 +257,7 @@ def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *,
     total = time.perf_counter() - began
     timing = {"samples": count, **{k: round(v, 3) for k, v in timing.items()}, "total_s": round(total, 3),
               "images_per_s": round(count / total, 1)}
-    return value, np.concatenate(shown), timing
+    return value, (np.concatenate(shown) if shown else None), timing
 
 
 def fid_stats_dir(workdir: Optional[str]) -> Optional[str]:
