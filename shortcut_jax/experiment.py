@@ -3,7 +3,8 @@
 The config is checked (``config_lib.validate``), the data source opened once (its reader's
 preparation checks files and headers), the workdir's checkpoint checked for compatibility, and
 then the model, objective context, optimiser, mesh, state shardings, sampler and evaluation metric
-are built. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
+are built; a fresh distillation run also finds and checks its teacher's checkpoint (``teacher.py``),
+which ``init_state`` then reads. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
 (``evaluate.py``), the checkpoint importer and the benchmarks all start from one.
 """
 from __future__ import annotations
@@ -201,10 +202,22 @@ class Experiment:
             self.resumes = True
             if "teacher" in saved:  # where the run's teacher came from, kept in every checkpoint's meta
                 self.meta["teacher"] = saved["teacher"]
+            self._check_teacher_matches(saved)
             try:
                 checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
+
+    def _check_teacher_matches(self, saved: dict) -> None:
+        """A distillation run's state holds a frozen teacher that other runs' states lack, so
+        neither continues the other's checkpoint (distilling a run in its own workdir, say)."""
+        name = self.config.objective.name
+        saved_name = (saved.get("objective") or {}).get("name")
+        if saved_name in NEEDS and NEEDS[saved_name].frozen_teacher != NEEDS[name].frozen_teacher:
+            raise config_lib.ConfigError(
+                f"--workdir={self.workdir} holds a checkpoint of an objective.name={saved_name!r} run, which"
+                f" objective.name={name!r} cannot continue (one distils a frozen teacher, the other not): use a"
+                " fresh --workdir (to distil that run, name it in objective.teacher_checkpoint)")
 
     def _init(self, rng, model=None):
         init_rng, state_rng = jax.random.split(rng)

@@ -8,6 +8,7 @@ interrupted run resumes to the state of an unbroken one across a phase start, th
 matches one device, a teacher that does not fit is refused before anything is compiled or written,
 and the states and checkpoints of the other objectives are unchanged.
 """
+import glob
 import importlib.util
 import os
 import subprocess
@@ -263,6 +264,15 @@ def test_teacher_that_does_not_fit_is_refused_before_compiling_or_writing(case, 
         train.train_and_evaluate(config, str(workdir))
     assert not compiled and not workdir.exists()
     assert not os.path.exists("/no/such/run")
+
+
+def test_distilling_a_run_into_its_own_workdir_is_refused_untouched(teacher_run):
+    workdir = teacher_run[0]
+    before = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(workdir, "**"), recursive=True)}
+    config = toy("consistency_distillation", **{"objective.teacher_checkpoint": workdir})
+    with pytest.raises(config_lib.ConfigError, match="objective.name='flow_matching' run.*fresh --workdir"):
+        train.train_and_evaluate(config, workdir)
+    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(workdir, "**"), recursive=True)} == before
 
 
 def test_teacher_that_kept_no_ema_needs_its_online_weights(tmp_path):
