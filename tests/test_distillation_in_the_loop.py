@@ -233,12 +233,14 @@ def _write_meta_only_checkpoint(directory):
 
 
 BAD_TEACHERS = {
-    "other width": ({"model.width": 128}, "architecture.width: saved 256, current 128"),
+    "other width": ({"model.width": 128},
+                    r"(?s)objective.teacher_checkpoint=.*architecture.width: saved 256, current 128"),
     "missing folder": ({"objective.teacher_checkpoint": "/no/such/run"},
                        "objective.teacher_checkpoint='/no/such/run' is not a directory"),
     "no checkpoint": ({"objective.teacher_checkpoint": "EMPTY"}, "objective.teacher_checkpoint=.* holds no checkpoint"),
     "step not saved": ({"objective.teacher_step": 3}, r"objective.teacher_step=3 is not saved .*\[10, 20\]"),
-    "not a velocity field": ({"objective.teacher_checkpoint": "DIFFUSION"}, "is a 'diffusion' run"),
+    "not a velocity field": ({"objective.teacher_checkpoint": "DIFFUSION"},
+                             "objective.teacher_checkpoint=.* is a 'diffusion' run"),
 }
 
 
