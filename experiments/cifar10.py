@@ -10,7 +10,11 @@ Command (published recipe: batch 256, AdamW 1e-4, weight decay 0.1, EMA teacher,
 Arguments (`experiments/cifar10.py:key=value,...`), switches that set several keys together:
   preset=few_step (the recommended few-step setting: objective.teacher=online,
   objective.sc_fraction=0.25, train.ema_debias=True; see config_lib.PRESETS),
-  objective=shortcut|flow_matching, classifier=<dir from benchmarks.train_classifier> (reports the
+  objective=shortcut|flow_matching|diffusion|consistency_training|live_reflow|consistency_distillation|
+  progressive_distillation (the distillation methods start from a trained run of the same model:
+  --config.objective.teacher_checkpoint=workdirs/cifar10_flow, a flow-matching or shortcut run's
+  workdir, its latest EMA weights; objective.teacher_step, objective.teacher_weights=params pick
+  others), classifier=<dir from benchmarks.train_classifier> (reports the
   classifier Frechet distance, CFD, against the test split at every budget; CFD is this project's
   offline yardstick, not FID), runlocal=True (a tiny model and a few steps, for tests).
 Everything else through flags, e.g. --config.objective.level_assignment=random,

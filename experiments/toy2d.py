@@ -2,8 +2,16 @@
 
 Command:
   python -m shortcut_jax.main --config=experiments/toy2d.py --workdir=workdirs/toy2d
-Arguments (`--config=experiments/toy2d.py:<key>=<value>,...`): objective=shortcut|flow_matching,
-  runlocal=True (a few steps, for tests). Everything else through flags, e.g.
+Arguments (`--config=experiments/toy2d.py:<key>=<value>,...`): objective=shortcut|flow_matching|
+  diffusion|consistency_training|live_reflow|consistency_distillation|progressive_distillation
+  (objectives.OBJECTIVES), runlocal=True (a few steps, for tests). The two distillation methods
+  start from a trained run of the same model, named by objective.teacher_checkpoint (its workdir
+  or <workdir>/checkpoints; the student starts at the teacher's EMA weights):
+    python -m shortcut_jax.main --config=experiments/toy2d.py:objective=flow_matching --workdir=workdirs/toy2d_fm
+    python -m shortcut_jax.main --config=experiments/toy2d.py:objective=progressive_distillation \
+        --config.objective.teacher_checkpoint=workdirs/toy2d_fm --workdir=workdirs/toy2d_pd
+  (progressive distillation: 7 phases of train.steps / 7 steps, or objective.stage_steps).
+  Everything else through flags, e.g.
   --config.data.name=checkerboard|gaussian_mixture|two_moons|spiral, --config.train.steps=N,
   --config.seed=N, --config.objective.teacher=ema, --config.objective.sc_fraction=0.25,
   --config.objective.level_assignment=random, --config.train.ema_debias=True,

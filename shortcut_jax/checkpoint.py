@@ -11,6 +11,10 @@ step directory holds three items:
   arrays, so that a resumed run can be checked with :func:`check_compatible`
   before any model is built.
 
+One parameter tree of a saved state (the online parameters or the first EMA tree) can be read
+alone, without the optimiser state or the other trees, with :meth:`Checkpointer.restore_params`
+(a distillation run's frozen teacher comes from another run's checkpoint this way).
+
 Crash safety. On a local or network file system orbax writes a step into
 ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only once every
 item is complete (on GCS it writes a ``commit_success.txt`` marker instead);
@@ -44,10 +48,14 @@ from typing import Any, Sequence
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from shortcut_jax.jsonable import jsonable
 
-__all__ = ["Checkpointer", "check_compatible"]
+__all__ = ["Checkpointer", "check_compatible", "differences"]
+
+# Parameter trees of a saved train state that restore_params reads: name -> path in the state.
+PARAM_TREES = {"params": ("params",), "ema": ("ema_params", 0)}
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -252,6 +260,62 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"] or {})
 
+    def _param_tree_metadata(self, step: int | None, which: str) -> tuple[int, Any, str]:
+        """(step, the saved metadata tree of ``which``, the folder of the state item)."""
+        if which not in PARAM_TREES:
+            raise ValueError(f"which={which!r}: use one of {sorted(PARAM_TREES)}")
+        self._manager.wait_until_finished()
+        step = self._resolve_step(step)
+        state_dir = os.path.join(self.directory, str(step), "state")
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+        for part in PARAM_TREES[which]:
+            if isinstance(part, int):
+                present = isinstance(tree, (list, tuple)) and len(tree) > part
+            else:
+                present = isinstance(tree, dict) and part in tree
+            if not present:
+                raise KeyError(f"the state saved at step {step} in {self.directory} holds no"
+                               f" {'.'.join(map(str, PARAM_TREES[which]))} tree")
+            tree = tree[part]
+        return step, tree, state_dir
+
+    def param_shapes(self, step: int | None, which: str) -> dict[str, tuple]:
+        """Shapes of the leaves of one saved parameter tree (``which``: ``'params'`` or
+        ``'ema'``, the first EMA tree), keyed by ``jax.tree_util.keystr`` of their path, read
+        from the checkpoint's metadata without reading any array."""
+        _, tree, _ = self._param_tree_metadata(step, which)
+        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+        return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+    def restore_params(self, step: int | None, which: str, abstract_params: Any) -> Any:
+        """One parameter tree of the state saved at ``step`` (None: latest), read alone: the
+        online parameters (``which='params'``) or the first EMA tree (``'ema'``).
+
+        ``abstract_params`` has the tree's structure with sharded ``jax.ShapeDtypeStruct``
+        leaves (as for :meth:`restore`); only those arrays are read, straight into their
+        shardings, bit for bit. Compare :meth:`param_shapes` first for a readable error: a
+        structure or shape that differs from the saved one fails here in orbax's words.
+
+        Raises:
+          FileNotFoundError: nothing is saved, or ``step`` is not saved.
+          KeyError: the saved state has no such tree (``'ema'`` of a run without EMA).
+        """
+        _, _, state_dir = self._param_tree_metadata(step, which)
+        target = _restore_target(abstract_params)
+        # the tree sits at its path in the saved state: a partial restore of that path alone
+        # (ema_params was saved as a tuple, which orbax's metadata gives back as a list)
+        item = target
+        for part in reversed(PARAM_TREES[which]):
+            item = [item] if isinstance(part, int) else {part: item}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            restored = reader.restore(epath.Path(state_dir), args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        for part in PARAM_TREES[which]:
+            restored = restored[part]
+        return restored
+
     def reached_preemption(self, step: int) -> bool:
         """True at the step at which every process of a ``jax.distributed`` job is to save and
         stop after a preemption notice (JAX's preemption service: SIGTERM on CPU and GPU, a
@@ -299,12 +363,13 @@ def _diff(prefix: str, a: Any, b: Any, out: list[str]) -> None:
         out.append(f"{prefix}: saved {a!r}, current {b!r}")
 
 
-def check_compatible(saved_meta: dict, meta: dict, keys: Sequence[str]) -> None:
-    """Raises ValueError if ``saved_meta`` and ``meta`` differ under any of ``keys``.
+def differences(saved_meta: dict, meta: dict, keys: Sequence[str]) -> list[str]:
+    """``'<key>: saved <value>, current <value>'`` for every field under ``keys`` where
+    ``saved_meta`` and ``meta`` differ.
 
     ``keys`` are top-level keys or dotted paths into nested dicts (``"model"``,
-    ``"model.width"``); nested values are compared leaf by leaf so the message
-    names the exact fields. Both sides are normalised through JSON first, so a
+    ``"model.width"``); nested values are compared leaf by leaf so the lines
+    name the exact fields. Both sides are normalised through JSON first, so a
     tuple in the current config equals the list it was saved as. A key missing
     on one side only counts as a difference.
     """
@@ -313,6 +378,13 @@ def check_compatible(saved_meta: dict, meta: dict, keys: Sequence[str]) -> None:
     diffs: list[str] = []
     for key in keys:
         _diff(key, _lookup(saved, key), _lookup(current, key), diffs)
+    return diffs
+
+
+def check_compatible(saved_meta: dict, meta: dict, keys: Sequence[str]) -> None:
+    """Raises ValueError if ``saved_meta`` and ``meta`` differ under any of ``keys``
+    (see :func:`differences`)."""
+    diffs = differences(saved_meta, meta, keys)
     if diffs:
         raise ValueError(
             "The checkpoint in this workdir was written by a different configuration:\n  "

@@ -19,7 +19,7 @@ import ml_collections
 
 from shortcut_jax.data import default_data_config
 from shortcut_jax.evaluation.metrics import METRIC_CHOICES
-from shortcut_jax.objectives import OBJECTIVES, check_method_config
+from shortcut_jax.objectives import NEEDS, OBJECTIVES, check_method_config
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
 # model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
@@ -44,12 +44,6 @@ DIT_VARIANTS = {
 # Objectives whose loss functions and samplers exist (objectives/, tested) but that the train loop
 # cannot run yet: what is missing there.
 NOT_IN_THE_LOOP = {
-    "consistency_distillation": "restoring a frozen teacher from objective.teacher_checkpoint into the train"
-                                " state is not built yet; train consistency_training, or use"
-                                " objectives.consistency.distillation_loss_fn in your own loop",
-    "progressive_distillation": "restoring a frozen teacher from objective.teacher_checkpoint and"
-                                " re-snapshotting it per phase in the train state is not built yet; use"
-                                " objectives.progressive.loss_fn in your own loop",
     "reflow": "a reader of stored (noise, sample) pairs is not built yet; train live_reflow, or use"
               " objectives.reflow.generate_pairs and loss_fn in your own loop",
 }
@@ -340,6 +334,13 @@ def validate(config, *, num_devices: int) -> None:
     if obj.flow_t not in ("grid", "uniform", "logit_normal"):
         raise ConfigError(f"objective.flow_t={obj.flow_t!r}: use 'grid', 'uniform' or 'logit_normal'")
     check_level_weights(obj.level_weights, obj.num_levels)
+    if NEEDS[obj.name].frozen_teacher:  # where the teacher is read from (teacher.py reads it)
+        if obj.teacher_weights not in ("ema", "params"):
+            raise ConfigError(f"objective.teacher_weights={obj.teacher_weights!r}: use 'ema' (the teacher run's first"
+                              " EMA tree) or 'params' (its online parameters)")
+        if obj.teacher_step < -1:
+            raise ConfigError(f"objective.teacher_step={obj.teacher_step} must be -1 (the latest checkpoint) or a"
+                              " saved step of the teacher run")
     bad_decays = [d for d in config.train.ema_decays if not 0.0 <= float(d) < 1.0]
     if bad_decays:
         raise ConfigError(f"train.ema_decays={tuple(config.train.ema_decays)}: each decay must be in [0, 1)")

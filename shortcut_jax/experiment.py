@@ -3,7 +3,8 @@
 The config is checked (``config_lib.validate``), the data source opened once (its reader's
 preparation checks files and headers), the workdir's checkpoint checked for compatibility, and
 then the model, objective context, optimiser, mesh, state shardings, sampler and evaluation metric
-are built. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
+are built; a fresh distillation run also finds and checks its teacher's checkpoint (``teacher.py``),
+which ``init_state`` then reads. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
 (``evaluate.py``), the checkpoint importer and the benchmarks all start from one.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from shortcut_jax import checkpoint, config_lib, data, sharding, train_state
+from shortcut_jax import checkpoint, config_lib, data, sharding, teacher, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model
 from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
@@ -125,6 +126,7 @@ class Experiment:
             "process_count": jax.process_count(),
         }
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
+        self.resumes = False  # set by _check_workdir: the workdir holds a checkpoint of this run
         self._check_workdir()
 
         self.mesh = sharding.make_mesh(config.mesh)
@@ -143,6 +145,13 @@ class Experiment:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
             self.state_shardings)
+        # a fresh distillation run starts at its teacher, found and checked now (teacher.py); a
+        # resumed one finds its teacher in its own checkpoint, and without a workdir (benchmarks)
+        # the frozen teacher is a copy of the initial parameters
+        self.teacher_source = None
+        if needs.frozen_teacher and self.workdir and not self.resumes:
+            self.teacher_source = teacher.find_teacher(config.objective, self.meta, self.abstract_state.params)
+            self.meta["teacher"] = self.teacher_source.describe()
 
     def _latent_decoder(self, config):
         """For a latent set: the VAE that encoded it (the folder its manifest names, or
@@ -190,10 +199,25 @@ class Experiment:
         with checkpoint.Checkpointer(self.ckpt_dir, async_save=False) as ckpt:
             saved = ckpt.read_meta()
         if saved is not None:
+            self.resumes = True
+            if "teacher" in saved:  # where the run's teacher came from, kept in every checkpoint's meta
+                self.meta["teacher"] = saved["teacher"]
+            self._check_teacher_matches(saved)
             try:
                 checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
+
+    def _check_teacher_matches(self, saved: dict) -> None:
+        """A distillation run's state holds a frozen teacher that other runs' states lack, so
+        neither continues the other's checkpoint (distilling a run in its own workdir, say)."""
+        name = self.config.objective.name
+        saved_name = (saved.get("objective") or {}).get("name")
+        if saved_name in NEEDS and NEEDS[saved_name].frozen_teacher != NEEDS[name].frozen_teacher:
+            raise config_lib.ConfigError(
+                f"--workdir={self.workdir} holds a checkpoint of an objective.name={saved_name!r} run, which"
+                f" objective.name={name!r} cannot continue (one distils a frozen teacher, the other not): use a"
+                " fresh --workdir (to distil that run, name it in objective.teacher_checkpoint)")
 
     def _init(self, rng, model=None):
         init_rng, state_rng = jax.random.split(rng)
@@ -201,9 +225,25 @@ class Experiment:
         x = jnp.zeros((1, *shape), jnp.float32)
         params = (model or self.model).init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
                                  jnp.zeros((1,), jnp.int32))["params"]
-        return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays)
+        frozen = params if NEEDS[self.config.objective.name].frozen_teacher else None
+        return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays, frozen_teacher=frozen)
+
+    def _init_from_teacher(self):
+        """The initial state of a distillation run: student, EMA trees and frozen teacher at the
+        teacher's weights (read into the parameters' shardings), the optimiser state fresh, the
+        state rng the one ``_init`` gives for the seed."""
+        weights = teacher.restore_teacher(self.teacher_source, self.abstract_state.params)
+
+        def init(weights, rng):
+            _, state_rng = jax.random.split(rng)
+            return train_state.create(weights, self.tx, state_rng, self.config.train.ema_decays,
+                                      frozen_teacher=weights)
+
+        return jax.jit(init, out_shardings=self.state_shardings)(weights, jax.random.PRNGKey(self.config.seed))
 
     def init_state(self):
+        if self.teacher_source is not None:
+            return self._init_from_teacher()
         if self.host_cpu is not None:  # train.init_on='host'
             return self._init_on_host()
         return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.config.seed))

@@ -1,7 +1,18 @@
-"""Train state: step, parameters, EMA parameters (one tree per decay), optimiser state, rng.
+"""Train state: step, parameters, EMA parameters (one tree per decay), optimiser state, rng, and
+the frozen teacher of the distillation objectives.
 
 The EMA trees sit beside the online parameters; the first decay's tree is the teacher of
 objectives that use one and the default weights for evaluation. EMA updates are float32.
+
+The frozen teacher. ``state.frozen_teacher`` is None unless the objective distils a trained model
+(``objectives.NEEDS[name].frozen_teacher``); then the state is a ``DistillationTrainState``, whose
+one extra field holds the teacher's parameter tree (shaped and sharded like ``params``). It is
+saved with every checkpoint, so a resumed run continues with the teacher it had, including a
+progressive-distillation phase's snapshot; it receives no gradient and no EMA update. It is a
+subclass rather than a field that is None elsewhere because orbax records a None field as an
+empty node: such a field would change the checkpoint tree of every objective and refuse the
+checkpoints written before it existed. The states and checkpoints of the other objectives are
+unchanged.
 """
 from __future__ import annotations
 
@@ -26,10 +37,25 @@ class TrainState(flax.struct.PyTreeNode):
     def teacher_params(self):
         return self.ema_params[0] if self.ema_params else self.params
 
+    @property
+    def frozen_teacher(self):
+        return None  # no frozen teacher: see DistillationTrainState
 
-def create(params, tx: optax.GradientTransformation, rng: jax.Array, ema_decays: Sequence[float]) -> TrainState:
+
+class DistillationTrainState(TrainState):
+    """The train state of an objective that distils a frozen teacher."""
+
+    # the teacher's parameter tree, shaped like params; the default only satisfies the dataclass
+    # field order (``create`` always sets it)
+    frozen_teacher: Any = None
+
+
+def create(params, tx: optax.GradientTransformation, rng: jax.Array, ema_decays: Sequence[float],
+           frozen_teacher=None) -> TrainState:
+    """A fresh state at ``params`` (every EMA tree starts there); with ``frozen_teacher``, a
+    ``DistillationTrainState`` holding a float32 copy of it."""
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    return TrainState(
+    fields = dict(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in ema_decays),
@@ -37,6 +63,10 @@ def create(params, tx: optax.GradientTransformation, rng: jax.Array, ema_decays:
         rng=rng,
         ema_decays=tuple(float(d) for d in ema_decays),
     )
+    if frozen_teacher is None:
+        return TrainState(**fields)
+    teacher = jax.tree.map(lambda p: jnp.copy(p.astype(jnp.float32)), frozen_teacher)
+    return DistillationTrainState(**fields, frozen_teacher=teacher)
 
 
 def update_ema(ema_params: tuple, params, decays: Sequence[float], count=None) -> tuple:

@@ -3,12 +3,17 @@
 ::
 
     rng = fold_in(state.rng, state.step)
+    [frozen_teacher = teacher_for_step(step, frozen_teacher, params)   objectives with snapshots]
     (loss, metrics), grads = value_and_grad(objective)(params, teacher_params, batch, rng)
         [lax.scan over micro-batches when optim.accum_steps > 1]
     params, opt_state = optax update ; ema_params = EMA update
 
 The objective is looked up by name in ``objectives.OBJECTIVES``; the step never learns which
-method runs.
+method runs. ``teacher_params`` is the first EMA tree, or ``{'ema': that tree, 'teacher':
+state.frozen_teacher}`` for an objective that distils a frozen teacher (``NEEDS[name].frozen_teacher``);
+the frozen teacher is never differentiated nor averaged, and is only replaced where the objective
+re-snapshots it (``NEEDS[name].teacher_snapshots``: progressive distillation's phase starts), inside
+the step, so the new state (and every checkpoint) holds the teacher of the phase it is in.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from shortcut_jax import train_state
-from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, NEEDS, OBJECTIVES
+from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, NEEDS, OBJECTIVES, progressive
 
 
 def global_norm(tree) -> jax.Array:
@@ -33,10 +38,18 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
     # curricula read the number of updates done so far from the batch (every micro-batch of one
     # update is in the same stage); it is added here, never part of the data stream
     with_step = objective_name in NEEDS and NEEDS[objective_name].step
+    with_frozen_teacher = objective_name in NEEDS and NEEDS[objective_name].frozen_teacher
+    with_snapshots = objective_name in NEEDS and NEEDS[objective_name].teacher_snapshots
 
     def train_step(state: train_state.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        teacher = state.teacher_params
+        if with_snapshots:  # the student as it stands before this update, at a phase's first step
+            state = state.replace(frozen_teacher=progressive.teacher_for_step(
+                state.step, state.frozen_teacher, state.params, obj_cfg))
+        if with_frozen_teacher:
+            teacher = {"ema": state.teacher_params, "teacher": state.frozen_teacher}
+        else:
+            teacher = state.teacher_params
         grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, teacher, b, r, obj_cfg), has_aux=True)
 
         if accum_steps == 1:
