@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from shortcut_jax import checkpoint, config_lib, data, sharding, train_state
+from shortcut_jax import checkpoint, config_lib, data, init_from, sharding, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model
 from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
@@ -125,7 +125,10 @@ class Experiment:
             "process_count": jax.process_count(),
         }
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
-        self._check_workdir()
+        resuming = self._check_workdir()
+        # train.init_from: read and checked now for a fresh run; a resume never reads it
+        self.warm_start = (init_from.open_source(config.train, self.meta)
+                           if config.train.init_from and self.workdir and not resuming else None)
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
@@ -183,10 +186,11 @@ class Experiment:
                 f" the {processes} processes; each process feeds its own devices its slice of the batch, so the"
                 " mesh must hold them all: set mesh.data=-1")
 
-    def _check_workdir(self):
+    def _check_workdir(self) -> bool:
+        """Whether the workdir holds a checkpoint (checked to fit this config)."""
         # through epath, so that a remote workdir (gs://...) is looked at, not skipped
         if not self.workdir or not epath.Path(self.ckpt_dir).is_dir():
-            return
+            return False
         with checkpoint.Checkpointer(self.ckpt_dir, async_save=False) as ckpt:
             saved = ckpt.read_meta()
         if saved is not None:
@@ -194,6 +198,7 @@ class Experiment:
                 checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
+        return saved is not None
 
     def _init(self, rng, model=None):
         init_rng, state_rng = jax.random.split(rng)
@@ -246,6 +251,8 @@ class Experiment:
             "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
         }
+        if self.config.data.name == data.PAIRS_DATA:  # stored reflow pairs: the noise of each row too
+            abstract_batch["noise"] = abstract_batch["x"]
         jitted = jax.jit(step, donate_argnums=(0,) if donate else (),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
         start = time.perf_counter()
