@@ -14,7 +14,6 @@ checkpoints depend on them), not the DiT paper:
 from __future__ import annotations
 
 import math
-import os
 
 import ml_collections
 
@@ -425,19 +424,16 @@ def validate(config, *, num_devices: int) -> None:
 
 
 def check_init_from(train_cfg) -> None:
-    """The warm-start keys; whether the source fits the model is checked against its checkpoint's
-    metadata when the run is built (``init_from.open_source``)."""
+    """The warm-start keys. The source itself (its checkpoint, and whether its parameters fit) is
+    looked at only when a fresh run is built (``init_from.open_source``): a run that resumes
+    does not read it, so it may be gone by then."""
     if train_cfg.init_from_weights not in ("ema", "params"):
         raise ConfigError(f"train.init_from_weights={train_cfg.init_from_weights!r}: use 'ema' or 'params'")
     if train_cfg.init_from_step < -1:
         raise ConfigError(f"train.init_from_step={train_cfg.init_from_step} must be -1 (the latest) or a saved step")
-    path = train_cfg.init_from
-    if not path and train_cfg.init_from_step != -1:
+    if not train_cfg.init_from and train_cfg.init_from_step != -1:
         raise ConfigError(f"train.init_from_step={train_cfg.init_from_step} picks a step of train.init_from, which"
                           " is '': set train.init_from to the source run's workdir, or leave the step at -1")
-    if path and "://" not in path and not os.path.isdir(path):
-        raise ConfigError(f"train.init_from={path!r} is not a directory: give the source run's workdir or its"
-                          " checkpoints folder ('' starts from scratch)")
 
 
 def check_pairs(config) -> None:
