@@ -20,8 +20,9 @@ devices of the run's mesh as in evaluation, and ``objectives.reflow.generate_pai
 shards and the manifest: which noise and labels each shard holds is fixed by ``--seed`` alone, a
 stopped generation resumes at its first missing shard, and a folder written with other settings
 (teacher, step, budget, seed, counts) is refused. The manifest's ``meta`` records the teacher's
-workdir, step, weights, objective, budget and data (name, path, shape, classes). A latent run's
-pairs are latents, in the model's space; nothing is decoded.
+workdir, step, weights, objective, budget and data (name, path, shape, classes, and for a latent
+run the VAE record of its set). A latent run's pairs are latents, in the model's space; nothing
+is decoded.
 
 One process writes the files; run the command as a single process (it uses every local device).
 """
@@ -33,6 +34,7 @@ from typing import Optional
 import ml_collections
 
 from shortcut_jax import config_lib, restore, sampling
+from shortcut_jax.data import latents
 from shortcut_jax.objectives import reflow
 from shortcut_jax.sample import check_guidance, load_run
 
@@ -64,6 +66,17 @@ def teacher_config(saved: restore.SavedRun) -> ml_collections.ConfigDict:
     config.train.init_from, config.train.init_from_step = "", -1
     config.eval.metric, config.eval.export_budgets = "none", ()
     return config
+
+
+def _latent_vae(data_cfg) -> Optional[dict]:
+    """The VAE record of a latent run's set (what decodes the pairs' samples), where the set's
+    manifest is readable here; None for pixel runs."""
+    if data_cfg.name != "latents":
+        return None
+    try:
+        return latents.read_manifest(data_cfg.path)["vae"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, seed: int = 0,
@@ -98,7 +111,8 @@ def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, s
         meta = {"teacher_workdir": saved.workdir, "teacher_step": loaded.step, "weights": weights,
                 "teacher_objective": exp.config.objective.name, "teacher_num_levels": num_levels, "budget": budget,
                 "data": {"name": exp.config.data.name, "path": exp.config.data.path,
-                         "shape": list(exp.spec.shape), "num_classes": exp.spec.num_classes}}
+                         "shape": list(exp.spec.shape), "num_classes": exp.spec.num_classes,
+                         "vae": _latent_vae(exp.config.data)}}
         return reflow.generate_pairs(to_host_sampler, loaded.params, out_dir=out_dir, shape=tuple(exp.spec.shape),
                                      num_classes=exp.spec.num_classes, num_pairs=num_pairs, num_steps=budget,
                                      seed=seed, shard_size=shard_size, batch_size=batch_size, cfg_scale=cfg_scale,
@@ -147,17 +161,20 @@ def run(fv) -> dict:
     return manifest
 
 
+def main(argv) -> None:
+    """absl's entry point: the flags were defined on absl's global flag values."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from shortcut_jax import writers
+
+    writers.quiet_library_logs()
+    run(flags.FLAGS)
+
+
 if __name__ == "__main__":
     from absl import app
 
-    _FLAGS = define_flags()
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        from shortcut_jax import writers
-
-        writers.quiet_library_logs()
-        run(_FLAGS)
-
-    app.run(_main)
+    define_flags()
+    app.run(main)
