@@ -129,6 +129,8 @@ class Experiment:
         # train.init_from: read and checked now for a fresh run; a resume never reads it
         self.warm_start = (init_from.open_source(config.train, self.meta)
                            if config.train.init_from and self.workdir and not resuming else None)
+        if self.warm_start is not None:  # provenance, saved with every checkpoint (not a compatibility key)
+            self.meta["init_from"] = self.warm_start.provenance()
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None

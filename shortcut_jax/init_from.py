@@ -39,9 +39,14 @@ class WarmStart:
     weights: str  # 'ema' or 'params'
     source_level: int
 
+    def provenance(self) -> dict:
+        return {"checkpoints": self.saved.ckpt_dir, "step": self.saved.step, "weights": self.weights,
+                "objective": (self.saved.meta.get("objective") or {}).get("name"), "source_level": self.source_level}
+
     def describe(self) -> str:
-        return (f"{self.saved.ckpt_dir} step {self.saved.step} ({self.weights}, a"
-                f" {self.saved.meta.get('objective', {}).get('name', '?')} run read at level {self.source_level})")
+        p = self.provenance()
+        return (f"{p['checkpoints']} step {p['step']} ({p['weights']}, a {p['objective']} run read at level"
+                f" {p['source_level']})")
 
 
 def source_level(meta: dict) -> int:

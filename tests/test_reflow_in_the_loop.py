@@ -203,6 +203,7 @@ def test_warm_started_shortcut_run_computes_the_flow_velocity_at_every_level(tea
     exp = Experiment(config, str(tmp_path / "wd"))
     try:
         assert exp.warm_start is not None and exp.warm_start.source_level == 0  # flow matching ignored its level
+        assert exp.meta["init_from"]["step"] == 12 and exp.meta["init_from"]["objective"] == "flow_matching"
         fresh = exp.init_state()
         state = init_from.warm_started(exp, fresh, exp.warm_start)
         source = load_run(toy(), teacher)
@@ -253,3 +254,12 @@ def test_a_resuming_run_does_not_read_its_warm_start_source(teacher):
         assert exp.warm_start is None
     finally:
         exp.close()
+
+
+def test_level_rule_reads_a_source_that_used_its_level_input_at_its_finest_level():
+    assert init_from.source_level({"objective": {"name": "shortcut", "num_levels": 5}}) == 5
+    assert init_from.source_level({"objective": {"name": "live_reflow", "num_levels": 7}}) == 7
+    for ignored in ("flow_matching", "diffusion", "reflow", "consistency_training"):
+        assert init_from.source_level({"objective": {"name": ignored, "num_levels": 7}}) == 0
+    with pytest.raises(config_lib.ConfigError, match="objective 'magic'"):
+        init_from.source_level({"objective": {"name": "magic", "num_levels": 7}})
