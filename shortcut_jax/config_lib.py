@@ -19,6 +19,7 @@ import ml_collections
 
 from shortcut_jax.data import default_data_config
 from shortcut_jax.evaluation.metrics import METRIC_CHOICES
+from shortcut_jax.data import PAIRS_DATA
 from shortcut_jax.objectives import NEEDS, OBJECTIVES, check_method_config
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
@@ -38,14 +39,6 @@ DIT_VARIANTS = {
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
-}
-
-
-# Objectives whose loss functions and samplers exist (objectives/, tested) but that the train loop
-# cannot run yet: what is missing there.
-NOT_IN_THE_LOOP = {
-    "reflow": "a reader of stored (noise, sample) pairs is not built yet; train live_reflow, or use"
-              " objectives.reflow.generate_pairs and loss_fn in your own loop",
 }
 
 
@@ -146,6 +139,14 @@ def default_config() -> ml_collections.ConfigDict:
     # kernels are compiled for the CPU instead of the accelerator, and the initial parameters of
     # a seed are the same for every accelerator and mesh shape).
     c.train.init_on = "device"
+    # Warm start: a fresh run starts from another run's parameters (objectives/warm_start.py):
+    # its workdir or checkpoints folder ('' : off), which step (-1: the latest) and which weights
+    # ('ema': its first EMA tree, 'params': the online ones). The optimiser starts fresh and the
+    # EMA trees at the loaded parameters. Ignored when the workdir holds a checkpoint: a resume
+    # continues its own run.
+    c.train.init_from = ""
+    c.train.init_from_step = -1
+    c.train.init_from_weights = "ema"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by other axes
@@ -288,8 +289,6 @@ def validate(config, *, num_devices: int) -> None:
     """
     if config.objective.name not in OBJECTIVES:
         raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(OBJECTIVES)}")
-    if config.objective.name in NOT_IN_THE_LOOP:
-        raise ConfigError(f"objective.name={config.objective.name!r}: {NOT_IN_THE_LOOP[config.objective.name]}")
     try:
         check_method_config(config.objective, batch_size=config.train.batch_size, total_steps=config.train.steps)
     except ValueError as err:
@@ -392,6 +391,8 @@ def validate(config, *, num_devices: int) -> None:
                               " e.g. --config.train.profile_steps='(100,110)'")
     if config.train.init_on not in ("device", "host"):
         raise ConfigError(f"train.init_on={config.train.init_on!r}: use 'device' or 'host'")
+    check_init_from(config.train)
+    check_pairs(config)
     num_ema = len(config.train.ema_decays)
     if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:
         raise ConfigError(f"eval.ema_index={config.eval.ema_index} must index train.ema_decays="
@@ -413,6 +414,35 @@ def validate(config, *, num_devices: int) -> None:
                 " fix eval.budgets / eval.grid_budgets"
             )
     check_eval_outputs(config.eval)
+
+
+def check_init_from(train_cfg) -> None:
+    """The warm-start keys. The source itself (its checkpoint, and whether its parameters fit) is
+    looked at only when a fresh run is built (``init_from.open_source``): a run that resumes
+    does not read it, so it may be gone by then."""
+    if train_cfg.init_from_weights not in ("ema", "params"):
+        raise ConfigError(f"train.init_from_weights={train_cfg.init_from_weights!r}: use 'ema' or 'params'")
+    if train_cfg.init_from_step < -1:
+        raise ConfigError(f"train.init_from_step={train_cfg.init_from_step} must be -1 (the latest) or a saved step")
+    if not train_cfg.init_from and train_cfg.init_from_step != -1:
+        raise ConfigError(f"train.init_from_step={train_cfg.init_from_step} picks a step of train.init_from, which"
+                          " is '': set train.init_from to the source run's workdir, or leave the step at -1")
+
+
+def check_pairs(config) -> None:
+    """Objective 'reflow' trains on stored pairs, so it needs the pairs reader.
+
+    The other way round is allowed: any objective may train on the pairs' samples as data (flow
+    matching or a shortcut model fit to a teacher's samples, i.e. distillation through data); it
+    reads ``x`` and ``label`` and leaves ``noise`` aside."""
+    if NEEDS[config.objective.name].frozen_teacher and config.train.init_from:
+        raise ConfigError(f"train.init_from={config.train.init_from!r} with objective.name={config.objective.name!r}:"
+                          " a distillation run already starts its student at the teacher"
+                          " (objective.teacher_checkpoint); set train.init_from=''")
+    if NEEDS[config.objective.name].pairs and config.data.name != PAIRS_DATA:
+        raise ConfigError(f"objective.name={config.objective.name!r} trains on stored (noise, sample) pairs:"
+                          f" set data.name={PAIRS_DATA!r} (not {config.data.name!r}) and data.path to the"
+                          " folder written by `python -m shortcut_jax.reflow_pairs`")
 
 
 def check_eval_outputs(eval_cfg) -> None:

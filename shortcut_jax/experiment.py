@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from shortcut_jax import checkpoint, config_lib, data, sharding, teacher, train_state
+from shortcut_jax import checkpoint, config_lib, data, init_from, sharding, teacher, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model
 from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
@@ -126,8 +126,12 @@ class Experiment:
             "process_count": jax.process_count(),
         }
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
-        self.resumes = False  # set by _check_workdir: the workdir holds a checkpoint of this run
-        self._check_workdir()
+        self.resumes = self._check_workdir()  # the workdir holds a checkpoint of this run
+        # train.init_from: read and checked now for a fresh run; a resume never reads it
+        self.warm_start = (init_from.open_source(config.train, self.meta)
+                           if config.train.init_from and self.workdir and not self.resumes else None)
+        if self.warm_start is not None:  # provenance, saved with every checkpoint (not a compatibility key)
+            self.meta["init_from"] = self.warm_start.provenance()
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
@@ -192,14 +196,14 @@ class Experiment:
                 f" the {processes} processes; each process feeds its own devices its slice of the batch, so the"
                 " mesh must hold them all: set mesh.data=-1")
 
-    def _check_workdir(self):
+    def _check_workdir(self) -> bool:
+        """Whether the workdir holds a checkpoint (checked to fit this config)."""
         # through epath, so that a remote workdir (gs://...) is looked at, not skipped
         if not self.workdir or not epath.Path(self.ckpt_dir).is_dir():
-            return
+            return False
         with checkpoint.Checkpointer(self.ckpt_dir, async_save=False) as ckpt:
             saved = ckpt.read_meta()
         if saved is not None:
-            self.resumes = True
             if "teacher" in saved:  # where the run's teacher came from, kept in every checkpoint's meta
                 self.meta["teacher"] = saved["teacher"]
             self._check_teacher_matches(saved)
@@ -207,6 +211,7 @@ class Experiment:
                 checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
+        return saved is not None
 
     def _check_teacher_matches(self, saved: dict) -> None:
         """A distillation run's state holds a frozen teacher that other runs' states lack, so
@@ -286,6 +291,8 @@ class Experiment:
             "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
         }
+        if self.config.data.name == data.PAIRS_DATA:  # stored reflow pairs: the noise of each row too
+            abstract_batch["noise"] = abstract_batch["x"]
         jitted = jax.jit(step, donate_argnums=(0,) if donate else (),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
         start = time.perf_counter()

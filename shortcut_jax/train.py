@@ -52,7 +52,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from shortcut_jax import checkpoint, distributed, manifest, sharding, writers
+from shortcut_jax import checkpoint, distributed, init_from, manifest, sharding, writers
 from shortcut_jax.evaluate import check_before_sampling, evaluate_state
 from shortcut_jax.experiment import Experiment, parameter_overview
 
@@ -125,8 +125,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             if data_state:  # empty for imported checkpoints: the stream starts fresh
                 exp.source.set_state(data_state)
             log.info("resumed from step %d%s", latest, _layout_change(saved_meta, exp.meta))
+            if cfg.train.init_from:
+                log.info("train.init_from=%s is not read: the run resumes from its own checkpoint",
+                         cfg.train.init_from)
         else:
             state = exp.init_state()
+            if exp.warm_start is not None:  # train.init_from, checked when the experiment was built
+                state = init_from.warm_started(exp, state, exp.warm_start)
         num_params, overview = parameter_overview(state.params)
         log.info("parameters (%s):\n%s", f"{num_params:,}", overview)
         compiled, compile_info = exp.compile_step()

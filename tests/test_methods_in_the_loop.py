@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from shortcut_jax import config_lib, train, writers
+from shortcut_jax import train, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,11 +45,3 @@ def test_method_trains_in_the_loop_and_is_evaluated_with_its_sampler(objective, 
         table = json.load(f)
     assert [int(r["steps"]) for r in table["rows"]] == [1, 4]
     assert all(np.isfinite(r[table["metric_name"]]) for r in table["rows"])
-
-
-@pytest.mark.parametrize("objective", sorted(config_lib.NOT_IN_THE_LOOP))
-def test_methods_the_loop_cannot_run_yet_are_refused_before_training(objective, tmp_path):
-    workdir = tmp_path / objective
-    with pytest.raises(config_lib.ConfigError, match=f"objective.name='{objective}'"):
-        train.train_and_evaluate(toy(objective), str(workdir))
-    assert not workdir.exists()

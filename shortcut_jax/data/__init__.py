@@ -20,9 +20,11 @@ Usage::
 from shortcut_jax.data.archive import extract_archive
 from shortcut_jax.data.config import default_data_config
 from shortcut_jax.data.core import BatchLayout, DataSpec, Source
+from shortcut_jax.data.pairs import NAME as PAIRS_DATA
 from shortcut_jax.data.registry import READERS, Reader, make_dataset, validate_data_config
 
 __all__ = [
+    "PAIRS_DATA",
     "READERS",
     "BatchLayout",
     "DataSpec",

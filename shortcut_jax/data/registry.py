@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from shortcut_jax.data import arrays, image_folder, latents, tfds, toy
+from shortcut_jax.data import arrays, image_folder, latents, pairs, tfds, toy
 from shortcut_jax.data import config as cfg
 from shortcut_jax.data.core import BatchLayout, Source
 
@@ -41,6 +41,7 @@ READERS: dict[str, Reader] = {
                            build=image_folder.build_image_folder),
     "tfds": Reader(prepare=tfds.prepare_tfds, build=tfds.build_tfds),
     "latents": Reader(prepare=latents.prepare_latents, build=latents.build_latents),
+    pairs.NAME: Reader(prepare=pairs.prepare_pairs, build=pairs.build_pairs),
 }
 
 
