@@ -331,8 +331,8 @@ def validate(config, *, num_devices: int) -> None:
         raise ConfigError(f"model.scan_blocks=True applies to the DiT's blocks only; model.name={config.model.name!r}"
                           " has no scanned form: set model.scan_blocks=False")
     if config.model.scan_blocks and config.optim.weight_decay_mask == "kernels" and config.optim.weight_decay:
-        # the 'kernels' mask tells weights from biases by rank, and a stacked bias is 2-D; the
-        # layout-aware mask (models.convert.weight_matrix_mask) is not the optimiser's yet
+        # the optimiser's 'kernels' mask (experiment.weight_decay_mask) tells weights from biases
+        # by rank, and a stacked bias is 2-D; models.convert.weight_matrix_mask reads either layout
         raise ConfigError("model.scan_blocks=True with optim.weight_decay_mask='kernels' would decay the blocks'"
                           " biases (stacked, they are 2-D): set optim.weight_decay_mask='all',"
                           " optim.weight_decay=0 or model.scan_blocks=False")

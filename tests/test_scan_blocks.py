@@ -175,6 +175,21 @@ def test_layout_conversion_round_trips_exactly():
         np.testing.assert_array_equal(a, b)
 
 
+def test_layout_conversion_runs_under_jit_onto_the_stacked_shardings():
+    # how a state restored in one layout becomes the other on the mesh, without a host copy
+    model = DiT(patch_size=2, width=64, depth=3, num_heads=2, num_classes=CLASSES)
+    params = random_params(model, np.random.default_rng(6))
+    mesh = sharding.make_mesh(digits_config(**{"mesh.data": 1, "mesh.fsdp": 8}).mesh)
+    abstract = jax.eval_shape(lambda p: convert.to_layout(p, True), params)
+    assert abstract["blocks"]["mlp"]["fc1"]["kernel"].shape == (3, 64, 256)
+    shardings = sharding.state_shardings(abstract, mesh)
+    stacked = jax.jit(lambda p: convert.to_layout(p, True), out_shardings=shardings)(params)
+    assert stacked["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, None, "fsdp")
+    on_host = convert.to_layout(jax.tree.map(np.asarray, params), True)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(on_host)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_conversion_refuses_trees_that_are_neither_layout():
     params = jax.tree.map(np.asarray, random_params(dit(False), np.random.default_rng(4)))
     gap = {k: v for k, v in params.items() if k != "block_1"}

@@ -153,8 +153,8 @@ class DiT(nn.Module):
     fp8_form: str = "direct"  # how the FP8 dots are written (models.fp8.FORMS), for measurement
     # True: the blocks run as one scan over parameters stacked on a leading layer axis
     # (``blocks/...`` of shape [depth, ...]) instead of ``block_0 .. block_{depth-1}``: XLA compiles
-    # the block once instead of depth times. The same function; convert.stack_blocks /
-    # unstack_blocks move parameters between the two layouts.
+    # the block once instead of depth times. The same function; convert.to_layout moves
+    # parameters (or a whole train state) between the two layouts.
     scan_blocks: bool = False
     dtype: Dtype = jnp.float32
 
