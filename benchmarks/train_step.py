@@ -8,10 +8,11 @@ What is timed is the program training runs: ``Experiment``'s ``init_state`` and
 the step without donation), fed one synthetic batch of 1000-class data placed with
 ``sharding.global_batch``. Reading data and copying it to the device are not part of the
 figures. Each row reports, after ``--warmup`` untimed steps, the median of ``--steps`` step
-times (each step waited for), images/s, the ahead-of-time compile time, peak device memory, the
-analytic TFLOP of a step (``benchmarks.flops``) beside two checks of it (the matmuls of the
-traced step, and XLA's count of the compiled step), the achieved TFLOP/s and the MFU against two
-denominators: the dense bf16 matmul rate this script measures first (an 8192^3 ``jnp.dot``) and
+times (each step waited for), images/s, the ahead-of-time compile time, the time ``init_state``
+takes (compiling the initialisation included; ``--scan_blocks=on|off`` compares both with the
+blocks scanned and unrolled), peak device memory, the analytic TFLOP of a step
+(``benchmarks.flops``) beside two checks of it (the matmuls of the traced step, and XLA's count
+of the compiled step), the achieved TFLOP/s and the MFU against two denominators: the dense bf16 matmul rate this script measures first (an 8192^3 ``jnp.dot``) and
 the H100 SXM datasheet's 989 TFLOP/s.
 A row that runs out of device memory prints OOM, with the compiler's footprint of the step;
 a row with several batch sizes tries them in order and keeps the first that fits. The memory
@@ -84,6 +85,10 @@ ROWS = {row.name: row for row in (
     # CPU-sized rows for smoke tests; not part of 'default'.
     Row("tiny-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(32, 1, 2)),
     Row("tiny-flow", "flow_matching", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
+    # CPU-sized but as deep as DiT-S/B and DiT-XL: compile and initialisation time against
+    # model.scan_blocks
+    Row("small-d12-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 12, 2)),
+    Row("small-d28-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 28, 2)),
 )}
 DEFAULT_ROWS = ("S2-shortcut", "S2-flow", "B2-shortcut", "B2-flow", "B2-shortcut-sc0.25", "XL2-shortcut",
                 "XL2-flow", "XL2-shortcut-max", "S2-shortcut-pixels")
@@ -94,7 +99,8 @@ SECTIONS = ("matmul", "train", "sampling")
 
 
 # flags that set the config key model.<flag> of every row
-MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops", "matmul_precision")
+MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops", "matmul_precision",
+               "scan_blocks")
 
 
 def lean_ops(text: str) -> tuple:
@@ -108,8 +114,10 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c = config_lib.default_config()
     c.model.variant = row.variant
     c.model.width, c.model.depth, c.model.num_heads = row.dims
+    # flags whose command-line form is not the config value: lean_ops 'all'/'none', scan_blocks 'on'/'off'
+    special = {"lean_ops": lean_ops, "scan_blocks": lambda text: text == "on"}
     for key in MODEL_FLAGS:
-        c.model[key] = lean_ops(opts.lean_ops) if key == "lean_ops" else getattr(opts, key)
+        c.model[key] = special.get(key, lambda value: value)(getattr(opts, key))
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
     c.train.batch_size = batch
@@ -475,20 +483,21 @@ def print_report(report: dict) -> None:
           f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
           f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
           f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
-          f" matmul_precision={precision}"
+          f" matmul_precision={precision} scan_blocks={settings.get('scan_blocks', 'off')}"
           f" donate={settings.get('donate', 'on')};"
           " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
           " the step (temp + arguments + outputs - donated)\n")
-    header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "peak GiB",
+    header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "init s", "peak GiB",
               "TFLOP/step", "traced TFLOP", "XLA TFLOP", "TFLOP/s", "MFU(a)", "MFU(b)"]
     lines = []
     for r in report["rows"]:
         line = [r["name"], r["objective"], r["model"], r["input"], str(r["batch"])]
         peak = _fmt(r.get("peak_gib"), ".2f") + ("*" if r.get("peak_source") == "compiler" else "")
         if r["status"] != "ok":
-            lines.append(line + [r["status"], "", _fmt(r.get("compile_s"), ".1f"), peak] + [""] * 6)
+            lines.append(line + [r["status"], "", _fmt(r.get("compile_s"), ".1f"), "", peak] + [""] * 6)
             continue
-        lines.append(line + [f"{r['images_per_s']:.0f}", f"{r['step_ms']:.2f}", f"{r['compile_s']:.1f}", peak,
+        lines.append(line + [f"{r['images_per_s']:.0f}", f"{r['step_ms']:.2f}", f"{r['compile_s']:.1f}",
+                             f"{r['init_s']:.1f}", peak,
                              f"{r['tflop_per_step']:.3f}", f"{r['traced_tflop_per_step']:.3f}",
                              _fmt(r["xla_tflop_per_step"], ".3f"),
                              f"{r['tflops']:.1f}", _fmt(r["mfu_measured"], ".1%"), f"{r['mfu_datasheet']:.1%}"])
@@ -529,6 +538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp8_form", default="", choices=("", *FP8_FORMS),
                    help="with --matmul_precision=fp8: how the FP8 dots are written (models.fp8.FORMS;"
                         " '' keeps the model's default, 'direct')")
+    p.add_argument("--scan_blocks", default="off", choices=("on", "off"),
+                   help="model.scan_blocks: the blocks as one scan over stacked parameters (one block compiled)")
     p.add_argument("--donate", default="on", choices=("on", "off"),
                    help="donate the state to the step (as training does); 'off' measures what donation saves")
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")

@@ -77,6 +77,11 @@ def default_config() -> ml_collections.ConfigDict:
     # allowed everywhere: XLA's CPU backend computes the same values slowly (tests), and with
     # model.dtype='float32' only the FP8 rounding differs from the float32 network.
     c.model.matmul_precision = "bf16"
+    # DiT: run the blocks as one scan over parameters stacked on a leading layer axis (XLA compiles
+    # one block instead of depth of them: shorter compiles and initialisation). The same network
+    # and initial distribution; the checkpoint layout differs (blocks/... [depth, ...] instead of
+    # block_0 .. block_N-1): models.convert.to_layout converts a state between the two.
+    c.model.scan_blocks = False
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "shortcut"
@@ -315,6 +320,15 @@ def validate(config, *, num_devices: int) -> None:
     if config.model.matmul_precision == "fp8" and config.model.name != "dit":
         raise ConfigError(f"model.matmul_precision='fp8' applies to the DiT's blocks only; model.name="
                           f"{config.model.name!r} has no FP8 layers: set model.matmul_precision='bf16'")
+    if config.model.scan_blocks and config.model.name != "dit":
+        raise ConfigError(f"model.scan_blocks=True applies to the DiT's blocks only; model.name={config.model.name!r}"
+                          " has no scanned form: set model.scan_blocks=False")
+    if config.model.scan_blocks and config.optim.weight_decay_mask == "kernels" and config.optim.weight_decay:
+        # the optimiser's 'kernels' mask (experiment.weight_decay_mask) tells weights from biases
+        # by rank, and a stacked bias is 2-D; models.convert.weight_matrix_mask reads either layout
+        raise ConfigError("model.scan_blocks=True with optim.weight_decay_mask='kernels' would decay the blocks'"
+                          " biases (stacked, they are 2-D): set optim.weight_decay_mask='all',"
+                          " optim.weight_decay=0 or model.scan_blocks=False")
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")

@@ -2,8 +2,9 @@
 
 The mesh has two axes: ``data`` (pure data parallelism: parameters replicated) and ``fsdp``
 (fully-sharded data parallelism: parameters, EMA and optimiser state split along their largest
-divisible dimension; the batch is split over both axes). Shardings are a function of the config
-and the abstract state, so a new axis (tensor parallelism, say) is added here alone.
+divisible dimension, never the layer axis of stacked blocks; the batch is split over both axes).
+Shardings are a function of the config and the abstract state, so a new axis (tensor
+parallelism, say) is added here alone.
 
 Multi-host: every process holds the rows of the global batch that belong to its devices;
 ``global_batch`` assembles them into one ``jax.Array`` without gathering.
@@ -15,6 +16,8 @@ import math
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from shortcut_jax.models.convert import in_stacked_blocks
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -52,14 +55,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def _fsdp_spec(shape: tuple, fsdp: int, min_size: int) -> P:
-    """Shard the largest dimension divisible by the fsdp axis; small arrays stay replicated."""
-    if fsdp == 1 or math.prod(shape) < min_size:
+def _fsdp_spec(shape: tuple, fsdp: int, min_size: int, layer_axis: bool = False) -> P:
+    """Shard the largest dimension divisible by the fsdp axis; small arrays stay replicated.
+
+    ``layer_axis``: axis 0 stacks the layers of a scanned model (``model.scan_blocks``). It is
+    never sharded: the scan reads one layer per iteration, and a layer split over devices would
+    have each iteration's slice live on one device. The other axes are chosen, and ``min_size``
+    applied, as for one layer's parameter, so every layer is split as the unrolled model splits it."""
+    layer_shape = shape[1:] if layer_axis else shape
+    if fsdp == 1 or math.prod(layer_shape) < min_size:
         return P()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % fsdp == 0:
+    offset = 1 if layer_axis else 0
+    for dim in sorted(range(len(layer_shape)), key=lambda d: -layer_shape[d]):
+        if layer_shape[dim] % fsdp == 0:
             spec = [None] * len(shape)
-            spec[dim] = "fsdp"
+            spec[dim + offset] = "fsdp"
             return P(*spec)
     return P()
 
@@ -67,8 +77,10 @@ def _fsdp_spec(shape: tuple, fsdp: int, min_size: int) -> P:
 def state_shardings(abstract_state, mesh: Mesh, *, min_fsdp_size: int = 2**14):
     """Sharding of every leaf of an abstract train state (a tree of ShapeDtypeStructs)."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), fsdp, min_fsdp_size)),
-                        abstract_state)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), fsdp, min_fsdp_size,
+                                                           layer_axis=in_stacked_blocks(path))),
+        abstract_state)
 
 
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:

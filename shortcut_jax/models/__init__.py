@@ -2,7 +2,9 @@
 
 ``build_model(model_cfg, spec, ignore_level)`` turns ``config.model`` into a flax module;
 ``resolve_dtype`` applies the precision policy's default (bf16 matmuls on accelerators);
-``model.matmul_precision='fp8'`` moves the DiT blocks' large dense layers to FP8 (``fp8.py``).
+``model.matmul_precision='fp8'`` moves the DiT blocks' large dense layers to FP8 (``fp8.py``);
+``model.scan_blocks`` runs the DiT's blocks as one scan over stacked parameters (``convert.py``
+converts between the two parameter layouts).
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
             lean_ops=tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
             matmul_precision=model_cfg.matmul_precision,
+            scan_blocks=model_cfg.scan_blocks,
             dtype=dtype,
         )
     raise ValueError(f"model.name must be 'dit' or 'mlp', got {model_cfg.name!r}")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from shortcut_jax.models import fp8, layers
+from shortcut_jax.models.convert import STACKED_BLOCKS
 
 Dtype = Any
 
@@ -96,6 +97,16 @@ class DiTBlock(nn.Module):
         return modulated_norm(x, shift, scale, self.dtype, "norm" in self.lean_ops)
 
 
+class ScanStep(DiTBlock):
+    """One ``DiTBlock`` as the step of a scan: carries the tokens and emits nothing per layer.
+
+    A subclass rather than a wrapper module so that the parameter names inside the stack are the
+    block's own (``blocks/qkv/kernel``, not ``blocks/block/qkv/kernel``)."""
+
+    def __call__(self, x: jax.Array, cond: jax.Array):
+        return DiTBlock.__call__(self, x, cond), None
+
+
 def modulated_norm(x, shift, scale, dtype, lean: bool):
     """LayerNorm then the adaptive modulation, in float32, cast to the matmul dtype."""
     if lean:
@@ -140,6 +151,11 @@ class DiT(nn.Module):
     lean_ops: tuple = LEAN_OPS
     matmul_precision: str = "bf16"  # MATMUL_PRECISIONS; 'fp8': the blocks' large dense layers in FP8
     fp8_form: str = "direct"  # how the FP8 dots are written (models.fp8.FORMS), for measurement
+    # True: the blocks run as one scan over parameters stacked on a leading layer axis
+    # (``blocks/...`` of shape [depth, ...]) instead of ``block_0 .. block_{depth-1}``: XLA compiles
+    # the block once instead of depth times. The same function; convert.to_layout moves
+    # parameters (or a whole train state) between the two layouts.
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -176,17 +192,67 @@ class DiT(nn.Module):
         ).astype(jnp.float32)
 
         fp8_form = self.fp8_form if self.matmul_precision == "fp8" else None
-        remat_cls = remat_block(DiTBlock, self.remat)
-        for i in range(self.depth):
-            block_cls = remat_cls if self.remat_blocks < 0 or i < self.remat_blocks else DiTBlock
-            tokens = block_cls(
-                self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                self.zero_init == "adaln", self.dtype, self.lean_ops, fp8_form, name=f"block_{i}",
-            )(tokens, cond)
+        block_args = (self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
+                      self.zero_init == "adaln", self.dtype, self.lean_ops, fp8_form)
+        if self.scan_blocks:
+            tokens = self.scanned_blocks(tokens, cond, block_args)
+        else:
+            remat_cls = remat_block(DiTBlock, self.remat)
+            for i in range(self.depth):
+                block_cls = remat_cls if self.remat_blocks < 0 or i < self.remat_blocks else DiTBlock
+                tokens = block_cls(*block_args, name=f"block_{i}")(tokens, cond)
         out = FinalLayer(p * p * out_channels, self.dtype, self.lean_ops, name="final")(tokens, cond)
         # [batch, gh*gw, p*p*C] -> [batch, gh, p, gw, p, C] -> [batch, H, W, C]
         out = out.astype(jnp.float32).reshape(batch, gh, gw, p, p, out_channels)
         return out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, gh * p, gw * p, out_channels)
+
+    def scanned_blocks(self, tokens: jax.Array, cond: jax.Array, block_args: tuple) -> jax.Array:
+        """The blocks as ``nn.scan`` over one ``DiTBlock`` body, parameters under ``blocks`` with a
+        leading layer axis; ``remat`` wraps the body, so every layer recomputes alike.
+
+        Every layer's initialisers see the shape of one block's parameter (the layer axis is added
+        by the scan) and a key of their own (``split_rngs``), so each layer starts from the
+        distribution its unrolled counterpart has.
+
+        ``remat_blocks`` selecting some of the blocks (0 < k < depth) cannot be one scan: a scan
+        body stores the same residuals for every layer. Rather than refuse a setting that is the
+        memory lever of the largest models, the stack then runs as two scans over slices of the
+        one stacked tree: layers [0, k) under the policy, [k, depth) keeping their activations.
+        The parameter layout stays one ``blocks`` tree of depth layers, so a checkpoint does not
+        depend on this memory setting."""
+        groups = remat_groups(self.depth, self.remat, self.remat_blocks)
+        if len(groups) == 1 or self.is_initializing():
+            # one scan over every layer; at initialisation it also creates the stacked parameters
+            # (which policy wraps the body does not change them)
+            # prevent_cse=False: inside a scan the loop already keeps XLA from merging the
+            # recomputation with the forward pass
+            step = remat_block(ScanStep, groups[0][2], prevent_cse=False)
+            stack = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=nn.broadcast, length=self.depth)
+            return stack(*block_args, name=STACKED_BLOCKS)(tokens, cond)[0]
+        stacked = self.variables["params"][STACKED_BLOCKS]
+        block = DiTBlock(*block_args)  # unbound: applied functionally to each layer's slice
+
+        for start, stop, remat in groups:
+            def layer(x, layer_params):
+                return block.apply({"params": layer_params}, x, cond), None
+
+            if remat != "none":
+                layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+            tokens = jax.lax.scan(layer, tokens, jax.tree.map(lambda a: a[start:stop], stacked))[0]
+        return tokens
+
+
+def remat_groups(depth: int, remat: str, remat_blocks: int) -> list[tuple[int, int, str]]:
+    """``[(start, stop, policy)]``: the runs of consecutive blocks that share a remat policy,
+    ``'none'`` for blocks that keep their activations (``remat_blocks``: the first k blocks use
+    ``remat``; -1: all of them)."""
+    remat_block(DiTBlock, remat)  # an unknown policy fails here, with the same message as unrolled
+    if remat == "none" or remat_blocks < 0 or remat_blocks >= depth:
+        return [(0, depth, remat)]
+    if remat_blocks == 0:
+        return [(0, depth, "none")]
+    return [(0, remat_blocks, remat), (remat_blocks, depth, "none")]
 
 
 REMAT_POLICIES = {
@@ -196,9 +262,9 @@ REMAT_POLICIES = {
 }
 
 
-def remat_block(block_cls, remat: str):
+def remat_block(block_cls, remat: str, prevent_cse: bool = True):
     if remat == "none":
         return block_cls
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {['none', *REMAT_POLICIES]}, got {remat!r}")
-    return nn.remat(block_cls, policy=REMAT_POLICIES[remat])
+    return nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
