@@ -323,12 +323,6 @@ def validate(config, *, num_devices: int) -> None:
     if config.model.scan_blocks and config.model.name != "dit":
         raise ConfigError(f"model.scan_blocks=True applies to the DiT's blocks only; model.name={config.model.name!r}"
                           " has no scanned form: set model.scan_blocks=False")
-    if config.model.scan_blocks and config.optim.weight_decay_mask == "kernels" and config.optim.weight_decay:
-        # the optimiser's 'kernels' mask (experiment.weight_decay_mask) tells weights from biases
-        # by rank, and a stacked bias is 2-D; models.convert.weight_matrix_mask reads either layout
-        raise ConfigError("model.scan_blocks=True with optim.weight_decay_mask='kernels' would decay the blocks'"
-                          " biases (stacked, they are 2-D): set optim.weight_decay_mask='all',"
-                          " optim.weight_decay=0 or model.scan_blocks=False")
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
         raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
                           " (the number of blocks that use model.remat)")

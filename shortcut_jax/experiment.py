@@ -23,7 +23,7 @@ from etils import epath
 
 from shortcut_jax import checkpoint, config_lib, data, init_from, sharding, teacher, train_state
 from shortcut_jax.evaluation import metrics
-from shortcut_jax.models import build_model
+from shortcut_jax.models import build_model, convert
 from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
 from shortcut_jax.train_step import make_train_step
 
@@ -62,7 +62,8 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 def weight_decay_mask(kind: str) -> Optional[Callable]:
     if kind == "all":  # the reference recipe decays every parameter
         return None
-    return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    # weight matrices of one layer (rank >= 2), in either block layout (a stacked bias is 2-D)
+    return convert.weight_matrix_mask
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

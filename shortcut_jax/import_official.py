@@ -172,10 +172,10 @@ def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size:
         _warn_no_adam_state(train_state)
     exp = Experiment(config, workdir, spec=spec)
 
-    params = convert.official_to_project(train_state["params"])
+    params = convert.match_layout(convert.official_to_project(train_state["params"]), exp.abstract_state.params)
     _check_shapes("params", params, exp.abstract_state.params)
     ema_source = train_state.get("params_ema") or train_state["params"]
-    ema = convert.official_to_project(ema_source)
+    ema = convert.match_layout(convert.official_to_project(ema_source), exp.abstract_state.params)
     step = int(np.asarray(train_state["step"]))
 
     def placed(tree, shardings):
@@ -186,8 +186,8 @@ def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size:
     ema_params = tuple(placed(ema, sh) for sh in exp.state_shardings.ema_params)
     opt_state = state.opt_state
     if moments is not None:
-        mu = convert.official_to_project(moments["mu"])
-        nu = convert.official_to_project(moments["nu"])
+        mu = convert.match_layout(convert.official_to_project(moments["mu"]), exp.abstract_state.params)
+        nu = convert.match_layout(convert.official_to_project(moments["nu"]), exp.abstract_state.params)
         _check_shapes("opt_state.mu", mu, exp.abstract_state.params)
         _check_shapes("opt_state.nu", nu, exp.abstract_state.params)
         count = jnp.asarray(np.asarray(moments.get("count", step)), jnp.int32)
