@@ -90,7 +90,7 @@ def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, s
     if num_pairs < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(f"--num_pairs={num_pairs}, --batch_size={batch_size} and --shard_size={shard_size} must"
                          " be >= 1")
-    saved = restore.open_run(workdir, step=step, what="--workdir")  # a missing checkpoint or step is refused here
+    saved = restore.open_run(workdir, step=step, what="--workdir", step_what="--step")  # a missing checkpoint or step is refused here
     num_levels = int(saved.meta.get("objective", {}).get("num_levels", 0))
     try:
         sampling.check_budget(budget, num_levels)
