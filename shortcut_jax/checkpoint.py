@@ -11,9 +11,11 @@ step directory holds three items:
   arrays, so that a resumed run can be checked with :func:`check_compatible`
   before any model is built.
 
-One parameter tree of a saved state (the online parameters or the first EMA tree) can be read
-alone, without the optimiser state or the other trees, with :meth:`Checkpointer.restore_params`
-(a distillation run's frozen teacher comes from another run's checkpoint this way).
+One parameter tree of a saved state (the online parameters or one EMA tree) can be read alone,
+without the optimiser state or the other trees, with :meth:`Checkpointer.restore_params`, and
+its shapes checked first from the metadata files with :meth:`Checkpointer.param_shapes`: a
+frozen teacher, a warm start and reflow's stage one read another run's weights this way
+(``shortcut_jax.restore`` finds that run's folder and metadata).
 
 Crash safety. On a local or network file system orbax writes a step into
 ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only once every
@@ -46,16 +48,19 @@ import os
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from shortcut_jax.jsonable import jsonable
 
-__all__ = ["Checkpointer", "check_compatible", "differences"]
+__all__ = ["Checkpointer", "check_compatible", "differences", "shape_differences", "tree_shapes"]
 
-# Parameter trees of a saved train state that restore_params reads: name -> path in the state.
-PARAM_TREES = {"params": ("params",), "ema": ("ema_params", 0)}
+# The parameter trees of a saved train state that restore_params reads alone: its online
+# parameters, or one of its EMA trees.
+WEIGHTS = ("ema", "params")
+STATE_ITEM = "state"  # the train state's item in every step folder
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -260,61 +265,99 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"] or {})
 
-    def _param_tree_metadata(self, step: int | None, which: str) -> tuple[int, Any, str]:
-        """(step, the saved metadata tree of ``which``, the folder of the state item)."""
-        if which not in PARAM_TREES:
-            raise ValueError(f"which={which!r}: use one of {sorted(PARAM_TREES)}")
-        self._manager.wait_until_finished()
-        step = self._resolve_step(step)
-        state_dir = os.path.join(self.directory, str(step), "state")
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
-        for part in PARAM_TREES[which]:
-            if isinstance(part, int):
-                present = isinstance(tree, (list, tuple)) and len(tree) > part
-            else:
-                present = isinstance(tree, dict) and part in tree
-            if not present:
-                raise KeyError(f"the state saved at step {step} in {self.directory} holds no"
-                               f" {'.'.join(map(str, PARAM_TREES[which]))} tree")
-            tree = tree[part]
-        return step, tree, state_dir
+    def _state_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step) / STATE_ITEM
 
-    def param_shapes(self, step: int | None, which: str) -> dict[str, tuple]:
-        """Shapes of the leaves of one saved parameter tree (``which``: ``'params'`` or
-        ``'ema'``, the first EMA tree), keyed by ``jax.tree_util.keystr`` of their path, read
-        from the checkpoint's metadata without reading any array."""
-        _, tree, _ = self._param_tree_metadata(step, which)
-        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-        return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-    def restore_params(self, step: int | None, which: str, abstract_params: Any) -> Any:
-        """One parameter tree of the state saved at ``step`` (None: latest), read alone: the
-        online parameters (``which='params'``) or the first EMA tree (``'ema'``).
-
-        ``abstract_params`` has the tree's structure with sharded ``jax.ShapeDtypeStruct``
-        leaves (as for :meth:`restore`); only those arrays are read, straight into their
-        shardings, bit for bit. Compare :meth:`param_shapes` first for a readable error: a
-        structure or shape that differs from the saved one fails here in orbax's words.
+    def param_tree_metadata(self, step: int | None, weights: str = "ema", ema_index: int = 0) -> tuple[int, Any]:
+        """``(step, tree)``: the saved array metadata (leaves with ``.shape`` and ``.dtype``) of one
+        parameter tree of the state saved at ``step`` (None: latest), read from the step's
+        metadata files alone: the online parameters (``weights='params'``) or EMA tree
+        ``ema_index`` (``'ema'``).
 
         Raises:
           FileNotFoundError: nothing is saved, or ``step`` is not saved.
-          KeyError: the saved state has no such tree (``'ema'`` of a run without EMA).
+          KeyError: the saved state has no such tree (an EMA tree the run did not keep); the
+            message says how many EMA trees it has.
         """
-        _, _, state_dir = self._param_tree_metadata(step, which)
-        target = _restore_target(abstract_params)
-        # the tree sits at its path in the saved state: a partial restore of that path alone
-        # (ema_params was saved as a tuple, which orbax's metadata gives back as a list)
-        item = target
-        for part in reversed(PARAM_TREES[which]):
-            item = [item] if isinstance(part, int) else {part: item}
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
+        step, tree, _ = self._param_tree(step, weights, ema_index)
+        return step, tree
+
+    def _param_tree(self, step: int | None, weights: str, ema_index: int) -> tuple[int, Any, int]:
+        """:meth:`param_tree_metadata` and the number of saved EMA trees."""
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights={weights!r}: use one of {WEIGHTS}")
+        self._manager.wait_until_finished()
+        step = self._resolve_step(step)
+        metadata = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(self._state_dir(step))
+        # orbax versions differ in how they wrap the tree (StepMetadata.item_metadata, .tree)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        if not isinstance(tree, dict) or "params" not in tree:
+            raise KeyError(f"the state saved at step {step} in {self.directory} is not a train state (no params"
+                           " tree)")
+        ema = tree.get("ema_params")
+        # saved as a tuple; the metadata gives it back as a list, or as a dict keyed '0', '1', ...
+        ema = [ema[k] for k in sorted(ema, key=int)] if isinstance(ema, dict) else list(ema or [])
+        if weights == "params":
+            return step, tree["params"], len(ema)
+        if not 0 <= ema_index < len(ema):
+            raise KeyError(f"the state saved at step {step} in {self.directory} holds {len(ema)} EMA tree(s), so"
+                           f" EMA tree {ema_index} does not exist: use the online parameters ('params')"
+                           f"{f' or an index below {len(ema)}' if ema else ''}")
+        return step, ema[ema_index], len(ema)
+
+    def param_shapes(self, step: int | None, weights: str = "ema", ema_index: int = 0) -> dict[str, tuple]:
+        """Shapes of the leaves of one saved parameter tree (as :meth:`param_tree_metadata`),
+        keyed by ``jax.tree_util.keystr`` of their path; no array is read."""
+        return tree_shapes(self.param_tree_metadata(step, weights, ema_index)[1])
+
+    def restore_params(self, step: int | None, weights: str = "ema", abstract_params: Any = None,
+                       ema_index: int = 0) -> Any:
+        """One parameter tree of the state saved at ``step`` (None: latest), read alone, without
+        the optimiser state or the other trees: the online parameters (``weights='params'``) or
+        EMA tree ``ema_index`` (``'ema'``).
+
+        ``abstract_params``: the tree expected (``jax.ShapeDtypeStruct`` leaves, or arrays).
+        Leaves with a ``sharding`` are read straight into it, bit for bit when the dtype is the
+        saved one (every process of a job calls this); leaves without one come back as host
+        numpy arrays. ``None`` reads the saved tree as it is, as numpy arrays. Paths and shapes
+        are compared with the checkpoint's metadata before any array is read.
+
+        Raises:
+          FileNotFoundError: nothing is saved, or ``step`` is not saved.
+          KeyError: the saved state has no such tree.
+          ValueError: the saved tree's paths or shapes differ from ``abstract_params``'; the
+            message names the differences.
+        """
+        step, saved, num_ema = self._param_tree(step, weights, ema_index)
+        if abstract_params is None:
+            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+        mismatch = shape_differences(tree_shapes(saved), tree_shapes(abstract_params))
+        if mismatch:
+            shown = mismatch[:6] + ([f"... {len(mismatch) - 6} more"] if len(mismatch) > 6 else [])
+            raise ValueError(f"the {weights} tree saved at step {step} in {self.directory} does not fit the model it"
+                             " is loaded into:\n  " + "\n  ".join(shown))
+
+        def restore_args(leaf):
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is None:
+                return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+            return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
+
+        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
+                                                                sharding=getattr(leaf, "sharding", None)),
+                              abstract_params)
+        args = jax.tree.map(restore_args, abstract_params)
+        # a partial restore of the tree's path in the saved state alone. The EMA trees are a list,
+        # which orbax matches whole, so every EMA tree is read and tree ema_index kept.
+        if weights == "ema":
+            target, args = {"ema_params": [target] * num_ema}, {"ema_params": [args] * num_ema}
+        else:
+            target, args = {"params": target}, {"params": args}
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-            restored = reader.restore(epath.Path(state_dir), args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
-        for part in PARAM_TREES[which]:
-            restored = restored[part]
-        return restored
+            restored = reader.restore(self._state_dir(step), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=args, partial_restore=True))
+        return restored["ema_params"][ema_index] if weights == "ema" else restored["params"]
 
     def reached_preemption(self, step: int) -> bool:
         """True at the step at which every process of a ``jax.distributed`` job is to save and
@@ -391,3 +434,20 @@ def check_compatible(saved_meta: dict, meta: dict, keys: Sequence[str]) -> None:
             + "\n  ".join(diffs)
             + "\nUse a fresh --workdir, or restore the configuration the checkpoint was saved with."
         )
+
+
+def tree_shapes(tree: Any) -> dict[str, tuple]:
+    """``{keystr(path): shape}`` of a tree whose leaves have a ``.shape`` (arrays, abstract
+    arrays, orbax's array metadata)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def shape_differences(saved: dict, current: dict) -> list[str]:
+    """One line per difference between two :func:`tree_shapes`: a path missing from the saved
+    tree, a saved path the current tree lacks, a shape that differs."""
+    missing = sorted(set(current) - set(saved))
+    extra = sorted(set(saved) - set(current))
+    shape = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+    return ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in extra]
+            + [f"{k}: saved {saved[k]}, current {current[k]}" for k in shape])

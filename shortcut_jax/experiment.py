@@ -159,24 +159,33 @@ class Experiment:
             self.meta["teacher"] = self.teacher_source.describe()
 
     def _latent_decoder(self, config):
-        """For a latent set: the VAE that encoded it (the folder its manifest names, or
-        ``eval.vae``), as a decoder of sampled latents; checked to be the same weights."""
+        """For a latent set, or reflow pairs of a latent run: the VAE that encoded the set (the
+        folder its manifest names, or ``eval.vae``), as a decoder of sampled latents; checked to
+        be the same weights."""
         manifest = getattr(self.source, "manifest", None)
-        if config.data.name != "latents" or manifest is None:
+        if manifest is None:
+            return None
+        if config.data.name == "latents":
+            recorded, encoded = manifest["vae"], f"latent set {config.data.path}"
+        elif config.data.name == data.PAIRS_DATA:
+            recorded = data.pairs.vae_record(manifest)
+            encoded = f"the latent set whose teacher made the reflow pairs in {config.data.path}"
+        else:
+            return None
+        if recorded is None:  # pairs of a pixel or point run
             return None
         from shortcut_jax.models import resolve_dtype, vae_weights
 
-        recorded = manifest["vae"]
         where = config.eval.vae or recorded["folder"]
         try:
             vae = vae_weights.load_vae(where)
         except vae_weights.WeightsError as err:
-            raise config_lib.ConfigError(f"decoding the samples of latent set {config.data.path}: {err} (set"
-                                         " eval.vae to the VAE's folder on this machine)") from None
+            raise config_lib.ConfigError(f"decoding the samples of {encoded}: {err} (set eval.vae to the VAE's"
+                                         " folder on this machine)") from None
         if vae.weights_sha256 != recorded["weights_sha256"]:
             raise config_lib.ConfigError(
                 f"eval.vae={where!r} holds other weights (sha256 {vae.weights_sha256[:12]}...) than the VAE"
-                f" that encoded {config.data.path} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"
+                f" that encoded {encoded} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"
                 " point eval.vae at that VAE's folder")
         # bf16 on accelerators (float32 convolutions at full precision are about 15x slower there)
         return vae.latent_decoder(dtype=resolve_dtype("auto"), batch_size=config.eval.decode_batch_size)

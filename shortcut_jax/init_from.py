@@ -62,7 +62,8 @@ def source_level(meta: dict) -> int:
 def open_source(train_cfg, meta: dict) -> WarmStart:
     """The checked source of ``train.init_from`` for a run whose metadata is ``meta``."""
     try:
-        saved = restore.open_run(train_cfg.init_from, step=train_cfg.init_from_step, what="train.init_from")
+        saved = restore.open_run(train_cfg.init_from, step=train_cfg.init_from_step, what="train.init_from",
+                                 step_what="train.init_from_step")
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     try:

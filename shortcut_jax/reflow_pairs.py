@@ -24,13 +24,17 @@ workdir, step, weights, objective, budget and data (name, path, shape, classes, 
 run the VAE record of its set). A latent run's pairs are latents, in the model's space; nothing
 is decoded.
 
-One process writes the files; run the command as a single process (it uses every local device).
+Several processes (``--multihost``, with ``--coordinator_address --num_processes --process_id``
+where no scheduler sets them, as for ``shortcut_jax.main``) share every sampler call over the
+devices of all of them; process 0 alone writes the files, and every process returns once they
+are written. One process uses every local device.
 """
 from __future__ import annotations
 
 import os
 from typing import Optional
 
+import jax
 import ml_collections
 
 from shortcut_jax import config_lib, restore, sampling
@@ -90,7 +94,7 @@ def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, s
     if num_pairs < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(f"--num_pairs={num_pairs}, --batch_size={batch_size} and --shard_size={shard_size} must"
                          " be >= 1")
-    saved = restore.open_run(workdir, step=step, what="--workdir")  # a missing checkpoint or step is refused here
+    saved = restore.open_run(workdir, step=step, what="--workdir", step_what="--step")  # a missing checkpoint or step is refused here
     num_levels = int(saved.meta.get("objective", {}).get("num_levels", 0))
     try:
         sampling.check_budget(budget, num_levels)
@@ -147,6 +151,14 @@ def define_flags(flag_values=None, argv=None):
     flags.DEFINE_enum("weights", "ema", list(restore.WEIGHTS), "The teacher's EMA (eval.ema_index) or online"
                       " parameters.", flag_values=fv)
     flags.DEFINE_integer("step", -1, "Checkpoint step of the teacher (-1: the latest).", flag_values=fv)
+    flags.DEFINE_bool("multihost", False, "Join a job of several processes (jax.distributed.initialize).",
+                      flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost without a scheduler).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost without a scheduler).",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (--multihost without a scheduler).",
+                         flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out_dir", "num_pairs"], flag_values=fv)
     return fv
 
@@ -156,8 +168,9 @@ def run(fv) -> dict:
     manifest = generate(fv.workdir, fv.out_dir, num_pairs=fv.num_pairs, budget=fv.budget, seed=fv.seed,
                         batch_size=fv.batch_size, shard_size=fv.shard_size, cfg_scale=fv.cfg_scale,
                         weights=fv.weights, step=fv.step, config=fv.config)
-    print(f"{manifest['num_pairs']} pairs of {manifest['meta']['teacher_workdir']} (step"
-          f" {manifest['meta']['teacher_step']}, {fv.budget} step(s)) in {os.path.abspath(fv.out_dir)}")
+    if jax.process_index() == 0:
+        print(f"{manifest['num_pairs']} pairs of {manifest['meta']['teacher_workdir']} (step"
+              f" {manifest['meta']['teacher_step']}, {fv.budget} step(s)) in {os.path.abspath(fv.out_dir)}")
     return manifest
 
 
@@ -167,10 +180,13 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from shortcut_jax import writers
+    from shortcut_jax import distributed, writers
 
+    fv = flags.FLAGS
+    if fv.multihost:
+        distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     writers.quiet_library_logs()
-    run(flags.FLAGS)
+    run(fv)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,7 @@ import dataclasses
 import logging
 from typing import Any, Optional
 
-import jax
-from etils import epath
-
-from shortcut_jax import checkpoint, config_lib
+from shortcut_jax import checkpoint, config_lib, restore
 from shortcut_jax.objectives import NEEDS
 from shortcut_jax.objectives.warm_start import warm_start_params
 
@@ -40,7 +37,7 @@ log = logging.getLogger(__name__)
 # What fixes the parameter shapes of the teacher's tree (its meta against this run's).
 TEACHER_COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes")
 
-# objective.teacher_weights -> the saved tree checkpoint.Checkpointer.restore_params reads
+# objective.teacher_weights -> the saved tree checkpoint.Checkpointer.restore_params reads (EMA: the first)
 WEIGHTS = {"ema": "ema", "params": "params"}
 
 
@@ -59,21 +56,6 @@ class TeacherSource:
         return dataclasses.asdict(self)
 
 
-def checkpoint_dir(path: str) -> str:
-    """The checkpoint folder named by ``objective.teacher_checkpoint``: the folder itself, or its
-    ``checkpoints`` sub-folder when it is a run's workdir (a folder with no step folders of its
-    own and a ``checkpoints`` folder)."""
-    folder = epath.Path(path)
-    if not folder.is_dir():
-        raise config_lib.ConfigError(
-            f"objective.teacher_checkpoint={path!r} is not a directory: give the teacher run's"
-            " <workdir>/checkpoints (or its workdir)")
-    has_steps = any(p.name.isdigit() for p in folder.iterdir())
-    if not has_steps and (folder / "checkpoints").is_dir():
-        return str(folder / "checkpoints")
-    return str(folder)
-
-
 def level_rule(teacher_objective: str, student_objective: str, num_levels: int) -> Optional[int]:
     """The level at which the teacher's level embedder is made constant (module docstring), or
     None where the teacher's network is kept as saved."""
@@ -84,72 +66,55 @@ def level_rule(teacher_objective: str, student_objective: str, num_levels: int) 
     return num_levels if teacher_reads else 0
 
 
-def _shape_differences(saved: dict, wanted: dict) -> list[str]:
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    shape = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    return ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in extra]
-            + [f"{k}: saved {saved[k]}, current {wanted[k]}" for k in shape])
-
-
 def find_teacher(objective_cfg, meta: dict, abstract_params: Any) -> TeacherSource:
     """The teacher named by ``objective_cfg``, checked against this run's ``meta`` (as
     ``Experiment.meta``) and parameter shapes; reads metadata only."""
     name = objective_cfg.name
     path = objective_cfg.teacher_checkpoint
     where = f"objective.teacher_checkpoint={path!r}"
-    directory = checkpoint_dir(path)
-    step = None if objective_cfg.teacher_step == -1 else int(objective_cfg.teacher_step)
     weights = WEIGHTS[objective_cfg.teacher_weights]  # the value is checked by config_lib.validate
-    with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
-        saved_steps = ckpt.all_steps()
-        if not saved_steps:
-            raise config_lib.ConfigError(
-                f"{where} holds no checkpoint: point it at a trained run's <workdir>/checkpoints")
-        if step is not None and step not in saved_steps:
-            raise config_lib.ConfigError(
-                f"objective.teacher_step={step} is not saved in {where} (saved steps: {saved_steps}):"
-                " pick one of them, or -1 for the latest")
-        step = saved_steps[-1] if step is None else step
-        saved = ckpt.read_meta(step)
-        teacher_objective = (saved.get("objective") or {}).get("name")
-        if teacher_objective not in NEEDS:
-            raise config_lib.ConfigError(
-                f"{where}: step {step} records no known objective ({teacher_objective!r}); distil a run trained"
-                " by this project")
-        if NEEDS[teacher_objective].sampler != "euler":
-            velocity = sorted(n for n, needs in NEEDS.items() if needs.sampler == "euler")
-            raise config_lib.ConfigError(
-                f"{where} is a {teacher_objective!r} run, whose network is not the velocity field"
-                f" {name!r} distils: point objective.teacher_checkpoint at a run of one of {velocity}")
-        diffs = checkpoint.differences(saved, meta, TEACHER_COMPATIBILITY_KEYS)
-        teacher_levels = (saved.get("objective") or {}).get("num_levels")
-        if NEEDS[teacher_objective].level_input and teacher_levels != objective_cfg.num_levels:
-            # the teacher's levels mean its step sizes; the student calls it at its own
-            diffs.append(f"objective.num_levels: saved {teacher_levels!r}, current {objective_cfg.num_levels!r}")
-        if diffs:
-            raise config_lib.ConfigError(
-                f"{where} (step {step}) was trained with another model or data:\n  " + "\n  ".join(diffs)
-                + "\nPoint objective.teacher_checkpoint at a run of this architecture, data shape and class"
-                " count, or set model.* (and the data) to the teacher's")
-        if weights == "ema" and not saved.get("ema_decays"):
-            raise config_lib.ConfigError(
-                f"objective.teacher_weights='ema' but {where} kept no EMA weights (train.ema_decays=()):"
-                " set objective.teacher_weights='params'")
-        try:
-            saved_shapes = ckpt.param_shapes(step, weights)
-        except KeyError as err:
-            raise config_lib.ConfigError(f"{where}: {err.args[0]}; set objective.teacher_weights to the other"
-                                         " tree") from None
-    wanted = {jax.tree_util.keystr(p): tuple(leaf.shape)
-              for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
-    shape_diffs = _shape_differences(saved_shapes, wanted)
+    try:
+        saved_run = restore.open_run(path, step=int(objective_cfg.teacher_step), what="objective.teacher_checkpoint",
+                                     step_what="objective.teacher_step")
+    except FileNotFoundError as err:
+        raise config_lib.ConfigError(str(err)) from None
+    step, saved = saved_run.step, saved_run.meta
+    teacher_objective = (saved.get("objective") or {}).get("name")
+    if teacher_objective not in NEEDS:
+        raise config_lib.ConfigError(
+            f"{where}: step {step} records no known objective ({teacher_objective!r}); distil a run trained"
+            " by this project")
+    if NEEDS[teacher_objective].sampler != "euler":
+        velocity = sorted(n for n, needs in NEEDS.items() if needs.sampler == "euler")
+        raise config_lib.ConfigError(
+            f"{where} is a {teacher_objective!r} run, whose network is not the velocity field"
+            f" {name!r} distils: point objective.teacher_checkpoint at a run of one of {velocity}")
+    diffs = checkpoint.differences(saved, meta, TEACHER_COMPATIBILITY_KEYS)
+    teacher_levels = (saved.get("objective") or {}).get("num_levels")
+    if NEEDS[teacher_objective].level_input and teacher_levels != objective_cfg.num_levels:
+        # the teacher's levels mean its step sizes; the student calls it at its own
+        diffs.append(f"objective.num_levels: saved {teacher_levels!r}, current {objective_cfg.num_levels!r}")
+    if diffs:
+        raise config_lib.ConfigError(
+            f"{where} (step {step}) was trained with another model or data:\n  " + "\n  ".join(diffs)
+            + "\nPoint objective.teacher_checkpoint at a run of this architecture, data shape and class"
+            " count, or set model.* (and the data) to the teacher's")
+    if weights == "ema" and not saved.get("ema_decays"):
+        raise config_lib.ConfigError(
+            f"objective.teacher_weights='ema' but {where} kept no EMA weights (train.ema_decays=()):"
+            " set objective.teacher_weights='params'")
+    try:
+        saved_shapes = saved_run.param_shapes(weights)
+    except KeyError as err:
+        raise config_lib.ConfigError(f"{where}: {err.args[0]}; set objective.teacher_weights to the other"
+                                     " tree") from None
+    shape_diffs = checkpoint.shape_differences(saved_shapes, checkpoint.tree_shapes(abstract_params))
     if shape_diffs:
         shown = shape_diffs[:6] + ([f"... {len(shape_diffs) - 6} more"] if len(shape_diffs) > 6 else [])
         raise config_lib.ConfigError(
             f"{where} (step {step}): the teacher's parameters do not fit this model:\n  " + "\n  ".join(shown)
             + "\nPoint objective.teacher_checkpoint at a run of the same model (model.*) and data")
-    return TeacherSource(directory=directory, step=step, weights=weights, objective=teacher_objective,
+    return TeacherSource(directory=saved_run.ckpt_dir, step=step, weights=weights, objective=teacher_objective,
                          source_level=level_rule(teacher_objective, name, objective_cfg.num_levels))
 
 

@@ -70,6 +70,13 @@ def read_manifest(root: str) -> dict[str, Any]:
     return manifest
 
 
+def vae_record(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The VAE record of the latent set a latent teacher was trained on (what decodes these
+    pairs' samples and a run trained on them), as ``reflow_pairs`` stores it in the manifest's
+    ``meta.data.vae``; None for the pairs of a pixel or point run."""
+    return ((manifest.get("meta") or {}).get("data") or {}).get("vae")
+
+
 def prepare_pairs(config, name: str) -> dict[str, Any]:
     """Reads and checks every shard once (what ``build_pairs`` serves)."""
     cfg.reject_image_size(config, name)

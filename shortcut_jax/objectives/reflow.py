@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import sampling
+from shortcut_jax import distributed, sampling
 from shortcut_jax.objectives import common
 
 MANIFEST = "manifest.json"
@@ -62,28 +62,46 @@ def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_c
     already on disk are kept when ``out_dir``'s manifest records the same settings; different
     settings are refused before anything is generated. ``meta`` (e.g. the teacher's checkpoint
     and step) is stored in the manifest. Returns the manifest.
+
+    In a job of several processes every process calls this alike: each takes its part in every
+    sampler call (which must return the whole batch on every process, as ``Sampler.to_host``
+    gives it), process 0 alone decides from what it finds on disk which shards are missing and
+    writes the manifest and the shards, and no process returns before they are written.
     """
     if num_pairs < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError(f"num_pairs={num_pairs}, shard_size={shard_size} and batch_size={batch_size} must be >= 1")
     settings = {"num_pairs": int(num_pairs), "shard_size": int(shard_size), "seed": int(seed),
                 "num_steps": int(num_steps), "cfg_scale": float(cfg_scale), "shape": [int(d) for d in shape],
                 "num_classes": int(num_classes), "meta": meta or {}}
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            saved = json.load(f)
-        differing = sorted(k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k])))
-        if differing:
-            raise ValueError(f"{out_dir} holds pairs generated with other settings ({', '.join(differing)}):"
-                             " use another output directory or the saved settings")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(manifest_path, "w") as f:
-        json.dump(settings, f, indent=1)
-
     num_shards = -(-num_pairs // shard_size)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    writer = jax.process_index() == 0
+    # what is on disk, as process 0 sees it: [settings differ, shard 0 done, shard 1 done, ...]
+    status = np.zeros(1 + num_shards, np.int32)
+    differing = ["see process 0"]
+    if writer:
+        if os.path.exists(manifest_path):
+            with open(manifest_path) as f:
+                saved = json.load(f)
+            differing = sorted(k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k])))
+            status[0] = bool(differing)
+        status[1:] = [os.path.exists(shard_path(out_dir, i)) for i in range(num_shards)]
+    if jax.process_count() > 1:
+        # every process takes part in every sampler call, so all skip the same shards and all
+        # refuse together (another host may not even see the folder)
+        from jax.experimental import multihost_utils
+
+        status = np.asarray(multihost_utils.broadcast_one_to_all(status))
+    if status[0]:
+        raise ValueError(f"{out_dir} holds pairs generated with other settings ({', '.join(differing)}):"
+                         " use another output directory or the saved settings")
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(manifest_path, "w") as f:
+            json.dump(settings, f, indent=1)
+
     for index in range(num_shards):
-        path = shard_path(out_dir, index)
-        if os.path.exists(path):
+        if status[1 + index]:
             continue
         count = min(shard_size, num_pairs - index * shard_size)
         noise, labels = shard_inputs(index, count, seed=seed, shape=shape, num_classes=num_classes)
@@ -98,9 +116,13 @@ def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_c
             chunk_labels[:stop - start] = labels[start:stop] if num_classes > 0 else num_classes
             out = sampler(params, chunk_noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
             samples[start:stop] = np.asarray(out)[:stop - start]
-        tmp = path + ".tmp.npz"  # written whole, then renamed: a stopped run leaves no partial shard
-        np.savez(tmp, noise=noise, x=samples, label=labels)
-        os.replace(tmp, path)
+        if writer:
+            path = shard_path(out_dir, index)
+            tmp = path + ".tmp.npz"  # written whole, then renamed: a stopped run leaves no partial shard
+            np.savez(tmp, noise=noise, x=samples, label=labels)
+            os.replace(tmp, path)
+    # no process returns before process 0 has written every file
+    distributed.sync(f"reflow pairs written to {out_dir}")
     return settings
 
 
