@@ -17,7 +17,7 @@ The path of a checkpoint to a grid::
       -> require_checkpoint(workdir)             (before anything is built)
       -> Experiment(config, workdir)             (checks, model, mesh, sampler, metric)
       -> check_before_sampling                   (metric and export against the samples' shape)
-      -> Checkpointer.restore(step, abstract_state)
+      -> Experiment.restore(ckpt, step)          (either block layout, see model.scan_blocks)
       -> evaluate_state: params = EMA or online tree
            for each budget n: sample_batches -> Sampler (jit, noise split over the mesh) [-> decode]
                               -> metric accumulator, ADM .npz, grid PNG
@@ -332,7 +332,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
     try:
         check_before_sampling(exp)
         with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
-            state, _, _ = ckpt.restore(step, exp.abstract_state)
+            state, _, _ = exp.restore(ckpt, step)
         step = int(jax.device_get(state.step))
         writer = None
         if out_dir is None:

@@ -315,6 +315,29 @@ class Experiment:
         if self.source is not None:
             self.source.close()
 
+    def restore(self, ckpt: checkpoint.Checkpointer, step: Optional[int]):
+        """(state, data_state, meta) of the checkpoint at ``step`` (None: latest), in this run's
+        block layout and shardings.
+
+        A checkpoint written with the other ``model.scan_blocks`` (blocks unrolled or stacked)
+        is read in its own layout and converted on the devices (an exact reshuffle of the
+        parameters, the EMA trees and Adam's moments), so a run can be evaluated, sampled or
+        resumed with either setting."""
+        saved = ckpt.read_meta(step) or {}
+        saved_stacked = bool((saved.get("model") or {}).get("scan_blocks", False))
+        stacked = bool(self.config.model.scan_blocks) and self.config.model.name == "dit"
+        if saved_stacked == stacked:
+            return ckpt.restore(step, self.abstract_state)
+        as_saved = jax.eval_shape(lambda s: convert.to_layout(s, saved_stacked), self.abstract_state)
+        as_saved = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), as_saved,
+                                sharding.state_shardings(as_saved, self.mesh))
+        state, data_state, meta = ckpt.restore(step, as_saved)
+        log.info("checkpoint written with model.scan_blocks=%s: blocks converted to the %s layout", saved_stacked,
+                 "stacked" if stacked else "unrolled")
+        # (not donated: stacking changes every block array's shape, so no buffer could be reused)
+        state = jax.jit(lambda s: convert.to_layout(s, stacked), out_shardings=self.state_shardings)(state)
+        return state, data_state, meta
+
     def eval_params(self, state):
         if self.config.eval.use_ema and state.ema_params:
             return state.ema_params[self.config.eval.ema_index]

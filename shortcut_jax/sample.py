@@ -145,7 +145,7 @@ def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optio
         # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
         checkpoint.check_compatible(meta, exp.meta, COMPATIBILITY_KEYS)
         with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
-            state, _, _ = ckpt.restore(step, exp.abstract_state)
+            state, _, _ = exp.restore(ckpt, step)
         return LoadedRun(exp, exp.eval_params(state), int(jax.device_get(state.step)))
     except BaseException:
         exp.close()

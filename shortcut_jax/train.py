@@ -5,7 +5,7 @@ The path of a batch::
     experiments/<setting>.py:get_config(arg)  (+ --config.key=value)  -> ConfigDict
     main.py -> train_and_evaluate(config, workdir)
       Experiment(config, workdir)      (experiment.py: checks, data source, model, mesh, shardings)
-      Checkpointer.restore(latest) or exp.init_state()   (state sharded over the mesh)
+      exp.restore(ckpt, latest) or exp.init_state()   (state sharded over the mesh)
       exp.compile_step()               (train_step.py, jitted once, state donated)
       loop:
         source.next_batch()            (numpy rows of this process; data/)
@@ -121,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     try:
         latest = ckpt.latest_step()
         if latest is not None:
-            state, data_state, saved_meta = ckpt.restore(latest, exp.abstract_state)
+            state, data_state, saved_meta = exp.restore(ckpt, latest)
             if data_state:  # empty for imported checkpoints: the stream starts fresh
                 exp.source.set_state(data_state)
             log.info("resumed from step %d%s", latest, _layout_change(saved_meta, exp.meta))

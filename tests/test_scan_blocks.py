@@ -305,3 +305,27 @@ def test_fsdp_sharded_scanned_step_equals_one_device(train_steps):
     assert state_f.params["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, None, "fsdp")
     np.testing.assert_allclose(loss_f, loss_s, rtol=1e-5)
     assert rel_err(flat_params(params_f), flat_params(params_s)) <= 1e-5
+
+
+def test_checkpoint_of_the_scanned_run_restores_into_the_unrolled_layout(train_steps, tmp_path):
+    """A run saved with model.scan_blocks=True is read by a config with it off (evaluation,
+    sampling or a resume): parameters, EMA trees and Adam's moments arrive unstacked, exactly."""
+    from shortcut_jax import checkpoint
+    _, _, exp_f, state_f = train_steps["scan_fsdp"]
+    workdir = tmp_path / "run"
+    with checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False) as ckpt:
+        ckpt.save(2, state_f, data_state={}, meta=exp_f.meta, force=True)
+    unrolled = Experiment(digits_config(**{"model.width": 64, "mesh.data": 2}), str(workdir))
+    try:
+        with checkpoint.Checkpointer(unrolled.ckpt_dir, async_save=False) as ckpt:
+            state, _, _ = unrolled.restore(ckpt, None)
+    finally:
+        unrolled.close()
+    assert not convert.is_stacked(state.params) and convert.is_stacked(state_f.params)
+    want = jax.device_get(convert.to_layout(jax.device_get(state_f), stacked=False))
+    got = jax.device_get(state)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # placed on the unrolled run's shardings
+    assert jax.tree.leaves(state.params)[0].sharding.mesh.shape == unrolled.mesh.shape
