@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 from shortcut_jax import config_lib, evaluate, sharding
 from shortcut_jax.evaluation import distances, fid, metrics
