@@ -14,7 +14,9 @@ therefore meaningless; the times are the product)::
 line extrapolated linearly to 50,000 (sampling, decoding and features scale with the count; the
 Fréchet distance itself does not), marked as such. The decoder's and the Inception network's first
 calls (compilation) are timed apart, before the budgets; each budget's sampler compiles inside its
-first batch (``sample_s``). ``--tiny`` runs a 2-block DiT on 8x8 latents
+first batch (``sample_s``). Decoded images stay on the devices for FID: ``score_s`` is the
+quantisation, the Inception network and the features' copy to the host; ``host_copy_s`` the
+copies of images to the host (none here: no grids, no sample files). ``--tiny`` runs a 2-block DiT on 8x8 latents
 with a small VAE (a check of the script on a CPU). Writes ``OUT/fid50k_time.json`` and each
 budget's ``evaluation.json``.
 """
@@ -64,7 +66,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
 
     from experiments import imagenet
-    from shortcut_jax import data, evaluate
+    from shortcut_jax import data, evaluate, sharding
     from shortcut_jax.evaluation import fid, inception, metrics
     from shortcut_jax.experiment import Experiment
     from shortcut_jax.models import vae as vae_lib
@@ -107,12 +109,14 @@ def main(argv=None) -> None:
     metric = metrics.build_metric(config.eval, "images")
 
     # compilation of the decoder and the Inception network apart (each budget's sampler compiles
-    # in its first batch, inside sample_s)
+    # in its first batch, inside sample_s), on what the evaluation gives them: a batch of latents
+    # on the devices, sharded as the sampler leaves it, and the decoded images where they lie
     began = time.perf_counter()
-    images = decode(np.zeros((args.decode_batch_size, *spec.shape), np.float32))
+    latents = jax.device_put(np.zeros((args.batch_size, *spec.shape), np.float32), sharding.batch_sharding(exp.mesh))
+    images = jax.block_until_ready(decode(latents))
     decoder_compile_s = time.perf_counter() - began
     began = time.perf_counter()
-    metric.extractor(np.zeros((args.fid_batch_size, *images.shape[1:]), np.uint8))
+    metric.extractor.on_device(images, len(images))
     inception_compile_s = time.perf_counter() - began
 
     # the Fréchet distance (a 2048-d matrix square root on the host) does not grow with the count

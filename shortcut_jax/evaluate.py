@@ -64,7 +64,7 @@ from shortcut_jax import checkpoint, plots, writers
 from shortcut_jax.evaluation import adm_npz, report
 from shortcut_jax.evaluation.pixels import grey_to_rgb
 # The sample set (noise, labels, batches over the mesh); draw_samples is also this module's API.
-from shortcut_jax.evaluation.sample_sets import draw_samples, sample_batches  # noqa: F401
+from shortcut_jax.evaluation.sample_sets import device_batches, draw_samples, sample_batches  # noqa: F401
 from shortcut_jax.experiment import Experiment
 from shortcut_jax.jsonable import jsonable
 
@@ -223,11 +223,18 @@ def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *,
                  image_shape: tuple, shown_count: int, decode, progress: bool):
     """``count`` samples at one budget, batch by batch, into the metric's accumulator (or None)
     and the ADM file ``export`` (or None); returns (metric value or None, the first
-    ``shown_count`` samples, timings)."""
-    timing = {"sample_s": 0.0, "score_s": 0.0}
+    ``shown_count`` samples, timings).
+
+    Batches stay on the devices unless something needs them on the host: an accumulator that
+    scores device arrays (FID: ``add_on_device``) gets them as they are, and only the sample
+    file (every sample), a metric of host arrays (every sample) and the grid (its first
+    ``shown_count``) are copied to the host (``host_copy_s``)."""
+    timing = {"sample_s": 0.0, "score_s": 0.0, "host_copy_s": 0.0}
     began = time.perf_counter()
     shown: list[np.ndarray] = []
     kept = 0
+    on_device = accumulator is not None and hasattr(accumulator, "add_on_device")
+    everything_on_host = export is not None or (accumulator is not None and not on_device)
     with contextlib.ExitStack() as stack:
         sample_file = None
         if export is not None:  # removed again if anything fails before the last sample is in
@@ -235,20 +242,26 @@ def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *,
                 export, num_images=count, image_shape=(*image_shape[:2], 3), with_labels=spec.num_classes > 0))
         bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"{num_steps} step(s)", disable=not progress,
                                        dynamic_ncols=True, leave=False))
-        for x, labels in sample_batches(
+        for x, rows, labels in device_batches(
                 sampler, params, shape=tuple(spec.shape), num_classes=spec.num_classes, num_samples=count,
                 batch_size=min(eval_cfg.batch_size, count), num_steps=num_steps, seed=eval_cfg.seed,
                 cfg_scale=eval_cfg.cfg_scale, label_mode=eval_cfg.label_mode, decode=decode, timings=timing):
+            copying = time.perf_counter()
+            host = np.asarray(sampler.to_host(x))[:rows] if everything_on_host else None
             if kept < shown_count:
-                shown.append(x[:shown_count - kept])
+                wanted = min(shown_count - kept, rows)
+                shown.append(host[:wanted] if host is not None else np.asarray(sampler.to_host(x[:wanted])))
                 kept += len(shown[-1])
+            timing["host_copy_s"] += time.perf_counter() - copying
             scoring = time.perf_counter()
-            if accumulator is not None:
-                accumulator.add(x)
+            if on_device:
+                accumulator.add_on_device(x, rows, sampler.to_host)
+            elif accumulator is not None:
+                accumulator.add(host)
             timing["score_s"] += time.perf_counter() - scoring
             if sample_file is not None:
-                sample_file.add(grey_to_rgb(x), labels if spec.num_classes > 0 else None)
-            bar.update(len(x))
+                sample_file.add(grey_to_rgb(host), labels if spec.num_classes > 0 else None)
+            bar.update(rows)
     value = None
     if accumulator is not None:
         scoring = time.perf_counter()

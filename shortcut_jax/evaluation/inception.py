@@ -49,7 +49,8 @@ import numpy as np
 
 # The one quantisation of samples to 8-bit images, shared with CFD and the ADM sample files
 # (imported under the name this module has always offered it by).
-from shortcut_jax.evaluation.pixels import to_uint8 as images_to_uint8
+from shortcut_jax.evaluation.pixels import to_uint8 as images_to_uint8  # noqa: F401
+from shortcut_jax.evaluation.chunked_features import ChunkedFeatures
 
 __all__ = [
     "FEATURE_DIM",
@@ -580,8 +581,10 @@ def _check_release_hash(path: str, sha: str) -> None:
 # ------------------------------------------------------------------------------ feature extractor
 
 
-class InceptionFeatures:
-    """FID pool features: ``extractor(images) -> float32 [N, 2048]``.
+class InceptionFeatures(ChunkedFeatures):
+    """FID pool features: ``extractor(images) -> float32 [N, 2048]``, or for images already on the
+    devices ``extractor.on_device(images, count)`` (quantised and checked there; only the
+    features come to the host; see ``chunked_features``).
 
     ``images``: ``[N, H, W, 3]``, uint8 or float in [-1, 1] (quantised to uint8 first, see
     ``pixels.to_uint8``), any H and W. Images go through in chunks of ``batch_size`` (the
@@ -606,48 +609,13 @@ class InceptionFeatures:
             self.info = {"path": "", "source_sha256": "",
                          "fingerprint": variables_fingerprint(variables)}
         self.fingerprint = self.info["fingerprint"]
-        self.dim = FEATURE_DIM
-        devices = list(devices) if devices is not None else jax.local_devices()
-        self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-        self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._variables = jax.device_put(
-            jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), variables), replicated)
         model = FIDInceptionV3()
-        # Two programs: the resize depends on the input size, the network does not.
-        self._prepare = jax.jit(_to_network_input, out_shardings=self._batch_sharding)
-        self._network = jax.jit(lambda v, x: model.apply(v, x),
-                                out_shardings=self._batch_sharding)
+        super().__init__(_to_network_input, lambda v, x: model.apply(v, x), variables, dim=FEATURE_DIM,
+                         batch_size=batch_size, devices=devices)
 
     @property
     def extractor_id(self) -> str:
         return f"{NETWORK_ID}:{self.fingerprint}"
-
-    def __call__(self, images) -> np.ndarray:
-        x = images_to_uint8(images)
-        n, b = len(x), self.batch_size
-        out = np.empty((n, FEATURE_DIM), np.float32)
-        pending = []  # (start, count, features on device): one chunk in flight ahead
-        with jax.default_matmul_precision("float32"):
-            for start in range(0, n, b):
-                chunk = x[start:start + b]
-                m = len(chunk)
-                if m < b:
-                    chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), np.uint8)])
-                # Dispatch is asynchronous: the next chunk's transfer and the network overlap
-                # with copying the previous chunk's features back.
-                chunk = jax.device_put(chunk, self._batch_sharding)
-                pending.append((start, m, self._network(self._variables, self._prepare(chunk))))
-                if len(pending) > 1:
-                    self._collect(out, *pending.pop(0))
-            for item in pending:
-                self._collect(out, *item)
-        return out
-
-    @staticmethod
-    def _collect(out, start, count, features) -> None:
-        out[start:start + count] = np.asarray(features)[:count]
 
 
 # ------------------------------------------------------------------------------------ conversion

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["grey_to_rgb", "to_uint8"]
+__all__ = ["grey_to_rgb", "grey_to_rgb_on_device", "to_uint8", "to_uint8_on_device"]
 
 
 def to_uint8(images, image_size: int | None = None) -> np.ndarray:
@@ -33,6 +33,23 @@ def to_uint8(images, image_size: int | None = None) -> np.ndarray:
     return np.round((np.clip(x.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
+def to_uint8_on_device(images):
+    """:func:`to_uint8`'s rule as a JAX function (traceable, for images that stay on the devices):
+    the same float32 clip, the same two roundings of ``+ 1`` and ``* 127.5`` and the same
+    round-half-to-even, so the bytes equal the host's (``tests/test_fid_on_device.py``).
+
+    Non-finite values are not refused here (a traced function cannot raise on data): callers
+    check ``jnp.isfinite`` themselves and discard the result when it fails.
+    """
+    import jax.numpy as jnp
+
+    if images.dtype == jnp.uint8:
+        return images
+    # Written as the host rule is (add, then multiply): no fused multiply-add can form, and
+    # x * 127.5 + 127.5 would round differently at the .5 boundaries.
+    return jnp.round((jnp.clip(images.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
 def grey_to_rgb(images) -> np.ndarray:
     """``[N, H, W, 1]`` -> ``[N, H, W, 3]`` by repeating the channel (how pytorch-fid's and the
     ADM evaluator's image loaders read greyscale files); RGB images are returned as they are."""
@@ -40,3 +57,12 @@ def grey_to_rgb(images) -> np.ndarray:
     if x.ndim == 4 and x.shape[-1] == 1:
         return np.repeat(x, 3, axis=-1)
     return x
+
+
+def grey_to_rgb_on_device(images):
+    """:func:`grey_to_rgb` as a JAX function (traceable)."""
+    import jax.numpy as jnp
+
+    if images.ndim == 4 and images.shape[-1] == 1:
+        return jnp.repeat(images, 3, axis=-1)
+    return images

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
-__all__ = ["LABEL_STREAM", "class_labels", "draw_samples", "sample_batches"]
+__all__ = ["LABEL_STREAM", "class_labels", "device_batches", "draw_samples", "sample_batches"]
 
 # The labels' generator is np.random.default_rng([seed, LABEL_STREAM]): independent of the
 # noise stream of the same seed.
@@ -59,7 +59,24 @@ def sample_batches(sampler, params, *, shape, num_classes: int, num_samples: int
     images ``[N, H, W, 3]`` in [-1, 1], applied on the devices) the decoded images. ``labels``
     overrides the label mode (one per sample). ``timings``: when given, ``sample_s`` and
     ``decode_s`` are added to it (waiting for the devices after each phase, which costs a
-    little overlap).
+    little overlap). :func:`device_batches` gives the same batches left on the devices.
+    """
+    for x, count, chunk_labels in device_batches(
+            sampler, params, shape=shape, num_classes=num_classes, num_samples=num_samples,
+            batch_size=batch_size, num_steps=num_steps, seed=seed, cfg_scale=cfg_scale, label_mode=label_mode,
+            labels=labels, decode=decode, timings=timings):
+        yield np.asarray(sampler.to_host(x))[:count], chunk_labels
+
+
+def device_batches(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
+                   num_steps: int, seed: int, cfg_scale: float = 1.0, label_mode: str = "balanced",
+                   labels: Optional[np.ndarray] = None, decode: Optional[Callable] = None,
+                   timings: Optional[dict] = None) -> Iterator[tuple[object, int, np.ndarray]]:
+    """:func:`sample_batches` without the copy to the host: yields ``(samples, count, labels)``
+    with ``samples`` the sampler's (or ``decode``'s) output as it is, a global array of
+    ``batch_size`` rows sharded over the sampler's mesh (a host array where ``decode`` works on
+    the host), of which the first ``count`` are samples and the rest padding; ``labels`` are
+    the ``count`` samples' labels. ``sampler.to_host`` brings a batch to the host.
     """
     if labels is None:
         labels = class_labels(num_samples, num_classes, mode=label_mode, seed=seed)
@@ -86,7 +103,7 @@ def sample_batches(sampler, params, *, shape, num_classes: int, num_samples: int
             if timings is not None:
                 jax.block_until_ready(x)
                 timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - sampled
-        yield np.asarray(sampler.to_host(x))[:n], labels[start:start + n]
+        yield x, n, labels[start:start + n]
 
 
 def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,

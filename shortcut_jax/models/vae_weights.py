@@ -277,23 +277,31 @@ class LoadedVAE:
         return AutoencoderKL(self.config, dtype=dtype)
 
     def latent_decoder(self, dtype=jnp.bfloat16, batch_size: int = 32):
-        """A function: scaled latents (numpy [N, h, w, c], the space a model trains in) -> images,
-        float32 numpy [N, H, W, 3] clipped to [-1, 1]. Runs in batches of ``batch_size``, the last
-        padded, so it compiles once. bf16 by default: on a GPU, float32 convolutions at full
-        precision are about 15x slower and need far more scratch memory (benchmarks/vae_speed.py).
-        """
-        import jax
+        """A function: scaled latents ``[N, h, w, c]`` (the space a model trains in) -> images
+        ``[N, H, W, 3]`` float32 clipped to [-1, 1]. bf16 by default: on a GPU, float32
+        convolutions at full precision are about 15x slower and need far more scratch memory
+        (benchmarks/vae_speed.py).
 
+        Host latents (numpy) give host images, decoded in batches of ``batch_size``, the last
+        padded, so it compiles once. Latents on the devices (a sampler's output: a ``jax.Array``
+        sharded over the batch) give device images sharded the same way, so that a metric can
+        score them where they are: every device decodes its own rows, ``batch_size`` at a time,
+        with the weights replicated to it once per mesh; nothing crosses devices.
+        """
         from shortcut_jax.models.vae import unscale_latents
 
         module, config = self.module(dtype), self.config
 
-        @jax.jit
-        def decode(params, scaled):
+        def decode_batch(params, scaled):
             images = module.apply({"params": params}, unscale_latents(scaled, config), method=AutoencoderKL.decode)
             return jnp.clip(images, -1.0, 1.0)
 
-        def run(latents: np.ndarray) -> np.ndarray:
+        decode = jax.jit(decode_batch)
+        on_devices = _DeviceDecoder(decode_batch, self.params, batch_size)
+
+        def run(latents):
+            if isinstance(latents, jax.Array):
+                return on_devices(latents)
             latents = np.asarray(latents, np.float32)
             out = []
             for start in range(0, len(latents), batch_size):
@@ -310,6 +318,54 @@ class LoadedVAE:
         """What a latent set records about the VAE that made it."""
         return {"name": self.name, "folder": os.path.abspath(self.folder), "weights_file": os.path.basename(
             self.weights_path), "weights_sha256": self.weights_sha256, "config": self.config.to_diffusers()}
+
+
+class _DeviceDecoder:
+    """Decodes a device array of latents where it lies: ``shard_map`` over the mesh of its
+    sharding, each device running ``decode_batch`` over its own rows in chunks of
+    ``batch_size`` (``lax.map``; the last chunk zero-padded), so the images come out sharded
+    like the latents. An array on one device, or one whose batch is not split, is decoded the
+    same way on a mesh of its devices with the rows unsplit.
+    """
+
+    def __init__(self, decode_batch, params, batch_size: int):
+        self.decode_batch = decode_batch
+        self.params = params
+        self.batch_size = int(batch_size)
+        self._programs: dict = {}  # (mesh, batch spec) -> (jitted program, params on that mesh)
+
+    def _local_decode(self, params, latents):
+        """One device's rows ``[L, h, w, c]`` -> ``[L, H, W, 3]``, ``batch_size`` rows at a time."""
+        rows = latents.shape[0]
+        b = min(self.batch_size, rows)  # a device holding fewer rows decodes them in one call
+        num_chunks = -(-rows // b)
+        padded = jnp.pad(latents, ((0, num_chunks * b - rows),) + ((0, 0),) * (latents.ndim - 1))
+        chunks = padded.reshape(num_chunks, b, *latents.shape[1:])           # [k, b, h, w, c]
+        images = jax.lax.map(lambda chunk: self.decode_batch(params, chunk), chunks)  # [k, b, H, W, 3]
+        return images.reshape(num_chunks * b, *images.shape[2:])[:rows]
+
+    def _program(self, sharding):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        if isinstance(sharding, NamedSharding):
+            mesh, batch_axes = sharding.mesh, (tuple(sharding.spec) or (None,))[0]
+        else:  # one device, or a sharding without a mesh: decode the rows unsplit on its devices
+            mesh, batch_axes = jax.sharding.Mesh(np.asarray(list(sharding.device_set)), ("rows",)), None
+        key = (mesh, batch_axes)
+        if key not in self._programs:
+            spec = PartitionSpec(batch_axes)
+            program = jax.jit(jax.shard_map(self._local_decode, mesh=mesh, in_specs=(PartitionSpec(), spec),
+                                            out_specs=spec),
+                              out_shardings=NamedSharding(mesh, spec))
+            params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+            self._programs[key] = (program, params)
+        return self._programs[key]
+
+    def __call__(self, latents):
+        if isinstance(latents, jax.core.Tracer):  # shapes only (jax.eval_shape): no sharding to follow
+            return self.decode_batch(self.params, latents)
+        program, params = self._program(latents.sharding)
+        return program(params, jnp.asarray(latents, jnp.float32))
 
 
 def _looks_like_hub_id(source: str) -> bool:
