@@ -190,7 +190,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.ema_index = 0  # which train.ema_decays tree; the teacher always reads the first
     c.eval.seed = 1
     # Latent runs: samples are decoded by the VAE that encoded the set (its folder from the set's
-    # manifest, or eval.vae), in batches of eval.decode_batch_size, before grids and image metrics.
+    # manifest, or eval.vae), eval.decode_batch_size rows per device at a time, before grids and
+    # image metrics.
     c.eval.vae = ""
     c.eval.decode_batch_size = 32
     c.lock()
