@@ -17,9 +17,8 @@ import math
 
 import ml_collections
 
-from shortcut_jax.data import default_data_config
+from shortcut_jax.data import PAIRS_DATA, default_data_config
 from shortcut_jax.evaluation.metrics import METRIC_CHOICES
-from shortcut_jax.data import PAIRS_DATA
 from shortcut_jax.objectives import NEEDS, OBJECTIVES, check_method_config
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
