@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -26,7 +25,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "experiments")
 
 # How long a spawned process may take to join its job, and the whole job to finish.
 JOIN_TIMEOUT_S = 120
@@ -43,24 +41,14 @@ SIGNAL_AFTER = 4
 STEPS_AFTER_RESUME = 2
 
 
-def load_experiment(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_config(name, overrides: dict):
+    # imported here: a worker process runs this file as a script and imports JAX only in its job
+    from test_train import load_experiment, override
+
     c = load_experiment(name).get_config("runlocal=True")
     c.train.progress_bar = False
     c.train.use_tensorboard = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)
 
 
 def flat_params(params) -> dict[str, np.ndarray]:

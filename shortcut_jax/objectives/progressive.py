@@ -36,14 +36,17 @@ def teacher_for_step(step, frozen_teacher, params, cfg: common.ObjectiveConfig):
     """The frozen teacher for the update numbered ``step`` (0-based, before it is applied).
 
     At the first step of phases 1..K-1 the teacher becomes the current student ``params``;
-    otherwise it is kept. Jit-able: a select per parameter.
+    otherwise it is kept. Jit-able: a ``lax.cond``, so the steps inside a phase (all but K-1 of
+    them) do not touch the teacher's arrays.
     """
     if cfg.stage_steps < 1:
         raise ValueError("progressive distillation needs ObjectiveConfig.stage_steps >= 1; build the config with"
                          " make_objective_config(..., total_steps=train.steps)")
     step = jnp.asarray(step, jnp.int32)
     boundary = (step > 0) & (step % cfg.stage_steps == 0) & (step < num_stages(cfg) * cfg.stage_steps)
-    return jax.tree.map(lambda old, new: jnp.where(boundary, new.astype(old.dtype), old), frozen_teacher, params)
+    return jax.lax.cond(boundary,
+                        lambda: jax.tree.map(lambda old, new: new.astype(old.dtype), frozen_teacher, params),
+                        lambda: frozen_teacher)
 
 
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
