@@ -60,7 +60,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from shortcut_jax import checkpoint, plots, writers
+from shortcut_jax import checkpoint, plots, restore, writers
 from shortcut_jax.evaluation import adm_npz, report
 from shortcut_jax.evaluation.pixels import grey_to_rgb
 # The sample set (noise, labels, batches over the mesh); draw_samples is also this module's API.
@@ -319,9 +319,7 @@ def require_checkpoint(workdir: str) -> str:
     """The checkpoint folder of ``workdir`` (local or ``gs://``), refused when it holds no
     checkpoint; nothing is created."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    folder = epath.Path(ckpt_dir)
-    steps = [p.name for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-    if not steps:
+    if not restore.has_steps(ckpt_dir):
         raise FileNotFoundError(
             f"no checkpoint in {ckpt_dir}: fix --workdir (the folder a run was trained into), or train first"
             f" (python -m shortcut_jax.main --config=... --workdir={workdir})")

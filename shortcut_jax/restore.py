@@ -53,7 +53,9 @@ class SavedRun:
             return ckpt.param_shapes(self.step, weights, ema_index)
 
 
-def _has_steps(folder: epath.Path) -> bool:
+def has_steps(folder) -> bool:
+    """Whether ``folder`` (local or ``gs://``) holds at least one step folder of a checkpoint."""
+    folder = epath.Path(folder)
     return folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
 
 
@@ -66,7 +68,7 @@ def checkpoint_dir(path: str, *, what: str = "workdir") -> str:
         raise FileNotFoundError(f"{what}={path!r} is not a directory: give a trained run's workdir or its"
                                 " checkpoints folder")
     for candidate in (os.path.join(path, "checkpoints"), path):
-        if _has_steps(epath.Path(candidate)):
+        if has_steps(epath.Path(candidate)):
             return candidate if "://" in candidate else os.path.abspath(candidate)
     raise FileNotFoundError(f"{what}={path!r} holds no checkpoint (neither it nor {path}/checkpoints has a step"
                             " folder): give a trained run's workdir or its checkpoints folder")
