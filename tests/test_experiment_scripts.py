@@ -1,0 +1,70 @@
+"""The experiment shell scripts run end to end: experiments/cifar10_methods.sh (through
+cifar10_study.sh and launch/single_host.sh) on a small class-folder archive with a tiny model."""
+import io
+import json
+import os
+import subprocess
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "experiments", "cifar10_methods.sh")
+
+
+def class_folder_archive(path, classes=2, per_class=40):
+    """A tar.gz laid out like the CIFAR-10 archive: <set>/train/<class>/<n>.png, 32x32 RGB."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for c in range(classes):
+            for i in range(per_class):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+                info = tarfile.TarInfo(f"tiny/train/class{c}/{i:04d}.png")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+
+
+def run_script(env_extra, *args):
+    env = dict(os.environ, **env_extra)
+    env.setdefault("SHORTCUT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax_tests"))
+    return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_cifar10_methods_trains_the_teacher_then_distils_from_it(tmp_path):
+    archive = str(tmp_path / "tiny-train.tar.gz")
+    class_folder_archive(archive)
+    root = str(tmp_path / "runs")
+    proc = run_script({"METHODS": "fm pd", "CONFIG_ARG_EXTRA": ",runlocal=True"}, archive, root,
+                      "--config.train.steps=7", "--config.eval.budgets=(1,)", "--config.eval.grid_budgets=(1,)")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = open(os.path.join(root, "events")).read().splitlines()
+    names = [" ".join(line.split()[1:]) for line in events]
+    # one lane: the teacher finishes before the student starts; nothing else ran
+    assert names == ["start fm", "end fm rc=0", "start pd", "end pd rc=0"], events
+    for name in ("fm", "pd"):
+        assert os.path.exists(os.path.join(root, f"{name}.done"))
+        table = json.load(open(os.path.join(root, name, "eval", "00000007", "distance_by_budget.json")))
+        assert [row["steps"] for row in table["rows"]] == [1] and np.isfinite(table["rows"][0]["cfd"])
+        assert f"== {name} (" in proc.stdout  # the summary prints each table
+    manifest = json.load(open(os.path.join(root, "pd", "manifest.json")))
+    assert manifest["config"]["objective"]["name"] == "progressive_distillation"
+    teacher = manifest["extra"]["meta"]["teacher"]
+    assert teacher["directory"] == os.path.join(root, "fm", "checkpoints") and teacher["step"] == 7
+    assert teacher["objective"] == "flow_matching"
+
+    # started again: finished runs are skipped, not retrained
+    again = run_script({"METHODS": "fm pd"}, archive, root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    events = open(os.path.join(root, "events")).read().splitlines()
+    assert [" ".join(line.split()[1:]) for line in events[4:]] == ["fm already finished", "pd already finished"]
+
+
+def test_cifar10_methods_refuses_an_unknown_method_before_anything_is_written(tmp_path):
+    root = str(tmp_path / "runs")
+    proc = run_script({"METHODS": "fm reflow"}, str(tmp_path / "missing.tar.gz"), root)
+    assert proc.returncode == 2
+    assert "unknown method 'reflow' in METHODS" in proc.stderr
+    assert not os.path.exists(root)
