@@ -37,8 +37,11 @@ setup(
         # loads without torch: python -m shortcut_jax.evaluation.inception --convert ...)
         "fid-convert": ["torch"],
         # nbformat, nbclient and ipykernel execute notebooks/shortcut_colab.ipynb headlessly
+        # torch: the parity tests write .pth/.bin weights with torch.save and compare the image
+        # resize with torch's; 2.13.0 is the version they were checked with (a CPU build where
+        # one is on the package path, e.g. pip's --find-links)
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
-                 "array-record>=0.8", "nbformat>=5.11", "nbclient>=0.11", "ipykernel>=7.0"],
+                 "array-record>=0.8", "nbformat>=5.11", "nbclient>=0.11", "ipykernel>=7.0", "torch==2.13.0"],
         "wandb": ["wandb"],
         # VAE weights by hub id (python -m shortcut_jax.encode --vae=stabilityai/sd-vae-ft-mse)
         "hub": ["huggingface_hub>=0.20"],

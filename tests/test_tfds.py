@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-tfds = pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("grain")
+import grain  # noqa: E402,F401  (the reader the pipeline uses)
+import tensorflow_datasets as tfds  # noqa: E402
 
 from shortcut_jax import checkpoint, config_lib, train  # noqa: E402
 from shortcut_jax.data import default_data_config, make_dataset, validate_data_config  # noqa: E402
