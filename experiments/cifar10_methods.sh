@@ -28,11 +28,27 @@ archive=../shared/data/cifar10-train.tar.gz
 root=workdirs/cifar10_study
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then archive=$1; shift; fi
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then root=$1; shift; fi
-methods=${METHODS:-fm pd cd preset ct lr diffusion}
-for m in $methods; do
-  case $m in fm|pd|cd|preset|ct|lr|diffusion) ;;
-    *) echo "unknown method '$m' in METHODS: use fm pd cd preset ct lr diffusion" >&2; exit 2 ;;
+# lane A: the teacher run, then the runs distilled from it; lane B: the runs of their own
+lane_a="fm pd cd"
+lane_b="preset ct lr diffusion"
+
+args_of() {  # the experiment file's argument of each method; nothing for an unknown name
+  case $1 in
+    fm) echo "objective=flow_matching" ;;
+    pd) echo "objective=progressive_distillation" ;;
+    cd) echo "objective=consistency_distillation" ;;
+    preset) echo "preset=few_step" ;;
+    ct) echo "objective=consistency_training" ;;
+    lr) echo "objective=live_reflow" ;;
+    diffusion) echo "objective=diffusion" ;;
   esac
+}
+
+methods=${METHODS:-$lane_a $lane_b}
+for m in $methods; do
+  if [ -z "$(args_of "$m")" ]; then
+    echo "unknown method '$m' in METHODS: use $lane_a $lane_b" >&2; exit 2
+  fi
 done
 mkdir -p "$root"
 # Extract once here: two runs extracting into the same folder at once would race.
@@ -45,18 +61,6 @@ for key in budgets grid_budgets; do
 done
 common+=("$@")
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
-
-args_of() {
-  case $1 in
-    fm) echo "objective=flow_matching" ;;
-    pd) echo "objective=progressive_distillation" ;;
-    cd) echo "objective=consistency_distillation" ;;
-    preset) echo "preset=few_step" ;;
-    ct) echo "objective=consistency_training" ;;
-    lr) echo "objective=live_reflow" ;;
-    diffusion) echo "objective=diffusion" ;;
-  esac
-}
 
 flags_of() {
   case $1 in
@@ -78,8 +82,11 @@ run() {
   if [ $rc -eq 0 ]; then touch "$root/$name.done"; fi
 }
 
-( run fm; run pd; run cd ) &
-( run preset; run ct; run lr; run diffusion ) &
+lane() { for name in "$@"; do run "$name"; done; }
+# shellcheck disable=SC2086
+lane $lane_a &
+# shellcheck disable=SC2086
+lane $lane_b &
 wait
 for m in $methods; do
   table=$(ls -d "$root/$m"/eval/*/distance_by_budget.md 2>/dev/null | tail -n 1)

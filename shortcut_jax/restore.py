@@ -68,7 +68,7 @@ def checkpoint_dir(path: str, *, what: str = "workdir") -> str:
         raise FileNotFoundError(f"{what}={path!r} is not a directory: give a trained run's workdir or its"
                                 " checkpoints folder")
     for candidate in (os.path.join(path, "checkpoints"), path):
-        if has_steps(epath.Path(candidate)):
+        if has_steps(candidate):
             return candidate if "://" in candidate else os.path.abspath(candidate)
     raise FileNotFoundError(f"{what}={path!r} holds no checkpoint (neither it nor {path}/checkpoints has a step"
                             " folder): give a trained run's workdir or its checkpoints folder")

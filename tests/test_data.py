@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_tar
 from shortcut_jax.data import (
     READERS,
     default_data_config,
@@ -575,14 +576,6 @@ def png_bytes(value):
     buffer = io.BytesIO()
     Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def write_tar(path, files):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_extract_archive_once_and_read_as_folder(tmp_path):

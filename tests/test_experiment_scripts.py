@@ -4,46 +4,44 @@ import io
 import json
 import os
 import subprocess
-import tarfile
 
 import numpy as np
 from PIL import Image
+
+from conftest import COMPILE_CACHE, write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "cifar10_methods.sh")
 
 
-def class_folder_archive(path, classes=2, per_class=40):
-    """A tar.gz laid out like the CIFAR-10 archive: <set>/train/<class>/<n>.png, 32x32 RGB."""
-    rng = np.random.default_rng(0)
-    with tarfile.open(path, "w:gz") as tar:
-        for c in range(classes):
-            for i in range(per_class):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-                info = tarfile.TarInfo(f"tiny/train/class{c}/{i:04d}.png")
-                info.size = buf.tell()
-                buf.seek(0)
-                tar.addfile(info, buf)
+def random_png(rng) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def run_script(env_extra, *args):
-    env = dict(os.environ, **env_extra)
-    env.setdefault("SHORTCUT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax_tests"))
+    env = dict(os.environ, SHORTCUT_JAX_CACHE=COMPILE_CACHE, **env_extra)
     return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
 
 
+def events_of(root):
+    """ROOT/events without the times: ['start fm', 'end fm rc=0', ...]."""
+    with open(os.path.join(root, "events")) as f:
+        return [line.split(" ", 1)[1] for line in f.read().splitlines()]
+
+
 def test_cifar10_methods_trains_the_teacher_then_distils_from_it(tmp_path):
+    # laid out like the CIFAR-10 archive: <set>/train/<class>/<n>.png, 32x32 RGB
     archive = str(tmp_path / "tiny-train.tar.gz")
-    class_folder_archive(archive)
+    rng = np.random.default_rng(0)
+    write_tar(archive, {f"tiny/train/class{c}/{i:04d}.png": random_png(rng) for c in range(2) for i in range(40)})
     root = str(tmp_path / "runs")
     proc = run_script({"METHODS": "fm pd", "CONFIG_ARG_EXTRA": ",runlocal=True"}, archive, root,
                       "--config.train.steps=7", "--config.eval.budgets=(1,)", "--config.eval.grid_budgets=(1,)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    events = open(os.path.join(root, "events")).read().splitlines()
-    names = [" ".join(line.split()[1:]) for line in events]
     # one lane: the teacher finishes before the student starts; nothing else ran
-    assert names == ["start fm", "end fm rc=0", "start pd", "end pd rc=0"], events
+    assert events_of(root) == ["start fm", "end fm rc=0", "start pd", "end pd rc=0"]
     for name in ("fm", "pd"):
         assert os.path.exists(os.path.join(root, f"{name}.done"))
         table = json.load(open(os.path.join(root, name, "eval", "00000007", "distance_by_budget.json")))
@@ -58,8 +56,7 @@ def test_cifar10_methods_trains_the_teacher_then_distils_from_it(tmp_path):
     # started again: finished runs are skipped, not retrained
     again = run_script({"METHODS": "fm pd"}, archive, root)
     assert again.returncode == 0, again.stderr[-3000:]
-    events = open(os.path.join(root, "events")).read().splitlines()
-    assert [" ".join(line.split()[1:]) for line in events[4:]] == ["fm already finished", "pd already finished"]
+    assert events_of(root)[4:] == ["fm already finished", "pd already finished"]
 
 
 def test_cifar10_methods_refuses_an_unknown_method_before_anything_is_written(tmp_path):
