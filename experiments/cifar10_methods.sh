@@ -54,12 +54,8 @@ mkdir -p "$root"
 # Extract once here: two runs extracting into the same folder at once would race.
 python -c "import sys; from shortcut_jax.data import extract_archive as e; e(sys.argv[1], sys.argv[2])" \
   "$archive" "$root/data" || exit 1
-# Defaults for keys the caller's flags leave alone (a tuple flag given twice would be concatenated).
-common=(--config.train.eval_every=7000)
-for key in budgets grid_budgets; do
-  [[ " $* " == *" --config.eval.$key="* ]] || common+=("--config.eval.$key=(1,4,128)")
-done
-common+=("$@")
+# Defaults first: a caller's flag of the same key comes later and replaces it (tuples too).
+common=(--config.train.eval_every=7000 "--config.eval.budgets=(1,4,128)" "--config.eval.grid_budgets=(1,4,128)" "$@")
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 
 flags_of() {

@@ -454,7 +454,11 @@ def run(fv) -> dict[int, float]:
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
+
+    from shortcut_jax.config_lib import last_override_wins
 
     _FLAGS = define_flags()
 
@@ -463,4 +467,4 @@ if __name__ == "__main__":
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         run(_FLAGS)
 
-    app.run(_main)
+    app.run(_main, argv=last_override_wins(sys.argv))

@@ -42,4 +42,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    import sys
+
+    from shortcut_jax.config_lib import last_override_wins
+
+    app.run(main, argv=last_override_wins(sys.argv))

@@ -190,7 +190,11 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
 
+    from shortcut_jax.config_lib import last_override_wins
+
     define_flags()
-    app.run(main)
+    app.run(main, argv=last_override_wins(sys.argv))

@@ -406,7 +406,11 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
+
+    from shortcut_jax.config_lib import last_override_wins
 
     _FLAGS = _define_flags()
 
@@ -415,4 +419,4 @@ if __name__ == "__main__":
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         print(run_command(_FLAGS, _FLAGS.data))
 
-    app.run(_main)
+    app.run(_main, argv=last_override_wins(sys.argv, names=("data",)))
