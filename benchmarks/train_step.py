@@ -104,7 +104,9 @@ MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dty
 
 
 def lean_ops(text: str) -> tuple:
-    """--lean_ops 'all', 'none' or 'norm,gelu' -> model.lean_ops."""
+    """--lean_ops 'default', 'all', 'none' or 'norm,gelu' -> model.lean_ops."""
+    if text == "default":
+        return config_lib.DEFAULT_LEAN_OPS
     if text == "all":
         return config_lib.LEAN_OPS
     return () if text in ("none", "") else tuple(p.strip() for p in text.split(","))
@@ -114,7 +116,7 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
     c = config_lib.default_config()
     c.model.variant = row.variant
     c.model.width, c.model.depth, c.model.num_heads = row.dims
-    # flags whose command-line form is not the config value: lean_ops 'all'/'none', scan_blocks 'on'/'off'
+    # flags whose command-line form is not the config value: lean_ops 'default'/'all'/'none', scan_blocks 'on'/'off'
     special = {"lean_ops": lean_ops, "scan_blocks": lambda text: text == "on"}
     for key in MODEL_FLAGS:
         c.model[key] = special.get(key, lambda value: value)(getattr(opts, key))
@@ -531,8 +533,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    " (-1: all)")
     p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"), help="model.attention_impl")
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
-    p.add_argument("--lean_ops", default="all",
-                   help="model.lean_ops: 'all', 'none' or a subset of norm,gelu (the same function, less traffic)")
+    p.add_argument("--lean_ops", default="default",
+                   help="model.lean_ops: 'default' (the config's), 'all', 'none' or a subset of norm,gelu,gate"
+                        " (the same function, less traffic)")
     p.add_argument("--matmul_precision", default="bf16", choices=config_lib.MATMUL_PRECISIONS,
                    help="model.matmul_precision: 'fp8' runs the DiT blocks' qkv, proj and MLP matmuls in FP8")
     p.add_argument("--fp8_form", default="", choices=("", *FP8_FORMS),

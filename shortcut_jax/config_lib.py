@@ -25,8 +25,9 @@ from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 # model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
 # does not import the model code)
 REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")
-# model.lean_ops parts (models.dit.LEAN_OPS)
-LEAN_OPS = ("norm", "gelu")
+# model.lean_ops parts (models.dit.LEAN_OPS) and the default (models.dit.DEFAULT_LEAN_OPS)
+LEAN_OPS = ("norm", "gelu", "gate")
+DEFAULT_LEAN_OPS = ("norm", "gelu")
 # model.matmul_precision values (models.dit.MATMUL_PRECISIONS)
 MATMUL_PRECISIONS = ("bf16", "fp8")
 # eval.label_mode values (evaluation.sample_sets.class_labels)
@@ -68,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.residual_dtype = "float32"  # 'float32' or 'compute' (the matmul dtype, bf16 on accelerators)
     # hand-written backward passes that keep only their inputs: the same function with less memory
     # traffic; a subset of LEAN_OPS, () for plain autodiff (needed for forward-mode derivatives)
-    c.model.lean_ops = LEAN_OPS
+    c.model.lean_ops = DEFAULT_LEAN_OPS  # 'gate' (models.layers.gated_add) not yet measured on accelerators
     c.model.dtype = "auto"  # 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'bfloat16', 'float32'
     # 'bf16': matmuls in model.dtype; 'fp8' (DiT): qkv, proj and the MLP of every block multiply in
     # FP8 (e4m3 operands, e5m2 gradients, per-tensor scales of the current step; models/fp8.py),

@@ -467,3 +467,32 @@ def test_trace_summary_memory_rate_of_xla_kernels_from_the_hlo_shapes(tmp_path, 
     trace_summary.main([str(tmp_path)])
     printed = capsys.readouterr().out
     assert "XLA's kernels with sizes in the HLO (2)" in printed and "input_reduce_fusion_3  " in printed
+
+
+def test_residuals_lists_what_the_step_stores_per_block_and_what_each_lever_removes(capsys):
+    from benchmarks import residuals
+
+    def stored(*flags):
+        (report,) = residuals.main(["--rows=tiny-shortcut", *flags])
+        (scan,) = report["scans"]
+        assert scan["layers"] == report["depth"] == 1 and report["dtype"] == "bfloat16"
+        return report, scan
+
+    base, scan = stored()
+    assert tuple(base["lean_ops"]) == config_lib.DEFAULT_LEAN_OPS
+    assert "stored over all 1 blocks" in capsys.readouterr().out
+    batch, tokens, width = 16, (8 // 2) ** 2, 32  # the row: 8x8x4 latents, patch 2, width 32
+    token_f32 = [line["count"] for line in scan["lines"] if line["shape"] == [batch, tokens, width]
+                 and line["dtype"] == "float32"]
+    assert token_f32 == [4]  # block input, attention update, input to the MLP half, MLP update
+    mib = batch * tokens * width * 2 / 2**20  # what one token-sized tensor saves going f32 -> bf16
+    # 'gate' keeps the two updates' branches in bf16; the bf16 stream, the block's two inputs
+    for flags in (("--lean_ops=all",), ("--residual_dtype=compute",)):
+        _, lean = stored(*flags)
+        assert lean["values_per_block"] == scan["values_per_block"]
+        np.testing.assert_allclose(scan["mib_per_block"] - lean["mib_per_block"], 2 * mib, rtol=1e-9)
+    _, both = stored("--lean_ops=all", "--residual_dtype=compute")
+    assert not [line for line in both["lines"] if line["shape"] == [batch, tokens, width] and line["dtype"] == "float32"]
+    # rematerialising the whole block stores only its input
+    _, full = stored("--remat=full")
+    assert full["values_per_block"] < scan["values_per_block"] and full["mib_per_block"] < scan["mib_per_block"] / 4

@@ -276,12 +276,44 @@ def test_gelu_tanh_has_the_plain_value_and_gradient_and_keeps_only_its_input():
     assert saved_bytes(layers.gelu_tanh) < saved_bytes(lambda v: jax.nn.gelu(v, approximate=True))
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_add_has_the_plain_value_and_gradients_and_keeps_its_branch_in_bf16(x_dtype):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), x_dtype)
+    gate = jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)
+    branch = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+
+    def plain(x, gate, branch):
+        return x + (gate[:, None] * branch.astype(jnp.float32)).astype(x.dtype)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w)
+
+    got = layers.gated_add(x, gate, branch)
+    assert got.dtype == x_dtype
+    np.testing.assert_array_equal(got, plain(x, gate, branch))
+    for g_lean, g_plain in zip(jax.grad(loss(layers.gated_add), (0, 1, 2))(x, gate, branch),
+                               jax.grad(loss(plain), (0, 1, 2))(x, gate, branch)):
+        assert g_lean.dtype == g_plain.dtype
+        np.testing.assert_allclose(np.asarray(g_lean, np.float32), np.asarray(g_plain, np.float32), rtol=1e-6)
+
+    def saved(fn):
+        _, vjp = jax.vjp(fn, x, gate, branch)
+        return sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype")
+                      and leaf.shape == branch.shape)
+
+    # the token-sized value kept for the gate's gradient: the branch as it came, not a float32 copy
+    assert saved(layers.gated_add) == [((2, 5, 8), "bfloat16")]
+    assert saved(plain) == [((2, 5, 8), "float32")]
+
+
 @pytest.mark.parametrize("remat", ["none", "dots"])
 def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
     plain = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3, lean_ops=(), remat=remat)
     params, loss, (x, t, level, label) = _regression_problem(plain, seed=1, move=0.05)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
-    for lean_ops in (("norm",), ("gelu",), config_lib.LEAN_OPS):
+    for lean_ops in (("norm",), ("gelu",), ("gate",), config_lib.LEAN_OPS):
         model = plain.clone(lean_ops=lean_ops)
         # same parameters (names, shapes, initial values)
         jax.tree.map(np.testing.assert_array_equal, model.init(jax.random.PRNGKey(0), x, t, level, label)["params"],
@@ -292,8 +324,11 @@ def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
 
 
 def test_lean_ops_config_values():
-    from shortcut_jax.models.dit import LEAN_OPS
-    assert config_lib.LEAN_OPS == LEAN_OPS == DiT().lean_ops == tuple(config_lib.default_config().model.lean_ops)
+    from shortcut_jax.models.dit import DEFAULT_LEAN_OPS, LEAN_OPS
+    assert config_lib.LEAN_OPS == LEAN_OPS
+    assert config_lib.DEFAULT_LEAN_OPS == DEFAULT_LEAN_OPS == DiT().lean_ops == tuple(
+        config_lib.default_config().model.lean_ops)
+    assert set(DEFAULT_LEAN_OPS) < set(LEAN_OPS)
     for bad in (("qkv",), ("norm", "norm")):
         with pytest.raises(config_lib.ConfigError, match="model.lean_ops"):
             config_lib.check_lean_ops(bad)

@@ -164,6 +164,38 @@ def _gelu_bwd(x, g):
 gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def _gated_add(x, gate, branch):
+    return x + (_expand(gate, branch.ndim) * branch.astype(jnp.float32)).astype(x.dtype)
+
+
+@jax.custom_vjp
+def gated_add(x: jax.Array, gate: jax.Array, branch: jax.Array) -> jax.Array:
+    """``x + gate * branch``: a block's gated residual update, the product in float32 and the sum
+    in ``x``'s dtype (``gate``: ``[batch, width]``, shared by the tokens of ``branch``).
+
+    Autodiff of this expression keeps ``branch`` converted to float32 for the gate's gradient:
+    a token-sized float32 tensor per update (two per DiT block). This version keeps ``branch`` as
+    it came (the bf16 output of the layer before, on accelerators) and converts it again in the
+    backward pass; the values are those of the plain expression."""
+    return _gated_add(x, gate, branch)
+
+
+def _gated_add_fwd(x, gate, branch):
+    return _gated_add(x, gate, branch), (gate, branch)
+
+
+def _gated_add_bwd(residuals, g):
+    gate, branch = residuals
+    gf = g.astype(jnp.float32)
+    tokens = tuple(range(1, branch.ndim - 1))
+    d_gate = jnp.sum(gf * branch.astype(jnp.float32), axis=tokens) if tokens else gf * branch.astype(jnp.float32)
+    d_branch = gf * _expand(gate, branch.ndim)
+    return g, d_gate.astype(gate.dtype), d_branch.astype(branch.dtype)
+
+
+gated_add.defvjp(_gated_add_fwd, _gated_add_bwd)
+
+
 def sinusoidal_embedding(values: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
     """[cos, sin] of ``values`` times geometric frequencies ``exp(-ln(max_period) i / (dim/2))``."""
     half = dim // 2
