@@ -458,7 +458,7 @@ if __name__ == "__main__":
 
     from absl import app
 
-    from shortcut_jax.config_lib import last_override_wins
+    from shortcut_jax.cli import last_override_wins
 
     _FLAGS = define_flags()
 

@@ -218,7 +218,7 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    from shortcut_jax.config_lib import last_override_wins
+    from shortcut_jax.cli import last_override_wins
 
     config_flags.DEFINE_config_file("config", None, "Config describing the same network.")
     flags.DEFINE_string("pickle", None, "Reference checkpoint (pickle). Trusted sources only.")

@@ -44,6 +44,6 @@ def main(argv):
 if __name__ == "__main__":
     import sys
 
-    from shortcut_jax.config_lib import last_override_wins
+    from shortcut_jax.cli import last_override_wins
 
     app.run(main, argv=last_override_wins(sys.argv))
