@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import SHARED_DATA
-from shortcut_jax import sharding
+from shortcut_jax import config_lib, sharding
 from shortcut_jax.experiment import Experiment
 from shortcut_jax.models import DiT, convert
 from test_train import digits_config, params_of
@@ -99,6 +99,16 @@ def test_scanned_gradients_equal_unrolled(scan_and_unrolled, remat):
         w = convert.flatten(want)[path]
         assert np.abs(w).max() > 0, path  # the gradient reaches every parameter
         assert rel_err(g, w) <= 1e-5, path
+
+
+def test_every_lean_part_under_a_rematerialised_scan_equals_the_unrolled_network(network):
+    # the hand-written backward passes ('gate' included) inside nn.remat inside nn.scan
+    params, args, (want_out, want_grads) = network
+    model = dit(True, remat="dots", lean_ops=config_lib.LEAN_OPS)
+    out, grads = output_and_grads(model, convert.to_layout(params, True), args)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+    for path, g in convert.flatten(convert.to_layout(grads, False)).items():
+        assert rel_err(g, convert.flatten(want_grads)[path]) <= 1e-5, path
 
 
 def test_fp8_blocks_under_scan_equal_unrolled_fp8(network):
