@@ -48,7 +48,6 @@ import jax.numpy as jnp
 from benchmarks import train_step
 from shortcut_jax import sharding
 from shortcut_jax.models import fp8
-from shortcut_jax.train_step import make_train_step
 
 F8_GEMM_TARGET = "__cublas$lt$matmul$f8"
 CONTROL = "qdq_bf16"  # quantize, dequantize to bf16, bf16 dot: the form the probe saw stay a bf16 GEMM
@@ -128,14 +127,9 @@ def step_programs(row: train_step.Row, batch: int, opts: argparse.Namespace):
     """The row's train step as training compiles it (``Experiment.compile_step``): lowered, compiled."""
     config = train_step.row_config(row, batch, opts)
     exp = train_step.experiment_for(config, row, opts)
-    step = make_train_step(config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
-                           accum_steps=config.optim.accum_steps, ema_debias=config.train.ema_debias)
-    batch_sh = sharding.batch_sharding(exp.mesh)
-    abstract_batch = {"x": jax.ShapeDtypeStruct((batch, *row.shape), jnp.float32, sharding=batch_sh),
-                      "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sh)}
-    jitted = jax.jit(step, donate_argnums=(0,),
+    jitted = jax.jit(exp.train_step_fn(), donate_argnums=(0,),
                      out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)))
-    lowered = jitted.lower(exp.abstract_state, abstract_batch)
+    lowered = jitted.lower(exp.abstract_state, exp.abstract_batch())
     start = time.perf_counter()
     compiled = lowered.compile()
     return lowered.as_text(), compiled.as_text(), time.perf_counter() - start

@@ -19,6 +19,7 @@ by the kernel's output and per-row statistics.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import math
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import train_step as ts
-from shortcut_jax.train_step import make_train_step
 
 GIB = 2.0**30
 MIB = 2.0**20
@@ -72,12 +72,7 @@ def row_report(row: ts.Row, batch: int, opts) -> dict:
     if config.model.attention_impl == "cudnn":
         raise SystemExit("--attention_impl=cudnn cannot be traced here; use auto or xla (see the docstring)")
     exp = ts.experiment_for(config, row, opts)
-    step = make_train_step(config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
-                           accum_steps=config.optim.accum_steps, ema_debias=config.train.ema_debias)
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), exp.abstract_state)
-    batch_avals = {"x": jax.ShapeDtypeStruct((batch, *row.shape), jnp.float32),
-                   "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-    found = stored_per_layer(jax.make_jaxpr(step)(state, batch_avals))
+    found = stored_per_layer(jax.make_jaxpr(exp.train_step_fn())(exp.abstract_state, exp.abstract_batch()))
     if not found:
         raise SystemExit(f"{row.name}: no forward scan over the blocks found in the traced step")
     scans = []
@@ -108,12 +103,12 @@ def print_report(r: dict) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    json_out = next((a.split("=", 1)[1] for a in argv if a.startswith("--json=")), "")
-    argv = [a for a in argv if not a.startswith("--json=")]
-    if not any(a.startswith("--rows") for a in argv):
-        argv.append("--rows=B2-shortcut")
-    opts = ts.parse_args(argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--json", default="", help="also write the reports here")
+    own.add_argument("--rows", default="B2-shortcut")
+    mine, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    opts = ts.parse_args([f"--rows={mine.rows}", *rest])  # the train_step benchmark's model flags
+    json_out = mine.json
     reports = []
     for row in ts.select_rows(opts.rows):
         report = row_report(row, opts.batch or row.batches[0], opts)

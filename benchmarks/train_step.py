@@ -52,7 +52,6 @@ from shortcut_jax import config_lib, sharding
 from shortcut_jax.data import DataSpec
 from shortcut_jax.experiment import Experiment
 from shortcut_jax.models.fp8 import FORMS as FP8_FORMS
-from shortcut_jax.train_step import make_train_step
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)
 NUM_CLASSES = 1000
@@ -177,12 +176,7 @@ def peak_memory(compiled) -> tuple[Optional[float], str]:
 def traced_step_flops(exp: Experiment) -> float:
     """Matmul FLOPs of the step as traced: a check of the analytic count that, unlike XLA's count
     of the compiled step, sees the matmuls that became cuBLAS calls on GPU (jax-ml/jax#22249)."""
-    step = make_train_step(exp.config.objective.name, exp.obj_cfg, exp.tx, exp.schedule,
-                                 accum_steps=exp.config.optim.accum_steps, ema_debias=exp.config.train.ema_debias)
-    b = exp.config.train.batch_size
-    batch = {"x": jax.ShapeDtypeStruct((b, *exp.spec.shape), jnp.float32),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    return flops.traced_matmul_flops(step, exp.abstract_state, batch)
+    return flops.traced_matmul_flops(exp.train_step_fn(), exp.abstract_state, exp.abstract_batch())
 
 
 def time_steps(compiled, state, batch, *, warmup: int, steps: int):

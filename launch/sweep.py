@@ -74,7 +74,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--root", required=True)
-    parser.add_argument("--runs", nargs="*", default=[""],
+    parser.add_argument("--runs", nargs="*", metavar="RUN",  # for --help: split_argv takes the runs
                         help="one string per run: the experiment file's argument and/or --config.key=value flags"
                              " (default: one run of the config as it is)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")

@@ -46,3 +46,11 @@ def last_override_wins(argv: list[str], names: tuple[str, ...] = ("config",)) ->
             continue
         out += tokens
     return out
+
+
+def run(main, names: tuple[str, ...] = ("config",)) -> None:
+    """``absl.app.run(main)`` on this process's arguments, each repeated ``--<name>.<key>``
+    override kept at its last place (:func:`last_override_wins`)."""
+    from absl import app
+
+    app.run(main, argv=last_override_wins(sys.argv, names))

@@ -454,11 +454,9 @@ def run(fv) -> dict[int, float]:
 
 
 if __name__ == "__main__":
-    import sys
-
     from absl import app
 
-    from shortcut_jax.cli import last_override_wins
+    from shortcut_jax import cli
 
     _FLAGS = define_flags()
 
@@ -467,4 +465,4 @@ if __name__ == "__main__":
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         run(_FLAGS)
 
-    app.run(_main, argv=last_override_wins(sys.argv))
+    cli.run(_main)

@@ -287,26 +287,34 @@ class Experiment:
             lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x[idx])),
             host, self.state_shardings)
 
+    def train_step_fn(self):
+        """The train step, not yet jitted: ``(state, batch) -> (state, metrics)``. What
+        ``compile_step`` compiles and the benchmarks trace."""
+        return make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
+                               accum_steps=self.config.optim.accum_steps,
+                               ema_debias=self.config.train.ema_debias)
+
+    def abstract_batch(self) -> dict:
+        """The global batch the step takes, as ``jax.ShapeDtypeStruct`` leaves with its shardings."""
+        batch_sh = sharding.batch_sharding(self.mesh)
+        b = self.config.train.batch_size
+        batch = {
+            "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
+        }
+        if self.config.data.name == data.PAIRS_DATA:  # stored reflow pairs: the noise of each row too
+            batch["noise"] = batch["x"]
+        return batch
+
     def compile_step(self, donate: bool = True):
         """AOT-compiled train step, with compile time and the compiler's memory/cost figures.
 
         The state is donated (updated in place); ``donate=False`` keeps the input state alive
         beside the new one, for measuring what donation saves."""
-        step = make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
-                               accum_steps=self.config.optim.accum_steps,
-                               ema_debias=self.config.train.ema_debias)
-        batch_sh = sharding.batch_sharding(self.mesh)
-        b = self.config.train.batch_size
-        abstract_batch = {
-            "x": jax.ShapeDtypeStruct((b, *self.spec.shape), jnp.float32, sharding=batch_sh),
-            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh),
-        }
-        if self.config.data.name == data.PAIRS_DATA:  # stored reflow pairs: the noise of each row too
-            abstract_batch["noise"] = abstract_batch["x"]
-        jitted = jax.jit(step, donate_argnums=(0,) if donate else (),
+        jitted = jax.jit(self.train_step_fn(), donate_argnums=(0,) if donate else (),
                          out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
         start = time.perf_counter()
-        compiled = jitted.lower(self.abstract_state, abstract_batch).compile()
+        compiled = jitted.lower(self.abstract_state, self.abstract_batch()).compile()
         info = {"compile_seconds": time.perf_counter() - start}
         info.update(compiled_stats(compiled))
         return compiled, info

@@ -213,16 +213,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from shortcut_jax.cli import last_override_wins
+    from shortcut_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Config describing the same network.")
     flags.DEFINE_string("pickle", None, "Reference checkpoint (pickle). Trusted sources only.")
     flags.DEFINE_string("workdir", None, "Fresh run directory to write the checkpoint into.")
     flags.DEFINE_integer("image_size", 32, "Spatial size of the model input (32 for 256px SD-VAE latents).")
     flags.mark_flags_as_required(["config", "pickle", "workdir"])
-    app.run(main, argv=last_override_wins(sys.argv))
+    cli.run(main)

@@ -42,8 +42,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import sys
+    from shortcut_jax import cli
 
-    from shortcut_jax.cli import last_override_wins
-
-    app.run(main, argv=last_override_wins(sys.argv))
+    cli.run(main)

@@ -190,11 +190,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app
-
-    from shortcut_jax.cli import last_override_wins
+    from shortcut_jax import cli
 
     define_flags()
-    app.run(main, argv=last_override_wins(sys.argv))
+    cli.run(main)

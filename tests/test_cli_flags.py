@@ -2,7 +2,7 @@
 
 ml_collections appends a repeated tuple override to the earlier one, where absl keeps the last
 value of any other repeated flag; the entry points pass their argv through
-``cli.last_override_wins`` so that scripts can put defaults first and let callers replace
+``cli.last_override_wins`` (``cli.run``) so that scripts can put defaults first and let callers replace
 them (``experiments/cifar10_methods.sh``, ``launch/sweep.py``).
 """
 import os

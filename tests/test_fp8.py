@@ -17,10 +17,9 @@ import pytest
 
 from benchmarks import fp8_check
 from benchmarks import train_step as bench
-from shortcut_jax import config_lib, sharding
+from shortcut_jax import config_lib
 from shortcut_jax.models import DiT, build_model, dit, fp8, layers
 from shortcut_jax.objectives import OBJECTIVES, make_objective_config
-from shortcut_jax.train_step import make_train_step
 
 
 def rel_err(got, want) -> float:
@@ -165,11 +164,7 @@ def _tiny_experiment(*extra_flags, row="tiny-shortcut"):
 
 
 def _lowered_step_dots(exp) -> dict:
-    step = make_train_step(exp.config.objective.name, exp.obj_cfg, exp.tx, exp.schedule)
-    b = exp.config.train.batch_size
-    batch = {"x": jax.ShapeDtypeStruct((b, *exp.spec.shape), jnp.float32, sharding=sharding.batch_sharding(exp.mesh)),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding.batch_sharding(exp.mesh))}
-    text = jax.jit(step).lower(exp.abstract_state, batch).as_text()
+    text = jax.jit(exp.train_step_fn()).lower(exp.abstract_state, exp.abstract_batch()).as_text()
     counts = {}
     for line in text.splitlines():
         if "stablehlo.dot_general" in line:

@@ -406,11 +406,9 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    import sys
-
     from absl import app
 
-    from shortcut_jax.cli import last_override_wins
+    from shortcut_jax import cli
 
     _FLAGS = _define_flags()
 
@@ -419,4 +417,4 @@ if __name__ == "__main__":
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         print(run_command(_FLAGS, _FLAGS.data))
 
-    app.run(_main, argv=last_override_wins(sys.argv, names=("data",)))
+    cli.run(_main, names=("data",))

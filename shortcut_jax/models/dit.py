@@ -100,9 +100,7 @@ class DiTBlock(nn.Module):
         return modulated_norm(x, shift, scale, self.dtype, "norm" in self.lean_ops)
 
     def gated_add(self, x, gate, branch):
-        if "gate" in self.lean_ops:
-            return layers.gated_add(x, gate, branch)
-        return x + (gate[:, None] * branch.astype(jnp.float32)).astype(x.dtype)
+        return (layers.gated_add if "gate" in self.lean_ops else layers.gated_add_plain)(x, gate, branch)
 
 
 class ScanStep(DiTBlock):

@@ -164,7 +164,8 @@ def _gelu_bwd(x, g):
 gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def _gated_add(x, gate, branch):
+def gated_add_plain(x, gate, branch):
+    """``x + gate * branch`` as the plain expression (autodiff's stored values)."""
     return x + (_expand(gate, branch.ndim) * branch.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -177,11 +178,11 @@ def gated_add(x: jax.Array, gate: jax.Array, branch: jax.Array) -> jax.Array:
     a token-sized float32 tensor per update (two per DiT block). This version keeps ``branch`` as
     it came (the bf16 output of the layer before, on accelerators) and converts it again in the
     backward pass; the values are those of the plain expression."""
-    return _gated_add(x, gate, branch)
+    return gated_add_plain(x, gate, branch)
 
 
 def _gated_add_fwd(x, gate, branch):
-    return _gated_add(x, gate, branch), (gate, branch)
+    return gated_add_plain(x, gate, branch), (gate, branch)
 
 
 def _gated_add_bwd(residuals, g):
