@@ -21,7 +21,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from shortcut_jax import writers
+from shortcut_jax.infra import writers
 from shortcut_jax.evaluation import report
 
 

@@ -66,9 +66,10 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
 
     from experiments import imagenet
-    from shortcut_jax import data, evaluate, sharding
+    from shortcut_jax import data, evaluate
+    from shortcut_jax.infra import sharding
     from shortcut_jax.evaluation import fid, inception, metrics
-    from shortcut_jax.experiment import Experiment
+    from shortcut_jax.training.experiment import Experiment
     from shortcut_jax.models import vae as vae_lib
     from shortcut_jax.models import vae_weights
 

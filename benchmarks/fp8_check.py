@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import train_step
-from shortcut_jax import sharding
+from shortcut_jax.infra import sharding
 from shortcut_jax.models import fp8
 
 F8_GEMM_TARGET = "__cublas$lt$matmul$f8"

@@ -76,7 +76,7 @@ def measure(variant: str, devices: int, mode: str, opts) -> dict:
     import jax
 
     from shortcut_jax.data import DataSpec
-    from shortcut_jax.experiment import Experiment
+    from shortcut_jax.training.experiment import Experiment
 
     config = imagenet_config(variant, devices, mode, opts.batch_per_device, opts.dtype, opts.objective)
     exp = Experiment(config, None, spec=DataSpec(LATENTS, NUM_CLASSES, "images"))

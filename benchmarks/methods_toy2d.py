@@ -41,14 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shortcut_jax import config_lib, train_state
+from shortcut_jax import config_lib
+from shortcut_jax.training import train_state
 from shortcut_jax.data.core import BatchLayout
 from shortcut_jax.data.toy import ToySource
 from shortcut_jax.evaluate import draw_samples
 from shortcut_jax.evaluation import distances
 from shortcut_jax.models import MLPNet
 from shortcut_jax.objectives import NEEDS, OBJECTIVES, make_objective_config, make_sampler, progressive, reflow
-from shortcut_jax.objectives.warm_start import warm_start_params
+from shortcut_jax.training.runs import warm_start_params
 
 METHODS = ("shortcut", "flow_matching", "diffusion", "consistency_training", "consistency_distillation",
            "progressive_distillation", "reflow", "live_reflow")

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from shortcut_jax import writers
+from shortcut_jax.infra import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,8 +60,8 @@ def final_arrays(workdir: str, steps: int) -> dict[str, np.ndarray]:
     import jax
 
     from benchmarks.toy2d import load_config
-    from shortcut_jax import checkpoint
-    from shortcut_jax.experiment import Experiment
+    from shortcut_jax.infra import checkpoint
+    from shortcut_jax.training.experiment import Experiment
 
     config = load_config("runlocal=True")
     config.train.steps = steps

@@ -55,13 +55,13 @@ def parse_overrides(text: str) -> dict:
 
 
 def run_one(arg: str, overrides: dict, workdir: str) -> tuple[dict[int, float], float, float]:
-    from shortcut_jax import train
+    from shortcut_jax.training import loop
 
     config = load_config(arg, overrides)
     config.train.progress_bar = False
     config.train.use_tensorboard = False
     start = time.perf_counter()
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - start
     step = int(state.step)
     with open(os.path.join(workdir, "eval", f"{step:08d}", "distance_by_budget.json")) as f:
@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--out", default="", help="directory for the table, plot and JSON")
     args = parser.parse_args()
 
-    from shortcut_jax import writers
+    from shortcut_jax.infra import writers
     from shortcut_jax.evaluation import report
 
     writers.quiet_library_logs()

@@ -36,7 +36,7 @@ import re
 import sys
 from typing import Optional
 
-from shortcut_jax.train import HLO_FILE, write_hlo  # noqa: F401 - re-exported for profiling callers
+from shortcut_jax.training.loop import HLO_FILE, write_hlo  # noqa: F401 - re-exported for profiling callers
 
 # First match wins; matched case-insensitively against the event name.
 CATEGORIES = (

@@ -48,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops, trace_summary
-from shortcut_jax import config_lib, sharding
+from shortcut_jax import config_lib
+from shortcut_jax.infra import sharding
 from shortcut_jax.data import DataSpec
-from shortcut_jax.experiment import Experiment
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.models.fp8 import FORMS as FP8_FORMS
 
 H100_SXM_BF16_TFLOPS = 989.0  # datasheet dense bf16 (without sparsity)

@@ -144,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     # kernels are compiled for the CPU instead of the accelerator, and the initial parameters of
     # a seed are the same for every accelerator and mesh shape).
     c.train.init_on = "device"
-    # Warm start: a fresh run starts from another run's parameters (objectives/warm_start.py):
+    # Warm start: a fresh run starts from another run's parameters (training/runs.py):
     # its workdir or checkpoints folder ('' : off), which step (-1: the latest) and which weights
     # ('ema': its first EMA tree, 'params': the online ones). The optimiser starts fresh and the
     # EMA trees at the loaded parameters. Ignored when the workdir holds a checkpoint: a resume
@@ -342,7 +342,7 @@ def validate(config, *, num_devices: int) -> None:
     if obj.flow_t not in ("grid", "uniform", "logit_normal"):
         raise ConfigError(f"objective.flow_t={obj.flow_t!r}: use 'grid', 'uniform' or 'logit_normal'")
     check_level_weights(obj.level_weights, obj.num_levels)
-    if NEEDS[obj.name].frozen_teacher:  # where the teacher is read from (teacher.py reads it)
+    if NEEDS[obj.name].frozen_teacher:  # where the teacher is read from (training/runs.py reads it)
         if obj.teacher_weights not in ("ema", "params"):
             raise ConfigError(f"objective.teacher_weights={obj.teacher_weights!r}: use 'ema' (the teacher run's first"
                               " EMA tree) or 'params' (its online parameters)")
@@ -427,7 +427,7 @@ def validate(config, *, num_devices: int) -> None:
 
 def check_init_from(train_cfg) -> None:
     """The warm-start keys. The source itself (its checkpoint, and whether its parameters fit) is
-    looked at only when a fresh run is built (``init_from.open_source``): a run that resumes
+    looked at only when a fresh run is built (``runs.open_source``): a run that resumes
     does not read it, so it may be gone by then."""
     if train_cfg.init_from_weights not in ("ema", "params"):
         raise ConfigError(f"train.init_from_weights={train_cfg.init_from_weights!r}: use 'ema' or 'params'")

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shortcut_jax import checkpoint, config_lib, data
-from shortcut_jax.experiment import Experiment
+from shortcut_jax import config_lib, data
+from shortcut_jax.infra import checkpoint
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.models import convert
 
 
@@ -216,7 +217,7 @@ if __name__ == "__main__":
     from absl import flags
     from ml_collections import config_flags
 
-    from shortcut_jax import cli
+    from shortcut_jax.infra import cli
 
     config_flags.DEFINE_config_file("config", None, "Config describing the same network.")
     flags.DEFINE_string("pickle", None, "Reference checkpoint (pickle). Trusted sources only.")

@@ -1,6 +1,6 @@
 """Command line: ``python -m shortcut_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR``.
 
-Flags only; the work happens in ``train.train_and_evaluate``. Any config value can be
+Flags only; the work happens in ``loop.train_and_evaluate``. Any config value can be
 overridden with ``--config.<key>=<value>``. On multi-host systems (TPU pods, several GPU hosts)
 pass ``--multihost`` so every process joins the job before JAX touches a device; on a scheduler
 (SLURM, Cloud TPU) JAX finds the coordinator itself, elsewhere give ``--coordinator_address``,
@@ -28,20 +28,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
-    from shortcut_jax import distributed
+    from shortcut_jax.infra import distributed
 
     if FLAGS.multihost:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                timeout_s=FLAGS.initialization_timeout)
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
-    from shortcut_jax import train, writers
+    from shortcut_jax.training import loop
+    from shortcut_jax.infra import writers
 
     writers.quiet_library_logs()
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from shortcut_jax import cli
+    from shortcut_jax.infra import cli
 
     cli.run(main)

@@ -37,10 +37,12 @@ from typing import Optional
 import jax
 import ml_collections
 
-from shortcut_jax import config_lib, restore, sampling
+from shortcut_jax import config_lib
+from shortcut_jax.training import runs
+from shortcut_jax.objectives import sampling
 from shortcut_jax.data import latents
 from shortcut_jax.objectives import reflow
-from shortcut_jax.sample import check_guidance, load_run
+from shortcut_jax.training.offline import check_guidance, load_run
 
 __all__ = ["generate", "teacher_config"]
 
@@ -57,7 +59,7 @@ def _set_recorded(node: ml_collections.ConfigDict, recorded: dict) -> None:
             node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
 
 
-def teacher_config(saved: restore.SavedRun) -> ml_collections.ConfigDict:
+def teacher_config(saved: runs.SavedRun) -> ml_collections.ConfigDict:
     """The config ``saved``'s run was last launched with (its manifest), or for a run without a
     manifest the defaults with the model, objective and EMA decays its checkpoint records."""
     config = config_lib.default_config()
@@ -89,12 +91,12 @@ def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, s
     """Writes ``num_pairs`` pairs of the run in ``workdir`` (its workdir or checkpoints folder) to
     ``out_dir``; returns the pairs' manifest. Every request error is raised before the teacher
     is restored or anything compiled."""
-    if weights not in restore.WEIGHTS:
+    if weights not in runs.WEIGHTS:
         raise ValueError(f"--weights={weights!r}: use 'ema' or 'params'")
     if num_pairs < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(f"--num_pairs={num_pairs}, --batch_size={batch_size} and --shard_size={shard_size} must"
                          " be >= 1")
-    saved = restore.open_run(workdir, step=step, what="--workdir", step_what="--step")  # a missing checkpoint or step is refused here
+    saved = runs.open_run(workdir, step=step, what="--workdir", step_what="--step")  # a missing checkpoint or step is refused here
     num_levels = int(saved.meta.get("objective", {}).get("num_levels", 0))
     try:
         sampling.check_budget(budget, num_levels)
@@ -148,7 +150,7 @@ def define_flags(flag_values=None, argv=None):
     flags.DEFINE_integer("batch_size", 1000, "Pairs per sampler call (split over the devices).", flag_values=fv)
     flags.DEFINE_integer("shard_size", 10_000, "Pairs per .npz shard.", flag_values=fv)
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale of the teacher (1: none).", flag_values=fv)
-    flags.DEFINE_enum("weights", "ema", list(restore.WEIGHTS), "The teacher's EMA (eval.ema_index) or online"
+    flags.DEFINE_enum("weights", "ema", list(runs.WEIGHTS), "The teacher's EMA (eval.ema_index) or online"
                       " parameters.", flag_values=fv)
     flags.DEFINE_integer("step", -1, "Checkpoint step of the teacher (-1: the latest).", flag_values=fv)
     flags.DEFINE_bool("multihost", False, "Join a job of several processes (jax.distributed.initialize).",
@@ -180,7 +182,7 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from shortcut_jax import distributed, writers
+    from shortcut_jax.infra import distributed, writers
 
     fv = flags.FLAGS
     if fv.multihost:
@@ -190,7 +192,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from shortcut_jax import cli
+    from shortcut_jax.infra import cli
 
     define_flags()
     cli.run(main)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shortcut_jax import config_lib, experiment
+from shortcut_jax import config_lib
+from shortcut_jax.training import experiment
 from benchmarks import flops
 from benchmarks import lever_sweep, trace_summary
 from benchmarks import train_step as bench

@@ -1,4 +1,4 @@
-"""Tests for shortcut_jax.checkpoint."""
+"""Tests for shortcut_jax.infra.checkpoint."""
 
 import os
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shortcut_jax.checkpoint import Checkpointer, check_compatible
+from shortcut_jax.infra.checkpoint import Checkpointer, check_compatible
 
 
 def _abstract(tree):

@@ -13,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from shortcut_jax.cli import last_override_wins
+from shortcut_jax.infra.cli import last_override_wins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "digits.py") + ":runlocal=True"

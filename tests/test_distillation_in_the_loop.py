@@ -21,8 +21,10 @@ import numpy as np
 import optax
 import pytest
 
-from shortcut_jax import checkpoint, config_lib, sharding, teacher, train, train_state, writers
-from shortcut_jax.experiment import Experiment
+from shortcut_jax import config_lib
+from shortcut_jax.infra import checkpoint, sharding, writers
+from shortcut_jax.training import runs, loop, train_state
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.objectives import warm_start
 from shortcut_jax.sample import load_config
 
@@ -72,8 +74,8 @@ def teacher_run(tmp_path_factory):
     config = toy("flow_matching", **{"train.steps": 20, "train.ckpt_every": 10, "train.log_every": 10,
                                      "train.eval_every": 100, "train.ema_decays": (0.8,)})
     with pytest.MonkeyPatch.context() as patch:  # the teacher's own evaluation is not under test
-        patch.setattr(train, "evaluate_state", lambda *a, **k: {})
-        train.train_and_evaluate(config, workdir)
+        patch.setattr(loop, "evaluate_state", lambda *a, **k: {})
+        loop.train_and_evaluate(config, workdir)
     return workdir, config
 
 
@@ -132,7 +134,7 @@ def progressive_run(teacher_run, tmp_path_factory):
     its last step."""
     config = toy("progressive_distillation", **PROGRESSIVE, **{"objective.teacher_checkpoint": teacher_run[0]})
     workdir = str(tmp_path_factory.mktemp("pd") / "unbroken")
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     return workdir, config, state
 
 
@@ -171,16 +173,16 @@ def test_progressive_run_interrupted_inside_a_phase_resumes_to_the_unbroken_stat
             raise Interrupted("after step 5")
         return real_write(self, step, scalars)
 
-    monkeypatch.setattr(train, "evaluate_state", lambda *a, **k: {})
+    monkeypatch.setattr(loop, "evaluate_state", lambda *a, **k: {})
     monkeypatch.setattr(writers.MetricWriter, "write_scalars", crash_after_step_5)
     with pytest.raises(Interrupted):
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     monkeypatch.setattr(writers.MetricWriter, "write_scalars", real_write)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         assert ckpt.latest_step() == 4  # inside phase 1; phase 2 starts at update 6
     # the resumed run takes its teacher (phase 1's snapshot) from its own checkpoint, not the teacher run
-    monkeypatch.setattr(teacher, "restore_teacher", lambda *a: pytest.fail("the teacher run was read on resume"))
-    resumed = train.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(runs, "restore_teacher", lambda *a: pytest.fail("the teacher run was read on resume"))
+    resumed = loop.train_and_evaluate(config, workdir)
     assert_trees_equal(resumed, unbroken)
 
 
@@ -259,7 +261,7 @@ def test_teacher_that_does_not_fit_is_refused_before_compiling_or_writing(case, 
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
     workdir = tmp_path / "wd"
     with pytest.raises(config_lib.ConfigError, match=message):
-        train.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
     assert not compiled and not workdir.exists()
     assert not os.path.exists("/no/such/run")
 
@@ -269,7 +271,7 @@ def test_distilling_a_run_into_its_own_workdir_is_refused_untouched(teacher_run)
     before = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(workdir, "**"), recursive=True)}
     config = toy("consistency_distillation", **{"objective.teacher_checkpoint": workdir})
     with pytest.raises(config_lib.ConfigError, match="objective.name='flow_matching' run.*fresh --workdir"):
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     assert {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(workdir, "**"), recursive=True)} == before
 
 
@@ -282,18 +284,18 @@ def test_teacher_that_kept_no_ema_needs_its_online_weights(tmp_path):
     obj = config_lib.default_config().objective
     obj.name, obj.teacher_checkpoint = "consistency_distillation", directory
     with pytest.raises(config_lib.ConfigError, match="set objective.teacher_weights='params'"):
-        teacher.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0}, {"w": jnp.zeros((2,))})
+        runs.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0}, {"w": jnp.zeros((2,))})
     obj.teacher_weights = "params"
-    found = teacher.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0},
+    found = runs.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0},
                                  {"w": jnp.zeros((2,))})
     assert (found.step, found.weights, found.objective) == (1, "params", "flow_matching")
 
 
 def test_level_rule_makes_the_teachers_level_embedding_constant_only_where_the_two_networks_differ():
-    assert teacher.level_rule("flow_matching", "progressive_distillation", 7) == 0
-    assert teacher.level_rule("shortcut", "consistency_distillation", 7) == 7
-    assert teacher.level_rule("flow_matching", "consistency_distillation", 7) is None
-    assert teacher.level_rule("shortcut", "progressive_distillation", 7) is None
+    assert runs.level_rule("flow_matching", "progressive_distillation", 7) == 0
+    assert runs.level_rule("shortcut", "consistency_distillation", 7) == 7
+    assert runs.level_rule("flow_matching", "consistency_distillation", 7) is None
+    assert runs.level_rule("shortcut", "progressive_distillation", 7) is None
 
 
 # --------------------------------------------------------------------------- other objectives unchanged

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shortcut_jax import config_lib, evaluate, sharding
+from shortcut_jax import config_lib, evaluate
+from shortcut_jax.infra import sharding
 from shortcut_jax.evaluation import distances, fid, metrics
 from shortcut_jax.evaluation.chunked_features import ChunkedFeatures
 from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8, to_uint8_on_device
@@ -22,7 +23,7 @@ from shortcut_jax.evaluation.sample_sets import draw_samples
 from shortcut_jax.data import DataSpec
 from shortcut_jax.models import vae as vae_lib
 from shortcut_jax.models import vae_weights
-from shortcut_jax.sampling import Sampler
+from shortcut_jax.objectives.sampling import Sampler
 
 DIM = 6
 

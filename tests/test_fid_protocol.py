@@ -19,14 +19,16 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from shortcut_jax import checkpoint, config_lib, evaluate, sample, train
+from shortcut_jax import config_lib, evaluate, sample
+from shortcut_jax.infra import checkpoint
+from shortcut_jax.training import loop
 from shortcut_jax.data import DataSpec, make_dataset
 from shortcut_jax.evaluation import distances, fid, metrics
 from shortcut_jax.evaluation.adm_npz import read_adm_npz
 from shortcut_jax.evaluation.inception import WeightsNotFoundError
 from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8
 from shortcut_jax.evaluation.sample_sets import class_labels, draw_samples
-from shortcut_jax.sampling import Sampler
+from shortcut_jax.objectives.sampling import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "experiments", "digits.py")
@@ -69,7 +71,7 @@ def run(tmp_path_factory):
     workdir = str(root / "runs" / "digits")
     # a high learning rate moves the zero-initialised output layer, and the debiased EMA (what is
     # evaluated) follows it, so that budgets differ
-    train.train_and_evaluate(config(**{"optim.lr": 1e-2, "train.ema_debias": True}), workdir)
+    loop.train_and_evaluate(config(**{"optim.lr": 1e-2, "train.ema_debias": True}), workdir)
     weights = root / "weights.npz"
     weights.write_bytes(b"")  # found by name; the stand-in never reads it
     return {"workdir": workdir, "weights": str(weights), "root": root}

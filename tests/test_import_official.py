@@ -19,8 +19,10 @@ import optax
 import pytest
 
 from conftest import SHARED_DATA
-from shortcut_jax import checkpoint, config_lib, data, import_official, sharding, train
-from shortcut_jax.experiment import Experiment
+from shortcut_jax import config_lib, data, import_official
+from shortcut_jax.infra import checkpoint, sharding
+from shortcut_jax.training import loop
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.models import convert
 
 STEP = 1234  # the reference run's step and Adam count
@@ -199,8 +201,8 @@ def test_training_resumes_from_an_imported_checkpoint(optax_pickle, tmp_path, ca
     _, first = compiled(imported, sharding.global_batch(exp.source.next_batch(), exp.mesh))
     exp.close()
 
-    with caplog.at_level(logging.INFO, logger=train.__name__):
-        state = train.train_and_evaluate(cfg, workdir)
+    with caplog.at_level(logging.INFO, logger=loop.__name__):
+        state = loop.train_and_evaluate(cfg, workdir)
     assert f"resumed from step {STEP}" in [r.getMessage() for r in caplog.records]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if "loss" in r]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shortcut_jax import config_lib, encode, train
+from shortcut_jax import config_lib, encode
+from shortcut_jax.training import loop
 from shortcut_jax.data.image_source import open_image_folder
 from shortcut_jax.models import vae_weights
 from shortcut_jax.models.vae import VAEConfig
@@ -52,7 +53,7 @@ def latent_run_config(path):
 def test_latent_run_trains_and_its_grids_show_decoded_images(encoded, tmp_path):
     root, _ = encoded
     workdir = tmp_path / "run"
-    state = train.train_and_evaluate(latent_run_config(str(root / "latents")), str(workdir))
+    state = loop.train_and_evaluate(latent_run_config(str(root / "latents")), str(workdir))
     assert int(state.step) == 2
     grid = np.asarray(Image.open(workdir / "eval" / "00000002" / "samples_1step.png"))
     # 8 decoded 16x16 RGB images in a 3x3 grid with 2-pixel padding (latents would be 8x8 tiles)
@@ -70,5 +71,5 @@ def test_latent_run_with_other_vae_weights_is_refused_before_training(encoded, t
     cfg.eval.vae = other
     workdir = tmp_path / "refused"
     with pytest.raises(config_lib.ConfigError, match="other weights"):
-        train.train_and_evaluate(cfg, str(workdir))
+        loop.train_and_evaluate(cfg, str(workdir))
     assert not workdir.exists()

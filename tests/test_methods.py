@@ -13,7 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from shortcut_jax import config_lib, sampling, sharding, train_state
+from shortcut_jax import config_lib
+from shortcut_jax.objectives import sampling
+from shortcut_jax.infra import sharding
+from shortcut_jax.training import train_state
 from shortcut_jax.models import MLPNet, build_model
 from shortcut_jax.objectives import (NEEDS, OBJECTIVES, ObjectiveConfig, check_method_config, diffusion,
                                      make_objective_config, make_sampler, progressive, reflow, resolve_stages,

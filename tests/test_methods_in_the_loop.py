@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from shortcut_jax import train, writers
+from shortcut_jax.training import loop
+from shortcut_jax.infra import writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,13 +31,13 @@ def toy(objective, **overrides):
                                                ("consistency_training", "ConsistencySampler"),
                                                ("live_reflow", "Sampler")])
 def test_method_trains_in_the_loop_and_is_evaluated_with_its_sampler(objective, sampler, tmp_path, monkeypatch):
-    from shortcut_jax import experiment
+    from shortcut_jax.training import experiment
 
     built = []
     real = experiment.make_sampler
     monkeypatch.setattr(experiment, "make_sampler", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     workdir = str(tmp_path / objective)
-    state = train.train_and_evaluate(toy(objective), workdir)
+    state = loop.train_and_evaluate(toy(objective), workdir)
     assert int(state.step) == 14
     assert type(built[0]).__name__ == sampler
     rows = [r for r in writers.read_metrics(workdir) if "loss" in r]

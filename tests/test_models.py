@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 from shortcut_jax import config_lib
 from shortcut_jax.models import DiT, MLPNet, build_model, convert, layers, resolve_attention_impl
-from shortcut_jax.sampling import Sampler
+from shortcut_jax.objectives.sampling import Sampler
 
 GOLDEN = os.path.join(SHARED_DATA, "official_dit_golden.npz")
 

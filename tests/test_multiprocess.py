@@ -80,17 +80,18 @@ def dit_job(args) -> None:
     and a final evaluation."""
     from jax.experimental import multihost_utils
 
-    from shortcut_jax import distributed, train
+    from shortcut_jax.infra import distributed
+    from shortcut_jax.training import loop
 
     distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
                            timeout_s=JOIN_TIMEOUT_S)
     if args.process_id == 1:
         threading.Thread(target=_signal_self_after, daemon=True,
                          args=(os.path.join(args.workdir, "metrics.jsonl"), SIGNAL_AFTER)).start()
-    state = train.train_and_evaluate(make_config("digits", {**DIT, **DIT_DP, "train.steps": 100_000}),
+    state = loop.train_and_evaluate(make_config("digits", {**DIT, **DIT_DP, "train.steps": 100_000}),
                                      args.workdir)
     stopped = int(state.step)
-    state = train.train_and_evaluate(
+    state = loop.train_and_evaluate(
         make_config("digits", {**DIT, **DIT_FSDP, "train.steps": stopped + STEPS_AFTER_RESUME}), args.workdir)
     params = multihost_utils.process_allgather(state.params, tiled=True)
     np.savez(args.out, stopped_at=stopped, final_step=int(state.step), **flat_params(params))
@@ -118,8 +119,10 @@ if __name__ == "__main__":
 import jax  # noqa: E402  (after the worker: a spawned process sets its devices in its environment)
 import pytest  # noqa: E402
 
-from shortcut_jax import checkpoint, config_lib, distributed, sharding, train, writers  # noqa: E402
-from shortcut_jax.experiment import Experiment  # noqa: E402
+from shortcut_jax import config_lib  # noqa: E402
+from shortcut_jax.infra import checkpoint, distributed, sharding, writers
+from shortcut_jax.training import loop
+from shortcut_jax.training.experiment import Experiment  # noqa: E402
 
 
 def free_port() -> int:
@@ -190,7 +193,7 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
     commands = [[sys.executable, os.path.abspath(__file__), "dit_job", f"--process_id={i}", "--num_processes=2",
                  f"--port={port}", f"--workdir={workdir}", f"--out={outs[i]}"] for i in range(2)]
     # One process starts the run (and compiles the initial state, which the job then need not).
-    train.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": STARTED}), workdir)
+    loop.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": STARTED}), workdir)
     run_job(commands, process_env(local_devices=2), tmp_path)
     results = [dict(np.load(o)) for o in outs]
     stopped = [int(r.pop("stopped_at")) for r in results]
@@ -210,7 +213,7 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
     # One process, one device, the same steps from the start: equal within float tolerance (sums
     # run in another order), and at the same data position.
     one = str(tmp_path / "one")
-    reference = train.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": final[0]}),
+    reference = loop.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": final[0]}),
                                          one)
     assert relative_difference(results[0], flat_params(jax.device_get(reference.params))) < 1e-5
 
@@ -265,7 +268,7 @@ def test_four_cli_processes_train_and_evaluate_as_one_process(tmp_path):
     assert run_job(commands, process_env(local_devices=1), tmp_path) == [0, 0, 0, 0]
 
     one = str(tmp_path / "one")
-    reference = train.train_and_evaluate(make_config("toy2d", {**TOY, "mesh.data": 1}), one)
+    reference = loop.train_and_evaluate(make_config("toy2d", {**TOY, "mesh.data": 1}), one)
     exp = Experiment(make_config("toy2d", {**TOY, "mesh.data": 1}), workdir)
     try:
         with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
@@ -423,11 +426,11 @@ def test_sigterm_finishes_the_step_saves_it_exits_0_and_the_resumed_run_is_bitwi
 
     old = signal.signal(signal.SIGTERM, previous)
     try:
-        resumed = train.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}), workdir)
+        resumed = loop.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}), workdir)
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, old)
-    unbroken = train.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}),
+    unbroken = loop.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}),
                                         str(tmp_path / "unbroken"))
     assert int(resumed.step) == stopped + 3
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(unbroken))):
@@ -469,7 +472,8 @@ class _ScaledNoise:
 
 
 def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epath(tmp_path, monkeypatch):
-    from shortcut_jax import data, evaluate, manifest
+    from shortcut_jax import data, evaluate
+    from shortcut_jax.infra import manifest
     from shortcut_jax.evaluation import metrics
 
     cwd = tmp_path / "cwd"
@@ -494,7 +498,7 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
         resumed.close()
         rows = writers.read_metrics(workdir)
         manifest.write_manifest(workdir, cfg)
-        train.write_hlo(type("Compiled", (), {"as_text": lambda self: "HloModule m"})(), f"{workdir}/profile")
+        loop.write_hlo(type("Compiled", (), {"as_text": lambda self: "HloModule m"})(), f"{workdir}/profile")
         offline = evaluate.offline_out_dir(workdir, 2)
 
     assert not (cwd / "gs:").exists() and os.listdir(cwd) == []  # nothing took the local path
@@ -507,7 +511,7 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
             "samples_1step.png"} <= set(os.listdir(evaluation))
     assert json.loads((stored / "manifest.json").read_text())["config"]["train"]["steps"] == cfg.train.steps
     assert len(glob.glob(str(stored / "manifest-*.json"))) == 1
-    assert (stored / "profile" / train.HLO_FILE).read_text() == "HloModule m"
+    assert (stored / "profile" / loop.HLO_FILE).read_text() == "HloModule m"
     assert offline == (f"{workdir}/eval/00000002_offline1", False)  # the finished evaluation was seen
 
 

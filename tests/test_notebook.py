@@ -7,7 +7,8 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-from shortcut_jax import sample, train
+from shortcut_jax import sample
+from shortcut_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "shortcut_colab.ipynb")
@@ -28,7 +29,7 @@ def test_notebook_shows_samples_at_each_budget_and_the_metric_against_the_budget
     config = sample.load_config(f"{TOY2D}:runlocal=True", {
         "train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False,
         "eval.num_samples": 200, "eval.batch_size": 200})
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     out_dir = str(tmp_path / "notebook_eval")
     notebook = with_parameters(nbformat.read(NOTEBOOK, as_version=4), CONFIG=f"{TOY2D}:runlocal=True",
                                WORKDIR=workdir, BUDGETS=[1, 4], NUM_IMAGES=256, METRIC_SAMPLES=300,

@@ -10,7 +10,7 @@ import pytest
 
 from shortcut_jax.models import DiT
 from shortcut_jax.objectives import OBJECTIVES, ObjectiveConfig, common, shortcut
-from shortcut_jax.sampling import Sampler, check_budget, euler_sample
+from shortcut_jax.objectives.sampling import Sampler, check_budget, euler_sample
 
 FLOOR = 1e-5
 

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from absl import flags
 
-from shortcut_jax import config_lib, data, init_from, reflow_pairs, restore, train, writers
-from shortcut_jax.experiment import Experiment
+from shortcut_jax import config_lib, data, reflow_pairs
+from shortcut_jax.training import runs, loop
+from shortcut_jax.infra import writers
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.objectives import reflow
-from shortcut_jax.objectives.warm_start import warm_start_params
+from shortcut_jax.training.runs import warm_start_params
 from shortcut_jax.sample import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +43,7 @@ def teacher(tmp_path_factory):
     """A flow-matching run trained far enough that its output is not the zero-initialised final
     layer's (constant learning rate; debiased EMA, so the EMA holds no initialisation)."""
     workdir = str(tmp_path_factory.mktemp("teacher") / "fm")
-    train.train_and_evaluate(toy(**{"optim.schedule": "constant", "train.ema_debias": True}), workdir)
+    loop.train_and_evaluate(toy(**{"optim.schedule": "constant", "train.ema_debias": True}), workdir)
     return workdir
 
 
@@ -191,7 +193,7 @@ def test_reflow_trains_from_stored_pairs_through_the_command_line(pairs_dir, tmp
 
 def test_reflow_without_pairs_is_refused_naming_the_reader(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="data.name='reflow_pairs'"):
-        train.train_and_evaluate(toy("reflow"), str(tmp_path / "wd"))
+        loop.train_and_evaluate(toy("reflow"), str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
 
 
@@ -205,7 +207,7 @@ def test_warm_started_shortcut_run_computes_the_flow_velocity_at_every_level(tea
         assert exp.warm_start is not None and exp.warm_start.source_level == 0  # flow matching ignored its level
         assert exp.meta["init_from"]["step"] == 12 and exp.meta["init_from"]["objective"] == "flow_matching"
         fresh = exp.init_state()
-        state = init_from.warm_started(exp, fresh, exp.warm_start)
+        state = runs.warm_started(exp, fresh, exp.warm_start)
         source = load_run(toy(), teacher)
         try:
             rng = np.random.default_rng(0)
@@ -219,7 +221,7 @@ def test_warm_started_shortcut_run_computes_the_flow_velocity_at_every_level(tea
                 got = exp.apply_fn(state.params, x, t, jnp.full(16, k, jnp.int32), label)
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"level {k}")
             # without the level rewrite the shortcut network would read other levels differently
-            plain = warm_start_params(restore.restore_weights(exp.warm_start.saved), fresh.params)
+            plain = warm_start_params(runs.restore_weights(exp.warm_start.saved), fresh.params)
             assert max(float(jnp.abs(exp.apply_fn(plain, x, t, jnp.full(16, k, jnp.int32), label) - want).max())
                        for k in levels) > 1e-3
         finally:
@@ -239,9 +241,9 @@ def test_warm_start_source_of_another_shape_is_refused_before_compiling(teacher,
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
     workdir = tmp_path / "wd"
     with pytest.raises(config_lib.ConfigError, match="architecture.width: saved 256, this run 128"):
-        train.train_and_evaluate(toy("shortcut", **{"train.init_from": teacher, "model.width": 128}), str(workdir))
+        loop.train_and_evaluate(toy("shortcut", **{"train.init_from": teacher, "model.width": 128}), str(workdir))
     with pytest.raises(config_lib.ConfigError, match="no checkpoint of step 5"):
-        train.train_and_evaluate(toy("shortcut", **{"train.init_from": teacher, "train.init_from_step": 5}),
+        loop.train_and_evaluate(toy("shortcut", **{"train.init_from": teacher, "train.init_from_step": 5}),
                                  str(workdir))
     assert not compiled and not workdir.exists()
 
@@ -257,9 +259,9 @@ def test_a_resuming_run_does_not_read_its_warm_start_source(teacher):
 
 
 def test_level_rule_reads_a_source_that_used_its_level_input_at_its_finest_level():
-    assert init_from.source_level({"objective": {"name": "shortcut", "num_levels": 5}}) == 5
-    assert init_from.source_level({"objective": {"name": "live_reflow", "num_levels": 7}}) == 7
+    assert runs.source_level({"objective": {"name": "shortcut", "num_levels": 5}}) == 5
+    assert runs.source_level({"objective": {"name": "live_reflow", "num_levels": 7}}) == 7
     for ignored in ("flow_matching", "diffusion", "reflow", "consistency_training"):
-        assert init_from.source_level({"objective": {"name": ignored, "num_levels": 7}}) == 0
+        assert runs.source_level({"objective": {"name": ignored, "num_levels": 7}}) == 0
     with pytest.raises(config_lib.ConfigError, match="objective 'magic'"):
-        init_from.source_level({"objective": {"name": "magic", "num_levels": 7}})
+        runs.source_level({"objective": {"name": "magic", "num_levels": 7}})

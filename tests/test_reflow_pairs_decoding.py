@@ -9,7 +9,7 @@ import pytest
 
 from shortcut_jax import config_lib
 from shortcut_jax.data import pairs
-from shortcut_jax.experiment import Experiment
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.models import vae_weights
 from shortcut_jax.models.vae import VAEConfig
 from shortcut_jax.objectives import reflow

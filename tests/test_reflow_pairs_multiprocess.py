@@ -14,7 +14,7 @@ def pairs_job(args) -> None:
     """One process: join the job, write pairs from a stand-in sampler that, like
     ``Sampler.to_host``, gives every process the whole batch, then check the files and a refusal."""
     port, process_id, out_dir = args
-    from shortcut_jax import distributed
+    from shortcut_jax.infra import distributed
 
     distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=120)
     import numpy as np

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from shortcut_jax import checkpoint, restore
+from shortcut_jax.infra import checkpoint
+from shortcut_jax.training import runs
 
 
 def _tree(seed):
@@ -44,32 +45,32 @@ def _same(got, want):
 def test_workdir_and_its_checkpoints_folder_open_the_same_run(run):
     workdir, _ = run
     for path in (workdir, os.path.join(workdir, "checkpoints"), workdir + "/"):
-        saved = restore.open_run(path)
+        saved = runs.open_run(path)
         assert (saved.workdir, saved.ckpt_dir, saved.step) == (workdir, os.path.join(workdir, "checkpoints"), 5)
         assert saved.meta["objective"]["name"] == "flow_matching" and saved.config == {"model": {"width": 8}}
-    assert restore.open_run(workdir, step=3).step == 3
+    assert runs.open_run(workdir, step=3).step == 3
 
 
 def test_run_folder_errors_name_the_setting_to_change(run, tmp_path):
     workdir, _ = run
     with pytest.raises(FileNotFoundError, match="train.init_from='/no/such/run' is not a directory"):
-        restore.open_run("/no/such/run", what="train.init_from")
+        runs.open_run("/no/such/run", what="train.init_from")
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="--workdir=.*empty' holds no checkpoint"):
-        restore.open_run(str(tmp_path / "empty"), what="--workdir")
+        runs.open_run(str(tmp_path / "empty"), what="--workdir")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 4: --step=4 is not saved .*\[3, 5\]"):
-        restore.open_run(workdir, step=4, what="--workdir", step_what="--step")
+        runs.open_run(workdir, step=4, what="--workdir", step_what="--step")
     assert os.listdir(tmp_path / "empty") == []  # nothing was created
 
 
 def test_each_tree_is_read_alone_as_host_arrays(run):
     workdir, states = run
-    saved = restore.open_run(workdir, step=3)
-    params = restore.restore_weights(saved, weights="params")
+    saved = runs.open_run(workdir, step=3)
+    params = runs.restore_weights(saved, weights="params")
     assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(params))
     _same(params, states[3]["params"])
-    _same(restore.restore_weights(saved), states[3]["ema_params"][0])
-    _same(restore.restore_weights(saved, ema_index=1), states[3]["ema_params"][1])
+    _same(runs.restore_weights(saved), states[3]["ema_params"][0])
+    _same(runs.restore_weights(saved, ema_index=1), states[3]["ema_params"][1])
     assert saved.param_shapes("ema", 1) == {"['dense']['bias']": (3,), "['dense']['kernel']": (8, 3)}
 
 
@@ -79,7 +80,7 @@ def test_tree_is_restored_onto_the_shardings_asked_for(run):
     shardings = {"dense": {"kernel": NamedSharding(mesh, P("data", None)), "bias": NamedSharding(mesh, P())}}
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             states[5]["params"], shardings)
-    got = restore.restore_weights(restore.open_run(workdir), weights="ema", ema_index=1, abstract=abstract)
+    got = runs.restore_weights(runs.open_run(workdir), weights="ema", ema_index=1, abstract=abstract)
     for leaf, sharding in zip(jax.tree.leaves(got), jax.tree.leaves(shardings)):
         assert isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
     _same(got, states[5]["ema_params"][1])
@@ -87,14 +88,14 @@ def test_tree_is_restored_onto_the_shardings_asked_for(run):
 
 def test_tree_that_does_not_fit_or_was_not_kept_is_refused_naming_it(run):
     workdir, states = run
-    saved = restore.open_run(workdir)
+    saved = runs.open_run(workdir)
     other = {"dense": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32),
                        "scale": jax.ShapeDtypeStruct((3,), jnp.float32)}}
     with pytest.raises(ValueError) as err:
-        restore.restore_weights(saved, weights="params", abstract=other)
+        runs.restore_weights(saved, weights="params", abstract=other)
     assert "missing ['dense']['scale']" in str(err.value) and "unexpected ['dense']['bias']" in str(err.value)
     assert "['dense']['kernel']: saved (8, 3), current (8, 4)" in str(err.value)
     with pytest.raises(KeyError, match="holds 2 EMA tree.*EMA tree 2 does not exist"):
-        restore.restore_weights(saved, ema_index=2)
+        runs.restore_weights(saved, ema_index=2)
     with pytest.raises(ValueError, match="weights='opt_state'"):
-        restore.restore_weights(saved, weights="opt_state")
+        runs.restore_weights(saved, weights="opt_state")

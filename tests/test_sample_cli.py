@@ -11,7 +11,9 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from shortcut_jax import checkpoint, plots, sample, train
+from shortcut_jax import sample
+from shortcut_jax.infra import checkpoint, plots
+from shortcut_jax.training import loop
 from shortcut_jax.evaluation.pixels import to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +31,7 @@ def workdir(tmp_path_factory):
     a high learning rate moves the zero-initialised output layer, and the debiased EMA (what is
     sampled) follows it, so that labels and budgets change the samples."""
     path = str(tmp_path_factory.mktemp("sample_cli") / "digits")
-    train.train_and_evaluate(digits_config(**{"optim.lr": 1e-2, "train.ema_debias": True}), path)
+    loop.train_and_evaluate(digits_config(**{"optim.lr": 1e-2, "train.ema_debias": True}), path)
     return path
 
 

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import sharding
+from shortcut_jax.infra import sharding
 from shortcut_jax.evaluate import draw_samples
 from shortcut_jax.evaluation.sample_sets import class_labels
 from shortcut_jax.models import DiT
-from shortcut_jax.sampling import Sampler
+from shortcut_jax.objectives.sampling import Sampler
 
 BATCH = 16
 

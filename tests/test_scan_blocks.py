@@ -12,8 +12,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import SHARED_DATA
-from shortcut_jax import config_lib, sharding
-from shortcut_jax.experiment import Experiment
+from shortcut_jax import config_lib
+from shortcut_jax.infra import sharding
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.models import DiT, convert
 from test_train import digits_config, params_of
 
@@ -320,7 +321,7 @@ def test_fsdp_sharded_scanned_step_equals_one_device(train_steps):
 def test_checkpoint_of_the_scanned_run_restores_into_the_unrolled_layout(train_steps, tmp_path):
     """A run saved with model.scan_blocks=True is read by a config with it off (evaluation,
     sampling or a resume): parameters, EMA trees and Adam's moments arrive unstacked, exactly."""
-    from shortcut_jax import checkpoint
+    from shortcut_jax.infra import checkpoint
     _, _, exp_f, state_f = train_steps["scan_fsdp"]
     workdir = tmp_path / "run"
     with checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False) as ckpt:

@@ -36,7 +36,8 @@ def test_shipped_classifier_is_accurate_on_cifar10_test_images(tmp_path):
 def test_training_scores_cfd_at_each_evaluation_loading_the_classifier_once(tmp_path, monkeypatch):
     import importlib.util
 
-    from shortcut_jax import train, writers
+    from shortcut_jax.training import loop
+    from shortcut_jax.infra import writers
 
     root = extract_archive(os.path.join(SHARED_DATA, "cifar10-test.tar.gz"), str(tmp_path / "data"))
     experiments = os.path.join(os.path.dirname(__file__), "..", "experiments", "cifar10.py")
@@ -59,7 +60,7 @@ def test_training_scores_cfd_at_each_evaluation_loading_the_classifier_once(tmp_
 
     monkeypatch.setattr(feature_distance, "FeatureExtractor", counting_extractor)
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(cfg, workdir)
+    loop.train_and_evaluate(cfg, workdir)
     evals = [r for r in writers.read_metrics(workdir) if "eval/cfd_1step" in r]
     assert [(r["step"], r["eval/num_samples"]) for r in evals] == [(2, 100), (4, 150)]
     assert all(np.isfinite(r["eval/cfd_1step"]) for r in evals)

@@ -22,7 +22,10 @@ from PIL import Image
 import grain  # noqa: E402,F401  (the reader the pipeline uses)
 import tensorflow_datasets as tfds  # noqa: E402
 
-from shortcut_jax import checkpoint, config_lib, train  # noqa: E402
+from shortcut_jax import config_lib  # noqa: E402
+from shortcut_jax.infra import checkpoint
+from shortcut_jax.training import loop
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.data import default_data_config, make_dataset, validate_data_config  # noqa: E402
 from shortcut_jax.data.core import BatchLayout  # noqa: E402
 from shortcut_jax.data.preprocess import centre_crop_resize  # noqa: E402
@@ -410,10 +413,10 @@ def tiny_dit_config(data_dir, **overrides):
 
 def test_training_reads_the_dataset_saves_its_position_and_resumes(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    state = train.train_and_evaluate(tiny_dit_config(data_dir), workdir)
+    state = loop.train_and_evaluate(tiny_dit_config(data_dir), workdir)
     assert int(state.step) == 4
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
-        exp = train.Experiment(tiny_dit_config(data_dir), None)
+        exp = Experiment(tiny_dit_config(data_dir), None)
         try:
             _, data_state, meta = ckpt.restore(4, exp.abstract_state)
         finally:
@@ -422,6 +425,6 @@ def test_training_reads_the_dataset_saves_its_position_and_resumes(data_dir, tmp
     assert meta["num_classes"] == NUM_CLASSES and meta["data_shape"] == [8, 8, 3]
     # a resume with another seed would read another order: refused before anything compiles
     with pytest.raises(ValueError, match="another stream"):
-        train.train_and_evaluate(tiny_dit_config(data_dir, **{"seed": 1, "train.steps": 6}), workdir)
-    state = train.train_and_evaluate(tiny_dit_config(data_dir, **{"train.steps": 6}), workdir)
+        loop.train_and_evaluate(tiny_dit_config(data_dir, **{"seed": 1, "train.steps": 6}), workdir)
+    state = loop.train_and_evaluate(tiny_dit_config(data_dir, **{"train.steps": 6}), workdir)
     assert int(state.step) == 6

@@ -16,8 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from shortcut_jax import checkpoint, config_lib, evaluate, sharding, train, train_state, train_step
-from shortcut_jax.experiment import Experiment
+from shortcut_jax import config_lib, evaluate
+from shortcut_jax.infra import checkpoint, sharding
+from shortcut_jax.training import loop, train_state, train_step
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.objectives import OBJECTIVES, make_objective_config, shortcut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,11 +127,11 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
 
 def test_image_run_writes_grids_and_resumes_to_more_steps(tmp_path):
     workdir = str(tmp_path / "digits")
-    state = train.train_and_evaluate(digits_config(), workdir)
+    state = loop.train_and_evaluate(digits_config(), workdir)
     assert int(state.step) == 6
     assert glob.glob(os.path.join(workdir, "eval", "00000006", "samples_1step.png"))
     # raising the step budget continues from the saved step instead of starting over
-    state = train.train_and_evaluate(digits_config(**{"train.steps": 8}), workdir)
+    state = loop.train_and_evaluate(digits_config(**{"train.steps": 8}), workdir)
     assert int(state.step) == 8
     rows = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     assert rows == [2, 4, 6, 8]
@@ -142,7 +144,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, caplog):
     steps = 40
     overrides = {"train.steps": steps, "train.ckpt_every": 4, "train.log_every": 1, "train.eval_every": 1000,
                  "train.async_ckpt": True}
-    reference = train.train_and_evaluate(toy_config(**overrides), str(tmp_path / "reference"))
+    reference = loop.train_and_evaluate(toy_config(**overrides), str(tmp_path / "reference"))
 
     # The kill point comes from a seed that is printed and named in every failure message:
     # SIGKILL_TEST_SEED=<seed> replays it.
@@ -174,8 +176,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, caplog):
     assert saved is not None and saved < steps, f"killed too late (saved {saved}); {replay}"
     killed_rows = len([r for r in read_jsonl(metrics) if "loss" in r])
 
-    with caplog.at_level(logging.INFO, logger=train.__name__):
-        resumed = train.train_and_evaluate(toy_config(**overrides), workdir)
+    with caplog.at_level(logging.INFO, logger=loop.__name__):
+        resumed = loop.train_and_evaluate(toy_config(**overrides), workdir)
     # it resumed from the saved step, not from scratch: the log says so, and its metrics follow
     # the killed run's from the step after the checkpoint
     assert f"resumed from step {saved}" in [r.getMessage() for r in caplog.records], replay
@@ -269,20 +271,20 @@ def test_bad_config_raises_before_compiling_or_writing(name, tmp_path, monkeypat
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
     workdir = tmp_path / "wd"
     with pytest.raises((config_lib.ConfigError, ValueError), match=message):
-        train.train_and_evaluate(cfg, str(workdir))
+        loop.train_and_evaluate(cfg, str(workdir))
     assert not compiled
     assert not workdir.exists()
 
 
 def test_workdir_with_a_different_model_is_refused_untouched(tmp_path):
     workdir = str(tmp_path / "wd")
-    train.train_and_evaluate(digits_config(**{"train.steps": 3, "train.eval_every": 100}), workdir)
+    loop.train_and_evaluate(digits_config(**{"train.steps": 3, "train.eval_every": 100}), workdir)
     before = _listing(workdir)
     with pytest.raises(config_lib.ConfigError, match="architecture.width"):
-        train.train_and_evaluate(digits_config(**{"train.steps": 6, "model.width": 64}), workdir)
+        loop.train_and_evaluate(digits_config(**{"train.steps": 6, "model.width": 64}), workdir)
     assert _listing(workdir) == before
     # execution choices that leave the parameters' shapes alone may change between launches
-    state = train.train_and_evaluate(
+    state = loop.train_and_evaluate(
         digits_config(**{"train.steps": 4, "train.eval_every": 100, "model.remat": "full"}), workdir)
     assert int(state.step) == 4
 
@@ -291,8 +293,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     workdir = str(tmp_path / "nan")
     cfg = toy_config(**{"optim.lr": 1e12, "optim.schedule": "constant", "train.steps": 40, "train.ckpt_every": 1,
                         "train.log_every": 1, "optim.weight_decay": 0.0})
-    with pytest.raises(train.NonFiniteLoss, match=r"non-finite .* at step \d+"):
-        train.train_and_evaluate(cfg, workdir)
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite .* at step \d+"):
+        loop.train_and_evaluate(cfg, workdir)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         last = ckpt.latest_step()
         exp = Experiment(cfg, workdir)
@@ -327,7 +329,7 @@ def test_training_with_accumulation_logs_every_level_weighted_by_its_rows(tmp_pa
     assert any(set(range(levels)) - set(np.asarray(row).tolist()) for row in plan)  # some level is missing
     global_rows = np.bincount(np.asarray(shortcut.assign_levels(None, n_sc, levels, "official")), minlength=levels)
 
-    state = train.train_and_evaluate(cfg, str(tmp_path / "acc"))
+    state = loop.train_and_evaluate(cfg, str(tmp_path / "acc"))
     rows = [r for r in read_jsonl(str(tmp_path / "acc" / "metrics.jsonl")) if "loss" in r]
     assert int(state.step) == 2 and [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -420,7 +422,7 @@ def test_every_experiment_file_builds_and_validates(name, arg):
 
 
 def test_debiased_ema_is_the_normalised_weighted_mean_of_the_iterates():
-    from shortcut_jax import train_state
+    from shortcut_jax.training import train_state
 
     rng = np.random.default_rng(0)
     iterates = [rng.standard_normal(5).astype(np.float32) for _ in range(40)]
@@ -565,7 +567,7 @@ def test_log_interval_means_weight_level_losses_by_their_rows():
     fetched = [(1, {"loss": 1.0, "sc_loss/level_3": 0.0, "sc_loss/level_3/rows": 0.0}),
                (2, {"loss": 3.0, "sc_loss/level_3": 0.5, "sc_loss/level_3/rows": 4.0}),
                (3, {"loss": 2.0, "sc_loss/level_3": 0.2, "sc_loss/level_3/rows": 1.0})]
-    means = train._mean_metrics(fetched)
+    means = loop._mean_metrics(fetched)
     assert means["loss"] == pytest.approx(2.0)
     # the step without level-3 rows counts for nothing: (0.5 * 4 + 0.2 * 1) / 5
     assert means["sc_loss/level_3"] == pytest.approx(0.44)

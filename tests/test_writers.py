@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shortcut_jax import manifest, plots, writers
-from shortcut_jax.jsonable import jsonable
+from shortcut_jax.infra import manifest, plots, writers
+from shortcut_jax.infra.jsonable import jsonable
 
 
 def _read_jsonl(path):

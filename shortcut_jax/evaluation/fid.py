@@ -408,7 +408,7 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
 
-    from shortcut_jax import cli
+    from shortcut_jax.infra import cli
 
     _FLAGS = _define_flags()
 

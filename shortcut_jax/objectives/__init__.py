@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from shortcut_jax import sampling
+from shortcut_jax.objectives import sampling
 from shortcut_jax.objectives import consistency, diffusion, flow_matching, progressive, reflow, shortcut
 from shortcut_jax.objectives.common import Needs, ObjectiveConfig, check_stage_schedule
 
@@ -118,7 +118,7 @@ def check_method_config(objective_cfg, *, batch_size: int, total_steps: int) -> 
     curriculum that does not fit ``train.steps``, a live-reflow share that leaves a group empty,
     a distillation method without an ``objective.teacher_checkpoint``. Whether the teacher's
     checkpoint exists and fits the model is checked where a fresh run reads it
-    (``teacher.find_teacher``).
+    (``training.runs.find_teacher``).
     """
     ConfigError = ValueError  # noqa: N806 - config_lib.validate turns it into its ConfigError
 
@@ -154,7 +154,7 @@ def check_method_config(objective_cfg, *, batch_size: int, total_steps: int) -> 
         if not path:
             raise ConfigError(f"objective.name={name!r} distils a trained model: set objective.teacher_checkpoint"
                               " to its run's checkpoint directory (<workdir>/checkpoints)")
-        # whether it exists is checked when a fresh run is built (teacher.find_teacher): a run that
+        # whether it exists is checked when a fresh run is built (training.runs.find_teacher): a run that
         # resumes, evaluates or samples never reads the teacher, which may then be elsewhere
 
 

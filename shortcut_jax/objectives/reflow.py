@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import distributed, sampling
+from shortcut_jax.infra import distributed
+from shortcut_jax.objectives import sampling
 from shortcut_jax.objectives import common
 
 MANIFEST = "manifest.json"

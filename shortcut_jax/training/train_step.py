@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from shortcut_jax import train_state
+from shortcut_jax.training import train_state
 from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, NEEDS, OBJECTIVES, progressive
 
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import jax
 from etils import epath
 
-from shortcut_jax.jsonable import jsonable
+from shortcut_jax.infra.jsonable import jsonable
 
 __all__ = ["write_manifest"]
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import distributed, sharding
+from shortcut_jax.infra import distributed, sharding
 
 
 def check_budget(num_steps: int, num_levels: int) -> int:

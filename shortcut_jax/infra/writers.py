@@ -36,8 +36,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from shortcut_jax.jsonable import jsonable
-from shortcut_jax.plots import write_png
+from shortcut_jax.infra.jsonable import jsonable
+from shortcut_jax.infra.plots import write_png
 
 __all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
 

@@ -3,7 +3,7 @@
 The config is checked (``config_lib.validate``), the data source opened once (its reader's
 preparation checks files and headers), the workdir's checkpoint checked for compatibility, and
 then the model, objective context, optimiser, mesh, state shardings, sampler and evaluation metric
-are built; a fresh distillation run also finds and checks its teacher's checkpoint (``teacher.py``),
+are built; a fresh distillation run also finds and checks its teacher's checkpoint (``training/runs.py``),
 which ``init_state`` then reads. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
 (``evaluate.py``), the checkpoint importer and the benchmarks all start from one.
 """
@@ -21,11 +21,13 @@ import numpy as np
 import optax
 from etils import epath
 
-from shortcut_jax import checkpoint, config_lib, data, init_from, sharding, teacher, train_state
+from shortcut_jax import config_lib, data
+from shortcut_jax.infra import checkpoint, sharding
+from shortcut_jax.training import runs, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model, convert
 from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
-from shortcut_jax.train_step import make_train_step
+from shortcut_jax.training.train_step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ class Experiment:
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
         self.resumes = self._check_workdir()  # the workdir holds a checkpoint of this run
         # train.init_from: read and checked now for a fresh run; a resume never reads it
-        self.warm_start = (init_from.open_source(config.train, self.meta)
+        self.warm_start = (runs.open_source(config.train, self.meta)
                            if config.train.init_from and self.workdir and not self.resumes else None)
         if self.warm_start is not None:  # provenance, saved with every checkpoint (not a compatibility key)
             self.meta["init_from"] = self.warm_start.provenance()
@@ -150,12 +152,12 @@ class Experiment:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
             self.state_shardings)
-        # a fresh distillation run starts at its teacher, found and checked now (teacher.py); a
+        # a fresh distillation run starts at its teacher, found and checked now (training/runs.py); a
         # resumed one finds its teacher in its own checkpoint, and without a workdir (benchmarks)
         # the frozen teacher is a copy of the initial parameters
         self.teacher_source = None
         if needs.frozen_teacher and self.workdir and not self.resumes:
-            self.teacher_source = teacher.find_teacher(config.objective, self.meta, self.abstract_state.params)
+            self.teacher_source = runs.find_teacher(config.objective, self.meta, self.abstract_state.params)
             self.meta["teacher"] = self.teacher_source.describe()
 
     def _latent_decoder(self, config):
@@ -247,7 +249,7 @@ class Experiment:
         """The initial state of a distillation run: student, EMA trees and frozen teacher at the
         teacher's weights (read into the parameters' shardings), the optimiser state fresh, the
         state rng the one ``_init`` gives for the seed."""
-        weights = teacher.restore_teacher(self.teacher_source, self.abstract_state.params)
+        weights = runs.restore_teacher(self.teacher_source, self.abstract_state.params)
 
         def init(weights, rng):
             _, state_rng = jax.random.split(rng)

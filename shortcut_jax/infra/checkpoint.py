@@ -15,7 +15,7 @@ One parameter tree of a saved state (the online parameters or one EMA tree) can 
 without the optimiser state or the other trees, with :meth:`Checkpointer.restore_params`, and
 its shapes checked first from the metadata files with :meth:`Checkpointer.param_shapes`: a
 frozen teacher, a warm start and reflow's stage one read another run's weights this way
-(``shortcut_jax.restore`` finds that run's folder and metadata).
+(``shortcut_jax.training.runs`` finds that run's folder and metadata).
 
 Crash safety. On a local or network file system orbax writes a step into
 ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only once every
@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from shortcut_jax.jsonable import jsonable
+from shortcut_jax.infra.jsonable import jsonable
 
 __all__ = ["Checkpointer", "check_compatible", "differences", "shape_differences", "tree_shapes"]
 

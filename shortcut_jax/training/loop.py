@@ -13,7 +13,7 @@ The path of a batch::
           -> compiled(state, batch)    (objective -> grads -> optax update -> EMA update)
           -> metrics kept on device until the next log step, then checked finite and written
         every train.ckpt_every steps: checkpoint (state, data position, run metadata)
-        every train.eval_every steps: evaluate.evaluate_state (samples at every budget)
+        every train.eval_every steps: evaluator.evaluate_state (samples at every budget)
         on SIGTERM or a preemption notice: finish the step, checkpoint it, return (exit 0)
 
 Everything that can be wrong with a config is checked before anything is compiled or written
@@ -52,9 +52,10 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from shortcut_jax import checkpoint, distributed, init_from, manifest, sharding, writers
-from shortcut_jax.evaluate import check_before_sampling, evaluate_state
-from shortcut_jax.experiment import Experiment, parameter_overview
+from shortcut_jax.infra import checkpoint, distributed, manifest, sharding, writers
+from shortcut_jax.training import runs
+from shortcut_jax.evaluation.evaluator import check_before_sampling, evaluate_state
+from shortcut_jax.training.experiment import Experiment, parameter_overview
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         else:
             state = exp.init_state()
             if exp.warm_start is not None:  # train.init_from, checked when the experiment was built
-                state = init_from.warm_started(exp, state, exp.warm_start)
+                state = runs.warm_started(exp, state, exp.warm_start)
         num_params, overview = parameter_overview(state.params)
         log.info("parameters (%s):\n%s", f"{num_params:,}", overview)
         compiled, compile_info = exp.compile_step()

@@ -1,0 +1,238 @@
+"""A finished run opened again: sampled, evaluated offline, read by reflow's stage one.
+
+``require_checkpoint`` refuses a workdir without a checkpoint before anything is built;
+``load_run`` builds the run's ``Experiment`` and restores its weights; ``sample`` draws images at
+one budget; ``evaluate_checkpoint`` evaluates a saved step at every budget of ``config.eval``
+(``evaluation.evaluator`` does the sampling and scoring). The commands ``sample`` and
+``evaluate`` are their flags around these functions. In code (and in ``notebooks/shortcut_colab.ipynb``)::
+
+    run = load_run(load_config('experiments/digits.py'), 'workdirs/digits')
+    images, labels = sample(run, num_images=16, num_steps=4, seed=0)   # float [-1, 1]
+
+The checkpoint records the data's shape and class count, and they stand in for the data set:
+sampling needs only the config file and the workdir (local or ``gs://``), not the data. The path
+is ``evaluate_checkpoint``'s: ``Experiment`` -> ``Checkpointer.restore`` -> EMA or online
+parameters -> ``Sampler`` (each device draws its share), then the experiment's decoder for
+latent runs. A workdir without a checkpoint, a budget that is not a power of two up to the
+trained levels and labels the model does not have are refused before anything is restored
+or compiled, each naming the flag to change.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from shortcut_jax.infra import checkpoint, plots, writers
+from shortcut_jax.training import runs
+from shortcut_jax.objectives import sampling
+from shortcut_jax.data import DataSpec
+from shortcut_jax.evaluation.evaluator import check_before_sampling, evaluate_state, offline_out_dir
+from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8
+from shortcut_jax.evaluation.sample_sets import class_labels, sample_batches
+from shortcut_jax.training.experiment import COMPATIBILITY_KEYS, Experiment
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedRun", "evaluate_checkpoint", "require_checkpoint", "load_config", "load_run", "resolve_labels", "sample", "saved_spec", "write_images"]
+
+
+def load_config(path: str, overrides: Optional[dict] = None):
+    """``'experiments/x.py'`` or ``'experiments/x.py:arg'`` -> that file's ``get_config(arg)``,
+    then ``overrides`` (``{'eval.budgets': (1, 4)}``) set key by key on the locked config: what
+    ``--config=...`` and ``--config.key=value`` do on a command line, for notebooks and scripts."""
+    file, _, arg = path.partition(":")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"config file {file!r} does not exist")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(file))[0], file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for dotted, value in (overrides or {}).items():
+        node = config
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    return config
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A restored run ready to sample: the experiment (model, mesh, sampler, decoder), the
+    evaluated parameters and the checkpoint's step."""
+
+    exp: Experiment
+    params: Any
+    step: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.exp.spec.num_classes
+
+    def close(self) -> None:
+        self.exp.close()
+
+
+def _saved_meta(ckpt_dir: str, step: Optional[int]) -> dict:
+    with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        return ckpt.read_meta(step) or {}
+
+
+def _spec_from_meta(meta: dict, ckpt_dir: str) -> DataSpec:
+    if "data_shape" not in meta or "num_classes" not in meta:
+        raise ValueError(f"the checkpoint in {ckpt_dir} records no data shape and class count (run metadata of"
+                         " an older version); evaluate it with python -m shortcut_jax.evaluate instead")
+    shape = tuple(int(d) for d in meta["data_shape"])
+    return DataSpec(shape=shape, num_classes=int(meta["num_classes"]), kind="points" if len(shape) == 1 else "images")
+
+
+def saved_spec(workdir: str, step: Optional[int] = None) -> tuple[DataSpec, int]:
+    """``(data spec, objective.num_levels)`` a run's checkpoint was trained with, read from its
+    metadata alone (no arrays); refuses a workdir without a checkpoint."""
+    ckpt_dir = require_checkpoint(workdir)
+    meta = _saved_meta(ckpt_dir, step)
+    return _spec_from_meta(meta, ckpt_dir), int(meta.get("objective", {}).get("num_levels", 0))
+
+
+def check_guidance(cfg_scale: float, num_classes: int) -> None:
+    if cfg_scale != 1.0 and num_classes == 0:
+        raise ValueError(f"--cfg_scale={cfg_scale}: guidance needs a class-conditional model; this one is"
+                         " unconditional, so leave --cfg_scale=1")
+
+
+def resolve_labels(num_classes: int, num_images: int, *, labels: Optional[Sequence[int]] = None,
+                   class_label: Optional[int] = None, mode: str = "balanced", seed: int = 0) -> np.ndarray:
+    """int32 ``[num_images]``: ``labels`` in turn, or ``class_label`` for all, or ``mode``'s labels
+    (``evaluation.sample_sets.class_labels``). Raises ValueError naming the flag to change."""
+    if labels is not None and class_label is not None:
+        raise ValueError("give --labels or --class, not both")
+    given = [class_label] if class_label is not None else (list(labels) if labels is not None else None)
+    if given is None:
+        return class_labels(num_images, num_classes, mode=mode, seed=seed)
+    flag = "--class" if class_label is not None else "--labels"
+    if num_classes == 0:
+        raise ValueError(f"{flag}: the model is unconditional (trained without class labels); drop {flag}")
+    if not given:
+        raise ValueError(f"{flag} is empty: give class numbers, e.g. {flag}=0")
+    wrong = [v for v in given if not 0 <= int(v) < num_classes]
+    if wrong:
+        raise ValueError(f"{flag} holds {wrong}: the model has {num_classes} classes, 0 to {num_classes - 1}")
+    return np.resize(np.asarray(given, np.int32), num_images)
+
+
+def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None) -> LoadedRun:
+    """Restores the evaluated parameters (``eval.use_ema``/``eval.ema_index``, or ``use_ema``) of
+    ``workdir``'s checkpoint ``step`` (None: the latest) for sampling, without opening the data."""
+    ckpt_dir = require_checkpoint(workdir)
+    meta = _saved_meta(ckpt_dir, step)
+    spec = _spec_from_meta(meta, ckpt_dir)
+    config = copy.deepcopy(config)
+    config.eval.metric = "none"  # sampling scores nothing: no metric files are needed
+    config.eval.export_budgets = ()
+    if use_ema is not None:
+        config.eval.use_ema = bool(use_ema)
+    exp = Experiment(config, workdir, spec=spec)
+    try:
+        # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
+        checkpoint.check_compatible(meta, exp.meta, COMPATIBILITY_KEYS)
+        with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+            state, _, _ = exp.restore(ckpt, step)
+        return LoadedRun(exp, exp.eval_params(state), int(jax.device_get(state.step)))
+    except BaseException:
+        exp.close()
+        raise
+
+
+def sample(run: LoadedRun, *, num_images: int, num_steps: int, labels=None, class_label: Optional[int] = None,
+           cfg_scale: float = 1.0, seed: int = 0, batch_size: Optional[int] = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """``(samples, labels)``: ``num_images`` samples at ``num_steps`` steps (decoded for latent
+    runs), float in [-1, 1] ``[N, H, W, C]`` (points ``[N, D]``), and their int32 labels."""
+    exp = run.exp
+    if num_images < 1:
+        raise ValueError(f"--num_images={num_images} must be >= 1")
+    sampling.check_budget(num_steps, exp.config.objective.num_levels)
+    check_guidance(cfg_scale, run.num_classes)
+    chosen = resolve_labels(run.num_classes, num_images, labels=labels, class_label=class_label,
+                            mode=exp.config.eval.label_mode, seed=seed)
+    batch = min(batch_size or exp.config.eval.batch_size, num_images)
+    parts = list(sample_batches(exp.sampler, run.params, shape=tuple(exp.spec.shape), num_classes=run.num_classes,
+                                num_samples=num_images, batch_size=batch, num_steps=num_steps, seed=seed,
+                                cfg_scale=cfg_scale, labels=chosen, decode=exp.decode))
+    return np.concatenate([x for x, _ in parts]), chosen
+
+
+def check_outputs(sample_shape: tuple, *, out: str = "", out_dir: str = "") -> None:
+    """One output, and ``--out_dir`` only for images (RGB or greyscale)."""
+    if bool(out) == bool(out_dir):
+        raise ValueError("give --out=FILE.png (one grid) or --out_dir=DIR (one PNG per image)")
+    if out_dir and (len(sample_shape) != 3 or sample_shape[-1] not in (1, 3)):
+        raise ValueError(f"--out_dir writes images; these samples are {tuple(sample_shape)}: use --out for "
+                         + ("a scatter plot" if len(sample_shape) == 1 else "a grid of their first three channels"))
+
+
+def write_images(samples: np.ndarray, labels: Optional[np.ndarray], *, out: str = "", out_dir: str = "",
+                 title: str = "") -> list[str]:
+    """A grid (images) or scatter plot (points) at ``out``, or one PNG per image in ``out_dir``
+    (``00000_class3.png``, ...; ``00000.png`` without ``labels``); returns the paths written."""
+    check_outputs(samples.shape[1:], out=out, out_dir=out_dir)
+    if out:
+        if samples.ndim == 2:
+            plots.save_scatter(samples, out, title=title or None)
+        else:
+            plots.save_grid(samples, out)
+        return [out]
+    os.makedirs(out_dir, exist_ok=True)
+    pixels = to_uint8(grey_to_rgb(samples))[..., :samples.shape[-1]]
+    paths = []
+    for i, image in enumerate(pixels):
+        name = f"{i:05d}.png" if labels is None else f"{i:05d}_class{int(labels[i])}.png"
+        paths.append(os.path.join(out_dir, name))
+        plots.write_png(image, paths[-1])
+    return paths
+
+
+
+def require_checkpoint(workdir: str) -> str:
+    """The checkpoint folder of ``workdir`` (local or ``gs://``), refused when it holds no
+    checkpoint; nothing is created."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not runs.has_steps(ckpt_dir):
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}: fix --workdir (the folder a run was trained into), or train first"
+            f" (python -m shortcut_jax.main --config=... --workdir={workdir})")
+    return ckpt_dir
+
+
+def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
+                        out_dir: Optional[str] = None) -> dict[int, float]:
+    """Evaluate a saved run at every budget of ``config.eval`` (final sample count)."""
+    ckpt_dir = require_checkpoint(workdir)
+    exp = Experiment(config, workdir)
+    try:
+        check_before_sampling(exp)
+        with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
+            state, _, _ = exp.restore(ckpt, step)
+        step = int(jax.device_get(state.step))
+        writer = None
+        if out_dir is None:
+            out_dir, own = offline_out_dir(exp.workdir, step)
+            if own:  # completes the run's evaluation at this step, so it joins the run's metrics too
+                writer = writers.MetricWriter(exp.workdir, use_tensorboard=False)
+        log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
+                 " and metrics.jsonl" if writer else "")
+        try:
+            return evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
+                                  progress=config.train.progress_bar and jax.process_index() == 0)
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        exp.close()
