@@ -25,7 +25,6 @@ from shortcut_jax import config_lib
 from shortcut_jax.infra import checkpoint, sharding, writers
 from shortcut_jax.training import runs, loop, train_state
 from shortcut_jax.training.experiment import Experiment
-from shortcut_jax.objectives import warm_start
 from shortcut_jax.sample import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +144,7 @@ def test_progressive_teacher_is_the_level_free_teacher_then_the_student_where_ea
     at = {step: restore_state(workdir, step, config)[0] for step in (2, 6)}
     # phase 0: the flow-matching teacher ignored its level input (it saw 0); the student reads it,
     # so the teacher's level embedder is made constant at level 0, every other weight as saved
-    assert_trees_equal(at[2].frozen_teacher, warm_start.constant_level_embedding(ema, 0))
+    assert_trees_equal(at[2].frozen_teacher, runs.constant_level_embedding(ema, 0))
     kernel = np.asarray(at[2].frozen_teacher["level_embed"]["hidden"]["kernel"])
     assert not kernel.any() and np.asarray(ema["level_embed"]["hidden"]["kernel"]).any()
     # phase 2 starts at update 6: its teacher is the student after 6 updates, kept to the end
