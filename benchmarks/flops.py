@@ -99,6 +99,12 @@ def train_step_flops(objective: str, batch: int, *, sc_fraction: float = 0.125, 
         total += 2 * dit_forward_flops(batch=n_sc, **dims)
         if bootstrap_cfg and n_sc // num_levels:
             total += 2 * dit_forward_flops(batch=n_sc // num_levels, **dims)
+    elif objective in ("meanflow", "meanflow_v"):
+        # the jvp's tangent pass (about one forward); its output is under stop_gradient, so the
+        # backward pass is the primal's; improved MeanFlow adds the no-gradient pass giving its tangent
+        total += dit_forward_flops(batch=batch, **dims)
+        if objective == "meanflow_v":
+            total += dit_forward_flops(batch=batch, **dims)
     elif objective != "flow_matching":
         raise ValueError(f"no FLOP count for objective {objective!r}")
     return total

@@ -25,7 +25,7 @@ by the model itself in 8 Euler steps).
     python -m benchmarks.methods_toy2d --steps=300 --seeds=1 --eval_samples=2000 --reflow_pairs=4096  # a check
 
 The training loop is this script's own (a ``lax.scan`` over chunks of steps): the step count,
-the frozen teacher and the phase snapshots are passed the way ``objectives.NEEDS`` says the
+the frozen teacher and the phase snapshots are passed the way ``objectives.METHODS`` says the
 train step should pass them.
 """
 from __future__ import annotations
@@ -41,18 +41,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib
 from shortcut_jax.training import train_state
 from shortcut_jax.data.core import BatchLayout
 from shortcut_jax.data.toy import ToySource
-from shortcut_jax.evaluate import draw_samples
+from shortcut_jax.evaluation.evaluator import draw_samples
 from shortcut_jax.evaluation import distances
 from shortcut_jax.models import MLPNet
-from shortcut_jax.objectives import NEEDS, OBJECTIVES, make_objective_config, make_sampler, progressive, reflow
+from shortcut_jax.objectives import METHODS, make_objective_config, make_sampler
 from shortcut_jax.training.runs import warm_start_params
 
-METHODS = ("shortcut", "flow_matching", "diffusion", "consistency_training", "consistency_distillation",
-           "progressive_distillation", "reflow", "live_reflow")
+NAMES = ("shortcut", "flow_matching", "diffusion", "consistency_training", "consistency_distillation",
+         "progressive_distillation", "reflow", "live_reflow", "meanflow", "meanflow_v")
 TWO_STAGE = ("consistency_distillation", "progressive_distillation", "reflow")
 BUDGETS = (1, 2, 4, 8, 128)
 BATCH = 512
@@ -70,7 +71,7 @@ def objective_config(name: str, apply_fn, steps: int):
 
 def make_model(name: str) -> MLPNet:
     # methods that feed a constant level let the network ignore it, as flow matching does
-    return MLPNet(width=256, depth=4, mlp_ratio=2.0, num_classes=0, ignore_level=not NEEDS[name].level_input)
+    return MLPNet(width=256, depth=4, mlp_ratio=2.0, num_classes=0, ignore_level=not METHODS[name].level_input)
 
 
 def train(name: str, steps: int, seed: int, *, init_params=None, teacher=None, pairs=None):
@@ -78,23 +79,23 @@ def train(name: str, steps: int, seed: int, *, init_params=None, teacher=None, p
     model = make_model(name)
     apply_fn = lambda p, *a: model.apply({"params": p}, *a)  # noqa: E731
     cfg = objective_config(name, apply_fn, steps)
-    needs = NEEDS[name]
+    needs = METHODS[name]
     key = jax.random.key(seed)
     if init_params is None:
         init_params = model.init(jax.random.fold_in(key, 1), jnp.zeros((1, 2)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
                                  jnp.zeros(1, jnp.int32))["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, max(steps, 101))
     tx = optax.adamw(schedule, weight_decay=0.0)
-    snapshot = needs.teacher_snapshots
+    snapshot = needs.teacher_snapshot
 
     def one_step(state, batch):
         params, ema, frozen, opt_state, step = state
         if snapshot:  # the teacher of each phase is the student at its start
-            frozen = progressive.teacher_for_step(step, frozen, params, cfg)
+            frozen = snapshot(step, frozen, params, cfg)
         if needs.step:
             batch = dict(batch, step=step)
         teachers = {"ema": ema, "teacher": frozen} if needs.frozen_teacher else ema
-        (loss, _), grads = jax.value_and_grad(OBJECTIVES[name], has_aux=True)(
+        (loss, _), grads = jax.value_and_grad(METHODS[name].loss, has_aux=True)(
             params, teachers, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step), cfg)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -162,10 +163,10 @@ def run_seed(seed: int, args, methods, tmp: str) -> dict[str, dict]:
             start = time.perf_counter()
             sampler = make_sampler("flow_matching", teacher_cfg)
             out_dir = os.path.join(tmp, f"pairs_seed{seed}")
-            reflow.generate_pairs(sampler, teacher, out_dir=out_dir, shape=(2,), num_classes=0,
+            pairs_io.generate_pairs(sampler, teacher, out_dir=out_dir, shape=(2,), num_classes=0,
                                   num_pairs=args.reflow_pairs, num_steps=args.reflow_teacher_steps, seed=seed,
                                   batch_size=min(args.reflow_pairs, 10_000))
-            pairs = reflow.load_pairs(out_dir)
+            pairs = pairs_io.load_pairs(out_dir)
             gen_secs = time.perf_counter() - start
             params, _, cfg, secs = train(name, args.steps, seed, init_params=teacher, pairs=pairs)
             secs += gen_secs
@@ -179,16 +180,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4000, help="training steps per method (per stage)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(NAMES))
     parser.add_argument("--eval_samples", type=int, default=10_000)
     parser.add_argument("--reflow_pairs", type=int, default=50_000)
     parser.add_argument("--reflow_teacher_steps", type=int, default=128)
     parser.add_argument("--out", default="", help="JSON file for the per-seed results")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(NAMES))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
+        parser.error(f"unknown methods {unknown}; choose from {','.join(NAMES)}")
 
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -64,7 +64,7 @@ GIB = 2.0**30
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    objective: str  # 'shortcut' or 'flow_matching'
+    objective: str  # 'shortcut', 'flow_matching', 'meanflow' or 'meanflow_v'
     variant: str  # DiT variant; '' takes ``dims``
     shape: tuple[int, int, int]
     batches: tuple[int, ...]  # tried in order until one fits in memory
@@ -78,6 +78,9 @@ ROWS = {row.name: row for row in (
     Row("B2-shortcut", "shortcut", "B", LATENTS, (256,)),
     Row("B2-flow", "flow_matching", "B", LATENTS, (256,)),
     Row("B2-shortcut-sc0.25", "shortcut", "B", LATENTS, (256,), sc_fraction=0.25),
+    # MeanFlow's jvp through the whole network (XLA attention and plain ops, as the method needs)
+    Row("B2-meanflow", "meanflow", "B", LATENTS, (256,)),
+    Row("B2-meanflow_v", "meanflow_v", "B", LATENTS, (256,)),
     Row("XL2-shortcut", "shortcut", "XL", LATENTS, (256,)),
     Row("XL2-flow", "flow_matching", "XL", LATENTS, (256,)),
     Row("XL2-shortcut-max", "shortcut", "XL", LATENTS, (512, 384)),
@@ -85,6 +88,7 @@ ROWS = {row.name: row for row in (
     # CPU-sized rows for smoke tests; not part of 'default'.
     Row("tiny-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(32, 1, 2)),
     Row("tiny-flow", "flow_matching", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
+    Row("tiny-meanflow", "meanflow", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
     # CPU-sized but as deep as DiT-S/B and DiT-XL: compile and initialisation time against
     # model.scan_blocks
     Row("small-d12-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 12, 2)),

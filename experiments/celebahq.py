@@ -14,7 +14,7 @@ Command:
   python -m shortcut_jax.main --config=experiments/celebahq.py \\
       --config.data.path=/data/celebahq256_latents --workdir=workdirs/celebahq_b
 Expected (paper, FID-50k at 128 / 4 / 1 steps): 6.9 / 13.8 / 20.5 after about 410k steps.
-Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
+Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
 from shortcut_jax import config_lib

@@ -8,6 +8,8 @@ Command (published recipe: batch 256, AdamW 1e-4, weight decay 0.1, EMA teacher,
   python -m shortcut_jax.main --config=experiments/cifar10.py \\
       --config.data.path=data/cifar10/train --workdir=workdirs/cifar10_shortcut
 Arguments (`experiments/cifar10.py:key=value,...`), switches that set several keys together:
+  preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow, with their published optimiser choices:
+  Adam b2 0.95, no weight decay, EMA 0.9999 debiased; config_lib.PRESETS),
   preset=few_step (the recommended few-step setting: objective.teacher=online,
   objective.sc_fraction=0.25, train.ema_debias=True; see config_lib.PRESETS),
   objective=shortcut|flow_matching|diffusion|consistency_training|live_reflow|consistency_distillation|
@@ -29,7 +31,7 @@ of training at 5,000-6,000 images/s): after 7,000 steps preset=few_step gives CF
 """
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("", "objective=flow_matching", "preset=few_step", "runlocal=True")
+TEST_ARGS = ("", "objective=flow_matching", "preset=few_step", "preset=meanflow", "runlocal=True")
 
 
 def get_config(arg: str = ""):

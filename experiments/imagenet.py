@@ -17,12 +17,13 @@ Expected (paper, FID-50k at 128 / 4 / 1 steps): DiT-B 15.5 / 28.3 / 40.3; DiT-XL
 On one 80 GB GPU DiT-XL/2 at batch 256 needs ``--config.model.remat=dots`` or more devices (see
 README); adding ``--config.model.remat_blocks=14`` rematerialises only half of the 28 blocks
 (with ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
-Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
+Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("variant=B", "variant=XL", "variant=B,objective=flow_matching", "variant=B,preset=few_step")
+TEST_ARGS = ("variant=B", "variant=XL", "variant=B,objective=flow_matching", "variant=B,preset=few_step",
+             "variant=B,preset=meanflow_v")
 
 
 def get_config(arg: str = "variant=B"):

@@ -3,8 +3,9 @@
 Command:
   python -m shortcut_jax.main --config=experiments/toy2d.py --workdir=workdirs/toy2d
 Arguments (`--config=experiments/toy2d.py:<key>=<value>,...`): objective=shortcut|flow_matching|
-  diffusion|consistency_training|live_reflow|consistency_distillation|progressive_distillation
-  (objectives.OBJECTIVES), runlocal=True (a few steps, for tests). The two distillation methods
+  diffusion|consistency_training|live_reflow|consistency_distillation|progressive_distillation|
+  meanflow|meanflow_v, preset=meanflow|meanflow_v (with MeanFlow's published optimiser)
+  (objectives.registry.METHODS), runlocal=True (a few steps, for tests). The two distillation methods
   start from a trained run of the same model, named by objective.teacher_checkpoint (its workdir
   or <workdir>/checkpoints; the student starts at the teacher's EMA weights):
     python -m shortcut_jax.main --config=experiments/toy2d.py:objective=flow_matching --workdir=workdirs/toy2d_fm
@@ -27,11 +28,11 @@ stop-gradient. With the EMA teacher (decay 0.999) 4000 steps leave the 1-step sa
 """
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("", "objective=flow_matching", "runlocal=True")
+TEST_ARGS = ("", "objective=flow_matching", "objective=meanflow", "preset=meanflow_v", "runlocal=True")
 
 
 def get_config(arg: str = ""):
-    args = config_lib.parse_config_arg(arg, {"objective": "shortcut", "runlocal": False})
+    args = config_lib.parse_config_arg(arg, {"objective": "shortcut", "preset": "", "runlocal": False})
     c = config_lib.default_config()
     c.data.name = "checkerboard"
     c.model.name = "mlp"
@@ -57,6 +58,8 @@ def get_config(arg: str = ""):
     c.eval.grid_budgets = (1, 4, 128)
     c.eval.num_samples = 10_000
     c.eval.batch_size = 10_000
+    if args["preset"]:  # meanflow|meanflow_v: the objective and its published optimiser (b2, no decay, EMA)
+        config_lib.apply_preset(c, args["preset"])
     if args["runlocal"]:
         c.train.steps = 20
         c.train.batch_size = 64

@@ -19,28 +19,14 @@ import ml_collections
 
 from shortcut_jax.data import PAIRS_DATA, default_data_config
 from shortcut_jax.evaluation.metrics import METRIC_CHOICES
-from shortcut_jax.objectives import NEEDS, OBJECTIVES, check_method_config
+from shortcut_jax.models import options
+from shortcut_jax.models.options import (  # noqa: F401 - DIT_VARIANTS: read through config_lib too
+    ATTENTION_IMPLS, DEFAULT_LEAN_OPS, DIT_VARIANTS, LEAN_OPS, MATMUL_PRECISIONS, REMAT_CHOICES)
+from shortcut_jax.objectives import METHODS, check_method_config, method
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
-# model.remat values (models.dit.REMAT_POLICIES and 'none'; kept here so that checking a config
-# does not import the model code)
-REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")
-# model.lean_ops parts (models.dit.LEAN_OPS) and the default (models.dit.DEFAULT_LEAN_OPS)
-LEAN_OPS = ("norm", "gelu", "gate")
-DEFAULT_LEAN_OPS = ("norm", "gelu")
-# model.matmul_precision values (models.dit.MATMUL_PRECISIONS)
-MATMUL_PRECISIONS = ("bf16", "fp8")
 # eval.label_mode values (evaluation.sample_sets.class_labels)
 LABEL_MODES = ("balanced", "random")
-
-# name -> (width, depth, heads); MLP ratio 4 for all.
-DIT_VARIANTS = {
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
@@ -104,6 +90,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.reflow_fraction = 0.125  # live reflow: share of the batch on generated pairs
     c.objective.reflow_steps = 8  # live reflow: Euler steps that generate the pairs
     c.objective.reflow_cfg_scale = 1.0  # live reflow: guidance of the generating pass
+    # MeanFlow and improved MeanFlow (objectives/meanflow.py; published values)
+    c.objective.meanflow_flow_fraction = 0.75  # share of rows with r = t (plain flow matching)
+    c.objective.meanflow_t_mean = -0.4  # logit-normal draws of (t, r): mean and std
+    c.objective.meanflow_t_std = 1.0
+    c.objective.meanflow_norm_p = 1.0  # adaptive weight 1 / sg(error + eps)^p; 0: plain mean
+    c.objective.meanflow_norm_eps = 0.01
+    c.objective.meanflow_cfg_omega = 1.0  # guidance folded into the target (class-conditional runs)
+    c.objective.meanflow_cfg_kappa = 0.0
+    c.objective.meanflow_cfg_interval = (0.0, 1.0)  # the papers' t range where guidance applies
     c.objective.teacher_checkpoint = ""  # distillation: the teacher run's <workdir>/checkpoints
     c.objective.teacher_step = -1  # its step (-1: latest)
     c.objective.teacher_weights = "ema"  # 'ema' or 'params'
@@ -172,7 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.classifier = ""
     c.eval.reference_stats = ""
     # 'fid': FID in pytorch-fid's Inception features (shortcut_jax.evaluation.fid). Reference
-    # statistics: a file of `python -m shortcut_jax.evaluation.fid --stats`, an ADM reference batch
+    # statistics: a file of `python -m shortcut_jax.fid_stats --stats`, an ADM reference batch
     # or a mu/sigma file; '' computes them from eval.num_samples data images (cached, keyed by
     # the images and the weights, in fid_stats/ beside the workdir).
     c.eval.fid_reference = ""
@@ -227,6 +222,13 @@ def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
 PRESETS = {
     "": {},  # the file's own settings (the published recipe where it follows one)
     "few_step": {"objective.teacher": "online", "objective.sc_fraction": 0.25, "train.ema_debias": True},
+    # MeanFlow and improved MeanFlow with the published optimiser choices where they differ from
+    # the shortcut recipe: Adam with b2 = 0.95 and no weight decay, EMA 0.9999 (debiased, so that
+    # short runs are not dominated by the initialisation)
+    "meanflow": {"objective.name": "meanflow", "optim.b2": 0.95, "optim.weight_decay": 0.0,
+                 "train.ema_decays": (0.9999,), "train.ema_debias": True},
+    "meanflow_v": {"objective.name": "meanflow_v", "optim.b2": 0.95, "optim.weight_decay": 0.0,
+                   "train.ema_decays": (0.9999,), "train.ema_debias": True},
 }
 
 
@@ -239,15 +241,12 @@ def apply_preset(config, name: str) -> None:
 
 
 def model_dims(model_cfg) -> tuple[int, int, int]:
-    """(width, depth, heads) from the variant, with explicit non-zero fields overriding it."""
-    variant = model_cfg.get("variant", "")
-    if variant and variant not in DIT_VARIANTS:
-        raise ConfigError(f"model.variant={variant!r} is unknown; use one of {sorted(DIT_VARIANTS)} or ''")
-    base = DIT_VARIANTS.get(variant, (0, 0, 0))
-    width = model_cfg.width or base[0]
-    depth = model_cfg.depth or base[1]
-    heads = model_cfg.num_heads or base[2]
-    return width, depth, heads
+    """(width, depth, heads) of ``config.model`` (``models.options.model_dims``), ``ConfigError``
+    for an unknown variant."""
+    try:
+        return options.model_dims(model_cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_level_weights(weights, num_levels: int) -> None:
@@ -293,8 +292,18 @@ def validate(config, *, num_devices: int) -> None:
     Checks that need the data (image size against the patch) or the workdir (a checkpoint of a
     different model) run in ``train`` right after this, still before anything is compiled.
     """
-    if config.objective.name not in OBJECTIVES:
-        raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(OBJECTIVES)}")
+    if config.objective.name not in METHODS:
+        raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(METHODS)}")
+    if method(config.objective.name).forward_mode:
+        # jax.jvp through the network: the cuDNN attention kernel and the FP8 dense layers have no
+        # forward-mode rule (lean_ops are left out by build_model, 'auto' attention picks XLA's)
+        if config.model.attention_impl == "cudnn":
+            raise ConfigError(f"model.attention_impl='cudnn' with objective.name={config.objective.name!r}: the"
+                              " objective differentiates the network forward (jax.jvp), which the cuDNN attention"
+                              " kernel does not support; use model.attention_impl='auto' or 'xla'")
+        if config.model.matmul_precision == "fp8":
+            raise ConfigError(f"model.matmul_precision='fp8' with objective.name={config.objective.name!r}: the"
+                              " FP8 dense layers have no forward-mode rule (jax.jvp); use model.matmul_precision='bf16'")
     try:
         check_method_config(config.objective, batch_size=config.train.batch_size, total_steps=config.train.steps)
     except ValueError as err:
@@ -311,7 +320,7 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"model.width={width} must be a multiple of 4 (2-D sin-cos positions)")
     for key, allowed in (("attention_scale", ("head_dim", "sqrt_head_dim")), ("zero_init", ("final", "adaln")),
                          ("remat", REMAT_CHOICES),
-                         ("attention_impl", ("auto", "xla", "cudnn")),
+                         ("attention_impl", ATTENTION_IMPLS),
                          ("dtype", ("auto", "bfloat16", "float32")),
                          ("residual_dtype", ("float32", "compute")),
                          ("matmul_precision", MATMUL_PRECISIONS)):
@@ -342,7 +351,7 @@ def validate(config, *, num_devices: int) -> None:
     if obj.flow_t not in ("grid", "uniform", "logit_normal"):
         raise ConfigError(f"objective.flow_t={obj.flow_t!r}: use 'grid', 'uniform' or 'logit_normal'")
     check_level_weights(obj.level_weights, obj.num_levels)
-    if NEEDS[obj.name].frozen_teacher:  # where the teacher is read from (training/runs.py reads it)
+    if METHODS[obj.name].frozen_teacher:  # where the teacher is read from (training/runs.py reads it)
         if obj.teacher_weights not in ("ema", "params"):
             raise ConfigError(f"objective.teacher_weights={obj.teacher_weights!r}: use 'ema' (the teacher run's first"
                               " EMA tree) or 'params' (its online parameters)")
@@ -444,11 +453,11 @@ def check_pairs(config) -> None:
     The other way round is allowed: any objective may train on the pairs' samples as data (flow
     matching or a shortcut model fit to a teacher's samples, i.e. distillation through data); it
     reads ``x`` and ``label`` and leaves ``noise`` aside."""
-    if NEEDS[config.objective.name].frozen_teacher and config.train.init_from:
+    if METHODS[config.objective.name].frozen_teacher and config.train.init_from:
         raise ConfigError(f"train.init_from={config.train.init_from!r} with objective.name={config.objective.name!r}:"
                           " a distillation run already starts its student at the teacher"
                           " (objective.teacher_checkpoint); set train.init_from=''")
-    if NEEDS[config.objective.name].pairs and config.data.name != PAIRS_DATA:
+    if METHODS[config.objective.name].pairs and config.data.name != PAIRS_DATA:
         raise ConfigError(f"objective.name={config.objective.name!r} trains on stored (noise, sample) pairs:"
                           f" set data.name={PAIRS_DATA!r} (not {config.data.name!r}) and data.path to the"
                           " folder written by `python -m shortcut_jax.reflow_pairs`")

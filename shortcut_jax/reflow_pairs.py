@@ -16,7 +16,7 @@ checkpoint's EMA or online parameters), from the config its last launch recorded
 ``<workdir>/manifest.json`` (or ``--config``), without opening its data: the checkpoint records
 the data's shape and class count. Its own sampler (``objectives.make_sampler``: Euler, DDIM or
 consistency) carries seeded noise to samples in ``--budget`` steps, each batch split over the
-devices of the run's mesh as in evaluation, and ``objectives.reflow.generate_pairs`` writes the
+devices of the run's mesh as in evaluation, and ``objectives.pairs_io.generate_pairs`` writes the
 shards and the manifest: which noise and labels each shard holds is fixed by ``--seed`` alone, a
 stopped generation resumes at its first missing shard, and a folder written with other settings
 (teacher, step, budget, seed, counts) is refused. The manifest's ``meta`` records the teacher's
@@ -37,11 +37,11 @@ from typing import Optional
 import jax
 import ml_collections
 
+from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib
 from shortcut_jax.training import runs
 from shortcut_jax.objectives import sampling
 from shortcut_jax.data import latents
-from shortcut_jax.objectives import reflow
 from shortcut_jax.training.offline import check_guidance, load_run
 
 __all__ = ["generate", "teacher_config"]
@@ -119,7 +119,7 @@ def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, s
                 "data": {"name": exp.config.data.name, "path": exp.config.data.path,
                          "shape": list(exp.spec.shape), "num_classes": exp.spec.num_classes,
                          "vae": _latent_vae(exp.config.data)}}
-        return reflow.generate_pairs(to_host_sampler, loaded.params, out_dir=out_dir, shape=tuple(exp.spec.shape),
+        return pairs_io.generate_pairs(to_host_sampler, loaded.params, out_dir=out_dir, shape=tuple(exp.spec.shape),
                                      num_classes=exp.spec.num_classes, num_pairs=num_pairs, num_steps=budget,
                                      seed=seed, shard_size=shard_size, batch_size=batch_size, cfg_scale=cfg_scale,
                                      meta=meta)

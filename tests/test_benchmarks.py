@@ -17,7 +17,7 @@ from benchmarks import flops
 from benchmarks import lever_sweep, trace_summary
 from benchmarks import train_step as bench
 from shortcut_jax.models import DiT
-from shortcut_jax.objectives import OBJECTIVES, make_objective_config
+from shortcut_jax.objectives import METHODS, make_objective_config
 
 # Tiny DiT whose matmuls still dominate its elementwise work, so XLA's count (which includes
 # the elementwise ops) is within a few percent of the matmul-only count.
@@ -92,7 +92,7 @@ def test_traced_count_of_the_objectives_gradient_matches_the_step_formula():
         cfg = make_objective_config(objective, apply_fn, num_classes=10)
 
         def loss(p, cfg=cfg, name=name):
-            return OBJECTIVES[name](p, p, batch, jax.random.key(0), cfg)[0]
+            return METHODS[name].loss(p, p, batch, jax.random.key(0), cfg)[0]
 
         traced = flops.traced_matmul_flops(jax.grad(loss), params)
         analytic = flops.train_step_flops(name, 64, sc_fraction=objective.sc_fraction, **dims)

@@ -19,7 +19,7 @@ from benchmarks import fp8_check
 from benchmarks import train_step as bench
 from shortcut_jax import config_lib
 from shortcut_jax.models import DiT, build_model, dit, fp8, layers
-from shortcut_jax.objectives import OBJECTIVES, make_objective_config
+from shortcut_jax.objectives import METHODS, make_objective_config
 
 
 def rel_err(got, want) -> float:
@@ -211,7 +211,7 @@ def test_tiny_dit_trains_with_fp8_as_with_the_compute_dtype():
     def step(params, opt_state):
         out = {}
         for p, cfg in cfgs.items():
-            (loss, _), grads = jax.value_and_grad(OBJECTIVES["flow_matching"], has_aux=True)(
+            (loss, _), grads = jax.value_and_grad(METHODS["flow_matching"].loss, has_aux=True)(
                 params[p], None, batch, jax.random.PRNGKey(1), cfg)
             updates, state = tx.update(grads, opt_state[p], params[p])
             out[p] = (optax.apply_updates(params[p], updates), state, loss)

@@ -13,14 +13,15 @@ import numpy as np
 import optax
 import pytest
 
+from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib
 from shortcut_jax.objectives import sampling
 from shortcut_jax.infra import sharding
 from shortcut_jax.training import train_state
 from shortcut_jax.models import MLPNet, build_model
-from shortcut_jax.objectives import (NEEDS, OBJECTIVES, ObjectiveConfig, check_method_config, diffusion,
-                                     make_objective_config, make_sampler, progressive, reflow, resolve_stages,
-                                     warm_start)
+from shortcut_jax.objectives import (METHODS, ObjectiveConfig, check_method_config, diffusion,
+                                     make_objective_config, make_sampler, progressive, reflow, resolve_stages)
+from shortcut_jax.training import runs as warm_start
 
 FLOOR = 1e-5
 K = 7
@@ -148,12 +149,12 @@ def test_ddim_on_gaussian_data_follows_the_exact_chain_and_reaches_the_data_dist
 def test_diffusion_loss_is_zero_for_the_exact_noise_predictor_on_its_path():
     data = points(64, seed=3)
     cfg = ObjectiveConfig(apply_fn=lambda p, *a: eps_of_point_data("cosine", p, 0.0)(None, *a), num_classes=0)
-    loss, metrics = OBJECTIVES["diffusion"](data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)},
+    loss, metrics = METHODS["diffusion"].loss(data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)},
                                             jax.random.key(0), cfg)
     assert float(loss) < 1e-6 and float(metrics["eps_loss"]) == float(loss)
     shifted = ObjectiveConfig(apply_fn=lambda p, *a: eps_of_point_data("cosine", p + 0.1, 0.0)(None, *a),
                               num_classes=0)
-    assert float(OBJECTIVES["diffusion"](data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)},
+    assert float(METHODS["diffusion"].loss(data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)},
                                          jax.random.key(0), shifted)[0]) > 1e-3
 
 
@@ -171,11 +172,11 @@ def test_consistency_training_target_is_the_pairs_velocity_when_the_ema_is_exact
     data = points(32, seed=stage)
     cfg = ObjectiveConfig(apply_fn=point_field, num_classes=0, stage_steps=10)
     exact = {"point": data}
-    loss, metrics = OBJECTIVES["consistency_training"](exact, exact, step_batch(data, 10 * stage + 3),
+    loss, metrics = METHODS["consistency_training"].loss(exact, exact, step_batch(data, 10 * stage + 3),
                                                        jax.random.key(stage), cfg)
     assert float(loss) < 1e-8 and float(metrics["stage"]) == stage
     wrong = {"point": data + 0.2}
-    assert float(OBJECTIVES["consistency_training"](wrong, exact, step_batch(data, 10 * stage), jax.random.key(0),
+    assert float(METHODS["consistency_training"].loss(wrong, exact, step_batch(data, 10 * stage), jax.random.key(0),
                                                     cfg)[0]) > 1e-3
 
 
@@ -190,7 +191,7 @@ def test_consistency_training_curriculum_halves_d_on_the_grid_of_each_stage():
     data = points(256, seed=0)
     for step, k in [(0, 0), (4, 0), (5, 1), (17, 3), (34, 6), (1000, 6)]:
         seen.clear()
-        OBJECTIVES["consistency_training"](None, None, step_batch(data, step), jax.random.key(step), cfg)
+        METHODS["consistency_training"].loss(None, None, step_batch(data, step), jax.random.key(step), cfg)
         (t_next, level_ema), (t, level) = seen  # EMA target pass first, then the student
         np.testing.assert_allclose(t_next - t, 2.0 ** -k, rtol=1e-6)
         np.testing.assert_array_equal(t * 2 ** k, np.round(t * 2 ** k))
@@ -209,15 +210,15 @@ def test_consistency_distillation_with_an_exact_teacher_equals_training_at_the_f
     batch = step_batch(data, 10_000)
     ct_cfg = ObjectiveConfig(apply_fn=apply_fn, num_classes=0, stage_steps=10, consistency_final_level=K, clip=0.0)
     cd_cfg = ObjectiveConfig(apply_fn=apply_fn, num_classes=0, clip=0.0)
-    ct_loss = jax.jit(lambda *a: OBJECTIVES["consistency_training"](*a, ct_cfg)[0])
-    cd_loss = jax.jit(lambda *a: OBJECTIVES["consistency_distillation"](*a, cd_cfg)[0])
+    ct_loss = jax.jit(lambda *a: METHODS["consistency_training"].loss(*a, ct_cfg)[0])
+    cd_loss = jax.jit(lambda *a: METHODS["consistency_distillation"].loss(*a, cd_cfg)[0])
     ct = ct_loss(student, mlp_params, batch, jax.random.key(1))
     cd = cd_loss(student, {"ema": mlp_params, "teacher": {"point": data}}, batch, jax.random.key(1))
     np.testing.assert_allclose(float(cd), float(ct), rtol=1e-5)
     cd_other = cd_loss(student, {"ema": mlp_params, "teacher": {"point": data + 0.5}}, batch, jax.random.key(1))
     assert abs(float(cd_other) - float(ct)) > 1e-4 * float(ct)
     with pytest.raises(TypeError, match="'ema'"):
-        OBJECTIVES["consistency_distillation"](student, mlp_params, batch, jax.random.key(1), cd_cfg)
+        METHODS["consistency_distillation"].loss(student, mlp_params, batch, jax.random.key(1), cd_cfg)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 8])
@@ -258,13 +259,13 @@ def test_progressive_target_from_an_exact_straight_field_equals_the_field(phase)
     exact = {"point": data}
     cfg = ObjectiveConfig(apply_fn=point_field, num_classes=0, stage_steps=4, clip=0.0)
     batch = step_batch(data, 4 * phase + 1)
-    loss, metrics = OBJECTIVES["progressive_distillation"](exact, {"ema": None, "teacher": exact}, batch,
+    loss, metrics = METHODS["progressive_distillation"].loss(exact, {"ema": None, "teacher": exact}, batch,
                                                            jax.random.key(phase), cfg)
     assert float(loss) < 1e-8 and float(metrics["phase"]) == phase
     # a curved teacher field gives a different target (the test is not vacuous)
     curved = ObjectiveConfig(apply_fn=lambda p, x, t, lv, lb: point_field(p, x, t, lv, lb) + jnp.sin(3 * x),
                              num_classes=0, stage_steps=4, clip=0.0)
-    assert float(OBJECTIVES["progressive_distillation"](exact, {"ema": None, "teacher": exact}, batch,
+    assert float(METHODS["progressive_distillation"].loss(exact, {"ema": None, "teacher": exact}, batch,
                                                         jax.random.key(phase), curved)[0]) > 1e-4
 
 
@@ -279,7 +280,7 @@ def test_progressive_phases_halve_the_step_count_and_resnapshot_the_teacher():
     data = points(64)
     for step, phase in [(0, 0), (2, 0), (3, 1), (10, 3), (18, 6), (500, 6)]:
         calls.clear()
-        OBJECTIVES["progressive_distillation"]({"id": "student"}, {"ema": {"id": "ema"}, "teacher": {"id": "teacher"}},
+        METHODS["progressive_distillation"].loss({"id": "student"}, {"ema": {"id": "ema"}, "teacher": {"id": "teacher"}},
                                                step_batch(data, step), jax.random.key(0), cfg)
         (who1, lv1, t1), (who2, lv2, t2), (who3, lv3, t3) = calls
         k = K - 1 - phase
@@ -309,7 +310,7 @@ def test_curricula_refuse_a_schedule_that_does_not_fit_the_run():
     base.consistency_final_level = 3  # 4 stages
     assert make_objective_config(base, point_field, 0, total_steps=1000).stage_steps == 250
     with pytest.raises(KeyError, match="batch\\['step'\\]"):
-        OBJECTIVES["consistency_training"](None, None, {"x": points(4), "label": jnp.zeros(4, jnp.int32)},
+        METHODS["consistency_training"].loss(None, None, {"x": points(4), "label": jnp.zeros(4, jnp.int32)},
                                            jax.random.key(0), resolve_stages("consistency_training", ObjectiveConfig(
                                                apply_fn=point_field, num_classes=0), 100))
 
@@ -338,7 +339,7 @@ def test_method_config_checks_name_the_key_to_change(case, tmp_path):
     # the same keys with valid values pass
     good = config_lib.default_config().objective
     good.name = keys["name"]
-    if NEEDS[good.name].frozen_teacher:
+    if METHODS[good.name].frozen_teacher:
         good.teacher_checkpoint = str(tmp_path)
     check_method_config(good, batch_size=64, total_steps=1000)
 
@@ -350,27 +351,27 @@ def test_reflow_pairs_come_from_the_teachers_sampler(tmp_path):
     apply_fn, params = tiny_mlp(seed=3)
     sampler = sampling.Sampler(apply_fn, num_levels=K, num_classes=0)
     kw = dict(shape=(2,), num_classes=0, num_pairs=10, num_steps=4, seed=11, shard_size=4, batch_size=3)
-    reflow.generate_pairs(sampler, params, out_dir=str(tmp_path / "a"), **kw)
-    pairs = reflow.load_pairs(str(tmp_path / "a"))
+    pairs_io.generate_pairs(sampler, params, out_dir=str(tmp_path / "a"), **kw)
+    pairs = pairs_io.load_pairs(str(tmp_path / "a"))
     assert pairs["noise"].shape == (10, 2) and pairs["x"].shape == (10, 2)
     fresh = sampler(params, pairs["noise"], jnp.zeros(10, jnp.int32), num_steps=4)
     np.testing.assert_allclose(pairs["x"], fresh, rtol=1e-5, atol=1e-6)
     # same seed: the same files; a lost shard is regenerated as it was
-    reflow.generate_pairs(sampler, params, out_dir=str(tmp_path / "b"), **kw)
-    again = reflow.load_pairs(str(tmp_path / "b"))
+    pairs_io.generate_pairs(sampler, params, out_dir=str(tmp_path / "b"), **kw)
+    again = pairs_io.load_pairs(str(tmp_path / "b"))
     for key in ("noise", "x", "label"):
         np.testing.assert_array_equal(again[key], pairs[key])
-    os.remove(reflow.shard_path(str(tmp_path / "b"), 1))
+    os.remove(pairs_io.shard_path(str(tmp_path / "b"), 1))
     with pytest.raises(FileNotFoundError, match="1 of 3 shards"):
-        reflow.load_pairs(str(tmp_path / "b"))
-    reflow.generate_pairs(sampler, params, out_dir=str(tmp_path / "b"), **kw)
-    np.testing.assert_array_equal(reflow.load_pairs(str(tmp_path / "b"))["x"], pairs["x"])
+        pairs_io.load_pairs(str(tmp_path / "b"))
+    pairs_io.generate_pairs(sampler, params, out_dir=str(tmp_path / "b"), **kw)
+    np.testing.assert_array_equal(pairs_io.load_pairs(str(tmp_path / "b"))["x"], pairs["x"])
     # another seed draws other noise; other settings are refused before generating
-    other = reflow.generate_pairs(sampler, params, out_dir=str(tmp_path / "c"), **{**kw, "seed": 12})
+    other = pairs_io.generate_pairs(sampler, params, out_dir=str(tmp_path / "c"), **{**kw, "seed": 12})
     assert other["seed"] == 12
-    assert np.abs(reflow.load_pairs(str(tmp_path / "c"))["noise"] - pairs["noise"]).min() > 0
+    assert np.abs(pairs_io.load_pairs(str(tmp_path / "c"))["noise"] - pairs["noise"]).min() > 0
     with pytest.raises(ValueError, match="num_steps"):
-        reflow.generate_pairs(sampler, params, out_dir=str(tmp_path / "a"), **{**kw, "num_steps": 8})
+        pairs_io.generate_pairs(sampler, params, out_dir=str(tmp_path / "a"), **{**kw, "num_steps": 8})
 
 
 def test_reflow_trains_flow_matching_on_the_stored_noise():
@@ -378,10 +379,10 @@ def test_reflow_trains_flow_matching_on_the_stored_noise():
     cfg = ObjectiveConfig(apply_fn=point_field, num_classes=0)
     batch = {"x": data, "noise": noise, "label": jnp.zeros(32, jnp.int32)}
     # the exact field of each pair has zero loss only if the pair's own noise is used
-    loss, _ = OBJECTIVES["reflow"]({"point": data}, None, batch, jax.random.key(0), cfg)
+    loss, _ = METHODS["reflow"].loss({"point": data}, None, batch, jax.random.key(0), cfg)
     assert float(loss) < 1e-8
     with pytest.raises(KeyError, match="noise"):
-        OBJECTIVES["reflow"]({"point": data}, None, {"x": data, "label": batch["label"]}, jax.random.key(0), cfg)
+        METHODS["reflow"].loss({"point": data}, None, {"x": data, "label": batch["label"]}, jax.random.key(0), cfg)
 
 
 def test_live_reflow_trains_generated_one_step_pairs_at_level_zero_without_gradient_through_them(monkeypatch):
@@ -396,7 +397,7 @@ def test_live_reflow_trains_generated_one_step_pairs_at_level_zero_without_gradi
         return point_velocity(x, t, params["point"])
 
     cfg = ObjectiveConfig(apply_fn=field, num_classes=0, reflow_fraction=0.25)
-    loss, metrics = OBJECTIVES["live_reflow"]({"point": point}, None, {"x": data, "label": jnp.zeros(16, jnp.int32)},
+    loss, metrics = METHODS["live_reflow"].loss({"point": point}, None, {"x": data, "label": jnp.zeros(16, jnp.int32)},
                                               jax.random.key(0), cfg)
     assert float(loss) < 1e-8 and {"reflow_loss", "flow_loss"} <= set(metrics)
     generation, student = levels[0], levels[-1]
@@ -407,7 +408,7 @@ def test_live_reflow_trains_generated_one_step_pairs_at_level_zero_without_gradi
     mlp_apply, params = tiny_mlp(seed=4)
     cfg = ObjectiveConfig(apply_fn=mlp_apply, num_classes=0, reflow_fraction=0.25)
     batch = {"x": points(16, seed=5), "label": jnp.zeros(16, jnp.int32)}
-    grad_fn = lambda p: OBJECTIVES["live_reflow"](p, None, batch, jax.random.key(1), cfg)[0]  # noqa: E731
+    grad_fn = lambda p: METHODS["live_reflow"].loss(p, None, batch, jax.random.key(1), cfg)[0]  # noqa: E731
     grad = jax.jit(jax.grad(grad_fn))(params)
     frozen = jax.tree.map(jnp.copy, params)
     original = reflow.generate_live
@@ -451,11 +452,11 @@ def test_warm_start_refuses_parameters_of_another_model():
 # ------------------------------------------------------------------------------------ every objective
 
 
-def tiny_dit_model():
+def tiny_dit_model(forward_mode=False):
     model_cfg = config_lib.default_config().model
     model_cfg.variant, model_cfg.width, model_cfg.depth, model_cfg.num_heads = "", 32, 1, 2
     model_cfg.dtype = "float32"
-    model = build_model(model_cfg, num_classes=3)
+    model = build_model(model_cfg, num_classes=3, forward_mode=forward_mode)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 4, 3)), jnp.float32)
     init = jax.jit(lambda key: jax.tree.map(lambda a: a + 0.02, model.init(  # the output layer starts at zero
         key, x, jnp.zeros(8), jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32))["params"]))
@@ -474,14 +475,14 @@ def method_config(name, apply_fn, num_classes, total_steps=8):
 
 
 def teacher_tree(name, params, ema):
-    return {"ema": ema, "teacher": jax.tree.map(lambda a: a * 0.9, params)} if NEEDS[name].frozen_teacher else ema
+    return {"ema": ema, "teacher": jax.tree.map(lambda a: a * 0.9, params)} if METHODS[name].frozen_teacher else ema
 
 
 def method_batch(name, x, labels, step, rng):
     batch = {"x": x, "label": labels}
-    if NEEDS[name].step:
+    if METHODS[name].step:
         batch["step"] = jnp.int32(step)
-    if NEEDS[name].pairs:
+    if METHODS[name].pairs:
         batch["noise"] = jax.random.normal(rng, x.shape)
     return batch
 
@@ -491,14 +492,15 @@ def dit():
     return tiny_dit_model()
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_objective_is_finite_and_differentiable_on_a_tiny_dit(name, dit):
-    apply_fn, params, x = dit
+    # a forward-mode method's network is built without the lean backward passes (build_model)
+    apply_fn, params, x = tiny_dit_model(forward_mode=True) if METHODS[name].forward_mode else dit
     labels = jnp.arange(8) % 3
     cfg = method_config(name, apply_fn, 3)
     ema = jax.tree.map(lambda a: a * 1.1, params)
     batch = method_batch(name, x, labels, 5, jax.random.key(7))
-    loss_and_grad = jax.jit(jax.value_and_grad(lambda *a: OBJECTIVES[name](*a, cfg), has_aux=True))
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda *a: METHODS[name].loss(*a, cfg), has_aux=True))
     (loss, metrics), grads = loss_and_grad(params, teacher_tree(name, params, ema), batch, jax.random.key(3))
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -508,14 +510,14 @@ def test_every_objective_is_finite_and_differentiable_on_a_tiny_dit(name, dit):
 
 
 def make_step(name, cfg, tx, needs_snapshot):
-    loss_fn = OBJECTIVES[name]
+    loss_fn = METHODS[name].loss
 
     def step(state, batch):
         params, ema, teacher, opt_state, count, rng = state
         if needs_snapshot:
             teacher = progressive.teacher_for_step(count, teacher, params, cfg)
-        batch = dict(batch, step=count) if NEEDS[name].step else batch
-        teachers = {"ema": ema, "teacher": teacher} if NEEDS[name].frozen_teacher else ema
+        batch = dict(batch, step=count) if METHODS[name].step else batch
+        teachers = {"ema": ema, "teacher": teacher} if METHODS[name].frozen_teacher else ema
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, teachers, batch, jax.random.fold_in(rng, count), cfg)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -530,19 +532,19 @@ def run_two_steps(name, mesh):
     apply_fn, params = tiny_mlp(seed=1, width=16)
     cfg = method_config(name, apply_fn, 0, total_steps=2 * K)
     # stage_steps=1: the two steps cross a curriculum stage and a teacher snapshot
-    if NEEDS[name].num_stages:
+    if METHODS[name].num_stages:
         cfg = dataclasses.replace(cfg, stage_steps=1)
     tx = optax.sgd(0.1)  # few operations: the compile time is what this test spends
     state = (params, params, jax.tree.map(lambda a: a * 0.9, params), tx.init(params), jnp.int32(0),
              jax.random.key(0))
     replicated = sharding.replicated(mesh)
     state = jax.device_put(state, replicated)
-    step = jax.jit(make_step(name, cfg, tx, NEEDS[name].teacher_snapshots), out_shardings=(replicated, replicated))
+    step = jax.jit(make_step(name, cfg, tx, (METHODS[name].teacher_snapshot is not None)), out_shardings=(replicated, replicated))
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(2):
         host = {"x": rng.normal(size=(16, 2)).astype(np.float32), "label": np.zeros(16, np.int32)}
-        if NEEDS[name].pairs:
+        if METHODS[name].pairs:
             host["noise"] = rng.normal(size=(16, 2)).astype(np.float32)
         state, loss = step(state, sharding.global_batch(host, mesh))
         losses.append(float(loss))
@@ -550,7 +552,7 @@ def run_two_steps(name, mesh):
 
 
 # shortcut's data-parallel equality is tested through the real train step in test_train.py
-@pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - {"shortcut"}))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"shortcut"}))
 def test_every_objective_gives_the_same_two_steps_on_8_devices_as_on_one(name):
     assert jax.device_count() == 8
     one = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
@@ -567,16 +569,17 @@ def test_every_objective_gives_the_same_two_steps_on_8_devices_as_on_one(name):
 def test_make_sampler_gives_each_method_its_sampler_compiled_once_for_every_budget():
     apply_fn, params = tiny_mlp(seed=2)
     kinds = {}
-    for name in OBJECTIVES:
+    for name in METHODS:
         cfg = method_config(name, apply_fn, 0, total_steps=100)
         kinds[name] = type(make_sampler(name, cfg)).__name__
     assert kinds["diffusion"] == "DDIMSampler"
     assert kinds["consistency_training"] == kinds["consistency_distillation"] == "ConsistencySampler"
     assert {kinds[n] for n in ("shortcut", "flow_matching", "progressive_distillation", "reflow",
                                "live_reflow")} == {"Sampler"}
+    assert kinds["meanflow"] == kinds["meanflow_v"] == "IntervalSampler"
     traces = []
     counted = lambda p, *a: traces.append(1) or apply_fn(p, *a)  # noqa: E731
-    for name in ("diffusion", "consistency_training"):
+    for name in ("diffusion", "consistency_training", "meanflow"):
         sampler = make_sampler(name, method_config(name, counted, 0, total_steps=100))
         traces.clear()
         for steps in (1, 2, 4, 128, 3):
@@ -587,9 +590,10 @@ def test_make_sampler_gives_each_method_its_sampler_compiled_once_for_every_budg
             sampler(params, points(4), num_steps=0)
 
 
-def test_objective_table_is_complete():
-    assert set(NEEDS) == set(OBJECTIVES)
-    assert {n for n, needs in NEEDS.items() if needs.frozen_teacher} == {"consistency_distillation",
+def test_method_records_say_what_each_method_needs():
+    assert {n for n, needs in METHODS.items() if needs.frozen_teacher} == {"consistency_distillation",
                                                                         "progressive_distillation"}
-    assert {n for n, needs in NEEDS.items() if needs.step} == {"consistency_training", "progressive_distillation"}
-    assert {n for n, needs in NEEDS.items() if needs.teacher_snapshots} == {"progressive_distillation"}
+    assert {n for n, needs in METHODS.items() if needs.step} == {"consistency_training", "progressive_distillation"}
+    assert {n for n, needs in METHODS.items() if needs.teacher_snapshot} == {"progressive_distillation"}
+    assert {n for n, needs in METHODS.items() if needs.forward_mode} == {"meanflow", "meanflow_v"}
+    assert {n for n, needs in METHODS.items() if needs.pairs} == {"reflow"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shortcut_jax.models import DiT
-from shortcut_jax.objectives import OBJECTIVES, ObjectiveConfig, common, shortcut
+from shortcut_jax.objectives import METHODS, ObjectiveConfig, common, shortcut
 from shortcut_jax.objectives.sampling import Sampler, check_budget, euler_sample
 
 FLOOR = 1e-5
@@ -132,7 +132,7 @@ def test_shortcut_loss_is_zero_for_the_exact_field_and_metrics_per_level():
     x1 = jnp.broadcast_to(point, (64, 2))
     cfg = point_cfg(point, sc_fraction=0.25)
     # every row shares one data point, which the exact field receives as its "params"
-    loss, metrics = OBJECTIVES["shortcut"](point, point, {"x": x1, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), cfg)
+    loss, metrics = METHODS["shortcut"].loss(point, point, {"x": x1, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), cfg)
     assert float(loss) < 1e-8
     assert {f"sc_loss/level_{k}" for k in range(7)} <= set(metrics)
     assert {"loss", "flow_loss", "sc_loss"} <= set(metrics)
@@ -150,7 +150,7 @@ def test_shortcut_loss_with_a_real_network_and_level_weights():
 
     def objective(**kw):  # (student params, teacher params) -> (loss, metrics), compiled
         cfg = ObjectiveConfig(apply_fn=apply_fn, num_classes=4, sc_fraction=0.25, **kw)
-        return jax.jit(lambda p, teacher: OBJECTIVES["shortcut"](p, teacher, batch, jax.random.key(2), cfg))
+        return jax.jit(lambda p, teacher: METHODS["shortcut"].loss(p, teacher, batch, jax.random.key(2), cfg))
 
     base = objective()
     loss, m = base(params, params)
@@ -188,7 +188,7 @@ def test_teacher_half_steps_run_at_the_next_level():
     x1 = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
     batch = {"x": x1, "label": jnp.zeros(64, jnp.int32)}
     for teacher in ("ema", "online"):
-        objective = functools.partial(OBJECTIVES["shortcut"], cfg=dataclasses.replace(cfg, teacher=teacher))
+        objective = functools.partial(METHODS["shortcut"].loss, cfg=dataclasses.replace(cfg, teacher=teacher))
         _, metrics = jax.jit(objective)(p, p, batch, jax.random.key(0))
         per_level = np.array([float(metrics[f"sc_loss/level_{k}"]) for k in range(7)])
         np.testing.assert_allclose(per_level, p**2 * 4.0 ** np.arange(7), rtol=1e-5)
@@ -216,7 +216,7 @@ def test_flow_matching_target_and_level():
 
     cfg = ObjectiveConfig(apply_fn=field, num_classes=0)
     x1 = jnp.ones((8, 2))
-    loss, m = OBJECTIVES["flow_matching"](None, None, {"x": x1, "label": jnp.zeros(8, jnp.int32)}, jax.random.key(0), cfg)
+    loss, m = METHODS["flow_matching"].loss(None, None, {"x": x1, "label": jnp.zeros(8, jnp.int32)}, jax.random.key(0), cfg)
     assert np.all(np.asarray(seen["level"]) == 7)
     x0 = jax.random.normal(jax.random.split(jax.random.key(0), 3)[0], x1.shape)
     np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.square(x1 - (1 - 1e-5) * x0))), rtol=1e-5)

@@ -88,3 +88,47 @@ def test_the_library_imports_nothing_from_benchmarks():
                 raise AssertionError(f"{path} imports {node.module}")
             if isinstance(node, ast.Import):
                 assert not any(a.name.split(".")[0] == "benchmarks" for a in node.names), path
+
+
+COMMANDS = {f"shortcut_jax.{name}" for name in
+            ("main", "sample", "encode", "evaluate", "import_official", "reflow_pairs", "fid_stats")}
+# package -> what it may not import (beside the commands, which no library module imports)
+FLOORS = {
+    "shortcut_jax.models": ("shortcut_jax.infra", "shortcut_jax.objectives", "shortcut_jax.data",
+                            "shortcut_jax.evaluation", "shortcut_jax.training", "shortcut_jax.config_lib"),
+    "shortcut_jax.infra": ("shortcut_jax.models", "shortcut_jax.objectives", "shortcut_jax.data",
+                           "shortcut_jax.evaluation", "shortcut_jax.training", "shortcut_jax.config_lib"),
+    "shortcut_jax.objectives": ("shortcut_jax.data", "shortcut_jax.evaluation", "shortcut_jax.training",
+                                "shortcut_jax.config_lib"),
+    "shortcut_jax.data": ("shortcut_jax.objectives", "shortcut_jax.evaluation", "shortcut_jax.training",
+                          "shortcut_jax.config_lib"),
+    "shortcut_jax.evaluation": ("shortcut_jax.training", "shortcut_jax.config_lib"),
+    "shortcut_jax.config_lib": ("shortcut_jax.training",),
+}
+
+
+def _floor_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for module, imported in sorted(graph.items()):
+        for target in sorted(imported):
+            if target in COMMANDS and module not in COMMANDS:
+                out.append(f"{module} imports the command {target}")
+            for package, banned in FLOORS.items():
+                if module == package or module.startswith(package + "."):
+                    for b in banned:
+                        if target == b or target.startswith(b + "."):
+                            out.append(f"{module} imports {target} from above its floor")
+    return out
+
+
+def test_each_floor_imports_only_from_its_floor_or_below():
+    """models/ imports nothing outside models/; infra/ nothing but infra/; data/ nothing from
+    objectives/ or training; objectives/ nothing from training, commands or evaluation; no library
+    module imports a command."""
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    assert _floor_violations(graph) == []
+    # the rule sees a violation when there is one
+    graph["shortcut_jax.models.dit"] = graph["shortcut_jax.models.dit"] | {"shortcut_jax.config_lib"}
+    graph["shortcut_jax.training.loop"] = graph["shortcut_jax.training.loop"] | {"shortcut_jax.evaluate"}
+    assert len(_floor_violations(graph)) == 2

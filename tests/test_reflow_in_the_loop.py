@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from absl import flags
 
+from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib, data, reflow_pairs
 from shortcut_jax.training import runs, loop
 from shortcut_jax.infra import writers
 from shortcut_jax.training.experiment import Experiment
-from shortcut_jax.objectives import reflow
 from shortcut_jax.training.runs import warm_start_params
 from shortcut_jax.sample import load_run
 
@@ -63,12 +63,12 @@ def pairs_dir(teacher, tmp_path_factory):
 
 
 def test_stage_one_pairs_are_the_runs_sampler_on_the_seeded_noise(teacher, pairs_dir):
-    pairs = reflow.load_pairs(pairs_dir)
+    pairs = pairs_io.load_pairs(pairs_dir)
     run = load_run(toy(), teacher)  # the run's own restore path, EMA weights
     try:
         for index in range(2):
             count = min(SHARD_SIZE, NUM_PAIRS - index * SHARD_SIZE)
-            noise, labels = reflow.shard_inputs(index, count, seed=3, shape=(2,), num_classes=0)
+            noise, labels = pairs_io.shard_inputs(index, count, seed=3, shape=(2,), num_classes=0)
             want = run.exp.sampler.to_host(run.exp.sampler(run.params, noise, None, num_steps=BUDGET))
             rows = slice(index * SHARD_SIZE, index * SHARD_SIZE + count)
             np.testing.assert_array_equal(pairs["noise"][rows], noise)
@@ -77,7 +77,7 @@ def test_stage_one_pairs_are_the_runs_sampler_on_the_seeded_noise(teacher, pairs
         run.close()
     # the teacher moved the noise: the pairs are not the identity
     assert np.abs(pairs["x"] - pairs["noise"]).mean() > 1e-2
-    with open(os.path.join(pairs_dir, reflow.MANIFEST)) as f:
+    with open(os.path.join(pairs_dir, pairs_io.MANIFEST)) as f:
         meta = json.load(f)["meta"]
     assert (meta["teacher_workdir"], meta["teacher_step"], meta["budget"]) == (os.path.abspath(teacher), 12, BUDGET)
     assert meta["data"]["shape"] == [2] and meta["data"]["num_classes"] == 0
@@ -103,7 +103,7 @@ def fake_pairs(out_dir, num_pairs=50, num_classes=3):
     def sampler(params, noise, labels, num_steps, cfg_scale):
         return 2.0 * noise + labels[:, None].astype(np.float32)
 
-    reflow.generate_pairs(sampler, None, out_dir=out_dir, shape=(2,), num_classes=num_classes, num_pairs=num_pairs,
+    pairs_io.generate_pairs(sampler, None, out_dir=out_dir, shape=(2,), num_classes=num_classes, num_pairs=num_pairs,
                           num_steps=1, seed=0, shard_size=16, batch_size=8)
 
 
@@ -120,7 +120,7 @@ def test_noise_rows_stay_with_their_samples_after_shuffling(tmp_path):
     fake_pairs(str(tmp_path))
     source = pair_source(str(tmp_path))
     assert source.spec == data.DataSpec(shape=(2,), num_classes=3, kind="points")
-    stored = reflow.load_pairs(str(tmp_path))
+    stored = pairs_io.load_pairs(str(tmp_path))
     seen = []
     for _ in range(14):  # two epochs and a bit: batches that span epoch boundaries
         b = source.next_batch()
@@ -160,7 +160,7 @@ def test_pairs_reader_refuses_flips_incomplete_sets_and_unlabelled_use_drops_cla
     with pytest.raises(ValueError, match="data.random_flip"):
         pair_source(str(tmp_path), random_flip=True)
     assert pair_source(str(tmp_path), use_labels=False).spec.num_classes == 0
-    os.remove(reflow.shard_path(str(tmp_path), 1))
+    os.remove(pairs_io.shard_path(str(tmp_path), 1))
     with pytest.raises(ValueError, match="shards are missing"):
         pair_source(str(tmp_path))
     with pytest.raises(ValueError, match="has no manifest.json"):

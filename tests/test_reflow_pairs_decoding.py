@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
+from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib
 from shortcut_jax.data import pairs
 from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.models import vae_weights
 from shortcut_jax.models.vae import VAEConfig
-from shortcut_jax.objectives import reflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_SHAPE = (8, 8, 4)  # the tiny VAE's latents of 16x16 images
@@ -31,7 +31,7 @@ def _write_pairs(out_dir, vae_record):
     meta = {"teacher_workdir": "/runs/latent", "data": {"name": "latents", "path": "/sets/latents",
                                                         "shape": list(LATENT_SHAPE), "num_classes": 2,
                                                         "vae": vae_record}}
-    return reflow.generate_pairs(lambda params, noise, labels, **kw: noise * 0.5, None, out_dir=str(out_dir),
+    return pairs_io.generate_pairs(lambda params, noise, labels, **kw: noise * 0.5, None, out_dir=str(out_dir),
                                  shape=LATENT_SHAPE, num_classes=2, num_pairs=16, num_steps=1, seed=0, shard_size=16,
                                  batch_size=16, meta=meta)
 

@@ -19,7 +19,7 @@ def pairs_job(args) -> None:
     distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=120)
     import numpy as np
 
-    from shortcut_jax.objectives import reflow
+    from shortcut_jax.data import pairs as pairs_io
 
     opened, real_savez = [], np.savez
 
@@ -30,14 +30,14 @@ def pairs_job(args) -> None:
     np.savez = spy_savez
     settings = dict(out_dir=out_dir, shape=(3,), num_classes=2, num_pairs=10, num_steps=1, seed=0, shard_size=4,
                     batch_size=4)
-    manifest = reflow.generate_pairs(lambda params, noise, labels, **kw: 2 * noise, None, **settings)
+    manifest = pairs_io.generate_pairs(lambda params, noise, labels, **kw: 2 * noise, None, **settings)
     # on return the files are complete, whichever process wrote them
-    pairs = reflow.load_pairs(out_dir)
+    pairs = pairs_io.load_pairs(out_dir)
     assert manifest["num_pairs"] == 10 and pairs["x"].shape == (10, 3)
     np.testing.assert_array_equal(pairs["x"], 2 * pairs["noise"])
     assert bool(opened) == (int(process_id) == 0), opened
     try:
-        reflow.generate_pairs(lambda params, noise, labels, **kw: noise, None, **dict(settings, seed=1))
+        pairs_io.generate_pairs(lambda params, noise, labels, **kw: noise, None, **dict(settings, seed=1))
     except ValueError as err:
         assert "other settings" in str(err), err
     else:

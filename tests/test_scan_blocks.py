@@ -193,7 +193,7 @@ def test_layout_conversion_runs_under_jit_onto_the_stacked_shardings():
     mesh = sharding.make_mesh(digits_config(**{"mesh.data": 1, "mesh.fsdp": 8}).mesh)
     abstract = jax.eval_shape(lambda p: convert.to_layout(p, True), params)
     assert abstract["blocks"]["mlp"]["fc1"]["kernel"].shape == (3, 64, 256)
-    shardings = sharding.state_shardings(abstract, mesh)
+    shardings = sharding.state_shardings(abstract, mesh, layer_axis=convert.in_stacked_blocks)
     stacked = jax.jit(lambda p: convert.to_layout(p, True), out_shardings=shardings)(params)
     assert stacked["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, None, "fsdp")
     on_host = convert.to_layout(jax.tree.map(np.asarray, params), True)
@@ -247,9 +247,9 @@ def test_fsdp_rules_never_shard_the_layer_axis():
     mesh = sharding.make_mesh(digits_config(**{"mesh.data": 1, "mesh.fsdp": 8}).mesh)
     model = DiT(patch_size=2, width=64, depth=3, num_heads=2, num_classes=CLASSES)
     shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs())["params"]
-    unrolled = sharding.state_shardings(shapes, mesh)
+    unrolled = sharding.state_shardings(shapes, mesh, layer_axis=convert.in_stacked_blocks)
     stacked_shapes = jax.eval_shape(model.clone(scan_blocks=True).init, jax.random.key(0), *inputs())["params"]
-    stacked = sharding.state_shardings(stacked_shapes, mesh)
+    stacked = sharding.state_shardings(stacked_shapes, mesh, layer_axis=convert.in_stacked_blocks)
     for path, sh in convert.flatten(stacked["blocks"]).items():
         layer_spec = tuple(convert.flatten(unrolled["block_0"])[path].spec)
         assert tuple(sh.spec)[:1] in ((), (None,)), path

@@ -20,7 +20,7 @@ from shortcut_jax import config_lib, evaluate
 from shortcut_jax.infra import checkpoint, sharding
 from shortcut_jax.training import loop, train_state, train_step
 from shortcut_jax.training.experiment import Experiment
-from shortcut_jax.objectives import OBJECTIVES, make_objective_config, shortcut
+from shortcut_jax.objectives import METHODS, Method, make_objective_config, shortcut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -365,7 +365,7 @@ def rowwise_objective(params, teacher_params, batch, rng, cfg):
 
 
 def test_accumulated_step_equals_one_step_on_the_global_batch_with_levels_missing_from_micro_batches(monkeypatch):
-    monkeypatch.setitem(OBJECTIVES, ROWWISE, rowwise_objective)
+    monkeypatch.setitem(METHODS, ROWWISE, Method(rowwise_objective))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 6)).astype(np.float32)
     # 4 micro-batches of 8 rows: level 0 in every one, level 1 in the first only, level 2 in the

@@ -26,12 +26,12 @@ of ``sqrt(S1) S2 sqrt(S1)`` through eigen-decompositions (never a complex ``sqrt
 
 Reference statistics for any data the readers give::
 
-    python -m shortcut_jax.evaluation.fid --stats --data.name=image_folder \\
+    python -m shortcut_jax.fid_stats --stats --data.name=image_folder \\
         --data.path=/data/celebahq256 --source=celebahq256 --out=celebahq256_fid_stats.npz
 
 and the FID of an ADM sample file against them::
 
-    python -m shortcut_jax.evaluation.fid --samples=samples.npz --reference=celebahq256_fid_stats.npz
+    python -m shortcut_jax.fid_stats --samples=samples.npz --reference=celebahq256_fid_stats.npz
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def load_stats(path: str, *, source: str | None = None, resolution=None) -> FIDS
         files = set(f.files)
         if not {"mu", "sigma"} <= files:
             hint = (" It holds images (arr_0) but no statistics: compute them with "
-                    "python -m shortcut_jax.evaluation.fid --stats --adm_npz=" + path
+                    "python -m shortcut_jax.fid_stats --stats --adm_npz=" + path
                     if "arr_0" in files else "")
             raise ValueError(f"{path!r} has no 'mu' and 'sigma' (keys: {sorted(files)}).{hint}")
         mu = np.asarray(f["mu"], np.float64)
@@ -378,43 +378,3 @@ def run_command(options, data_config, extractor=None) -> str:
     return (f"FID {fid:.4f} ({samples.count} samples at {samples.resolution[0]}x"
             f"{samples.resolution[1]} against {reference.path}; not verified: "
             f"{', '.join(unverified) or 'nothing'})")
-
-
-def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
-
-    from shortcut_jax.data import default_data_config
-
-    flags.DEFINE_bool("stats", False, "Compute reference statistics (of --data.* or --adm_npz).")
-    flags.DEFINE_string("out", "", "Where --stats writes the statistics (.npz).")
-    flags.DEFINE_string("source", "", "Name of the data set recorded in the statistics "
-                        "(default: data.name:data.path).")
-    flags.DEFINE_string("adm_npz", "", "Images from an ADM .npz (arr_0) instead of --data.*.")
-    flags.DEFINE_integer("num_images", 0, "Use the first N images (0: all).")
-    flags.DEFINE_string("samples", "", "An ADM sample .npz to score against --reference.")
-    flags.DEFINE_string("reference", "", "Reference statistics (.npz of this project, an ADM "
-                        "reference batch, or a mu/sigma file).")
-    flags.DEFINE_string("reference_source", "", "Declare the source of a reference file that "
-                        "does not record it.")
-    flags.DEFINE_string("weights", "", "FID Inception weights (.pth or converted .npz); default: "
-                        "see shortcut_jax.evaluation.inception.find_weights.")
-    flags.DEFINE_integer("batch_size", 200, "Images per feature-extraction chunk.")
-    config_flags.DEFINE_config_dict("data", default_data_config(), "Data to compute statistics "
-                                    "of (--data.name, --data.path, --data.image_size, ...).")
-    return flags.FLAGS
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    from shortcut_jax.infra import cli
-
-    _FLAGS = _define_flags()
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        print(run_command(_FLAGS, _FLAGS.data))
-
-    cli.run(_main, names=("data",))

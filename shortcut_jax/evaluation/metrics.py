@@ -190,7 +190,7 @@ def inception_features(weights_path: str, batch_size: int):
 
 def _stats_command(shape) -> str:
     size = f" --data.image_size={shape[0]}" if shape and shape[0] == shape[1] else ""
-    return ("python -m shortcut_jax.evaluation.fid --stats --data.name=... --data.path=..."
+    return ("python -m shortcut_jax.fid_stats --stats --data.name=... --data.path=..."
             f"{size} --source=NAME --out=stats.npz")
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from shortcut_jax.models.dit import LEAN_OPS, DiT
+from shortcut_jax.models.dit import DiT
 from shortcut_jax.models.mlp import MLPNet
+from shortcut_jax.models.options import LEAN_OPS, model_dims
 
 
 def resolve_dtype(name: str):
@@ -31,10 +32,10 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
 
     'auto' picks the fused cuDNN kernel where it applies: an NVIDIA GPU of compute capability
     8.0 or newer, bf16/fp16 inputs and a head size that is a multiple of 8 up to 128 (DiT-S/B/L/XL
-    all qualify); it never stores the attention scores (README's throughput table measures it).
+    all qualify); it never stores the attention scores (docs/results.md's train-step table measures it).
     Elsewhere 'auto' leaves the choice
-    to XLA (``None``). The cuDNN kernel has no forward-mode derivative (``jax.jvp``); no objective
-    here needs one, and ``'xla'`` forces the XLA implementation.
+    to XLA (``None``). The cuDNN kernel has no forward-mode derivative (``jax.jvp``): ``build_model``
+    picks XLA's for an objective that needs one (MeanFlow), and ``'xla'`` forces it anywhere.
     """
     if name not in ("auto", "", None):
         return name
@@ -52,9 +53,11 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
     return "cudnn" if eligible else None
 
 
-def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
-    from shortcut_jax.config_lib import model_dims
-
+def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False, forward_mode: bool = False):
+    """The network ``config.model`` describes. ``forward_mode``: the objective differentiates it
+    forward (``jax.jvp``, MeanFlow), so the hand-written backward passes (``lean_ops``), which
+    have no forward-mode rule, are left out and ``attention_impl='auto'`` picks XLA's attention
+    (``config_lib`` refuses an explicit ``'cudnn'`` for such an objective)."""
     dtype = resolve_dtype(model_cfg.dtype)
     if model_cfg.name == "mlp":
         return MLPNet(
@@ -76,14 +79,15 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False):
             mlp_ratio=model_cfg.mlp_ratio,
             num_classes=num_classes,
             attention_scale=model_cfg.attention_scale,
-            attention_impl=resolve_attention_impl(model_cfg.attention_impl, dtype=dtype, head_dim=width // heads),
+            attention_impl=(None if forward_mode and model_cfg.attention_impl in ("auto", "xla") else
+                            resolve_attention_impl(model_cfg.attention_impl, dtype=dtype, head_dim=width // heads)),
             t_input_scale=model_cfg.t_input_scale,
             zero_init=model_cfg.zero_init,
             ignore_level=ignore_level,
             remat=model_cfg.remat,
             remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
-            lean_ops=tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
+            lean_ops=() if forward_mode else tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
             matmul_precision=model_cfg.matmul_precision,
             scan_blocks=model_cfg.scan_blocks,
             dtype=dtype,

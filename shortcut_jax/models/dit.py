@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from shortcut_jax.models import fp8, layers
+from shortcut_jax.models.options import DEFAULT_LEAN_OPS, LEAN_OPS, MATMUL_PRECISIONS  # noqa: F401
 from shortcut_jax.models.convert import STACKED_BLOCKS
 
 Dtype = Any
@@ -37,24 +38,6 @@ def attention_scale_value(kind: str, head_dim: int) -> float:
     if kind == "sqrt_head_dim":  # standard transformer / DiT paper
         return 1.0 / math.sqrt(head_dim)
     raise ValueError(f"attention_scale must be 'head_dim' or 'sqrt_head_dim', got {kind!r}")
-
-
-# The same network computed with less memory traffic, each part switchable for measurement:
-# 'norm': LayerNorm + modulation with a backward pass that keeps x and the per-token statistics;
-# 'gelu': GELU in float32 with a backward pass that keeps only its input;
-# 'gate': the gated residual updates keep their branch in its own dtype, not a float32 copy.
-LEAN_OPS = ("norm", "gelu", "gate")
-# the default: the parts measured on accelerators ('gate' is not yet)
-DEFAULT_LEAN_OPS = ("norm", "gelu")
-
-# model.matmul_precision: 'bf16' multiplies in the compute dtype (bf16 on accelerators, float32
-# on CPU); 'fp8' runs the four large dense layers of every block (qkv, proj, fc1, fc2: about 94% of
-# DiT-B/2's matmul FLOPs at 256 tokens) through FP8 GEMMs (models/fp8.py). The rest stays in the
-# compute dtype: the attention products (most of the other 6%); the adaLN modulations, the
-# embedders and the patch embedding (matmuls over batch rows or 16-wide patches, under 1% of the
-# FLOPs; an error in a modulation scales or shifts every token of an example alike); and the
-# final layer (16 output features: the network's output itself).
-MATMUL_PRECISIONS = ("bf16", "fp8")
 
 
 class DiTBlock(nn.Module):

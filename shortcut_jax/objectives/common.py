@@ -1,5 +1,5 @@
-"""What every objective shares: its static context, what it needs from the train step, the
-curriculum stages, the noise path and the loss reductions.
+"""What every objective shares: its static context, the curriculum stages, the noise path and
+the loss reductions.
 
 Conventions used by every objective and sampler in the project:
 - ``x0`` is Gaussian noise, ``x1`` data; ``x_t = (1 - (1 - floor) t) x0 + t x1`` with a tiny
@@ -55,6 +55,17 @@ class ObjectiveConfig:
     reflow_fraction: float = 0.125
     reflow_steps: int = 8
     reflow_cfg_scale: float = 1.0
+    # every config.objective key as sorted (key, value) pairs: the keys a method reads that no
+    # field above names (``option``), so a new method adds config keys, not fields here
+    options: tuple = ()
+
+    def option(self, key: str) -> Any:
+        """``config.objective.<key>``; ``KeyError`` naming the key where the config has none."""
+        for k, v in self.options:
+            if k == key:
+                return v
+        raise KeyError(f"objective.{key} is not in this run's config.objective: add it to"
+                       " config_lib.default_config (with its default)")
 
     @property
     def null_class(self) -> int:
@@ -63,25 +74,6 @@ class ObjectiveConfig:
     @property
     def final_consistency_level(self) -> int:
         return self.num_levels - 1 if self.consistency_final_level < 0 else self.consistency_final_level
-
-
-@dataclasses.dataclass(frozen=True)
-class Needs:
-    """What an objective needs from the train step and the input pipeline beyond ``x``/``label``.
-
-    The train step reads this instead of special-casing objective names.
-    """
-
-    step: bool = False  # reads batch['step'] (int32 scalar: updates done before this one)
-    frozen_teacher: bool = False  # teacher_params is {'ema': EMA tree, 'teacher': frozen tree}
-    pairs: bool = False  # batch carries 'noise' [B, ...] beside 'x' (stored reflow pairs)
-    level_input: bool = True  # False: the level input is constant; the model may ignore it
-    # curricula: cfg -> how many stages objective.stage_steps must fit in the run (None: no curriculum)
-    num_stages: Optional[Callable[["ObjectiveConfig"], int]] = None
-    # the frozen teacher is re-snapshotted from the student at stage starts
-    # (progressive.teacher_for_step, called by the train step before the loss)
-    teacher_snapshots: bool = False
-    sampler: str = "euler"  # 'euler', 'ddim' or 'consistency' (objectives.make_sampler)
 
 
 def check_stage_schedule(name: str, stage_steps: int, num_stages: int, total_steps: int) -> int:

@@ -93,3 +93,11 @@ def distillation_loss_fn(params, teacher_params, batch, rng, cfg: common.Objecti
     x_next = teacher_euler_step(cfg.apply_fn, teacher, x_t, t, level, labels, 1.0 / grid, cfg.clip)
     target = jump_target(cfg.apply_fn, ema, x_t, t, x_next, t + 1.0 / grid, level, labels)
     return _loss(params, x_t, t, level, labels, target, cfg, {})
+
+
+def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
+    """The curriculum's last level (``ValueError`` naming the key)."""
+    final = objective_cfg.get("consistency_final_level", -1)
+    if not -1 <= final <= objective_cfg.num_levels:
+        raise ValueError(f"objective.consistency_final_level={final} must be -1 (num_levels - 1) or in"
+                         f" 0..objective.num_levels={objective_cfg.num_levels}")

@@ -1,11 +1,8 @@
 """Reflow (two stages) and live reflow.
 
 Reflow straightens a flow by training flow matching on the couplings a trained model makes:
-- stage one, ``generate_pairs``: a teacher and its sampler turn seeded noise into samples, saved
-  as ``.npz`` shards of ``noise``, ``x`` and ``label`` with a ``manifest.json``. Shard ``i``
-  draws its noise and labels from ``np.random.default_rng([seed, PAIR_STREAM, i])``, so every
-  shard can be regenerated alone, a stopped generation resumes at the first missing shard, and
-  the same teacher, sampler and seed give the same files;
+- stage one (``data.pairs.generate_pairs``, the ``reflow_pairs`` command): a teacher and its
+  sampler turn seeded noise into samples, stored as the pairs reader's shards;
 - stage two, ``loss_fn``: flow matching with ``x0 = batch['noise']`` and ``x1 = batch['x']`` of
   the stored pairs (instead of fresh noise and data), level ``K``, labels dropped for CFG.
 
@@ -19,135 +16,12 @@ rows is not used.
 """
 from __future__ import annotations
 
-import json
-import os
-from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from shortcut_jax.infra import distributed
 from shortcut_jax.objectives import sampling
 from shortcut_jax.objectives import common
-
-MANIFEST = "manifest.json"
-# first word after the seed of each shard's random stream (distinct from the data readers' streams)
-PAIR_STREAM = 7
-
-
-# ------------------------------------------------------------------------------ stage one
-
-
-def shard_path(out_dir: str, index: int) -> str:
-    return os.path.join(out_dir, f"pairs_{index:05d}.npz")
-
-
-def shard_inputs(index: int, count: int, *, seed: int, shape: Sequence[int], num_classes: int):
-    """Noise ``[count, *shape]`` and labels ``[count]`` of shard ``index`` (numpy, deterministic)."""
-    rng = np.random.default_rng([seed, PAIR_STREAM, index])
-    noise = rng.standard_normal((count, *shape)).astype(np.float32)
-    if num_classes > 0:
-        labels = rng.integers(0, num_classes, count).astype(np.int32)
-    else:
-        labels = np.full(count, 0, np.int32)  # unlabelled data: label 0, as the readers give it
-    return noise, labels
-
-
-def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_classes: int, num_pairs: int,
-                   num_steps: int, seed: int, shard_size: int = 10_000, batch_size: int = 1000,
-                   cfg_scale: float = 1.0, meta: Optional[dict] = None) -> dict:
-    """Stage one: ``num_pairs`` (noise, sample) pairs from ``sampler(params, noise, labels, ...)``.
-
-    ``sampler`` has the call of ``sampling.Sampler`` (any of the project's samplers). Shards
-    already on disk are kept when ``out_dir``'s manifest records the same settings; different
-    settings are refused before anything is generated. ``meta`` (e.g. the teacher's checkpoint
-    and step) is stored in the manifest. Returns the manifest.
-
-    In a job of several processes every process calls this alike: each takes its part in every
-    sampler call (which must return the whole batch on every process, as ``Sampler.to_host``
-    gives it), process 0 alone decides from what it finds on disk which shards are missing and
-    writes the manifest and the shards, and no process returns before they are written.
-    """
-    if num_pairs < 1 or shard_size < 1 or batch_size < 1:
-        raise ValueError(f"num_pairs={num_pairs}, shard_size={shard_size} and batch_size={batch_size} must be >= 1")
-    settings = {"num_pairs": int(num_pairs), "shard_size": int(shard_size), "seed": int(seed),
-                "num_steps": int(num_steps), "cfg_scale": float(cfg_scale), "shape": [int(d) for d in shape],
-                "num_classes": int(num_classes), "meta": meta or {}}
-    num_shards = -(-num_pairs // shard_size)
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    writer = jax.process_index() == 0
-    # what is on disk, as process 0 sees it: [settings differ, shard 0 done, shard 1 done, ...]
-    status = np.zeros(1 + num_shards, np.int32)
-    differing = ["see process 0"]
-    if writer:
-        if os.path.exists(manifest_path):
-            with open(manifest_path) as f:
-                saved = json.load(f)
-            differing = sorted(k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k])))
-            status[0] = bool(differing)
-        status[1:] = [os.path.exists(shard_path(out_dir, i)) for i in range(num_shards)]
-    if jax.process_count() > 1:
-        # every process takes part in every sampler call, so all skip the same shards and all
-        # refuse together (another host may not even see the folder)
-        from jax.experimental import multihost_utils
-
-        status = np.asarray(multihost_utils.broadcast_one_to_all(status))
-    if status[0]:
-        raise ValueError(f"{out_dir} holds pairs generated with other settings ({', '.join(differing)}):"
-                         " use another output directory or the saved settings")
-    if writer:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(manifest_path, "w") as f:
-            json.dump(settings, f, indent=1)
-
-    for index in range(num_shards):
-        if status[1 + index]:
-            continue
-        count = min(shard_size, num_pairs - index * shard_size)
-        noise, labels = shard_inputs(index, count, seed=seed, shape=shape, num_classes=num_classes)
-        samples = np.empty_like(noise)
-        chunk = min(batch_size, count)
-        for start in range(0, count, chunk):
-            stop = min(start + chunk, count)
-            # pad the last chunk to the chunk size: one compilation for every call
-            chunk_noise = np.zeros((chunk, *shape), np.float32)
-            chunk_labels = np.full(chunk, num_classes, np.int32)
-            chunk_noise[:stop - start] = noise[start:stop]
-            chunk_labels[:stop - start] = labels[start:stop] if num_classes > 0 else num_classes
-            out = sampler(params, chunk_noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
-            samples[start:stop] = np.asarray(out)[:stop - start]
-        if writer:
-            path = shard_path(out_dir, index)
-            tmp = path + ".tmp.npz"  # written whole, then renamed: a stopped run leaves no partial shard
-            np.savez(tmp, noise=noise, x=samples, label=labels)
-            os.replace(tmp, path)
-    # no process returns before process 0 has written every file
-    distributed.sync(f"reflow pairs written to {out_dir}")
-    return settings
-
-
-def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
-    """Every shard of a finished stage one, concatenated in shard order: ``noise``, ``x``, ``label``."""
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(manifest_path):
-        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}: generate the pairs first (reflow.generate_pairs)")
-    with open(manifest_path) as f:
-        settings = json.load(f)
-    num_shards = -(-settings["num_pairs"] // settings["shard_size"])
-    missing = [shard_path(out_dir, i) for i in range(num_shards) if not os.path.exists(shard_path(out_dir, i))]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {num_shards} shards are missing in {out_dir} (first:"
-                                f" {missing[0]}): run the generation again to complete them")
-    parts = []
-    for i in range(num_shards):
-        with np.load(shard_path(out_dir, i)) as z:
-            parts.append({k: z[k] for k in ("noise", "x", "label")})
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("noise", "x", "label")}
-
-
-# ------------------------------------------------------------------------------ stage two
-
 
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     del teacher_params  # the teacher's work is in the pairs
@@ -201,3 +75,14 @@ def live_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig
     mse = common.per_row_mse(pred, common.flow_velocity(x0, x1_rows, cfg.noise_floor))
     loss = jnp.mean(mse)
     return loss, {"loss": loss, "reflow_loss": jnp.mean(mse[:n]), "flow_loss": jnp.mean(mse[n:])}
+
+
+def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
+    """Live reflow's share of the batch and its generating steps (``ValueError`` naming the key)."""
+    get = objective_cfg.get
+    n = num_reflow_rows(batch_size, get("reflow_fraction", 0.125))
+    if not 0 < n < batch_size:
+        raise ValueError(f"objective.reflow_fraction={get('reflow_fraction')} gives {n} of the {batch_size}"
+                         " rows of train.batch_size to live reflow: it must leave at least one row to each group")
+    if get("reflow_steps", 8) < 1:
+        raise ValueError(f"objective.reflow_steps={get('reflow_steps')} must be >= 1")

@@ -155,6 +155,31 @@ class Sampler(_MeshSampler):
         return _euler(self.apply_fn, params, noise, labels, num_steps, level, cfg_scale, self.num_classes)
 
 
+def interval_euler_sample(apply_fn, params, noise, labels, *, num_steps, cfg_scale=None,
+                          null_class: int = 0) -> jax.Array:
+    """``num_steps`` Euler steps of ``h = 1/num_steps`` through a network of the average velocity
+    over an interval, which reads ``h`` as its level input (``objectives.meanflow``); traceable,
+    ``num_steps`` may be a traced int32 scalar."""
+    b = noise.shape[0]
+    h = 1.0 / jnp.asarray(num_steps, jnp.float32)
+    predict = _prediction_fn(apply_fn, params, labels, jnp.full((b,), h, jnp.float32), cfg_scale, null_class,
+                             level_dtype=jnp.float32)
+
+    def step(i, x):
+        return x + h * predict(x, i.astype(jnp.float32) * h).astype(x.dtype)
+
+    return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+
+
+class IntervalSampler(_MeshSampler):
+    """Euler over an even chain of intervals for an average-velocity network (MeanFlow): any
+    budget from 1 step up, one compilation for all of them."""
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps):
+        return interval_euler_sample(self.apply_fn, params, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale,
+                                     null_class=self.num_classes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers of the comparison methods. The Euler sampler above serves shortcut models, flow
 # matching, progressive distillation and reflow; diffusion needs DDIM, consistency models their
@@ -179,10 +204,10 @@ def euler_sample_at_level(apply_fn, params, noise, labels, *, num_steps: int, le
     return _euler(apply_fn, params, noise, labels, check_step_count(num_steps), level, cfg_scale, null_class)
 
 
-def _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class: int):
+def _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class: int, level_dtype=jnp.int32):
     """``(x, t) -> network output`` with the level and labels fixed, guided when ``cfg_scale`` is set."""
     b = labels.shape[0]
-    level = jnp.broadcast_to(jnp.asarray(level, jnp.int32), (b,))
+    level = jnp.broadcast_to(jnp.asarray(level, level_dtype), (b,))
 
     def predict(x, t):
         tt = jnp.full((b,), t, jnp.float32)

@@ -26,7 +26,7 @@ from shortcut_jax.infra import checkpoint, sharding
 from shortcut_jax.training import runs, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model, convert
-from shortcut_jax.objectives import NEEDS, make_objective_config, make_sampler
+from shortcut_jax.objectives import METHODS, make_objective_config, make_sampler, method
 from shortcut_jax.training.train_step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class Experiment:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
-        needs = NEEDS[config.objective.name]
-        self.model = build_model(config.model, num_classes=self.spec.num_classes, ignore_level=not needs.level_input)
+        self.method = needs = method(config.objective.name)
+        self.model = build_model(config.model, num_classes=self.spec.num_classes, ignore_level=not needs.level_input,
+                                 forward_mode=needs.forward_mode)
         self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
         self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes,
                                              total_steps=config.train.steps)
@@ -148,7 +149,7 @@ class Experiment:
 
         init_rng = jax.random.PRNGKey(config.seed)
         self.abstract_state = jax.eval_shape(self._init, init_rng)
-        self.state_shardings = sharding.state_shardings(self.abstract_state, self.mesh)
+        self.state_shardings = sharding.state_shardings(self.abstract_state, self.mesh, layer_axis=convert.in_stacked_blocks)
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
             self.state_shardings)
@@ -230,7 +231,7 @@ class Experiment:
         neither continues the other's checkpoint (distilling a run in its own workdir, say)."""
         name = self.config.objective.name
         saved_name = (saved.get("objective") or {}).get("name")
-        if saved_name in NEEDS and NEEDS[saved_name].frozen_teacher != NEEDS[name].frozen_teacher:
+        if saved_name in METHODS and METHODS[saved_name].frozen_teacher != METHODS[name].frozen_teacher:
             raise config_lib.ConfigError(
                 f"--workdir={self.workdir} holds a checkpoint of an objective.name={saved_name!r} run, which"
                 f" objective.name={name!r} cannot continue (one distils a frozen teacher, the other not): use a"
@@ -242,7 +243,7 @@ class Experiment:
         x = jnp.zeros((1, *shape), jnp.float32)
         params = (model or self.model).init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
                                  jnp.zeros((1,), jnp.int32))["params"]
-        frozen = params if NEEDS[self.config.objective.name].frozen_teacher else None
+        frozen = params if self.method.frozen_teacher else None
         return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays, frozen_teacher=frozen)
 
     def _init_from_teacher(self):
@@ -340,7 +341,7 @@ class Experiment:
             return ckpt.restore(step, self.abstract_state)
         as_saved = jax.eval_shape(lambda s: convert.to_layout(s, saved_stacked), self.abstract_state)
         as_saved = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), as_saved,
-                                sharding.state_shardings(as_saved, self.mesh))
+                                sharding.state_shardings(as_saved, self.mesh, layer_axis=convert.in_stacked_blocks))
         state, data_state, meta = ckpt.restore(step, as_saved)
         log.info("checkpoint written with model.scan_blocks=%s: blocks converted to the %s layout", saved_stacked,
                  "stacked" if stacked else "unrolled")

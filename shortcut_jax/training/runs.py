@@ -59,13 +59,13 @@ optimiser state stays the fresh one, every EMA tree starts at the loaded paramet
 step at 0. A run that resumes from its own checkpoint never reads the source (the resume wins).
 
 The level rule (``source_level``): a source whose objective ignored its level input (flow
-matching, diffusion, consistency: ``NEEDS[name].level_input`` is False) fed its level embedder
+matching, diffusion, consistency: ``Method.level_input`` is False) fed its level embedder
 a constant 0, so its function is read at level 0; a source that used the input (a shortcut
 model, live reflow) is read at its own finest level ``K = objective.num_levels``, the level of
 its flow-matching rows. The warm-started network computes that function at every level.
 
 ## Frozen teachers (``objective.teacher_checkpoint``)
-``consistency_distillation`` and ``progressive_distillation`` (``objectives.NEEDS[name].frozen_teacher``)
+``consistency_distillation`` and ``progressive_distillation`` (``Method.frozen_teacher``)
 distil a trained run named by ``objective.teacher_checkpoint`` (its ``<workdir>/checkpoints``, or
 the workdir itself), at ``objective.teacher_step`` (-1: its latest checkpoint), reading its first
 EMA tree (``objective.teacher_weights='ema'``) or its online parameters (``'params'``).
@@ -103,7 +103,7 @@ from shortcut_jax import config_lib
 from shortcut_jax.config_lib import ConfigError
 from shortcut_jax.infra import checkpoint
 from shortcut_jax.models import layers
-from shortcut_jax.objectives import NEEDS
+from shortcut_jax.objectives import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +256,10 @@ def source_level(meta: dict) -> int:
     """The level at which the source computed its velocity (see the module docstring)."""
     objective = meta.get("objective") or {}
     name = objective.get("name")
-    if name not in NEEDS:
+    if name not in METHODS:
         raise ConfigError(f"train.init_from: the source's metadata names objective {name!r}, not one of"
-                          f" {sorted(NEEDS)}; warm-start from a run of this project")
-    return int(objective["num_levels"]) if NEEDS[name].level_input else 0
+                          f" {sorted(METHODS)}; warm-start from a run of this project")
+    return int(objective["num_levels"]) if METHODS[name].level_input else 0
 
 
 def open_source(train_cfg, meta: dict) -> WarmStart:
@@ -318,8 +318,8 @@ class TeacherSource:
 def level_rule(teacher_objective: str, student_objective: str, num_levels: int) -> Optional[int]:
     """The level at which the teacher's level embedder is made constant (module docstring), or
     None where the teacher's network is kept as saved."""
-    teacher_reads = NEEDS[teacher_objective].level_input
-    student_reads = NEEDS[student_objective].level_input
+    teacher_reads = METHODS[teacher_objective].level_input
+    student_reads = METHODS[student_objective].level_input
     if teacher_reads == student_reads:
         return None
     return num_levels if teacher_reads else 0
@@ -334,23 +334,23 @@ def find_teacher(objective_cfg, meta: dict, abstract_params: Any) -> TeacherSour
     weights = objective_cfg.teacher_weights  # one of WEIGHTS, checked by config_lib.validate
     try:
         saved_run = open_run(path, step=int(objective_cfg.teacher_step), what="objective.teacher_checkpoint",
-                                     step_what="objective.teacher_step")
+                             step_what="objective.teacher_step")
     except FileNotFoundError as err:
         raise config_lib.ConfigError(str(err)) from None
     step, saved = saved_run.step, saved_run.meta
     teacher_objective = (saved.get("objective") or {}).get("name")
-    if teacher_objective not in NEEDS:
+    if teacher_objective not in METHODS:
         raise config_lib.ConfigError(
             f"{where}: step {step} records no known objective ({teacher_objective!r}); distil a run trained"
             " by this project")
-    if NEEDS[teacher_objective].sampler != "euler":
-        velocity = sorted(n for n, needs in NEEDS.items() if needs.sampler == "euler")
+    if not METHODS[teacher_objective].velocity_field:
+        velocity = sorted(n for n, record in METHODS.items() if record.velocity_field)
         raise config_lib.ConfigError(
             f"{where} is a {teacher_objective!r} run, whose network is not the velocity field"
             f" {name!r} distils: point objective.teacher_checkpoint at a run of one of {velocity}")
     diffs = checkpoint.differences(saved, meta, SOURCE_KEYS)
     teacher_levels = (saved.get("objective") or {}).get("num_levels")
-    if NEEDS[teacher_objective].level_input and teacher_levels != objective_cfg.num_levels:
+    if METHODS[teacher_objective].level_input and teacher_levels != objective_cfg.num_levels:
         # the teacher's levels mean its step sizes; the student calls it at its own
         diffs.append(f"objective.num_levels: saved {teacher_levels!r}, current {objective_cfg.num_levels!r}")
     if diffs:

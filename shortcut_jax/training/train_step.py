@@ -8,11 +8,11 @@
         [lax.scan over micro-batches when optim.accum_steps > 1]
     params, opt_state = optax update ; ema_params = EMA update
 
-The objective is looked up by name in ``objectives.OBJECTIVES``; the step never learns which
+The step reads the method's record (``objectives.registry.Method``) and never learns which
 method runs. ``teacher_params`` is the first EMA tree, or ``{'ema': that tree, 'teacher':
-state.frozen_teacher}`` for an objective that distils a frozen teacher (``NEEDS[name].frozen_teacher``);
-the frozen teacher is never differentiated nor averaged, and is only replaced where the objective
-re-snapshots it (``NEEDS[name].teacher_snapshots``: progressive distillation's phase starts), inside
+state.frozen_teacher}`` for a method that distils a frozen teacher (``Method.frozen_teacher``);
+the frozen teacher is never differentiated nor averaged, and is only replaced where the method
+re-snapshots it (``Method.teacher_snapshot``: progressive distillation's phase starts), inside
 the step, so the new state (and every checkpoint) holds the teacher of the phase it is in.
 """
 from __future__ import annotations
@@ -24,28 +24,25 @@ import jax.numpy as jnp
 import optax
 
 from shortcut_jax.training import train_state
-from shortcut_jax.objectives import MICRO_BATCH_PLANNERS, NEEDS, OBJECTIVES, progressive
+from shortcut_jax.objectives import Method, method
 
 
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformation, schedule,
+def make_train_step(objective: str | Method, obj_cfg, tx: optax.GradientTransformation, schedule,
                     *, accum_steps: int = 1, ema_debias: bool = False) -> Callable:
-    loss_fn = OBJECTIVES[objective_name]
-    planner = MICRO_BATCH_PLANNERS.get(objective_name)
+    """``train_step(state, batch) -> (state, metrics)`` for a method, given by name or record."""
+    record = method(objective) if isinstance(objective, str) else objective
+    loss_fn = record.loss
+    planner = record.plan_micro_batches
     # curricula read the number of updates done so far from the batch (every micro-batch of one
     # update is in the same stage); it is added here, never part of the data stream
-    with_step = objective_name in NEEDS and NEEDS[objective_name].step
-    with_frozen_teacher = objective_name in NEEDS and NEEDS[objective_name].frozen_teacher
-    with_snapshots = objective_name in NEEDS and NEEDS[objective_name].teacher_snapshots
+    with_step = record.step
+    with_frozen_teacher = record.frozen_teacher
+    snapshot = record.teacher_snapshot
 
     def train_step(state: train_state.TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        if with_snapshots:  # the student as it stands before this update, at a phase's first step
-            state = state.replace(frozen_teacher=progressive.teacher_for_step(
-                state.step, state.frozen_teacher, state.params, obj_cfg))
+        if snapshot is not None:  # the student as it stands before this update, at a phase's first step
+            state = state.replace(frozen_teacher=snapshot(state.step, state.frozen_teacher, state.params, obj_cfg))
         if with_frozen_teacher:
             teacher = {"ema": state.teacher_params, "teacher": state.frozen_teacher}
         else:
@@ -101,8 +98,8 @@ def make_train_step(objective_name: str, obj_cfg, tx: optax.GradientTransformati
         ema = train_state.update_ema(state.ema_params, params, state.ema_decays,
                                      count=state.step + 1 if ema_debias else None)
         metrics = dict(metrics)
-        metrics.update(grad_norm=global_norm(grads), param_norm=global_norm(params),
-                       update_norm=global_norm(updates), lr=jnp.asarray(schedule(state.step), jnp.float32))
+        metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                       update_norm=optax.global_norm(updates), lr=jnp.asarray(schedule(state.step), jnp.float32))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new_state, metrics
 

@@ -1,0 +1,173 @@
+"""MeanFlow (Geng, Deng, Bai, Kolter, He, 2025) and improved MeanFlow (Geng, Lu, Wu, Shechtman,
+Kolter, He, 2025): the network learns the average velocity over an interval, so one step of the
+interval's length lands where the flow would.
+
+Time convention. The project's path runs from noise at ``tau = 0`` to data at ``tau = 1``:
+``x_tau = (1 - (1 - floor) tau) x0 + tau x1``, velocity ``v = x1 - (1 - floor) x0``. The papers'
+runs from data at ``t = 0`` to noise at ``t = 1`` and average over ``[r, t]``. One mapping, used
+throughout: ``tau = 1 - t`` and ``h = t - r``, so the papers' interval ``[r, t]`` is this
+project's ``[tau, tau + h]``, and the network ``u(x_tau, tau, h)`` (``apply_fn(params, x, tau,
+h, label)``: the level input carries the interval's length ``h`` in ``[0, 1]``) is the average
+velocity over it, pointing from noise to data: ``x_{tau + h} = x_tau + h u``.
+
+The identity. ``h u(x_tau, tau, h) = integral of v over [tau, tau + h]``; differentiating in
+``tau`` with the end ``tau + h`` fixed gives ``u = v + h D u``, where ``D`` is the derivative
+along the flow with the interval's end fixed: tangent ``(v, 1, -1)`` on ``(x, tau, h)``. ``D u``
+is one ``jax.jvp`` of the network (forward mode: no extra backward pass).
+
+``meanflow`` (the published loss): target ``stop_gradient(v_g + h D u)`` with ``v_g`` the
+(guided) empirical velocity, which is also the jvp's tangent; rows with ``r = t`` (``h = 0``,
+``objective.meanflow_flow_fraction`` of them, 0.75 published) are plain flow matching.
+
+``meanflow_v`` (improved MeanFlow): the same network, but the loss is a regression on the
+instantaneous velocity, re-parameterised through ``u``: ``V = u + h stop_gradient(D u)`` against
+``v_g``, so the target no longer depends on the network. The jvp's tangent is the network's own
+instantaneous velocity ``u(x, tau, 0)`` (a function of ``x_tau`` alone, as improved MeanFlow
+does), computed without gradient.
+
+Both: ``(t, r)`` from two logit-normal draws (``meanflow_t_mean`` -0.4, ``meanflow_t_std`` 1.0),
+``t`` the larger; the per-row error (mean over the row's values) is weighted by
+``1 / stop_gradient(error + 0.01)^p`` (``meanflow_norm_p``, 1 published; 0 turns the weight
+off). Class-conditional runs drop labels to the null class (``label_dropout``) and fold
+classifier-free guidance into the target, as MeanFlow does: inside the guidance interval
+(``meanflow_cfg_interval``, in the papers' ``t``) a row with a label gets ``v_g = omega v +
+kappa u(x, tau, 0 | c) + (1 - omega - kappa) u(x, tau, 0 | null)``, both network terms without
+gradient (``meanflow_cfg_omega`` 1 and ``meanflow_cfg_kappa`` 0 leave ``v`` alone); sampling then
+needs no guidance. Improved MeanFlow's guidance scale as a network input, chosen at sampling
+time, is not part of this objective: ``meanflow_v`` folds guidance like ``meanflow``.
+
+Sampling: ``sampling.IntervalSampler``, ``n`` Euler steps of ``h = 1/n`` reading ``h``; one
+step is ``x1 = x0 + u(x0, 0, 1)``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from shortcut_jax.objectives import common
+
+# config.objective keys this file reads (defaults in config_lib.default_config)
+KEYS = ("meanflow_flow_fraction", "meanflow_t_mean", "meanflow_t_std", "meanflow_norm_p", "meanflow_norm_eps",
+        "meanflow_cfg_omega", "meanflow_cfg_kappa", "meanflow_cfg_interval")
+
+
+def sample_intervals(rng, n: int, cfg: common.ObjectiveConfig) -> tuple[jax.Array, jax.Array]:
+    """``(tau, h)`` of ``n`` rows: the papers' ``(t, r)`` from two logit-normal draws (``t`` the
+    larger), ``r = t`` on a ``meanflow_flow_fraction`` share of the rows, mapped to this project's
+    time (``tau = 1 - t``, ``h = t - r``)."""
+    rng_a, rng_b, rng_flow = jax.random.split(rng, 3)
+    mean, std = cfg.option("meanflow_t_mean"), cfg.option("meanflow_t_std")
+    a = jax.nn.sigmoid(mean + std * jax.random.normal(rng_a, (n,)))
+    b = jax.nn.sigmoid(mean + std * jax.random.normal(rng_b, (n,)))
+    t, r = jnp.maximum(a, b), jnp.minimum(a, b)
+    # a fixed count of flow rows (as the shortcut objective fixes its self-consistency rows), in
+    # random positions: the share is exact in every batch
+    flow_rows = int(round(cfg.option("meanflow_flow_fraction") * n))
+    is_flow = jax.random.permutation(rng_flow, jnp.arange(n) < flow_rows)
+    r = jnp.where(is_flow, t, r)
+    return 1.0 - t, t - r
+
+
+def _column(a: jax.Array, like: jax.Array) -> jax.Array:
+    return a.reshape(a.shape + (1,) * (like.ndim - 1))
+
+
+def guided_velocity(params, x, tau, v, labels, cfg: common.ObjectiveConfig) -> jax.Array:
+    """The empirical velocity with guidance folded in (no gradient through the network terms);
+    ``v`` itself where guidance is off, for unlabelled rows and outside the guidance interval."""
+    omega, kappa = cfg.option("meanflow_cfg_omega"), cfg.option("meanflow_cfg_kappa")
+    if cfg.num_classes == 0 or (omega == 1.0 and kappa == 0.0):
+        return v
+    b = x.shape[0]
+    zero = jnp.zeros((b,), jnp.float32)
+    both = cfg.apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([tau, tau]), jnp.concatenate([zero, zero]),
+                        jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)]))
+    cond, uncond = jax.lax.stop_gradient(both[:b].astype(jnp.float32)), jax.lax.stop_gradient(
+        both[b:].astype(jnp.float32))
+    guided = omega * v + kappa * cond + (1.0 - omega - kappa) * uncond
+    low, high = cfg.option("meanflow_cfg_interval")
+    t = 1.0 - tau
+    on = (labels != cfg.null_class) & (t >= low) & (t <= high)
+    return jnp.where(_column(on, v), guided, v)
+
+
+def _weighted_loss(error: jax.Array, cfg: common.ObjectiveConfig) -> jax.Array:
+    p = cfg.option("meanflow_norm_p")
+    if p == 0:
+        return jnp.mean(error)
+    weight = 1.0 / jnp.power(jax.lax.stop_gradient(error) + cfg.option("meanflow_norm_eps"), p)
+    return jnp.mean(weight * error)
+
+
+def _prepare(batch, rng, cfg: common.ObjectiveConfig):
+    x1 = batch["x"]
+    b = x1.shape[0]
+    rng_noise, rng_t, rng_drop = jax.random.split(rng, 3)
+    x0 = jax.random.normal(rng_noise, x1.shape, jnp.float32)
+    tau, h = sample_intervals(rng_t, b, cfg)
+    x = common.interpolate(x0, x1.astype(jnp.float32), tau, cfg.noise_floor)
+    v = common.flow_velocity(x0, x1.astype(jnp.float32), cfg.noise_floor)
+    labels = common.drop_labels(rng_drop, batch["label"], cfg)
+    return x, tau, h, v, labels
+
+
+def _interval_derivative(params, x, tau, h, labels, tangent, cfg: common.ObjectiveConfig):
+    """``(u, D u)``: the network and its derivative along ``(tangent, 1, -1)`` on ``(x, tau, h)``."""
+    def u_fn(x_, tau_, h_):
+        return cfg.apply_fn(params, x_, tau_, h_, labels).astype(jnp.float32)
+
+    ones = jnp.ones_like(tau)
+    return jax.jvp(u_fn, (x, tau, h), (tangent, ones, -ones))
+
+
+def _metrics(loss, error, h):
+    is_flow = (h == 0).astype(jnp.float32)
+    flow_rows = jnp.sum(is_flow)
+    interval_rows = jnp.sum(1.0 - is_flow)
+    return {"loss": loss, "error": jnp.mean(error),
+            "flow_error": jnp.sum(error * is_flow) / jnp.maximum(flow_rows, 1.0), "flow_error/rows": flow_rows,
+            "interval_error": jnp.sum(error * (1.0 - is_flow)) / jnp.maximum(interval_rows, 1.0),
+            "interval_error/rows": interval_rows}
+
+
+def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
+    """MeanFlow's loss: ``u`` against ``stop_gradient(v_g + h D u)``."""
+    del teacher_params  # the target comes from the network itself
+    x, tau, h, v, labels = _prepare(batch, rng, cfg)
+    v_g = guided_velocity(params, x, tau, v, labels, cfg)
+    u, du = _interval_derivative(params, x, tau, h, labels, v_g, cfg)
+    target = jax.lax.stop_gradient(v_g + _column(h, du) * du)
+    error = common.per_row_mse(u, target)
+    loss = _weighted_loss(error, cfg)
+    return loss, _metrics(loss, error, h)
+
+
+def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
+    """Improved MeanFlow's loss: ``V = u + h stop_gradient(D u)`` against ``v_g``, the jvp's
+    tangent being the network's own instantaneous velocity."""
+    del teacher_params
+    x, tau, h, v, labels = _prepare(batch, rng, cfg)
+    v_g = guided_velocity(params, x, tau, v, labels, cfg)
+    instantaneous = jax.lax.stop_gradient(
+        cfg.apply_fn(params, x, tau, jnp.zeros_like(h), labels).astype(jnp.float32))
+    u, du = _interval_derivative(params, x, tau, h, labels, instantaneous, cfg)
+    compound = u + _column(h, du) * jax.lax.stop_gradient(du)
+    error = common.per_row_mse(compound, v_g)
+    loss = _weighted_loss(error, cfg)
+    return loss, _metrics(loss, error, h)
+
+
+def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
+    """The MeanFlow keys (``ValueError`` naming the key)."""
+    get = objective_cfg.get
+    fraction = get("meanflow_flow_fraction", 0.75)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"objective.meanflow_flow_fraction={fraction} must be in [0, 1): the share of rows with r = t")
+    if get("meanflow_t_std", 1.0) <= 0:
+        raise ValueError(f"objective.meanflow_t_std={get('meanflow_t_std')} must be > 0")
+    if get("meanflow_norm_p", 1.0) < 0 or get("meanflow_norm_eps", 0.01) <= 0:
+        raise ValueError(f"objective.meanflow_norm_p={get('meanflow_norm_p')} must be >= 0 and"
+                         f" objective.meanflow_norm_eps={get('meanflow_norm_eps')} > 0")
+    interval = tuple(get("meanflow_cfg_interval", (0.0, 1.0)))
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(f"objective.meanflow_cfg_interval={interval} must be (low, high) with 0 <= low <= high <= 1")

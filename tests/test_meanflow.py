@@ -1,0 +1,210 @@
+"""MeanFlow and improved MeanFlow (objectives/meanflow.py): the jvp, the target on exact fields,
+the reduction to flow matching, the interval sampler, the real train step on 8 devices, and the
+config checks for forward-mode differentiation."""
+import dataclasses
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shortcut_jax import config_lib
+from shortcut_jax.models import MLPNet
+from shortcut_jax.objectives import METHODS, common, make_objective_config, meanflow, sampling
+from shortcut_jax.training import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def objective_config(apply_fn, name="meanflow", num_classes=0, **options):
+    c = config_lib.default_config()
+    c.objective.name = name
+    c.objective.noise_floor = 0.0
+    c.objective.meanflow_norm_p = 0.0  # a plain mean, so the loss can be computed by hand
+    for key, value in options.items():
+        c.objective[key] = value
+    return make_objective_config(c.objective, apply_fn, num_classes, total_steps=10)
+
+
+def with_option(cfg, key, value):
+    return dataclasses.replace(cfg, options=tuple((k, value if k == key else v) for k, v in cfg.options))
+
+
+def batch_of(x1):
+    return {"x": x1, "label": jnp.zeros(x1.shape[0], jnp.int32)}
+
+
+# An analytic "network": u(x, tau, h) = a * tau * x + b * h + c * x**2, whose derivative along
+# (v, 1, -1) is a * x + a * tau * v + 2 c x v - b.
+def analytic_apply(params, x, tau, h, label):
+    del label
+    return params["a"] * tau[:, None] * x + params["b"] * h[:, None] + params["c"] * x ** 2
+
+
+def analytic_derivative(params, x, tau, v):
+    return params["a"] * x + params["a"] * tau[:, None] * v + 2 * params["c"] * x * v - params["b"]
+
+
+PARAMS = {"a": jnp.float32(0.7), "b": jnp.float32(-1.3), "c": jnp.float32(0.4)}
+
+
+def test_meanflow_loss_regresses_the_network_on_v_plus_h_times_its_derivative():
+    """Rules out a target without the derivative term (plain flow matching on every row), a
+    derivative taken along the wrong tangent (h not decreasing, or tau fixed), and a missing
+    factor h."""
+    cfg = objective_config(analytic_apply)
+    x1 = jax.random.normal(jax.random.key(0), (64, 3))
+    rng = jax.random.key(1)
+    x, tau, h, v, _ = meanflow._prepare(batch_of(x1), rng, cfg)
+    assert float(jnp.mean(h > 0)) == pytest.approx(0.25)  # 1 - meanflow_flow_fraction of the rows
+    u = analytic_apply(PARAMS, x, tau, h, None)
+    target = v + h[:, None] * analytic_derivative(PARAMS, x, tau, v)
+    want = jnp.mean(jnp.mean((u - target) ** 2, axis=-1))
+    loss, metrics = meanflow.loss_fn(PARAMS, None, batch_of(x1), rng, cfg)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    without_derivative = jnp.mean(jnp.mean((u - v) ** 2, axis=-1))
+    assert abs(float(loss) - float(without_derivative)) > 1e-2 * float(without_derivative)
+    assert metrics["flow_error/rows"] == 48 and metrics["interval_error/rows"] == 16
+
+
+def test_meanflow_v_loss_regresses_the_compound_velocity_on_v():
+    """Improved MeanFlow: u + h D u (tangent: the network's own u(x, tau, 0)) against v. Rules out
+    the published MeanFlow target in its place, and the empirical v as the tangent."""
+    cfg = objective_config(analytic_apply, name="meanflow_v")
+    x1 = jax.random.normal(jax.random.key(2), (64, 3))
+    rng = jax.random.key(3)
+    x, tau, h, v, _ = meanflow._prepare(batch_of(x1), rng, cfg)
+    u = analytic_apply(PARAMS, x, tau, h, None)
+    tangent = analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), None)
+    compound = u + h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
+    want = jnp.mean(jnp.mean((compound - v) ** 2, axis=-1))
+    loss, _ = meanflow.v_loss_fn(PARAMS, None, batch_of(x1), rng, cfg)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    with_v_tangent = u + h[:, None] * analytic_derivative(PARAMS, x, tau, v)
+    assert abs(float(loss) - float(jnp.mean((with_v_tangent - v) ** 2))) > 1e-3
+
+
+def test_jvp_of_a_small_network_matches_finite_differences():
+    """The derivative the loss uses, ``D u`` along (v, 1, -1), against a central difference of a
+    small MLP (float32), relative error under 1e-3."""
+    model = MLPNet(width=32, depth=2, mlp_ratio=2.0, num_classes=0, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(4), (16, 2))
+    params = model.init(jax.random.key(5), x, jnp.zeros(16), jnp.zeros(16), jnp.zeros(16, jnp.int32))["params"]
+    # the output layer starts at zero: give every parameter a value so the function is not flat
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(6), p.shape), params)
+    apply = lambda p, x_, t_, h_, y: model.apply({"params": p}, x_, t_, h_, y)  # noqa: E731
+    cfg = objective_config(apply)
+    tau = jax.random.uniform(jax.random.key(7), (16,), minval=0.1, maxval=0.6)
+    h = jax.random.uniform(jax.random.key(8), (16,), minval=0.1, maxval=0.3)
+    v = jax.random.normal(jax.random.key(9), (16, 2))
+    labels = jnp.zeros(16, jnp.int32)
+    _, du = meanflow._interval_derivative(params, x, tau, h, labels, v, cfg)
+    eps = 3e-3
+    plus = apply(params, x + eps * v, tau + eps, h - eps, labels)
+    minus = apply(params, x - eps * v, tau - eps, h + eps, labels)
+    fd = (plus - minus) / (2 * eps)
+    assert float(jnp.linalg.norm(du - fd) / jnp.linalg.norm(fd)) < 1e-3
+
+
+def straight_field(point):
+    """The exact average velocity when all data is ``point`` (noise floor 0): paths are straight
+    at constant speed, so u(x, tau, h) = (point - x) / (1 - tau) for every h."""
+    def apply(params, x, tau, h, label):
+        del params, h, label
+        return (point[None] - x) / (1.0 - tau[:, None])
+    return apply
+
+
+@pytest.mark.parametrize("name", ["meanflow", "meanflow_v"])
+def test_exact_straight_field_has_zero_loss(name):
+    """On the exact field of one data point the MeanFlow target equals the field (its derivative
+    term vanishes) and the improved-MeanFlow loss is zero; a sign error in the tangent's time
+    components would leave a non-zero derivative."""
+    point = jnp.array([0.5, -1.0, 2.0])
+    cfg = objective_config(straight_field(point), name=name)
+    x1 = jnp.broadcast_to(point, (32, 3))
+    loss, _ = METHODS[name].loss(None, None, batch_of(x1), jax.random.key(10), cfg)
+    assert float(loss) < 1e-8
+
+
+def test_rows_with_r_equal_t_are_flow_matching():
+    """With every row at r = t (h = 0) the loss is flow matching's: u(x, tau, 0) against v."""
+    cfg = with_option(objective_config(analytic_apply), "meanflow_flow_fraction", 1.0)
+    x1 = jax.random.normal(jax.random.key(11), (32, 3))
+    rng = jax.random.key(12)
+    x, tau, h, v, _ = meanflow._prepare(batch_of(x1), rng, cfg)
+    assert float(jnp.max(h)) == 0.0
+    want = jnp.mean(common.per_row_mse(analytic_apply(PARAMS, x, tau, h, None), v))
+    np.testing.assert_allclose(float(meanflow.loss_fn(PARAMS, None, batch_of(x1), rng, cfg)[0]), float(want),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_interval_sampler_on_the_exact_field_maps_noise_to_the_data_point(steps):
+    """One step (and any even chain of intervals) of the exact average velocity lands on the data."""
+    point = jnp.array([0.5, -1.0])
+    sampler = sampling.IntervalSampler(straight_field(point), num_levels=7, num_classes=0)
+    noise = np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32)
+    out = np.asarray(sampler(None, noise, num_steps=steps))
+    np.testing.assert_allclose(out, np.broadcast_to(point, (8, 2)), atol=1e-5)
+
+
+def test_guidance_is_folded_into_the_target_for_labelled_rows_only():
+    """omega v + kappa u(c) + (1 - omega - kappa) u(null) on rows with a label; v on null rows."""
+    def apply(params, x, tau, h, label):
+        return jnp.where(label[:, None] == 3, 1.0, 5.0) + 0.0 * x
+    cfg = objective_config(apply, num_classes=3, meanflow_cfg_omega=2.0, meanflow_cfg_kappa=0.5)
+    x = jnp.zeros((4, 2))
+    v = jnp.full((4, 2), 10.0)
+    labels = jnp.array([0, 1, 3, 2])
+    tau = jnp.full((4,), 0.5)
+    got = meanflow.guided_velocity(None, x, tau, v, labels, cfg)
+    guided = 2.0 * 10.0 + 0.5 * 5.0 + (1 - 2.0 - 0.5) * 1.0
+    np.testing.assert_allclose(np.asarray(got), [[guided] * 2, [guided] * 2, [10.0] * 2, [guided] * 2])
+
+
+def toy(objective, **overrides):
+    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "experiments", "toy2d.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"objective={objective},runlocal=True")
+    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 2, 1, 100, 100
+    c.train.progress_bar, c.train.use_tensorboard, c.train.async_ckpt = False, False, False
+    c.model.width, c.model.depth = 32, 2
+    c.train.batch_size = 64
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        c[section][key] = value
+    return c
+
+
+@pytest.mark.parametrize("name", ["meanflow", "meanflow_v"])
+def test_two_steps_of_the_real_train_step_on_8_devices_equal_one_device(name, tmp_path):
+    one = loop.train_and_evaluate(toy(name, **{"mesh.data": 1}), str(tmp_path / "one"))
+    eight = loop.train_and_evaluate(toy(name, **{"mesh.data": 8}), str(tmp_path / "eight"))
+    assert int(one.step) == int(eight.step) == 2
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(one.params))
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("attention_impl", "cudnn", "does not support; use model.attention_impl='auto' or 'xla'"),
+    ("matmul_precision", "fp8", "no forward-mode rule"),
+])
+def test_forward_mode_objectives_refuse_kernels_without_a_jvp_before_compiling(setting, value, message):
+    c = config_lib.default_config()
+    c.objective.name = "meanflow"
+    c.model[setting] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_forward_mode_objectives_get_plain_ops_and_xla_attention():
+    from shortcut_jax.models import build_model
+    c = config_lib.default_config()
+    model = build_model(c.model, num_classes=0, forward_mode=True)
+    assert model.lean_ops == () and model.attention_impl is None
+    assert build_model(c.model, num_classes=0).lean_ops != ()
