@@ -202,7 +202,7 @@ def _write_shard(out_dir: str, planned: dict[str, Any], shard: dict[str, Any], s
 
     def fetch(job):
         row, n, result = job
-        moments[row:row + n] = np.asarray(result)[:n].astype(dtype)
+        moments[row:row + n] = np.asarray(result)[:n].astype(dtype)  # noqa: F821 - deleted after the loop
         progress_bar.update(n)
 
     row, in_flight = 0, None
