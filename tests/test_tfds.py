@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -428,3 +429,9 @@ def test_training_reads_the_dataset_saves_its_position_and_resumes(data_dir, tmp
         loop.train_and_evaluate(tiny_dit_config(data_dir, **{"seed": 1, "train.steps": 6}), workdir)
     state = loop.train_and_evaluate(tiny_dit_config(data_dir, **{"train.steps": 6}), workdir)
     assert int(state.step) == 6
+    # the resumed run is the unbroken one: same batches from the saved position, same updates
+    unbroken = loop.train_and_evaluate(tiny_dit_config(data_dir, **{"train.steps": 6}), str(tmp_path / "unbroken"))
+    resumed_leaves, unbroken_leaves = (jax.tree.leaves(jax.device_get(s)) for s in (state, unbroken))
+    assert len(resumed_leaves) == len(unbroken_leaves)
+    for a, b in zip(resumed_leaves, unbroken_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
