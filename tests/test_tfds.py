@@ -23,6 +23,7 @@ from PIL import Image
 import grain  # noqa: E402,F401  (the reader the pipeline uses)
 import tensorflow_datasets as tfds  # noqa: E402
 
+from conftest import child_env
 from shortcut_jax import config_lib  # noqa: E402
 from shortcut_jax.infra import checkpoint
 from shortcut_jax.training import loop
@@ -273,7 +274,7 @@ def test_package_imports_without_tfds_and_grain_and_says_what_to_install():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=child_env())
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install -e '.[tfds]'" in done.stdout
 
