@@ -13,9 +13,22 @@ import jax  # noqa: E402
 COMPILE_CACHE = os.environ.get(
     "SHORTCUT_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax_tests")
 )
+# the cache settings, as JAX reads them from the environment (child processes get them too)
+CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def child_env(**overrides) -> dict:
+    """The environment for a child process the tests start: this process's, with the tests'
+    persistent compilation cache (directory and thresholds), then ``overrides``."""
+    return {**os.environ, **CACHE_ENV, **overrides}
+
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -13,6 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from conftest import child_env
 from shortcut_jax.infra.cli import last_override_wins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def test_other_flags_and_everything_after_a_double_dash_are_left_alone():
 
 def sweep_commands(*args):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "--dry_run", *args],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=child_env())
     return done.returncode, [shlex.split(line) for line in done.stdout.splitlines()], done.stderr
 
 

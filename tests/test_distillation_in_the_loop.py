@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import child_env
 from shortcut_jax import config_lib
 from shortcut_jax.infra import checkpoint, sharding, writers
 from shortcut_jax.training import runs, loop, train_state
@@ -94,7 +95,7 @@ def teacher_ema(teacher_run, like):
 def test_consistency_distillation_trains_through_the_cli_with_the_teachers_ema_frozen(teacher_run, tmp_path):
     teacher_dir, teacher_cfg = teacher_run
     workdir = str(tmp_path / "cd")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "shortcut_jax.main",
          "--config=experiments/toy2d.py:objective=consistency_distillation,runlocal=True", f"--workdir={workdir}",

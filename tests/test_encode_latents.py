@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import child_env
 from shortcut_jax import encode
 from shortcut_jax.data import default_data_config, make_dataset, validate_data_config
 from shortcut_jax.data import latents as latent_format
@@ -171,7 +172,7 @@ def test_command_line_finishes_an_interrupted_encode(workspace):
                f"--vae={workspace['vae_folder']}", f"--image_size={IMAGE_SIZE}", f"--batch_size={BATCH}",
                f"--shard_size={SHARD_SIZE}", "--num_workers=2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env=child_env(PYTHONPATH=os.pathsep.join(sys.path)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "img/s" in done.stderr  # the progress bar
     assert f"{NUM_IMAGES} examples" in done.stdout and "complete" in done.stdout

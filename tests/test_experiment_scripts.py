@@ -4,11 +4,12 @@ import io
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
 
-from conftest import COMPILE_CACHE, write_tar
+from conftest import COMPILE_CACHE, child_env, write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "cifar10_methods.sh")
@@ -21,7 +22,9 @@ def random_png(rng) -> bytes:
 
 
 def run_script(env_extra, *args):
-    env = dict(os.environ, SHORTCUT_JAX_CACHE=COMPILE_CACHE, **env_extra)
+    # the script's children run `python` from PATH: this interpreter's, with the tests' cache
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = child_env(SHORTCUT_JAX_CACHE=COMPILE_CACHE, PATH=path, **env_extra)
     return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -195,10 +195,32 @@ def test_training_resumes_from_an_imported_checkpoint(optax_pickle, tmp_path, ca
     # The loss of one step from the imported state on the stream's first batch (an imported
     # checkpoint carries no stream position, so the run starts the stream afresh too).
     exp = Experiment(cfg, workdir)
-    with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
-        imported, _, _ = ckpt.restore(None, exp.abstract_state)
-    compiled, _ = exp.compile_step()  # the training run's program
-    _, first = compiled(imported, sharding.global_batch(exp.source.next_batch(), exp.mesh))
+
+    def restore():
+        with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
+            return ckpt.restore(None, exp.abstract_state)[0]
+
+    compiled, _ = exp.compile_step(donate=False)  # the training run's program
+    batch = sharding.global_batch(exp.source.next_batch(), exp.mesh)
+    imported = restore()
+    updated, first = compiled(imported, batch)
+    # a fresh start has another loss on the same batch
+    _, fresh = compiled(exp.init_state(), batch)
+    assert abs(float(fresh["loss"]) - float(first["loss"])) > 1e-3 * abs(float(first["loss"]))
+    # the imported Adam moments shape the first update: without them (zero moments, the same
+    # count) the same parameters and batch give another update
+    adam = adam_state_of(imported.opt_state)
+    no_moments = imported.replace(opt_state=jax.tree.map(
+        lambda s: s._replace(mu=jax.tree.map(jnp.zeros_like, s.mu), nu=jax.tree.map(jnp.zeros_like, s.nu))
+        if s is adam else s, imported.opt_state, is_leaf=lambda s: s is adam))
+    without, _ = compiled(no_moments, batch)
+    assert max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+               zip(jax.tree.leaves(jax.device_get(updated.params)), jax.tree.leaves(jax.device_get(without.params)))
+               ) > 1e-6
+    # the run's two steps, taken here from the imported state
+    second_batch = sharding.global_batch(exp.source.next_batch(), exp.mesh)
+    two_steps, _ = compiled(updated, second_batch)
+    two_steps = jax.device_get(two_steps.params)
     exp.close()
 
     with caplog.at_level(logging.INFO, logger=loop.__name__):
@@ -209,6 +231,9 @@ def test_training_resumes_from_an_imported_checkpoint(optax_pickle, tmp_path, ca
     assert [r["step"] for r in rows] == [STEP + 1, STEP + 2]
     # the first step started from the imported parameters (a fresh start gives another loss)...
     np.testing.assert_allclose(rows[0]["loss"], float(first["loss"]), rtol=1e-6)
+    # ...and the updates of the imported moments: the run's parameters are those two steps
+    for a, b in zip(jax.tree.leaves(two_steps), jax.tree.leaves(jax.device_get(state.params))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
     # ...and from the imported optimiser: Adam's count and the schedule went on from STEP
     assert int(state.step) == STEP + 2
     assert int(adam_state_of(state.opt_state).count) == STEP + 2

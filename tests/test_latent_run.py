@@ -9,7 +9,10 @@ import pytest
 from PIL import Image
 
 from shortcut_jax import config_lib, encode
+from shortcut_jax.evaluation import evaluator
+from shortcut_jax.infra import checkpoint, plots
 from shortcut_jax.training import loop
+from shortcut_jax.training.experiment import Experiment
 from shortcut_jax.data.image_source import open_image_folder
 from shortcut_jax.models import vae_weights
 from shortcut_jax.models.vae import VAEConfig
@@ -58,6 +61,24 @@ def test_latent_run_trains_and_its_grids_show_decoded_images(encoded, tmp_path):
     grid = np.asarray(Image.open(workdir / "eval" / "00000002" / "samples_1step.png"))
     # 8 decoded 16x16 RGB images in a 3x3 grid with 2-pixel padding (latents would be 8x8 tiles)
     assert grid.shape == (3 * (IMAGE_SIZE + 2) + 2, 3 * (IMAGE_SIZE + 2) + 2, 3)
+    # the tiles are the run's 4-channel latent samples decoded by the VAE: draw the same samples
+    # from the final checkpoint without decoding, decode them here and tile them the same way
+    cfg = latent_run_config(str(root / "latents"))
+    exp = Experiment(cfg, str(workdir))
+    try:
+        with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
+            state, _, _ = exp.restore(ckpt, 2)
+        _, latents, _ = evaluator._draw_budget(  # noqa: SLF001
+            cfg.eval, exp.sampler, exp.eval_params(state), exp.spec, 1, cfg.eval.grid_size, accumulator=None,
+            export=None, image_shape=None, shown_count=cfg.eval.grid_size, decode=None, progress=False)
+        latents = np.asarray(latents)
+        assert latents.shape == (8, IMAGE_SIZE // 2, IMAGE_SIZE // 2, 4)
+        decoded = np.asarray(exp.decode(latents))
+    finally:
+        exp.close()
+    assert decoded.shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
+    want = plots.save_image_grid(decoded, None)
+    assert np.abs(grid.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_latent_run_with_other_vae_weights_is_refused_before_training(encoded, tmp_path):

@@ -119,6 +119,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402  (after the worker: a spawned process sets its devices in its environment)
 import pytest  # noqa: E402
 
+from conftest import child_env  # noqa: E402
 from shortcut_jax import config_lib  # noqa: E402
 from shortcut_jax.infra import checkpoint, distributed, sharding, writers
 from shortcut_jax.training import loop
@@ -133,13 +134,8 @@ def free_port() -> int:
 
 def process_env(local_devices: int) -> dict:
     """A spawned process's environment: CPU only, its own simulated devices, the test cache."""
-    cache = jax.config.jax_compilation_cache_dir
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}")
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
+    return child_env(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
+                     XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}")
 
 
 def run_job(commands: list[list[str]], env: dict, logdir, timeout_s: float = JOB_TIMEOUT_S) -> list[int]:
@@ -395,7 +391,7 @@ def test_sigterm_finishes_the_step_saves_it_exits_0_and_the_resumed_run_is_bitwi
         [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
          f"--workdir={workdir}", "--config.train.steps=100000", "--config.eval.budgets=(1,)",
          "--config.train.progress_bar=False", "--config.train.use_tensorboard=False", *flags],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+        cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     try:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from conftest import child_env
 from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib, data, reflow_pairs
 from shortcut_jax.training import runs, loop
@@ -173,8 +174,7 @@ def test_pairs_reader_refuses_flips_incomplete_sets_and_unlabelled_use_drops_cla
 def test_reflow_trains_from_stored_pairs_through_the_command_line(pairs_dir, tmp_path):
     workdir = str(tmp_path / "reflow")
     # the persistent compilation cache of the tests, for the child process too
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    env = child_env(JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:objective=reflow,runlocal=True",
          f"--workdir={workdir}", "--config.data.name=reflow_pairs", f"--config.data.path={pairs_dir}",

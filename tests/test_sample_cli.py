@@ -11,6 +11,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
+from conftest import child_env
 from shortcut_jax import sample
 from shortcut_jax.infra import checkpoint, plots
 from shortcut_jax.training import loop
@@ -106,7 +107,7 @@ def test_bad_requests_are_refused_naming_the_flag_before_restoring_or_compiling(
 
 def test_command_line_module_writes_the_grid(workdir, tmp_path):
     out = tmp_path / "cli.png"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = child_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(
         [sys.executable, "-m", "shortcut_jax.sample", f"--config={DIGITS}:runlocal=True", f"--workdir={workdir}",
          "--num_steps=2", "--num_images=4", "--class=5", f"--out={out}"],

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +23,7 @@ from PIL import Image
 import grain  # noqa: E402,F401  (the reader the pipeline uses)
 import tensorflow_datasets as tfds  # noqa: E402
 
+from conftest import child_env
 from shortcut_jax import config_lib  # noqa: E402
 from shortcut_jax.infra import checkpoint
 from shortcut_jax.training import loop
@@ -272,7 +274,7 @@ def test_package_imports_without_tfds_and_grain_and_says_what_to_install():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=child_env())
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install -e '.[tfds]'" in done.stdout
 
@@ -428,3 +430,9 @@ def test_training_reads_the_dataset_saves_its_position_and_resumes(data_dir, tmp
         loop.train_and_evaluate(tiny_dit_config(data_dir, **{"seed": 1, "train.steps": 6}), workdir)
     state = loop.train_and_evaluate(tiny_dit_config(data_dir, **{"train.steps": 6}), workdir)
     assert int(state.step) == 6
+    # the resumed run is the unbroken one: same batches from the saved position, same updates
+    unbroken = loop.train_and_evaluate(tiny_dit_config(data_dir, **{"train.steps": 6}), str(tmp_path / "unbroken"))
+    resumed_leaves, unbroken_leaves = (jax.tree.leaves(jax.device_get(s)) for s in (state, unbroken))
+    assert len(resumed_leaves) == len(unbroken_leaves)
+    for a, b in zip(resumed_leaves, unbroken_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import child_env
 from shortcut_jax import config_lib, evaluate
 from shortcut_jax.infra import checkpoint, sharding
 from shortcut_jax.training import loop, train_state, train_step
@@ -74,7 +75,7 @@ def read_jsonl(path):
 
 def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     workdir = str(tmp_path / "run")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = child_env(JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
          f"--workdir={workdir}", "--config.train.progress_bar=False", "--config.train.eval_every=10",
@@ -157,7 +158,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, caplog):
     proc = subprocess.Popen(
         [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
          f"--workdir={workdir}", *args],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
