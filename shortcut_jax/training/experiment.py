@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 # Keys whose change makes a saved checkpoint unusable for the current config: what fixes the
 # parameter shapes and the meaning of the level input. Execution choices (dtype, remat, attention
 # kernel, residual dtype) may change between launches.
-COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.num_levels", "ema_decays")
+COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.name", "objective.num_levels",
+                      "ema_decays")
+# The objective settings among them (plus those that change what a given objective's weights
+# mean), checked first so that the refusal names the setting to restore.
+OBJECTIVE_KEYS = {"": ("objective.name", "objective.num_levels"),
+                  "diffusion": ("objective.diffusion_schedule", "objective.diffusion_min_alpha_bar")}
 
 
 def architecture(model_cfg) -> dict:
@@ -219,11 +224,34 @@ class Experiment:
             if "teacher" in saved:  # where the run's teacher came from, kept in every checkpoint's meta
                 self.meta["teacher"] = saved["teacher"]
             self._check_teacher_matches(saved)
+            self._check_objective_matches(saved)
             try:
                 checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
         return saved is not None
+
+    def _check_objective_matches(self, saved: dict) -> None:
+        """The workdir's run was trained under one objective; another one would train (or sample)
+        its weights under a loss they were not trained for. One line names the saved and the given
+        settings."""
+        name = self.config.objective.name
+        keys = OBJECTIVE_KEYS[""] + (OBJECTIVE_KEYS.get(name, ()) if (saved.get("objective") or {}).get("name")
+                                     == name else ())
+        diffs = []
+        for key in keys:
+            field = key.split(".", 1)[1]
+            saved_value = (saved.get("objective") or {}).get(field, None)
+            given = self.config.objective.get(field)
+            if saved_value is not None and checkpoint.differences({"v": saved_value}, {"v": given}, ["v"]):
+                diffs.append((key, saved_value, given))
+        if diffs:
+            saved_text = ", ".join(f"{k}={v!r}" for k, v, _ in diffs)
+            given_text = ", ".join(f"{k}={g!r}" for k, _, g in diffs)
+            flags = " ".join(f"--config.{k}={v}" for k, v, _ in diffs)
+            raise config_lib.ConfigError(
+                f"--workdir={self.workdir} holds a run trained with {saved_text}; the config gives {given_text}:"
+                f" continue that run with its setting ({flags}) or use a fresh --workdir")
 
     def _check_teacher_matches(self, saved: dict) -> None:
         """A distillation run's state holds a frozen teacher that other runs' states lack, so
