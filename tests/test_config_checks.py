@@ -85,7 +85,7 @@ CASES = {
     "schedule": (validate({"optim.schedule": "step"}), "optim.schedule='step'"),
     "decay mask": (validate({"optim.weight_decay_mask": "bias"}), "optim.weight_decay_mask"),
     "accumulation": (validate({"optim.accum_steps": 0}), "optim.accum_steps=0"),
-    "batch": (validate({"train.batch_size": 0}), "train.batch_size must be >= 1"),
+    "batch": (validate({"train.batch_size": 0}), "train.batch_size=0 must be >= 1"),
     "devices": (validate({"train.batch_size": 60}), "not divisible by the 8 devices"),
     "batch by accumulation": (validate({"optim.accum_steps": 3}), "optim.accum_steps=3"),
     "micro-batch by devices": (validate({"train.batch_size": 128, "optim.accum_steps": 32}), "micro-batch"),

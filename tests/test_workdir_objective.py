@@ -2,6 +2,8 @@
 anything is compiled or written, naming the saved and the given setting."""
 import hashlib
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -58,4 +60,21 @@ def test_other_objective_is_refused_with_the_workdir_untouched(shortcut_run, mon
         f"--workdir={shortcut_run} holds a run trained with {saved}; the config gives {given}: continue that run"
         f" with its setting ({flags}) or use a fresh --workdir")
     assert not compiled
+    assert file_hashes(shortcut_run) == before
+
+
+def test_command_line_refusal_is_one_line_and_leaves_the_files_alone(shortcut_run):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = file_hashes(shortcut_run)
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    env.pop("SHORTCUT_JAX_DEBUG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True,objective=flow_matching",
+         f"--workdir={shortcut_run}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir={shortcut_run} holds a run trained with objective.name='shortcut'; the config gives"
+        " objective.name='flow_matching': continue that run with its setting (--config.objective.name=shortcut)"
+        " or use a fresh --workdir")
     assert file_hashes(shortcut_run) == before
