@@ -90,6 +90,7 @@ class Experiment:
 
     # latents [N, h, w, c] -> images [N, H, W, 3] in [-1, 1] for latent runs (None: samples are images)
     decode = None
+    vae_record = None  # latent runs: the record of the VAE that encoded the data (name, folder, sha256)
 
     def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
         """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
@@ -133,6 +134,8 @@ class Experiment:
             "global_batch": config.train.batch_size,
             "process_count": jax.process_count(),
         }
+        if self.vae_record is not None:  # the VAE that decodes a latent run's samples
+            self.meta["vae"] = self.vae_record
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
         self.resumes = self._check_workdir()  # the workdir holds a checkpoint of this run
         # train.init_from: read and checked now for a fresh run; a resume never reads it
@@ -181,6 +184,14 @@ class Experiment:
             return None
         if recorded is None:  # pairs of a pixel or point run
             return None
+        self.vae_record = recorded  # kept in the run's metadata: sampling finds its decoder there
+        return self.vae_decoder(config, recorded, encoded)
+
+    @staticmethod
+    def vae_decoder(config, recorded: Optional[dict], encoded: str):
+        """The decoder of the VAE ``recorded`` (a latent set's record: name, folder, sha256), from
+        ``eval.vae`` or the recorded folder, checked to hold the same weights (``recorded`` None:
+        ``eval.vae`` as it is)."""
         from shortcut_jax.models import resolve_dtype, vae_weights
 
         where = config.eval.vae or recorded["folder"]
@@ -189,7 +200,7 @@ class Experiment:
         except vae_weights.WeightsError as err:
             raise config_lib.ConfigError(f"decoding the samples of {encoded}: {err} (set eval.vae to the VAE's"
                                          " folder on this machine)") from None
-        if vae.weights_sha256 != recorded["weights_sha256"]:
+        if recorded is not None and vae.weights_sha256 != recorded["weights_sha256"]:
             raise config_lib.ConfigError(
                 f"eval.vae={where!r} holds other weights (sha256 {vae.weights_sha256[:12]}...) than the VAE"
                 f" that encoded {encoded} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"

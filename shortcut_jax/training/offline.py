@@ -32,7 +32,8 @@ import numpy as np
 from shortcut_jax.infra import checkpoint, plots, writers
 from shortcut_jax.training import runs
 from shortcut_jax.objectives import sampling
-from shortcut_jax.data import DataSpec
+from shortcut_jax import config_lib
+from shortcut_jax.data import PAIRS_DATA, DataSpec, latents
 from shortcut_jax.evaluation.evaluator import check_before_sampling, evaluate_state, offline_out_dir
 from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8
 from shortcut_jax.evaluation.sample_sets import class_labels, sample_batches
@@ -101,6 +102,24 @@ def saved_spec(workdir: str, step: Optional[int] = None) -> tuple[DataSpec, int]
     return _spec_from_meta(meta, ckpt_dir), int(meta.get("objective", {}).get("num_levels", 0))
 
 
+def _latent_run_decoder(config, meta: dict, workdir: str):
+    """The decoder of a latent run opened without its data: the VAE its checkpoint records
+    (``eval.vae`` on this machine, else the recorded folder), else the one its latent set's
+    manifest names where the set is here, else ``eval.vae`` unchecked."""
+    encoded = f"the latent run in {workdir}"
+    recorded = meta.get("vae")
+    if recorded is None and config.data.name == "latents" and config.data.path:
+        try:
+            recorded = latents.read_manifest(config.data.path)["vae"]
+        except (OSError, ValueError, KeyError):
+            recorded = None
+    if recorded is None and not config.eval.vae:
+        raise config_lib.ConfigError(
+            f"{encoded} samples latents and records no VAE to decode them: set --config.eval.vae to the folder"
+            " of the VAE that encoded its data")
+    return Experiment.vae_decoder(config, recorded, encoded)
+
+
 def check_guidance(cfg_scale: float, num_classes: int) -> None:
     if cfg_scale != 1.0 and num_classes == 0:
         raise ValueError(f"--cfg_scale={cfg_scale}: guidance needs a class-conditional model; this one is"
@@ -142,6 +161,8 @@ def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optio
     try:
         # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
         checkpoint.check_compatible(meta, exp.meta, COMPATIBILITY_KEYS)
+        if exp.decode is None and config.data.name in ("latents", PAIRS_DATA):
+            exp.decode = _latent_run_decoder(config, meta, workdir)
         with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
             state, _, _ = exp.restore(ckpt, step)
         return LoadedRun(exp, exp.eval_params(state), int(jax.device_get(state.step)))
