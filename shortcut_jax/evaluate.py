@@ -25,7 +25,7 @@ from typing import Optional
 
 from shortcut_jax.evaluation.evaluator import (  # noqa: F401 - the library's names, reachable from the command
     FINISHED, TABLE, check_before_sampling, draw_samples, evaluate_budgets, evaluate_state, offline_out_dir, sample_shape)
-from shortcut_jax.training.offline import evaluate_checkpoint, require_checkpoint  # noqa: F401
+from shortcut_jax.training.offline import evaluate_checkpoint, from_recorded_config, require_checkpoint  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- command line
@@ -109,8 +109,12 @@ def define_flags(flag_values=None, argv=None):
 
 def run(fv) -> dict[int, float]:
     """The command: the flags' overrides on the config, then :func:`evaluate_checkpoint`."""
+    from ml_collections import config_flags
+
+    require_checkpoint(fv.workdir)
+    config = from_recorded_config(fv.config, fv.workdir, config_flags.get_override_values(fv["config"]))
     config = apply_overrides(
-        fv.config, metric=fv.metric, num_samples=fv.num_samples, budgets=fv.budgets, cfg_scale=fv.cfg_scale,
+        config, metric=fv.metric, num_samples=fv.num_samples, budgets=fv.budgets, cfg_scale=fv.cfg_scale,
         use_ema=fv.use_ema, label_mode=fv.label_mode, export_npz=fv.export_npz, export_budgets=fv.export_budgets,
         fid_reference=fv.fid_reference, fid_weights=fv.fid_weights)
     results = evaluate_checkpoint(config, fv.workdir, step=fv.step, out_dir=fv.out_dir or None)

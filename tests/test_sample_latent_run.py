@@ -37,11 +37,13 @@ def test_checkpoint_records_the_vae_that_decodes_the_samples(latent_run):
         assert ckpt.read_meta()["vae"]["folder"] == vae_folder
 
 
-def test_sample_writes_decoded_rgb_images(latent_run, tmp_path):
+@pytest.mark.parametrize("data_flags", [True, False], ids=["data flags", "recorded config"])
+def test_sample_writes_decoded_rgb_images(latent_run, tmp_path, data_flags):
     workdir, latents, _ = latent_run
     out_dir = tmp_path / "pngs"
-    paths = run_cli([f"--config={DIGITS}:runlocal=True", "--config.data.name=latents", f"--config.data.path={latents}",
-                     f"--config.data.image_size={IMAGE_SIZE}", "--config.eval.decode_batch_size=4",
+    flags_given = ["--config.data.name=latents", f"--config.data.path={latents}",
+                   f"--config.data.image_size={IMAGE_SIZE}", "--config.eval.decode_batch_size=4"]
+    paths = run_cli([f"--config={DIGITS}:runlocal=True", *(flags_given if data_flags else []),
                      f"--workdir={workdir}", "--num_images=3", f"--out_dir={out_dir}"])
     assert len(paths) == 3
     for path in paths:  # 16x16 RGB images, not 8x8x4 latents

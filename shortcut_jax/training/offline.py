@@ -41,7 +41,7 @@ from shortcut_jax.training.experiment import COMPATIBILITY_KEYS, Experiment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedRun", "evaluate_checkpoint", "require_checkpoint", "load_config", "load_run", "resolve_labels", "sample", "saved_spec", "write_images"]
+__all__ = ["LoadedRun", "evaluate_checkpoint", "from_recorded_config", "require_checkpoint", "load_config", "load_run", "resolve_labels", "sample", "saved_spec", "write_images"]
 
 
 def load_config(path: str, overrides: Optional[dict] = None):
@@ -61,6 +61,83 @@ def load_config(path: str, overrides: Optional[dict] = None):
         for parent in parents:
             node = node[parent]
         node[key] = value
+    return config
+
+
+# Settings of the machine a run is sampled on, not of the run: taken from the given config.
+MACHINE_KEYS = ("mesh", "model.attention_impl", "model.dtype", "train.progress_bar", "train.use_tensorboard",
+                "train.use_wandb", "train.async_ckpt", "train.init_on")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _as_config_value(current, value):
+    """A recorded (JSON) value in the type of the config's field: lists as tuples, ints as floats."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(_as_config_value((), v) if isinstance(v, list) else v for v in value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def from_recorded_config(config, workdir: str, overrides: Optional[dict] = None):
+    """``config`` with the settings the run in ``workdir`` was trained with (its
+    ``manifest.json``), so that sampling and evaluation need only ``--config`` and ``--workdir``;
+    the machine's settings (``MACHINE_KEYS``) stay the given ones, and ``overrides`` (the command
+    line's ``--config.<key>`` flags: ``{dotted key: value}``) win over the run's. Where the given
+    config file differs from the run, the run's settings are used and the keys are logged; an
+    override the checkpoint cannot take (another model or objective) is refused by name when the
+    run is built. A run without a manifest (an imported checkpoint) keeps ``config``."""
+    recorded = runs.open_run(workdir, what="--workdir").config
+    if not recorded:
+        return config
+    config = copy.deepcopy(config)
+    overrides = dict(overrides or {})
+    differing = []
+    for key, value in sorted(_flatten(recorded).items()):
+        if any(key == m or key.startswith(m + ".") for m in MACHINE_KEYS) or key in overrides:
+            continue
+        current = _get(config, key)
+        if current is _MISSING or hasattr(current, "keys"):
+            continue  # a key of another version of the config
+        value = _as_config_value(current, value)
+        if value == current:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = _get(config, parent) if parent else config
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError, AttributeError) as err:
+            log.warning("%s=%r of the run in %s is not applied (%s)", key, value, workdir, err)
+            continue
+        differing.append(f"{key}={value!r}")
+    for key, value in overrides.items():  # already set where they came from the command line
+        parent, _, leaf = key.rpartition(".")
+        (_get(config, parent) if parent else config)[leaf] = value
+    if differing:
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        log.info("the run in %s was trained with %s (not what --config gives): using the run's settings; a"
+                 " --config.<key>=value flag overrides one", workdir, shown)
     return config
 
 
