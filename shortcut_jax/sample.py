@@ -15,6 +15,7 @@ The library half (``load_run``, ``sample``, ``write_images``) is ``training.offl
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from shortcut_jax.evaluation.evaluator import sample_shape
@@ -94,6 +95,7 @@ def run(fv) -> list[str]:
         os.makedirs(os.path.dirname(out), exist_ok=True)
     paths = write_images(samples, chosen if spec.num_classes else None, out=out, out_dir=fv.out_dir,
                          title=f"{fv.num_steps} step(s), step {loaded.step}")
+    logging.info("done: results in %s", fv.out_dir or out)
     print(f"wrote {len(paths)} file(s): {paths[0]}{' ...' if len(paths) > 1 else ''}"
           f" ({fv.num_images} samples at {fv.num_steps} step(s), checkpoint step {loaded.step})")
     return paths

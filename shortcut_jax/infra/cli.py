@@ -5,6 +5,7 @@ No project imports: the entry points of every layer (the FID statistics command 
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import sys
@@ -15,6 +16,33 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Raised for bad input where the package raises them; from inside a library they are bugs.
 _INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                  FloatingPointError, ConnectionError)
+
+
+# INFO lines of these libraries (orbax logs every file of every save and restore) are dropped.
+QUIET_LIBRARIES = ("orbax", "tensorstore", "etils")
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops the chatty libraries' lines below WARNING, and JAX's note that no TPU runtime could
+    be loaded (every machine without TPUs logs it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and any(f in record.pathname for f in QUIET_LIBRARIES):
+            return False
+        if record.pathname.endswith("xla_bridge.py") and record.levelno < logging.ERROR:
+            message = str(record.msg) % record.args if record.args else str(record.msg)
+            return "libtpu" not in message and "backend 'tpu'" not in message
+        return True
+
+
+def quiet_logs() -> None:
+    """:class:`_QuietLibraries` on absl's handler and the root logger's handlers."""
+    from absl import logging as absl_logging
+
+    handlers = [absl_logging.get_absl_handler(), *logging.getLogger().handlers]
+    for handler in handlers:
+        if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+            handler.addFilter(_QuietLibraries())
 
 
 class UserError(Exception):
@@ -164,11 +192,13 @@ def run(main, names: tuple[str, ...] = ("config",)) -> None:
             raise UserError(_flag_error_message(err, args, names)) from err
 
     def main_usage(args):
+        quiet_logs()  # absl's handler is the root logger's now
         try:
             return main(args)
         except app.UsageError as err:
             raise UserError(str(err)) from err
 
+    quiet_logs()
     try:
         if not debug:
             missing = "--config" in {a.split("=", 1)[0] for a in argv} and _missing_config_file(argv)

@@ -327,8 +327,10 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
         log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
                  " and metrics.jsonl" if writer else "")
         try:
-            return evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
-                                  progress=config.train.progress_bar and jax.process_index() == 0)
+            results = evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
+                                     progress=config.train.progress_bar and jax.process_index() == 0)
+            log.info("done: results in %s", out_dir)
+            return results
         finally:
             if writer is not None:
                 writer.close()
