@@ -53,3 +53,25 @@ def test_sample_log_is_short(trained, tmp_path):
     assert len(lines) <= 3, "\n".join(lines)
     assert lines[-1].endswith(f"done: results in {out}")
     assert result.stdout.startswith(f"wrote 1 file(s): {out}")
+
+
+def test_evaluate_prints_the_metric_by_name_and_draws_only_the_budgets_asked_for(trained, tmp_path):
+    workdir, _ = trained
+    out_dir = str(tmp_path / "eval")
+    result = command("shortcut_jax.evaluate", "--config=experiments/toy2d.py:runlocal=True", f"--workdir={workdir}",
+                     "--budgets=1,4", f"--out_dir={out_dir}")
+    printed = result.stdout.strip().splitlines()
+    assert [line.rsplit(":", 1)[0] for line in printed] == ["sliced_wasserstein at 1 step(s)",
+                                                            "sliced_wasserstein at 4 step(s)"], printed
+    pngs = sorted(name for name in os.listdir(out_dir) if name.startswith("samples_"))
+    assert pngs == ["samples_1step.png", "samples_4step.png"]  # no 128-step grid
+    lines = log_lines(result)
+    assert lines[-1].endswith(f"done: results in {out_dir}") and len(lines) <= 10, "\n".join(lines)
+
+
+def test_manifests_are_readable_by_everyone(trained):
+    workdir, _ = trained
+    manifests = [name for name in os.listdir(workdir) if name.startswith("manifest")]
+    assert len(manifests) == 2
+    for name in manifests:
+        assert stat.S_IMODE(os.stat(os.path.join(workdir, name)).st_mode) == 0o644, name
