@@ -86,6 +86,7 @@ CASES = {
     "decay mask": (validate({"optim.weight_decay_mask": "bias"}), "optim.weight_decay_mask"),
     "accumulation": (validate({"optim.accum_steps": 0}), "optim.accum_steps=0"),
     "batch": (validate({"train.batch_size": 0}), "train.batch_size=0 must be >= 1"),
+    "steps": (validate({"train.steps": -1}), "train.steps=-1 must be >= 0"),
     "devices": (validate({"train.batch_size": 60}), "not divisible by the 8 devices"),
     "batch by accumulation": (validate({"optim.accum_steps": 3}), "optim.accum_steps=3"),
     "micro-batch by devices": (validate({"train.batch_size": 128, "optim.accum_steps": 32}), "micro-batch"),
