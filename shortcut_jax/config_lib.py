@@ -374,8 +374,10 @@ def validate(config, *, num_devices: int) -> None:
 
     train = config.train
     batch = train.batch_size
-    if batch < 1 or train.steps < 0:
-        raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
+    if batch < 1:
+        raise ConfigError(f"train.batch_size={batch} must be >= 1, e.g. --config.train.batch_size=64")
+    if train.steps < 0:
+        raise ConfigError(f"train.steps={train.steps} must be >= 0")
     if batch % num_devices:
         raise ConfigError(
             f"train.batch_size={batch} is not divisible by the {num_devices} devices of the mesh;"

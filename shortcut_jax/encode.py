@@ -334,7 +334,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from shortcut_jax.infra import cli
 
     _define_flags()
-    app.run(main)
+
+    cli.run(main)

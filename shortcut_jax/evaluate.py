@@ -25,7 +25,9 @@ from typing import Optional
 
 from shortcut_jax.evaluation.evaluator import (  # noqa: F401 - the library's names, reachable from the command
     FINISHED, TABLE, check_before_sampling, draw_samples, evaluate_budgets, evaluate_state, offline_out_dir, sample_shape)
-from shortcut_jax.training.offline import evaluate_checkpoint, require_checkpoint  # noqa: F401
+from shortcut_jax.evaluation.metrics import build_metric
+from shortcut_jax.training.offline import (  # noqa: F401
+    evaluate_checkpoint, from_recorded_config, require_checkpoint, saved_spec)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -54,6 +56,8 @@ def apply_overrides(config, *, metric: Optional[str] = None, num_samples: Option
         ev.final_num_samples = int(num_samples)
     if budgets is not None:
         ev.budgets = _ints(budgets, "budgets")
+        # grids only of the budgets asked for (those of the config among them, else all of them)
+        ev.grid_budgets = tuple(n for n in ev.grid_budgets if n in ev.budgets) or tuple(ev.budgets)
     if cfg_scale is not None:
         ev.cfg_scale = float(cfg_scale)
     if use_ema is not None:
@@ -109,13 +113,18 @@ def define_flags(flag_values=None, argv=None):
 
 def run(fv) -> dict[int, float]:
     """The command: the flags' overrides on the config, then :func:`evaluate_checkpoint`."""
+    from ml_collections import config_flags
+
+    require_checkpoint(fv.workdir)
+    config = from_recorded_config(fv.config, fv.workdir, config_flags.get_override_values(fv["config"]))
     config = apply_overrides(
-        fv.config, metric=fv.metric, num_samples=fv.num_samples, budgets=fv.budgets, cfg_scale=fv.cfg_scale,
+        config, metric=fv.metric, num_samples=fv.num_samples, budgets=fv.budgets, cfg_scale=fv.cfg_scale,
         use_ema=fv.use_ema, label_mode=fv.label_mode, export_npz=fv.export_npz, export_budgets=fv.export_budgets,
         fid_reference=fv.fid_reference, fid_weights=fv.fid_weights)
     results = evaluate_checkpoint(config, fv.workdir, step=fv.step, out_dir=fv.out_dir or None)
+    metric = build_metric(config.eval, saved_spec(fv.workdir, fv.step)[0].kind)  # 'auto' resolved
     for n, value in sorted(results.items()):
-        print(f"{config.eval.metric} at {n} step(s): {value:.6g}")
+        print(f"{metric.name if metric else config.eval.metric} at {n} step(s): {value:.6g}")
     return results
 
 

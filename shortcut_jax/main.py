@@ -36,10 +36,9 @@ def main(argv):
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     from shortcut_jax.training import loop
-    from shortcut_jax.infra import writers
 
-    writers.quiet_library_logs()
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info("done: results in %s", FLAGS.workdir)
 
 
 if __name__ == "__main__":

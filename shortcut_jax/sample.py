@@ -15,13 +15,19 @@ The library half (``load_run``, ``sample``, ``write_images``) is ``training.offl
 """
 from __future__ import annotations
 
+import logging
+import os
+
 from shortcut_jax.evaluation.evaluator import sample_shape
 from shortcut_jax.objectives import sampling
 from shortcut_jax.training.offline import (  # noqa: F401 - the library's names, reachable from the command
-    LoadedRun, check_guidance, check_outputs, load_config, load_run, resolve_labels, sample, saved_spec, write_images)
+    LoadedRun, check_guidance, check_outputs, from_recorded_config, load_config, load_run, resolve_labels, sample,
+    saved_spec, write_images)
 
 
 # ----------------------------------------------------------------------------- command line
+
+DEFAULT_OUT = os.path.join("samples", "step{step}_{num_steps}step.png")  # under --workdir
 
 
 def define_flags(flag_values=None, argv=None):
@@ -43,7 +49,8 @@ def define_flags(flag_values=None, argv=None):
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: none).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Noise and label seed.", flag_values=fv)
     flags.DEFINE_bool("use_ema", None, "Sample with the EMA weights (default: eval.use_ema).", flag_values=fv)
-    flags.DEFINE_string("out", "", "Grid PNG (scatter plot for points).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Grid PNG (scatter plot for points); default, without --out_dir:"
+                        " <workdir>/samples/step<step>_<num_steps>step.png.", flag_values=fv)
     flags.DEFINE_string("out_dir", "", "Folder for one PNG per image.", flag_values=fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
     return fv
@@ -51,7 +58,12 @@ def define_flags(flag_values=None, argv=None):
 
 def run(fv) -> list[str]:
     """The command; returns the files written."""
-    check_outputs((0, 0, 3), out=fv.out, out_dir=fv.out_dir)  # one of them; the shape is checked below
+    from ml_collections import config_flags
+
+    # neither --out nor --out_dir: a grid beside the run's other outputs, named once the step is known
+    default_out = fv.out is None and not fv.out_dir
+    out = DEFAULT_OUT if default_out else (fv.out or "")
+    check_outputs((0, 0, 3), out=out, out_dir=fv.out_dir)  # one of them; the shape is checked below
     if fv.num_images < 1:
         raise ValueError(f"--num_images={fv.num_images} must be >= 1")
     labels = None
@@ -64,21 +76,26 @@ def run(fv) -> list[str]:
     # Everything the request can get wrong is checked against the checkpoint's metadata, before
     # the checkpoint is restored or anything compiled.
     spec, levels = saved_spec(fv.workdir, fv.step)
-    sampling.check_budget(fv.num_steps, levels or fv.config.objective.num_levels)
+    config = from_recorded_config(fv.config, fv.workdir, config_flags.get_override_values(fv["config"]))
+    sampling.check_budget(fv.num_steps, levels or config.objective.num_levels)
     resolve_labels(spec.num_classes, fv.num_images, labels=labels, class_label=class_label)
     check_guidance(fv.cfg_scale, spec.num_classes)
     if spec.kind == "points":
-        check_outputs(spec.shape, out=fv.out, out_dir=fv.out_dir)
-    loaded = load_run(fv.config, fv.workdir, step=fv.step, use_ema=fv.use_ema)
+        check_outputs(spec.shape, out=out, out_dir=fv.out_dir)
+    loaded = load_run(config, fv.workdir, step=fv.step, use_ema=fv.use_ema)
     try:
         # latents: what the run's decoder makes of them (traced, not compiled)
-        check_outputs(sample_shape(spec, loaded.exp.decode), out=fv.out, out_dir=fv.out_dir)
+        check_outputs(sample_shape(spec, loaded.exp.decode), out=out, out_dir=fv.out_dir)
         samples, chosen = sample(loaded, num_images=fv.num_images, num_steps=fv.num_steps, labels=labels,
                                  class_label=class_label, cfg_scale=fv.cfg_scale, seed=fv.seed)
     finally:
         loaded.close()
-    paths = write_images(samples, chosen if spec.num_classes else None, out=fv.out, out_dir=fv.out_dir,
+    if default_out:
+        out = os.path.join(fv.workdir, DEFAULT_OUT.format(step=loaded.step, num_steps=fv.num_steps))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    paths = write_images(samples, chosen if spec.num_classes else None, out=out, out_dir=fv.out_dir,
                          title=f"{fv.num_steps} step(s), step {loaded.step}")
+    logging.info("done: results in %s", fv.out_dir or out)
     print(f"wrote {len(paths)} file(s): {paths[0]}{' ...' if len(paths) > 1 else ''}"
           f" ({fv.num_images} samples at {fv.num_steps} step(s), checkpoint step {loaded.step})")
     return paths

@@ -157,7 +157,11 @@ def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_di
     shown_count = grid_size * 40 if kind == "points" else grid_size
     results: dict[int, float] = {}
     images, timings, exports = {}, {}, {}
-    for n in sorted(set(budgets) | set(grid_budgets)):
+    drawn = sorted(set(budgets) | set(grid_budgets))
+    log.info("evaluating %d budget(s) at step %d: %s step(s)%s, results in %s", len(drawn), step,
+             ",".join(map(str, drawn)), f", {metric.name} on {num_samples} samples" if scorer is not None else "",
+             out_dir)
+    for n in drawn:
         scored = n in budgets and scorer is not None
         count = num_samples if scored or n in exported else grid_size
         if n in exported and primary:

@@ -93,6 +93,7 @@ def _write_json_atomic(obj: Any, path: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's file is the owner's alone; a manifest is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 # Keys whose change makes a saved checkpoint unusable for the current config: what fixes the
 # parameter shapes and the meaning of the level input. Execution choices (dtype, remat, attention
 # kernel, residual dtype) may change between launches.
-COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.num_levels", "ema_decays")
+COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.name", "objective.num_levels",
+                      "ema_decays")
+# The objective settings among them (plus those that change what a given objective's weights
+# mean), checked first so that the refusal names the setting to restore.
+OBJECTIVE_KEYS = {"": ("objective.name", "objective.num_levels"),
+                  "diffusion": ("objective.diffusion_schedule", "objective.diffusion_min_alpha_bar")}
 
 
 def architecture(model_cfg) -> dict:
@@ -85,6 +90,7 @@ class Experiment:
 
     # latents [N, h, w, c] -> images [N, H, W, 3] in [-1, 1] for latent runs (None: samples are images)
     decode = None
+    vae_record = None  # latent runs: the record of the VAE that encoded the data (name, folder, sha256)
 
     def __init__(self, config, workdir: Optional[str], *, spec: Optional[data.DataSpec] = None):
         """``spec`` given: no data source is opened (benchmarks, checkpoint import); ``workdir``
@@ -128,6 +134,8 @@ class Experiment:
             "global_batch": config.train.batch_size,
             "process_count": jax.process_count(),
         }
+        if self.vae_record is not None:  # the VAE that decodes a latent run's samples
+            self.meta["vae"] = self.vae_record
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
         self.resumes = self._check_workdir()  # the workdir holds a checkpoint of this run
         # train.init_from: read and checked now for a fresh run; a resume never reads it
@@ -177,6 +185,14 @@ class Experiment:
             return None
         if recorded is None:  # pairs of a pixel or point run
             return None
+        self.vae_record = recorded  # kept in the run's metadata: sampling finds its decoder there
+        return self.vae_decoder(config, recorded, encoded)
+
+    @staticmethod
+    def vae_decoder(config, recorded: Optional[dict], encoded: str):
+        """The decoder of the VAE ``recorded`` (a latent set's record: name, folder, sha256), from
+        ``eval.vae`` or the recorded folder, checked to hold the same weights (``recorded`` None:
+        ``eval.vae`` as it is)."""
         from shortcut_jax.models import resolve_dtype, vae_weights
 
         where = config.eval.vae or recorded["folder"]
@@ -185,7 +201,7 @@ class Experiment:
         except vae_weights.WeightsError as err:
             raise config_lib.ConfigError(f"decoding the samples of {encoded}: {err} (set eval.vae to the VAE's"
                                          " folder on this machine)") from None
-        if vae.weights_sha256 != recorded["weights_sha256"]:
+        if recorded is not None and vae.weights_sha256 != recorded["weights_sha256"]:
             raise config_lib.ConfigError(
                 f"eval.vae={where!r} holds other weights (sha256 {vae.weights_sha256[:12]}...) than the VAE"
                 f" that encoded {encoded} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"
@@ -220,11 +236,34 @@ class Experiment:
             if "teacher" in saved:  # where the run's teacher came from, kept in every checkpoint's meta
                 self.meta["teacher"] = saved["teacher"]
             self._check_teacher_matches(saved)
+            self._check_objective_matches(saved)
             try:
                 checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
             except ValueError as e:
                 raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
         return saved is not None
+
+    def _check_objective_matches(self, saved: dict) -> None:
+        """The workdir's run was trained under one objective; another one would train (or sample)
+        its weights under a loss they were not trained for. One line names the saved and the given
+        settings."""
+        name = self.config.objective.name
+        keys = OBJECTIVE_KEYS[""] + (OBJECTIVE_KEYS.get(name, ()) if (saved.get("objective") or {}).get("name")
+                                     == name else ())
+        diffs = []
+        for key in keys:
+            field = key.split(".", 1)[1]
+            saved_value = (saved.get("objective") or {}).get(field, None)
+            given = self.config.objective.get(field)
+            if saved_value is not None and checkpoint.differences({"v": saved_value}, {"v": given}, ["v"]):
+                diffs.append((key, saved_value, given))
+        if diffs:
+            saved_text = ", ".join(f"{k}={v!r}" for k, v, _ in diffs)
+            given_text = ", ".join(f"{k}={g!r}" for k, _, g in diffs)
+            flags = " ".join(f"--config.{k}={v}" for k, v, _ in diffs)
+            raise config_lib.ConfigError(
+                f"--workdir={self.workdir} holds a run trained with {saved_text}; the config gives {given_text}:"
+                f" continue that run with its setting ({flags}) or use a fresh --workdir")
 
     def _check_teacher_matches(self, saved: dict) -> None:
         """A distillation run's state holds a frozen teacher that other runs' states lack, so

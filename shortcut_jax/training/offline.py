@@ -32,7 +32,8 @@ import numpy as np
 from shortcut_jax.infra import checkpoint, plots, writers
 from shortcut_jax.training import runs
 from shortcut_jax.objectives import sampling
-from shortcut_jax.data import DataSpec
+from shortcut_jax import config_lib
+from shortcut_jax.data import PAIRS_DATA, DataSpec, latents
 from shortcut_jax.evaluation.evaluator import check_before_sampling, evaluate_state, offline_out_dir
 from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8
 from shortcut_jax.evaluation.sample_sets import class_labels, sample_batches
@@ -40,7 +41,7 @@ from shortcut_jax.training.experiment import COMPATIBILITY_KEYS, Experiment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedRun", "evaluate_checkpoint", "require_checkpoint", "load_config", "load_run", "resolve_labels", "sample", "saved_spec", "write_images"]
+__all__ = ["LoadedRun", "evaluate_checkpoint", "from_recorded_config", "require_checkpoint", "load_config", "load_run", "resolve_labels", "sample", "saved_spec", "write_images"]
 
 
 def load_config(path: str, overrides: Optional[dict] = None):
@@ -60,6 +61,83 @@ def load_config(path: str, overrides: Optional[dict] = None):
         for parent in parents:
             node = node[parent]
         node[key] = value
+    return config
+
+
+# Settings of the machine a run is sampled on, not of the run: taken from the given config.
+MACHINE_KEYS = ("mesh", "model.attention_impl", "model.dtype", "train.progress_bar", "train.use_tensorboard",
+                "train.use_wandb", "train.async_ckpt", "train.init_on")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _as_config_value(current, value):
+    """A recorded (JSON) value in the type of the config's field: lists as tuples, ints as floats."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(_as_config_value((), v) if isinstance(v, list) else v for v in value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def from_recorded_config(config, workdir: str, overrides: Optional[dict] = None):
+    """``config`` with the settings the run in ``workdir`` was trained with (its
+    ``manifest.json``), so that sampling and evaluation need only ``--config`` and ``--workdir``;
+    the machine's settings (``MACHINE_KEYS``) stay the given ones, and ``overrides`` (the command
+    line's ``--config.<key>`` flags: ``{dotted key: value}``) win over the run's. Where the given
+    config file differs from the run, the run's settings are used and the keys are logged; an
+    override the checkpoint cannot take (another model or objective) is refused by name when the
+    run is built. A run without a manifest (an imported checkpoint) keeps ``config``."""
+    recorded = runs.open_run(workdir, what="--workdir").config
+    if not recorded:
+        return config
+    config = copy.deepcopy(config)
+    overrides = dict(overrides or {})
+    differing = []
+    for key, value in sorted(_flatten(recorded).items()):
+        if any(key == m or key.startswith(m + ".") for m in MACHINE_KEYS) or key in overrides:
+            continue
+        current = _get(config, key)
+        if current is _MISSING or hasattr(current, "keys"):
+            continue  # a key of another version of the config
+        value = _as_config_value(current, value)
+        if value == current:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = _get(config, parent) if parent else config
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError, AttributeError) as err:
+            log.warning("%s=%r of the run in %s is not applied (%s)", key, value, workdir, err)
+            continue
+        differing.append(f"{key}={value!r}")
+    for key, value in overrides.items():  # already set where they came from the command line
+        parent, _, leaf = key.rpartition(".")
+        (_get(config, parent) if parent else config)[leaf] = value
+    if differing:
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        log.info("the run in %s was trained with %s (not what --config gives): using the run's settings; a"
+                 " --config.<key>=value flag overrides one", workdir, shown)
     return config
 
 
@@ -99,6 +177,24 @@ def saved_spec(workdir: str, step: Optional[int] = None) -> tuple[DataSpec, int]
     ckpt_dir = require_checkpoint(workdir)
     meta = _saved_meta(ckpt_dir, step)
     return _spec_from_meta(meta, ckpt_dir), int(meta.get("objective", {}).get("num_levels", 0))
+
+
+def _latent_run_decoder(config, meta: dict, workdir: str):
+    """The decoder of a latent run opened without its data: the VAE its checkpoint records
+    (``eval.vae`` on this machine, else the recorded folder), else the one its latent set's
+    manifest names where the set is here, else ``eval.vae`` unchecked."""
+    encoded = f"the latent run in {workdir}"
+    recorded = meta.get("vae")
+    if recorded is None and config.data.name == "latents" and config.data.path:
+        try:
+            recorded = latents.read_manifest(config.data.path)["vae"]
+        except (OSError, ValueError, KeyError):
+            recorded = None
+    if recorded is None and not config.eval.vae:
+        raise config_lib.ConfigError(
+            f"{encoded} samples latents and records no VAE to decode them: set --config.eval.vae to the folder"
+            " of the VAE that encoded its data")
+    return Experiment.vae_decoder(config, recorded, encoded)
 
 
 def check_guidance(cfg_scale: float, num_classes: int) -> None:
@@ -142,6 +238,8 @@ def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optio
     try:
         # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
         checkpoint.check_compatible(meta, exp.meta, COMPATIBILITY_KEYS)
+        if exp.decode is None and config.data.name in ("latents", PAIRS_DATA):
+            exp.decode = _latent_run_decoder(config, meta, workdir)
         with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
             state, _, _ = exp.restore(ckpt, step)
         return LoadedRun(exp, exp.eval_params(state), int(jax.device_get(state.step)))
@@ -229,8 +327,10 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
         log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
                  " and metrics.jsonl" if writer else "")
         try:
-            return evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
-                                  progress=config.train.progress_bar and jax.process_index() == 0)
+            results = evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
+                                     progress=config.train.progress_bar and jax.process_index() == 0)
+            log.info("done: results in %s", out_dir)
+            return results
         finally:
             if writer is not None:
                 writer.close()
