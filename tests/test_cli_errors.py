@@ -40,7 +40,7 @@ CASES = {
                        "train.batch_size=-4 must be >= 1, e.g. --config.train.batch_size=64"),
     "config argument": (["--config=experiments/toy2d.py:objectiv=x"],
                         "--config=experiments/toy2d.py:objectiv=x: config argument 'objectiv=x': expected key=value"
-                        " with key in ['objective', 'runlocal']"),
+                        " with key in ['objective', 'preset', 'runlocal']"),
 }
 
 
