@@ -1,4 +1,5 @@
 """shortcut_jax: one-step and few-step generative models (shortcut models) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -20,7 +21,8 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "pillow>=10.0",
-        "scikit-learn>=1.3",
+        # epath: local and gs:// folders alike (checkpoints, metrics, run folders)
+        "etils[epath]>=1.5",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
@@ -40,8 +42,21 @@ setup(
         # torch: the parity tests write .pth/.bin weights with torch.save and compare the image
         # resize with torch's; 2.13.0 is the version they were checked with (a CPU build where
         # one is on the package path, e.g. pip's --find-links)
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.10", "grain>=0.2.18",
-                 "array-record>=0.8", "nbformat>=5.11", "nbclient>=0.11", "ipykernel>=7.0", "torch==2.13.0"],
+        # data.name='digits' (scikit-learn's 8x8 digits)
+        "digits": ["scikit-learn>=1.3"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "scikit-learn>=1.3",
+            "pytest-xdist>=3.5",
+            "tensorflow-datasets>=4.9.10",
+            "grain>=0.2.18",
+            "array-record>=0.8",
+            "nbformat>=5.11",
+            "nbclient>=0.11",
+            "ipykernel>=7.0",
+            "torch==2.13.0",
+        ],
         "wandb": ["wandb"],
         # VAE weights by hub id (python -m shortcut_jax.encode --vae=stabilityai/sd-vae-ft-mse)
         "hub": ["huggingface_hub>=0.20"],

@@ -10,6 +10,7 @@ at the last step whose grids every run saved:
     python -m benchmarks.budget_study --runs recipe=workdirs/c10_recipe \\
         fm=workdirs/c10_fm online=workdirs/c10_online --metric cfd --out results/cifar10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def _series(rows: list[dict], pattern: str) -> dict[int, dict[int, float]]:
     return out
 
 
-def read_evals(workdir: str, metric: str, samples: Optional[dict[int, int]] = None,
-               rows: Optional[list[dict]] = None) -> dict[int, dict[int, float]]:
+def read_evals(
+    workdir: str, metric: str, samples: Optional[dict[int, int]] = None, rows: Optional[list[dict]] = None
+) -> dict[int, dict[int, float]]:
     """{training step: {budget: value}}; later lines win (a resumed run repeats steps).
 
     ``samples``, if given, receives {training step: number of samples} where the run logged it;
@@ -59,7 +61,7 @@ def read_level_losses(workdir: str, rows: Optional[list[dict]] = None) -> dict[s
     """{'level k': {training step: self-consistency loss of level k}} from the logged metrics."""
     rows = writers.read_metrics(workdir) if rows is None else rows
     levels = _series(rows, r"^sc_loss/level_(\d+)$")
-    return {f"level {k} ({2 ** k} step{'s' if k else ''})": levels[k] for k in sorted(levels)}
+    return {f"level {k} ({2**k} step{'s' if k else ''})": levels[k] for k in sorted(levels)}
 
 
 def curve_steps(evals: dict[int, dict[int, float]], samples: dict[int, int]) -> list[int]:
@@ -129,28 +131,52 @@ def main():
             continue
         step = max(ev)
         final[name] = ev[step]
-        print(f"| {name} | {step} | {samples[name].get(step, '-')} | " + " | ".join(f"{ev[step].get(n, float('nan')):.2f}" for n in budgets) + " |")
+        print(
+            f"| {name} | {step} | {samples[name].get(step, '-')} | "
+            + " | ".join(f"{ev[step].get(n, float('nan')):.2f}" for n in budgets)
+            + " |"
+        )
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        report.plot_budget_curve(final, os.path.join(args.out, f"{args.metric}_by_budget.png"), metric_name=args.metric,
-                                 log_y=True)
+        report.plot_budget_curve(
+            final, os.path.join(args.out, f"{args.metric}_by_budget.png"), metric_name=args.metric, log_y=True
+        )
         for n in (int(b) for b in args.curve_budgets.split(",")):
-            curves = {name: {s: ev[s][n] for s in curve_steps(ev, samples[name]) if n in ev[s]}
-                      for name, ev in evals.items()}
-            report.plot_metric_vs_training(curves, os.path.join(args.out, f"{args.metric}_{n}step_vs_training.png"),
-                                           metric_name=f"{args.metric}, {n} step(s)", log_y=True)
+            curves = {
+                name: {s: ev[s][n] for s in curve_steps(ev, samples[name]) if n in ev[s]} for name, ev in evals.items()
+            }
+            report.plot_metric_vs_training(
+                curves,
+                os.path.join(args.out, f"{args.metric}_{n}step_vs_training.png"),
+                metric_name=f"{args.metric}, {n} step(s)",
+                log_y=True,
+            )
         for name, path in runs.items():  # which levels learn late: the loss of each level through training
             levels = read_level_losses(path, rows[name])
             if levels:
-                report.plot_metric_vs_training(levels, os.path.join(args.out, f"sc_loss_by_level_{name}.png"),
-                                               metric_name="self-consistency loss", title=name, log_y=True)
+                report.plot_metric_vs_training(
+                    levels,
+                    os.path.join(args.out, f"sc_loss_by_level_{name}.png"),
+                    metric_name="self-consistency loss",
+                    title=name,
+                    log_y=True,
+                )
         shared = set.intersection(*(set(saved_grids(path)) for path in runs.values()))
         if shared:
             composed = compose_grids(runs, max(shared), os.path.join(args.out, f"samples_step{max(shared)}.png"))
             print(f"sample grids at step {max(shared)}: {composed}")
         with open(os.path.join(args.out, f"{args.metric}_runs.json"), "w") as f:
-            json.dump({name: {str(s): {"samples": samples[name].get(s), **{str(n): v for n, v in per.items()}}
-                              for s, per in ev.items()} for name, ev in evals.items()}, f, indent=1)
+            json.dump(
+                {
+                    name: {
+                        str(s): {"samples": samples[name].get(s), **{str(n): v for n, v in per.items()}}
+                        for s, per in ev.items()
+                    }
+                    for name, ev in evals.items()
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

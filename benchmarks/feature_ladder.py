@@ -15,6 +15,7 @@ Within the noise rows and within the blur rows (each starting from the clean row
 size) the CFD should rise monotonically; the table says whether it does. Written as
 ``feature_ladder.md`` and ``feature_ladder.json`` in ``--out_dir``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,18 @@ def _is_increasing(values: Sequence[float]) -> bool:
     return all(b > a for a, b in zip(values, values[1:]))
 
 
-def run_ladder(extractor: "feature_distance.FeatureExtractor", train_images, test_images, *,
-               sizes: Sequence[int] = SIZES, noise_sigmas: Sequence[float] = NOISE_SIGMAS,
-               blur_radii: Sequence[float] = BLUR_RADII, seed: int = 0,
-               stats_cache: str | None = None, verbose: bool = False) -> dict:
+def run_ladder(
+    extractor: "feature_distance.FeatureExtractor",
+    train_images,
+    test_images,
+    *,
+    sizes: Sequence[int] = SIZES,
+    noise_sigmas: Sequence[float] = NOISE_SIGMAS,
+    blur_radii: Sequence[float] = BLUR_RADII,
+    seed: int = 0,
+    stats_cache: str | None = None,
+    verbose: bool = False,
+) -> dict:
     """CFD of clean, noisy and blurred training images against the test split's statistics.
 
     Returns ``{'metric', 'reference_size', 'rows': [{'condition', 'param', 'n', 'cfd'}],
@@ -88,17 +97,21 @@ def run_ladder(extractor: "feature_distance.FeatureExtractor", train_images, tes
 
     for n in sizes:
         clean = add("clean", None, np.asarray(train_images)[order[:n]])
-    base = np.asarray(train_images)[order[:sizes[-1]]]
-    noise_values = [clean] + [add("noise", float(s), add_noise(base, s, seed=seed + 1 + i))
-                              for i, s in enumerate(noise_sigmas)]
+    base = np.asarray(train_images)[order[: sizes[-1]]]
+    noise_values = [clean] + [
+        add("noise", float(s), add_noise(base, s, seed=seed + 1 + i)) for i, s in enumerate(noise_sigmas)
+    ]
     blur_values = [clean] + [add("blur", float(r), blur(base, r)) for r in blur_radii]
     return {
         "metric": feature_distance.METRIC_NAME,
         "reference_size": int(len(test_images)),
         "rows": rows,
         "monotone": {"noise": _is_increasing(noise_values), "blur": _is_increasing(blur_values)},
-        "classifier": {"path": extractor.path, "fingerprint": extractor.fingerprint,
-                       "test_accuracy": extractor.info.get("test_accuracy")},
+        "classifier": {
+            "path": extractor.path,
+            "fingerprint": extractor.fingerprint,
+            "test_accuracy": extractor.info.get("test_accuracy"),
+        },
     }
 
 
@@ -120,8 +133,11 @@ def format_markdown(result: dict) -> str:
         value = f"{row['cfd']:.4f}" if math.isfinite(row["cfd"]) else str(row["cfd"])
         lines.append(f"| {row['condition']} | {param} | {row['n']} | {value} |")
     mono = result["monotone"]
-    lines += ["", f"Monotone in noise: {'yes' if mono['noise'] else 'NO'}; "
-                  f"monotone in blur: {'yes' if mono['blur'] else 'NO'}.", ""]
+    lines += [
+        "",
+        f"Monotone in noise: {'yes' if mono['noise'] else 'NO'}; monotone in blur: {'yes' if mono['blur'] else 'NO'}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -142,8 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_archive", required=True, help=".tar/.tar.gz (or extracted folder) of the train split")
     parser.add_argument("--test_archive", required=True, help=".tar/.tar.gz (or extracted folder) of the test split")
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--cache_dir",
-                        default=os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax", "cifar10"))
+    parser.add_argument(
+        "--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax", "cifar10")
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--noise", type=float, nargs="+", default=list(NOISE_SIGMAS))
     parser.add_argument("--blur", type=float, nargs="+", default=list(BLUR_RADII))
@@ -159,17 +176,38 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     extractor = feature_distance.FeatureExtractor(args.classifier, batch_size=args.batch_size)
-    train_x, _, _ = load_split(args.train_archive, args.cache_dir, limit=args.limit, workers=args.workers,
-                               image_size=extractor.image_size, seed=0)
-    test_x, _, _ = load_split(args.test_archive, args.cache_dir, limit=args.limit, workers=args.workers,
-                              image_size=extractor.image_size, seed=1)
+    train_x, _, _ = load_split(
+        args.train_archive,
+        args.cache_dir,
+        limit=args.limit,
+        workers=args.workers,
+        image_size=extractor.image_size,
+        seed=0,
+    )
+    test_x, _, _ = load_split(
+        args.test_archive,
+        args.cache_dir,
+        limit=args.limit,
+        workers=args.workers,
+        image_size=extractor.image_size,
+        seed=1,
+    )
     sizes = args.sizes
     if args.limit:
         sizes = sorted({min(s, len(train_x)) for s in sizes})
     # The full test split's statistics are the ones train_classifier already saved.
     cache = os.path.join(args.classifier, "test_stats.npz") if not args.limit else None
-    result = run_ladder(extractor, train_x, test_x, sizes=sizes, noise_sigmas=args.noise, blur_radii=args.blur,
-                        seed=args.seed, stats_cache=cache, verbose=True)
+    result = run_ladder(
+        extractor,
+        train_x,
+        test_x,
+        sizes=sizes,
+        noise_sigmas=args.noise,
+        blur_radii=args.blur,
+        seed=args.seed,
+        stats_cache=cache,
+        verbose=True,
+    )
     md, js = write_ladder(result, args.out_dir)
     print(format_markdown(result))
     print(f"wrote {md} and {js}")

@@ -20,6 +20,7 @@ copies of images to the host (none here: no grids, no sample files). ``--tiny`` 
 with a small VAE (a check of the script on a CPU). Writes ``OUT/fid50k_time.json`` and each
 budget's ``evaluation.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,28 +76,42 @@ def main(argv=None) -> None:
 
     scratch = tempfile.mkdtemp(prefix="fid50k-")
     weights = os.path.join(scratch, "inception_seeded.npz")
-    inception.save_variables(inception.torch_state_dict_to_variables(
-        inception.synthetic_torch_state_dict(sorted(inception.expected_torch_shapes().items()), seed=0)), weights)
+    inception.save_variables(
+        inception.torch_state_dict_to_variables(
+            inception.synthetic_torch_state_dict(sorted(inception.expected_torch_shapes().items()), seed=0)
+        ),
+        weights,
+    )
 
     vae_config = vae_lib.VAEConfig.tiny() if args.tiny else vae_lib.VAEConfig()
     latent_side = 8 if args.tiny else 32
     image_side = latent_side * vae_config.downsample_factor
     reference = os.path.join(scratch, "reference_random.npz")
     features = np.random.default_rng(0).standard_normal((4096, 2048))
-    fid.save_stats(fid.stats_from_features(features, source="random", resolution=(image_side, image_side),
-                                           extractor=None), reference)
+    fid.save_stats(
+        fid.stats_from_features(features, source="random", resolution=(image_side, image_side), extractor=None),
+        reference,
+    )
 
     config = imagenet.get_config(f"variant={args.variant}")
     if args.tiny:
         config.model.variant = ""
         config.model.update(width=32, depth=2, num_heads=2)
     config.data.path = scratch  # not read: the experiment gets the data's spec directly
-    config.eval.update(metric="fid", fid_weights=weights, fid_reference=reference, fid_source="random",
-                       batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
-                       fid_batch_size=args.fid_batch_size, cfg_scale=args.cfg_scale, grid_budgets=(), grid_size=0,
-                       export_budgets=())
-    spec = data.DataSpec(shape=(latent_side, latent_side, vae_config.latent_channels), num_classes=1000,
-                         kind="images")
+    config.eval.update(
+        metric="fid",
+        fid_weights=weights,
+        fid_reference=reference,
+        fid_source="random",
+        batch_size=args.batch_size,
+        decode_batch_size=args.decode_batch_size,
+        fid_batch_size=args.fid_batch_size,
+        cfg_scale=args.cfg_scale,
+        grid_budgets=(),
+        grid_size=0,
+        export_budgets=(),
+    )
+    spec = data.DataSpec(shape=(latent_side, latent_side, vae_config.latent_channels), num_classes=1000, kind="images")
     exp = Experiment(config, None, spec=spec)
     began = time.perf_counter()
     state = exp.init_state()
@@ -104,8 +119,14 @@ def main(argv=None) -> None:
     jax.block_until_ready(params)
     init_s = time.perf_counter() - began
 
-    vae = vae_weights.LoadedVAE(config=vae_config, params=vae_weights.seeded_params(vae_config, seed=0),
-                                name="seeded", folder=scratch, weights_path="", weights_sha256="")
+    vae = vae_weights.LoadedVAE(
+        config=vae_config,
+        params=vae_weights.seeded_params(vae_config, seed=0),
+        name="seeded",
+        folder=scratch,
+        weights_path="",
+        weights_sha256="",
+    )
     decode = vae.latent_decoder(dtype=jnp.bfloat16, batch_size=args.decode_batch_size)
     metric = metrics.build_metric(config.eval, "images")
 
@@ -123,8 +144,10 @@ def main(argv=None) -> None:
     # the Fréchet distance (a 2048-d matrix square root on the host) does not grow with the count
     stats = fid.load_stats(reference)
     began = time.perf_counter()
-    fid.frechet_inception_distance(stats, fid.stats_from_features(features[::-1][:3000], source="random",
-                                                                  resolution=stats.resolution, extractor=None))
+    fid.frechet_inception_distance(
+        stats,
+        fid.stats_from_features(features[::-1][:3000], source="random", resolution=stats.resolution, extractor=None),
+    )
     fd_s = time.perf_counter() - began
 
     rows = []
@@ -134,8 +157,19 @@ def main(argv=None) -> None:
         eval_cfg.update(budgets=(budget,), final_num_samples=count, num_samples=count)
         out_dir = os.path.join(args.out, f"{budget}step")
         began = time.perf_counter()
-        result = evaluate.evaluate_budgets(eval_cfg, exp.sampler, params, None, spec, metric, out_dir=out_dir,
-                                           step=0, final=True, decode=decode, progress=False)
+        result = evaluate.evaluate_budgets(
+            eval_cfg,
+            exp.sampler,
+            params,
+            None,
+            spec,
+            metric,
+            out_dir=out_dir,
+            step=0,
+            final=True,
+            decode=decode,
+            progress=False,
+        )
         wall = time.perf_counter() - began
         with open(os.path.join(out_dir, evaluate.FINISHED)) as f:
             timing = json.load(f)["timings"][str(budget)]
@@ -145,12 +179,22 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    summary = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
-               "variant": "tiny" if args.tiny else args.variant, "cfg_scale": args.cfg_scale,
-               "batch_size": args.batch_size, "decode_batch_size": args.decode_batch_size,
-               "fid_batch_size": args.fid_batch_size, "frechet_s": round(fd_s, 2), "decoder_first_call_s": round(decoder_compile_s, 1),
-               "inception_first_call_s": round(inception_compile_s, 1), "init_s": round(init_s, 1), "rows": rows,
-               "date": time.strftime("%Y-%m-%d")}
+    summary = {
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "variant": "tiny" if args.tiny else args.variant,
+        "cfg_scale": args.cfg_scale,
+        "batch_size": args.batch_size,
+        "decode_batch_size": args.decode_batch_size,
+        "fid_batch_size": args.fid_batch_size,
+        "frechet_s": round(fd_s, 2),
+        "decoder_first_call_s": round(decoder_compile_s, 1),
+        "inception_first_call_s": round(inception_compile_s, 1),
+        "init_s": round(init_s, 1),
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     with open(os.path.join(args.out, "fid50k_time.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))

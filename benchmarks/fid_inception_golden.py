@@ -27,6 +27,7 @@ Needs torch, torchvision and pytorch-fid (pure Python; ``pip install --no-deps p
 Where torchvision's compiled operators do not load (a CUDA torchvision wheel beside a CPU torch),
 only its pure-Python model definitions are imported, which is all pytorch-fid uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,7 @@ def import_torchvision_models():
     """torchvision, or its pure-Python part where the compiled operators fail to load."""
     try:
         import torchvision  # noqa: F401
+
         return "full"
     except (ImportError, RuntimeError, OSError):
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
@@ -86,12 +88,13 @@ def build_reference(seed: int, device: str):
     def capture(self, state_dict, *args, **kwargs):
         captured["shapes"] = [(k, tuple(v.shape)) for k, v in self.state_dict().items()]
 
-    with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(pf.torchvision.models.inception.Inception3, "load_state_dict", capture):
+    with (
+        mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(pf.torchvision.models.inception.Inception3, "load_state_dict", capture),
+    ):
         pf.fid_inception_v3()
     names_and_shapes = captured["shapes"]
-    weights = {k: torch.from_numpy(v) for k, v in
-               synthetic_torch_state_dict(names_and_shapes, seed).items()}
+    weights = {k: torch.from_numpy(v) for k, v in synthetic_torch_state_dict(names_and_shapes, seed).items()}
     with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: weights):
         model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     return model.eval().to(device), names_and_shapes
@@ -104,7 +107,7 @@ def reference_features(model, images_u8: np.ndarray, device: str, batch_size: in
     out = []
     with torch.no_grad():
         for start in range(0, len(images_u8), batch_size):
-            chunk = np.ascontiguousarray(images_u8[start:start + batch_size].transpose(0, 3, 1, 2))
+            chunk = np.ascontiguousarray(images_u8[start : start + batch_size].transpose(0, 3, 1, 2))
             x = torch.from_numpy(chunk).to(device).float() / 255.0
             out.append(model(x)[0][:, :, 0, 0].cpu().numpy())
     return np.concatenate(out)
@@ -126,7 +129,7 @@ def synthetic_images(rng: np.random.Generator, n: int, h: int, w: int, smooth: i
     for i in range(n):
         for _ in range(3):
             cy, cx, rad = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.3) * min(h, w)
-            x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < rad ** 2] = rng.uniform(0, 255, 3)
+            x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < rad**2] = rng.uniform(0, 255, 3)
     x += rng.normal(0, 4, x.shape)
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
@@ -137,9 +140,12 @@ def versions() -> dict:
     import pytorch_fid
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
-            "pytorch_fid": getattr(pytorch_fid, "__version__", "?"),
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pytorch_fid": getattr(pytorch_fid, "__version__", "?"),
+        "python": platform.python_version(),
+    }
 
 
 def golden(out_path: str, seed: int) -> None:
@@ -152,16 +158,24 @@ def golden(out_path: str, seed: int) -> None:
     ndim = np.asarray([len(s) for _, s in names_and_shapes], np.int64)
     shapes = np.full((len(names_and_shapes), 4), -1, np.int64)
     for i, (_, s) in enumerate(names_and_shapes):
-        shapes[i, :len(s)] = s
+        shapes[i, : len(s)] = s
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     np.savez_compressed(
-        out_path, features=feats.astype(np.float32), names=names, shapes=shapes, ndim=ndim,
-        seed=np.asarray(seed), num_images=np.asarray(len(images)),
+        out_path,
+        features=feats.astype(np.float32),
+        names=names,
+        shapes=shapes,
+        ndim=ndim,
+        seed=np.asarray(seed),
+        num_images=np.asarray(len(images)),
         **{f"image_{i}": im for i, im in enumerate(images)},
-        reference=np.asarray(json.dumps({**versions(), "torchvision_import": mode})))
-    print(f"wrote {out_path} ({os.path.getsize(out_path) / 1e3:.0f} kB): features "
-          f"{feats.shape}, |f| mean {np.abs(feats).mean():.3f}, max {np.abs(feats).max():.3f}; "
-          f"{len(names)} state dict entries; torchvision import: {mode}")
+        reference=np.asarray(json.dumps({**versions(), "torchvision_import": mode})),
+    )
+    print(
+        f"wrote {out_path} ({os.path.getsize(out_path) / 1e3:.0f} kB): features "
+        f"{feats.shape}, |f| mean {np.abs(feats).mean():.3f}, max {np.abs(feats).max():.3f}; "
+        f"{len(names)} state dict entries; torchvision import: {mode}"
+    )
 
 
 def frechet(out_dir: str, seed: int, num_images: int, image_size: int, batch_size: int) -> None:
@@ -183,13 +197,14 @@ def frechet(out_dir: str, seed: int, num_images: int, image_size: int, batch_siz
     extractor = InceptionFeatures(variables, batch_size=batch_size)
 
     rng = np.random.default_rng(seed + 1)
-    sets = {"a": synthetic_images(rng, num_images, image_size, image_size, smooth=4),
-            "b": synthetic_images(rng, num_images, image_size, image_size, smooth=8)}
+    sets = {
+        "a": synthetic_images(rng, num_images, image_size, image_size, smooth=4),
+        "b": synthetic_images(rng, num_images, image_size, image_size, smooth=8),
+    }
     feats, seconds = {}, {}
     for impl in ("torch", "flax"):
         for name, images in sets.items():
-            run = (lambda x: reference_features(model, x, device, batch_size)) if impl == "torch" \
-                else extractor
+            run = (lambda x: reference_features(model, x, device, batch_size)) if impl == "torch" else extractor
             run(images[:batch_size])  # compile / warm up
             if impl == "torch" and device == "cuda":
                 torch.cuda.synchronize()
@@ -197,24 +212,27 @@ def frechet(out_dir: str, seed: int, num_images: int, image_size: int, batch_siz
             feats[impl, name] = run(images)
             seconds[impl, name] = time.perf_counter() - start
     stats = {key: distances.gaussian_stats(f) for key, f in feats.items()}
-    fd = {impl: distances.frechet_distance(*stats[impl, "a"], *stats[impl, "b"])
-          for impl in ("torch", "flax")}
-    rel = max(float(np.abs(feats["flax", s] - feats["torch", s]).max()
-                    / np.abs(feats["torch", s]).max()) for s in sets)
+    fd = {impl: distances.frechet_distance(*stats[impl, "a"], *stats[impl, "b"]) for impl in ("torch", "flax")}
+    rel = max(float(np.abs(feats["flax", s] - feats["torch", s]).max() / np.abs(feats["torch", s]).max()) for s in sets)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "device_torch": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "device_jax": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__, **versions(), "torchvision_import": mode,
-        "num_images_per_set": num_images, "image_size": image_size, "batch_size": batch_size,
+        "jax": jax.__version__,
+        **versions(),
+        "torchvision_import": mode,
+        "num_images_per_set": num_images,
+        "image_size": image_size,
+        "batch_size": batch_size,
         "seed": seed,
-        "fd_a_b_torch": fd["torch"], "fd_a_b_flax": fd["flax"],
+        "fd_a_b_torch": fd["torch"],
+        "fd_a_b_flax": fd["flax"],
         "fd_a_b_abs_difference": abs(fd["torch"] - fd["flax"]),
         "fd_torch_vs_flax_same_images": {
-            s: distances.frechet_distance(*stats["torch", s], *stats["flax", s]) for s in sets},
+            s: distances.frechet_distance(*stats["torch", s], *stats["flax", s]) for s in sets
+        },
         "max_feature_error_relative_to_max_feature": rel,
-        "images_per_second": {f"{impl}_{s}": num_images / seconds[impl, s]
-                              for impl, s in seconds},
+        "images_per_second": {f"{impl}_{s}": num_images / seconds[impl, s] for impl, s in seconds},
     }
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "fid_parity.json")
@@ -227,8 +245,9 @@ def frechet(out_dir: str, seed: int, num_images: int, image_size: int, batch_siz
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["golden", "frechet"], required=True)
-    parser.add_argument("--out", required=True,
-                        help="golden: the .npz to write; frechet: the folder for fid_parity.json")
+    parser.add_argument(
+        "--out", required=True, help="golden: the .npz to write; frechet: the folder for fid_parity.json"
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--num_images", type=int, default=10_000)
     parser.add_argument("--image_size", type=int, default=64)

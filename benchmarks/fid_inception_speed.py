@@ -10,6 +10,7 @@ features back to the host), measured after one warm-up call per input size::
 
 Writes ``OUT/fid_inception_speed.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,8 @@ def main() -> None:
     from shortcut_jax.evaluation import inception as inc
 
     variables = inc.torch_state_dict_to_variables(
-        inc.synthetic_torch_state_dict(sorted(inc.expected_torch_shapes().items()), seed=0))
+        inc.synthetic_torch_state_dict(sorted(inc.expected_torch_shapes().items()), seed=0)
+    )
     rng = np.random.default_rng(0)
     rows = []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
@@ -44,12 +46,22 @@ def main() -> None:
             start = time.perf_counter()
             extractor(images)
             seconds = time.perf_counter() - start
-            rows.append({"input_size": size, "batch_size": extractor.batch_size,
-                         "images": args.num_images, "seconds": seconds,
-                         "images_per_second": args.num_images / seconds})
+            rows.append(
+                {
+                    "input_size": size,
+                    "batch_size": extractor.batch_size,
+                    "images": args.num_images,
+                    "seconds": seconds,
+                    "images_per_second": args.num_images / seconds,
+                }
+            )
             print(rows[-1], flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
-              "devices": [d.device_kind for d in jax.local_devices()], "rows": rows}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "jax": jax.__version__,
+        "devices": [d.device_kind for d in jax.local_devices()],
+        "rows": rows,
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fid_inception_speed.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -36,6 +36,7 @@ Counting rules
 backward pass really computes, rematerialised passes included). Matmuls inside a library call
 (the cuDNN attention kernel) are invisible to it.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,19 @@ def dense_flops(rows: int, fan_in: int, fan_out: int) -> float:
     return 2.0 * rows * fan_in * fan_out
 
 
-def dit_forward_flops(width: int, depth: int, heads: int, mlp_ratio: float, tokens: int, in_channels: int,
-                      patch: int, batch: int, *, out_channels: int | None = None,
-                      frequency_dim: int = FREQUENCY_DIM) -> float:
+def dit_forward_flops(
+    width: int,
+    depth: int,
+    heads: int,
+    mlp_ratio: float,
+    tokens: int,
+    in_channels: int,
+    patch: int,
+    batch: int,
+    *,
+    out_channels: int | None = None,
+    frequency_dim: int = FREQUENCY_DIM,
+) -> float:
     """Matmul FLOPs of one DiT forward pass over ``batch`` examples of ``tokens`` tokens each."""
     if width % heads:
         raise ValueError(f"width {width} is not divisible by heads {heads}")
@@ -74,7 +85,8 @@ def dit_forward_flops(width: int, depth: int, heads: int, mlp_ratio: float, toke
         + dense_flops(rows, d, 3 * d)  # qkv
         + 2 * (2.0 * batch * tokens * tokens * d)  # QK^T and softmax @ V
         + dense_flops(rows, d, d)  # output projection
-        + dense_flops(rows, d, hidden) + dense_flops(rows, hidden, d)  # MLP
+        + dense_flops(rows, d, hidden)
+        + dense_flops(rows, hidden, d)  # MLP
     )
     final = dense_flops(batch, d, 2 * d) + dense_flops(rows, d, patch * patch * out_channels)
     return embed + depth * block + final
@@ -86,12 +98,20 @@ def dit_dims(model_cfg, shape: tuple[int, ...]) -> dict:
     width, depth, heads = config_lib.model_dims(model_cfg)
     height, width_px, channels = shape
     p = model_cfg.patch_size
-    return dict(width=width, depth=depth, heads=heads, mlp_ratio=model_cfg.mlp_ratio,
-                tokens=(height // p) * (width_px // p), in_channels=channels, patch=p)
+    return dict(
+        width=width,
+        depth=depth,
+        heads=heads,
+        mlp_ratio=model_cfg.mlp_ratio,
+        tokens=(height // p) * (width_px // p),
+        in_channels=channels,
+        patch=p,
+    )
 
 
-def train_step_flops(objective: str, batch: int, *, sc_fraction: float = 0.125, bootstrap_cfg: bool = False,
-                     num_levels: int = 7, **dims) -> float:
+def train_step_flops(
+    objective: str, batch: int, *, sc_fraction: float = 0.125, bootstrap_cfg: bool = False, num_levels: int = 7, **dims
+) -> float:
     """Useful matmul FLOPs of one optimiser step; ``dims`` as ``dit_dims`` returns them."""
     total = 3 * dit_forward_flops(batch=batch, **dims)
     if objective == "shortcut":

@@ -29,6 +29,7 @@ warm-up, as TFLOP/s of 2MNK (three times that with the backward), with the matmu
 On CPU both sections run (XLA's CPU backend converts FP8 operands to a wider type), which is how
 the script is tested; the figures mean something on a GPU with FP8 tensor cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,11 +57,14 @@ VARIANTS = ("bf16", *fp8.FORMS, CONTROL)
 # ----------------------------------------------------------------------------- reading programs
 
 _STABLEHLO_DOT = re.compile(
-    r"stablehlo\.dot_general\b.*?:\s*\(tensor<([^>]*)>,\s*tensor<([^>]*)>\)\s*->\s*tensor<([^>]*)>")
+    r"stablehlo\.dot_general\b.*?:\s*\(tensor<([^>]*)>,\s*tensor<([^>]*)>\)\s*->\s*tensor<([^>]*)>"
+)
 _STABLEHLO_CONVERT = re.compile(r"stablehlo\.convert\b.*?:\s*\(tensor<([^>]*)>\)\s*->\s*tensor<([^>]*)>")
 # an HLO instruction: name = shape op(operands), attributes; the shape may be a tuple
-_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[a-z][a-z0-9]*\[[^\]]*\]\S*)\s+"
-                              r"([a-z][\w\-]*)\(([^)]*)\)(.*)$")
+_HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[a-z][a-z0-9]*\[[^\]]*\]\S*)\s+"
+    r"([a-z][\w\-]*)\(([^)]*)\)(.*)$"
+)
 _ELEMENT_TYPE = re.compile(r"([a-z][a-z0-9]*)\[")
 
 
@@ -74,9 +78,13 @@ def lowered_dots(text: str) -> dict:
     and under ``'dequantized FP8 operands'`` the converts from FP8 to a wider type: the operands
     of the ``'dequant'`` form's dots (two per dot)."""
     counts = collections.Counter(
-        f"{_tensor_type(a)} x {_tensor_type(b)} -> {_tensor_type(c)}" for a, b, c in _STABLEHLO_DOT.findall(text))
-    dequantized = sum(1 for a, b in _STABLEHLO_CONVERT.findall(text)
-                      if _tensor_type(a).startswith("f8") and not _tensor_type(b).startswith("f8"))
+        f"{_tensor_type(a)} x {_tensor_type(b)} -> {_tensor_type(c)}" for a, b, c in _STABLEHLO_DOT.findall(text)
+    )
+    dequantized = sum(
+        1
+        for a, b in _STABLEHLO_CONVERT.findall(text)
+        if _tensor_type(a).startswith("f8") and not _tensor_type(b).startswith("f8")
+    )
     if dequantized:
         counts["dequantized FP8 operands"] = dequantized
     return dict(counts)
@@ -113,8 +121,9 @@ def compiled_matmuls(text: str) -> dict:
 
 
 def f8_summary(lowered: dict, compiled: dict) -> dict:
-    f8_lowered = (sum(n for k, n in lowered.items() if k.count("f8") >= 2)
-                  + lowered.get("dequantized FP8 operands", 0) // 2)
+    f8_lowered = (
+        sum(n for k, n in lowered.items() if k.count("f8") >= 2) + lowered.get("dequantized FP8 operands", 0) // 2
+    )
     f8_compiled = sum(n for k, n in compiled.items() if k.startswith(F8_GEMM_TARGET + " "))
     other = sum(n for k, n in compiled.items() if k.startswith("__cublas") and not k.startswith(F8_GEMM_TARGET + " "))
     return {"lowered_f8_dots": f8_lowered, "compiled_f8_gemms": f8_compiled, "compiled_other_cublas_gemms": other}
@@ -127,8 +136,9 @@ def step_programs(row: train_step.Row, batch: int, opts: argparse.Namespace):
     """The row's train step as training compiles it (``Experiment.compile_step``): lowered, compiled."""
     config = train_step.row_config(row, batch, opts)
     exp = train_step.experiment_for(config, row, opts)
-    jitted = jax.jit(exp.train_step_fn(), donate_argnums=(0,),
-                     out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)))
+    jitted = jax.jit(
+        exp.train_step_fn(), donate_argnums=(0,), out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh))
+    )
     lowered = jitted.lower(exp.abstract_state, exp.abstract_batch())
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -141,13 +151,18 @@ def check_step(args, variants: list[str]) -> dict:
     out = {"row": row.name, "batch": batch, "train_step_args": args.train_step_args, "variants": {}}
     for variant in variants:
         precision, form = ("bf16", "") if variant == "bf16" else ("fp8", variant)
-        opts = train_step.parse_args(shlex.split(args.train_step_args)
-                                     + [f"--matmul_precision={precision}", f"--fp8_form={form}"])
+        opts = train_step.parse_args(
+            shlex.split(args.train_step_args) + [f"--matmul_precision={precision}", f"--fp8_form={form}"]
+        )
         start = time.perf_counter()
         lowered_text, compiled_text, compile_s = step_programs(row, batch, opts)
         lowered, compiled = lowered_dots(lowered_text), compiled_matmuls(compiled_text)
-        result = {"lowered_dots": lowered, "compiled_matmuls": compiled, "compile_s": compile_s,
-                  **f8_summary(lowered, compiled)}
+        result = {
+            "lowered_dots": lowered,
+            "compiled_matmuls": compiled,
+            "compile_s": compile_s,
+            **f8_summary(lowered, compiled),
+        }
         if args.out:
             path = os.path.join(args.out, f"step_{variant}.hlo.txt.gz")
             with gzip.open(path, "wt") as f:
@@ -165,12 +180,14 @@ def matmul_functions(form: str):
     """(gemm alone on quantized operands, forward, forward + backward) for one form."""
     bf16 = jnp.bfloat16
     if form == "bf16":
+
         def gemm(x, w):
             return x @ w  # bf16 operands, bf16 out
 
         def forward(x, w):
             return x @ w.astype(bf16)
     elif form == CONTROL:
+
         def dequantize(q, scale):
             return q.astype(bf16) * scale.astype(bf16)
 
@@ -181,6 +198,7 @@ def matmul_functions(form: str):
             sx, sw = fp8.current_scale(x, fp8.FORWARD_FORMAT), fp8.current_scale(w, fp8.FORWARD_FORMAT)
             return gemm(fp8.quantize(x, sx, fp8.FORWARD_FORMAT), sx, fp8.quantize(w, sw, fp8.FORWARD_FORMAT), sw)
     else:
+
         def gemm(xq, sx, wq, sw):
             return fp8.scaled_dot(xq, sx, wq, sw, ((1,), (0,)), bf16, form).astype(bf16)
 
@@ -214,8 +232,9 @@ def check_matmul(args, variants: list[str]) -> dict:
     for shape in args.matmul_shape:
         rows += matmul_rows(args, shape, variants)
     for r in rows:
-        base = next((b for b in rows if b["variant"] == "bf16" and b["mode"] == r["mode"] and b["shape"] == r["shape"]),
-                    None)
+        base = next(
+            (b for b in rows if b["variant"] == "bf16" and b["mode"] == r["mode"] and b["shape"] == r["shape"]), None
+        )
         r["vs_bf16"] = r["tflops"] / base["tflops"] if base else None
     return {"warm_s": args.warm_s, "repeats": args.repeats, "calls": args.calls, "rows": rows}
 
@@ -233,16 +252,32 @@ def matmul_rows(args, shape: tuple, variants: list[str]) -> list[dict]:
     for variant in variants:
         gemm, forward, forward_backward = matmul_functions(variant)
         gemm_args = (x, w.astype(jnp.bfloat16)) if variant == "bf16" else quantized
-        for mode, fn, fn_args, flops in (("gemm", gemm, gemm_args, flop), ("forward", forward, (x, w), flop),
-                                         ("forward_backward", forward_backward, (x, w, g), 3 * flop)):
+        for mode, fn, fn_args, flops in (
+            ("gemm", gemm, gemm_args, flop),
+            ("forward", forward, (x, w), flop),
+            ("forward_backward", forward_backward, (x, w, g), 3 * flop),
+        ):
             compiled = jax.jit(fn).lower(*fn_args).compile()
             times = time_calls(compiled, fn_args, warm_s=args.warm_s, repeats=args.repeats, calls=args.calls)
             seconds = statistics.median(times)
-            rows.append({"shape": [m, k, n], "variant": variant, "mode": mode, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
-                         "tflops_min": flops / max(times) / 1e12, "tflops_max": flops / min(times) / 1e12,
-                         "matmuls": compiled_matmuls(compiled.as_text())})
-        log(args, f"  matmul {m}x{k}x{n} {variant}: "
-            + ", ".join(f"{r['mode']} {r['tflops']:.1f}" for r in rows[-3:]) + " TFLOP/s")
+            rows.append(
+                {
+                    "shape": [m, k, n],
+                    "variant": variant,
+                    "mode": mode,
+                    "ms": seconds * 1e3,
+                    "tflops": flops / seconds / 1e12,
+                    "tflops_min": flops / max(times) / 1e12,
+                    "tflops_max": flops / min(times) / 1e12,
+                    "matmuls": compiled_matmuls(compiled.as_text()),
+                }
+            )
+        log(
+            args,
+            f"  matmul {m}x{k}x{n} {variant}: "
+            + ", ".join(f"{r['mode']} {r['tflops']:.1f}" for r in rows[-3:])
+            + " TFLOP/s",
+        )
     return rows
 
 
@@ -263,11 +298,15 @@ def print_report(report: dict) -> None:
     print(f"\ndevice: {env['device_kind']} x{env['device_count']} ({env['backend']}), jax {env['jax']}")
     step = report.get("step")
     if step:
-        print(f"\ntrain step of {step['row']} at batch {step['batch']} (train_step args:"
-              f" {step['train_step_args'] or 'none'}), compiled, not run:")
+        print(
+            f"\ntrain step of {step['row']} at batch {step['batch']} (train_step args:"
+            f" {step['train_step_args'] or 'none'}), compiled, not run:"
+        )
         for variant, r in step["variants"].items():
-            print(f"\n  {variant}: compile {r['compile_s']:.1f} s; FP8 GEMMs: {r['compiled_f8_gemms']} of"
-                  f" {r['lowered_f8_dots']} FP8 dots; other cuBLAS GEMMs: {r['compiled_other_cublas_gemms']}")
+            print(
+                f"\n  {variant}: compile {r['compile_s']:.1f} s; FP8 GEMMs: {r['compiled_f8_gemms']} of"
+                f" {r['lowered_f8_dots']} FP8 dots; other cuBLAS GEMMs: {r['compiled_other_cublas_gemms']}"
+            )
             print("    lowered dot_generals:")
             for key, count in r["lowered_dots"].items():
                 print(f"      {count:5d}  {key}")
@@ -275,32 +314,56 @@ def print_report(report: dict) -> None:
             for key, count in r["compiled_matmuls"].items():
                 print(f"      {count:5d}  {key}")
             if r["lowered_f8_dots"] and env["backend"] == "gpu" and r["compiled_f8_gemms"] < r["lowered_f8_dots"]:
-                print(f"    ** {r['lowered_f8_dots'] - r['compiled_f8_gemms']} FP8 dots did not become {F8_GEMM_TARGET}")
+                print(
+                    f"    ** {r['lowered_f8_dots'] - r['compiled_f8_gemms']} FP8 dots did not become {F8_GEMM_TARGET}"
+                )
     mm = report.get("matmul")
     if mm:
-        print(f"\nmatmul [M, K] x [K, N], bf16 activations, float32 kernel (median of {mm['repeats']} x"
-              f" {mm['calls']} calls after {mm['warm_s']:.0f} s of warm-up):\n")
+        print(
+            f"\nmatmul [M, K] x [K, N], bf16 activations, float32 kernel (median of {mm['repeats']} x"
+            f" {mm['calls']} calls after {mm['warm_s']:.0f} s of warm-up):\n"
+        )
         header = ["M,K,N", "variant", "mode", "ms", "TFLOP/s", "min-max", "vs bf16", "matmuls in the program"]
-        lines = [[",".join(map(str, r["shape"])), r["variant"], r["mode"], f"{r['ms']:.3f}", _rate(r["tflops"]),
-                  f"{_rate(r['tflops_min'])}-{_rate(r['tflops_max'])}",
-                  "-" if r["vs_bf16"] is None else f"{r['vs_bf16']:.2f}x",
-                  "; ".join(f"{c} {key}" for key, c in r["matmuls"].items())] for r in mm["rows"]]
+        lines = [
+            [
+                ",".join(map(str, r["shape"])),
+                r["variant"],
+                r["mode"],
+                f"{r['ms']:.3f}",
+                _rate(r["tflops"]),
+                f"{_rate(r['tflops_min'])}-{_rate(r['tflops_max'])}",
+                "-" if r["vs_bf16"] is None else f"{r['vs_bf16']:.2f}x",
+                "; ".join(f"{c} {key}" for key, c in r["matmuls"].items()),
+            ]
+            for r in mm["rows"]
+        ]
         train_step.print_table(header, lines, text_columns=3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="step,matmul", help="comma-separated subset of step,matmul")
-    p.add_argument("--row", default="B2-shortcut", help=f"train_step row of the step section, one of {sorted(train_step.ROWS)}")
+    p.add_argument(
+        "--row", default="B2-shortcut", help=f"train_step row of the step section, one of {sorted(train_step.ROWS)}"
+    )
     p.add_argument("--batch", type=int, default=0, help="the row's batch (0: its first)")
-    p.add_argument("--train_step_args", default="",
-                   help="train_step flags for the step's model, e.g. '--residual_dtype=compute --remat=dots'")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"subset of {VARIANTS}: bf16 matmuls, the FP8 dot forms, and the quantize-dequantize"
-                        f" control ({CONTROL}, matmul section only)")
-    p.add_argument("--matmul_shape", default="65536,768,3072",
-                   help="M,K,N of the timed matmul; several separated by '/', e.g. DiT-B/2's four layers at batch"
-                        " 256: 65536,768,2304/65536,768,768/65536,768,3072/65536,3072,768")
+    p.add_argument(
+        "--train_step_args",
+        default="",
+        help="train_step flags for the step's model, e.g. '--residual_dtype=compute --remat=dots'",
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"subset of {VARIANTS}: bf16 matmuls, the FP8 dot forms, and the quantize-dequantize"
+        f" control ({CONTROL}, matmul section only)",
+    )
+    p.add_argument(
+        "--matmul_shape",
+        default="65536,768,3072",
+        help="M,K,N of the timed matmul; several separated by '/', e.g. DiT-B/2's four layers at batch"
+        " 256: 65536,768,2304/65536,768,768/65536,768,3072/65536,3072,768",
+    )
     p.add_argument("--warm_s", type=float, default=1.0, help="seconds of warm-up before each matmul's timings")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--calls", type=int, default=20)
@@ -320,8 +383,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         args.matmul_shape = [()]
     if any(len(shape) != 3 or min(shape) < 1 for shape in args.matmul_shape):
-        p.error("--matmul_shape needs M,K,N (three positive integers), several separated by '/',"
-                " e.g. 65536,768,3072/65536,3072,768")
+        p.error(
+            "--matmul_shape needs M,K,N (three positive integers), several separated by '/',"
+            " e.g. 65536,768,3072/65536,3072,768"
+        )
     if args.repeats < 1 or args.calls < 1:
         p.error("--repeats and --calls must be >= 1")
     try:  # a misspelt train_step flag fails here, before anything compiles

@@ -36,8 +36,7 @@ import numpy as np
 from shortcut_jax.models import layers
 
 DEFAULT_SHAPES = "65536x768x3072,65536x1152x4608"  # tokens of 256 images at 32x32 latents / patch 2
-DEFAULT_TILE_LIST = ("128,128,64,4,3,1;128,128,64,8,3,1;128,256,64,8,3,1;64,128,64,4,3,1;128,64,64,4,4,1;"
-                     "128,128,64,8,3")
+DEFAULT_TILE_LIST = "128,128,64,4,3,1;128,128,64,8,3,1;128,256,64,8,3,1;64,128,64,4,3,1;128,64,64,4,4,1;128,128,64,8,3"
 
 
 class TileConfig(NamedTuple):
@@ -66,8 +65,14 @@ def fits(rows: int, width: int, hidden: int, tiles: TileConfig) -> bool:
     return None not in (_fit(rows, tiles.rows), _fit(hidden, tiles.cols), _fit(width, tiles.depth))
 
 
-def gelu_grad_matmul(dy: jax.Array, w: jax.Array, h: jax.Array, tiles: TileConfig = TileConfig(),
-                     interpret: bool | None = None, derivative: bool = True) -> jax.Array:
+def gelu_grad_matmul(
+    dy: jax.Array,
+    w: jax.Array,
+    h: jax.Array,
+    tiles: TileConfig = TileConfig(),
+    interpret: bool | None = None,
+    derivative: bool = True,
+) -> jax.Array:
     """``(dy @ w.T) * gelu'(h)`` in one kernel, accumulated in float32, returned in ``h``'s dtype.
 
     dy: ``[rows, width]``; w: ``[hidden, width]`` (fc2's kernel); h: ``[rows, hidden]``.
@@ -81,8 +86,10 @@ def gelu_grad_matmul(dy: jax.Array, w: jax.Array, h: jax.Array, tiles: TileConfi
         raise ValueError(f"gelu_grad_matmul: shapes dy{dy.shape}, w{w.shape}, h{h.shape} do not chain")
     bm, bn, bk = _fit(rows, tiles.rows), _fit(hidden, tiles.cols), _fit(width, tiles.depth)
     if None in (bm, bn, bk):
-        raise ValueError(f"gelu_grad_matmul: rows={rows}, hidden={hidden}, width={width} need a power-of-two"
-                         " tile of at least 16 dividing each; check fits() first")
+        raise ValueError(
+            f"gelu_grad_matmul: rows={rows}, hidden={hidden}, width={width} need a power-of-two"
+            " tile of at least 16 dividing each; check fits() first"
+        )
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda")
     steps = width // bk
@@ -104,8 +111,7 @@ def gelu_grad_matmul(dy: jax.Array, w: jax.Array, h: jax.Array, tiles: TileConfi
 
         def body(step, acc):
             depth = pl.ds(pl.multiple_of(step * bk, bk), bk)
-            return acc + jnp.dot(dy_ref[row_block, depth], w_ref[depth, col_block],
-                                 preferred_element_type=jnp.float32)
+            return acc + jnp.dot(dy_ref[row_block, depth], w_ref[depth, col_block], preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
         if derivative:
@@ -130,8 +136,9 @@ def parse_tiles(spec: str) -> list[TileConfig]:
             raise ValueError(f"--tiles entry {part!r}: write rows,cols,depth,num_warps,num_stages[,fast_tanh]")
         tiles = TileConfig(*(int(v) for v in values))
         if any(v < 16 or v & (v - 1) for v in tiles[:3]) or tiles.fast_tanh not in (0, 1):
-            raise ValueError(f"--tiles entry {part!r}: rows, cols and depth must be powers of two >= 16,"
-                             " fast_tanh 0 or 1")
+            raise ValueError(
+                f"--tiles entry {part!r}: rows, cols and depth must be powers of two >= 16, fast_tanh 0 or 1"
+            )
         out.append(tiles)
     return out
 
@@ -174,26 +181,42 @@ def mosaic_configs() -> list:
         from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
     except Exception:  # not shipped with this jax
         return []
-    return [hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=64, max_concurrent_steps=4,
-                            grid_minor_dim=hm.MatmulDimension.N, grid_tile_width=4,
-                            wg_dimension=hm.MatmulDimension.N)
-            for tm, tn in ((128, 64), (128, 128), (64, 128))]
+    return [
+        hm.TuningConfig(
+            tile_m=tm,
+            tile_n=tn,
+            tile_k=64,
+            max_concurrent_steps=4,
+            grid_minor_dim=hm.MatmulDimension.N,
+            grid_tile_width=4,
+            wg_dimension=hm.MatmulDimension.N,
+        )
+        for tm, tn in ((128, 64), (128, 128), (64, 128))
+    ]
 
 
-def run_shape(rows: int, width: int, hidden: int, tiles: list, iters: int, dtype, gemm_alone: bool = False,
-              mosaic: bool = False) -> list[dict]:
+def run_shape(
+    rows: int, width: int, hidden: int, tiles: list, iters: int, dtype, gemm_alone: bool = False, mosaic: bool = False
+) -> list[dict]:
     keys = jax.random.split(jax.random.key(0), 3)
     dy = jax.random.normal(keys[0], (rows, width), jnp.float32).astype(dtype)
     w = (jax.random.normal(keys[1], (hidden, width), jnp.float32) / np.sqrt(width)).astype(dtype)
     h = jax.random.normal(keys[2], (rows, hidden), jnp.float32).astype(dtype)
-    ref = jax.jit(lambda dy, w, h: jnp.dot(dy.astype(jnp.float32), w.astype(jnp.float32).T,
-                                           precision="highest") * layers.gelu_tanh_slope(h.astype(jnp.float32)))
+    ref = jax.jit(
+        lambda dy, w, h: (
+            jnp.dot(dy.astype(jnp.float32), w.astype(jnp.float32).T, precision="highest")
+            * layers.gelu_tanh_slope(h.astype(jnp.float32))
+        )
+    )
     expected = ref(dy, w, h)
     scale = float(jnp.max(jnp.abs(expected)))
     flop = 2.0 * rows * width * hidden
     gemm = jax.jit(lambda dy, w: jnp.dot(dy, w.T))
-    xla = jax.jit(lambda dy, w, h: (jnp.dot(dy, w.T).astype(jnp.float32)
-                                    * layers.gelu_tanh_slope(h.astype(jnp.float32))).astype(h.dtype))
+    xla = jax.jit(
+        lambda dy, w, h: (jnp.dot(dy, w.T).astype(jnp.float32) * layers.gelu_tanh_slope(h.astype(jnp.float32))).astype(
+            h.dtype
+        )
+    )
     candidates = [("xla gemm", gemm, (dy, w), False), ("xla gemm+gelu'", xla, (dy, w, h), True)]
     for t in tiles:
         if not fits(rows, width, hidden, t):
@@ -228,12 +251,16 @@ def run_shape(rows: int, width: int, hidden: int, tiles: list, iters: int, dtype
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated ROWSxWIDTHxHIDDEN")
-    p.add_argument("--tiles", default=DEFAULT_TILE_LIST,
-                   help="';'-separated rows,cols,depth,num_warps,num_stages[,fast_tanh] (fast_tanh defaults to 1)")
+    p.add_argument(
+        "--tiles",
+        default=DEFAULT_TILE_LIST,
+        help="';'-separated rows,cols,depth,num_warps,num_stages[,fast_tanh] (fast_tanh defaults to 1)",
+    )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--gemm_alone", action="store_true", help="also time each tile configuration's GEMM without"
-                   " the derivative")
+    p.add_argument(
+        "--gemm_alone", action="store_true", help="also time each tile configuration's GEMM without the derivative"
+    )
     p.add_argument("--mosaic", action="store_true", help="also time jax's example Mosaic GPU matmul (Hopper)")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
     opts = p.parse_args(argv)
@@ -246,8 +273,9 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     results = []
     for rows, width, hidden in shapes:
-        results += run_shape(rows, width, hidden, tiles, opts.iters, jnp.dtype(opts.dtype), opts.gemm_alone,
-                             opts.mosaic)
+        results += run_shape(
+            rows, width, hidden, tiles, opts.iters, jnp.dtype(opts.dtype), opts.gemm_alone, opts.mosaic
+        )
     print("\n| shape | variant | ms | GEMM TFLOP/s | max rel. error |\n|---|---|---|---|---|")
     for r in results:
         if "error" in r:

@@ -18,6 +18,7 @@ file list and with the same decoding function (``image_folder.load_image``) and 
 The first batch of each (start-up) is timed apart; the figure is the images/s of the next
 ``--num_batches`` batches, with no work between batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,9 @@ def grain_batches(index, args, threads: int, processes: int):
     batches = stream.batch(args.batch_size).map(scale_batch)
     if processes:
         dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes,
-                                                                   per_worker_buffer_size=1))
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=processes, per_worker_buffer_size=1))
     else:
-        dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                            prefetch_buffer_size=threads))
+        dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     return iter(dataset)
 
 

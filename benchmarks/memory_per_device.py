@@ -31,6 +31,7 @@ The compiled figures come from XLA's CPU backend: float32 matmuls unless ``--dty
 temporaries on a GPU differ; the state bytes do not depend on the backend. Compiling DiT-XL/2's
 step on CPU takes minutes and several GiB per device count, hence ``--compile=B`` by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,11 +82,17 @@ def measure(variant: str, devices: int, mode: str, opts) -> dict:
     config = imagenet_config(variant, devices, mode, opts.batch_per_device, opts.dtype, opts.objective)
     exp = Experiment(config, None, spec=DataSpec(LATENTS, NUM_CLASSES, "images"))
     state = exp.abstract_state
-    row = {"variant": f"{variant}/2", "devices": devices, "mode": mode, "batch": config.train.batch_size,
-           "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
-           "params_bytes": shard_bytes(state.params), "ema_bytes": shard_bytes(state.ema_params),
-           "opt_bytes": shard_bytes(state.opt_state),
-           "state_bytes": shard_bytes(state)}
+    row = {
+        "variant": f"{variant}/2",
+        "devices": devices,
+        "mode": mode,
+        "batch": config.train.batch_size,
+        "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        "params_bytes": shard_bytes(state.params),
+        "ema_bytes": shard_bytes(state.ema_params),
+        "opt_bytes": shard_bytes(state.opt_state),
+        "state_bytes": shard_bytes(state),
+    }
     if variant in opts.compile:
         start = time.perf_counter()
         compiled, info = exp.compile_step()
@@ -109,11 +116,23 @@ def child(opts) -> None:
 
 
 def run_device_count(n: int, opts) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "benchmarks.memory_per_device", f"--child_devices={n}",
-           f"--variants={','.join(opts.variants)}", f"--compile={','.join(opts.compile)}",
-           f"--batch_per_device={opts.batch_per_device}", f"--dtype={opts.dtype}", f"--objective={opts.objective}"]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory_per_device",
+        f"--child_devices={n}",
+        f"--variants={','.join(opts.variants)}",
+        f"--compile={','.join(opts.compile)}",
+        f"--batch_per_device={opts.batch_per_device}",
+        f"--dtype={opts.dtype}",
+        f"--objective={opts.objective}",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=opts.timeout)
     rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
     if done.returncode != 0:
@@ -130,9 +149,11 @@ def target_bytes(rows: list[dict], row: dict) -> float:
 def table(rows: list[dict]) -> str:
     """Markdown table; the 1-device run is both meshes' N=1 row."""
     by_key = {(r["variant"], r["devices"], r["mode"]): r for r in rows}
-    lines = ["| model | N | mesh | params | EMA | optimiser | params + optimiser | target (1.1 x dp / N) | "
-             "state | compiled arguments | temporaries | peak (arg + temp) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | N | mesh | params | EMA | optimiser | params + optimiser | target (1.1 x dp / N) | "
+        "state | compiled arguments | temporaries | peak (arg + temp) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def mib(x):
         return "-" if x is None else f"{x / MIB:,.1f}"
@@ -145,20 +166,33 @@ def table(rows: list[dict]) -> str:
             f"| DiT-{variant} | {n} | {mode} | {mib(r['params_bytes'])} | {mib(r['ema_bytes'])} | "
             f"{mib(r['opt_bytes'])} | {mib(po)} | {'-' if mode == 'dp' else mib(target) + verdict} | "
             f"{mib(r['state_bytes'])} | {mib(r.get('argument_bytes'))} | {mib(r.get('temp_bytes'))} | "
-            f"{mib(r.get('peak_bytes'))} |")
+            f"{mib(r.get('peak_bytes'))} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="B,XL", type=lambda s: [v for v in s.split(",") if v])
-    parser.add_argument("--compile", default="B", type=lambda s: [v for v in s.split(",") if v],
-                        help="variants whose step is compiled for temporaries ('' for none)")
+    parser.add_argument(
+        "--compile",
+        default="B",
+        type=lambda s: [v for v in s.split(",") if v],
+        help="variants whose step is compiled for temporaries ('' for none)",
+    )
     parser.add_argument("--devices", default="1,2,4,8", type=lambda s: [int(v) for v in s.split(",")])
-    parser.add_argument("--batch_per_device", type=int, default=64,
-                        help="at 1 device the shortcut recipe needs 56 or more (7 levels at 1/8 self-consistency)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="model.dtype of the compiled step (accelerators default to bfloat16)")
+    parser.add_argument(
+        "--batch_per_device",
+        type=int,
+        default=64,
+        help="at 1 device the shortcut recipe needs 56 or more (7 levels at 1/8 self-consistency)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="model.dtype of the compiled step (accelerators default to bfloat16)",
+    )
     parser.add_argument("--objective", default="shortcut", choices=["shortcut", "flow_matching"])
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per device count")
     parser.add_argument("--json", default="", help="also write the rows here")
@@ -172,12 +206,17 @@ def main(argv=None) -> None:
         got = run_device_count(n, opts)
         rows += got
         print(f"[{n} device(s): {len(got)} rows in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
-    print(f"batch {opts.batch_per_device} per device, {opts.objective}, compiled with model.dtype={opts.dtype};"
-          " MiB per device")
+    print(
+        f"batch {opts.batch_per_device} per device, {opts.objective}, compiled with model.dtype={opts.dtype};"
+        " MiB per device"
+    )
     print(table(rows))
     missed = [r for r in rows if r["mode"] == "fsdp" and r["params_bytes"] + r["opt_bytes"] > target_bytes(rows, r)]
-    print("target met for every fsdp row" if not missed else
-          "target missed: " + ", ".join(f"{r['variant']} N={r['devices']}" for r in missed))
+    print(
+        "target met for every fsdp row"
+        if not missed
+        else "target missed: " + ", ".join(f"{r['variant']} N={r['devices']}" for r in missed)
+    )
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(rows, f, indent=1)

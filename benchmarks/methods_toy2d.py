@@ -28,6 +28,7 @@ The training loop is this script's own (a ``lax.scan`` over chunks of steps): th
 the frozen teacher and the phase snapshots are passed the way ``objectives.METHODS`` says the
 train step should pass them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,18 @@ from shortcut_jax.models import MLPNet
 from shortcut_jax.objectives import METHODS, make_objective_config, make_sampler
 from shortcut_jax.training.runs import warm_start_params
 
-NAMES = ("shortcut", "flow_matching", "diffusion", "consistency_training", "consistency_distillation",
-         "progressive_distillation", "reflow", "live_reflow", "meanflow", "meanflow_v")
+NAMES = (
+    "shortcut",
+    "flow_matching",
+    "diffusion",
+    "consistency_training",
+    "consistency_distillation",
+    "progressive_distillation",
+    "reflow",
+    "live_reflow",
+    "meanflow",
+    "meanflow_v",
+)
 TWO_STAGE = ("consistency_distillation", "progressive_distillation", "reflow")
 BUDGETS = (1, 2, 4, 8, 128)
 BATCH = 512
@@ -82,8 +93,13 @@ def train(name: str, steps: int, seed: int, *, init_params=None, teacher=None, p
     needs = METHODS[name]
     key = jax.random.key(seed)
     if init_params is None:
-        init_params = model.init(jax.random.fold_in(key, 1), jnp.zeros((1, 2)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                                 jnp.zeros(1, jnp.int32))["params"]
+        init_params = model.init(
+            jax.random.fold_in(key, 1),
+            jnp.zeros((1, 2)),
+            jnp.zeros(1),
+            jnp.zeros(1, jnp.int32),
+            jnp.zeros(1, jnp.int32),
+        )["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, max(steps, 101))
     tx = optax.adamw(schedule, weight_decay=0.0)
     snapshot = needs.teacher_snapshot
@@ -96,7 +112,8 @@ def train(name: str, steps: int, seed: int, *, init_params=None, teacher=None, p
             batch = dict(batch, step=step)
         teachers = {"ema": ema, "teacher": frozen} if needs.frozen_teacher else ema
         (loss, _), grads = jax.value_and_grad(METHODS[name].loss, has_aux=True)(
-            params, teachers, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step), cfg)
+            params, teachers, batch, jax.random.fold_in(jax.random.fold_in(key, 2), step), cfg
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = train_state.update_ema((ema,), params, (EMA_DECAY,), count=step + 1)[0]
@@ -129,8 +146,16 @@ def evaluate(name, params, cfg, *, num_samples: int, seed: int, reference) -> di
     sampler = make_sampler(name, cfg, seed=seed)
     out = {}
     for n in BUDGETS:
-        samples = draw_samples(sampler, params, shape=(2,), num_classes=0, num_samples=num_samples,
-                               batch_size=num_samples, num_steps=n, seed=seed)
+        samples = draw_samples(
+            sampler,
+            params,
+            shape=(2,),
+            num_classes=0,
+            num_samples=num_samples,
+            batch_size=num_samples,
+            num_steps=n,
+            seed=seed,
+        )
         out[n] = distances.sliced_wasserstein(samples, reference)
     return out
 
@@ -142,8 +167,10 @@ def run_seed(seed: int, args, methods, tmp: str) -> dict[str, dict]:
     def record(name, params, cfg, seconds):
         res = evaluate(name, params, cfg, num_samples=args.eval_samples, seed=seed, reference=reference)
         results[name] = res
-        print(f"{name} seed {seed}: {seconds:.0f} s training, " + ", ".join(f"{n}: {v:.4f}" for n, v in res.items()),
-              flush=True)
+        print(
+            f"{name} seed {seed}: {seconds:.0f} s training, " + ", ".join(f"{n}: {v:.4f}" for n, v in res.items()),
+            flush=True,
+        )
 
     need_teacher = any(m in TWO_STAGE for m in methods)
     if "flow_matching" in methods or need_teacher:
@@ -163,9 +190,17 @@ def run_seed(seed: int, args, methods, tmp: str) -> dict[str, dict]:
             start = time.perf_counter()
             sampler = make_sampler("flow_matching", teacher_cfg)
             out_dir = os.path.join(tmp, f"pairs_seed{seed}")
-            pairs_io.generate_pairs(sampler, teacher, out_dir=out_dir, shape=(2,), num_classes=0,
-                                  num_pairs=args.reflow_pairs, num_steps=args.reflow_teacher_steps, seed=seed,
-                                  batch_size=min(args.reflow_pairs, 10_000))
+            pairs_io.generate_pairs(
+                sampler,
+                teacher,
+                out_dir=out_dir,
+                shape=(2,),
+                num_classes=0,
+                num_pairs=args.reflow_pairs,
+                num_steps=args.reflow_teacher_steps,
+                seed=seed,
+                batch_size=min(args.reflow_pairs, 10_000),
+            )
             pairs = pairs_io.load_pairs(out_dir)
             gen_secs = time.perf_counter() - start
             params, _, cfg, secs = train(name, args.steps, seed, init_params=teacher, pairs=pairs)
@@ -198,11 +233,13 @@ def main():
     sample = lambda n, s: ToySource("checkerboard", BatchLayout(BATCH), 0).reference(n, seed=5000 + s)  # noqa: E731
     floor, floor_std = distances.sliced_wasserstein_floor(sample, args.eval_samples, seeds=range(args.seeds))
 
-    print(f"\nsliced Wasserstein distance, checkerboard, {args.steps} steps per method"
-          f" (two-stage methods: {args.steps} flow-matching teacher steps + {args.steps} student steps;"
-          f" reflow: {args.reflow_pairs} pairs from the teacher's {args.reflow_teacher_steps}-step sampler),"
-          f" {args.seeds} seed(s), {args.eval_samples} samples, mean ± std;"
-          f" data-against-data floor {floor:.4f} ± {floor_std:.4f}")
+    print(
+        f"\nsliced Wasserstein distance, checkerboard, {args.steps} steps per method"
+        f" (two-stage methods: {args.steps} flow-matching teacher steps + {args.steps} student steps;"
+        f" reflow: {args.reflow_pairs} pairs from the teacher's {args.reflow_teacher_steps}-step sampler),"
+        f" {args.seeds} seed(s), {args.eval_samples} samples, mean ± std;"
+        f" data-against-data floor {floor:.4f} ± {floor_std:.4f}"
+    )
     print("| method | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
     for name in methods:

@@ -8,6 +8,7 @@ every file's header), and the images/s of ``next_batch`` after one warm-up batch
 by the caller between batches would overlap with the one-batch-ahead prefetch; this loop does
 none, so the figure is the decode rate itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,11 @@ from shortcut_jax.data import validate_data_config
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", required=True, help=".tar/.tar.gz of an image folder")
-    parser.add_argument("--cache_dir",
-                        default=os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax",
-                                             "cifar10"),
-                        help="where the archive is extracted (once)")
+    parser.add_argument(
+        "--cache_dir",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax", "cifar10"),
+        help="where the archive is extracted (once)",
+    )
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_batches", type=int, default=50)
     parser.add_argument("--workers", type=int, default=8, help="decoding threads")
@@ -53,8 +55,10 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     source = make_dataset(config, batch_size=args.batch_size, seed=args.seed)
-    print(f"make_dataset (re-lists; headers reused from the scan): {time.perf_counter() - start:.2f} s; "
-          f"{source.num_examples} images, spec {source.spec}")
+    print(
+        f"make_dataset (re-lists; headers reused from the scan): {time.perf_counter() - start:.2f} s; "
+        f"{source.num_examples} images, spec {source.spec}"
+    )
     try:
         start = time.perf_counter()
         source.next_batch()
@@ -66,8 +70,10 @@ def main(argv=None) -> None:
     finally:
         source.close()
     images = args.num_batches * args.batch_size
-    print(f"read {images} images in {elapsed:.2f} s: {images / elapsed:,.0f} images/s "
-          f"({args.workers} workers, batch {args.batch_size}, {os.cpu_count()} CPUs)")
+    print(
+        f"read {images} images in {elapsed:.2f} s: {images / elapsed:,.0f} images/s "
+        f"({args.workers} workers, batch {args.batch_size}, {os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

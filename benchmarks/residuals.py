@@ -17,6 +17,7 @@ The attention is XLA's (a traced program cannot hold cuDNN's fused kernel on a m
 it): with cuDNN on a GPU, the ``[heads, tokens, tokens]`` probabilities listed here are replaced
 by the kernel's output and per-row statistics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def stored_per_layer(jaxpr) -> list[tuple[int, list[tuple[tuple, str]]]]:
     read = {id(v) for eqn in scans for v in eqn.invars}
     found = []
     for eqn in scans:
-        ys = eqn.outvars[eqn.params["num_carry"]:]
+        ys = eqn.outvars[eqn.params["num_carry"] :]
         if ys and all(id(v) in read for v in ys):
             found.append((eqn.params["length"], [(tuple(v.aval.shape[1:]), str(v.aval.dtype)) for v in ys]))
     return found
@@ -78,21 +79,42 @@ def row_report(row: ts.Row, batch: int, opts) -> dict:
     scans = []
     for layers, values in found:
         counts = collections.Counter(values)
-        lines = sorted(({"shape": list(shape), "dtype": dtype, "count": n, "mib_per_block": n * _mib(shape, dtype)}
-                        for (shape, dtype), n in counts.items()), key=lambda r: -r["mib_per_block"])
-        scans.append({"layers": layers, "values_per_block": len(values),
-                      "mib_per_block": sum(r["mib_per_block"] for r in lines), "lines": lines})
+        lines = sorted(
+            (
+                {"shape": list(shape), "dtype": dtype, "count": n, "mib_per_block": n * _mib(shape, dtype)}
+                for (shape, dtype), n in counts.items()
+            ),
+            key=lambda r: -r["mib_per_block"],
+        )
+        scans.append(
+            {
+                "layers": layers,
+                "values_per_block": len(values),
+                "mib_per_block": sum(r["mib_per_block"] for r in lines),
+                "lines": lines,
+            }
+        )
     model = config.model
-    return {"row": row.name, "batch": batch, "depth": exp.model.depth, "dtype": model.dtype,
-            "residual_dtype": model.residual_dtype, "lean_ops": list(model.lean_ops), "remat": model.remat,
-            "remat_blocks": model.remat_blocks, "scans": scans,
-            "gib_all_blocks": sum(s["layers"] * s["mib_per_block"] for s in scans) * MIB / GIB}
+    return {
+        "row": row.name,
+        "batch": batch,
+        "depth": exp.model.depth,
+        "dtype": model.dtype,
+        "residual_dtype": model.residual_dtype,
+        "lean_ops": list(model.lean_ops),
+        "remat": model.remat,
+        "remat_blocks": model.remat_blocks,
+        "scans": scans,
+        "gib_all_blocks": sum(s["layers"] * s["mib_per_block"] for s in scans) * MIB / GIB,
+    }
 
 
 def print_report(r: dict) -> None:
-    print(f"{r['row']}, batch {r['batch']}, {r['depth']} blocks: dtype={r['dtype']} residual_dtype="
-          f"{r['residual_dtype']} lean_ops={tuple(r['lean_ops'])} remat={r['remat']}"
-          + ("" if r["remat_blocks"] < 0 else f" (first {r['remat_blocks']} blocks)"))
+    print(
+        f"{r['row']}, batch {r['batch']}, {r['depth']} blocks: dtype={r['dtype']} residual_dtype="
+        f"{r['residual_dtype']} lean_ops={tuple(r['lean_ops'])} remat={r['remat']}"
+        + ("" if r["remat_blocks"] < 0 else f" (first {r['remat_blocks']} blocks)")
+    )
     for scan in r["scans"]:
         print(f"| stored per block ({scan['layers']} blocks) | dtype | count | MiB per block |")
         print("|---|---|---|---|")

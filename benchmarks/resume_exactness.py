@@ -9,6 +9,7 @@ the verdict; exits non-zero on any difference.
 
     python -m benchmarks.resume_exactness --kills=5 --steps=120
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def command(workdir: str, steps: int, ckpt_every: int) -> list[str]:
-    return [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
-            f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={ckpt_every}",
-            "--config.train.log_every=1", f"--config.train.eval_every={10 * steps}",
-            "--config.train.progress_bar=False", "--config.train.use_tensorboard=False"]
+    return [
+        sys.executable,
+        "-m",
+        "shortcut_jax.main",
+        "--config=experiments/toy2d.py:runlocal=True",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        f"--config.train.ckpt_every={ckpt_every}",
+        "--config.train.log_every=1",
+        f"--config.train.eval_every={10 * steps}",
+        "--config.train.progress_bar=False",
+        "--config.train.use_tensorboard=False",
+    ]
 
 
 def logged_steps(workdir: str) -> list[int]:
@@ -39,8 +49,9 @@ def logged_steps(workdir: str) -> list[int]:
 
 def run_and_kill(workdir: str, steps: int, ckpt_every: int, kill_at: int, env) -> bool:
     """Start (or resume) the run and SIGKILL it once it has logged ``kill_at``; True if it finished first."""
-    proc = subprocess.Popen(command(workdir, steps, ckpt_every), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(workdir, steps, ckpt_every), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         while proc.poll() is None:
             done = logged_steps(workdir)
@@ -94,14 +105,18 @@ def main():
         for kill_at in kill_steps:
             finished = run_and_kill(broken, args.steps, args.ckpt_every, kill_at, env)
             saved = [int(d) for d in os.listdir(os.path.join(broken, "checkpoints")) if d.isdigit()]
-            print(f"killed after step {kill_at}: latest complete checkpoint {max(saved) if saved else None}"
-                  + (" (run had already finished)" if finished else ""))
+            print(
+                f"killed after step {kill_at}: latest complete checkpoint {max(saved) if saved else None}"
+                + (" (run had already finished)" if finished else "")
+            )
         if not run_and_kill(broken, args.steps, args.ckpt_every, args.steps + 1, env):
             sys.exit("the final resume failed")
         a, b = final_arrays(reference, args.steps), final_arrays(broken, args.steps)
     differing = [k for k in a if not np.array_equal(a[k], b[k])]
-    print(f"{len(a)} arrays compared (params, EMA, optimizer state) after {args.steps} steps and {args.kills} kills:"
-          f" {'all bitwise identical' if not differing else f'{len(differing)} differ, e.g. {differing[:3]}'}")
+    print(
+        f"{len(a)} arrays compared (params, EMA, optimizer state) after {args.steps} steps and {args.kills} kills:"
+        f" {'all bitwise identical' if not differing else f'{len(differing)} differ, e.g. {differing[:3]}'}"
+    )
     sys.exit(1 if differing else 0)
 
 

@@ -12,6 +12,7 @@ and reports the images/s of the next ``--num_batches`` batches, which is the ste
 rate: this loop does nothing between batches. Batches beyond the data set start the next epoch
 (the files are then in the page cache, as for a data set read from local disk).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,17 @@ NAME = "synthetic_imagenet_jpeg"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=2000, help="JPEGs in the data set")
-    parser.add_argument("--workers", default="0,1,2",
-                        help="comma-separated data.num_workers values to time (0: threads)")
+    parser.add_argument(
+        "--workers", default="0,1,2", help="comma-separated data.num_workers values to time (0: threads)"
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_batches", type=int, default=30, help="timed batches per setting")
     parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), "tfds_reader_speed"),
-                        help="where the synthetic data set is written (reused when present)")
+    parser.add_argument(
+        "--data_dir",
+        default=os.path.join(tempfile.gettempdir(), "tfds_reader_speed"),
+        help="where the synthetic data set is written (reused when present)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,10 +65,15 @@ def write_dataset(data_dir: str, num_images: int) -> None:
         VERSION = tfds.core.Version(f"1.0.{num_images}")  # one prepared copy per size
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(num_classes=1000),
-            }))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                        "label": tfds.features.ClassLabel(num_classes=1000),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -110,8 +120,11 @@ def time_reader(data_dir: str, num_images: int, workers: int, args) -> float:
             source.next_batch()
         elapsed = time.perf_counter() - start
     rate = args.num_batches * args.batch_size / elapsed
-    print(f"workers {workers:2d}: {rate:8,.0f} images/s  ({args.num_batches} batches of "
-          f"{args.batch_size} in {elapsed:.2f} s; first batch {first:.2f} s)", flush=True)
+    print(
+        f"workers {workers:2d}: {rate:8,.0f} images/s  ({args.num_batches} batches of "
+        f"{args.batch_size} in {elapsed:.2f} s; first batch {first:.2f} s)",
+        flush=True,
+    )
     return rate
 
 
@@ -119,8 +132,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     write_dataset(args.data_dir, args.num_images)
     size = dataset_bytes(args.data_dir)
-    print(f"data set: {args.num_images} JPEGs {WIDTH}x{HEIGHT}, {size / args.num_images / 1e3:.0f} kB "
-          f"each on average; {os.cpu_count()} CPUs; decode + crop + resize to {args.image_size}")
+    print(
+        f"data set: {args.num_images} JPEGs {WIDTH}x{HEIGHT}, {size / args.num_images / 1e3:.0f} kB "
+        f"each on average; {os.cpu_count()} CPUs; decode + crop + resize to {args.image_size}"
+    )
     for workers in (int(w) for w in args.workers.split(",")):
         time_reader(args.data_dir, args.num_images, workers, args)
 

@@ -9,6 +9,7 @@ table with the data-against-data floor and the project's targets:
 
     python -m benchmarks.toy2d --seeds=3 --steps=4000 --out=toy2d_results
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,11 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first_seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
     parser.add_argument("--extra", default="", help="config overrides for every run, e.g. objective.teacher=ema")
-    parser.add_argument("--objectives", default="shortcut,flow_matching",
-                        help="objectives to run; flow matching ignores the shortcut-only --extra keys")
+    parser.add_argument(
+        "--objectives",
+        default="shortcut,flow_matching",
+        help="objectives to run; flow matching ignores the shortcut-only --extra keys",
+    )
     parser.add_argument("--out", default="", help="directory for the table, plot and JSON")
     args = parser.parse_args()
 
@@ -92,21 +96,33 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for objective in runs:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                overrides = {"data.name": args.dataset, "train.steps": args.steps, "seed": seed,
-                             **parse_overrides(args.extra)}
-                res, floor, seconds = run_one(f"objective={objective}", overrides,
-                                              os.path.join(tmp, f"{objective}_{seed}"))
+                overrides = {
+                    "data.name": args.dataset,
+                    "train.steps": args.steps,
+                    "seed": seed,
+                    **parse_overrides(args.extra),
+                }
+                res, floor, seconds = run_one(
+                    f"objective={objective}", overrides, os.path.join(tmp, f"{objective}_{seed}")
+                )
                 runs[objective].append(res)
                 floors.append(floor)
-                print(f"{objective} seed {seed}: {seconds:.0f} s, " +
-                      ", ".join(f"{n}: {v:.4f}" for n, v in sorted(res.items())), flush=True)
+                print(
+                    f"{objective} seed {seed}: {seconds:.0f} s, "
+                    + ", ".join(f"{n}: {v:.4f}" for n, v in sorted(res.items())),
+                    flush=True,
+                )
 
     budgets = sorted(next(iter(runs.values()))[0])
     floor = float(np.mean(floors))
-    stats = {name: {n: (float(np.mean([r[n] for r in rs])), float(np.std([r[n] for r in rs]))) for n in budgets}
-             for name, rs in runs.items()}
-    print(f"\nsliced Wasserstein distance ({args.dataset}, {args.steps} steps, {args.seeds} seeds, mean ± std);"
-          f" data-against-data floor {floor:.4f}")
+    stats = {
+        name: {n: (float(np.mean([r[n] for r in rs])), float(np.std([r[n] for r in rs]))) for n in budgets}
+        for name, rs in runs.items()
+    }
+    print(
+        f"\nsliced Wasserstein distance ({args.dataset}, {args.steps} steps, {args.seeds} seeds, mean ± std);"
+        f" data-against-data floor {floor:.4f}"
+    )
     print("| steps | " + " | ".join(stats) + " |\n|---|" + "---|" * len(stats))
     for n in budgets:
         print(f"| {n} | " + " | ".join(f"{s[n][0]:.4f} ± {s[n][1]:.4f}" for s in stats.values()) + " |")
@@ -124,13 +140,29 @@ def main():
         print(("PASS " if ok else "FAIL ") + text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        report.plot_budget_curve({k: {n: v[0] for n, v in s.items()} for k, s in stats.items()},
-                                 os.path.join(args.out, "toy2d_budgets.png"), metric_name="sliced Wasserstein",
-                                 floor=floor, stds={k: {n: v[1] for n, v in s.items()} for k, s in stats.items()},
-                                 title=f"{args.dataset}, {args.steps} steps")
+        report.plot_budget_curve(
+            {k: {n: v[0] for n, v in s.items()} for k, s in stats.items()},
+            os.path.join(args.out, "toy2d_budgets.png"),
+            metric_name="sliced Wasserstein",
+            floor=floor,
+            stds={k: {n: v[1] for n, v in s.items()} for k, s in stats.items()},
+            title=f"{args.dataset}, {args.steps} steps",
+        )
         with open(os.path.join(args.out, "toy2d_results.json"), "w") as f:
-            json.dump({"floor": floor, "stats": stats, "runs": runs, "checks": checks, "steps": args.steps,
-                       "seeds": args.seeds, "dataset": args.dataset, "extra": args.extra}, f, indent=1)
+            json.dump(
+                {
+                    "floor": floor,
+                    "stats": stats,
+                    "runs": runs,
+                    "checks": checks,
+                    "steps": args.steps,
+                    "seeds": args.seeds,
+                    "dataset": args.dataset,
+                    "extra": args.extra,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

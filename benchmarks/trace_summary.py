@@ -24,6 +24,7 @@ XLA's own kernels at what average rate: against the card's bandwidth (about 3.35
 SXM) this says how much a memory-bound kernel could still gain. Every operand and output counts
 whole, once: a kernel that reads only a slice of an operand is credited with more than it moved.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,25 @@ DEVICE_PROCESS = re.compile(r"/device:|gpu|tpu", re.IGNORECASE)
 _HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bmetadata=\{[^}]*?\bop_name="([^"]*)"')
 _HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 KERNEL_OPCODES = ("fusion", "copy")  # instructions that run as one XLA-generated kernel
 
 
@@ -102,12 +120,12 @@ def _split_definition(rest: str) -> Optional[tuple[str, str, str]]:
         end = _closing(rest, 0)
         if end is None:
             return None
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+        shape, rest = rest[: end + 1], rest[end + 1 :].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     m = re.match(r"([\w\-]+)\(", rest)
     end = _closing(rest, m.end() - 1) if m else None
-    return None if end is None else (shape, m.group(1), rest[m.end():end])
+    return None if end is None else (shape, m.group(1), rest[m.end() : end])
 
 
 def hlo_kernel_bytes(hlo_text: str) -> dict[str, int]:
@@ -119,7 +137,7 @@ def hlo_kernel_bytes(hlo_text: str) -> dict[str, int]:
         m = _HLO_DEF.match(line)
         if not m:
             continue
-        parts = _split_definition(line[m.end():])
+        parts = _split_definition(line[m.end() :])
         if parts is None:
             continue
         shape, opcode, operands = parts
@@ -146,8 +164,13 @@ def scope(op_name: str) -> str:
     parts = op_name.split("/")
     if parts and parts[0].startswith("jit("):
         parts = parts[1:]
-    direction = ("bwd " if any(p.startswith("transpose(") for p in parts)
-                 else "fwd " if any(p.startswith("jvp(") for p in parts) else "")
+    direction = (
+        "bwd "
+        if any(p.startswith("transpose(") for p in parts)
+        else "fwd "
+        if any(p.startswith("jvp(") for p in parts)
+        else ""
+    )
     clean = []
     for part in parts[:-1]:
         while (m := re.fullmatch(r"[\w.]+\((.*)\)", part)) is not None:
@@ -169,8 +192,9 @@ def find_trace(path: str) -> str:
         return path
     found = _newest_below(path, "perfetto_trace.json.gz") or _newest_below(path, "*.trace.json.gz")
     if not found:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz below {path!r}: trace with "
-                                "jax.profiler.trace(dir, create_perfetto_trace=True)")
+        raise FileNotFoundError(
+            f"no perfetto_trace.json.gz below {path!r}: trace with jax.profiler.trace(dir, create_perfetto_trace=True)"
+        )
     return found
 
 
@@ -199,8 +223,12 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, str]] = None,
-              kernel_bytes: Optional[dict[str, int]] = None) -> dict:
+def summarize(
+    events: list[dict],
+    top: int = 15,
+    op_names: Optional[dict[str, str]] = None,
+    kernel_bytes: Optional[dict[str, int]] = None,
+) -> dict:
     """Lanes with their busy time, top events and category split (times in milliseconds); with
     ``op_names`` (``hlo_op_names``) also the time by model scope; with ``kernel_bytes``
     (``hlo_kernel_bytes``) the memory rate of each XLA kernel and of all of them together."""
@@ -234,8 +262,10 @@ def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, st
         summed = sum(v[1] for v in by_name.values())
 
         def shares(totals: dict) -> dict:
-            return {k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
-                    for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+            return {
+                k: {"ms": v / 1e3, "share": v / summed if summed else 0.0}
+                for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+            }
 
         busy = _busy_us([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs])
         start = min(float(e["ts"]) for e in evs)
@@ -247,23 +277,36 @@ def summarize(events: list[dict], top: int = 15, op_names: Optional[dict[str, st
                 size = kernel_bytes.get(kernel_name(name))
                 if size is not None:
                     moved[name] = size * count
-        out.append({
-            "process": process_names.get(key[0], str(key[0])),
-            "thread": thread_names.get(key, str(key[1])),
-            "device": key in device,
-            "events": len(evs),
-            "span_ms": (end - start) / 1e3,
-            "busy_ms": busy / 1e3,
-            "summed_ms": summed / 1e3,  # above busy_ms where events nest
-            "top": [{"name": n, "count": c, "ms": d / 1e3, "share": d / summed if summed else 0.0,
-                     **({"gb": moved[n] / 1e9, "tb_per_s": _rate(moved[n], d)} if n in moved else {})}
-                    for n, (c, d) in ranked],
-            "categories": shares(by_category),
-        })
+        out.append(
+            {
+                "process": process_names.get(key[0], str(key[0])),
+                "thread": thread_names.get(key, str(key[1])),
+                "device": key in device,
+                "events": len(evs),
+                "span_ms": (end - start) / 1e3,
+                "busy_ms": busy / 1e3,
+                "summed_ms": summed / 1e3,  # above busy_ms where events nest
+                "top": [
+                    {
+                        "name": n,
+                        "count": c,
+                        "ms": d / 1e3,
+                        "share": d / summed if summed else 0.0,
+                        **({"gb": moved[n] / 1e9, "tb_per_s": _rate(moved[n], d)} if n in moved else {}),
+                    }
+                    for n, (c, d) in ranked
+                ],
+                "categories": shares(by_category),
+            }
+        )
         if kernel_bytes is not None:
             dur = sum(by_name[n][1] for n in moved)
-            out[-1]["xla_kernels"] = {"ms": dur / 1e3, "gb": sum(moved.values()) / 1e9,
-                                      "tb_per_s": _rate(sum(moved.values()), dur), "kernels": len(moved)}
+            out[-1]["xla_kernels"] = {
+                "ms": dur / 1e3,
+                "gb": sum(moved.values()) / 1e9,
+                "tb_per_s": _rate(sum(moved.values()), dur),
+                "kernels": len(moved),
+            }
         if op_names is not None:
             out[-1]["scopes"] = shares(by_scope)
     out.sort(key=lambda lane: (not lane["device"], -lane["busy_ms"]))
@@ -288,27 +331,35 @@ def summarize_path(path: str, top: int = 15, hlo: Optional[str] = None) -> dict:
         with open(hlo) as f:
             text = f.read()
         op_names, kernel_bytes = hlo_op_names(text), hlo_kernel_bytes(text)
-    return {"trace": trace, "hlo": hlo,
-            **summarize(load_events(trace), top=top, op_names=op_names, kernel_bytes=kernel_bytes)}
+    return {
+        "trace": trace,
+        "hlo": hlo,
+        **summarize(load_events(trace), top=top, op_names=op_names, kernel_bytes=kernel_bytes),
+    }
 
 
-def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width: int = 90,
-                  scopes: int = 20) -> None:
+def print_summary(summary: dict, steps: int = 1, lanes: Optional[int] = 4, width: int = 90, scopes: int = 20) -> None:
     kind = "device" if summary["device_lanes"] else "host (the trace has no device lanes)"
-    print(f"trace: {summary.get('trace', '-')}\n{kind} lanes, busiest first; ms per step = ms / {steps};"
-          " shares of the lane's summed event time (nested events count in each level); xN: events in the trace")
+    print(
+        f"trace: {summary.get('trace', '-')}\n{kind} lanes, busiest first; ms per step = ms / {steps};"
+        " shares of the lane's summed event time (nested events count in each level); xN: events in the trace"
+    )
     for lane in summary["lanes"][:lanes]:
-        print(f"\n[{lane['process']}] {lane['thread']}: busy {lane['busy_ms'] / steps:.2f} ms/step of a "
-              f"{lane['span_ms'] / steps:.2f} ms/step span, {lane['events']} events")
+        print(
+            f"\n[{lane['process']}] {lane['thread']}: busy {lane['busy_ms'] / steps:.2f} ms/step of a "
+            f"{lane['span_ms'] / steps:.2f} ms/step span, {lane['events']} events"
+        )
         cats = ", ".join(f"{k} {v['share']:.1%}" for k, v in lane["categories"].items())
         print(f"  categories: {cats}")
         if lane.get("xla_kernels", {}).get("kernels"):
             x = lane["xla_kernels"]
-            print(f"  XLA's kernels with sizes in the HLO ({x['kernels']}): {x['ms'] / steps:.2f} ms/step moving"
-                  f" {x['gb'] / steps:.1f} GB/step, {x['tb_per_s']:.2f} TB/s on average (operands and outputs counted"
-                  " whole)")
+            print(
+                f"  XLA's kernels with sizes in the HLO ({x['kernels']}): {x['ms'] / steps:.2f} ms/step moving"
+                f" {x['gb'] / steps:.1f} GB/step, {x['tb_per_s']:.2f} TB/s on average (operands and outputs counted"
+                " whole)"
+            )
         for t in lane["top"]:
-            name = t["name"] if len(t["name"]) <= width else t["name"][:width - 3] + "..."
+            name = t["name"] if len(t["name"]) <= width else t["name"][: width - 3] + "..."
             rate = f"  {t['tb_per_s']:.2f} TB/s" if "tb_per_s" in t else ""
             print(f"  {t['ms'] / steps:9.3f} ms/step {t['share']:6.1%} x{t['count']:<6d} {name}{rate}")
         if "scopes" in lane:

@@ -29,6 +29,7 @@ Unless ``--in_process`` is given, the matmul probe, each row and the sampling se
 child process of their own: the allocator's ``peak_bytes_in_use`` only grows during a process's
 life, and a row that ran out of memory must not leave the next one a fragmented heap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,30 +73,42 @@ class Row:
     dims: tuple[int, int, int] = (0, 0, 0)  # width, depth, heads when variant == ''
 
 
-ROWS = {row.name: row for row in (
-    Row("S2-shortcut", "shortcut", "S", LATENTS, (256,)),
-    Row("S2-flow", "flow_matching", "S", LATENTS, (256,)),
-    Row("B2-shortcut", "shortcut", "B", LATENTS, (256,)),
-    Row("B2-flow", "flow_matching", "B", LATENTS, (256,)),
-    Row("B2-shortcut-sc0.25", "shortcut", "B", LATENTS, (256,), sc_fraction=0.25),
-    # MeanFlow's jvp through the whole network (XLA attention and plain ops, as the method needs)
-    Row("B2-meanflow", "meanflow", "B", LATENTS, (256,)),
-    Row("B2-meanflow_v", "meanflow_v", "B", LATENTS, (256,)),
-    Row("XL2-shortcut", "shortcut", "XL", LATENTS, (256,)),
-    Row("XL2-flow", "flow_matching", "XL", LATENTS, (256,)),
-    Row("XL2-shortcut-max", "shortcut", "XL", LATENTS, (512, 384)),
-    Row("S2-shortcut-pixels", "shortcut", "S", PIXELS, (256,)),
-    # CPU-sized rows for smoke tests; not part of 'default'.
-    Row("tiny-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(32, 1, 2)),
-    Row("tiny-flow", "flow_matching", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
-    Row("tiny-meanflow", "meanflow", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
-    # CPU-sized but as deep as DiT-S/B and DiT-XL: compile and initialisation time against
-    # model.scan_blocks
-    Row("small-d12-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 12, 2)),
-    Row("small-d28-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 28, 2)),
-)}
-DEFAULT_ROWS = ("S2-shortcut", "S2-flow", "B2-shortcut", "B2-flow", "B2-shortcut-sc0.25", "XL2-shortcut",
-                "XL2-flow", "XL2-shortcut-max", "S2-shortcut-pixels")
+ROWS = {
+    row.name: row
+    for row in (
+        Row("S2-shortcut", "shortcut", "S", LATENTS, (256,)),
+        Row("S2-flow", "flow_matching", "S", LATENTS, (256,)),
+        Row("B2-shortcut", "shortcut", "B", LATENTS, (256,)),
+        Row("B2-flow", "flow_matching", "B", LATENTS, (256,)),
+        Row("B2-shortcut-sc0.25", "shortcut", "B", LATENTS, (256,), sc_fraction=0.25),
+        # MeanFlow's jvp through the whole network (XLA attention and plain ops, as the method needs)
+        Row("B2-meanflow", "meanflow", "B", LATENTS, (256,)),
+        Row("B2-meanflow_v", "meanflow_v", "B", LATENTS, (256,)),
+        Row("XL2-shortcut", "shortcut", "XL", LATENTS, (256,)),
+        Row("XL2-flow", "flow_matching", "XL", LATENTS, (256,)),
+        Row("XL2-shortcut-max", "shortcut", "XL", LATENTS, (512, 384)),
+        Row("S2-shortcut-pixels", "shortcut", "S", PIXELS, (256,)),
+        # CPU-sized rows for smoke tests; not part of 'default'.
+        Row("tiny-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(32, 1, 2)),
+        Row("tiny-flow", "flow_matching", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
+        Row("tiny-meanflow", "meanflow", "", (8, 8, 4), (16,), dims=(32, 1, 2)),
+        # CPU-sized but as deep as DiT-S/B and DiT-XL: compile and initialisation time against
+        # model.scan_blocks
+        Row("small-d12-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 12, 2)),
+        Row("small-d28-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 28, 2)),
+    )
+}
+DEFAULT_ROWS = (
+    "S2-shortcut",
+    "S2-flow",
+    "B2-shortcut",
+    "B2-flow",
+    "B2-shortcut-sc0.25",
+    "XL2-shortcut",
+    "XL2-flow",
+    "XL2-shortcut-max",
+    "S2-shortcut-pixels",
+)
 SECTIONS = ("matmul", "train", "sampling")
 
 
@@ -103,8 +116,16 @@ SECTIONS = ("matmul", "train", "sampling")
 
 
 # flags that set the config key model.<flag> of every row
-MODEL_FLAGS = ("dtype", "remat", "remat_blocks", "attention_impl", "residual_dtype", "lean_ops", "matmul_precision",
-               "scan_blocks")
+MODEL_FLAGS = (
+    "dtype",
+    "remat",
+    "remat_blocks",
+    "attention_impl",
+    "residual_dtype",
+    "lean_ops",
+    "matmul_precision",
+    "scan_blocks",
+)
 
 
 def lean_ops(text: str) -> tuple:
@@ -148,8 +169,10 @@ def model_name(row: Row) -> str:
 
 def synthetic_batch(spec: DataSpec, batch: int, mesh, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    host = {"x": rng.standard_normal((batch, *spec.shape), dtype=np.float32),
-            "label": rng.integers(0, spec.num_classes, batch, dtype=np.int32)}
+    host = {
+        "x": rng.standard_normal((batch, *spec.shape), dtype=np.float32),
+        "label": rng.integers(0, spec.num_classes, batch, dtype=np.int32),
+    }
     return sharding.global_batch(host, mesh)
 
 
@@ -166,8 +189,7 @@ def compiler_memory_bytes(compiled) -> Optional[int]:
         return None
     if mem is None:
         return None
-    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-               - mem.alias_size_in_bytes)
+    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
 
 
 def peak_memory(compiled) -> tuple[Optional[float], str]:
@@ -215,23 +237,40 @@ def profile_steps(compiled, state, batch, trace_dir: str, steps: int) -> dict:
 def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     config = row_config(row, batch, opts)
     shortcut = row.objective == "shortcut"
-    result = {"name": row.name, "objective": row.objective, "model": model_name(row),
-              "input": "x".join(map(str, row.shape)), "batch": batch,
-              "sc_fraction": config.objective.sc_fraction if shortcut else None,
-              **{key: getattr(opts, key) for key in MODEL_FLAGS + ("donate",)}}
+    result = {
+        "name": row.name,
+        "objective": row.objective,
+        "model": model_name(row),
+        "input": "x".join(map(str, row.shape)),
+        "batch": batch,
+        "sc_fraction": config.objective.sc_fraction if shortcut else None,
+        **{key: getattr(opts, key) for key in MODEL_FLAGS + ("donate",)},
+    }
     exp = experiment_for(config, row, opts)
     result["fp8_form"] = getattr(exp.model, "fp8_form", None) if config.model.matmul_precision == "fp8" else None
     result["attention_kernel"] = getattr(exp.model, "attention_impl", None) or "xla-chosen"
-    result["tflop_per_step"] = flops.train_step_flops(
-        row.objective, batch, sc_fraction=config.objective.sc_fraction,
-        bootstrap_cfg=config.objective.bootstrap_cfg, num_levels=config.objective.num_levels,
-        **flops.dit_dims(config.model, row.shape)) / 1e12
+    result["tflop_per_step"] = (
+        flops.train_step_flops(
+            row.objective,
+            batch,
+            sc_fraction=config.objective.sc_fraction,
+            bootstrap_cfg=config.objective.bootstrap_cfg,
+            num_levels=config.objective.num_levels,
+            **flops.dit_dims(config.model, row.shape),
+        )
+        / 1e12
+    )
     traced = traced_step_flops(exp)
     footprint = None
 
     def out_of_memory(message: str) -> dict:
-        return {**result, "status": "OOM", "error": message[:300],
-                "peak_gib": None if footprint is None else footprint / GIB, "peak_source": "compiler"}
+        return {
+            **result,
+            "status": "OOM",
+            "error": message[:300],
+            "peak_gib": None if footprint is None else footprint / GIB,
+            "peak_source": "compiler",
+        }
 
     try:
         # Compiled before the state exists so that a step that cannot fit is known without
@@ -241,19 +280,26 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
         footprint = compiler_memory_bytes(compiled)
         limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
         if footprint and limit and footprint > limit:
-            return out_of_memory(f"the compiler's footprint of the step, {footprint / GIB:.1f} GiB, exceeds the"
-                                 f" allocator's limit of {limit / GIB:.1f} GiB")
+            return out_of_memory(
+                f"the compiler's footprint of the step, {footprint / GIB:.1f} GiB, exceeds the"
+                f" allocator's limit of {limit / GIB:.1f} GiB"
+            )
         start = time.perf_counter()
         state = jax.block_until_ready(exp.init_state())
         init_s = time.perf_counter() - start
-        state, metrics, times = time_steps(compiled, state, synthetic_batch(exp.spec, batch, exp.mesh),
-                                           warmup=opts.warmup, steps=opts.steps)
+        state, metrics, times = time_steps(
+            compiled, state, synthetic_batch(exp.spec, batch, exp.mesh), warmup=opts.warmup, steps=opts.steps
+        )
         peak_gib, peak_source = peak_memory(compiled)
         loss = float(metrics["loss"])
         if opts.profile_dir:  # after the timing, so that tracing costs none of the timed steps
-            result["profile"] = profile_steps(compiled, state, synthetic_batch(exp.spec, batch, exp.mesh),
-                                              os.path.join(opts.profile_dir, f"{row.name}-b{batch}"),
-                                              opts.profile_steps)
+            result["profile"] = profile_steps(
+                compiled,
+                state,
+                synthetic_batch(exp.spec, batch, exp.mesh),
+                os.path.join(opts.profile_dir, f"{row.name}-b{batch}"),
+                opts.profile_steps,
+            )
     except Exception as err:  # noqa: BLE001 - only running out of memory is a result
         if not is_oom(err):
             raise
@@ -313,8 +359,15 @@ def measure_matmul(size: int, repeats: int = 20, calls: int = 20, warm_s: float 
         times.append((time.perf_counter() - start) / calls)
     rate = lambda seconds: 2.0 * size**3 / seconds / 1e12  # noqa: E731
     seconds = statistics.median(times)
-    return {"size": size, "ms": seconds * 1e3, "tflops": rate(seconds), "tflops_min": rate(max(times)),
-            "tflops_max": rate(min(times)), "warm_s": warm_s, "timings": repeats}
+    return {
+        "size": size,
+        "ms": seconds * 1e3,
+        "tflops": rate(seconds),
+        "tflops_min": rate(max(times)),
+        "tflops_max": rate(min(times)),
+        "warm_s": warm_s,
+        "timings": repeats,
+    }
 
 
 def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
@@ -336,9 +389,19 @@ def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
             exp.sampler(params, inputs["x"], inputs["label"], num_steps=budget).block_until_ready()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-        out.append({"model": model_name(row), "objective": row.objective, "input": "x".join(map(str, row.shape)),
-                    "batch": batch, "steps": budget, "ms": seconds * 1e3, "images_per_s": batch / seconds,
-                    "tflops": budget * forward_flops / seconds / 1e12, "first_call_s": first_s})
+        out.append(
+            {
+                "model": model_name(row),
+                "objective": row.objective,
+                "input": "x".join(map(str, row.shape)),
+                "batch": batch,
+                "steps": budget,
+                "ms": seconds * 1e3,
+                "images_per_s": batch / seconds,
+                "tflops": budget * forward_flops / seconds / 1e12,
+                "first_call_s": first_s,
+            }
+        )
     return out
 
 
@@ -346,10 +409,14 @@ def run_sampling(opts: argparse.Namespace, repeats: int = 3) -> list[dict]:
 
 
 def environment() -> dict:
-    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(), "jax": jax.__version__,
-            "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "(default)"),
-            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "(default)")}
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "(default)"),
+        "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "(default)"),
+    }
 
 
 def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
@@ -365,21 +432,40 @@ def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0)
     return part
 
 
-FORWARDED = ("steps", "warmup", *MODEL_FLAGS, "fp8_form", "donate", "sc_fraction", "matmul_size", "sampling_row",
-             "sampling_batch", "sampling_budgets", "profile_dir", "profile_steps", "init_on")
+FORWARDED = (
+    "steps",
+    "warmup",
+    *MODEL_FLAGS,
+    "fp8_form",
+    "donate",
+    "sc_fraction",
+    "matmul_size",
+    "sampling_row",
+    "sampling_batch",
+    "sampling_budgets",
+    "profile_dir",
+    "profile_steps",
+    "init_on",
+)
 
 
 def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
     """The same piece in a fresh process (see the module docstring for why)."""
-    argv = [f"--{key}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-            for key in FORWARDED if (v := getattr(opts, key)) is not None]
+    argv = [
+        f"--{key}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for key in FORWARDED
+        if (v := getattr(opts, key)) is not None
+    ]
     argv += ["--in_process", f"--sections={section}"]
     if row is not None:
         argv += [f"--rows={row.name}", f"--batch={batch}"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "part.json")
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv, f"--out={out}",
-                               "--quiet"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.train_step", *argv, f"--out={out}", "--quiet"],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode == 0 and os.path.exists(out):
             with open(out) as f:
                 return json.load(f)
@@ -387,14 +473,28 @@ def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int 
     tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
     part = {"errors": [f"{what}: child exited with {proc.returncode}:\n{tail}"]}
     if row is not None:
-        part["rows"] = [{"name": row.name, "objective": row.objective, "model": model_name(row),
-                         "input": "x".join(map(str, row.shape)), "batch": batch, "status": "failed"}]
+        part["rows"] = [
+            {
+                "name": row.name,
+                "objective": row.objective,
+                "model": model_name(row),
+                "input": "x".join(map(str, row.shape)),
+                "batch": batch,
+                "status": "failed",
+            }
+        ]
     return part
 
 
 def benchmark(opts, run_part: Callable[..., dict]) -> dict:
-    report = {"environment": None, "matmul": None, "rows": [], "sampling": [], "errors": [],
-              "settings": {key: getattr(opts, key) for key in FORWARDED}}
+    report = {
+        "environment": None,
+        "matmul": None,
+        "rows": [],
+        "sampling": [],
+        "errors": [],
+        "settings": {key: getattr(opts, key) for key in FORWARDED},
+    }
 
     def add(part: dict):
         report["environment"] = report["environment"] or part.get("environment")
@@ -418,8 +518,10 @@ def benchmark(opts, run_part: Callable[..., dict]) -> dict:
                 r = report["rows"][-1]
                 status = r["status"]
                 if status == "ok":
-                    status = (f"{r['images_per_s']:.0f} img/s, {r['step_ms']:.1f} ms/step, {r['tflops']:.0f} TFLOP/s,"
-                              f" compile {r['compile_s']:.0f} s, init {r['init_s']:.0f} s")
+                    status = (
+                        f"{r['images_per_s']:.0f} img/s, {r['step_ms']:.1f} ms/step, {r['tflops']:.0f} TFLOP/s,"
+                        f" compile {r['compile_s']:.0f} s, init {r['init_s']:.0f} s"
+                    )
                 progress(f"{row.name} batch {batch} ({status})", start)
                 if status != "OOM":
                     break
@@ -455,41 +557,70 @@ def print_table(header: list[str], lines: list[list[str]], text_columns: int) ->
     """Left-aligned text in the first ``text_columns`` columns, right-aligned numbers after them."""
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
     for line in [header, ["-" * w for w in widths], *lines]:
-        print("  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i < text_columns else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))
+            )
+        )
 
 
 def print_report(report: dict) -> None:
     env = report["environment"] or {}
     settings = report["settings"]
-    print(f"\ndevice: {env.get('device_kind')} x{env.get('device_count')} ({env.get('backend')}), "
-          f"jax {env.get('jax')}, XLA_PYTHON_CLIENT_MEM_FRACTION={env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}")
+    print(
+        f"\ndevice: {env.get('device_kind')} x{env.get('device_count')} ({env.get('backend')}), "
+        f"jax {env.get('jax')}, XLA_PYTHON_CLIENT_MEM_FRACTION={env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}"
+    )
     mm = report["matmul"]
     measured = "not measured"
     if mm:
         spread = f", timings {mm['tflops_min']:.1f}-{mm['tflops_max']:.1f}" if "tflops_min" in mm else ""
-        measured = (f"{mm['tflops']:.1f} TFLOP/s ({mm['size']}^3 bf16 jnp.dot, median {mm['ms']:.2f} ms after"
-                    f" {mm.get('warm_s', 0):.0f} s of warm-up{spread})")
-    print(f"MFU denominators: (a) measured dense bf16 matmul {measured}; "
-          f"(b) H100 SXM datasheet dense bf16 {H100_SXM_BF16_TFLOPS:.0f} TFLOP/s")
-    print("TFLOP/step: analytic matmul FLOPs (3 x forward + 2 teacher forwards on the self-consistency rows);"
-          " traced: dot_general and convolution FLOPs in the step's jaxpr (remat recomputation included);"
-          " XLA: compiled.cost_analysis()['flops'] x devices (on GPU without the cuBLAS matmuls)")
+        measured = (
+            f"{mm['tflops']:.1f} TFLOP/s ({mm['size']}^3 bf16 jnp.dot, median {mm['ms']:.2f} ms after"
+            f" {mm.get('warm_s', 0):.0f} s of warm-up{spread})"
+        )
+    print(
+        f"MFU denominators: (a) measured dense bf16 matmul {measured}; "
+        f"(b) H100 SXM datasheet dense bf16 {H100_SXM_BF16_TFLOPS:.0f} TFLOP/s"
+    )
+    print(
+        "TFLOP/step: analytic matmul FLOPs (3 x forward + 2 teacher forwards on the self-consistency rows);"
+        " traced: dot_general and convolution FLOPs in the step's jaxpr (remat recomputation included);"
+        " XLA: compiled.cost_analysis()['flops'] x devices (on GPU without the cuBLAS matmuls)"
+    )
     kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
     precision = settings.get("matmul_precision", "bf16")
     if precision == "fp8":
         precision += f" (form {settings.get('fp8_form') or 'direct'})"
-    print(f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
-          f" on device; dtype={settings['dtype']} remat={settings['remat']}"
-          f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
-          f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
-          f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
-          f" matmul_precision={precision} scan_blocks={settings.get('scan_blocks', 'off')}"
-          f" donate={settings.get('donate', 'on')};"
-          " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
-          " the step (temp + arguments + outputs - donated)\n")
-    header = ["row", "objective", "model", "input", "batch", "img/s", "step ms", "compile s", "init s", "peak GiB",
-              "TFLOP/step", "traced TFLOP", "XLA TFLOP", "TFLOP/s", "MFU(a)", "MFU(b)"]
+    print(
+        f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
+        f" on device; dtype={settings['dtype']} remat={settings['remat']}"
+        f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
+        f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
+        f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
+        f" matmul_precision={precision} scan_blocks={settings.get('scan_blocks', 'off')}"
+        f" donate={settings.get('donate', 'on')};"
+        " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
+        " the step (temp + arguments + outputs - donated)\n"
+    )
+    header = [
+        "row",
+        "objective",
+        "model",
+        "input",
+        "batch",
+        "img/s",
+        "step ms",
+        "compile s",
+        "init s",
+        "peak GiB",
+        "TFLOP/step",
+        "traced TFLOP",
+        "XLA TFLOP",
+        "TFLOP/s",
+        "MFU(a)",
+        "MFU(b)",
+    ]
     lines = []
     for r in report["rows"]:
         line = [r["name"], r["objective"], r["model"], r["input"], str(r["batch"])]
@@ -497,19 +628,44 @@ def print_report(report: dict) -> None:
         if r["status"] != "ok":
             lines.append(line + [r["status"], "", _fmt(r.get("compile_s"), ".1f"), "", peak] + [""] * 6)
             continue
-        lines.append(line + [f"{r['images_per_s']:.0f}", f"{r['step_ms']:.2f}", f"{r['compile_s']:.1f}",
-                             f"{r['init_s']:.1f}", peak,
-                             f"{r['tflop_per_step']:.3f}", f"{r['traced_tflop_per_step']:.3f}",
-                             _fmt(r["xla_tflop_per_step"], ".3f"),
-                             f"{r['tflops']:.1f}", _fmt(r["mfu_measured"], ".1%"), f"{r['mfu_datasheet']:.1%}"])
+        lines.append(
+            line
+            + [
+                f"{r['images_per_s']:.0f}",
+                f"{r['step_ms']:.2f}",
+                f"{r['compile_s']:.1f}",
+                f"{r['init_s']:.1f}",
+                peak,
+                f"{r['tflop_per_step']:.3f}",
+                f"{r['traced_tflop_per_step']:.3f}",
+                _fmt(r["xla_tflop_per_step"], ".3f"),
+                f"{r['tflops']:.1f}",
+                _fmt(r["mfu_measured"], ".1%"),
+                f"{r['mfu_datasheet']:.1%}",
+            ]
+        )
     if lines:
         print_table(header, lines, text_columns=4)
     if report["sampling"]:
         print("\nsampling (Euler, labels, no guidance; median of 3 calls after a warm-up call):\n")
-        print_table(["model", "objective", "input", "batch", "steps", "img/s", "ms/batch", "TFLOP/s", "first call s"],
-                    [[s["model"], s["objective"], s["input"], str(s["batch"]), str(s["steps"]),
-                      f"{s['images_per_s']:.0f}", f"{s['ms']:.1f}", f"{s['tflops']:.1f}", f"{s['first_call_s']:.1f}"]
-                     for s in report["sampling"]], text_columns=3)
+        print_table(
+            ["model", "objective", "input", "batch", "steps", "img/s", "ms/batch", "TFLOP/s", "first call s"],
+            [
+                [
+                    s["model"],
+                    s["objective"],
+                    s["input"],
+                    str(s["batch"]),
+                    str(s["steps"]),
+                    f"{s['images_per_s']:.0f}",
+                    f"{s['ms']:.1f}",
+                    f"{s['tflops']:.1f}",
+                    f"{s['first_call_s']:.1f}",
+                ]
+                for s in report["sampling"]
+            ],
+            text_columns=3,
+        )
     for r in report["rows"]:
         if r.get("profile"):
             print(f"\nprofile of {r['name']} batch {r['batch']} ({r['profile']['steps']} traced steps):")
@@ -528,22 +684,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--dtype", default="auto", help="model.dtype: auto, bfloat16, float32")
     p.add_argument("--remat", default="none", choices=config_lib.REMAT_CHOICES, help="model.remat")
-    p.add_argument("--remat_blocks", type=int, default=-1, help="model.remat_blocks: how many blocks use --remat"
-                   " (-1: all)")
+    p.add_argument(
+        "--remat_blocks", type=int, default=-1, help="model.remat_blocks: how many blocks use --remat (-1: all)"
+    )
     p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"), help="model.attention_impl")
     p.add_argument("--residual_dtype", default="float32", choices=("float32", "compute"), help="model.residual_dtype")
-    p.add_argument("--lean_ops", default="default",
-                   help="model.lean_ops: 'default' (the config's), 'all', 'none' or a subset of norm,gelu,gate"
-                        " (the same function, less traffic)")
-    p.add_argument("--matmul_precision", default="bf16", choices=config_lib.MATMUL_PRECISIONS,
-                   help="model.matmul_precision: 'fp8' runs the DiT blocks' qkv, proj and MLP matmuls in FP8")
-    p.add_argument("--fp8_form", default="", choices=("", *FP8_FORMS),
-                   help="with --matmul_precision=fp8: how the FP8 dots are written (models.fp8.FORMS;"
-                        " '' keeps the model's default, 'direct')")
-    p.add_argument("--scan_blocks", default="off", choices=("on", "off"),
-                   help="model.scan_blocks: the blocks as one scan over stacked parameters (one block compiled)")
-    p.add_argument("--donate", default="on", choices=("on", "off"),
-                   help="donate the state to the step (as training does); 'off' measures what donation saves")
+    p.add_argument(
+        "--lean_ops",
+        default="default",
+        help="model.lean_ops: 'default' (the config's), 'all', 'none' or a subset of norm,gelu,gate"
+        " (the same function, less traffic)",
+    )
+    p.add_argument(
+        "--matmul_precision",
+        default="bf16",
+        choices=config_lib.MATMUL_PRECISIONS,
+        help="model.matmul_precision: 'fp8' runs the DiT blocks' qkv, proj and MLP matmuls in FP8",
+    )
+    p.add_argument(
+        "--fp8_form",
+        default="",
+        choices=("", *FP8_FORMS),
+        help="with --matmul_precision=fp8: how the FP8 dots are written (models.fp8.FORMS;"
+        " '' keeps the model's default, 'direct')",
+    )
+    p.add_argument(
+        "--scan_blocks",
+        default="off",
+        choices=("on", "off"),
+        help="model.scan_blocks: the blocks as one scan over stacked parameters (one block compiled)",
+    )
+    p.add_argument(
+        "--donate",
+        default="on",
+        choices=("on", "off"),
+        help="donate the state to the step (as training does); 'off' measures what donation saves",
+    )
     p.add_argument("--sc_fraction", type=float, default=None, help="overrides every shortcut row's fraction")
     p.add_argument("--batch", type=int, default=None, help="overrides every row's batch size")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -551,15 +727,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampling_row", default="B2-shortcut", help="row whose model the sampler runs")
     p.add_argument("--sampling_batch", type=int, default=256)
     p.add_argument("--sampling_budgets", default="1,4,128", help="comma-separated step counts")
-    p.add_argument("--in_process", action="store_true",
-                   help="run everything in this process (peak memory then accumulates over rows)")
+    p.add_argument(
+        "--in_process",
+        action="store_true",
+        help="run everything in this process (peak memory then accumulates over rows)",
+    )
     p.add_argument("--quiet", action="store_true", help="print no progress or table")
     p.add_argument("--out", default="", help="write the results as JSON here")
-    p.add_argument("--profile_dir", default="", help="trace --profile_steps more steps of each row into"
-                   " <dir>/<row>-b<batch> and print where the device time goes (trace_summary)")
+    p.add_argument(
+        "--profile_dir",
+        default="",
+        help="trace --profile_steps more steps of each row into"
+        " <dir>/<row>-b<batch> and print where the device time goes (trace_summary)",
+    )
     p.add_argument("--profile_steps", type=int, default=3)
-    p.add_argument("--init_on", default="device", choices=("device", "host"),
-                   help="train.init_on: where the initial state is computed (its time is the row's init_s)")
+    p.add_argument(
+        "--init_on",
+        default="device",
+        choices=("device", "host"),
+        help="train.init_on: where the initial state is computed (its time is the row's init_s)",
+    )
     opts = p.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0 or opts.profile_steps < 1:
         p.error("--steps and --profile_steps must be >= 1 and --warmup >= 0")

@@ -13,6 +13,7 @@ neither torch nor diffusers.
 float64 makes the golden the exact function to well below the test's 1e-5 tolerance; the
 script also prints how far diffusers' own float32 run is from it, for scale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def main() -> None:
     mean, std, decoded = run(torch.float64)
     mean32, std32, decoded32 = run(torch.float32)
     for name, ref, got in (("mean", mean, mean32), ("std", std, std32), ("decoded", decoded, decoded32)):
-        print(f"{name}: shape {ref.shape}, rms {np.sqrt(np.mean(ref ** 2)):.4f}; "
-              f"diffusers float32 relative error {relative_error(got, ref):.2e}")
+        print(
+            f"{name}: shape {ref.shape}, rms {np.sqrt(np.mean(ref**2)):.4f}; "
+            f"diffusers float32 relative error {relative_error(got, ref):.2e}"
+        )
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez_compressed(

@@ -19,6 +19,7 @@ latents/s and the process's resident memory (VmRSS, split into anonymous and fil
 and its peak VmHWM) before and after. Pages that are not in the page cache come from disk: a
 first pass over a set larger than memory measures the disk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,16 +107,26 @@ def bench_encoder(args, vae) -> list[dict]:
     from shortcut_jax.encode import make_encoder
 
     devices = jax.local_devices()
-    pixels = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3),
-                                               dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(
+        0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=np.uint8
+    )
     rows = []
     for dtype in args.dtypes.split(","):
         encode, params, sharding = make_encoder(vae, dtype, devices)
         timing = _compile_and_time(encode, (params, jax.device_put(pixels, sharding)), args.num_batches)
         per_call = timing.pop("per_call_s")
-        report(rows, {"section": "encoder", "dtype": dtype, "batch": args.batch_size, **timing,
-                      "ms_per_batch": 1e3 * per_call, "source_images_per_s": args.batch_size / per_call,
-                      "vae_images_per_s": 2 * args.batch_size / per_call})
+        report(
+            rows,
+            {
+                "section": "encoder",
+                "dtype": dtype,
+                "batch": args.batch_size,
+                **timing,
+                "ms_per_batch": 1e3 * per_call,
+                "source_images_per_s": args.batch_size / per_call,
+                "vae_images_per_s": 2 * args.batch_size / per_call,
+            },
+        )
     return rows
 
 
@@ -129,18 +140,34 @@ def bench_decoder(args, vae) -> list[dict]:
     mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     shard, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     batch_size = args.decoder_batch_size or args.batch_size
-    latents = np.random.default_rng(1).standard_normal(
-        (batch_size, *vae.config.latent_shape(args.image_size))).astype(np.float32)
+    latents = (
+        np.random.default_rng(1)
+        .standard_normal((batch_size, *vae.config.latent_shape(args.image_size)))
+        .astype(np.float32)
+    )
     rows = []
     for dtype in args.dtypes.split(","):
         model = AutoencoderKL(vae.config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-        decode = jax.jit(lambda p, z, m=model: m.apply({"params": p}, z, method=AutoencoderKL.decode),
-                         in_shardings=(replicated, shard), out_shardings=shard)
-        timing = _compile_and_time(decode, (jax.device_put(vae.params, replicated), jax.device_put(latents, shard)),
-                                   args.num_batches)
+        decode = jax.jit(
+            lambda p, z, m=model: m.apply({"params": p}, z, method=AutoencoderKL.decode),
+            in_shardings=(replicated, shard),
+            out_shardings=shard,
+        )
+        timing = _compile_and_time(
+            decode, (jax.device_put(vae.params, replicated), jax.device_put(latents, shard)), args.num_batches
+        )
         per_call = timing.pop("per_call_s")
-        report(rows, {"section": "decoder", "dtype": dtype, "batch": batch_size, **timing,
-                      "ms_per_batch": 1e3 * per_call, "images_per_s": batch_size / per_call})
+        report(
+            rows,
+            {
+                "section": "decoder",
+                "dtype": dtype,
+                "batch": batch_size,
+                **timing,
+                "ms_per_batch": 1e3 * per_call,
+                "images_per_s": batch_size / per_call,
+            },
+        )
     return rows
 
 
@@ -153,8 +180,12 @@ def write_synthetic_set(root: str, examples: int, side: int, dtype: str, shard_s
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             old = json.load(f)
-        if (old.get("count"), old.get("latent_shape"), old.get("dtype"), old.get("shard_size")) == \
-                (examples, shape, dtype, shard_size):
+        if (old.get("count"), old.get("latent_shape"), old.get("dtype"), old.get("shard_size")) == (
+            examples,
+            shape,
+            dtype,
+            shard_size,
+        ):
             return
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -166,16 +197,28 @@ def write_synthetic_set(root: str, examples: int, side: int, dtype: str, shard_s
         moments_path, labels_path = latent_format.shard_paths(root, s)
         moments = np.lib.format.open_memmap(moments_path, mode="w+", dtype=dtype, shape=(count, 2, 2, *shape))
         for a in range(0, count, len(block)):
-            moments[a:a + len(block)] = block[:count - a]
+            moments[a : a + len(block)] = block[: count - a]
         moments.flush()
         del moments
         np.save(labels_path, (np.arange(start, start + count) % 1000).astype(np.int32))
         shards.append({"index": s, "start": start, "count": count})
-    manifest = {"format": latent_format.FORMAT, "version": latent_format.FORMAT_VERSION, "complete": True,
-                "count": examples, "num_classes": 1000, "image_size": 8 * side,
-                "vae": {"name": "synthetic", "weights_sha256": "0" * 64}, "scaling_factor": 0.18215,
-                "shift_factor": 0.0, "latent_shape": shape, "dtype": dtype, "shard_size": shard_size,
-                "num_shards": len(shards), "shards": shards, "source": {"type": "synthetic"}}
+    manifest = {
+        "format": latent_format.FORMAT,
+        "version": latent_format.FORMAT_VERSION,
+        "complete": True,
+        "count": examples,
+        "num_classes": 1000,
+        "image_size": 8 * side,
+        "vae": {"name": "synthetic", "weights_sha256": "0" * 64},
+        "scaling_factor": 0.18215,
+        "shift_factor": 0.0,
+        "latent_shape": shape,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "num_shards": len(shards),
+        "shards": shards,
+        "source": {"type": "synthetic"},
+    }
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)
 
@@ -200,11 +243,23 @@ def bench_reader(args) -> list[dict]:
         source.next_batch()
     elapsed = time.perf_counter() - start
     after = memory()
-    return report([], {"section": "reader", "examples": args.reader_examples, "dtype": args.reader_dtype,
-             "set_gib": size / 2**30, "write_or_reuse_s": written, "open_s": opened, "batch": args.batch_size,
-             "batches": args.reader_batches, "latents_per_s": args.batch_size * args.reader_batches / elapsed,
-             "ms_per_batch": 1e3 * elapsed / args.reader_batches, "memory_mib_before": before,
-             "memory_mib_after": after})
+    return report(
+        [],
+        {
+            "section": "reader",
+            "examples": args.reader_examples,
+            "dtype": args.reader_dtype,
+            "set_gib": size / 2**30,
+            "write_or_reuse_s": written,
+            "open_s": opened,
+            "batch": args.batch_size,
+            "batches": args.reader_batches,
+            "latents_per_s": args.batch_size * args.reader_batches / elapsed,
+            "ms_per_batch": 1e3 * elapsed / args.reader_batches,
+            "memory_mib_before": before,
+            "memory_mib_after": after,
+        },
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -215,8 +270,10 @@ def main(argv=None) -> list[dict]:
         import jax
 
         vae = _vae(args)
-        print(f"devices: {jax.local_device_count()} x {jax.local_devices()[0].device_kind}; VAE "
-              f"{vae.config.block_out_channels}, {args.image_size}x{args.image_size}")
+        print(
+            f"devices: {jax.local_device_count()} x {jax.local_devices()[0].device_kind}; VAE "
+            f"{vae.config.block_out_channels}, {args.image_size}x{args.image_size}"
+        )
         if "encoder" in sections:
             rows += bench_encoder(args, vae)
         if "decoder" in sections:

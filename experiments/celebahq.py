@@ -17,6 +17,7 @@ Expected (paper, FID-50k at 128 / 4 / 1 steps): 6.9 / 13.8 / 20.5 after about 41
 Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
+
 from shortcut_jax import config_lib
 
 TEST_ARGS = ("", "objective=flow_matching", "variant=XL", "preset=few_step")

@@ -29,14 +29,16 @@ of training at 5,000-6,000 images/s): after 7,000 steps preset=few_step gives CF
 84.7 and 18.0 (experiments/cifar10_results.md). Score with
 `classifier=shortcut_jax/evaluation/cifar10_classifier`.
 """
+
 from shortcut_jax import config_lib
 
 TEST_ARGS = ("", "objective=flow_matching", "preset=few_step", "preset=meanflow", "runlocal=True")
 
 
 def get_config(arg: str = ""):
-    args = config_lib.parse_config_arg(arg, {"objective": "shortcut", "preset": "", "classifier": "",
-                                             "runlocal": False})
+    args = config_lib.parse_config_arg(
+        arg, {"objective": "shortcut", "preset": "", "classifier": "", "runlocal": False}
+    )
     c = config_lib.default_config()
     c.data.name = "image_folder"
     c.data.path = "data/cifar10/train"

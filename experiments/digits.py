@@ -6,6 +6,7 @@ Variants: `:objective=flow_matching`, `:runlocal=True` (a few steps with a tiny 
 Expected: not measured yet (this config exercises the image path on CPU-sized data; grids are
 written every 1000 steps under <workdir>/eval).
 """
+
 from shortcut_jax import config_lib
 
 TEST_ARGS = ("", "runlocal=True")

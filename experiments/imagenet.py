@@ -20,10 +20,16 @@ README); adding ``--config.model.remat_blocks=14`` rematerialises only half of t
 Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
+
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("variant=B", "variant=XL", "variant=B,objective=flow_matching", "variant=B,preset=few_step",
-             "variant=B,preset=meanflow_v")
+TEST_ARGS = (
+    "variant=B",
+    "variant=XL",
+    "variant=B,objective=flow_matching",
+    "variant=B,preset=few_step",
+    "variant=B,preset=meanflow_v",
+)
 
 
 def get_config(arg: str = "variant=B"):

@@ -26,6 +26,7 @@ Half the batch is self-consistency rows and the teacher is the online model unde
 stop-gradient. With the EMA teacher (decay 0.999) 4000 steps leave the 1-step samples unformed
 (1-step distance 0.29 in one CPU run at fraction 1/4).
 """
+
 from shortcut_jax import config_lib
 
 TEST_ARGS = ("", "objective=flow_matching", "objective=meanflow", "preset=meanflow_v", "runlocal=True")

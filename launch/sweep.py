@@ -16,6 +16,7 @@ flag of the same key, whatever its type (tuples included: the entry points keep 
 repeated ``--config.<key>`` overrides). The exit status is non-zero if any run failed; the
 others still run.
 """
+
 import argparse
 import os
 import re
@@ -53,7 +54,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     """
     shared = []
     if "--" in argv:
-        argv, shared = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+        argv, shared = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     own, runs, i = [], [], 0
     while i < len(argv):
         token = argv[i]
@@ -74,9 +75,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--root", required=True)
-    parser.add_argument("--runs", nargs="*", metavar="RUN",  # for --help: split_argv takes the runs
-                        help="one string per run: the experiment file's argument and/or --config.key=value flags"
-                             " (default: one run of the config as it is)")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        metavar="RUN",  # for --help: split_argv takes the runs
+        help="one string per run: the experiment file's argument and/or --config.key=value flags"
+        " (default: one run of the config as it is)",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     own, runs, shared = split_argv(sys.argv[1:] if argv is None else argv)
     opts = parser.parse_args(own)
@@ -86,15 +91,16 @@ def main(argv=None):
         by_workdir.setdefault(run_name(run), []).append(run)
     clashes = [names for names in by_workdir.values() if len(names) > 1]
     if clashes:
-        parser.error(f"runs {clashes[0]} would share the workdir {os.path.join(opts.root, run_name(clashes[0][0]))}:"
-                     " make them differ in more than punctuation")
+        parser.error(
+            f"runs {clashes[0]} would share the workdir {os.path.join(opts.root, run_name(clashes[0][0]))}:"
+            " make them differ in more than punctuation"
+        )
     failed = []
     for run in runs:
         args, flags = split_run(run)
         workdir = os.path.join(opts.root, run_name(run))
         config = opts.config if not args else f"{opts.config}{',' if ':' in opts.config else ':'}{args}"
-        cmd = [sys.executable, "-m", "shortcut_jax.main", f"--config={config}", *shared, *flags,
-               f"--workdir={workdir}"]
+        cmd = [sys.executable, "-m", "shortcut_jax.main", f"--config={config}", *shared, *flags, f"--workdir={workdir}"]
         print(" ".join(shlex.quote(c) for c in cmd), flush=True)
         if not opts.dry_run and subprocess.call(cmd) != 0:
             failed.append(run)

@@ -11,6 +11,7 @@ checkpoints depend on them), not the DiT paper:
 - ``zero_init='final'``: only the final layer starts at zero, block modulations are
   Xavier-uniform (the DiT paper zero-initialises every block's modulation, 'adaln').
 """
+
 from __future__ import annotations
 
 import math
@@ -21,12 +22,19 @@ from shortcut_jax.data import PAIRS_DATA, default_data_config
 from shortcut_jax.evaluation.metrics import METRIC_CHOICES
 from shortcut_jax.models import options
 from shortcut_jax.models.options import (  # noqa: F401 - DIT_VARIANTS: read through config_lib too
-    ATTENTION_IMPLS, DEFAULT_LEAN_OPS, DIT_VARIANTS, LEAN_OPS, MATMUL_PRECISIONS, REMAT_CHOICES)
+    ATTENTION_IMPLS,
+    DEFAULT_LEAN_OPS,
+    DIT_VARIANTS,
+    LEAN_OPS,
+    MATMUL_PRECISIONS,
+    REMAT_CHOICES,
+)
 from shortcut_jax.objectives import METHODS, check_method_config, method
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
 # eval.label_mode values (evaluation.sample_sets.class_labels)
 LABEL_MODES = ("balanced", "random")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
@@ -225,10 +233,20 @@ PRESETS = {
     # MeanFlow and improved MeanFlow with the published optimiser choices where they differ from
     # the shortcut recipe: Adam with b2 = 0.95 and no weight decay, EMA 0.9999 (debiased, so that
     # short runs are not dominated by the initialisation)
-    "meanflow": {"objective.name": "meanflow", "optim.b2": 0.95, "optim.weight_decay": 0.0,
-                 "train.ema_decays": (0.9999,), "train.ema_debias": True},
-    "meanflow_v": {"objective.name": "meanflow_v", "optim.b2": 0.95, "optim.weight_decay": 0.0,
-                   "train.ema_decays": (0.9999,), "train.ema_debias": True},
+    "meanflow": {
+        "objective.name": "meanflow",
+        "optim.b2": 0.95,
+        "optim.weight_decay": 0.0,
+        "train.ema_decays": (0.9999,),
+        "train.ema_debias": True,
+    },
+    "meanflow_v": {
+        "objective.name": "meanflow_v",
+        "optim.b2": 0.95,
+        "optim.weight_decay": 0.0,
+        "train.ema_decays": (0.9999,),
+        "train.ema_debias": True,
+    },
 }
 
 
@@ -253,8 +271,11 @@ def check_level_weights(weights, num_levels: int) -> None:
     weights = tuple(weights)
     if not weights:
         return
-    if (len(weights) != num_levels or any(not isinstance(w, (int, float)) or w < 0 for w in weights)
-            or sum(weights) <= 0):
+    if (
+        len(weights) != num_levels
+        or any(not isinstance(w, (int, float)) or w < 0 for w in weights)
+        or sum(weights) <= 0
+    ):
         raise ConfigError(
             f"objective.level_weights needs () or {num_levels} non-negative weights (levels 0..{num_levels - 1}),"
             f" e.g. --config.objective.level_weights='({', '.join(['1.0'] * num_levels)})'; got {weights!r}"
@@ -298,12 +319,16 @@ def validate(config, *, num_devices: int) -> None:
         # jax.jvp through the network: the cuDNN attention kernel and the FP8 dense layers have no
         # forward-mode rule (lean_ops are left out by build_model, 'auto' attention picks XLA's)
         if config.model.attention_impl == "cudnn":
-            raise ConfigError(f"model.attention_impl='cudnn' with objective.name={config.objective.name!r}: the"
-                              " objective differentiates the network forward (jax.jvp), which the cuDNN attention"
-                              " kernel does not support; use model.attention_impl='auto' or 'xla'")
+            raise ConfigError(
+                f"model.attention_impl='cudnn' with objective.name={config.objective.name!r}: the"
+                " objective differentiates the network forward (jax.jvp), which the cuDNN attention"
+                " kernel does not support; use model.attention_impl='auto' or 'xla'"
+            )
         if config.model.matmul_precision == "fp8":
-            raise ConfigError(f"model.matmul_precision='fp8' with objective.name={config.objective.name!r}: the"
-                              " FP8 dense layers have no forward-mode rule (jax.jvp); use model.matmul_precision='bf16'")
+            raise ConfigError(
+                f"model.matmul_precision='fp8' with objective.name={config.objective.name!r}: the"
+                " FP8 dense layers have no forward-mode rule (jax.jvp); use model.matmul_precision='bf16'"
+            )
     try:
         check_method_config(config.objective, batch_size=config.train.batch_size, total_steps=config.train.steps)
     except ValueError as err:
@@ -318,27 +343,38 @@ def validate(config, *, num_devices: int) -> None:
             raise ConfigError(f"model.width={width} is not divisible by model.num_heads={heads}")
         if width % 4:
             raise ConfigError(f"model.width={width} must be a multiple of 4 (2-D sin-cos positions)")
-    for key, allowed in (("attention_scale", ("head_dim", "sqrt_head_dim")), ("zero_init", ("final", "adaln")),
-                         ("remat", REMAT_CHOICES),
-                         ("attention_impl", ATTENTION_IMPLS),
-                         ("dtype", ("auto", "bfloat16", "float32")),
-                         ("residual_dtype", ("float32", "compute")),
-                         ("matmul_precision", MATMUL_PRECISIONS)):
+    for key, allowed in (
+        ("attention_scale", ("head_dim", "sqrt_head_dim")),
+        ("zero_init", ("final", "adaln")),
+        ("remat", REMAT_CHOICES),
+        ("attention_impl", ATTENTION_IMPLS),
+        ("dtype", ("auto", "bfloat16", "float32")),
+        ("residual_dtype", ("float32", "compute")),
+        ("matmul_precision", MATMUL_PRECISIONS),
+    ):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
     check_lean_ops(config.model.lean_ops)
     if config.model.matmul_precision == "fp8" and config.model.name != "dit":
-        raise ConfigError(f"model.matmul_precision='fp8' applies to the DiT's blocks only; model.name="
-                          f"{config.model.name!r} has no FP8 layers: set model.matmul_precision='bf16'")
+        raise ConfigError(
+            f"model.matmul_precision='fp8' applies to the DiT's blocks only; model.name="
+            f"{config.model.name!r} has no FP8 layers: set model.matmul_precision='bf16'"
+        )
     if config.model.scan_blocks and config.model.name != "dit":
-        raise ConfigError(f"model.scan_blocks=True applies to the DiT's blocks only; model.name={config.model.name!r}"
-                          " has no scanned form: set model.scan_blocks=False")
+        raise ConfigError(
+            f"model.scan_blocks=True applies to the DiT's blocks only; model.name={config.model.name!r}"
+            " has no scanned form: set model.scan_blocks=False"
+        )
     if config.model.name == "dit" and not -1 <= config.model.remat_blocks <= depth:
-        raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
-                          " (the number of blocks that use model.remat)")
+        raise ConfigError(
+            f"model.remat_blocks={config.model.remat_blocks} must be -1 (every block) or 0..{depth}"
+            " (the number of blocks that use model.remat)"
+        )
     if config.model.remat_blocks != -1 and config.model.remat == "none":
-        raise ConfigError(f"model.remat_blocks={config.model.remat_blocks} picks the blocks that use model.remat,"
-                          " which is 'none': set model.remat (e.g. 'dots') or leave model.remat_blocks=-1")
+        raise ConfigError(
+            f"model.remat_blocks={config.model.remat_blocks} picks the blocks that use model.remat,"
+            " which is 'none': set model.remat (e.g. 'dots') or leave model.remat_blocks=-1"
+        )
     obj = config.objective
     if obj.teacher not in ("ema", "online"):
         raise ConfigError(f"objective.teacher={obj.teacher!r}: use 'ema' or 'online'")
@@ -353,11 +389,15 @@ def validate(config, *, num_devices: int) -> None:
     check_level_weights(obj.level_weights, obj.num_levels)
     if METHODS[obj.name].frozen_teacher:  # where the teacher is read from (training/runs.py reads it)
         if obj.teacher_weights not in ("ema", "params"):
-            raise ConfigError(f"objective.teacher_weights={obj.teacher_weights!r}: use 'ema' (the teacher run's first"
-                              " EMA tree) or 'params' (its online parameters)")
+            raise ConfigError(
+                f"objective.teacher_weights={obj.teacher_weights!r}: use 'ema' (the teacher run's first"
+                " EMA tree) or 'params' (its online parameters)"
+            )
         if obj.teacher_step < -1:
-            raise ConfigError(f"objective.teacher_step={obj.teacher_step} must be -1 (the latest checkpoint) or a"
-                              " saved step of the teacher run")
+            raise ConfigError(
+                f"objective.teacher_step={obj.teacher_step} must be -1 (the latest checkpoint) or a"
+                " saved step of the teacher run"
+            )
     bad_decays = [d for d in config.train.ema_decays if not 0.0 <= float(d) < 1.0]
     if bad_decays:
         raise ConfigError(f"train.ema_decays={tuple(config.train.ema_decays)}: each decay must be in [0, 1)")
@@ -407,30 +447,36 @@ def validate(config, *, num_devices: int) -> None:
     if train.profile_steps:
         steps = tuple(train.profile_steps)
         if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 0 <= steps[0] < steps[1]:
-            raise ConfigError(f"train.profile_steps={steps!r} must be () or (start, stop) with 0 <= start < stop,"
-                              " e.g. --config.train.profile_steps='(100,110)'")
+            raise ConfigError(
+                f"train.profile_steps={steps!r} must be () or (start, stop) with 0 <= start < stop,"
+                " e.g. --config.train.profile_steps='(100,110)'"
+            )
     if config.train.init_on not in ("device", "host"):
         raise ConfigError(f"train.init_on={config.train.init_on!r}: use 'device' or 'host'")
     check_init_from(config.train)
     check_pairs(config)
     num_ema = len(config.train.ema_decays)
     if config.eval.use_ema and num_ema and not 0 <= config.eval.ema_index < num_ema:
-        raise ConfigError(f"eval.ema_index={config.eval.ema_index} must index train.ema_decays="
-                          f"{tuple(config.train.ema_decays)}")
+        raise ConfigError(
+            f"eval.ema_index={config.eval.ema_index} must index train.ema_decays={tuple(config.train.ema_decays)}"
+        )
     if config.eval.decode_batch_size < 1:
-        raise ConfigError(f"eval.decode_batch_size={config.eval.decode_batch_size} must be >= 1 (latent runs"
-                          " decode samples in batches of this size; 8 or fewer for float32 on a GPU)")
+        raise ConfigError(
+            f"eval.decode_batch_size={config.eval.decode_batch_size} must be >= 1 (latent runs"
+            " decode samples in batches of this size; 8 or fewer for float32 on a GPU)"
+        )
     if config.eval.final_num_samples < 0:
         raise ConfigError(f"eval.final_num_samples={config.eval.final_num_samples} must be >= 0 (0: eval.num_samples)")
     if config.eval.metric not in METRIC_CHOICES:
         raise ConfigError(f"eval.metric={config.eval.metric!r}: use one of {list(METRIC_CHOICES)}")
     if config.eval.metric == "cfd" and not config.eval.classifier:
-        raise ConfigError("eval.metric='cfd' needs eval.classifier (a directory written by"
-                          " `python -m benchmarks.train_classifier`)")
+        raise ConfigError(
+            "eval.metric='cfd' needs eval.classifier (a directory written by `python -m benchmarks.train_classifier`)"
+        )
     for n in tuple(config.eval.budgets) + tuple(config.eval.grid_budgets):
         if n not in [2**k for k in range(obj.num_levels + 1)]:
             raise ConfigError(
-                f"eval budget {n} is not a power of two up to 2^objective.num_levels={2 ** obj.num_levels}:"
+                f"eval budget {n} is not a power of two up to 2^objective.num_levels={2**obj.num_levels}:"
                 " fix eval.budgets / eval.grid_budgets"
             )
     check_eval_outputs(config.eval)
@@ -445,8 +491,10 @@ def check_init_from(train_cfg) -> None:
     if train_cfg.init_from_step < -1:
         raise ConfigError(f"train.init_from_step={train_cfg.init_from_step} must be -1 (the latest) or a saved step")
     if not train_cfg.init_from and train_cfg.init_from_step != -1:
-        raise ConfigError(f"train.init_from_step={train_cfg.init_from_step} picks a step of train.init_from, which"
-                          " is '': set train.init_from to the source run's workdir, or leave the step at -1")
+        raise ConfigError(
+            f"train.init_from_step={train_cfg.init_from_step} picks a step of train.init_from, which"
+            " is '': set train.init_from to the source run's workdir, or leave the step at -1"
+        )
 
 
 def check_pairs(config) -> None:
@@ -456,13 +504,17 @@ def check_pairs(config) -> None:
     matching or a shortcut model fit to a teacher's samples, i.e. distillation through data); it
     reads ``x`` and ``label`` and leaves ``noise`` aside."""
     if METHODS[config.objective.name].frozen_teacher and config.train.init_from:
-        raise ConfigError(f"train.init_from={config.train.init_from!r} with objective.name={config.objective.name!r}:"
-                          " a distillation run already starts its student at the teacher"
-                          " (objective.teacher_checkpoint); set train.init_from=''")
+        raise ConfigError(
+            f"train.init_from={config.train.init_from!r} with objective.name={config.objective.name!r}:"
+            " a distillation run already starts its student at the teacher"
+            " (objective.teacher_checkpoint); set train.init_from=''"
+        )
     if METHODS[config.objective.name].pairs and config.data.name != PAIRS_DATA:
-        raise ConfigError(f"objective.name={config.objective.name!r} trains on stored (noise, sample) pairs:"
-                          f" set data.name={PAIRS_DATA!r} (not {config.data.name!r}) and data.path to the"
-                          " folder written by `python -m shortcut_jax.reflow_pairs`")
+        raise ConfigError(
+            f"objective.name={config.objective.name!r} trains on stored (noise, sample) pairs:"
+            f" set data.name={PAIRS_DATA!r} (not {config.data.name!r}) and data.path to the"
+            " folder written by `python -m shortcut_jax.reflow_pairs`"
+        )
 
 
 def check_eval_outputs(eval_cfg) -> None:
@@ -474,27 +526,35 @@ def check_eval_outputs(eval_cfg) -> None:
     exported = tuple(eval_cfg.export_budgets)
     missing = sorted(set(exported) - set(eval_cfg.budgets))
     if missing:
-        raise ConfigError(f"eval.export_budgets={exported} holds {missing}, which are not in eval.budgets="
-                          f"{tuple(eval_cfg.budgets)}: export only evaluated budgets, or add them there")
+        raise ConfigError(
+            f"eval.export_budgets={exported} holds {missing}, which are not in eval.budgets="
+            f"{tuple(eval_cfg.budgets)}: export only evaluated budgets, or add them there"
+        )
     pattern = eval_cfg.export_npz
     if exported and not pattern.endswith(".npz"):
         raise ConfigError(f"eval.export_npz={pattern!r} must name a .npz file (the ADM sample format)")
     try:
         pattern.format(steps=1)
     except (KeyError, IndexError, ValueError):
-        raise ConfigError(f"eval.export_npz={pattern!r}: the only field it may hold is {{steps}}"
-                          " (the budget), e.g. 'samples_{steps}step.npz'") from None
+        raise ConfigError(
+            f"eval.export_npz={pattern!r}: the only field it may hold is {{steps}}"
+            " (the budget), e.g. 'samples_{steps}step.npz'"
+        ) from None
     if len(set(exported)) > 1 and "{steps}" not in pattern:
-        raise ConfigError(f"eval.export_npz={pattern!r} is one file for {len(set(exported))} budgets: put"
-                          " {steps} in it, e.g. 'samples_{steps}step.npz'")
+        raise ConfigError(
+            f"eval.export_npz={pattern!r} is one file for {len(set(exported))} budgets: put"
+            " {steps} in it, e.g. 'samples_{steps}step.npz'"
+        )
 
 
 def check_model_fits_data(config, shape: tuple) -> None:
     """Checks that need the data's shape (after the data config was validated)."""
     if config.model.name == "dit":
         if len(shape) != 3:
-            raise ConfigError(f"model.name='dit' needs images [H, W, C]; the data gives examples of shape {shape}:"
-                              " use model.name='mlp' for points")
+            raise ConfigError(
+                f"model.name='dit' needs images [H, W, C]; the data gives examples of shape {shape}:"
+                " use model.name='mlp' for points"
+            )
         p = config.model.patch_size
         if shape[0] % p or shape[1] % p:
             raise ConfigError(

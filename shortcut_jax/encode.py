@@ -27,6 +27,7 @@ train on it with ``data.name='latents'``, ``data.path=<--out>``).
   network in bf16 (statistics and posterior in float32); ``--dtype=float16`` halves the files
   (ImageNet at 256: 1.28M x 64 KiB = 84 GB in float32).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,18 @@ log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Manifest entries that must agree for a resumed encode to add to the shards already written.
-PLAN_KEYS = ("count", "num_classes", "image_size", "latent_shape", "dtype", "compute_dtype", "shard_size",
-             "num_shards", "scaling_factor", "shift_factor")
+PLAN_KEYS = (
+    "count",
+    "num_classes",
+    "image_size",
+    "latent_shape",
+    "dtype",
+    "compute_dtype",
+    "shard_size",
+    "num_shards",
+    "scaling_factor",
+    "shift_factor",
+)
 
 
 class EncodeError(ValueError):
@@ -66,11 +77,15 @@ class EncodeSettings:
 def check_settings(settings: EncodeSettings, vae_config, num_devices: int) -> None:
     s = settings
     if s.image_size <= 0 or s.image_size % vae_config.downsample_factor:
-        raise EncodeError(f"--image_size={s.image_size} must be a positive multiple of the VAE's downsampling "
-                          f"factor {vae_config.downsample_factor}")
+        raise EncodeError(
+            f"--image_size={s.image_size} must be a positive multiple of the VAE's downsampling "
+            f"factor {vae_config.downsample_factor}"
+        )
     if s.batch_size <= 0 or s.batch_size % num_devices:
-        raise EncodeError(f"--batch_size={s.batch_size} must be a positive multiple of the {num_devices} local "
-                          f"devices (e.g. {num_devices * max(1, s.batch_size // num_devices)})")
+        raise EncodeError(
+            f"--batch_size={s.batch_size} must be a positive multiple of the {num_devices} local "
+            f"devices (e.g. {num_devices * max(1, s.batch_size // num_devices)})"
+        )
     if s.shard_size <= 0:
         raise EncodeError(f"--shard_size must be > 0, got {s.shard_size}")
     if s.dtype not in latent_format.STORAGE_DTYPES:
@@ -83,8 +98,14 @@ def plan(source: ImageBatches, vae, settings: EncodeSettings) -> dict[str, Any]:
     """The manifest of the finished set, without ``complete``."""
     count = source.num_examples
     num_shards = -(-count // settings.shard_size)
-    shards = [{"index": s, "start": s * settings.shard_size,
-               "count": min(settings.shard_size, count - s * settings.shard_size)} for s in range(num_shards)]
+    shards = [
+        {
+            "index": s,
+            "start": s * settings.shard_size,
+            "count": min(settings.shard_size, count - s * settings.shard_size),
+        }
+        for s in range(num_shards)
+    ]
     return {
         "format": latent_format.FORMAT,
         "version": latent_format.FORMAT_VERSION,
@@ -107,8 +128,7 @@ def plan(source: ImageBatches, vae, settings: EncodeSettings) -> dict[str, Any]:
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in PLAN_KEYS if old.get(key) != new.get(key)]
-    for section, key in (("source", "type"), ("source", "fingerprint"), ("vae", "weights_sha256"),
-                         ("vae", "config")):
+    for section, key in (("source", "type"), ("source", "fingerprint"), ("vae", "weights_sha256"), ("vae", "config")):
         before, after = old.get(section, {}).get(key), new[section].get(key)
         if before != after:
             diffs.append(f"{section}.{key}: {before!r} -> {after!r}")
@@ -135,15 +155,21 @@ def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> dict[str, Any] | N
             with open(manifest_path) as f:
                 existing = json.load(f)
         except (json.JSONDecodeError, OSError) as error:
-            raise EncodeError(f"--out={out_dir!r} has an unreadable {latent_format.MANIFEST} ({error}); "
-                              "delete the folder or choose another --out") from error
+            raise EncodeError(
+                f"--out={out_dir!r} has an unreadable {latent_format.MANIFEST} ({error}); "
+                "delete the folder or choose another --out"
+            ) from error
         diffs = _differences(existing, planned)
         if existing.get("format") != latent_format.FORMAT or diffs:
-            raise EncodeError(f"--out={out_dir!r} holds latents encoded with other settings ({'; '.join(diffs)}); "
-                              "choose another --out, or delete that folder to encode again")
+            raise EncodeError(
+                f"--out={out_dir!r} holds latents encoded with other settings ({'; '.join(diffs)}); "
+                "choose another --out, or delete that folder to encode again"
+            )
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise EncodeError(f"--out={out_dir!r} is a folder that holds other files and no {latent_format.MANIFEST}; "
-                          "choose an empty or new folder")
+        raise EncodeError(
+            f"--out={out_dir!r} is a folder that holds other files and no {latent_format.MANIFEST}; "
+            "choose an empty or new folder"
+        )
     os.makedirs(out_dir, exist_ok=True)
     for stray in glob.glob(os.path.join(out_dir, "shard_*.npy.tmp")):
         os.remove(stray)
@@ -153,8 +179,10 @@ def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> dict[str, Any] | N
 def shard_is_done(out_dir: str, planned: dict[str, Any], shard: dict[str, Any]) -> bool:
     moments_path, labels_path = latent_format.shard_paths(out_dir, shard["index"])
     shape = latent_format.moments_shape(planned, shard["count"])
-    return (latent_format.shard_problem(moments_path, shape, np.dtype(planned["dtype"])) is None
-            and latent_format.shard_problem(labels_path, (shard["count"],), np.dtype(np.int32)) is None)
+    return (
+        latent_format.shard_problem(moments_path, shape, np.dtype(planned["dtype"])) is None
+        and latent_format.shard_problem(labels_path, (shard["count"],), np.dtype(np.int32)) is None
+    )
 
 
 def make_encoder(vae, compute_dtype: str, devices):
@@ -187,34 +215,45 @@ def make_encoder(vae, compute_dtype: str, devices):
     return encode, params, batch_sharding
 
 
-def _write_shard(out_dir: str, planned: dict[str, Any], shard: dict[str, Any], source: ImageBatches,
-                 encode, params, batch_sharding, batch_size: int, progress_bar) -> None:
+def _write_shard(
+    out_dir: str,
+    planned: dict[str, Any],
+    shard: dict[str, Any],
+    source: ImageBatches,
+    encode,
+    params,
+    batch_sharding,
+    batch_size: int,
+    progress_bar,
+) -> None:
     import jax
 
     moments_path, labels_path = latent_format.shard_paths(out_dir, shard["index"])
     start, count = shard["start"], shard["count"]
     dtype = np.dtype(planned["dtype"])
     moments_tmp, labels_tmp = moments_path + ".tmp", labels_path + ".tmp"
-    moments = np.lib.format.open_memmap(moments_tmp, mode="w+", dtype=dtype,
-                                        shape=latent_format.moments_shape(planned, count))
+    moments = np.lib.format.open_memmap(
+        moments_tmp, mode="w+", dtype=dtype, shape=latent_format.moments_shape(planned, count)
+    )
     labels = np.empty(count, dtype=np.int32)
     image_shape = (planned["image_size"], planned["image_size"], 3)
 
     def fetch(job):
         row, n, result = job
-        moments[row:row + n] = np.asarray(result)[:n].astype(dtype)  # noqa: F821 - deleted after the loop
+        moments[row : row + n] = np.asarray(result)[:n].astype(dtype)  # noqa: F821 - deleted after the loop
         progress_bar.update(n)
 
     row, in_flight = 0, None
     for pixels, batch_labels in source.batches(start, start + count, batch_size):
         n = len(pixels)
         if pixels.shape[1:] != image_shape or pixels.dtype != np.uint8:
-            raise EncodeError(f"the source gave {pixels.dtype} images of shape {pixels.shape[1:]}, expected uint8 "
-                              f"{image_shape}")
+            raise EncodeError(
+                f"the source gave {pixels.dtype} images of shape {pixels.shape[1:]}, expected uint8 {image_shape}"
+            )
         padded = np.zeros((batch_size, *image_shape), np.uint8)  # one shape, one compilation
         padded[:n] = pixels
         result = encode(params, jax.device_put(padded, batch_sharding))  # runs while the next batch decodes
-        labels[row:row + n] = batch_labels
+        labels[row : row + n] = batch_labels
         if in_flight is not None:
             fetch(in_flight)
         in_flight, row = (row, n, result), row + n
@@ -233,8 +272,16 @@ def _write_shard(out_dir: str, planned: dict[str, Any], shard: dict[str, Any], s
     os.replace(labels_tmp, labels_path)
 
 
-def encode_images(source: ImageBatches, out_dir: str, vae, settings: EncodeSettings, *,
-                  max_shards: int | None = None, progress: bool = True, devices=None) -> dict[str, Any]:
+def encode_images(
+    source: ImageBatches,
+    out_dir: str,
+    vae,
+    settings: EncodeSettings,
+    *,
+    max_shards: int | None = None,
+    progress: bool = True,
+    devices=None,
+) -> dict[str, Any]:
     """Encodes every missing shard of ``source`` into ``out_dir``; returns the manifest
     (``complete`` once every shard is there and counted)."""
     import jax
@@ -243,8 +290,9 @@ def encode_images(source: ImageBatches, out_dir: str, vae, settings: EncodeSetti
     devices = list(devices if devices is not None else jax.local_devices())
     check_settings(settings, vae.config, len(devices))
     if source.image_size != settings.image_size:
-        raise EncodeError(f"the source gives {source.image_size}x{source.image_size} images but image_size="
-                          f"{settings.image_size}")
+        raise EncodeError(
+            f"the source gives {source.image_size}x{source.image_size} images but image_size={settings.image_size}"
+        )
     planned = plan(source, vae, settings)
     existing = prepare_out_dir(out_dir, planned)
     todo = [s for s in planned["shards"] if not shard_is_done(out_dir, planned, s)]
@@ -255,16 +303,27 @@ def encode_images(source: ImageBatches, out_dir: str, vae, settings: EncodeSetti
     done_examples = planned["count"] - sum(s["count"] for s in todo)
     if max_shards is not None:
         todo = todo[:max_shards]
-    log.info("%s: %d of %d shards to encode (%d of %d examples done)", out_dir, len(todo), planned["num_shards"],
-             done_examples, planned["count"])
+    log.info(
+        "%s: %d of %d shards to encode (%d of %d examples done)",
+        out_dir,
+        len(todo),
+        planned["num_shards"],
+        done_examples,
+        planned["count"],
+    )
     if todo:
         encode, params, batch_sharding = make_encoder(vae, settings.compute_dtype, devices)
         start = time.perf_counter()
-        with tqdm(total=planned["count"], initial=done_examples, unit="img", disable=not progress,
-                  desc="encoding", smoothing=0.1) as bar:
+        with tqdm(
+            total=planned["count"],
+            initial=done_examples,
+            unit="img",
+            disable=not progress,
+            desc="encoding",
+            smoothing=0.1,
+        ) as bar:
             for shard in todo:
-                _write_shard(out_dir, planned, shard, source, encode, params, batch_sharding, settings.batch_size,
-                             bar)
+                _write_shard(out_dir, planned, shard, source, encode, params, batch_sharding, settings.batch_size, bar)
         encoded = sum(s["count"] for s in todo)
         log.info("encoded %d images (and their mirrors) in %.1f s", encoded, time.perf_counter() - start)
     missing = [s["index"] for s in planned["shards"] if not shard_is_done(out_dir, planned, s)]
@@ -272,11 +331,14 @@ def encode_images(source: ImageBatches, out_dir: str, vae, settings: EncodeSetti
         if max_shards is None:
             raise EncodeError(f"shards {missing[:10]} of {out_dir} are missing after encoding; run again")
         return {**planned, "complete": False}
-    total = sum(len(np.load(latent_format.shard_paths(out_dir, s["index"])[1], mmap_mode="r"))
-                for s in planned["shards"])
+    total = sum(
+        len(np.load(latent_format.shard_paths(out_dir, s["index"])[1], mmap_mode="r")) for s in planned["shards"]
+    )
     if total != source.num_examples:
-        raise EncodeError(f"{out_dir} holds {total} examples but the source has {source.num_examples}; "
-                          "delete the folder and encode again")
+        raise EncodeError(
+            f"{out_dir} holds {total} examples but the source has {source.num_examples}; "
+            "delete the folder and encode again"
+        )
     manifest = {**planned, "complete": True}
     _write_json(os.path.join(out_dir, latent_format.MANIFEST), manifest)
     return manifest
@@ -292,8 +354,13 @@ def main(argv) -> None:
 
     if FLAGS.source_type not in IMAGE_SOURCES:
         raise SystemExit(f"--source_type={FLAGS.source_type!r} is unknown; use one of {sorted(IMAGE_SOURCES)}")
-    settings = EncodeSettings(image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size,
-                              dtype=FLAGS.dtype, compute_dtype=FLAGS.compute_dtype)
+    settings = EncodeSettings(
+        image_size=FLAGS.image_size,
+        batch_size=FLAGS.batch_size,
+        shard_size=FLAGS.shard_size,
+        dtype=FLAGS.dtype,
+        compute_dtype=FLAGS.compute_dtype,
+    )
     vae = load_vae(FLAGS.vae)
     import jax
 
@@ -302,8 +369,9 @@ def main(argv) -> None:
     if FLAGS.source_type == "tfds":
         options = {"split": FLAGS.split, "data_dir": FLAGS.data_dir}
     elif FLAGS.split != "train" or FLAGS.data_dir:
-        raise SystemExit("--split and --data_dir are for --source_type=tfds; leave them out for "
-                         f"--source_type={FLAGS.source_type}")
+        raise SystemExit(
+            f"--split and --data_dir are for --source_type=tfds; leave them out for --source_type={FLAGS.source_type}"
+        )
     source = IMAGE_SOURCES[FLAGS.source_type](FLAGS.source, FLAGS.image_size, FLAGS.num_workers, **options)
     try:
         manifest = encode_images(source, FLAGS.out, vae, settings, max_shards=FLAGS.max_shards)
@@ -316,8 +384,11 @@ def main(argv) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("source", None, "Images: a folder (--source_type=image_folder) or a TFDS name "
-                        "(--source_type=tfds, e.g. celeb_a_hq/256).")
+    flags.DEFINE_string(
+        "source",
+        None,
+        "Images: a folder (--source_type=image_folder) or a TFDS name (--source_type=tfds, e.g. celeb_a_hq/256).",
+    )
     flags.DEFINE_string("source_type", "image_folder", f"One of {sorted(IMAGE_SOURCES)}.")
     flags.DEFINE_string("split", "train", "TFDS split (--source_type=tfds).")
     flags.DEFINE_string("data_dir", "", "TFDS data folder (--source_type=tfds); '' is TFDS's default.")

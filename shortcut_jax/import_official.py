@@ -22,6 +22,7 @@ The config must describe the same network (the tool checks every parameter shape
 shape and class count are read from the pickle (``--image_size`` gives the spatial size, which
 the parameters do not determine).
 """
+
 from __future__ import annotations
 
 import logging
@@ -116,9 +117,11 @@ def _warn_no_adam_state(train_state: Mapping) -> None:
         found = f"opt_state holds {describe_structure(train_state['opt_state'])}"
     else:
         found = f"the train state has no opt_state (keys: {sorted(map(str, train_state))})"
-    message = (f"no Adam state (mu/nu) found in the reference checkpoint: {found}. Parameters, EMA and step"
-               " are imported; the optimiser starts afresh (zero moments, count 0), so the first updates"
-               " after the import are not those the reference run would have made.")
+    message = (
+        f"no Adam state (mu/nu) found in the reference checkpoint: {found}. Parameters, EMA and step"
+        " are imported; the optimiser starts afresh (zero moments, count 0), so the first updates"
+        " after the import are not those the reference run would have made."
+    )
     logging.getLogger(__name__).warning(message)
     warnings.warn(message, stacklevel=3)
 
@@ -135,8 +138,12 @@ def _with_imported_counts(opt_state, adam: optax.ScaleByAdamState, schedule_coun
     if isinstance(opt_state, optax.ScaleByScheduleState):
         return opt_state._replace(count=jax.device_put(schedule_count, opt_state.count.sharding))
     if _is_named_tuple(opt_state):
-        return opt_state._replace(**{name: _with_imported_counts(value, adam, schedule_count)
-                                     for name, value in zip(opt_state._fields, opt_state)})
+        return opt_state._replace(
+            **{
+                name: _with_imported_counts(value, adam, schedule_count)
+                for name, value in zip(opt_state._fields, opt_state)
+            }
+        )
     if isinstance(opt_state, tuple):
         return tuple(_with_imported_counts(s, adam, schedule_count) for s in opt_state)
     return opt_state
@@ -163,8 +170,9 @@ def _check_shapes(name: str, converted, abstract) -> None:
 def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size: int = 32) -> int:
     """Write the reference train state as this project's checkpoint; returns the step."""
     arch = convert.infer_official_config(train_state["params"])
-    spec = data.DataSpec(shape=(image_size, image_size, arch["in_channels"]),
-                         num_classes=arch["num_classes"], kind="images")
+    spec = data.DataSpec(
+        shape=(image_size, image_size, arch["in_channels"]), num_classes=arch["num_classes"], kind="images"
+    )
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into a fresh --workdir")
@@ -192,8 +200,9 @@ def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size:
         _check_shapes("opt_state.mu", mu, exp.abstract_state.params)
         _check_shapes("opt_state.nu", nu, exp.abstract_state.params)
         count = jnp.asarray(np.asarray(moments.get("count", step)), jnp.int32)
-        adam = optax.ScaleByAdamState(count=count, mu=placed(mu, exp.state_shardings.params),
-                                      nu=placed(nu, exp.state_shardings.params))
+        adam = optax.ScaleByAdamState(
+            count=count, mu=placed(mu, exp.state_shardings.params), nu=placed(nu, exp.state_shardings.params)
+        )
         opt_state = _with_imported_counts(opt_state, adam, jnp.asarray(step, jnp.int32))
     state = state.replace(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params, opt_state=opt_state)
     os.makedirs(workdir, exist_ok=True)

@@ -29,6 +29,7 @@ where no scheduler sets them, as for ``shortcut_jax.main``) share every sampler 
 devices of all of them; process 0 alone writes the files, and every process returns once they
 are written. One process uses every local device.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,14 @@ def teacher_config(saved: runs.SavedRun) -> ml_collections.ConfigDict:
     if saved.config is not None:
         _set_recorded(config, saved.config)
     else:
-        _set_recorded(config, {"model": saved.meta.get("model", {}), "objective": saved.meta.get("objective", {}),
-                               "train": {"ema_decays": saved.meta.get("ema_decays", [])}})
+        _set_recorded(
+            config,
+            {
+                "model": saved.meta.get("model", {}),
+                "objective": saved.meta.get("objective", {}),
+                "train": {"ema_decays": saved.meta.get("ema_decays", [])},
+            },
+        )
     # sampling reads neither the teacher's own warm-start source nor its evaluation files
     config.train.init_from, config.train.init_from_step = "", -1
     config.eval.metric, config.eval.export_budgets = "none", ()
@@ -85,18 +92,32 @@ def _latent_vae(data_cfg) -> Optional[dict]:
         return None
 
 
-def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, seed: int = 0,
-             batch_size: int = 1000, shard_size: int = 10_000, cfg_scale: float = 1.0, weights: str = "ema",
-             step: int = -1, config: Optional[ml_collections.ConfigDict] = None) -> dict:
+def generate(
+    workdir: str,
+    out_dir: str,
+    *,
+    num_pairs: int,
+    budget: int = 128,
+    seed: int = 0,
+    batch_size: int = 1000,
+    shard_size: int = 10_000,
+    cfg_scale: float = 1.0,
+    weights: str = "ema",
+    step: int = -1,
+    config: Optional[ml_collections.ConfigDict] = None,
+) -> dict:
     """Writes ``num_pairs`` pairs of the run in ``workdir`` (its workdir or checkpoints folder) to
     ``out_dir``; returns the pairs' manifest. Every request error is raised before the teacher
     is restored or anything compiled."""
     if weights not in runs.WEIGHTS:
         raise ValueError(f"--weights={weights!r}: use 'ema' or 'params'")
     if num_pairs < 1 or batch_size < 1 or shard_size < 1:
-        raise ValueError(f"--num_pairs={num_pairs}, --batch_size={batch_size} and --shard_size={shard_size} must"
-                         " be >= 1")
-    saved = runs.open_run(workdir, step=step, what="--workdir", step_what="--step")  # a missing checkpoint or step is refused here
+        raise ValueError(
+            f"--num_pairs={num_pairs}, --batch_size={batch_size} and --shard_size={shard_size} must be >= 1"
+        )
+    saved = runs.open_run(
+        workdir, step=step, what="--workdir", step_what="--step"
+    )  # a missing checkpoint or step is refused here
     num_levels = int(saved.meta.get("objective", {}).get("num_levels", 0))
     try:
         sampling.check_budget(budget, num_levels)
@@ -114,15 +135,35 @@ def generate(workdir: str, out_dir: str, *, num_pairs: int, budget: int = 128, s
             # the samples gathered on the host (several processes hold a global array each)
             return sampler.to_host(sampler(params, noise, labels, **kwargs))
 
-        meta = {"teacher_workdir": saved.workdir, "teacher_step": loaded.step, "weights": weights,
-                "teacher_objective": exp.config.objective.name, "teacher_num_levels": num_levels, "budget": budget,
-                "data": {"name": exp.config.data.name, "path": exp.config.data.path,
-                         "shape": list(exp.spec.shape), "num_classes": exp.spec.num_classes,
-                         "vae": _latent_vae(exp.config.data)}}
-        return pairs_io.generate_pairs(to_host_sampler, loaded.params, out_dir=out_dir, shape=tuple(exp.spec.shape),
-                                     num_classes=exp.spec.num_classes, num_pairs=num_pairs, num_steps=budget,
-                                     seed=seed, shard_size=shard_size, batch_size=batch_size, cfg_scale=cfg_scale,
-                                     meta=meta)
+        meta = {
+            "teacher_workdir": saved.workdir,
+            "teacher_step": loaded.step,
+            "weights": weights,
+            "teacher_objective": exp.config.objective.name,
+            "teacher_num_levels": num_levels,
+            "budget": budget,
+            "data": {
+                "name": exp.config.data.name,
+                "path": exp.config.data.path,
+                "shape": list(exp.spec.shape),
+                "num_classes": exp.spec.num_classes,
+                "vae": _latent_vae(exp.config.data),
+            },
+        }
+        return pairs_io.generate_pairs(
+            to_host_sampler,
+            loaded.params,
+            out_dir=out_dir,
+            shape=tuple(exp.spec.shape),
+            num_classes=exp.spec.num_classes,
+            num_pairs=num_pairs,
+            num_steps=budget,
+            seed=seed,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            cfg_scale=cfg_scale,
+            meta=meta,
+        )
     finally:
         loaded.close()
 
@@ -137,42 +178,64 @@ def define_flags(flag_values=None, argv=None):
     from ml_collections import config_flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "The teacher's config file (default: the config its last"
-                                    " launch recorded in <workdir>/manifest.json).", lock_config=True,
-                                    flag_values=fv, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "The teacher's config file (default: the config its last launch recorded in <workdir>/manifest.json).",
+        lock_config=True,
+        flag_values=fv,
+        sys_argv=argv,
+    )
     flags.DEFINE_string("workdir", None, "The teacher run's workdir or its checkpoints folder.", flag_values=fv)
     flags.DEFINE_string("out_dir", None, "Folder for the pair shards and their manifest.json.", flag_values=fv)
     flags.DEFINE_integer("num_pairs", None, "How many (noise, sample) pairs.", flag_values=fv)
-    flags.DEFINE_integer("budget", 128, "Sampling steps of the teacher: a power of two up to 2^num_levels.",
-                         flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed of the noise and labels (shard i: default_rng([seed, 7, i])).",
-                         flag_values=fv)
+    flags.DEFINE_integer(
+        "budget", 128, "Sampling steps of the teacher: a power of two up to 2^num_levels.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "seed", 0, "Seed of the noise and labels (shard i: default_rng([seed, 7, i])).", flag_values=fv
+    )
     flags.DEFINE_integer("batch_size", 1000, "Pairs per sampler call (split over the devices).", flag_values=fv)
     flags.DEFINE_integer("shard_size", 10_000, "Pairs per .npz shard.", flag_values=fv)
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale of the teacher (1: none).", flag_values=fv)
-    flags.DEFINE_enum("weights", "ema", list(runs.WEIGHTS), "The teacher's EMA (eval.ema_index) or online"
-                      " parameters.", flag_values=fv)
+    flags.DEFINE_enum(
+        "weights", "ema", list(runs.WEIGHTS), "The teacher's EMA (eval.ema_index) or online parameters.", flag_values=fv
+    )
     flags.DEFINE_integer("step", -1, "Checkpoint step of the teacher (-1: the latest).", flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "Join a job of several processes (jax.distributed.initialize).",
-                      flag_values=fv)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--multihost without a scheduler).",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost without a scheduler).",
-                         flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "This process's index (--multihost without a scheduler).",
-                         flag_values=fv)
+    flags.DEFINE_bool(
+        "multihost", False, "Join a job of several processes (jax.distributed.initialize).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (--multihost without a scheduler).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "Number of processes (--multihost without a scheduler).", flag_values=fv
+    )
+    flags.DEFINE_integer("process_id", None, "This process's index (--multihost without a scheduler).", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out_dir", "num_pairs"], flag_values=fv)
     return fv
 
 
 def run(fv) -> dict:
     """The command; returns the pairs' manifest."""
-    manifest = generate(fv.workdir, fv.out_dir, num_pairs=fv.num_pairs, budget=fv.budget, seed=fv.seed,
-                        batch_size=fv.batch_size, shard_size=fv.shard_size, cfg_scale=fv.cfg_scale,
-                        weights=fv.weights, step=fv.step, config=fv.config)
+    manifest = generate(
+        fv.workdir,
+        fv.out_dir,
+        num_pairs=fv.num_pairs,
+        budget=fv.budget,
+        seed=fv.seed,
+        batch_size=fv.batch_size,
+        shard_size=fv.shard_size,
+        cfg_scale=fv.cfg_scale,
+        weights=fv.weights,
+        step=fv.step,
+        config=fv.config,
+    )
     if jax.process_index() == 0:
-        print(f"{manifest['num_pairs']} pairs of {manifest['meta']['teacher_workdir']} (step"
-              f" {manifest['meta']['teacher_step']}, {fv.budget} step(s)) in {os.path.abspath(fv.out_dir)}")
+        print(
+            f"{manifest['num_pairs']} pairs of {manifest['meta']['teacher_workdir']} (step"
+            f" {manifest['meta']['teacher_step']}, {fv.budget} step(s)) in {os.path.abspath(fv.out_dir)}"
+        )
     return manifest
 
 

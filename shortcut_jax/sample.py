@@ -13,6 +13,7 @@ Command line::
 
 The library half (``load_run``, ``sample``, ``write_images``) is ``training.offline``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,17 @@ import os
 from shortcut_jax.evaluation.evaluator import sample_shape
 from shortcut_jax.objectives import sampling
 from shortcut_jax.training.offline import (  # noqa: F401 - the library's names, reachable from the command
-    LoadedRun, check_guidance, check_outputs, from_recorded_config, load_config, load_run, resolve_labels, sample,
-    saved_spec, write_images)
+    LoadedRun,
+    check_guidance,
+    check_outputs,
+    from_recorded_config,
+    load_config,
+    load_run,
+    resolve_labels,
+    sample,
+    saved_spec,
+    write_images,
+)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -37,20 +47,32 @@ def define_flags(flag_values=None, argv=None):
     from ml_collections import config_flags
 
     fv = flag_values if flag_values is not None else flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "The run's config file (python, get_config(arg)).",
-                                    lock_config=True, flag_values=fv, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "The run's config file (python, get_config(arg)).",
+        lock_config=True,
+        flag_values=fv,
+        sys_argv=argv,
+    )
     flags.DEFINE_string("workdir", None, "Run directory holding checkpoints (local or gs://).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
-    flags.DEFINE_integer("num_steps", 1, "Sampling budget: a power of two up to 2^objective.num_levels.",
-                         flag_values=fv)
+    flags.DEFINE_integer(
+        "num_steps", 1, "Sampling budget: a power of two up to 2^objective.num_levels.", flag_values=fv
+    )
     flags.DEFINE_integer("num_images", 64, "How many images.", flag_values=fv)
     flags.DEFINE_list("labels", None, "Class labels, given to the images in turn (e.g. 1,2,3).", flag_values=fv)
     flags.DEFINE_integer("class", None, "One class label for every image.", flag_values=fv)
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: none).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Noise and label seed.", flag_values=fv)
     flags.DEFINE_bool("use_ema", None, "Sample with the EMA weights (default: eval.use_ema).", flag_values=fv)
-    flags.DEFINE_string("out", None, "Grid PNG (scatter plot for points); default, without --out_dir:"
-                        " <workdir>/samples/step<step>_<num_steps>step.png.", flag_values=fv)
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Grid PNG (scatter plot for points); default, without --out_dir:"
+        " <workdir>/samples/step<step>_<num_steps>step.png.",
+        flag_values=fv,
+    )
     flags.DEFINE_string("out_dir", "", "Folder for one PNG per image.", flag_values=fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
     return fv
@@ -86,18 +108,32 @@ def run(fv) -> list[str]:
     try:
         # latents: what the run's decoder makes of them (traced, not compiled)
         check_outputs(sample_shape(spec, loaded.exp.decode), out=out, out_dir=fv.out_dir)
-        samples, chosen = sample(loaded, num_images=fv.num_images, num_steps=fv.num_steps, labels=labels,
-                                 class_label=class_label, cfg_scale=fv.cfg_scale, seed=fv.seed)
+        samples, chosen = sample(
+            loaded,
+            num_images=fv.num_images,
+            num_steps=fv.num_steps,
+            labels=labels,
+            class_label=class_label,
+            cfg_scale=fv.cfg_scale,
+            seed=fv.seed,
+        )
     finally:
         loaded.close()
     if default_out:
         out = os.path.join(fv.workdir, DEFAULT_OUT.format(step=loaded.step, num_steps=fv.num_steps))
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    paths = write_images(samples, chosen if spec.num_classes else None, out=out, out_dir=fv.out_dir,
-                         title=f"{fv.num_steps} step(s), step {loaded.step}")
+    paths = write_images(
+        samples,
+        chosen if spec.num_classes else None,
+        out=out,
+        out_dir=fv.out_dir,
+        title=f"{fv.num_steps} step(s), step {loaded.step}",
+    )
     logging.info("done: results in %s", fv.out_dir or out)
-    print(f"wrote {len(paths)} file(s): {paths[0]}{' ...' if len(paths) > 1 else ''}"
-          f" ({fv.num_images} samples at {fv.num_steps} step(s), checkpoint step {loaded.step})")
+    print(
+        f"wrote {len(paths)} file(s): {paths[0]}{' ...' if len(paths) > 1 else ''}"
+        f" ({fv.num_images} samples at {fv.num_steps} step(s), checkpoint step {loaded.step})"
+    )
     return paths
 
 

@@ -1,4 +1,5 @@
 """Tests for shortcut_jax.evaluation.adm_npz: the ADM evaluator's sample file."""
+
 import os
 import zipfile
 

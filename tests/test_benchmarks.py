@@ -1,4 +1,5 @@
 """Analytic FLOP counts against XLA's own, and the train-step benchmark on a tiny model (CPU)."""
+
 import gzip
 import json
 import math
@@ -29,8 +30,14 @@ def xla_flops(fn, *args) -> float:
 
 
 def tiny_dit():
-    model = DiT(patch_size=TINY["patch"], width=TINY["width"], depth=TINY["depth"], num_heads=TINY["heads"],
-                mlp_ratio=TINY["mlp_ratio"], num_classes=10)
+    model = DiT(
+        patch_size=TINY["patch"],
+        width=TINY["width"],
+        depth=TINY["depth"],
+        num_heads=TINY["heads"],
+        mlp_ratio=TINY["mlp_ratio"],
+        num_classes=10,
+    )
     b, s = TINY["batch"], TINY["image"]
     x = jnp.zeros((b, s, s, TINY["channels"]))
     t, level, label = jnp.zeros((b,)), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)
@@ -39,9 +46,16 @@ def tiny_dit():
 
 
 def tiny_forward_flops() -> float:
-    return flops.dit_forward_flops(TINY["width"], TINY["depth"], TINY["heads"], TINY["mlp_ratio"],
-                                   (TINY["image"] // TINY["patch"]) ** 2, TINY["channels"], TINY["patch"],
-                                   TINY["batch"])
+    return flops.dit_forward_flops(
+        TINY["width"],
+        TINY["depth"],
+        TINY["heads"],
+        TINY["mlp_ratio"],
+        (TINY["image"] // TINY["patch"]) ** 2,
+        TINY["channels"],
+        TINY["patch"],
+        TINY["batch"],
+    )
 
 
 def test_dense_layer_count_is_exactly_xlas():
@@ -79,8 +93,15 @@ def test_traced_count_of_the_forward_equals_the_formula():
 
 def test_traced_count_of_the_objectives_gradient_matches_the_step_formula():
     model, params, (x, t, level, label) = tiny_dit()
-    dims = dict(width=TINY["width"], depth=TINY["depth"], heads=TINY["heads"], mlp_ratio=TINY["mlp_ratio"],
-                tokens=(TINY["image"] // TINY["patch"]) ** 2, in_channels=TINY["channels"], patch=TINY["patch"])
+    dims = dict(
+        width=TINY["width"],
+        depth=TINY["depth"],
+        heads=TINY["heads"],
+        mlp_ratio=TINY["mlp_ratio"],
+        tokens=(TINY["image"] // TINY["patch"]) ** 2,
+        in_channels=TINY["channels"],
+        patch=TINY["patch"],
+    )
     batch = {"x": jnp.zeros((64, *x.shape[1:])), "label": jnp.zeros((64,), jnp.int32)}
 
     def apply_fn(p, *a):
@@ -121,18 +142,30 @@ def test_train_step_count_adds_teacher_passes_on_self_consistency_rows_only():
     assert flops.train_step_flops("flow_matching", 256, **dims) == 3 * fwd(256)
     assert flops.train_step_flops("shortcut", 256, sc_fraction=0.125, **dims) == 3 * fwd(256) + 2 * fwd(32)
     assert flops.train_step_flops("shortcut", 256, sc_fraction=0.25, **dims) == 3 * fwd(256) + 2 * fwd(64)
-    assert (flops.train_step_flops("shortcut", 256, sc_fraction=0.125, bootstrap_cfg=True, **dims)
-            == 3 * fwd(256) + 2 * fwd(32) + 2 * fwd(32 // 7))
+    assert flops.train_step_flops("shortcut", 256, sc_fraction=0.125, bootstrap_cfg=True, **dims) == 3 * fwd(
+        256
+    ) + 2 * fwd(32) + 2 * fwd(32 // 7)
 
 
 def test_tiny_row_times_a_working_train_step_and_sampler_on_cpu(tmp_path, capsys):
     row = bench.ROWS["tiny-shortcut"]
     assert row.dims[:2] == (32, 1) and row.batches == (16,)
     out = tmp_path / "results.json"
-    code = bench.main(["--rows=tiny-shortcut", "--in_process", "--sections=train,sampling", "--steps=2",
-                       "--warmup=1", "--sampling_row=tiny-shortcut", "--sampling_batch=8",
-                       "--sampling_budgets=1,2", f"--out={out}", f"--profile_dir={tmp_path / 'prof'}",
-                       "--profile_steps=2"])
+    code = bench.main(
+        [
+            "--rows=tiny-shortcut",
+            "--in_process",
+            "--sections=train,sampling",
+            "--steps=2",
+            "--warmup=1",
+            "--sampling_row=tiny-shortcut",
+            "--sampling_batch=8",
+            "--sampling_budgets=1,2",
+            f"--out={out}",
+            f"--profile_dir={tmp_path / 'prof'}",
+            "--profile_steps=2",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     (result,) = report["rows"]
@@ -142,7 +175,8 @@ def test_tiny_row_times_a_working_train_step_and_sampler_on_cpu(tmp_path, capsys
     assert result["compile_s"] > 0 and result["peak_gib"] > 0 and result["peak_source"] == "compiler"
     dims = dict(width=32, depth=1, heads=2, mlp_ratio=4.0, tokens=16, in_channels=4, patch=2)
     assert result["tflop_per_step"] * 1e12 == pytest.approx(
-        flops.train_step_flops("shortcut", 16, sc_fraction=0.5, **dims))
+        flops.train_step_flops("shortcut", 16, sc_fraction=0.5, **dims)
+    )
     # on CPU XLA counts the matmuls too, and adds elementwise work and the optimiser
     assert result["xla_tflop_per_step"] >= result["tflop_per_step"]
     # the traced step skips only the input gradients of the first layers (patch and t embedding)
@@ -175,9 +209,24 @@ def test_out_of_memory_row_prints_oom_and_tries_the_next_batch(capsys):
         base = {"name": row.name, "objective": row.objective, "model": "m", "input": "i", "batch": batch}
         if batch == 512:
             return {"rows": [{**base, "status": "OOM", "peak_gib": 181.0, "peak_source": "compiler"}]}
-        return {"rows": [{**base, "status": "ok", "images_per_s": 1.0, "step_ms": 1.0, "compile_s": 1.0,
-                          "init_s": 1.0, "peak_gib": 1.0, "peak_source": "allocator", "tflop_per_step": 0.25,
-                          "traced_tflop_per_step": 0.25, "xla_tflop_per_step": 0.3, "tflops": 250.0}]}
+        return {
+            "rows": [
+                {
+                    **base,
+                    "status": "ok",
+                    "images_per_s": 1.0,
+                    "step_ms": 1.0,
+                    "compile_s": 1.0,
+                    "init_s": 1.0,
+                    "peak_gib": 1.0,
+                    "peak_source": "allocator",
+                    "tflop_per_step": 0.25,
+                    "traced_tflop_per_step": 0.25,
+                    "xla_tflop_per_step": 0.3,
+                    "tflops": 250.0,
+                }
+            ]
+        }
 
     opts = bench.parse_args(["--rows=XL2-shortcut-max", "--sections=matmul,train", "--quiet"])
     report = bench.benchmark(opts, fake_part)
@@ -230,11 +279,18 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
     for name, scale in (("a", 1.0), ("b", 2.0)):
         workdir = tmp_path / name
         workdir.mkdir()
-        rows = [{"step": 500, "loss": 1.0, "sc_loss/level_0": 0.3, "sc_loss/level_1": 0.2},
-                {"step": 1000, "loss": 0.9, "sc_loss/level_0": 0.25, "sc_loss/level_1": 0.1}]
+        rows = [
+            {"step": 500, "loss": 1.0, "sc_loss/level_0": 0.3, "sc_loss/level_1": 0.2},
+            {"step": 1000, "loss": 0.9, "sc_loss/level_0": 0.25, "sc_loss/level_1": 0.1},
+        ]
         for step, samples in ((1000, 1000), (2000, 1000), (3000, 5000)):
-            rows.append({"step": step, "eval/num_samples": samples,
-                         **{f"eval/cfd_{n}step": scale * (10 + n) / step for n in (1, 4, 128)}})
+            rows.append(
+                {
+                    "step": step,
+                    "eval/num_samples": samples,
+                    **{f"eval/cfd_{n}step": scale * (10 + n) / step for n in (1, 4, 128)},
+                }
+            )
         rows.append({"step": 3000, "eval/cfd_1step": scale * 0.5, "eval/num_samples": 5000})  # a resumed rerun wins
         (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         runs[name] = str(workdir)
@@ -242,47 +298,68 @@ def test_budget_study_tables_the_last_eval_and_keeps_one_sample_count_per_curve(
             folder = workdir / "eval" / f"{step:08d}"
             folder.mkdir(parents=True)
             for n in budgets:  # a 10x12 grid whose red channel says run, green says budget
-                Image.fromarray(np.full((10, 12, 3), (int(scale * 50), n, 0), np.uint8)).save(folder / f"samples_{n}step.png")
+                Image.fromarray(np.full((10, 12, 3), (int(scale * 50), n, 0), np.uint8)).save(
+                    folder / f"samples_{n}step.png"
+                )
 
     samples = {}
     evals = budget_study.read_evals(runs["a"], "cfd", samples)
     assert sorted(evals) == [1000, 2000, 3000] and evals[3000][1] == 0.5
     assert samples == {1000: 1000, 2000: 1000, 3000: 5000}
     assert budget_study.curve_steps(evals, samples) == [1000, 2000]
-    assert budget_study.read_level_losses(runs["a"]) == {"level 0 (1 step)": {500: 0.3, 1000: 0.25},
-                                                         "level 1 (2 steps)": {500: 0.2, 1000: 0.1}}
+    assert budget_study.read_level_losses(runs["a"]) == {
+        "level 0 (1 step)": {500: 0.3, 1000: 0.25},
+        "level 1 (2 steps)": {500: 0.2, 1000: 0.1},
+    }
 
     out = tmp_path / "study"
-    monkeypatch.setattr(sys, "argv", ["budget_study", "--runs", f"a={runs['a']}", f"b={runs['b']}",
-                                      "--metric", "cfd", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["budget_study", "--runs", f"a={runs['a']}", f"b={runs['b']}", "--metric", "cfd", "--out", str(out)],
+    )
     budget_study.main()
     printed = capsys.readouterr().out
     assert "| a | 3000 | 5000 | 0.50 |" in printed and "| b | 3000 | 5000 | 1.00 |" in printed
     saved = json.load(open(out / "cfd_runs.json"))
     assert saved["b"]["1000"]["samples"] == 1000 and saved["b"]["1000"]["4"] == pytest.approx(2 * 14 / 1000)
-    assert {"cfd_by_budget.png", "cfd_1step_vs_training.png", "cfd_128step_vs_training.png",
-            "sc_loss_by_level_a.png"} <= set(os.listdir(out))
+    assert {
+        "cfd_by_budget.png",
+        "cfd_1step_vs_training.png",
+        "cfd_128step_vs_training.png",
+        "sc_loss_by_level_a.png",
+    } <= set(os.listdir(out))
     # Grids side by side at the last step both runs saved, in the budgets both saved (1 and 4).
     grid = np.asarray(Image.open(out / "samples_step3000.png").convert("RGB"))
     assert grid.shape == (24 + 2 * (10 + 4), 96 + 2 * (12 + 4), 3)
     for i, red in enumerate((50, 100)):
         for j, green in enumerate((1, 4)):
             top, left = 24 + i * 14, 96 + j * 16
-            assert (grid[top:top + 10, left:left + 12] == (red, green, 0)).all()
+            assert (grid[top : top + 10, left : left + 12] == (red, green, 0)).all()
     assert budget_study.compose_grids(runs, 1000, str(tmp_path / "none.png")) is None
 
 
 def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
-    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-            {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
-            {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "python"}}]
-    kernels = [("sm90_xmma_gemm_bf16", 0, 40), ("loop_add_fusion", 40, 10), ("cudnn_flash_fprop", 50, 30),
-               ("sm90_xmma_gemm_bf16", 100, 40), ("input_reduce_fusion", 140, 10), ("memcpy HtoD", 150, 5)]
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "python"}},
+    ]
+    kernels = [
+        ("sm90_xmma_gemm_bf16", 0, 40),
+        ("loop_add_fusion", 40, 10),
+        ("cudnn_flash_fprop", 50, 30),
+        ("sm90_xmma_gemm_bf16", 100, 40),
+        ("input_reduce_fusion", 140, 10),
+        ("memcpy HtoD", 150, 5),
+    ]
     events = meta + [{"ph": "X", "pid": 2, "tid": 7, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
     # a host event, and two nested host events: the host lane is left out once device lanes exist
-    events += [{"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction(step)", "ts": 0, "dur": 200},
-               {"ph": "X", "pid": 1, "tid": 3, "name": "inner", "ts": 10, "dur": 50}]
+    events += [
+        {"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction(step)", "ts": 0, "dur": 200},
+        {"ph": "X", "pid": 1, "tid": 3, "name": "inner", "ts": 10, "dur": 50},
+    ]
     path = tmp_path / "plugins" / "profile" / "t0" / "perfetto_trace.json.gz"
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as f:
@@ -293,8 +370,7 @@ def test_trace_summary_splits_device_time_by_lane_category_and_name(tmp_path):
     assert lane["thread"] == "Stream #7(Compute)" and lane["events"] == 6
     assert lane["busy_ms"] == pytest.approx(0.135) and lane["span_ms"] == pytest.approx(0.155)
     shares = {k: v["share"] for k, v in lane["categories"].items()}
-    assert shares == pytest.approx({"matmul": 80 / 135, "attention": 30 / 135, "fusion": 20 / 135,
-                                    "copy": 5 / 135})
+    assert shares == pytest.approx({"matmul": 80 / 135, "attention": 30 / 135, "fusion": 20 / 135, "copy": 5 / 135})
     assert lane["top"][0] == {"name": "sm90_xmma_gemm_bf16", "count": 2, "ms": 0.08, "share": 80 / 135}
     # without device lanes (a CPU trace) the host lanes are summarised; nested events count once as busy
     host = trace_summary.summarize([e for e in events if e.get("pid") == 1])
@@ -316,33 +392,51 @@ def _write_device_trace(tmp_path, kernels, hlo: str):
 
 
 def test_trace_summary_attributes_kernels_to_model_scopes_through_the_hlo(tmp_path, capsys):
-    hlo = "\n".join([
-        'HloModule jit_train_step',
-        '%fused_computation.3 (param_0: f32[4]) -> f32[4] {',
-        '  %multiply.9 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(train_step)/jvp(DiT)/x/mul"}',
-        '}',
-        'ENTRY %main {',
-        '  %fusion.12 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.3, metadata={op_name='
-        '"jit(train_step)/transpose(jvp(DiT))/block_3/mlp/mul" stack_frame_id=4}',
-        '  %loop_add_fusion.2 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(DiT)/block_0/add"}',
-        '  ROOT %input_reduce_fusion.7 = f32[4]{0} fusion(%p), kind=kInput, metadata={op_name='
-        '"jit(train_step)/transpose(jvp(DiT))/block_10/mlp/fc1/reduce_sum"}',
-        '  %custom-call.5 = bf16[8,8]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm"',
-        '}'])
+    hlo = "\n".join(
+        [
+            "HloModule jit_train_step",
+            "%fused_computation.3 (param_0: f32[4]) -> f32[4] {",
+            '  %multiply.9 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(train_step)/jvp(DiT)/x/mul"}',
+            "}",
+            "ENTRY %main {",
+            "  %fusion.12 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.3, metadata={op_name="
+            '"jit(train_step)/transpose(jvp(DiT))/block_3/mlp/mul" stack_frame_id=4}',
+            '  %loop_add_fusion.2 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(DiT)/block_0/add"}',
+            "  ROOT %input_reduce_fusion.7 = f32[4]{0} fusion(%p), kind=kInput, metadata={op_name="
+            '"jit(train_step)/transpose(jvp(DiT))/block_10/mlp/fc1/reduce_sum"}',
+            '  %custom-call.5 = bf16[8,8]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm"',
+            "}",
+        ]
+    )
     ops = trace_summary.hlo_op_names(hlo)
     assert ops["fusion_12"].endswith("block_3/mlp/mul") and "custom_call_5" not in ops
     assert trace_summary.scope(ops["fusion_12"]) == "bwd DiT/block_*/mlp"
-    assert trace_summary.scope("jit(step)/jvp(DiT)/label_embed/jit(_take)/broadcast_in_dim") == "fwd DiT/label_embed/_take"
+    assert (
+        trace_summary.scope("jit(step)/jvp(DiT)/label_embed/jit(_take)/broadcast_in_dim") == "fwd DiT/label_embed/_take"
+    )
     assert trace_summary.scope("jit(loss)") == "(top level)"
     assert trace_summary.scope("jit(train_step)/DiT/block_2/mlp/fc1/dot_general") == "DiT/block_*/mlp/fc1"
-    kernels = [("fusion_12", 0, 10), ("loop_add_fusion_2", 10, 5), ("input_reduce_fusion_7", 15, 3),
-               ("nvjet_sm90_tst_128x160", 18, 20), ("input_reduce_fusion_99", 38, 2), ("fusion_12", 40, 10)]
+    kernels = [
+        ("fusion_12", 0, 10),
+        ("loop_add_fusion_2", 10, 5),
+        ("input_reduce_fusion_7", 15, 3),
+        ("nvjet_sm90_tst_128x160", 18, 20),
+        ("input_reduce_fusion_99", 38, 2),
+        ("fusion_12", 40, 10),
+    ]
     _write_device_trace(tmp_path, kernels, hlo)
     summary = trace_summary.summarize_path(str(tmp_path))
     assert summary["hlo"] == str(tmp_path / trace_summary.HLO_FILE)
     ms = {k: v["ms"] for k, v in summary["lanes"][0]["scopes"].items()}
-    assert ms == pytest.approx({"bwd DiT/block_*/mlp": 0.02, "(matmul, no scope)": 0.02, "fwd DiT/block_*": 0.005,
-                                "bwd DiT/block_*/mlp/fc1": 0.003, "(fusion, no scope)": 0.002})
+    assert ms == pytest.approx(
+        {
+            "bwd DiT/block_*/mlp": 0.02,
+            "(matmul, no scope)": 0.02,
+            "fwd DiT/block_*": 0.005,
+            "bwd DiT/block_*/mlp/fc1": 0.003,
+            "(fusion, no scope)": 0.002,
+        }
+    )
     trace_summary.main([str(tmp_path), "--steps=2"])
     assert "0.010 ms/step  40.0%  bwd DiT/block_*/mlp" in capsys.readouterr().out
     # without the HLO file the scopes are left out
@@ -374,8 +468,17 @@ def test_trace_summary_categories_of_kernel_names_from_an_h100_trace():
 def test_lever_sweep_compares_variants_with_the_baseline_and_keeps_a_failed_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     out = tmp_path / "sweep.json"
-    code = lever_sweep.main(["--rows=tiny-shortcut", "--common=--steps=2 --warmup=1", f"--out={out}",
-                             "--variants", "base||", "host||--init_on=host", "bad|--xla_no_such_flag_here=1|"])
+    code = lever_sweep.main(
+        [
+            "--rows=tiny-shortcut",
+            "--common=--steps=2 --warmup=1",
+            f"--out={out}",
+            "--variants",
+            "base||",
+            "host||--init_on=host",
+            "bad|--xla_no_such_flag_here=1|",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     table = {x["variant"]: x for x in result["table"]}
@@ -396,11 +499,14 @@ def test_fused_gelu_grad_kernel_equals_the_gemm_times_geluderivative():
 
     # the derivative is the backward pass of the model's GELU
     x = jnp.linspace(-6.0, 6.0, 97, dtype=jnp.float32)
-    np.testing.assert_allclose(layers.gelu_tanh_slope(x), jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        layers.gelu_tanh_slope(x), jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x), rtol=1e-6
+    )
     rng = np.random.default_rng(0)
     rows, width, hidden = 64, 32, 96  # a 2 x 3 grid of 32 x 32 tiles (96 tiles only by 32)
-    dy, w, h = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, width), (hidden, width), (rows, hidden)))
+    dy, w, h = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, width), (hidden, width), (rows, hidden))
+    )
     tiles = fk.TileConfig(32, 128, 16)
     assert fk.fits(rows, width, hidden, tiles) and not fk.fits(rows, 24, hidden, tiles)
     want = (dy @ w.T) * layers.gelu_tanh_slope(h)
@@ -417,11 +523,25 @@ def test_fused_kernel_benchmark_runs_and_rejects_malformed_flags(tmp_path, capsy
     from benchmarks import fused_mlp_kernel as fk
 
     out = tmp_path / "k.json"
-    rows = fk.main(["--shapes=32x16x64", "--tiles=16,32,16,4,3;16,32,16,4,3,0", "--iters=1", "--dtype=float32",
-                    "--gemm_alone", f"--out={out}"])
+    rows = fk.main(
+        [
+            "--shapes=32x16x64",
+            "--tiles=16,32,16,4,3;16,32,16,4,3,0",
+            "--iters=1",
+            "--dtype=float32",
+            "--gemm_alone",
+            f"--out={out}",
+        ]
+    )
     names = [r["name"] for r in rows]
-    assert names == ["xla gemm", "xla gemm+gelu'", "fused 16,32,16,4,3,1", "pallas gemm 16,32,16,4,3,1",
-                     "fused 16,32,16,4,3,0", "pallas gemm 16,32,16,4,3,0"]
+    assert names == [
+        "xla gemm",
+        "xla gemm+gelu'",
+        "fused 16,32,16,4,3,1",
+        "pallas gemm 16,32,16,4,3,1",
+        "fused 16,32,16,4,3,0",
+        "pallas gemm 16,32,16,4,3,0",
+    ]
     assert all(r["rel_err"] < 1e-5 for r in rows if "rel_err" in r) and "rel_err" not in rows[0]
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
     assert "| 32x16x64 | fused 16,32,16,4,3,1 |" in capsys.readouterr().out
@@ -432,31 +552,39 @@ def test_fused_kernel_benchmark_runs_and_rejects_malformed_flags(tmp_path, capsy
 
 
 def test_trace_summary_memory_rate_of_xla_kernels_from_the_hlo_shapes(tmp_path, capsys):
-    hlo = "\n".join([
-        "HloModule jit_train_step",
-        "%fused_computation.1 (param_0.5: bf16[64,32]) -> bf16[64,32] {",
-        "  %param_0.5 = bf16[64,32]{1,0} parameter(0)",
-        "  ROOT %negate.1 = bf16[64,32]{1,0} negate(%param_0.5)",
-        "}",
-        "ENTRY %main (p0: bf16[64,32], p1: f32[32]) -> (bf16[64,32], f32[64]) {",
-        "  %p0 = bf16[64,32]{1,0} parameter(0)",
-        "  %p1 = f32[32]{0} parameter(1)",
-        "  %gte = f32[4,2]{1,0} get-tuple-element(%t), index=0",
-        # a tuple output and an operand named twice: 4096 out + 256 + 4096 in, each once
-        "  %input_reduce_fusion.3 = (f32[64]{0}, bf16[64,32]{1,0}) fusion(%p0, %p1, %p0), kind=kInput,"
-        " calls=%fused_computation.1, metadata={op_name=\"jit(train_step)/jvp(DiT)/norm/reduce_sum\"}",
-        "  %copy.2 = bf16[64,32]{0,1} copy(%p0)",
-        "  %fusion.4 = f32[64]{0} fusion(%undefined), kind=kLoop, calls=%fused_computation.1",
-        "  %custom-call.5 = bf16[64,64]{1,0} custom-call(%p0, %p0), custom_call_target=\"__cublas$gemm\"",
-        "  ROOT %tuple.6 = (bf16[64,32]{1,0}, f32[64]{0}) tuple(%copy.2, %fusion.4)",
-        "}"])
+    hlo = "\n".join(
+        [
+            "HloModule jit_train_step",
+            "%fused_computation.1 (param_0.5: bf16[64,32]) -> bf16[64,32] {",
+            "  %param_0.5 = bf16[64,32]{1,0} parameter(0)",
+            "  ROOT %negate.1 = bf16[64,32]{1,0} negate(%param_0.5)",
+            "}",
+            "ENTRY %main (p0: bf16[64,32], p1: f32[32]) -> (bf16[64,32], f32[64]) {",
+            "  %p0 = bf16[64,32]{1,0} parameter(0)",
+            "  %p1 = f32[32]{0} parameter(1)",
+            "  %gte = f32[4,2]{1,0} get-tuple-element(%t), index=0",
+            # a tuple output and an operand named twice: 4096 out + 256 + 4096 in, each once
+            "  %input_reduce_fusion.3 = (f32[64]{0}, bf16[64,32]{1,0}) fusion(%p0, %p1, %p0), kind=kInput,"
+            ' calls=%fused_computation.1, metadata={op_name="jit(train_step)/jvp(DiT)/norm/reduce_sum"}',
+            "  %copy.2 = bf16[64,32]{0,1} copy(%p0)",
+            "  %fusion.4 = f32[64]{0} fusion(%undefined), kind=kLoop, calls=%fused_computation.1",
+            '  %custom-call.5 = bf16[64,64]{1,0} custom-call(%p0, %p0), custom_call_target="__cublas$gemm"',
+            "  ROOT %tuple.6 = (bf16[64,32]{1,0}, f32[64]{0}) tuple(%copy.2, %fusion.4)",
+            "}",
+        ]
+    )
     assert trace_summary.shape_bytes("(bf16[256,3072]{1,0}, f32[256]{0})") == 256 * 3072 * 2 + 256 * 4
     assert trace_summary.shape_bytes("f32[]") == 4 and trace_summary.shape_bytes("token[]") is None
     sizes = trace_summary.hlo_kernel_bytes(hlo)
     # the fusion with an operand the text does not define and the library call are left out
     assert sizes == {"input_reduce_fusion_3": 64 * 4 + 64 * 32 * 2 + 64 * 32 * 2 + 32 * 4, "copy_2": 2 * 64 * 32 * 2}
-    kernels = [("input_reduce_fusion_3", 0, 0.004), ("input_reduce_fusion_3", 1, 0.004), ("copy_2", 2, 0.008),
-               ("fusion_4", 3, 1.0), ("nvjet_sm90_tst_128x160", 5, 2.0)]
+    kernels = [
+        ("input_reduce_fusion_3", 0, 0.004),
+        ("input_reduce_fusion_3", 1, 0.004),
+        ("copy_2", 2, 0.008),
+        ("fusion_4", 3, 1.0),
+        ("nvjet_sm90_tst_128x160", 5, 2.0),
+    ]
     _write_device_trace(tmp_path, kernels, hlo)
     lane = trace_summary.summarize_path(str(tmp_path))["lanes"][0]
     top = {t["name"]: t for t in lane["top"]}
@@ -483,8 +611,11 @@ def test_residuals_lists_what_the_step_stores_per_block_and_what_each_lever_remo
     assert tuple(base["lean_ops"]) == config_lib.DEFAULT_LEAN_OPS
     assert "stored over all 1 blocks" in capsys.readouterr().out
     batch, tokens, width = 16, (8 // 2) ** 2, 32  # the row: 8x8x4 latents, patch 2, width 32
-    token_f32 = [line["count"] for line in scan["lines"] if line["shape"] == [batch, tokens, width]
-                 and line["dtype"] == "float32"]
+    token_f32 = [
+        line["count"]
+        for line in scan["lines"]
+        if line["shape"] == [batch, tokens, width] and line["dtype"] == "float32"
+    ]
     assert token_f32 == [4]  # block input, attention update, input to the MLP half, MLP update
     mib = batch * tokens * width * 2 / 2**20  # what one token-sized tensor saves going f32 -> bf16
     # 'gate' keeps the two updates' branches in bf16; the bf16 stream, the block's two inputs
@@ -493,7 +624,9 @@ def test_residuals_lists_what_the_step_stores_per_block_and_what_each_lever_remo
         assert lean["values_per_block"] == scan["values_per_block"]
         np.testing.assert_allclose(scan["mib_per_block"] - lean["mib_per_block"], 2 * mib, rtol=1e-9)
     _, both = stored("--lean_ops=all", "--residual_dtype=compute")
-    assert not [line for line in both["lines"] if line["shape"] == [batch, tokens, width] and line["dtype"] == "float32"]
+    assert not [
+        line for line in both["lines"] if line["shape"] == [batch, tokens, width] and line["dtype"] == "float32"
+    ]
     # rematerialising the whole block stores only its input
     _, full = stored("--remat=full")
     assert full["values_per_block"] < scan["values_per_block"] and full["mib_per_block"] < scan["mib_per_block"] / 4

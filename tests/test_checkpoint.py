@@ -146,9 +146,7 @@ def test_restore_onto_sharded_abstract_state(tmp_path):
         _assert_bitwise_equal(restored, state)
         # Saving the sharded arrays and restoring them onto another layout.
         assert ckpt.save(2, restored, data_state={}, meta={})
-        moved = jax.tree.map(
-            lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=replicated), target
-        )
+        moved = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=replicated), target)
         again, _, _ = ckpt.restore(2, moved)
     assert again["x"].sharding.is_fully_replicated
     _assert_bitwise_equal(again, state)
@@ -218,11 +216,17 @@ def test_restore_without_checkpoint_raises(tmp_path):
 def test_check_compatible():
     saved = {"model": {"width": 64, "depth": 2, "mult": [1, 2]}, "objective": "shortcut", "seed": 0}
     # Equal after JSON normalisation; keys not listed are ignored.
-    check_compatible(saved, {"model": {"width": 64, "depth": 2, "mult": (1, 2)}, "objective": "shortcut",
-                             "seed": 1}, ["model", "objective"])
+    check_compatible(
+        saved,
+        {"model": {"width": 64, "depth": 2, "mult": (1, 2)}, "objective": "shortcut", "seed": 1},
+        ["model", "objective"],
+    )
     with pytest.raises(ValueError) as err:
-        check_compatible(saved, {"model": {"width": 128, "depth": 2, "mult": [1, 2]}, "objective": "shortcut"},
-                         ["model", "objective"])
+        check_compatible(
+            saved,
+            {"model": {"width": 128, "depth": 2, "mult": [1, 2]}, "objective": "shortcut"},
+            ["model", "objective"],
+        )
     msg = str(err.value)
     assert "model.width" in msg and "64" in msg and "128" in msg
     assert "depth" not in msg and "objective" not in msg

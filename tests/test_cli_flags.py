@@ -5,6 +5,7 @@ value of any other repeated flag; the entry points pass their argv through
 ``cli.last_override_wins`` (``cli.run``) so that scripts can put defaults first and let callers replace
 them (``experiments/cifar10_methods.sh``, ``launch/sweep.py``).
 """
+
 import os
 import shlex
 import subprocess
@@ -29,8 +30,14 @@ def parse(argv):
 
 
 def test_repeated_tuple_override_keeps_the_last_value_like_a_scalar():
-    argv = ["prog", f"--config={CONFIG}", "--config.eval.budgets=(1,4)", "--config.seed=1",
-            "--config.eval.budgets=(8,)", "--config.seed=2"]
+    argv = [
+        "prog",
+        f"--config={CONFIG}",
+        "--config.eval.budgets=(1,4)",
+        "--config.seed=1",
+        "--config.eval.budgets=(8,)",
+        "--config.seed=2",
+    ]
     assert parse(argv).eval.budgets == (1, 4, 8)  # what ml_collections does on its own
     config = parse(last_override_wins(argv))
     assert config.eval.budgets == (8,)
@@ -38,30 +45,71 @@ def test_repeated_tuple_override_keeps_the_last_value_like_a_scalar():
 
 
 def test_space_separated_and_negated_forms_are_the_same_key():
-    argv = ["prog", "--config=c.py", "--config.eval.budgets", "(1,2)", "--noconfig.train.ema_debias",
-            "--workdir", "w", "--config.train.ema_debias=True", "--config.eval.budgets=(4,)"]
-    assert last_override_wins(argv) == ["prog", "--config=c.py", "--workdir", "w", "--config.train.ema_debias=True",
-                                        "--config.eval.budgets=(4,)"]
+    argv = [
+        "prog",
+        "--config=c.py",
+        "--config.eval.budgets",
+        "(1,2)",
+        "--noconfig.train.ema_debias",
+        "--workdir",
+        "w",
+        "--config.train.ema_debias=True",
+        "--config.eval.budgets=(4,)",
+    ]
+    assert last_override_wins(argv) == [
+        "prog",
+        "--config=c.py",
+        "--workdir",
+        "w",
+        "--config.train.ema_debias=True",
+        "--config.eval.budgets=(4,)",
+    ]
 
 
 def test_other_flags_and_everything_after_a_double_dash_are_left_alone():
-    argv = ["prog", "--config=a.py", "--config=b.py", "--data.split=train", "--data.split=test", "--",
-            "--config.seed=1", "--config.seed=2"]
+    argv = [
+        "prog",
+        "--config=a.py",
+        "--config=b.py",
+        "--data.split=train",
+        "--data.split=test",
+        "--",
+        "--config.seed=1",
+        "--config.seed=2",
+    ]
     assert last_override_wins(argv) == argv
-    assert last_override_wins(argv, names=("data",)) == ["prog", "--config=a.py", "--config=b.py",
-                                                        "--data.split=test", "--", "--config.seed=1",
-                                                        "--config.seed=2"]
+    assert last_override_wins(argv, names=("data",)) == [
+        "prog",
+        "--config=a.py",
+        "--config=b.py",
+        "--data.split=test",
+        "--",
+        "--config.seed=1",
+        "--config.seed=2",
+    ]
 
 
 def sweep_commands(*args):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "--dry_run", *args],
-                          capture_output=True, text=True, cwd=ROOT, env=child_env())
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "--dry_run", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=child_env(),
+    )
     return done.returncode, [shlex.split(line) for line in done.stdout.splitlines()], done.stderr
 
 
 def test_sweep_run_flags_replace_the_shared_flags_of_the_same_key(tmp_path):
-    code, (own, shared), _ = sweep_commands(f"--config={CONFIG}", f"--root={tmp_path}", "--runs",
-                                            "--config.eval.budgets=(2,)", "", "--", "--config.eval.budgets=(1,4)")
+    code, (own, shared), _ = sweep_commands(
+        f"--config={CONFIG}",
+        f"--root={tmp_path}",
+        "--runs",
+        "--config.eval.budgets=(2,)",
+        "",
+        "--",
+        "--config.eval.budgets=(1,4)",
+    )
     assert code == 0
     assert own[-1] == f"--workdir={tmp_path}/eval.budgets=_2" and shared[-1] == f"--workdir={tmp_path}/default"
     # each command's flags, without `python -m shortcut_jax.main` and --workdir
@@ -70,13 +118,18 @@ def test_sweep_run_flags_replace_the_shared_flags_of_the_same_key(tmp_path):
 
 
 def test_sweep_takes_runs_that_start_with_a_flag_as_runs(tmp_path):
-    code, commands, _ = sweep_commands(f"--config={CONFIG}", "--runs", "", "preset=few_step", "--config.seed=3",
-                                       f"--root={tmp_path}")
+    code, commands, _ = sweep_commands(
+        f"--config={CONFIG}", "--runs", "", "preset=few_step", "--config.seed=3", f"--root={tmp_path}"
+    )
     assert code == 0
-    assert [c[-1] for c in commands] == [f"--workdir={tmp_path}/{name}"
-                                         for name in ("default", "preset=few_step", "seed=3")]
-    assert [c[3:-1] for c in commands] == [[f"--config={CONFIG}"], [f"--config={CONFIG},preset=few_step"],
-                                           [f"--config={CONFIG}", "--config.seed=3"]]
+    assert [c[-1] for c in commands] == [
+        f"--workdir={tmp_path}/{name}" for name in ("default", "preset=few_step", "seed=3")
+    ]
+    assert [c[3:-1] for c in commands] == [
+        [f"--config={CONFIG}"],
+        [f"--config={CONFIG},preset=few_step"],
+        [f"--config={CONFIG}", "--config.seed=3"],
+    ]
 
 
 def test_sweep_refuses_runs_that_would_share_a_workdir(tmp_path):

@@ -4,6 +4,7 @@ The cases call the checks directly (nothing is compiled); ``test_bad_config_rais
 in test_train.py checks, for a sample of them, that the train entry point raises before it compiles
 or writes anything. The last test fails when a check is added to config_lib without a case here.
 """
+
 import ast
 import importlib.util
 import os
@@ -30,6 +31,7 @@ def validate(overrides, num_devices=8):
             section, key = dotted.split(".")
             cfg[section][key] = value
         config_lib.validate(cfg, num_devices=num_devices)
+
     return run
 
 
@@ -38,44 +40,83 @@ def fits(model_name, shape, patch=2):
         cfg = digits_config()
         cfg.model.name, cfg.model.patch_size = model_name, patch
         config_lib.check_model_fits_data(cfg, shape)
+
     return run
 
 
 CASES = {
     "preset": (lambda: config_lib.apply_preset(digits_config(), "fast"), "preset='fast'"),
     "variant": (validate({"model.variant": "Q"}), "model.variant='Q'"),
-    "jvp_cudnn": (validate({"objective.name": "meanflow", "model.attention_impl": "cudnn"}),
-                  "cuDNN attention kernel does not support"),
-    "jvp_fp8": (validate({"objective.name": "meanflow_v", "model.matmul_precision": "fp8"}),
-                "FP8 dense layers have no forward-mode rule"),
+    "jvp_cudnn": (
+        validate({"objective.name": "meanflow", "model.attention_impl": "cudnn"}),
+        "cuDNN attention kernel does not support",
+    ),
+    "jvp_fp8": (
+        validate({"objective.name": "meanflow_v", "model.matmul_precision": "fp8"}),
+        "FP8 dense layers have no forward-mode rule",
+    ),
     "level weights": (validate({"objective.level_weights": (1.0,)}), "objective.level_weights"),
     "lean ops": (validate({"model.lean_ops": ("qkv",)}), "model.lean_ops"),
     "rows per level": (validate({"train.batch_size": 16}), "self-consistency rows"),
     "objective": (validate({"objective.name": "magic"}), "objective.name='magic'"),
-    "teacher weights": (validate({"objective.name": "consistency_distillation", "objective.teacher_checkpoint": ROOT,
-                                  "objective.teacher_weights": "best"}), "objective.teacher_weights='best'"),
-    "teacher step": (validate({"objective.name": "progressive_distillation", "objective.teacher_checkpoint": ROOT,
-                               "objective.teacher_step": -2, "train.steps": 70}), "objective.teacher_step=-2"),
+    "teacher weights": (
+        validate(
+            {
+                "objective.name": "consistency_distillation",
+                "objective.teacher_checkpoint": ROOT,
+                "objective.teacher_weights": "best",
+            }
+        ),
+        "objective.teacher_weights='best'",
+    ),
+    "teacher step": (
+        validate(
+            {
+                "objective.name": "progressive_distillation",
+                "objective.teacher_checkpoint": ROOT,
+                "objective.teacher_step": -2,
+                "train.steps": 70,
+            }
+        ),
+        "objective.teacher_step=-2",
+    ),
     "reflow without pairs": (validate({"objective.name": "reflow"}), "data.name='reflow_pairs'"),
-    "warm start weights": (validate({"train.init_from": "/runs/fm", "train.init_from_weights": "best"}),
-                           "train.init_from_weights='best'"),
-    "warm start step": (validate({"train.init_from": "/runs/fm", "train.init_from_step": -2}),
-                        "train.init_from_step=-2"),
-    "warm start of a distillation": (validate({"objective.name": "consistency_distillation",
-                                               "objective.teacher_checkpoint": ROOT, "train.init_from": ROOT}),
-                                     "train.init_from=.* with objective.name='consistency_distillation'"),
+    "warm start weights": (
+        validate({"train.init_from": "/runs/fm", "train.init_from_weights": "best"}),
+        "train.init_from_weights='best'",
+    ),
+    "warm start step": (
+        validate({"train.init_from": "/runs/fm", "train.init_from_step": -2}),
+        "train.init_from_step=-2",
+    ),
+    "warm start of a distillation": (
+        validate(
+            {
+                "objective.name": "consistency_distillation",
+                "objective.teacher_checkpoint": ROOT,
+                "train.init_from": ROOT,
+            }
+        ),
+        "train.init_from=.* with objective.name='consistency_distillation'",
+    ),
     "warm start step without a source": (validate({"train.init_from_step": 100}), "train.init_from_step=100"),
-    "method keys": (validate({"objective.name": "diffusion", "objective.diffusion_schedule": "sigmoid"}),
-                    "objective.diffusion_schedule='sigmoid'"),
+    "method keys": (
+        validate({"objective.name": "diffusion", "objective.diffusion_schedule": "sigmoid"}),
+        "objective.diffusion_schedule='sigmoid'",
+    ),
     "model name": (validate({"model.name": "unet"}), "model.name='unet'"),
     "no dims": (validate({"model.width": 0}), "set model.variant"),
     "heads": (validate({"model.width": 36, "model.num_heads": 8}), "model.num_heads=8"),
     "width": (validate({"model.width": 6, "model.num_heads": 2}), "multiple of 4"),
     "choice": (validate({"model.attention_scale": "sqrt"}), "model.attention_scale='sqrt'"),
-    "fp8 outside the DiT": (validate({"model.name": "mlp", "model.matmul_precision": "fp8"}),
-                            "model.matmul_precision='fp8' applies to the DiT's blocks only"),
-    "scan outside the DiT": (validate({"model.name": "mlp", "model.scan_blocks": True}),
-                             "model.scan_blocks=True applies to the DiT's blocks only"),
+    "fp8 outside the DiT": (
+        validate({"model.name": "mlp", "model.matmul_precision": "fp8"}),
+        "model.matmul_precision='fp8' applies to the DiT's blocks only",
+    ),
+    "scan outside the DiT": (
+        validate({"model.name": "mlp", "model.scan_blocks": True}),
+        "model.scan_blocks=True applies to the DiT's blocks only",
+    ),
     "remat blocks": (validate({"model.remat": "dots", "model.remat_blocks": 99}), "model.remat_blocks=99"),
     "remat blocks without remat": (validate({"model.remat_blocks": 1}), "set model.remat"),
     "teacher": (validate({"objective.teacher": "oracle"}), "objective.teacher='oracle'"),
@@ -84,8 +125,10 @@ CASES = {
     "fraction": (validate({"objective.sc_fraction": 1.0}), "objective.sc_fraction=1.0"),
     "flow t": (validate({"objective.flow_t": "beta"}), "objective.flow_t='beta'"),
     "ema decay": (validate({"train.ema_decays": (1.0,)}), "train.ema_decays"),
-    "ema teacher without ema": (validate({"train.ema_decays": (), "objective.teacher": "ema"}),
-                                "needs at least one train.ema_decays"),
+    "ema teacher without ema": (
+        validate({"train.ema_decays": (), "objective.teacher": "ema"}),
+        "needs at least one train.ema_decays",
+    ),
     "schedule": (validate({"optim.schedule": "step"}), "optim.schedule='step'"),
     "decay mask": (validate({"optim.weight_decay_mask": "bias"}), "optim.weight_decay_mask"),
     "accumulation": (validate({"optim.accum_steps": 0}), "optim.accum_steps=0"),
@@ -94,8 +137,10 @@ CASES = {
     "devices": (validate({"train.batch_size": 60}), "not divisible by the 8 devices"),
     "batch by accumulation": (validate({"optim.accum_steps": 3}), "optim.accum_steps=3"),
     "micro-batch by devices": (validate({"train.batch_size": 128, "optim.accum_steps": 32}), "micro-batch"),
-    "rows over micro-batches": (validate({"train.batch_size": 120, "objective.sc_fraction": 0.125,
-                                          "optim.accum_steps": 2}, num_devices=1), "split evenly"),
+    "rows over micro-batches": (
+        validate({"train.batch_size": 120, "objective.sc_fraction": 0.125, "optim.accum_steps": 2}, num_devices=1),
+        "split evenly",
+    ),
     "intervals": (validate({"train.log_every": 0}), "train.log_every=0"),
     "profile": (validate({"train.profile_steps": (5,)}), "train.profile_steps"),
     "init on": (validate({"train.init_on": "tpu"}), "train.init_on='tpu'"),
@@ -108,12 +153,18 @@ CASES = {
     "label mode": (validate({"eval.label_mode": "uniform"}), "eval.label_mode='uniform'"),
     "fid batch": (validate({"eval.fid_batch_size": 0}), "eval.fid_batch_size=0"),
     "export budgets": (validate({"eval.export_budgets": (2,)}), "eval.export_budgets=(2,) holds"),
-    "export file": (validate({"eval.export_budgets": (1,), "eval.export_npz": "samples.png"}),
-                    "eval.export_npz='samples.png' must name a .npz"),
-    "export field": (validate({"eval.export_budgets": (1,), "eval.export_npz": "s_{step}.npz"}),
-                     "the only field it may hold is"),
-    "export one file": (validate({"eval.budgets": (1, 4), "eval.export_budgets": (1, 4),
-                                  "eval.export_npz": "s.npz"}), "one file for 2 budgets"),
+    "export file": (
+        validate({"eval.export_budgets": (1,), "eval.export_npz": "samples.png"}),
+        "eval.export_npz='samples.png' must name a .npz",
+    ),
+    "export field": (
+        validate({"eval.export_budgets": (1,), "eval.export_npz": "s_{step}.npz"}),
+        "the only field it may hold is",
+    ),
+    "export one file": (
+        validate({"eval.budgets": (1, 4), "eval.export_budgets": (1, 4), "eval.export_npz": "s.npz"}),
+        "one file for 2 budgets",
+    ),
     "dit on points": (fits("dit", (2,)), "model.name='mlp'"),
     "patch": (fits("dit", (9, 9, 3)), "model.patch_size=2"),
     "mlp on images": (fits("mlp", (8, 8, 3)), "model.name='dit'"),
@@ -140,8 +191,11 @@ def test_every_config_error_in_config_lib_has_a_case():
     source = open(config_lib.__file__, encoding="utf-8").read()
     raise_lines = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) \
-                and getattr(node.exc.func, "id", "") == "ConfigError":
+        if (
+            isinstance(node, ast.Raise)
+            and isinstance(node.exc, ast.Call)
+            and getattr(node.exc.func, "id", "") == "ConfigError"
+        ):
             # a multi-line raise is reported by the traceback at the line of its call
             raise_lines.add(node.lineno)
     covered = {_raise_line(case) for case in CASES}

@@ -1,5 +1,6 @@
 """Tests for shortcut_jax.data: validation messages, determinism, resumption, multi-host slicing,
 toy supports, image decoding and archive extraction. Uses only tiny data built in tmp_path."""
+
 import io
 import json
 import os
@@ -69,8 +70,7 @@ def sources_for_stream_tests(tmp_path, class_folder):
     """(name, config) pairs covering every kind of stream state."""
     rng = np.random.default_rng(1)
     npz = str(tmp_path / "arrays.npz")
-    np.savez(npz, x=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8),
-             labels=rng.integers(0, 3, 12))
+    np.savez(npz, x=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8), labels=rng.integers(0, 3, 12))
     return [
         ("arrays", make_config(name="arrays", path=npz, random_flip=True)),
         ("image_folder", folder_config(class_folder[0], random_flip=True)),
@@ -81,11 +81,11 @@ def sources_for_stream_tests(tmp_path, class_folder):
 
 # --- validation -------------------------------------------------------------------------------
 
+
 def test_unknown_name_lists_known_names():
     with pytest.raises(ValueError) as error:
         validate_data_config(make_config(name="cifar"))
-    for name in ("checkerboard", "gaussian_mixture", "two_moons", "spiral", "digits", "arrays",
-                 "image_folder"):
+    for name in ("checkerboard", "gaussian_mixture", "two_moons", "spiral", "digits", "arrays", "image_folder"):
         assert name in str(error.value)
     assert set(READERS) >= {"checkerboard", "digits", "arrays", "image_folder"}
 
@@ -163,14 +163,17 @@ def test_mixed_sizes_need_image_size(tmp_path):
     source.close()
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(image_size=-1), "data.image_size"),
-    (dict(num_workers=0), "data.num_workers"),
-    (dict(random_flip=True), "data.random_flip"),  # checkerboard gives points
-    (dict(path="/tmp/x.npz"), "data.path"),
-    (dict(name="digits", image_size=16), "data.image_size"),
-    (dict(shuffle="yes"), "data.shuffle"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(image_size=-1), "data.image_size"),
+        (dict(num_workers=0), "data.num_workers"),
+        (dict(random_flip=True), "data.random_flip"),  # checkerboard gives points
+        (dict(path="/tmp/x.npz"), "data.path"),
+        (dict(name="digits", image_size=16), "data.image_size"),
+        (dict(shuffle="yes"), "data.shuffle"),
+    ],
+)
 def test_bad_fields_name_the_key(overrides, key):
     config = default_data_config().to_dict()  # a plain dict, which readers also accept
     config.update(overrides)
@@ -194,13 +197,13 @@ def test_bad_run_arguments():
 
 # --- arrays -----------------------------------------------------------------------------------
 
+
 def test_npz_images_with_labels(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 4, 3), dtype=np.uint8)  # [N, H, W]
     labels = np.array([0, 2, 0, 2, 0, 2])
     path = str(tmp_path / "data.npz")
     np.savez(path, x=images, labels=labels)
-    source = make_dataset(make_config(name="arrays", path=path, shuffle=False), batch_size=6,
-                          seed=0)
+    source = make_dataset(make_config(name="arrays", path=path, shuffle=False), batch_size=6, seed=0)
     assert source.spec.shape == (4, 3, 1) and source.spec.kind == "images"
     assert source.spec.num_classes == 3  # max + 1, not the number of distinct labels
     batch = source.next_batch()
@@ -226,15 +229,13 @@ def test_npy_points_unlabelled(tmp_path):
     batch = source.next_batch()
     assert (batch["label"] == 0).all()
     # One batch of N rows is one shuffled epoch of the data, values taken as is.
-    np.testing.assert_array_equal(np.sort(batch["x"], axis=0),
-                                  np.sort(points.astype(np.float32), axis=0))
+    np.testing.assert_array_equal(np.sort(batch["x"], axis=0), np.sort(points.astype(np.float32), axis=0))
 
 
 def test_use_labels_false(tmp_path):
     path = str(tmp_path / "data.npz")
     np.savez(path, x=np.zeros((4, 2), np.float32), labels=np.array([0, 1, 2, 3]))
-    source = make_dataset(make_config(name="arrays", path=path, use_labels=False),
-                          batch_size=4, seed=0)
+    source = make_dataset(make_config(name="arrays", path=path, use_labels=False), batch_size=4, seed=0)
     assert source.spec.num_classes == 0 and (source.next_batch()["label"] == 0).all()
 
 
@@ -275,6 +276,7 @@ def test_reference_draws_without_replacement(tmp_path):
 
 # --- stream semantics -------------------------------------------------------------------------
 
+
 def test_epochs_are_permutations_and_batches_span_them(tmp_path):
     path = str(tmp_path / "ids.npy")
     np.save(path, np.arange(10, dtype=np.float32)[:, None])
@@ -283,8 +285,7 @@ def test_epochs_are_permutations_and_batches_span_them(tmp_path):
     first, second = stream[:10], stream[10:]
     assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
     assert not np.array_equal(first, second) and not np.array_equal(first, np.arange(10))
-    unshuffled = make_dataset(make_config(name="arrays", path=path, shuffle=False),
-                              batch_size=4, seed=0)
+    unshuffled = make_dataset(make_config(name="arrays", path=path, shuffle=False), batch_size=4, seed=0)
     stream = np.concatenate([b["x"][:, 0] for b in take(unshuffled, 5)]).astype(int)
     np.testing.assert_array_equal(stream, np.tile(np.arange(10), 2))
 
@@ -334,22 +335,22 @@ def test_state_from_other_data_is_rejected(tmp_path, class_folder):
 def test_multi_host_slices_union_to_global_batch(tmp_path, class_folder):
     for name, config in sources_for_stream_tests(tmp_path, class_folder):
         whole = make_dataset(config, batch_size=6, seed=3)
-        parts = [make_dataset(config, batch_size=3, seed=3, process_index=p, process_count=2)
-                 for p in range(2)]
+        parts = [make_dataset(config, batch_size=3, seed=3, process_index=p, process_count=2) for p in range(2)]
         for _ in range(4):
             expected = whole.next_batch()
             pieces = [part.next_batch() for part in parts]
             for key in ("x", "label"):
-                np.testing.assert_array_equal(
-                    np.concatenate([piece[key] for piece in pieces]), expected[key], name)
+                np.testing.assert_array_equal(np.concatenate([piece[key] for piece in pieces]), expected[key], name)
         for source in (whole, *parts):
             source.close()
 
 
 def test_decoded_cache_gives_the_same_stream_and_reference(class_folder):
     root = class_folder[0]
-    plain, cached = (make_dataset(folder_config(root, random_flip=True, cache_decoded=c),
-                                  batch_size=5, seed=2) for c in (False, True))
+    plain, cached = (
+        make_dataset(folder_config(root, random_flip=True, cache_decoded=c), batch_size=5, seed=2)
+        for c in (False, True)
+    )
     assert_batches_equal(take(cached, 7), take(plain, 7))  # 35 examples: three epochs, flips
     np.testing.assert_array_equal(cached.reference(9, seed=4), plain.reference(9, seed=4))
     for source in (plain, cached):
@@ -358,6 +359,7 @@ def test_decoded_cache_gives_the_same_stream_and_reference(class_folder):
 
 def test_decoded_cache_decodes_each_file_once_up_front(class_folder, monkeypatch):
     from shortcut_jax.data import image_folder
+
     calls = []
     real = image_folder.load_image
     monkeypatch.setattr(image_folder, "load_image", lambda path, size: calls.append(path) or real(path, size))
@@ -371,6 +373,7 @@ def test_decoded_cache_decodes_each_file_once_up_front(class_folder, monkeypatch
 
 def test_decoded_cache_filled_by_worker_processes_gives_the_same_stream(class_folder, monkeypatch):
     from shortcut_jax.data import image_folder
+
     monkeypatch.setattr(image_folder, "CACHE_PROCESSES_FROM", 0)
     monkeypatch.setattr(image_folder, "CACHE_MIN_PROCESSES", 2)
     monkeypatch.setattr(image_folder.os, "cpu_count", lambda: 3)
@@ -379,8 +382,10 @@ def test_decoded_cache_filled_by_worker_processes_gives_the_same_stream(class_fo
     real = image_folder._decode_in_subprocess
     monkeypatch.setattr(image_folder, "_decode_in_subprocess", lambda *a: calls.append(len(a[0])) or real(*a))
     root = class_folder[0]
-    plain, cached = (make_dataset(folder_config(root, random_flip=True, cache_decoded=c),
-                                  batch_size=5, seed=2) for c in (False, True))
+    plain, cached = (
+        make_dataset(folder_config(root, random_flip=True, cache_decoded=c), batch_size=5, seed=2)
+        for c in (False, True)
+    )
     assert sorted(calls) == [2, 5, 5]
     assert_batches_equal(take(cached, 5), take(plain, 5))
     for source in (plain, cached):
@@ -389,12 +394,12 @@ def test_decoded_cache_filled_by_worker_processes_gives_the_same_stream(class_fo
     index = image_folder.scan_image_folder(root, 0, 3)
     os.remove(os.path.join(root, "dog", "01.png"))
     with pytest.raises(RuntimeError, match="01.png"):
-        image_folder.ImageFolderSource(index, layout=BatchLayout(5), seed=0, num_workers=3,
-                                       cache_decoded=True)
+        image_folder.ImageFolderSource(index, layout=BatchLayout(5), seed=0, num_workers=3, cache_decoded=True)
 
 
 def test_decoded_cache_larger_than_memory_is_refused(class_folder, monkeypatch):
     from shortcut_jax.data import image_folder
+
     monkeypatch.setattr(image_folder, "_available_memory", lambda: 1000)  # 12 images of 6x6x3: 1,296 bytes
     with pytest.raises(ValueError, match="data.cache_decoded=False"):
         make_dataset(folder_config(class_folder[0], cache_decoded=True), batch_size=5, seed=0)
@@ -419,6 +424,7 @@ def test_close_stops_worker_threads(class_folder):
 
 
 # --- toy distributions ------------------------------------------------------------------------
+
 
 def toy_points(name, n=4000, seed=0):
     source = make_dataset(make_config(name=name), batch_size=n, seed=seed)
@@ -476,6 +482,7 @@ def test_toy_reference_is_seeded_and_sized():
 
 # --- digits and images ------------------------------------------------------------------------
 
+
 def test_digits():
     source = make_dataset(make_config(name="digits"), batch_size=1797, seed=0)
     assert source.spec == type(source.spec)((8, 8, 1), 10, "images")
@@ -532,7 +539,7 @@ def test_random_flip_is_deterministic_and_mirrors(class_folder):
     flipped = np.concatenate(flipped)
     assert 0.2 < flipped.mean() < 0.8
     # The same image is flipped differently in different epochs.
-    assert not all(np.array_equal(flipped[:12], flipped[12 * e:12 * e + 12]) for e in range(4))
+    assert not all(np.array_equal(flipped[:12], flipped[12 * e : 12 * e + 12]) for e in range(4))
     for source in (a, b):
         source.close()
 
@@ -546,14 +553,16 @@ def test_centre_crop_and_resize(tmp_path):
     # A 10x10 image with a gradient, to compare against Pillow's own bicubic resize.
     gradient = np.broadcast_to(np.arange(0, 250, 25, dtype=np.uint8)[None, :, None], (10, 10, 3))
     write_image(str(tmp_path / "square.png"), np.ascontiguousarray(gradient))
-    source = make_dataset(folder_config(str(tmp_path), shuffle=False, image_size=8),
-                          batch_size=2, seed=0)
+    source = make_dataset(folder_config(str(tmp_path), shuffle=False, image_size=8), batch_size=2, seed=0)
     x = source.next_batch()["x"]
     assert x.shape == (2, 8, 8, 3)
     square, wide = x  # sorted file names: square.png, wide.png
     assert (wide[..., 0] == -1).all() and (wide[..., 1] == 1).all()
-    expected = np.asarray(Image.fromarray(np.ascontiguousarray(gradient)).resize(
-        (8, 8), Image.Resampling.BICUBIC)) / np.float32(127.5) - 1
+    expected = (
+        np.asarray(Image.fromarray(np.ascontiguousarray(gradient)).resize((8, 8), Image.Resampling.BICUBIC))
+        / np.float32(127.5)
+        - 1
+    )
     np.testing.assert_array_equal(square, expected)
     source.close()
 
@@ -572,6 +581,7 @@ def test_image_folder_reference(class_folder):
 
 # --- archives ---------------------------------------------------------------------------------
 
+
 def png_bytes(value):
     buffer = io.BytesIO()
     Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
@@ -580,8 +590,7 @@ def png_bytes(value):
 
 def test_extract_archive_once_and_read_as_folder(tmp_path):
     archive = str(tmp_path / "set-train.tar.gz")
-    write_tar(archive, {f"set/train/{c}/{i:04d}.png": png_bytes(10 * i)
-                        for c in ("a", "b") for i in range(3)})
+    write_tar(archive, {f"set/train/{c}/{i:04d}.png": png_bytes(10 * i) for c in ("a", "b") for i in range(3)})
     dest = str(tmp_path / "cache")
     root = extract_archive(archive, dest)
     assert root == os.path.join(dest, "set", "train")

@@ -5,6 +5,7 @@ target built another way (one full step instead of two half steps, the student i
 EMA network, the data instead of the noise) gives another loss. Each test records the inputs
 of every network call, rebuilds the target from the recorded student inputs in float64 and
 compares the losses."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +27,12 @@ def field_np(x, t, level, a):
 def recording_field(calls):
     """apply_fn of ``field_np`` (in float32) whose params are ``{'who': name, 'a': scale}``;
     records (who, x, t, level, label) of every call."""
+
     def apply_fn(params, x, t, level, label):
         calls.append((params["who"], *(np.asarray(v) for v in (x, t, level, label))))
         tt, lv = t[:, None], level[:, None].astype(jnp.float32)
         return params["a"] * jnp.sin(2.0 * x + 3.0 * tt) + 0.1 * lv * jnp.cos(x)
+
     return apply_fn
 
 
@@ -91,8 +94,9 @@ def test_shortcut_self_consistency_target_is_the_average_of_two_teacher_half_ste
     np.testing.assert_allclose(float(metrics["sc_loss"]), np.mean(mse(pred[:n_sc], target)), rtol=1e-5)
     # the flow rows keep the flow-matching target of their own pair
     x0 = noise_of(x_t[n_sc:], t[n_sc:], x1[n_sc:])
-    np.testing.assert_allclose(float(metrics["flow_loss"]),
-                               np.mean(mse(pred[n_sc:], x1[n_sc:] - (1 - FLOOR) * x0)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["flow_loss"]), np.mean(mse(pred[n_sc:], x1[n_sc:] - (1 - FLOOR) * x0)), rtol=1e-5
+    )
     # not vacuous: one full step of the teacher, or the pair's velocity, is another target
     full = field_np(x_t[:n_sc], t[:n_sc], level[:n_sc] + 1, 1.3)
     direct = x1[:n_sc] - (1 - FLOOR) * noise_of(x_t[:n_sc], t[:n_sc], x1[:n_sc])
@@ -112,8 +116,9 @@ def test_consistency_training_target_is_the_ema_networks_jump():
     x1 = data(2)
     calls = []
     cfg = ObjectiveConfig(apply_fn=recording_field(calls), num_classes=0, noise_floor=FLOOR, stage_steps=10)
-    loss, metrics = consistency.training_loss_fn(net("student", 0.7), net("ema", 1.3), batch_of(x1, step=25),
-                                                 jax.random.key(1), cfg)
+    loss, metrics = consistency.training_loss_fn(
+        net("student", 0.7), net("ema", 1.3), batch_of(x1, step=25), jax.random.key(1), cfg
+    )
     assert float(metrics["stage"]) == 2
     d = 0.25
     who, x_t, t, level, _ = calls[-1]
@@ -136,12 +141,16 @@ def test_consistency_distillation_target_is_the_ema_networks_jump_from_the_teach
     calls = []
     cfg = ObjectiveConfig(apply_fn=recording_field(calls), num_classes=0, noise_floor=FLOOR)
     loss, _ = consistency.distillation_loss_fn(
-        net("student", 0.7), {"ema": net("ema", 1.3), "teacher": net("teacher", -0.9)}, batch_of(x1),
-        jax.random.key(2), cfg)
+        net("student", 0.7),
+        {"ema": net("ema", 1.3), "teacher": net("teacher", -0.9)},
+        batch_of(x1),
+        jax.random.key(2),
+        cfg,
+    )
     assert [c[0] for c in calls] == ["teacher", "ema", "student"]
     _, x_t, t, level, _ = calls[-1]
     x_t = x_t.astype(np.float64)
-    d = 2.0 ** -K
+    d = 2.0**-K
     x_next = np.clip(x_t + d * field_np(x_t, t, level, -0.9), -cfg.clip, cfg.clip)
     pred = field_np(x_t, t, level, 0.7)
     want = np.mean(mse(pred, consistency_target(x_t, t, x_next, t + d, 1.3)))
@@ -156,8 +165,13 @@ def test_progressive_target_is_two_half_steps_of_the_frozen_teacher():
     x1 = data(4)
     calls = []
     cfg = ObjectiveConfig(apply_fn=recording_field(calls), num_classes=0, noise_floor=FLOOR, stage_steps=4)
-    loss, metrics = progressive.loss_fn(net("student", 0.7), {"ema": net("ema", 0.2), "teacher": net("teacher", 1.3)},
-                                        batch_of(x1, step=9), jax.random.key(3), cfg)
+    loss, metrics = progressive.loss_fn(
+        net("student", 0.7),
+        {"ema": net("ema", 0.2), "teacher": net("teacher", 1.3)},
+        batch_of(x1, step=9),
+        jax.random.key(3),
+        cfg,
+    )
     assert float(metrics["phase"]) == 2
     k = K - 1 - 2
     assert [c[0] for c in calls] == ["teacher", "teacher", "student"]
@@ -178,9 +192,10 @@ def test_diffusion_target_is_the_noise_of_the_noisy_input():
     calls = []
     cfg = ObjectiveConfig(apply_fn=recording_field(calls), num_classes=0, noise_floor=FLOOR)
     loss, _ = diffusion.loss_fn(net("student", 0.7), None, batch_of(x1), jax.random.key(4), cfg)
-    (_, x_s, t, level, _), = calls
-    a = np.asarray(diffusion.alpha_bar(1.0 - jnp.asarray(t), cfg.diffusion_schedule, cfg.diffusion_min_alpha_bar),
-                   np.float64)[:, None]
+    ((_, x_s, t, level, _),) = calls
+    a = np.asarray(
+        diffusion.alpha_bar(1.0 - jnp.asarray(t), cfg.diffusion_schedule, cfg.diffusion_min_alpha_bar), np.float64
+    )[:, None]
     eps = (x_s - np.sqrt(a) * x1) / np.sqrt(1.0 - a)  # the noise that made x_s
     assert abs(eps.std() - 1) < 0.4  # it is noise, not a multiple of the data
     pred = field_np(x_s.astype(np.float64), t, level, 0.7)
@@ -196,7 +211,7 @@ def test_flow_matching_target_is_the_velocity_of_the_pair():
     calls = []
     cfg = ObjectiveConfig(apply_fn=recording_field(calls), num_classes=0, noise_floor=FLOOR)
     loss, _ = flow_matching.loss_fn(net("student", 0.7), None, batch_of(x1), jax.random.key(5), cfg)
-    (_, x_t, t, level, _), = calls
+    ((_, x_t, t, level, _),) = calls
     x0 = noise_of(x_t, t, x1)
     pred = field_np(x_t.astype(np.float64), t, level, 0.7)
     np.testing.assert_allclose(float(loss), np.mean(mse(pred, x1 - (1 - FLOOR) * x0)), rtol=1e-5)

@@ -8,6 +8,7 @@ interrupted run resumes to the state of an unbroken one across a phase start, th
 matches one device, a teacher that does not fit is refused before anything is compiled or written,
 and the states and checkpoints of the other objectives are unchanged.
 """
+
 import glob
 import os
 import subprocess
@@ -33,13 +34,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def toy(objective, **overrides):
     """The 2-D toy's local config for ``objective``, quiet, with one cheap evaluation budget."""
-    quick = {"train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False,
-             "eval.budgets": (1,), "eval.grid_budgets": (), "eval.num_samples": 200, "eval.batch_size": 200,
-             # no warm-up: a few steps at the full rate give a teacher whose field is not straight,
-             # so the distillation targets differ from its own output and the losses are not ~0
-             "optim.schedule": "constant", "optim.lr": 3e-3}
-    return load_config(os.path.join(ROOT, "experiments", f"toy2d.py:objective={objective},runlocal=True"),
-                       dict(quick, **overrides))
+    quick = {
+        "train.progress_bar": False,
+        "train.use_tensorboard": False,
+        "train.async_ckpt": False,
+        "eval.budgets": (1,),
+        "eval.grid_budgets": (),
+        "eval.num_samples": 200,
+        "eval.batch_size": 200,
+        # no warm-up: a few steps at the full rate give a teacher whose field is not straight,
+        # so the distillation targets differ from its own output and the losses are not ~0
+        "optim.schedule": "constant",
+        "optim.lr": 3e-3,
+    }
+    return load_config(
+        os.path.join(ROOT, "experiments", f"toy2d.py:objective={objective},runlocal=True"), dict(quick, **overrides)
+    )
 
 
 def host(tree):
@@ -71,8 +81,16 @@ def teacher_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("teacher") / "flow")
     # a short EMA, so that 20 steps leave the EMA tree (the frozen teacher) far from the
     # initialisation, whose output layer is zero
-    config = toy("flow_matching", **{"train.steps": 20, "train.ckpt_every": 10, "train.log_every": 10,
-                                     "train.eval_every": 100, "train.ema_decays": (0.8,)})
+    config = toy(
+        "flow_matching",
+        **{
+            "train.steps": 20,
+            "train.ckpt_every": 10,
+            "train.log_every": 10,
+            "train.eval_every": 100,
+            "train.ema_decays": (0.8,),
+        },
+    )
     with pytest.MonkeyPatch.context() as patch:  # the teacher's own evaluation is not under test
         patch.setattr(loop, "evaluate_state", lambda *a, **k: {})
         loop.train_and_evaluate(config, workdir)
@@ -97,14 +115,29 @@ def test_consistency_distillation_trains_through_the_cli_with_the_teachers_ema_f
     workdir = str(tmp_path / "cd")
     env = child_env()
     proc = subprocess.run(
-        [sys.executable, "-m", "shortcut_jax.main",
-         "--config=experiments/toy2d.py:objective=consistency_distillation,runlocal=True", f"--workdir={workdir}",
-         f"--config.objective.teacher_checkpoint={teacher_dir}",  # the workdir is accepted for its checkpoints
-         "--config.train.steps=4", "--config.train.log_every=2", "--config.train.ckpt_every=4",
-         "--config.train.progress_bar=False", "--config.train.use_tensorboard=False",
-         "--config.eval.budgets=(1,)", "--config.eval.grid_budgets=()", "--config.eval.num_samples=200",
-         "--config.eval.batch_size=200"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:objective=consistency_distillation,runlocal=True",
+            f"--workdir={workdir}",
+            f"--config.objective.teacher_checkpoint={teacher_dir}",  # the workdir is accepted for its checkpoints
+            "--config.train.steps=4",
+            "--config.train.log_every=2",
+            "--config.train.ckpt_every=4",
+            "--config.train.progress_bar=False",
+            "--config.train.use_tensorboard=False",
+            "--config.eval.budgets=(1,)",
+            "--config.eval.grid_budgets=()",
+            "--config.eval.num_samples=200",
+            "--config.eval.batch_size=200",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = toy("consistency_distillation", **{"objective.teacher_checkpoint": teacher_dir})
     state, meta = restore_state(workdir, 4, config)
@@ -124,8 +157,15 @@ def test_consistency_distillation_trains_through_the_cli_with_the_teachers_ema_f
 # --------------------------------------------------------------------------- progressive distillation
 
 # 3 phases of 3 steps (the last runs to step 8): phases start at updates 0, 3 and 6
-PROGRESSIVE = {"objective.num_levels": 3, "objective.stage_steps": 3, "train.steps": 8, "train.ckpt_every": 2,
-               "train.log_every": 1, "train.eval_every": 100, "train.keep_ckpts": 10}
+PROGRESSIVE = {
+    "objective.num_levels": 3,
+    "objective.stage_steps": 3,
+    "train.steps": 8,
+    "train.ckpt_every": 2,
+    "train.log_every": 1,
+    "train.eval_every": 100,
+    "train.keep_ckpts": 10,
+}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +179,8 @@ def progressive_run(teacher_run, tmp_path_factory):
 
 
 def test_progressive_teacher_is_the_level_free_teacher_then_the_student_where_each_phase_starts(
-        teacher_run, progressive_run):
+    teacher_run, progressive_run
+):
     workdir, config, final = progressive_run
     ema = teacher_ema(teacher_run, final.params)
     at = {step: restore_state(workdir, step, config)[0] for step in (2, 6)}
@@ -150,8 +191,9 @@ def test_progressive_teacher_is_the_level_free_teacher_then_the_student_where_ea
     assert not kernel.any() and np.asarray(ema["level_embed"]["hidden"]["kernel"]).any()
     # phase 2 starts at update 6: its teacher is the student after 6 updates, kept to the end
     assert_trees_equal(final.frozen_teacher, at[6].params)
-    assert not np.array_equal(np.asarray(final.frozen_teacher["out"]["kernel"]),
-                              np.asarray(at[2].frozen_teacher["out"]["kernel"]))
+    assert not np.array_equal(
+        np.asarray(final.frozen_teacher["out"]["kernel"]), np.asarray(at[2].frozen_teacher["out"]["kernel"])
+    )
     rows = writers.read_metrics(workdir)
     assert [r["phase"] for r in rows if "phase" in r] == [0, 0, 0, 1, 1, 1, 2, 2]
     # the one-step samples of the last phase's student, through the Euler sampler
@@ -162,8 +204,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_progressive_run_interrupted_inside_a_phase_resumes_to_the_unbroken_state(progressive_run, tmp_path,
-                                                                                monkeypatch):
+def test_progressive_run_interrupted_inside_a_phase_resumes_to_the_unbroken_state(
+    progressive_run, tmp_path, monkeypatch
+):
     _, config, unbroken = progressive_run
     workdir = str(tmp_path / "interrupted")
     real_write = writers.MetricWriter.write_scalars
@@ -191,15 +234,24 @@ def test_sharded_step_with_a_frozen_teacher_matches_one_device(teacher_run, tmp_
 
     def run(mesh):
         # stage_steps=1: both updates start a phase, so the second one re-snapshots the teacher
-        config = toy("progressive_distillation", **{"objective.teacher_checkpoint": teacher_run[0],
-                                                    "objective.num_levels": 2, "objective.stage_steps": 1,
-                                                    "train.steps": 2, **mesh})
+        config = toy(
+            "progressive_distillation",
+            **{
+                "objective.teacher_checkpoint": teacher_run[0],
+                "objective.num_levels": 2,
+                "objective.stage_steps": 1,
+                "train.steps": 2,
+                **mesh,
+            },
+        )
         exp = Experiment(config, str(tmp_path / "never-written"))
         try:
             state = exp.init_state()
             compiled, _ = exp.compile_step()
-            shardings = ([a.sharding for a in jax.tree.leaves(state.frozen_teacher)],
-                         [a.sharding for a in jax.tree.leaves(state.params)])
+            shardings = (
+                [a.sharding for a in jax.tree.leaves(state.frozen_teacher)],
+                [a.sharding for a in jax.tree.leaves(state.params)],
+            )
             batches = [exp.source.next_batch() for _ in range(2)]
             losses = []
             for b in batches:
@@ -230,19 +282,29 @@ def test_sharded_step_with_a_frozen_teacher_matches_one_device(teacher_run, tmp_
 def _write_meta_only_checkpoint(directory):
     """A checkpoint of a 'diffusion' run (its meta is what is checked; its arrays are not read)."""
     with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
-        ckpt.save(1, {"step": jnp.zeros((), jnp.int32)}, data_state={},
-                  meta={"objective": {"name": "diffusion", "num_levels": 7}})
+        ckpt.save(
+            1,
+            {"step": jnp.zeros((), jnp.int32)},
+            data_state={},
+            meta={"objective": {"name": "diffusion", "num_levels": 7}},
+        )
 
 
 BAD_TEACHERS = {
-    "other width": ({"model.width": 128},
-                    r"(?s)objective.teacher_checkpoint=.*architecture.width: saved 256, current 128"),
-    "missing folder": ({"objective.teacher_checkpoint": "/no/such/run"},
-                       "objective.teacher_checkpoint='/no/such/run' is not a directory"),
+    "other width": (
+        {"model.width": 128},
+        r"(?s)objective.teacher_checkpoint=.*architecture.width: saved 256, current 128",
+    ),
+    "missing folder": (
+        {"objective.teacher_checkpoint": "/no/such/run"},
+        "objective.teacher_checkpoint='/no/such/run' is not a directory",
+    ),
     "no checkpoint": ({"objective.teacher_checkpoint": "EMPTY"}, "objective.teacher_checkpoint=.* holds no checkpoint"),
     "step not saved": ({"objective.teacher_step": 3}, r"objective.teacher_step=3 is not saved .*\[10, 20\]"),
-    "not a velocity field": ({"objective.teacher_checkpoint": "DIFFUSION"},
-                             "objective.teacher_checkpoint=.* is a 'diffusion' run"),
+    "not a velocity field": (
+        {"objective.teacher_checkpoint": "DIFFUSION"},
+        "objective.teacher_checkpoint=.* is a 'diffusion' run",
+    ),
 }
 
 
@@ -278,16 +340,24 @@ def test_distilling_a_run_into_its_own_workdir_is_refused_untouched(teacher_run)
 def test_teacher_that_kept_no_ema_needs_its_online_weights(tmp_path):
     directory = str(tmp_path / "checkpoints")
     with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
-        ckpt.save(1, {"params": {"w": jnp.zeros((2,))}, "ema_params": ()}, data_state={},
-                  meta={"objective": {"name": "flow_matching", "num_levels": 7}, "ema_decays": [],
-                        "architecture": {}, "data_shape": [2], "num_classes": 0})
+        ckpt.save(
+            1,
+            {"params": {"w": jnp.zeros((2,))}, "ema_params": ()},
+            data_state={},
+            meta={
+                "objective": {"name": "flow_matching", "num_levels": 7},
+                "ema_decays": [],
+                "architecture": {},
+                "data_shape": [2],
+                "num_classes": 0,
+            },
+        )
     obj = config_lib.default_config().objective
     obj.name, obj.teacher_checkpoint = "consistency_distillation", directory
     with pytest.raises(config_lib.ConfigError, match="set objective.teacher_weights='params'"):
         runs.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0}, {"w": jnp.zeros((2,))})
     obj.teacher_weights = "params"
-    found = runs.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0},
-                                 {"w": jnp.zeros((2,))})
+    found = runs.find_teacher(obj, {"architecture": {}, "data_shape": [2], "num_classes": 0}, {"w": jnp.zeros((2,))})
     assert (found.step, found.weights, found.objective) == (1, "params", "flow_matching")
 
 
@@ -322,8 +392,7 @@ def test_states_without_a_teacher_keep_their_checkpoint_layout_and_old_checkpoin
     assert jax.tree.leaves(state) == jax.tree.leaves(old)
 
     def abstract(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-                            tree)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), tree)
 
     for name, saved, target in (("old", old, state), ("new", state, old)):
         with checkpoint.Checkpointer(str(tmp_path / name), async_save=False) as ckpt:

@@ -2,6 +2,7 @@
 reader): a tiny image folder encoded with a tiny random-weights VAE saved as a diffusers folder,
 resume after an interrupted encode, the reader's stream (posterior samples, flips, resume,
 process slices) and the errors of both."""
+
 import importlib.util
 import json
 import os
@@ -28,8 +29,10 @@ IMAGE_SIZE = 16
 SHARD_SIZE = 4
 BATCH = 8  # a multiple of the 8 simulated devices
 # (height, width) per file: non-square, larger and (one) smaller than IMAGE_SIZE
-SIZES = {"cat": [(20, 18), (16, 16), (24, 30), (19, 17), (12, 12)], "dog": [(18, 20), (17, 25), (40, 20),
-                                                                           (16, 21), (22, 16), (30, 30)]}
+SIZES = {
+    "cat": [(20, 18), (16, 16), (24, 30), (19, 17), (12, 12)],
+    "dog": [(18, 20), (17, 25), (40, 20), (16, 21), (22, 16), (30, 30)],
+}
 NUM_IMAGES = sum(len(v) for v in SIZES.values())  # 11: shards of 4, 4 and 3
 
 
@@ -53,7 +56,8 @@ def workspace(tmp_path_factory):
     vae_folder = str(root / "tiny-vae")
     config = VAEConfig.tiny()
     vae_weights.write_diffusers_folder(
-        vae_folder, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), 1))
+        vae_folder, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), 1)
+    )
     vae = vae_weights.load_vae(vae_folder)
     out = str(root / "encoded")
     source = open_image_folder(images, IMAGE_SIZE, 2)
@@ -63,8 +67,9 @@ def workspace(tmp_path_factory):
 
 
 def settings(**overrides):
-    return encode.EncodeSettings(**{"image_size": IMAGE_SIZE, "batch_size": BATCH, "shard_size": SHARD_SIZE,
-                                    **overrides})
+    return encode.EncodeSettings(
+        **{"image_size": IMAGE_SIZE, "batch_size": BATCH, "shard_size": SHARD_SIZE, **overrides}
+    )
 
 
 def shard_bytes(folder):
@@ -95,6 +100,7 @@ def files_in_order(images):
 
 # --- encoding ----------------------------------------------------------------------------------
 
+
 def test_encoded_moments_are_the_vae_posterior_of_each_image_and_its_mirror(workspace):
     vae = workspace["vae"]
     pixels = np.stack([load_image(p, IMAGE_SIZE) for p in files_in_order(workspace["images"])])
@@ -120,7 +126,8 @@ def test_manifest_records_source_vae_scale_and_count(workspace):
     assert manifest["scaling_factor"] == 0.18215 and manifest["dtype"] == "float32"
     assert manifest["vae"]["name"] == "tiny-vae"
     assert manifest["vae"]["weights_sha256"] == vae_weights.file_sha256(
-        os.path.join(workspace["vae_folder"], vae_weights.SAFETENSORS_FILE))
+        os.path.join(workspace["vae_folder"], vae_weights.SAFETENSORS_FILE)
+    )
     source = manifest["source"]
     assert source["type"] == "image_folder" and source["class_names"] == ["cat", "dog"]
     assert source["num_upscaled"] == 1 and "centred square" in source["crop"]
@@ -168,11 +175,21 @@ def test_command_line_finishes_an_interrupted_encode(workspace):
     os.remove(os.path.join(out, "shard_00002.moments.npy"))
     with open(os.path.join(out, "shard_00001.labels.npy"), "r+b") as f:  # cut short by a kill
         f.truncate(20)
-    command = [sys.executable, "-m", "shortcut_jax.encode", f"--source={workspace['images']}", f"--out={out}",
-               f"--vae={workspace['vae_folder']}", f"--image_size={IMAGE_SIZE}", f"--batch_size={BATCH}",
-               f"--shard_size={SHARD_SIZE}", "--num_workers=2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env=child_env(PYTHONPATH=os.pathsep.join(sys.path)))
+    command = [
+        sys.executable,
+        "-m",
+        "shortcut_jax.encode",
+        f"--source={workspace['images']}",
+        f"--out={out}",
+        f"--vae={workspace['vae_folder']}",
+        f"--image_size={IMAGE_SIZE}",
+        f"--batch_size={BATCH}",
+        f"--shard_size={SHARD_SIZE}",
+        "--num_workers=2",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=child_env(PYTHONPATH=os.pathsep.join(sys.path))
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "img/s" in done.stderr  # the progress bar
     assert f"{NUM_IMAGES} examples" in done.stdout and "complete" in done.stdout
@@ -224,6 +241,7 @@ def test_encode_refuses_bad_settings_before_writing(workspace, tmp_path):
 
 # --- reading -----------------------------------------------------------------------------------
 
+
 def test_reader_gives_scaled_posterior_samples_drawn_afresh_each_epoch(workspace):
     out = workspace["out"]
     source = make_dataset(latent_config(out, shuffle=False), batch_size=NUM_IMAGES, seed=0)
@@ -251,11 +269,23 @@ def write_latent_set(root, means, labels, shard_size, **manifest_fields):
         np.save(moments_path, moments)
         np.save(labels_path, labels[start:stop].astype(np.int32))
         shards.append({"index": s, "start": start, "count": stop - start})
-    manifest = {"format": latent_format.FORMAT, "version": latent_format.FORMAT_VERSION, "complete": True,
-                "count": n, "num_classes": int(labels.max()) + 1, "image_size": 8 * means.shape[2],
-                "vae": {"name": "test/vae", "weights_sha256": "ab" * 32}, "scaling_factor": 0.5,
-                "shift_factor": 0.0, "latent_shape": list(means.shape[2:]), "dtype": "float32",
-                "shard_size": shard_size, "num_shards": len(shards), "shards": shards, **manifest_fields}
+    manifest = {
+        "format": latent_format.FORMAT,
+        "version": latent_format.FORMAT_VERSION,
+        "complete": True,
+        "count": n,
+        "num_classes": int(labels.max()) + 1,
+        "image_size": 8 * means.shape[2],
+        "vae": {"name": "test/vae", "weights_sha256": "ab" * 32},
+        "scaling_factor": 0.5,
+        "shift_factor": 0.0,
+        "latent_shape": list(means.shape[2:]),
+        "dtype": "float32",
+        "shard_size": shard_size,
+        "num_shards": len(shards),
+        "shards": shards,
+        **manifest_fields,
+    }
     with open(os.path.join(root, latent_format.MANIFEST), "w") as f:
         json.dump(manifest, f)
 
@@ -322,11 +352,15 @@ def test_reference_is_seeded_unmirrored_and_scaled(workspace):
 
 # --- errors ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"image_size": 32}, r"latents of 16x16 images but data.image_size=32"),
-    ({"latent_vae": "stabilityai/sd-vae-ft-mse"}, r"encoded with the VAE 'tiny-vae'.*data.latent_vae="),
-    ({"latent_scale": 0.13025}, r"scaling factor 0.18215 but data.latent_scale=0.13025"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"image_size": 32}, r"latents of 16x16 images but data.image_size=32"),
+        ({"latent_vae": "stabilityai/sd-vae-ft-mse"}, r"encoded with the VAE 'tiny-vae'.*data.latent_vae="),
+        ({"latent_scale": 0.13025}, r"scaling factor 0.18215 but data.latent_scale=0.13025"),
+    ],
+)
 def test_set_of_another_vae_size_or_scale_is_refused(workspace, overrides, message):
     with pytest.raises(ValueError, match=message):
         validate_data_config(latent_config(workspace["out"], **overrides))
@@ -335,8 +369,9 @@ def test_set_of_another_vae_size_or_scale_is_refused(workspace, overrides, messa
 def test_matching_expectations_are_accepted(workspace):
     sha = workspace["manifest"]["vae"]["weights_sha256"]
     for vae in ("tiny-vae", "someone/tiny-vae", sha[:12]):
-        validate_data_config(latent_config(workspace["out"], image_size=IMAGE_SIZE, latent_vae=vae,
-                                           latent_scale=0.18215))
+        validate_data_config(
+            latent_config(workspace["out"], image_size=IMAGE_SIZE, latent_vae=vae, latent_scale=0.18215)
+        )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])
@@ -372,9 +407,20 @@ def test_speed_benchmark_runs_on_a_tiny_setting(tmp_path):
     spec = importlib.util.spec_from_file_location("vae_speed", path)
     vae_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vae_speed)
-    rows = vae_speed.main(["--sections=encoder,reader", "--tiny", "--image_size=16", "--batch_size=8",
-                           "--num_batches=1", "--dtypes=float32", "--reader_examples=300", "--reader_shard_size=128",
-                           "--reader_batches=5", f"--reader_dir={tmp_path / 'synthetic'}"])
+    rows = vae_speed.main(
+        [
+            "--sections=encoder,reader",
+            "--tiny",
+            "--image_size=16",
+            "--batch_size=8",
+            "--num_batches=1",
+            "--dtypes=float32",
+            "--reader_examples=300",
+            "--reader_shard_size=128",
+            "--reader_batches=5",
+            f"--reader_dir={tmp_path / 'synthetic'}",
+        ]
+    )
     encoder, reader = rows
     assert encoder["section"] == "encoder" and encoder["source_images_per_s"] > 0
     assert reader["examples"] == 300 and reader["latents_per_s"] > 0
@@ -384,6 +430,7 @@ def test_speed_benchmark_runs_on_a_tiny_setting(tmp_path):
 def test_tfds_data_set_encodes_like_the_same_images_in_a_folder(workspace, tmp_path):
     import grain  # noqa: F401  (the reader the pipeline uses)
     import tensorflow_datasets as tfds
+
     pixels = [np.asarray(Image.open(p).convert("RGB")) for p in files_in_order(workspace["images"])]
     labels = [0] * 5 + [1] * 6
 
@@ -391,9 +438,15 @@ def test_tfds_data_set_encodes_like_the_same_images_in_a_folder(workspace, tmp_p
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(num_classes=2)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                        "label": tfds.features.ClassLabel(num_classes=2),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -404,7 +457,8 @@ def test_tfds_data_set_encodes_like_the_same_images_in_a_folder(workspace, tmp_p
 
     data_dir = str(tmp_path / "tfds")
     EncodeTinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     source = IMAGE_SOURCES["tfds"]("encode_tiny_images", IMAGE_SIZE, 0, split="train", data_dir=data_dir)
     out = str(tmp_path / "encoded")
     try:

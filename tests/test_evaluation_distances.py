@@ -1,4 +1,5 @@
 """Tests for shortcut_jax.evaluation.distances and shortcut_jax.evaluation.report."""
+
 import csv
 import json
 import math

@@ -1,5 +1,6 @@
 """The experiment shell scripts run end to end: experiments/cifar10_methods.sh (through
 cifar10_study.sh and launch/single_host.sh) on a small class-folder archive with a tiny model."""
+
 import io
 import json
 import os
@@ -40,8 +41,14 @@ def test_cifar10_methods_trains_the_teacher_then_distils_from_it(tmp_path):
     rng = np.random.default_rng(0)
     write_tar(archive, {f"tiny/train/class{c}/{i:04d}.png": random_png(rng) for c in range(2) for i in range(40)})
     root = str(tmp_path / "runs")
-    proc = run_script({"METHODS": "fm pd", "CONFIG_ARG_EXTRA": ",runlocal=True"}, archive, root,
-                      "--config.train.steps=7", "--config.eval.budgets=(1,)", "--config.eval.grid_budgets=(1,)")
+    proc = run_script(
+        {"METHODS": "fm pd", "CONFIG_ARG_EXTRA": ",runlocal=True"},
+        archive,
+        root,
+        "--config.train.steps=7",
+        "--config.eval.budgets=(1,)",
+        "--config.eval.grid_budgets=(1,)",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # one lane: the teacher finishes before the student starts; nothing else ran
     assert events_of(root) == ["start fm", "end fm rc=0", "start pd", "end pd rc=0"]

@@ -1,4 +1,5 @@
 """Tests for the CIFAR classifier, the classifier Frechet distance (CFD) and their scripts."""
+
 import json
 import math
 import os
@@ -77,8 +78,12 @@ def test_augment_is_a_translation_and_flip_of_each_image():
     out = np.asarray(classifier.augment_batch(classifier.prng_key(3), x))
     padded = np.pad(classifier.images_to_float(x), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
     for i in range(len(x)):
-        candidates = [c for dy in range(9) for dx in range(9)
-                      for c in (padded[i, dy:dy + 32, dx:dx + 32], padded[i, dy:dy + 32, dx:dx + 32][:, ::-1])]
+        candidates = [
+            c
+            for dy in range(9)
+            for dx in range(9)
+            for c in (padded[i, dy : dy + 32, dx : dx + 32], padded[i, dy : dy + 32, dx : dx + 32][:, ::-1])
+        ]
         assert any(np.array_equal(out[i], c) for c in candidates)
 
 
@@ -90,8 +95,11 @@ def test_two_training_steps_decrease_loss(tiny):
     step = classifier.make_train_step(model, tx, label_smoothing=0.1)
 
     def loss(state):
-        return float(classifier._loss(model, state.params, state.batch_stats, classifier.images_to_float(x),
-                                      jnp.asarray(y), 0.1)[0])
+        return float(
+            classifier._loss(
+                model, state.params, state.batch_stats, classifier.images_to_float(x), jnp.asarray(y), 0.1
+            )[0]
+        )
 
     before = loss(state)
     for i in range(2):
@@ -174,8 +182,9 @@ def test_images_are_checked(extractor):
     with pytest.raises(ValueError, match="non-finite"):
         extractor(np.full((2, 32, 32, 3), np.nan, np.float32))
     # Out-of-range values are clipped as a saved image would be.
-    assert np.array_equal(feature_distance.to_uint8(np.full((1, 32, 32, 3), 3.0)),
-                          np.full((1, 32, 32, 3), 255, np.uint8))
+    assert np.array_equal(
+        feature_distance.to_uint8(np.full((1, 32, 32, 3), 3.0)), np.full((1, 32, 32, 3), 255, np.uint8)
+    )
 
 
 def independent_cfd(extractor, images, reference_stats) -> float:
@@ -218,11 +227,17 @@ def test_ladder_rows_on_random_data(extractor, tmp_path):
     rng = np.random.default_rng(6)
     train = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     test = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
-    result = feature_ladder.run_ladder(extractor, train, test, sizes=(20, 40), noise_sigmas=(0.1, 0.4),
-                                       blur_radii=(1.0, 2.0))
+    result = feature_ladder.run_ladder(
+        extractor, train, test, sizes=(20, 40), noise_sigmas=(0.1, 0.4), blur_radii=(1.0, 2.0)
+    )
     assert [(r["condition"], r["param"], r["n"]) for r in result["rows"]] == [
-        ("clean", None, 20), ("clean", None, 40), ("noise", 0.1, 40), ("noise", 0.4, 40),
-        ("blur", 1.0, 40), ("blur", 2.0, 40)]
+        ("clean", None, 20),
+        ("clean", None, 40),
+        ("noise", 0.1, 40),
+        ("noise", 0.4, 40),
+        ("blur", 1.0, 40),
+        ("blur", 2.0, 40),
+    ]
     assert all(math.isfinite(r["cfd"]) and r["cfd"] >= 0 for r in result["rows"])
     assert set(result["monotone"]) == {"noise", "blur"}
     assert result["reference_size"] == 30
@@ -308,10 +323,34 @@ def test_scripts_end_to_end(tmp_path):
     test_archive, _, _ = _write_archive(tmp_path, "test", 4, seed=11)
     cache = str(tmp_path / "cache")
     out = str(tmp_path / "clf")
-    assert train_classifier.main([
-        "--train_archive", train_archive, "--test_archive", test_archive, "--out", out, "--cache_dir", cache,
-        "--epochs", "2", "--batch_size", "8", "--widths", "8", "8", "16", "16", "--workers", "2",
-        "--eval_batch", "16"]) == 0
+    assert (
+        train_classifier.main(
+            [
+                "--train_archive",
+                train_archive,
+                "--test_archive",
+                test_archive,
+                "--out",
+                out,
+                "--cache_dir",
+                cache,
+                "--epochs",
+                "2",
+                "--batch_size",
+                "8",
+                "--widths",
+                "8",
+                "8",
+                "16",
+                "16",
+                "--workers",
+                "2",
+                "--eval_batch",
+                "16",
+            ]
+        )
+        == 0
+    )
     meta = json.load(open(os.path.join(out, classifier.CONFIG_FILE), encoding="utf-8"))
     assert meta["architecture"]["widths"] == [8, 8, 16, 16] and meta["architecture"]["num_classes"] == 3
     assert meta["info"]["num_train"] == 24 and len(meta["info"]["history"]) == 2
@@ -342,10 +381,34 @@ def test_scripts_end_to_end(tmp_path):
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-4, atol=1e-6)
 
     ladder_dir = str(tmp_path / "ladder")
-    assert feature_ladder.main([
-        "--classifier", out, "--train_archive", train_archive, "--test_archive", test_archive,
-        "--out_dir", ladder_dir, "--cache_dir", cache, "--sizes", "12", "24", "--noise", "0.1",
-        "--blur", "1.0", "--workers", "2", "--batch_size", "16"]) == 0
+    assert (
+        feature_ladder.main(
+            [
+                "--classifier",
+                out,
+                "--train_archive",
+                train_archive,
+                "--test_archive",
+                test_archive,
+                "--out_dir",
+                ladder_dir,
+                "--cache_dir",
+                cache,
+                "--sizes",
+                "12",
+                "24",
+                "--noise",
+                "0.1",
+                "--blur",
+                "1.0",
+                "--workers",
+                "2",
+                "--batch_size",
+                "16",
+            ]
+        )
+        == 0
+    )
     result = json.load(open(os.path.join(ladder_dir, "feature_ladder.json"), encoding="utf-8"))
     assert len(result["rows"]) == 4 and result["reference_size"] == 12
     assert result["classifier"]["fingerprint"] == saved_extractor.fingerprint

@@ -1,5 +1,6 @@
 """Tests for shortcut_jax.evaluation.fid: the distance, statistics files and their provenance,
 the reference files of others, and the statistics command."""
+
 import types
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_frechet_distance_equals_closed_form_for_commuting_covariances():
 def test_frechet_distance_of_one_dimensional_gaussians():
     # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2.
     got = distances.frechet_distance([1.5], [[0.25]], [-0.5], [[4.0]])
-    assert got == pytest.approx(2.0 ** 2 + (0.5 - 2.0) ** 2, rel=1e-12)
+    assert got == pytest.approx(2.0**2 + (0.5 - 2.0) ** 2, rel=1e-12)
 
 
 def test_feature_moments_equal_two_pass_statistics_far_from_the_origin():
@@ -69,8 +70,13 @@ def test_statistics_file_keeps_moments_and_provenance(tmp_path):
     np.testing.assert_array_equal(back.mu, stats.mu)
     np.testing.assert_array_equal(back.sigma, stats.sigma)
     assert back.mu.dtype == np.float64 and back.sigma.dtype == np.float64
-    assert (back.count, back.source, back.resolution, back.resize, back.extractor) == \
-        (50, "celebahq256", (256, 256), fid.RESIZE, "net:abc")
+    assert (back.count, back.source, back.resolution, back.resize, back.extractor) == (
+        50,
+        "celebahq256",
+        (256, 256),
+        fid.RESIZE,
+        "net:abc",
+    )
     assert back.origin == "shortcut_jax"
     # Other tools read mu/sigma from the same file.
     with np.load(path) as f:
@@ -78,8 +84,9 @@ def test_statistics_file_keeps_moments_and_provenance(tmp_path):
 
 
 def test_statistics_of_other_resolution_source_or_network_are_refused_naming_both(tmp_path):
-    reference = fid.load_stats(fid.save_stats(
-        _stats(source="imagenet256", resolution=256, extractor="net:abc"), str(tmp_path / "r.npz")))
+    reference = fid.load_stats(
+        fid.save_stats(_stats(source="imagenet256", resolution=256, extractor="net:abc"), str(tmp_path / "r.npz"))
+    )
     with pytest.raises(fid.StatsMismatchError, match=r"resolution=\(256, 256\).*resolution=\(32, 32\)"):
         fid.check_compatible(reference, resolution=32)
     with pytest.raises(fid.StatsMismatchError, match="source='imagenet256'.*source='cifar10'"):
@@ -88,8 +95,9 @@ def test_statistics_of_other_resolution_source_or_network_are_refused_naming_bot
         fid.check_compatible(reference, extractor="net:xyz")
     with pytest.raises(fid.StatsMismatchError, match="8-d features.*2048-d"):
         fid.check_compatible(reference, dim=2048)
-    assert fid.check_compatible(reference, resolution=(256, 256), source="imagenet256",
-                                extractor="net:abc", dim=8) == []
+    assert (
+        fid.check_compatible(reference, resolution=(256, 256), source="imagenet256", extractor="net:abc", dim=8) == []
+    )
     samples = _stats(source="cifar10", resolution=256, extractor="net:abc")
     with pytest.raises(fid.StatsMismatchError, match="cifar10"):
         fid.frechet_inception_distance(samples, reference)
@@ -101,8 +109,14 @@ def test_adm_reference_batch_is_read_with_its_resolution(tmp_path):
     rng = np.random.default_rng(3)
     path = tmp_path / "VIRTUAL_tiny_labeled.npz"
     mu, sigma = rng.standard_normal(8), np.eye(8)
-    np.savez(path, arr_0=rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8), mu=mu,
-             sigma=sigma, mu_s=rng.standard_normal(4), sigma_s=np.eye(4))
+    np.savez(
+        path,
+        arr_0=rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8),
+        mu=mu,
+        sigma=sigma,
+        mu_s=rng.standard_normal(4),
+        sigma_s=np.eye(4),
+    )
     ref = fid.load_stats(str(path))
     assert (ref.origin, ref.resolution, ref.count, ref.resize) == ("adm", (64, 64), 5, fid.ADM_RESIZE)
     np.testing.assert_array_equal(ref.mu, mu)
@@ -136,8 +150,18 @@ def test_bare_mu_sigma_file_is_unverified_until_declared(tmp_path):
 
 
 def _options(**kw):
-    values = dict(stats=False, out="", source="", adm_npz="", num_images=0, samples="",
-                  reference="", reference_source="", weights="", batch_size=2)
+    values = dict(
+        stats=False,
+        out="",
+        source="",
+        adm_npz="",
+        num_images=0,
+        samples="",
+        reference="",
+        reference_source="",
+        weights="",
+        batch_size=2,
+    )
     values.update(kw)
     return types.SimpleNamespace(**values)
 
@@ -173,20 +197,17 @@ def test_stats_command_on_an_image_folder_then_fid_of_adm_samples(tmp_path):
     assert "5 images" in line
     assert extractor.calls == [(2, 24, 24, 3), (2, 24, 24, 3), (1, 24, 24, 3)]  # --batch_size=2
     ref = fid.load_stats(out)
-    assert (ref.count, ref.source, ref.resolution, ref.extractor) == \
-        (5, "pets24", (24, 24), extractor.extractor_id)
+    assert (ref.count, ref.source, ref.resolution, ref.extractor) == (5, "pets24", (24, 24), extractor.extractor_id)
     # Every image once: the same moments as the features of the five images themselves.
     mu, sigma = distances.gaussian_stats(extractor(images))
     np.testing.assert_allclose(ref.mu, mu, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-5, atol=1e-7)
 
     write_adm_npz(str(tmp_path / "same.npz"), images[::-1])
-    line = fid.run_command(_options(samples=str(tmp_path / "same.npz"), reference=out),
-                           None, extractor)
+    line = fid.run_command(_options(samples=str(tmp_path / "same.npz"), reference=out), None, extractor)
     assert line.startswith("FID 0.0000 (5 samples at 24x24")
     write_adm_npz(str(tmp_path / "darker.npz"), images // 2)
-    line = fid.run_command(_options(samples=str(tmp_path / "darker.npz"), reference=out),
-                           None, extractor)
+    line = fid.run_command(_options(samples=str(tmp_path / "darker.npz"), reference=out), None, extractor)
     assert float(line.split()[1]) > 0.01
     write_adm_npz(str(tmp_path / "small.npz"), images[:, :16, :16])
     with pytest.raises(fid.StatsMismatchError, match=r"\(24, 24\).*\(16, 16\)"):
@@ -195,11 +216,19 @@ def test_stats_command_on_an_image_folder_then_fid_of_adm_samples(tmp_path):
 
 def test_stats_command_refuses_data_that_are_not_rgb_images_before_loading_weights(tmp_path):
     with pytest.raises(ValueError, match="FID statistics need RGB images"):
-        fid.run_command(_options(stats=True, out=str(tmp_path / "x.npz"),
-                                 weights=str(tmp_path / "absent.npz")), {"name": "checkerboard"})
+        fid.run_command(
+            _options(stats=True, out=str(tmp_path / "x.npz"), weights=str(tmp_path / "absent.npz")),
+            {"name": "checkerboard"},
+        )
     with pytest.raises(ValueError, match="--stats needs --out"):
         fid.run_command(_options(stats=True), {"name": "checkerboard"})
     with pytest.raises(inc.WeightsNotFoundError, match="absent.npz"):
-        fid.run_command(_options(stats=True, out=str(tmp_path / "x.npz"), adm_npz=str(
-            write_adm_npz(str(tmp_path / "a.npz"), np.zeros((2, 8, 8, 3), np.uint8))),
-            weights=str(tmp_path / "absent.npz")), None)
+        fid.run_command(
+            _options(
+                stats=True,
+                out=str(tmp_path / "x.npz"),
+                adm_npz=str(write_adm_npz(str(tmp_path / "a.npz"), np.zeros((2, 8, 8, 3), np.uint8))),
+                weights=str(tmp_path / "absent.npz"),
+            ),
+            None,
+        )

@@ -4,6 +4,7 @@ The golden file was written by pytorch-fid's own network (benchmarks/fid_incepti
 with weights from ``synthetic_torch_state_dict``; here the same weights are rebuilt from the
 stored names, shapes and seed, without torch.
 """
+
 import hashlib
 import os
 
@@ -28,8 +29,13 @@ def _golden():
 def golden():
     names_and_shapes, seed, images, features = _golden()
     state_dict = inc.synthetic_torch_state_dict(names_and_shapes, seed)
-    return {"names_and_shapes": names_and_shapes, "seed": seed, "images": images,
-            "features": features, "state_dict": state_dict}
+    return {
+        "names_and_shapes": names_and_shapes,
+        "seed": seed,
+        "images": images,
+        "features": features,
+        "state_dict": state_dict,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +79,17 @@ def test_images_of_wrong_layout_are_refused(extractor):
 
 def test_bilinear_resize_equals_torch_interpolate():
     import torch
+
     rng = np.random.default_rng(1)
     for h, w in [(32, 32), (256, 256), (96, 480), (600, 150), (1, 7), (299, 299)]:
         x = rng.uniform(0, 1, (2, h, w, 3)).astype(np.float32)
-        ref = torch.nn.functional.interpolate(
-            torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear",
-            align_corners=False).permute(0, 2, 3, 1).numpy()
+        ref = (
+            torch.nn.functional.interpolate(
+                torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear", align_corners=False
+            )
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
         got = np.asarray(inc.bilinear_resize(x))
         np.testing.assert_allclose(got, ref, rtol=0, atol=3e-7, err_msg=str((h, w)))
 
@@ -107,8 +118,7 @@ def test_converter_refuses_missing_and_unexpected_keys_by_name(golden):
     with pytest.raises(ValueError, match=r"Conv2d_1a_3x3\.conv\.weight has shape \(32, 3, 5, 5\)"):
         inc.torch_state_dict_to_variables(wrong)
     # Files without BatchNorm counters and classifier (older torch, or stripped) still load.
-    lean = {k: v for k, v in state.items()
-            if not (k.endswith("num_batches_tracked") or k.startswith("fc."))}
+    lean = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") or k.startswith("fc."))}
     variables = inc.torch_state_dict_to_variables(lean)
     kernel = variables["params"]["Mixed_5b"]["branch5x5_2"]["conv"]["kernel"]
     np.testing.assert_array_equal(kernel, state["Mixed_5b.branch5x5_2.conv.weight"].transpose(2, 3, 1, 0))
@@ -138,6 +148,7 @@ def test_weights_missing_error_names_file_place_and_source(tmp_path, monkeypatch
 
 def test_converted_npz_and_pth_load_to_the_same_variables(golden, tmp_path, monkeypatch):
     import torch
+
     pth = tmp_path / "weights.pth"
     torch.save({k: torch.from_numpy(v) for k, v in golden["state_dict"].items()}, pth)
     sha = hashlib.sha256(pth.read_bytes()).hexdigest()

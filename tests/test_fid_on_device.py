@@ -6,6 +6,7 @@ is the reference each device step is compared with. The network is a small stand
 same ``ChunkedFeatures`` as the FID Inception (which costs seconds per image on a CPU; it is
 checked against pytorch-fid in test_fid_inception.py), and the decoder is the tiny VAE.
 """
+
 import json
 import math
 
@@ -75,11 +76,17 @@ def _boundary_floats(rng):
     neighbours, the grid points themselves, and the clip edges."""
     k = np.arange(-2, 258)
     half = ((k + 0.5) / 127.5 - 1.0).astype(np.float32)
-    values = np.concatenate([
-        rng.uniform(-1.6, 1.6, 30_000).astype(np.float32), half,
-        np.nextafter(half, np.float32(2)), np.nextafter(half, np.float32(-2)),
-        (k / 127.5 - 1.0).astype(np.float32), np.float32([-1, 1, -1e30, 1e30, 0, -0.0])])
-    return values[:len(values) // 3 * 3].reshape(-1, 1, 1, 3)
+    values = np.concatenate(
+        [
+            rng.uniform(-1.6, 1.6, 30_000).astype(np.float32),
+            half,
+            np.nextafter(half, np.float32(2)),
+            np.nextafter(half, np.float32(-2)),
+            (k / 127.5 - 1.0).astype(np.float32),
+            np.float32([-1, 1, -1e30, 1e30, 0, -0.0]),
+        ]
+    )
+    return values[: len(values) // 3 * 3].reshape(-1, 1, 1, 3)
 
 
 def test_device_quantisation_equals_to_uint8_bit_for_bit():
@@ -109,8 +116,9 @@ def test_features_on_device_equal_the_host_paths_for_sharded_padded_and_grey_bat
     np.testing.assert_allclose(on_one_device, extractor(to_uint8(grey_to_rgb(grey))), rtol=1e-6, atol=1e-6)
 
     pixels = to_uint8(rgb[:8])  # uint8 images go through unchanged
-    np.testing.assert_allclose(extractor.on_device(jax.device_put(pixels, batch_sharding)), extractor(pixels),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        extractor.on_device(jax.device_put(pixels, batch_sharding)), extractor(pixels), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_a_non_finite_sample_on_device_gives_none_and_a_nan_fid_without_stopping(extractor, mesh):
@@ -119,8 +127,7 @@ def test_a_non_finite_sample_on_device_gives_none_and_a_nan_fid_without_stopping
     images[5, 2, 3, 1] = np.inf
     assert extractor.on_device(jax.device_put(images, sharding.batch_sharding(mesh)), 16) is None
 
-    reference = fid.stats_from_features(rng.standard_normal((40, DIM)), source="x", resolution=(8, 8),
-                                        extractor=None)
+    reference = fid.stats_from_features(rng.standard_normal((40, DIM)), source="x", resolution=(8, 8), extractor=None)
     accumulator = metrics._FeatureMomentsOfSamples(extractor, reference)
     accumulator.add_on_device(jax.device_put(images, sharding.batch_sharding(mesh)), 16)
     accumulator.add_on_device(jnp.asarray(np.zeros_like(images)), 16)  # later batches are skipped
@@ -130,8 +137,7 @@ def test_a_non_finite_sample_on_device_gives_none_and_a_nan_fid_without_stopping
 def test_moments_on_device_equal_the_host_moments_and_wrong_sizes_are_refused(extractor, mesh):
     rng = np.random.default_rng(3)
     batches = [np.tanh(rng.standard_normal((16, 8, 8, 3))).astype(np.float32) for _ in range(3)]
-    reference = fid.stats_from_features(rng.standard_normal((40, DIM)), source="x", resolution=(8, 8),
-                                        extractor=None)
+    reference = fid.stats_from_features(rng.standard_normal((40, DIM)), source="x", resolution=(8, 8), extractor=None)
     on_host = metrics._FeatureMomentsOfSamples(extractor, reference)
     on_device = metrics._FeatureMomentsOfSamples(extractor, reference)
     for i, batch in enumerate(batches):
@@ -152,8 +158,14 @@ def test_moments_on_device_equal_the_host_moments_and_wrong_sizes_are_refused(ex
 @pytest.fixture(scope="module")
 def tiny_vae():
     config = vae_lib.VAEConfig.tiny()
-    return vae_weights.LoadedVAE(config=config, params=vae_weights.seeded_params(config, seed=0), name="seeded",
-                                 folder="", weights_path="", weights_sha256="")
+    return vae_weights.LoadedVAE(
+        config=config,
+        params=vae_weights.seeded_params(config, seed=0),
+        name="seeded",
+        folder="",
+        weights_path="",
+        weights_sha256="",
+    )
 
 
 def test_latent_decoder_decodes_device_latents_on_their_devices_as_it_decodes_host_ones(tiny_vae, mesh):
@@ -177,8 +189,12 @@ def test_evaluation_of_a_latent_run_scores_decoded_images_on_the_devices(tiny_va
     side = 4 * tiny_vae.config.downsample_factor
     reference_file = str(tmp_path / "ref.npz")
     reference_features = np.random.default_rng(5).standard_normal((30, DIM))
-    fid.save_stats(fid.stats_from_features(reference_features, source="latent-test", resolution=(side, side),
-                                           extractor=StandInFeatures.extractor_id), reference_file)
+    fid.save_stats(
+        fid.stats_from_features(
+            reference_features, source="latent-test", resolution=(side, side), extractor=StandInFeatures.extractor_id
+        ),
+        reference_file,
+    )
     weights = tmp_path / "weights.npz"
     weights.write_bytes(b"")  # found by name; the stand-in never reads it
     eval_cfg = config_lib.default_config().eval
@@ -188,15 +204,25 @@ def test_evaluation_of_a_latent_run_scores_decoded_images_on_the_devices(tiny_va
     metric = metrics.build_metric(eval_cfg, "images")
 
     out = tmp_path / "e"
-    results = evaluate.evaluate_budgets(eval_cfg, sampler, jnp.float32(0.5), None, spec, metric, out_dir=str(out),
-                                        step=0, decode=decode)
+    results = evaluate.evaluate_budgets(
+        eval_cfg, sampler, jnp.float32(0.5), None, spec, metric, out_dir=str(out), step=0, decode=decode
+    )
     # every batch (16 samples, then 4 and 12 rows of padding) was scored on the devices
     assert stand_in.calls == [("device", 16), ("device", 4)] * 2
     # The same samples on the host path: drawn, decoded, copied to the host, scored there.
     ref = fid.load_stats(reference_file)
     for n in (1, 4):
-        images = draw_samples(sampler, jnp.float32(0.5), shape=spec.shape, num_classes=0, num_samples=20,
-                              batch_size=16, num_steps=n, seed=eval_cfg.seed, decode=decode)
+        images = draw_samples(
+            sampler,
+            jnp.float32(0.5),
+            shape=spec.shape,
+            num_classes=0,
+            num_samples=20,
+            batch_size=16,
+            num_steps=n,
+            seed=eval_cfg.seed,
+            decode=decode,
+        )
         mu, sigma = distances.gaussian_stats(stand_in(images))
         assert results[n] == pytest.approx(distances.frechet_distance(mu, sigma, ref.mu, ref.sigma), rel=1e-6)
     assert results[1] != results[4]
@@ -204,6 +230,7 @@ def test_evaluation_of_a_latent_run_scores_decoded_images_on_the_devices(tiny_va
     assert {"sample_s", "decode_s", "score_s", "host_copy_s"} <= set(timings) and timings["score_s"] > 0
 
     # A diverged model (NaN samples) scores NaN, and the evaluation still finishes.
-    nan_results = evaluate.evaluate_budgets(eval_cfg, sampler, jnp.float32(np.nan), None, spec, metric,
-                                            out_dir=str(tmp_path / "nan"), step=0, decode=decode)
+    nan_results = evaluate.evaluate_budgets(
+        eval_cfg, sampler, jnp.float32(np.nan), None, spec, metric, out_dir=str(tmp_path / "nan"), step=0, decode=decode
+    )
     assert all(math.isnan(v) for v in nan_results.values()) and (tmp_path / "nan" / "evaluation.json").exists()

@@ -8,6 +8,7 @@ the network is replaced by a stand-in: a fixed random map of the pixels to 6 fea
 in numpy, with the interface of ``inception.InceptionFeatures``. What is tested is everything
 around the network; the network itself is tested against pytorch-fid in test_fid_inception.py.
 """
+
 import json
 import math
 import os
@@ -78,8 +79,10 @@ def run(tmp_path_factory):
 
 
 def config(**overrides):
-    return sample.load_config(f"{DIGITS}:runlocal=True", {
-        "train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False, **overrides})
+    return sample.load_config(
+        f"{DIGITS}:runlocal=True",
+        {"train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False, **overrides},
+    )
 
 
 def run_cli(module, argv):
@@ -120,9 +123,19 @@ def test_balanced_labels_give_every_class_n_over_c_and_the_remainder_to_distinct
 
 def test_fid_per_budget_through_the_cli_equals_the_fid_of_its_exported_samples(run, stand_in, tmp_path):
     out = str(tmp_path / "eval")
-    argv = [f"--config={DIGITS}:runlocal=True", "--config.train.progress_bar=False", "--config.eval.batch_size=16",
-            f"--workdir={run['workdir']}", "--metric=fid", "--num_samples=40", "--budgets=1,4", "--cfg_scale=1.5",
-            f"--fid_weights={run['weights']}", "--export_npz=exported_{steps}.npz", f"--out_dir={out}"]
+    argv = [
+        f"--config={DIGITS}:runlocal=True",
+        "--config.train.progress_bar=False",
+        "--config.eval.batch_size=16",
+        f"--workdir={run['workdir']}",
+        "--metric=fid",
+        "--num_samples=40",
+        "--budgets=1,4",
+        "--cfg_scale=1.5",
+        f"--fid_weights={run['weights']}",
+        "--export_npz=exported_{steps}.npz",
+        f"--out_dir={out}",
+    ]
     results = run_cli(evaluate, argv)
 
     # The samples, drawn independently of the evaluation: the run's EMA weights, eval.seed, balanced labels.
@@ -131,9 +144,22 @@ def test_fid_per_budget_through_the_cli_equals_the_fid_of_its_exported_samples(r
     labels = class_labels(40, NUM_CLASSES, mode="balanced", seed=cfg.eval.seed)
     try:
         # greyscale samples, seen by FID and the sample files as RGB with the channel repeated
-        drawn = {n: grey_to_rgb(draw_samples(
-            loaded.exp.sampler, loaded.params, shape=(8, 8, 1), num_classes=NUM_CLASSES, num_samples=40,
-            batch_size=40, num_steps=n, seed=cfg.eval.seed, cfg_scale=1.5)) for n in (1, 4)}
+        drawn = {
+            n: grey_to_rgb(
+                draw_samples(
+                    loaded.exp.sampler,
+                    loaded.params,
+                    shape=(8, 8, 1),
+                    num_classes=NUM_CLASSES,
+                    num_samples=40,
+                    batch_size=40,
+                    num_steps=n,
+                    seed=cfg.eval.seed,
+                    cfg_scale=1.5,
+                )
+            )
+            for n in (1, 4)
+        }
     finally:
         loaded.close()
 
@@ -159,9 +185,21 @@ def test_fid_per_budget_through_the_cli_equals_the_fid_of_its_exported_samples(r
         mu, sigma = distances.gaussian_stats(StandInFeatures()(drawn[n]))
         assert results[n] == pytest.approx(distances.frechet_distance(mu, sigma, mu_r, sigma_r), rel=1e-6)
         # ...and by the statistics command, reading the exported file against the cached reference.
-        options = type("Options", (), dict(stats=False, samples=os.path.join(out, f"exported_{n}.npz"),
-                                           reference=cache, reference_source="", out="", adm_npz="",
-                                           num_images=0, batch_size=16, weights=""))()
+        options = type(
+            "Options",
+            (),
+            dict(
+                stats=False,
+                samples=os.path.join(out, f"exported_{n}.npz"),
+                reference=cache,
+                reference_source="",
+                out="",
+                adm_npz="",
+                num_images=0,
+                batch_size=16,
+                weights="",
+            ),
+        )()
         line = fid.run_command(options, None, extractor=StandInFeatures())
         assert float(line.split()[1]) == pytest.approx(results[n], rel=1e-4)
     assert results[1] != results[4]
@@ -192,9 +230,15 @@ def test_decoded_latents_are_what_grids_metrics_and_sample_files_see(stand_in, t
 
     reference_images = np.random.default_rng(1).integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
     reference_file = str(tmp_path / "ref.npz")
-    fid.save_stats(fid.stats_from_features(StandInFeatures()(reference_images), source="latent-test",
-                                           resolution=(8, 8), extractor=StandInFeatures.extractor_id),
-                   reference_file)
+    fid.save_stats(
+        fid.stats_from_features(
+            StandInFeatures()(reference_images),
+            source="latent-test",
+            resolution=(8, 8),
+            extractor=StandInFeatures.extractor_id,
+        ),
+        reference_file,
+    )
     eval_cfg = config_lib.default_config().eval
     eval_cfg.budgets, eval_cfg.grid_budgets, eval_cfg.grid_size = (1, 4), (4,), 9
     eval_cfg.num_samples, eval_cfg.batch_size, eval_cfg.export_budgets = 24, 10, (4,)
@@ -204,10 +248,20 @@ def test_decoded_latents_are_what_grids_metrics_and_sample_files_see(stand_in, t
     metric = metrics.build_metric(eval_cfg, "images")
     weight = jnp.float32(0.5)
 
-    results = evaluate.evaluate_budgets(eval_cfg, sampler, weight, None, spec, metric, out_dir=str(tmp_path / "e"),
-                                        step=0, decode=decode)
-    images = draw_samples(sampler, weight, shape=(4, 4, 4), num_classes=0, num_samples=24, batch_size=24,
-                          num_steps=4, seed=eval_cfg.seed, decode=decode)
+    results = evaluate.evaluate_budgets(
+        eval_cfg, sampler, weight, None, spec, metric, out_dir=str(tmp_path / "e"), step=0, decode=decode
+    )
+    images = draw_samples(
+        sampler,
+        weight,
+        shape=(4, 4, 4),
+        num_classes=0,
+        num_samples=24,
+        batch_size=24,
+        num_steps=4,
+        seed=eval_cfg.seed,
+        decode=decode,
+    )
     assert images.shape == (24, 8, 8, 3)
     exported, saved_labels = read_adm_npz(str(tmp_path / "e" / "samples_4step.npz"))
     assert np.array_equal(exported, to_uint8(images)) and saved_labels is None
@@ -239,15 +293,17 @@ def _reference(path, **provenance):
 
 @pytest.mark.parametrize("case", ["resolution", "source"])
 def test_reference_statistics_of_another_resolution_or_data_set_are_refused_before_compiling(
-        case, run, stand_in, tmp_path, monkeypatch):
+    case, run, stand_in, tmp_path, monkeypatch
+):
     if case == "resolution":
         reference = _reference(str(tmp_path / "ref.npz"), source="digits", resolution=(32, 32))
         overrides, message = {}, r"resolution=\(32, 32\).*resolution=\(8, 8\).*eval.fid_reference"
     else:
         reference = _reference(str(tmp_path / "ref.npz"), source="cifar10", resolution=(8, 8))
         overrides, message = {"eval.fid_source": "digits"}, "source='cifar10'.*'digits'.*eval.fid_source"
-    cfg = config(**{"eval.metric": "fid", "eval.fid_reference": reference,
-                                 "eval.fid_weights": run["weights"], **overrides})
+    cfg = config(
+        **{"eval.metric": "fid", "eval.fid_reference": reference, "eval.fid_weights": run["weights"], **overrides}
+    )
     restored = []
     monkeypatch.setattr(checkpoint.Checkpointer, "restore", lambda *a, **k: restored.append(a))
     compiled = no_compilation(monkeypatch)

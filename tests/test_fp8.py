@@ -3,6 +3,7 @@ widening the operands: the values are the FP8 network's, checked against exact p
 independent NumPy/ml_dtypes rendering of the FP8 formulas; the lowered train step holds FP8
 dot_generals only when asked; a tiny DiT trains with FP8 as it does without; the GPU check script
 runs here on a tiny row."""
+
 import functools
 import gzip
 import json
@@ -78,7 +79,7 @@ def test_fp8_layer_is_exact_on_values_both_formats_represent(form):
         t.flat[0] = top  # the amax
         return t.astype(np.float32)
 
-    x, w, g = powers_of_two((32, 48), 8.0), powers_of_two((48, 16), 0.5), powers_of_two((32, 16), 2.0 ** -10)
+    x, w, g = powers_of_two((32, 48), 8.0), powers_of_two((48, 16), 0.5), powers_of_two((32, 16), 2.0**-10)
     y, dx, dw = fp8_layer(x, w, g, form)
     x64, w64, g64 = (v.astype(np.float64) for v in (x, w, g))
     np.testing.assert_allclose(y, x64 @ w64, rtol=1e-6)
@@ -134,10 +135,11 @@ def test_fp8_dit_has_the_default_parameters_and_the_same_values_when_remateriali
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
     assert shapes == jax.eval_shape(base.init, jax.random.PRNGKey(0), *inputs)["params"]
     h, init = jnp.ones((2, 3, 8)), layers.xavier_uniform()
-    jax.tree.map(np.testing.assert_array_equal,
-                 fp8.dense(16, kernel_init=init, dtype=jnp.float32, fp8_form="direct", name=None).init(
-                     jax.random.PRNGKey(1), h),
-                 nn.Dense(16, kernel_init=init).init(jax.random.PRNGKey(1), h))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        fp8.dense(16, kernel_init=init, dtype=jnp.float32, fp8_form="direct", name=None).init(jax.random.PRNGKey(1), h),
+        nn.Dense(16, kernel_init=init).init(jax.random.PRNGKey(1), h),
+    )
     params = random_params(shapes, rng)
     # the first block under the 'dots' policy, the second plain: the rematerialised forward
     # recomputes the same FP8 values, so loss and gradients are those of the plain network
@@ -148,6 +150,7 @@ def test_fp8_dit_has_the_default_parameters_and_the_same_values_when_remateriali
     def losses_and_grads(params):
         def loss(m, p):
             return jnp.mean((m.apply({"params": p}, *inputs) - x) ** 2)
+
         return [jax.value_and_grad(functools.partial(loss, m))(params) for m in (model, remat)]
 
     text = str(jax.make_jaxpr(losses_and_grads)(params))
@@ -185,8 +188,11 @@ def test_lowered_train_step_has_fp8_dot_generals_only_with_fp8():
     assert fp8_dots["other"] > 0  # adaLN, embedders, final layer, attention stay in bf16
     assert set(_lowered_step_dots(_tiny_experiment("--dtype=bfloat16"))) == {"other"}
     # with the other execution levers: rematerialised blocks add recomputed forward dots
-    levers = _lowered_step_dots(_tiny_experiment("--matmul_precision=fp8", "--dtype=bfloat16", "--remat=full",
-                                                 "--residual_dtype=compute", "--lean_ops=none"))
+    levers = _lowered_step_dots(
+        _tiny_experiment(
+            "--matmul_precision=fp8", "--dtype=bfloat16", "--remat=full", "--residual_dtype=compute", "--lean_ops=none"
+        )
+    )
     assert levers[(e4, e4)] >= 4 * 3 and levers[(e4, e5)] == 4 + 4
 
 
@@ -195,12 +201,16 @@ def test_tiny_dit_trains_with_fp8_as_with_the_compute_dtype():
     # precision is a deterministic curve, from the same initial parameters; the FP8 one must fall
     # as the float32 one does and stay near it
     rng = np.random.default_rng(4)
-    batch = {"x": jnp.asarray(rng.standard_normal((32, 8, 8, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 3, 32), jnp.int32)}
+    batch = {
+        "x": jnp.asarray(rng.standard_normal((32, 8, 8, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 3, 32), jnp.int32),
+    }
     objective = config_lib.default_config().objective
     objective.name = "flow_matching"
-    models = {p: DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3, matmul_precision=p)
-              for p in config_lib.MATMUL_PRECISIONS}
+    models = {
+        p: DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3, matmul_precision=p)
+        for p in config_lib.MATMUL_PRECISIONS
+    }
     cfgs = {p: make_objective_config(objective, functools.partial(apply_params, m), 3) for p, m in models.items()}
     example = (batch["x"][:1], jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
     start = random_params(jax.eval_shape(models["bf16"].init, jax.random.PRNGKey(0), *example)["params"], rng)
@@ -212,7 +222,8 @@ def test_tiny_dit_trains_with_fp8_as_with_the_compute_dtype():
         out = {}
         for p, cfg in cfgs.items():
             (loss, _), grads = jax.value_and_grad(METHODS["flow_matching"].loss, has_aux=True)(
-                params[p], None, batch, jax.random.PRNGKey(1), cfg)
+                params[p], None, batch, jax.random.PRNGKey(1), cfg
+            )
             updates, state = tx.update(grads, opt_state[p], params[p])
             out[p] = (optax.apply_updates(params[p], updates), state, loss)
         return tuple({p: v[i] for p, v in out.items()} for i in range(3))
@@ -239,10 +250,12 @@ def random_params(shapes, rng):
     """Parameters drawn in NumPy for the shapes of an initialised network (its own initialiser,
     hundreds of random-bit computations, takes longer to compile on CPU than the test's step):
     matrices and kernels at 1/sqrt(fan-in), vectors zero."""
+
     def draw(s):
         if len(s.shape) < 2:
             return jnp.zeros(s.shape, s.dtype)
         return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
+
     return jax.tree.map(draw, shapes)
 
 
@@ -264,8 +277,12 @@ def test_matmul_precision_config_key_is_checked_and_reaches_the_model():
         config_lib.validate(c, num_devices=1)
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         DiT(width=32, depth=1, num_heads=2, matmul_precision="int8").init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
-            jnp.zeros(1, jnp.int32))
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, 4, 4, 3)),
+            jnp.zeros(1),
+            jnp.zeros(1, jnp.int32),
+            jnp.zeros(1, jnp.int32),
+        )
 
 
 def test_train_step_benchmark_forwards_the_precision_and_the_dot_form():
@@ -323,12 +340,27 @@ def test_fp8_check_runs_on_cpu_on_a_tiny_row(tmp_path, capsys):
     assert "HloModule" in gzip.open(step["hlo"], "rt").read(200)
     assert "FP8 GEMMs: 0 of 12 FP8 dots" in capsys.readouterr().out  # the line to read on a GPU
 
-    assert fp8_check.main(["--sections=matmul", "--matmul_shape=64,32,48/32,48,16", "--warm_s=0", "--repeats=1",
-                           "--calls=1", f"--out={out}", "--quiet"]) == 0
+    assert (
+        fp8_check.main(
+            [
+                "--sections=matmul",
+                "--matmul_shape=64,32,48/32,48,16",
+                "--warm_s=0",
+                "--repeats=1",
+                "--calls=1",
+                f"--out={out}",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "fp8_check.json").read_text())["matmul"]["rows"]
     assert [(r["shape"], r["variant"], r["mode"]) for r in rows] == [
-        (s, v, m) for s in ([64, 32, 48], [32, 48, 16]) for v in fp8_check.VARIANTS
-        for m in ("gemm", "forward", "forward_backward")]
+        (s, v, m)
+        for s in ([64, 32, 48], [32, 48, 16])
+        for v in fp8_check.VARIANTS
+        for m in ("gemm", "forward", "forward_backward")
+    ]
     assert all(r["tflops"] > 0 and r["matmuls"] for r in rows)
     assert all(r["vs_bf16"] == 1.0 for r in rows if r["variant"] == "bf16")
     for bad in (["--variants=fp16"], ["--matmul_shape=1,2"], ["--train_step_args=--remat=sometimes"]):

@@ -1,5 +1,6 @@
 """Classifier-free guidance in every sampler: one guided step of the Euler sampler, DDIM and the
 consistency sampler equals the step computed by hand with ``uncond + w (cond - uncond)``."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,8 +39,9 @@ def test_guided_euler_step_is_uncond_plus_scale_times_the_difference(scale):
     or dropping guidance."""
     sampler = sampling.Sampler(field, num_levels=K, num_classes=NUM_CLASSES)
     got = np.asarray(sampler(None, NOISE, LABELS, num_steps=1, cfg_scale=scale))
-    np.testing.assert_allclose(got, NOISE + guided_np(NOISE.astype(np.float64), 0.0, LABELS, scale),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, NOISE + guided_np(NOISE.astype(np.float64), 0.0, LABELS, scale), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -48,8 +50,9 @@ def test_guided_consistency_step_is_uncond_plus_scale_times_the_difference(scale
     dropping guidance: one step is ``x0 + (1 - 0) v_guided(x0, 0)``."""
     sampler = sampling.ConsistencySampler(field, num_levels=K, num_classes=NUM_CLASSES)
     got = np.asarray(sampler(None, NOISE, LABELS, num_steps=1, cfg_scale=scale))
-    np.testing.assert_allclose(got, NOISE + guided_np(NOISE.astype(np.float64), 0.0, LABELS, scale),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, NOISE + guided_np(NOISE.astype(np.float64), 0.0, LABELS, scale), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -75,6 +78,7 @@ def test_the_guided_steps_are_not_vacuous():
     x = NOISE.astype(np.float64)
     guided = guided_np(x, 0.0, LABELS, 3.0)
     assert np.abs(guided - field_np(x, 0.0, LABELS)).min() > 1e-2
-    flipped = field_np(x, 0.0, LABELS) + 3.0 * (field_np(x, 0.0, np.full_like(LABELS, NUM_CLASSES)) -
-                                                field_np(x, 0.0, LABELS))
+    flipped = field_np(x, 0.0, LABELS) + 3.0 * (
+        field_np(x, 0.0, np.full_like(LABELS, NUM_CLASSES)) - field_np(x, 0.0, LABELS)
+    )
     assert np.abs(guided - flipped).min() > 1e-2

@@ -6,6 +6,7 @@ The pickle is built as the reference code writes it: ``{'train_state': TrainStat
 tuples), in the reference network's parameter names. The flax state-dict form of the same state
 is a second accepted format.
 """
+
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ def small_config(data_path=""):
 def reference_params():
     """The golden reference network's parameters, in the reference code's module names."""
     g = np.load(os.path.join(SHARED_DATA, "official_dit_golden.npz"))
-    return convert.from_slash_names({k[len("param/"):]: g[k] for k in g.files if k.startswith("param/")})
+    return convert.from_slash_names({k[len("param/") :]: g[k] for k in g.files if k.startswith("param/")})
 
 
 def reference_adamw_state(params):
@@ -64,8 +65,12 @@ def reference_adamw_state(params):
 
 
 def write_reference_pickle(path, opt_state, params):
-    train_state = {"params": params, "params_ema": jax.tree.map(lambda p: p * 0.5, params),
-                   "opt_state": opt_state, "step": jnp.asarray(STEP, jnp.int32)}
+    train_state = {
+        "params": params,
+        "params_ema": jax.tree.map(lambda p: p * 0.5, params),
+        "opt_state": opt_state,
+        "step": jnp.asarray(STEP, jnp.int32),
+    }
     with open(path, "wb") as f:
         pickle.dump({"train_state": train_state, "_timestamp": 1_733_100_000.0}, f)
     return str(path)
@@ -75,8 +80,9 @@ def write_reference_pickle(path, opt_state, params):
 def optax_pickle(tmp_path_factory):
     """The format the reference code writes: the raw optax state."""
     params = reference_params()
-    path = write_reference_pickle(tmp_path_factory.mktemp("official") / "ckpt.pkl",
-                                  reference_adamw_state(params), params)
+    path = write_reference_pickle(
+        tmp_path_factory.mktemp("official") / "ckpt.pkl", reference_adamw_state(params), params
+    )
     with open(path, "rb") as f:  # the fixture really is in that form once unpickled
         assert isinstance(pickle.load(f)["train_state"]["opt_state"][0], optax.ScaleByAdamState)
     return path
@@ -92,14 +98,20 @@ def state_dict_pickle(tmp_path_factory):
 
 
 def adam_state_of(opt_state) -> optax.ScaleByAdamState:
-    (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-               if isinstance(s, optax.ScaleByAdamState)]
+    (adam,) = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     return adam
 
 
 def schedule_counts_of(opt_state) -> list[int]:
-    return [int(s.count) for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-            if isinstance(s, optax.ScaleByScheduleState)]
+    return [
+        int(s.count)
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        if isinstance(s, optax.ScaleByScheduleState)
+    ]
 
 
 def assert_trees_equal(expected, got):
@@ -125,8 +137,9 @@ def test_adam_moments_are_found_in_every_form_an_optax_state_takes():
     forms = {
         "adamw": optax.adamw(1e-3, weight_decay=0.1).init(params),
         "chain with clipping": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)).init(params),
-        "masked decay, schedule": optax.adamw(optax.linear_schedule(0.0, 1e-3, 10), weight_decay=0.1,
-                                              mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)).init(params),
+        "masked decay, schedule": optax.adamw(
+            optax.linear_schedule(0.0, 1e-3, 10), weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+        ).init(params),
         "injected hyperparameters": optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3).init(params),
         "state dict": flax.serialization.to_state_dict(optax.adamw(1e-3).init(params)),
         "list": list(optax.adamw(1e-3).init(params)),
@@ -210,13 +223,27 @@ def test_training_resumes_from_an_imported_checkpoint(optax_pickle, tmp_path, ca
     # the imported Adam moments shape the first update: without them (zero moments, the same
     # count) the same parameters and batch give another update
     adam = adam_state_of(imported.opt_state)
-    no_moments = imported.replace(opt_state=jax.tree.map(
-        lambda s: s._replace(mu=jax.tree.map(jnp.zeros_like, s.mu), nu=jax.tree.map(jnp.zeros_like, s.nu))
-        if s is adam else s, imported.opt_state, is_leaf=lambda s: s is adam))
+    no_moments = imported.replace(
+        opt_state=jax.tree.map(
+            lambda s: (
+                s._replace(mu=jax.tree.map(jnp.zeros_like, s.mu), nu=jax.tree.map(jnp.zeros_like, s.nu))
+                if s is adam
+                else s
+            ),
+            imported.opt_state,
+            is_leaf=lambda s: s is adam,
+        )
+    )
     without, _ = compiled(no_moments, batch)
-    assert max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-               zip(jax.tree.leaves(jax.device_get(updated.params)), jax.tree.leaves(jax.device_get(without.params)))
-               ) > 1e-6
+    assert (
+        max(
+            np.abs(np.asarray(a) - np.asarray(b)).max()
+            for a, b in zip(
+                jax.tree.leaves(jax.device_get(updated.params)), jax.tree.leaves(jax.device_get(without.params))
+            )
+        )
+        > 1e-6
+    )
     # the run's two steps, taken here from the imported state
     second_batch = sharding.global_batch(exp.source.next_batch(), exp.mesh)
     two_steps, _ = compiled(updated, second_batch)
@@ -244,10 +271,14 @@ def test_import_refuses_a_mismatched_config_and_a_used_workdir(optax_pickle, tmp
     cfg = small_config()
     cfg.model.width = 128
     with pytest.raises(config_lib.ConfigError, match="shape"):
-        import_official.import_checkpoint(import_official.load_pickle(optax_pickle), cfg, str(tmp_path / "a"),
-                                          image_size=8)
+        import_official.import_checkpoint(
+            import_official.load_pickle(optax_pickle), cfg, str(tmp_path / "a"), image_size=8
+        )
     good = small_config()
-    import_official.import_checkpoint(import_official.load_pickle(optax_pickle), good, str(tmp_path / "b"), image_size=8)
+    import_official.import_checkpoint(
+        import_official.load_pickle(optax_pickle), good, str(tmp_path / "b"), image_size=8
+    )
     with pytest.raises(FileExistsError):
-        import_official.import_checkpoint(import_official.load_pickle(optax_pickle), good, str(tmp_path / "b"),
-                                          image_size=8)
+        import_official.import_checkpoint(
+            import_official.load_pickle(optax_pickle), good, str(tmp_path / "b"), image_size=8
+        )

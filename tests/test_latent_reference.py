@@ -1,6 +1,7 @@
 """The latent set's reference set (the samples latent runs' metrics compare with): the stored
 moments of the image as encoded, not its mirror, mapped to the training stream's scale
 ``(mean + std * eps - shift) * scale``."""
+
 import json
 import os
 
@@ -20,11 +21,22 @@ def write_set(root, moments):
     os.makedirs(root)
     np.save(latent_format.shard_paths(root, 0)[0], moments.astype(np.float32))
     np.save(latent_format.shard_paths(root, 0)[1], np.zeros(len(moments), np.int32))
-    manifest = {"format": latent_format.FORMAT, "version": latent_format.FORMAT_VERSION, "complete": True,
-                "count": len(moments), "num_classes": 1, "image_size": 8 * SHAPE[0],
-                "vae": {"name": "test/vae", "weights_sha256": "ab" * 32}, "scaling_factor": SCALE,
-                "shift_factor": SHIFT, "latent_shape": list(SHAPE), "dtype": "float32", "shard_size": len(moments),
-                "num_shards": 1, "shards": [{"index": 0, "start": 0, "count": len(moments)}]}
+    manifest = {
+        "format": latent_format.FORMAT,
+        "version": latent_format.FORMAT_VERSION,
+        "complete": True,
+        "count": len(moments),
+        "num_classes": 1,
+        "image_size": 8 * SHAPE[0],
+        "vae": {"name": "test/vae", "weights_sha256": "ab" * 32},
+        "scaling_factor": SCALE,
+        "shift_factor": SHIFT,
+        "latent_shape": list(SHAPE),
+        "dtype": "float32",
+        "shard_size": len(moments),
+        "num_shards": 1,
+        "shards": [{"index": 0, "start": 0, "count": len(moments)}],
+    }
     with open(os.path.join(root, latent_format.MANIFEST), "w") as f:
         json.dump(manifest, f)
 
@@ -40,8 +52,9 @@ def asymmetric_means():
     mirrored read is neither the stored image nor a plain flip of it."""
     rng = np.random.default_rng(0)
     columns = np.arange(SHAPE[1], dtype=np.float32)[None, None, :, None]
-    image = (np.arange(N, dtype=np.float32)[:, None, None, None] + 1) * (1 + columns) \
-        + rng.normal(size=(N, *SHAPE)).astype(np.float32) * 0.1
+    image = (np.arange(N, dtype=np.float32)[:, None, None, None] + 1) * (1 + columns) + rng.normal(
+        size=(N, *SHAPE)
+    ).astype(np.float32) * 0.1
     mirror = -np.flip(image, axis=2) - 3.0
     return image, mirror
 

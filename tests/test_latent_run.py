@@ -1,5 +1,6 @@
 """The latent chain end to end on CPU: image folder -> encode -> train on latents -> samples
 decoded by the same VAE in the evaluation's grids."""
+
 import importlib.util
 import os
 import shutil
@@ -29,14 +30,22 @@ def encoded(tmp_path_factory):
         os.makedirs(root / "images" / label)
         for i in range(8):
             coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-            Image.fromarray(coarse).resize((20, 18), Image.Resampling.BILINEAR).save(root / "images" / label / f"{i}.png")
+            Image.fromarray(coarse).resize((20, 18), Image.Resampling.BILINEAR).save(
+                root / "images" / label / f"{i}.png"
+            )
     vae_folder = str(root / "tiny-vae")
     config = VAEConfig.tiny()
     vae_weights.write_diffusers_folder(
-        vae_folder, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), 1))
+        vae_folder, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), 1)
+    )
     source = open_image_folder(str(root / "images"), IMAGE_SIZE, 2)
-    encode.encode_images(source, str(root / "latents"), vae_weights.load_vae(vae_folder),
-                         encode.EncodeSettings(image_size=IMAGE_SIZE, batch_size=8, shard_size=8), progress=False)
+    encode.encode_images(
+        source,
+        str(root / "latents"),
+        vae_weights.load_vae(vae_folder),
+        encode.EncodeSettings(image_size=IMAGE_SIZE, batch_size=8, shard_size=8),
+        progress=False,
+    )
     source.close()
     return root, vae_folder
 
@@ -69,8 +78,19 @@ def test_latent_run_trains_and_its_grids_show_decoded_images(encoded, tmp_path):
         with checkpoint.Checkpointer(exp.ckpt_dir, async_save=False) as ckpt:
             state, _, _ = exp.restore(ckpt, 2)
         _, latents, _ = evaluator._draw_budget(  # noqa: SLF001
-            cfg.eval, exp.sampler, exp.eval_params(state), exp.spec, 1, cfg.eval.grid_size, accumulator=None,
-            export=None, image_shape=None, shown_count=cfg.eval.grid_size, decode=None, progress=False)
+            cfg.eval,
+            exp.sampler,
+            exp.eval_params(state),
+            exp.spec,
+            1,
+            cfg.eval.grid_size,
+            accumulator=None,
+            export=None,
+            image_shape=None,
+            shown_count=cfg.eval.grid_size,
+            decode=None,
+            progress=False,
+        )
         latents = np.asarray(latents)
         assert latents.shape == (8, IMAGE_SIZE // 2, IMAGE_SIZE // 2, 4)
         decoded = np.asarray(exp.decode(latents))
@@ -87,7 +107,8 @@ def test_latent_run_with_other_vae_weights_is_refused_before_training(encoded, t
     shutil.copytree(vae_folder, other)
     config = VAEConfig.tiny()
     vae_weights.write_diffusers_folder(
-        other, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), 2))
+        other, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), 2)
+    )
     cfg = latent_run_config(str(root / "latents"))
     cfg.eval.vae = other
     workdir = tmp_path / "refused"

@@ -1,6 +1,7 @@
 """MeanFlow and improved MeanFlow (objectives/meanflow.py): the jvp, the target on exact fields,
 the reduction to flow matching, the interval sampler, the real train step on 8 devices, and the
 config checks for forward-mode differentiation."""
+
 import dataclasses
 import importlib.util
 import os
@@ -40,7 +41,7 @@ def batch_of(x1):
 # (v, 1, -1) is a * x + a * tau * v + 2 c x v - b.
 def analytic_apply(params, x, tau, h, label):
     del label
-    return params["a"] * tau[:, None] * x + params["b"] * h[:, None] + params["c"] * x ** 2
+    return params["a"] * tau[:, None] * x + params["b"] * h[:, None] + params["c"] * x**2
 
 
 def analytic_derivative(params, x, tau, v):
@@ -111,9 +112,11 @@ def test_jvp_of_a_small_network_matches_finite_differences():
 def straight_field(point):
     """The exact average velocity when all data is ``point`` (noise floor 0): paths are straight
     at constant speed, so u(x, tau, h) = (point - x) / (1 - tau) for every h."""
+
     def apply(params, x, tau, h, label):
         del params, h, label
         return (point[None] - x) / (1.0 - tau[:, None])
+
     return apply
 
 
@@ -137,8 +140,7 @@ def test_rows_with_r_equal_t_are_flow_matching():
     x, tau, h, v, _ = meanflow._prepare(batch_of(x1), rng, cfg)
     assert float(jnp.max(h)) == 0.0
     want = jnp.mean(common.per_row_mse(analytic_apply(PARAMS, x, tau, h, None), v))
-    np.testing.assert_allclose(float(meanflow.loss_fn(PARAMS, None, batch_of(x1), rng, cfg)[0]), float(want),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(meanflow.loss_fn(PARAMS, None, batch_of(x1), rng, cfg)[0]), float(want), rtol=1e-6)
 
 
 @pytest.mark.parametrize("steps", [1, 3, 4])
@@ -153,8 +155,10 @@ def test_interval_sampler_on_the_exact_field_maps_noise_to_the_data_point(steps)
 
 def test_guidance_is_folded_into_the_target_for_labelled_rows_only():
     """omega v + kappa u(c) + (1 - omega - kappa) u(null) on rows with a label; v on null rows."""
+
     def apply(params, x, tau, h, label):
         return jnp.where(label[:, None] == 3, 1.0, 5.0) + 0.0 * x
+
     cfg = objective_config(apply, num_classes=3, meanflow_cfg_omega=2.0, meanflow_cfg_kappa=0.5)
     x = jnp.zeros((4, 2))
     v = jnp.full((4, 2), 10.0)
@@ -190,10 +194,13 @@ def test_two_steps_of_the_real_train_step_on_8_devices_equal_one_device(name, tm
     assert any(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(one.params))
 
 
-@pytest.mark.parametrize("setting,value,message", [
-    ("attention_impl", "cudnn", "does not support; use model.attention_impl='auto' or 'xla'"),
-    ("matmul_precision", "fp8", "no forward-mode rule"),
-])
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [
+        ("attention_impl", "cudnn", "does not support; use model.attention_impl='auto' or 'xla'"),
+        ("matmul_precision", "fp8", "no forward-mode rule"),
+    ],
+)
 def test_forward_mode_objectives_refuse_kernels_without_a_jvp_before_compiling(setting, value, message):
     c = config_lib.default_config()
     c.objective.name = "meanflow"
@@ -204,6 +211,7 @@ def test_forward_mode_objectives_refuse_kernels_without_a_jvp_before_compiling(s
 
 def test_forward_mode_objectives_get_plain_ops_and_xla_attention():
     from shortcut_jax.models import build_model
+
     c = config_lib.default_config()
     model = build_model(c.model, num_classes=0, forward_mode=True)
     assert model.lean_ops == () and model.attention_impl is None

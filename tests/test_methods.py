@@ -1,6 +1,7 @@
 """The comparison methods: each objective's defining property on a case with a known answer,
 their samplers, the reflow pair files, the warm start, and equality of sharded and one-device
 training steps for every objective."""
+
 import dataclasses
 import functools
 import math
@@ -19,8 +20,17 @@ from shortcut_jax.objectives import sampling
 from shortcut_jax.infra import sharding
 from shortcut_jax.training import train_state
 from shortcut_jax.models import MLPNet, build_model
-from shortcut_jax.objectives import (METHODS, ObjectiveConfig, check_method_config, diffusion,
-                                     make_objective_config, make_sampler, progressive, reflow, resolve_stages)
+from shortcut_jax.objectives import (
+    METHODS,
+    ObjectiveConfig,
+    check_method_config,
+    diffusion,
+    make_objective_config,
+    make_sampler,
+    progressive,
+    reflow,
+    resolve_stages,
+)
 from shortcut_jax.training import runs as warm_start
 
 FLOOR = 1e-5
@@ -50,8 +60,9 @@ def mlp_model(ignore_level=False, width=32):
 
     @jax.jit
     def init(key):
-        params = model.init(key, jnp.zeros((1, 2)), jnp.zeros(1), jnp.zeros(1, jnp.int32),
-                            jnp.zeros(1, jnp.int32))["params"]
+        params = model.init(key, jnp.zeros((1, 2)), jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))[
+            "params"
+        ]
         # non-zero output weights (the output layer starts at zero)
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
@@ -68,8 +79,10 @@ def tiny_mlp(ignore_level=False, seed=0, width=32):
 
 def dispatch_field(mlp_apply):
     """One apply_fn for trees of both kinds: exact point fields and MLP parameters."""
+
     def apply_fn(params, *a):
         return point_field(params, *a) if "point" in params else mlp_apply(params, *a)
+
     return apply_fn
 
 
@@ -84,7 +97,7 @@ def test_schedules_follow_their_closed_forms_with_the_floor():
     s = np.array([0.0, 0.1, 0.5, 0.9, 0.99, 1.0])
     f = lambda u: np.cos(0.5 * np.pi * (u + 0.008) / 1.008) ** 2  # noqa: E731
     cosine = np.maximum(f(s) / f(0.0), 1e-4)
-    linear = np.maximum(np.exp(-1000 * (1e-4 * s + 0.5 * (0.02 - 1e-4) * s ** 2)), 1e-4)
+    linear = np.maximum(np.exp(-1000 * (1e-4 * s + 0.5 * (0.02 - 1e-4) * s**2)), 1e-4)
     np.testing.assert_allclose(diffusion.alpha_bar(s, "cosine", 1e-4), cosine, rtol=1e-5)
     np.testing.assert_allclose(diffusion.alpha_bar(s, "linear", 1e-4), linear, rtol=1e-5)
     assert float(diffusion.alpha_bar(1.0, "cosine", 1e-4)) == pytest.approx(1e-4)
@@ -95,10 +108,12 @@ def test_schedules_follow_their_closed_forms_with_the_floor():
 
 def eps_of_point_data(schedule, mean, std):
     """Exact noise predictor of Gaussian data N(mean, std^2) per coordinate (std 0: a point)."""
+
     def apply_fn(params, x, t, level, label):
         a = diffusion.alpha_bar(1.0 - t, schedule, 1e-4)[:, None]
         b2 = 1.0 - a
-        return jnp.sqrt(b2) * (x - jnp.sqrt(a) * mean) / (a * std ** 2 + b2)
+        return jnp.sqrt(b2) * (x - jnp.sqrt(a) * mean) / (a * std**2 + b2)
+
     return apply_fn
 
 
@@ -109,17 +124,30 @@ def test_ddim_with_the_exact_noise_predictor_inverts_the_forward_process_for_poi
     z = points(6, seed=2) / 0.7
     a1 = diffusion.alpha_bar(1.0, schedule, 1e-4)
     x_start = jnp.sqrt(a1) * mean + jnp.sqrt(1 - a1) * z  # the forward process at s = 1
-    out = sampling.ddim_sample(eps_of_point_data(schedule, mean, 0.0), None, x_start, jnp.zeros(6, jnp.int32),
-                               num_steps=steps, alpha_bar_fn=lambda s: diffusion.alpha_bar(s, schedule, 1e-4),
-                               level=K)
+    out = sampling.ddim_sample(
+        eps_of_point_data(schedule, mean, 0.0),
+        None,
+        x_start,
+        jnp.zeros(6, jnp.int32),
+        num_steps=steps,
+        alpha_bar_fn=lambda s: diffusion.alpha_bar(s, schedule, 1e-4),
+        level=K,
+    )
     np.testing.assert_allclose(out, mean, atol=2e-4)
 
 
 def test_ddim_clips_the_data_estimate_only_when_asked():
     far = jnp.full((3, 2), 10.0)  # a data point outside the clip range
-    run = functools.partial(sampling.ddim_sample, eps_of_point_data("cosine", far, 0.0), None, points(3) / 0.7,
-                            jnp.zeros(3, jnp.int32), num_steps=2, level=K,
-                            alpha_bar_fn=lambda s: diffusion.alpha_bar(s, "cosine", 1e-4))
+    run = functools.partial(
+        sampling.ddim_sample,
+        eps_of_point_data("cosine", far, 0.0),
+        None,
+        points(3) / 0.7,
+        jnp.zeros(3, jnp.int32),
+        num_steps=2,
+        level=K,
+        alpha_bar_fn=lambda s: diffusion.alpha_bar(s, "cosine", 1e-4),
+    )
     np.testing.assert_allclose(run(), far, atol=1e-3)
     np.testing.assert_allclose(run(clip=4.0), jnp.full((3, 2), 4.0), atol=1e-5)
 
@@ -138,7 +166,7 @@ def test_ddim_on_gaussian_data_follows_the_exact_chain_and_reaches_the_data_dist
         for i in range(steps):
             a, a2 = math.sqrt(float(ab(1 - i / steps))), math.sqrt(float(ab(1 - (i + 1) / steps)))
             b, b2 = math.sqrt(1 - a * a), math.sqrt(max(1 - a2 * a2, 0.0))
-            dev = dev * (a * a2 * std ** 2 + b * b2) / (a * a * std ** 2 + b * b)
+            dev = dev * (a * a2 * std**2 + b * b2) / (a * a * std**2 + b * b)
         np.testing.assert_allclose(got, mean + dev, rtol=1e-3, atol=1e-4)
     # with many steps the samples have the data's distribution; one step does not
     assert abs(got.mean() - mean) < 0.02 and abs(got.std() / std - 1) < 0.04
@@ -149,13 +177,19 @@ def test_ddim_on_gaussian_data_follows_the_exact_chain_and_reaches_the_data_dist
 def test_diffusion_loss_is_zero_for_the_exact_noise_predictor_on_its_path():
     data = points(64, seed=3)
     cfg = ObjectiveConfig(apply_fn=lambda p, *a: eps_of_point_data("cosine", p, 0.0)(None, *a), num_classes=0)
-    loss, metrics = METHODS["diffusion"].loss(data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)},
-                                            jax.random.key(0), cfg)
+    loss, metrics = METHODS["diffusion"].loss(
+        data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), cfg
+    )
     assert float(loss) < 1e-6 and float(metrics["eps_loss"]) == float(loss)
-    shifted = ObjectiveConfig(apply_fn=lambda p, *a: eps_of_point_data("cosine", p + 0.1, 0.0)(None, *a),
-                              num_classes=0)
-    assert float(METHODS["diffusion"].loss(data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)},
-                                         jax.random.key(0), shifted)[0]) > 1e-3
+    shifted = ObjectiveConfig(apply_fn=lambda p, *a: eps_of_point_data("cosine", p + 0.1, 0.0)(None, *a), num_classes=0)
+    assert (
+        float(
+            METHODS["diffusion"].loss(
+                data, None, {"x": data, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), shifted
+            )[0]
+        )
+        > 1e-3
+    )
 
 
 # ------------------------------------------------------------------------------------ consistency
@@ -172,12 +206,17 @@ def test_consistency_training_target_is_the_pairs_velocity_when_the_ema_is_exact
     data = points(32, seed=stage)
     cfg = ObjectiveConfig(apply_fn=point_field, num_classes=0, stage_steps=10)
     exact = {"point": data}
-    loss, metrics = METHODS["consistency_training"].loss(exact, exact, step_batch(data, 10 * stage + 3),
-                                                       jax.random.key(stage), cfg)
+    loss, metrics = METHODS["consistency_training"].loss(
+        exact, exact, step_batch(data, 10 * stage + 3), jax.random.key(stage), cfg
+    )
     assert float(loss) < 1e-8 and float(metrics["stage"]) == stage
     wrong = {"point": data + 0.2}
-    assert float(METHODS["consistency_training"].loss(wrong, exact, step_batch(data, 10 * stage), jax.random.key(0),
-                                                    cfg)[0]) > 1e-3
+    assert (
+        float(
+            METHODS["consistency_training"].loss(wrong, exact, step_batch(data, 10 * stage), jax.random.key(0), cfg)[0]
+        )
+        > 1e-3
+    )
 
 
 def test_consistency_training_curriculum_halves_d_on_the_grid_of_each_stage():
@@ -193,10 +232,10 @@ def test_consistency_training_curriculum_halves_d_on_the_grid_of_each_stage():
         seen.clear()
         METHODS["consistency_training"].loss(None, None, step_batch(data, step), jax.random.key(step), cfg)
         (t_next, level_ema), (t, level) = seen  # EMA target pass first, then the student
-        np.testing.assert_allclose(t_next - t, 2.0 ** -k, rtol=1e-6)
-        np.testing.assert_array_equal(t * 2 ** k, np.round(t * 2 ** k))
+        np.testing.assert_allclose(t_next - t, 2.0**-k, rtol=1e-6)
+        np.testing.assert_array_equal(t * 2**k, np.round(t * 2**k))
         assert t.min() >= 0 and t_next.max() <= 1
-        assert len(np.unique(t)) == min(2 ** k, 256) or k >= 6  # every grid point drawn
+        assert len(np.unique(t)) == min(2**k, 256) or k >= 6  # every grid point drawn
         assert np.all(level == K) and np.all(level_ema == K)
 
 
@@ -225,8 +264,9 @@ def test_consistency_distillation_with_an_exact_teacher_equals_training_at_the_f
 def test_consistency_sampler_with_the_exact_field_lands_on_the_data(steps):
     data = points(5, seed=7)
     noise = points(5, seed=8) / 0.7
-    out = sampling.consistency_sample(point_field, {"point": data}, noise, jnp.zeros(5, jnp.int32),
-                                      num_steps=steps, level=K)
+    out = sampling.consistency_sample(
+        point_field, {"point": data}, noise, jnp.zeros(5, jnp.int32), num_steps=steps, level=K
+    )
     np.testing.assert_allclose(out, data, atol=1e-4)
 
 
@@ -238,16 +278,19 @@ def test_consistency_sampler_renoises_each_row_from_its_own_noise():
     order = np.array([5, 2, 7, 0, 1, 3, 6, 4])
     permuted = np.asarray(sampler(params, noise[order], num_steps=4))
     np.testing.assert_allclose(permuted, full[order], rtol=1e-5, atol=1e-6)  # independent of batch position
-    again = np.asarray(sampling.ConsistencySampler(mlp_apply, num_levels=K, num_classes=0, seed=3)(
-        params, noise, num_steps=4))
+    again = np.asarray(
+        sampling.ConsistencySampler(mlp_apply, num_levels=K, num_classes=0, seed=3)(params, noise, num_steps=4)
+    )
     np.testing.assert_array_equal(again, full)
-    other_seed = np.asarray(sampling.ConsistencySampler(mlp_apply, num_levels=K, num_classes=0, seed=4)(
-        params, noise, num_steps=4))
+    other_seed = np.asarray(
+        sampling.ConsistencySampler(mlp_apply, num_levels=K, num_classes=0, seed=4)(params, noise, num_steps=4)
+    )
     assert np.abs(other_seed - full).max() > 1e-3  # the re-noising is random, not a no-op
     one = np.asarray(sampler(params, noise, num_steps=1))
     t0 = jnp.zeros(8)
-    np.testing.assert_allclose(one, noise + mlp_apply(params, noise, t0, jnp.full(8, K), jnp.zeros(8, jnp.int32)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        one, noise + mlp_apply(params, noise, t0, jnp.full(8, K), jnp.zeros(8, jnp.int32)), rtol=1e-5, atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------ progressive
@@ -259,14 +302,25 @@ def test_progressive_target_from_an_exact_straight_field_equals_the_field(phase)
     exact = {"point": data}
     cfg = ObjectiveConfig(apply_fn=point_field, num_classes=0, stage_steps=4, clip=0.0)
     batch = step_batch(data, 4 * phase + 1)
-    loss, metrics = METHODS["progressive_distillation"].loss(exact, {"ema": None, "teacher": exact}, batch,
-                                                           jax.random.key(phase), cfg)
+    loss, metrics = METHODS["progressive_distillation"].loss(
+        exact, {"ema": None, "teacher": exact}, batch, jax.random.key(phase), cfg
+    )
     assert float(loss) < 1e-8 and float(metrics["phase"]) == phase
     # a curved teacher field gives a different target (the test is not vacuous)
-    curved = ObjectiveConfig(apply_fn=lambda p, x, t, lv, lb: point_field(p, x, t, lv, lb) + jnp.sin(3 * x),
-                             num_classes=0, stage_steps=4, clip=0.0)
-    assert float(METHODS["progressive_distillation"].loss(exact, {"ema": None, "teacher": exact}, batch,
-                                                        jax.random.key(phase), curved)[0]) > 1e-4
+    curved = ObjectiveConfig(
+        apply_fn=lambda p, x, t, lv, lb: point_field(p, x, t, lv, lb) + jnp.sin(3 * x),
+        num_classes=0,
+        stage_steps=4,
+        clip=0.0,
+    )
+    assert (
+        float(
+            METHODS["progressive_distillation"].loss(
+                exact, {"ema": None, "teacher": exact}, batch, jax.random.key(phase), curved
+            )[0]
+        )
+        > 1e-4
+    )
 
 
 def test_progressive_phases_halve_the_step_count_and_resnapshot_the_teacher():
@@ -280,13 +334,18 @@ def test_progressive_phases_halve_the_step_count_and_resnapshot_the_teacher():
     data = points(64)
     for step, phase in [(0, 0), (2, 0), (3, 1), (10, 3), (18, 6), (500, 6)]:
         calls.clear()
-        METHODS["progressive_distillation"].loss({"id": "student"}, {"ema": {"id": "ema"}, "teacher": {"id": "teacher"}},
-                                               step_batch(data, step), jax.random.key(0), cfg)
+        METHODS["progressive_distillation"].loss(
+            {"id": "student"},
+            {"ema": {"id": "ema"}, "teacher": {"id": "teacher"}},
+            step_batch(data, step),
+            jax.random.key(0),
+            cfg,
+        )
         (who1, lv1, t1), (who2, lv2, t2), (who3, lv3, t3) = calls
         k = K - 1 - phase
         assert (who1, who2, who3) == ("teacher", "teacher", "student")
         assert np.all(lv1 == k + 1) and np.all(lv2 == k + 1) and np.all(lv3 == k)
-        np.testing.assert_array_equal(t3 * 2 ** k, np.round(t3 * 2 ** k))
+        np.testing.assert_array_equal(t3 * 2**k, np.round(t3 * 2**k))
         np.testing.assert_allclose(t2 - t1, 2.0 ** -(k + 1), rtol=1e-6)
     old, new = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
     snapped = [int(progressive.teacher_for_step(s, old, new, cfg)["w"][0]) for s in range(23)]
@@ -310,15 +369,21 @@ def test_curricula_refuse_a_schedule_that_does_not_fit_the_run():
     base.consistency_final_level = 3  # 4 stages
     assert make_objective_config(base, point_field, 0, total_steps=1000).stage_steps == 250
     with pytest.raises(KeyError, match="batch\\['step'\\]"):
-        METHODS["consistency_training"].loss(None, None, {"x": points(4), "label": jnp.zeros(4, jnp.int32)},
-                                           jax.random.key(0), resolve_stages("consistency_training", ObjectiveConfig(
-                                               apply_fn=point_field, num_classes=0), 100))
+        METHODS["consistency_training"].loss(
+            None,
+            None,
+            {"x": points(4), "label": jnp.zeros(4, jnp.int32)},
+            jax.random.key(0),
+            resolve_stages("consistency_training", ObjectiveConfig(apply_fn=point_field, num_classes=0), 100),
+        )
 
 
 METHOD_CONFIG_ERRORS = {
     "no teacher": ({"name": "progressive_distillation"}, "set objective.teacher_checkpoint"),
-    "phases too long": ({"name": "progressive_distillation", "teacher_checkpoint": "TMP", "stage_steps": 200},
-                        "stage_steps=200"),
+    "phases too long": (
+        {"name": "progressive_distillation", "teacher_checkpoint": "TMP", "stage_steps": 200},
+        "stage_steps=200",
+    ),
     "curriculum too long": ({"name": "consistency_training", "stage_steps": 167}, "stage_steps=167"),
     "final level": ({"name": "consistency_training", "consistency_final_level": 9}, "consistency_final_level=9"),
     "schedule": ({"name": "diffusion", "diffusion_schedule": "sigmoid"}, "diffusion_schedule='sigmoid'"),
@@ -397,8 +462,9 @@ def test_live_reflow_trains_generated_one_step_pairs_at_level_zero_without_gradi
         return point_velocity(x, t, params["point"])
 
     cfg = ObjectiveConfig(apply_fn=field, num_classes=0, reflow_fraction=0.25)
-    loss, metrics = METHODS["live_reflow"].loss({"point": point}, None, {"x": data, "label": jnp.zeros(16, jnp.int32)},
-                                              jax.random.key(0), cfg)
+    loss, metrics = METHODS["live_reflow"].loss(
+        {"point": point}, None, {"x": data, "label": jnp.zeros(16, jnp.int32)}, jax.random.key(0), cfg
+    )
     assert float(loss) < 1e-8 and {"reflow_loss", "flow_loss"} <= set(metrics)
     generation, student = levels[0], levels[-1]
     assert generation.shape == (4,) and np.all(generation == K)  # generated at the flow level
@@ -417,8 +483,13 @@ def test_live_reflow_trains_generated_one_step_pairs_at_level_zero_without_gradi
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_fixed)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     shifted = jax.tree.map(lambda a: a * 1.5, params)
-    assert np.abs(np.asarray(original(shifted, batch["x"][:4], batch["label"][:4], cfg)) -
-                  np.asarray(original(params, batch["x"][:4], batch["label"][:4], cfg))).max() > 1e-3
+    assert (
+        np.abs(
+            np.asarray(original(shifted, batch["x"][:4], batch["label"][:4], cfg))
+            - np.asarray(original(params, batch["x"][:4], batch["label"][:4], cfg))
+        ).max()
+        > 1e-3
+    )
 
 
 # ------------------------------------------------------------------------------------ warm start
@@ -458,8 +529,14 @@ def tiny_dit_model(forward_mode=False):
     model_cfg.dtype = "float32"
     model = build_model(model_cfg, num_classes=3, forward_mode=forward_mode)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 4, 3)), jnp.float32)
-    init = jax.jit(lambda key: jax.tree.map(lambda a: a + 0.02, model.init(  # the output layer starts at zero
-        key, x, jnp.zeros(8), jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32))["params"]))
+    init = jax.jit(
+        lambda key: jax.tree.map(
+            lambda a: a + 0.02,
+            model.init(  # the output layer starts at zero
+                key, x, jnp.zeros(8), jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32)
+            )["params"],
+        )
+    )
     params = init(jax.random.key(0))
     return (lambda p, *a: model.apply({"params": p}, *a)), params, x
 
@@ -519,7 +596,8 @@ def make_step(name, cfg, tx, needs_snapshot):
         batch = dict(batch, step=count) if METHODS[name].step else batch
         teachers = {"ema": ema, "teacher": teacher} if METHODS[name].frozen_teacher else ema
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, teachers, batch, jax.random.fold_in(rng, count), cfg)
+            params, teachers, batch, jax.random.fold_in(rng, count), cfg
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = train_state.update_ema((ema,), params, (0.9,))[0]
@@ -535,11 +613,12 @@ def run_two_steps(name, mesh):
     if METHODS[name].num_stages:
         cfg = dataclasses.replace(cfg, stage_steps=1)
     tx = optax.sgd(0.1)  # few operations: the compile time is what this test spends
-    state = (params, params, jax.tree.map(lambda a: a * 0.9, params), tx.init(params), jnp.int32(0),
-             jax.random.key(0))
+    state = (params, params, jax.tree.map(lambda a: a * 0.9, params), tx.init(params), jnp.int32(0), jax.random.key(0))
     replicated = sharding.replicated(mesh)
     state = jax.device_put(state, replicated)
-    step = jax.jit(make_step(name, cfg, tx, (METHODS[name].teacher_snapshot is not None)), out_shardings=(replicated, replicated))
+    step = jax.jit(
+        make_step(name, cfg, tx, (METHODS[name].teacher_snapshot is not None)), out_shardings=(replicated, replicated)
+    )
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(2):
@@ -574,8 +653,9 @@ def test_make_sampler_gives_each_method_its_sampler_compiled_once_for_every_budg
         kinds[name] = type(make_sampler(name, cfg)).__name__
     assert kinds["diffusion"] == "DDIMSampler"
     assert kinds["consistency_training"] == kinds["consistency_distillation"] == "ConsistencySampler"
-    assert {kinds[n] for n in ("shortcut", "flow_matching", "progressive_distillation", "reflow",
-                               "live_reflow")} == {"Sampler"}
+    assert {kinds[n] for n in ("shortcut", "flow_matching", "progressive_distillation", "reflow", "live_reflow")} == {
+        "Sampler"
+    }
     assert kinds["meanflow"] == kinds["meanflow_v"] == "IntervalSampler"
     traces = []
     counted = lambda p, *a: traces.append(1) or apply_fn(p, *a)  # noqa: E731
@@ -591,8 +671,10 @@ def test_make_sampler_gives_each_method_its_sampler_compiled_once_for_every_budg
 
 
 def test_method_records_say_what_each_method_needs():
-    assert {n for n, needs in METHODS.items() if needs.frozen_teacher} == {"consistency_distillation",
-                                                                        "progressive_distillation"}
+    assert {n for n, needs in METHODS.items() if needs.frozen_teacher} == {
+        "consistency_distillation",
+        "progressive_distillation",
+    }
     assert {n for n, needs in METHODS.items() if needs.step} == {"consistency_training", "progressive_distillation"}
     assert {n for n, needs in METHODS.items() if needs.teacher_snapshot} == {"progressive_distillation"}
     assert {n for n, needs in METHODS.items() if needs.forward_mode} == {"meanflow", "meanflow_v"}

@@ -1,5 +1,6 @@
 """The comparison methods that the train loop runs, end to end: a few steps of the 2-D toy,
 evaluated with each method's own sampler; and the ones it cannot run yet, refused before training."""
+
 import importlib.util
 import json
 import os
@@ -27,9 +28,10 @@ def toy(objective, **overrides):
     return c
 
 
-@pytest.mark.parametrize("objective,sampler", [("diffusion", "DDIMSampler"),
-                                               ("consistency_training", "ConsistencySampler"),
-                                               ("live_reflow", "Sampler")])
+@pytest.mark.parametrize(
+    "objective,sampler",
+    [("diffusion", "DDIMSampler"), ("consistency_training", "ConsistencySampler"), ("live_reflow", "Sampler")],
+)
 def test_method_trains_in_the_loop_and_is_evaluated_with_its_sampler(objective, sampler, tmp_path, monkeypatch):
     from shortcut_jax.training import experiment
 

@@ -1,4 +1,5 @@
 """The DiT reproduces the reference network; variants have the reference parameter counts."""
+
 import os
 
 import jax
@@ -17,7 +18,7 @@ GOLDEN = os.path.join(SHARED_DATA, "official_dit_golden.npz")
 @pytest.fixture(scope="module")
 def golden():
     g = np.load(GOLDEN)
-    official = convert.from_slash_names({k[len("param/"):]: g[k] for k in g.files if k.startswith("param/")})
+    official = convert.from_slash_names({k[len("param/") :]: g[k] for k in g.files if k.startswith("param/")})
     model = DiT(patch_size=2, width=64, depth=2, num_heads=4, mlp_ratio=4, num_classes=10)
     return g, official, model
 
@@ -49,8 +50,15 @@ def test_project_sampler_gives_golden_samples(golden):
 def test_reference_config_read_from_tree(golden):
     _, official, _ = golden
     cfg = convert.infer_official_config(official)
-    assert cfg == {"patch_size": 2, "in_channels": 4, "width": 64, "depth": 2, "mlp_ratio": 4.0,
-                   "num_classes": 10, "out_channels": 4}
+    assert cfg == {
+        "patch_size": 2,
+        "in_channels": 4,
+        "width": 64,
+        "depth": 2,
+        "mlp_ratio": 4.0,
+        "num_classes": 10,
+        "out_channels": 4,
+    }
 
 
 def test_converter_rejects_foreign_parameters(golden):
@@ -65,8 +73,14 @@ def test_converter_rejects_foreign_parameters(golden):
 def test_parameter_counts_match_reference(variant, millions):
     width, depth, heads = config_lib.DIT_VARIANTS[variant]
     model = DiT(patch_size=2, width=width, depth=depth, num_heads=heads, num_classes=1000)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 4)), jnp.zeros(1),
-                            jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    shapes = jax.eval_shape(
+        model.init,
+        jax.random.key(0),
+        jnp.zeros((1, 32, 32, 4)),
+        jnp.zeros(1),
+        jnp.zeros(1, jnp.int32),
+        jnp.zeros(1, jnp.int32),
+    )
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert round(count / 1e6, 2) == millions
 
@@ -84,7 +98,9 @@ def test_init_options_change_what_they_say():
     x = jnp.ones((2, 8, 8, 3))
     args = (x, jnp.array([0.1, 0.5]), jnp.array([0, 3]), jnp.array([0, 0]))
     ref = DiT(patch_size=2, width=32, depth=2, num_heads=2).init(jax.random.key(0), *args)["params"]
-    paper = DiT(patch_size=2, width=32, depth=2, num_heads=2, zero_init="adaln").init(jax.random.key(0), *args)["params"]
+    paper = DiT(patch_size=2, width=32, depth=2, num_heads=2, zero_init="adaln").init(jax.random.key(0), *args)[
+        "params"
+    ]
     assert float(jnp.abs(ref["block_0"]["adaln"]["kernel"]).max()) > 0
     assert float(jnp.abs(paper["block_0"]["adaln"]["kernel"]).max()) == 0
     assert float(jnp.abs(ref["final"]["out"]["kernel"]).max()) == 0
@@ -131,16 +147,19 @@ def test_bf16_residual_stream_stays_close_to_the_float32_stream(golden):
     np.testing.assert_array_equal(same, model.apply({"params": params}, *args))
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"backend": "gpu", "compute_capability": "9.0"}, "cudnn"),
-    ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 72}, "cudnn"),  # DiT-XL/2
-    ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 60}, None),  # not a multiple of 8
-    ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 256}, None),
-    ({"backend": "gpu", "compute_capability": "9.0", "dtype": jnp.float32}, None),
-    ({"backend": "gpu", "compute_capability": "7.5"}, None),
-    ({"backend": "tpu"}, None),
-    ({"backend": "cpu"}, None),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"backend": "gpu", "compute_capability": "9.0"}, "cudnn"),
+        ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 72}, "cudnn"),  # DiT-XL/2
+        ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 60}, None),  # not a multiple of 8
+        ({"backend": "gpu", "compute_capability": "9.0", "head_dim": 256}, None),
+        ({"backend": "gpu", "compute_capability": "9.0", "dtype": jnp.float32}, None),
+        ({"backend": "gpu", "compute_capability": "7.5"}, None),
+        ({"backend": "tpu"}, None),
+        ({"backend": "cpu"}, None),
+    ],
+)
 def test_auto_attention_picks_cudnn_only_where_it_applies(kwargs, expected):
     assert resolve_attention_impl("auto", **kwargs) == expected
     assert resolve_attention_impl("xla", **kwargs) == "xla"
@@ -206,6 +225,7 @@ def test_remat_blocks_rematerialises_only_the_first_blocks_with_the_same_gradien
 
 def test_config_check_rejects_remat_blocks_beyond_the_depth():
     from shortcut_jax import config_lib
+
     c = config_lib.default_config()
     c.model.variant, c.model.remat, c.model.remat_blocks = "S", "dots", 13
     with pytest.raises(config_lib.ConfigError, match=r"model.remat_blocks=13 must be -1 \(every block\) or 0..12"):
@@ -221,6 +241,7 @@ def test_config_check_rejects_remat_blocks_beyond_the_depth():
 def test_config_check_knows_every_remat_policy():
     from shortcut_jax import config_lib
     from shortcut_jax.models.dit import REMAT_POLICIES
+
     assert set(config_lib.REMAT_CHOICES) == {"none", *REMAT_POLICIES}
 
 
@@ -247,27 +268,35 @@ def test_norm_modulate_has_the_plain_value_and_gradients():
         for g, r in zip(got, want):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     # [batch, width] inputs (no token axis) and a bf16 output / bf16 input keep their dtypes
-    np.testing.assert_allclose(jax.grad(lambda a: jnp.sum(layers.norm_modulate(x[:, 0], a, scale) ** 2))(shift),
-                               jax.grad(lambda a: jnp.sum(layers.modulate(layers.layer_norm(x[:, 0]), a, scale) ** 2))(shift),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.grad(lambda a: jnp.sum(layers.norm_modulate(x[:, 0], a, scale) ** 2))(shift),
+        jax.grad(lambda a: jnp.sum(layers.modulate(layers.layer_norm(x[:, 0]), a, scale) ** 2))(shift),
+        rtol=1e-5,
+    )
     out = layers.norm_modulate(x.astype(jnp.bfloat16), shift, scale, jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
     dx = jax.grad(lambda v: jnp.sum(layers.norm_modulate(v, shift, scale, jnp.bfloat16).astype(jnp.float32)))(
-        x.astype(jnp.bfloat16))
+        x.astype(jnp.bfloat16)
+    )
     assert dx.dtype == jnp.bfloat16
 
 
 def test_gelu_tanh_has_the_plain_value_and_gradient_and_keeps_only_its_input():
     x = jnp.linspace(-6.0, 6.0, 301, dtype=jnp.float32)
     np.testing.assert_allclose(layers.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
-                               jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=True)))(x), rtol=1e-5, atol=5e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
+        jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=True)))(x),
+        rtol=1e-5,
+        atol=5e-6,
+    )
     # bf16 in, bf16 out, computed in float32: closer to the float32 function than bf16 arithmetic
     xb = x.astype(jnp.bfloat16)
     assert layers.gelu_tanh(xb).dtype == jnp.bfloat16
     exact = jax.nn.gelu(xb.astype(jnp.float32), approximate=True)
     assert float(jnp.max(jnp.abs(layers.gelu_tanh(xb).astype(jnp.float32) - exact))) <= float(
-        jnp.max(jnp.abs(jax.nn.gelu(xb, approximate=True).astype(jnp.float32) - exact)))
+        jnp.max(jnp.abs(jax.nn.gelu(xb, approximate=True).astype(jnp.float32) - exact))
+    )
 
     def saved_bytes(fn):
         _, vjp = jax.vjp(lambda v: jnp.sum(fn(v) * v), x)  # the product keeps x either way
@@ -293,15 +322,19 @@ def test_gated_add_has_the_plain_value_and_gradients_and_keeps_its_branch_in_bf1
     got = layers.gated_add(x, gate, branch)
     assert got.dtype == x_dtype
     np.testing.assert_array_equal(got, plain(x, gate, branch))
-    for g_lean, g_plain in zip(jax.grad(loss(layers.gated_add), (0, 1, 2))(x, gate, branch),
-                               jax.grad(loss(plain), (0, 1, 2))(x, gate, branch)):
+    for g_lean, g_plain in zip(
+        jax.grad(loss(layers.gated_add), (0, 1, 2))(x, gate, branch), jax.grad(loss(plain), (0, 1, 2))(x, gate, branch)
+    ):
         assert g_lean.dtype == g_plain.dtype
         np.testing.assert_allclose(np.asarray(g_lean, np.float32), np.asarray(g_plain, np.float32), rtol=1e-6)
 
     def saved(fn):
         _, vjp = jax.vjp(fn, x, gate, branch)
-        return sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "dtype")
-                      and leaf.shape == branch.shape)
+        return sorted(
+            (leaf.shape, str(leaf.dtype))
+            for leaf in jax.tree.leaves(vjp)
+            if hasattr(leaf, "dtype") and leaf.shape == branch.shape
+        )
 
     # the token-sized value kept for the gate's gradient: the branch as it came, not a float32 copy
     assert saved(layers.gated_add) == [((2, 5, 8), "bfloat16")]
@@ -316,8 +349,11 @@ def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
     for lean_ops in (("norm",), ("gelu",), ("gate",), config_lib.LEAN_OPS):
         model = plain.clone(lean_ops=lean_ops)
         # same parameters (names, shapes, initial values)
-        jax.tree.map(np.testing.assert_array_equal, model.init(jax.random.PRNGKey(0), x, t, level, label)["params"],
-                     plain.init(jax.random.PRNGKey(0), x, t, level, label)["params"])
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            model.init(jax.random.PRNGKey(0), x, t, level, label)["params"],
+            plain.init(jax.random.PRNGKey(0), x, t, level, label)["params"],
+        )
         got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
         np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), got_grads, ref_grads)
@@ -325,9 +361,14 @@ def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
 
 def test_lean_ops_config_values():
     from shortcut_jax.models.dit import DEFAULT_LEAN_OPS, LEAN_OPS
+
     assert config_lib.LEAN_OPS == LEAN_OPS
-    assert config_lib.DEFAULT_LEAN_OPS == DEFAULT_LEAN_OPS == DiT().lean_ops == tuple(
-        config_lib.default_config().model.lean_ops)
+    assert (
+        config_lib.DEFAULT_LEAN_OPS
+        == DEFAULT_LEAN_OPS
+        == DiT().lean_ops
+        == tuple(config_lib.default_config().model.lean_ops)
+    )
     assert set(DEFAULT_LEAN_OPS) < set(LEAN_OPS)
     for bad in (("qkv",), ("norm", "norm")):
         with pytest.raises(config_lib.ConfigError, match="model.lean_ops"):

@@ -9,6 +9,7 @@ test when it passes it, so a job that hangs fails the test instead of the suite.
 Run as a script, this file is the worker of the two-process job (``python
 tests/test_multiprocess.py dit_job ...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,15 @@ JOB_TIMEOUT_S = 420
 
 # The DiT of the two-process job: digits 8x8, two heads, one block of width 64 (wide enough that
 # fsdp shards its kernels), batch 64; a SIGTERM to process 1 once step SIGNAL_AFTER is logged.
-DIT = {"model.width": 64, "model.depth": 1, "train.log_every": 1, "train.ckpt_every": 1000,
-       "train.eval_every": 1000, "train.async_ckpt": False, "eval.grid_size": 16}
+DIT = {
+    "model.width": 64,
+    "model.depth": 1,
+    "train.log_every": 1,
+    "train.ckpt_every": 1000,
+    "train.eval_every": 1000,
+    "train.async_ckpt": False,
+    "eval.grid_size": 16,
+}
 DIT_DP = {"mesh.data": -1, "mesh.fsdp": 1}
 DIT_FSDP = {"mesh.data": 2, "mesh.fsdp": 2}
 STARTED = 2  # steps of the one-process start
@@ -83,16 +91,16 @@ def dit_job(args) -> None:
     from shortcut_jax.infra import distributed
     from shortcut_jax.training import loop
 
-    distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                           timeout_s=JOIN_TIMEOUT_S)
+    distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id, timeout_s=JOIN_TIMEOUT_S)
     if args.process_id == 1:
-        threading.Thread(target=_signal_self_after, daemon=True,
-                         args=(os.path.join(args.workdir, "metrics.jsonl"), SIGNAL_AFTER)).start()
-    state = loop.train_and_evaluate(make_config("digits", {**DIT, **DIT_DP, "train.steps": 100_000}),
-                                     args.workdir)
+        threading.Thread(
+            target=_signal_self_after, daemon=True, args=(os.path.join(args.workdir, "metrics.jsonl"), SIGNAL_AFTER)
+        ).start()
+    state = loop.train_and_evaluate(make_config("digits", {**DIT, **DIT_DP, "train.steps": 100_000}), args.workdir)
     stopped = int(state.step)
     state = loop.train_and_evaluate(
-        make_config("digits", {**DIT, **DIT_FSDP, "train.steps": stopped + STEPS_AFTER_RESUME}), args.workdir)
+        make_config("digits", {**DIT, **DIT_FSDP, "train.steps": stopped + STEPS_AFTER_RESUME}), args.workdir
+    )
     params = multihost_utils.process_allgather(state.params, tiled=True)
     np.savez(args.out, stopped_at=stopped, final_step=int(state.step), **flat_params(params))
 
@@ -134,16 +142,22 @@ def free_port() -> int:
 
 def process_env(local_devices: int) -> dict:
     """A spawned process's environment: CPU only, its own simulated devices, the test cache."""
-    return child_env(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
-                     XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}")
+    return child_env(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+    )
 
 
 def run_job(commands: list[list[str]], env: dict, logdir, timeout_s: float = JOB_TIMEOUT_S) -> list[int]:
     """Runs one process per command; returns their exit codes. Past ``timeout_s`` every process
     still running is killed and the test fails with the end of each log."""
     logs = [open(os.path.join(logdir, f"process_{i}.log"), "w") for i in range(len(commands))]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-             for cmd, log in zip(commands, logs)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for cmd, log in zip(commands, logs)
+    ]
     deadline = time.time() + timeout_s
     try:
         for p in procs:
@@ -186,8 +200,19 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
     workdir = str(tmp_path / "run")
     port = free_port()
     outs = [str(tmp_path / f"params_{i}.npz") for i in range(2)]
-    commands = [[sys.executable, os.path.abspath(__file__), "dit_job", f"--process_id={i}", "--num_processes=2",
-                 f"--port={port}", f"--workdir={workdir}", f"--out={outs[i]}"] for i in range(2)]
+    commands = [
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "dit_job",
+            f"--process_id={i}",
+            "--num_processes=2",
+            f"--port={port}",
+            f"--workdir={workdir}",
+            f"--out={outs[i]}",
+        ]
+        for i in range(2)
+    ]
     # One process starts the run (and compiles the initial state, which the job then need not).
     loop.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": STARTED}), workdir)
     run_job(commands, process_env(local_devices=2), tmp_path)
@@ -209,8 +234,7 @@ def test_two_processes_stop_together_resume_on_fsdp_and_match_one_process(tmp_pa
     # One process, one device, the same steps from the start: equal within float tolerance (sums
     # run in another order), and at the same data position.
     one = str(tmp_path / "one")
-    reference = loop.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": final[0]}),
-                                         one)
+    reference = loop.train_and_evaluate(make_config("digits", {**DIT, "mesh.data": 1, "train.steps": final[0]}), one)
     assert relative_difference(results[0], flat_params(jax.device_get(reference.params))) < 1e-5
 
     # The job's checkpoint restores in this process (one process, 8 devices, another mesh):
@@ -255,12 +279,27 @@ def test_four_cli_processes_train_and_evaluate_as_one_process(tmp_path):
     workdir = str(tmp_path / "run")
     port = free_port()
     flags = [f"--config.{k}={v}" for k, v in TOY.items()] + [
-        "--config.train.progress_bar=False", "--config.train.use_tensorboard=False", "--config.mesh.data=2",
-        "--config.mesh.fsdp=2"]
-    commands = [[sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
-                 f"--workdir={workdir}", *flags, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=4", f"--process_id={i}", f"--initialization_timeout={JOIN_TIMEOUT_S}"]
-                for i in range(4)]
+        "--config.train.progress_bar=False",
+        "--config.train.use_tensorboard=False",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+    ]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:runlocal=True",
+            f"--workdir={workdir}",
+            *flags,
+            "--multihost",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=4",
+            f"--process_id={i}",
+            f"--initialization_timeout={JOIN_TIMEOUT_S}",
+        ]
+        for i in range(4)
+    ]
     assert run_job(commands, process_env(local_devices=1), tmp_path) == [0, 0, 0, 0]
 
     one = str(tmp_path / "one")
@@ -273,8 +312,10 @@ def test_four_cli_processes_train_and_evaluate_as_one_process(tmp_path):
     finally:
         exp.close()
     assert meta["process_count"] == 4 and data_state == {"step": 20}
-    assert relative_difference(flat_params(jax.device_get(restored.params)),
-                               flat_params(jax.device_get(reference.params))) < 1e-5
+    assert (
+        relative_difference(flat_params(jax.device_get(restored.params)), flat_params(jax.device_get(reference.params)))
+        < 1e-5
+    )
     # the evaluation gathered every process's samples: the same distances as one process's
     rows = [r for r in writers.read_metrics(workdir) if "eval/num_samples" in r]
     one_rows = [r for r in writers.read_metrics(one) if "eval/num_samples" in r]
@@ -301,8 +342,11 @@ def test_a_process_that_cannot_reach_the_coordinator_fails_naming_it_within_the_
 # mesh of 4 x 2; kernels of width 64 are sharded by fsdp.
 MESH_RUN = {"model.width": 64, "model.depth": 1, "objective.name": "flow_matching"}
 SAVED_ON = {"mesh.data": 4, "mesh.fsdp": 2}
-OTHER_MESHES = {"one device": {"mesh.data": 1, "mesh.fsdp": 1}, "data=8": {"mesh.data": 8, "mesh.fsdp": 1},
-                "fsdp=8": {"mesh.data": 1, "mesh.fsdp": 8}}
+OTHER_MESHES = {
+    "one device": {"mesh.data": 1, "mesh.fsdp": 1},
+    "data=8": {"mesh.data": 8, "mesh.fsdp": 1},
+    "fsdp=8": {"mesh.data": 1, "mesh.fsdp": 8},
+}
 
 
 def _save(directory, state, data_state, meta):
@@ -379,20 +423,40 @@ def test_checkpoint_restores_onto_other_meshes_and_back_and_continues_with_the_s
 
 # The 2-D toy with a constant learning rate, so that a run's length (train.steps) changes nothing
 # about its steps: the SIGTERMed run is given many steps, its resumption and the unbroken run few.
-PREEMPTED = {"optim.schedule": "constant", "train.log_every": 1, "train.ckpt_every": 1000,
-             "train.eval_every": 1000, "train.async_ckpt": True, "eval.budgets": (1,), "eval.num_samples": 200,
-             "eval.batch_size": 200}
+PREEMPTED = {
+    "optim.schedule": "constant",
+    "train.log_every": 1,
+    "train.ckpt_every": 1000,
+    "train.eval_every": 1000,
+    "train.async_ckpt": True,
+    "eval.budgets": (1,),
+    "eval.num_samples": 200,
+    "eval.batch_size": 200,
+}
 
 
 def test_sigterm_finishes_the_step_saves_it_exits_0_and_the_resumed_run_is_bitwise_unbroken(tmp_path):
     workdir = str(tmp_path / "run")
     flags = [f"--config.{k}={v}" for k, v in PREEMPTED.items() if k != "eval.budgets"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
-         f"--workdir={workdir}", "--config.train.steps=100000", "--config.eval.budgets=(1,)",
-         "--config.train.progress_bar=False", "--config.train.use_tensorboard=False", *flags],
-        cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:runlocal=True",
+            f"--workdir={workdir}",
+            "--config.train.steps=100000",
+            "--config.eval.budgets=(1,)",
+            "--config.train.progress_bar=False",
+            "--config.train.use_tensorboard=False",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=child_env(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = os.path.join(workdir, "metrics.jsonl")
     try:
         deadline = time.time() + 180
@@ -426,8 +490,9 @@ def test_sigterm_finishes_the_step_saves_it_exits_0_and_the_resumed_run_is_bitwi
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, old)
-    unbroken = loop.train_and_evaluate(make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}),
-                                        str(tmp_path / "unbroken"))
+    unbroken = loop.train_and_evaluate(
+        make_config("toy2d", {**PREEMPTED, "train.steps": stopped + 3}), str(tmp_path / "unbroken")
+    )
     assert int(resumed.step) == stopped + 3
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(jax.device_get(unbroken))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -444,7 +509,7 @@ def fake_bucket(root):
 
     def local(path):
         path = os.fspath(path)
-        return os.path.join(root, path[len("gs://"):]) if path.startswith("gs://") else path
+        return os.path.join(root, path[len("gs://") :]) if path.startswith("gs://") else path
 
     def one(original, path, *args, **kwargs):
         return original(local(path), *args, **kwargs)
@@ -452,8 +517,20 @@ def fake_bucket(root):
     def two(original, path, destination, *args, **kwargs):
         return original(local(path), local(destination), *args, **kwargs)
 
-    return epath_testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
-                                    remove=one, rmtree=one, stat=one, rename=two, replace=two, copy=two)
+    return epath_testing.mock_epath(
+        open=one,
+        exists=one,
+        isdir=one,
+        listdir=one,
+        makedirs=one,
+        mkdir=one,
+        remove=one,
+        rmtree=one,
+        stat=one,
+        rename=two,
+        replace=two,
+        copy=two,
+    )
 
 
 class _ScaledNoise:
@@ -478,8 +555,9 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
     bucket = tmp_path / "bucket"
     workdir = "gs://bucket-name/run"
     stored = bucket / "bucket-name" / "run"
-    cfg = make_config("toy2d", {"eval.budgets": (1, 2), "eval.grid_budgets": (1,), "eval.num_samples": 200,
-                                "eval.batch_size": 200})
+    cfg = make_config(
+        "toy2d", {"eval.budgets": (1, 2), "eval.grid_budgets": (1,), "eval.num_samples": 200, "eval.batch_size": 200}
+    )
     with fake_bucket(str(bucket)):
         writer = writers.MetricWriter(workdir, use_tensorboard=False)
         writer.write_scalars(1, {"loss": 0.5})
@@ -489,8 +567,16 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
         resumed.write_scalars(2, {"loss": 0.25})
         source = data.make_dataset(cfg.data, batch_size=64, seed=0)
         results = evaluate.evaluate_budgets(
-            cfg.eval, _ScaledNoise(), None, source, source.spec, metrics.build_metric(cfg.eval, "points"),
-            out_dir=f"{workdir}/eval/00000002", step=2, writer=resumed)
+            cfg.eval,
+            _ScaledNoise(),
+            None,
+            source,
+            source.spec,
+            metrics.build_metric(cfg.eval, "points"),
+            out_dir=f"{workdir}/eval/00000002",
+            step=2,
+            writer=resumed,
+        )
         resumed.close()
         rows = writers.read_metrics(workdir)
         manifest.write_manifest(workdir, cfg)
@@ -503,8 +589,9 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
     assert (stored / "images" / "grid_00000001.png").exists()
     evaluation = stored / "eval" / "00000002"
     assert json.loads((evaluation / "evaluation.json").read_text())["step"] == 2
-    assert {"distance_by_budget.md", "distance_by_budget.json", "distance_by_budget.png",
-            "samples_1step.png"} <= set(os.listdir(evaluation))
+    assert {"distance_by_budget.md", "distance_by_budget.json", "distance_by_budget.png", "samples_1step.png"} <= set(
+        os.listdir(evaluation)
+    )
     assert json.loads((stored / "manifest.json").read_text())["config"]["train"]["steps"] == cfg.train.steps
     assert len(glob.glob(str(stored / "manifest-*.json"))) == 1
     assert (stored / "profile" / loop.HLO_FILE).read_text() == "HloModule m"

@@ -1,5 +1,6 @@
 """notebooks/shortcut_colab.ipynb runs headlessly (nbclient) on a checkpoint this test trains: it
 loads the run, shows samples at each budget and the metric against the budget."""
+
 import json
 import math
 import os
@@ -26,28 +27,49 @@ def with_parameters(notebook, **values):
 
 def test_notebook_shows_samples_at_each_budget_and_the_metric_against_the_budget(tmp_path, monkeypatch):
     workdir = str(tmp_path / "toy")
-    config = sample.load_config(f"{TOY2D}:runlocal=True", {
-        "train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False,
-        "eval.num_samples": 200, "eval.batch_size": 200})
+    config = sample.load_config(
+        f"{TOY2D}:runlocal=True",
+        {
+            "train.progress_bar": False,
+            "train.use_tensorboard": False,
+            "train.async_ckpt": False,
+            "eval.num_samples": 200,
+            "eval.batch_size": 200,
+        },
+    )
     loop.train_and_evaluate(config, workdir)
     out_dir = str(tmp_path / "notebook_eval")
-    notebook = with_parameters(nbformat.read(NOTEBOOK, as_version=4), CONFIG=f"{TOY2D}:runlocal=True",
-                               WORKDIR=workdir, BUDGETS=[1, 4], NUM_IMAGES=256, METRIC_SAMPLES=300,
-                               OUT_DIR=out_dir)
+    notebook = with_parameters(
+        nbformat.read(NOTEBOOK, as_version=4),
+        CONFIG=f"{TOY2D}:runlocal=True",
+        WORKDIR=workdir,
+        BUDGETS=[1, 4],
+        NUM_IMAGES=256,
+        METRIC_SAMPLES=300,
+        OUT_DIR=out_dir,
+    )
     # The kernel imports this checkout of the package, on one CPU device, with the tests' compiled programs.
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ.get(
-        "SHORTCUT_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax_tests")))
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    monkeypatch.setenv(
+        "JAX_COMPILATION_CACHE_DIR",
+        os.environ.get(
+            "SHORTCUT_JAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shortcut_jax_tests")
+        ),
+    )
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "shortcut_jax is installed" in text  # the install cell skipped pip
     assert "checkpoint step 20: samples of shape (2,), 0 classes, budgets up to 128 steps" in text
-    pictures = [out for out in outputs if out.output_type in ("display_data", "execute_result")
-                and "image/png" in out.get("data", {})]
+    pictures = [
+        out
+        for out in outputs
+        if out.output_type in ("display_data", "execute_result") and "image/png" in out.get("data", {})
+    ]
     assert len(pictures) == 2  # the samples at both budgets in one figure, and the metric plot
     table = json.load(open(os.path.join(out_dir, "distance_by_budget.json")))
     assert [row["steps"] for row in table["rows"]] == [1, 4]

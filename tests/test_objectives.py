@@ -1,4 +1,5 @@
 """Properties of the shortcut and flow-matching objectives and of the any-step sampler."""
+
 import collections
 import dataclasses
 import functools
@@ -25,8 +26,9 @@ def exact_field(x, t, level, label, *, x1):
 
 
 def point_cfg(x1, **kw):
-    return ObjectiveConfig(apply_fn=lambda p, x, t, lv, lb: exact_field(x, t, lv, lb, x1=p), num_classes=0,
-                           noise_floor=FLOOR, **kw)
+    return ObjectiveConfig(
+        apply_fn=lambda p, x, t, lv, lb: exact_field(x, t, lv, lb, x1=p), num_classes=0, noise_floor=FLOOR, **kw
+    )
 
 
 @pytest.mark.parametrize("level", range(7))
@@ -38,7 +40,9 @@ def test_self_consistency_target_equals_direct_target_for_straight_paths(level):
     cfg = point_cfg(x1, clip=0.0)
     t = jnp.asarray(rng.integers(0, 2**level, n) / 2**level, jnp.float32)
     x_t = common.interpolate(x0, x1, t, FLOOR)
-    target = shortcut.self_consistency_targets(cfg.apply_fn, x1, x_t, t, jnp.full((n,), level), jnp.zeros(n, jnp.int32), cfg)
+    target = shortcut.self_consistency_targets(
+        cfg.apply_fn, x1, x_t, t, jnp.full((n,), level), jnp.zeros(n, jnp.int32), cfg
+    )
     direct = common.flow_velocity(x0, x1, FLOOR)
     np.testing.assert_allclose(target, direct, rtol=1e-4, atol=1e-4)
 
@@ -48,7 +52,9 @@ def test_a_curved_field_gives_a_different_target():
     cfg = ObjectiveConfig(apply_fn=lambda p, x, t, lv, lb: jnp.sin(3 * x) + t[:, None], num_classes=0, clip=0.0)
     x_t = jnp.linspace(-1, 1, 8)[:, None] * jnp.ones((8, 2))
     t = jnp.zeros(8)
-    target = shortcut.self_consistency_targets(cfg.apply_fn, None, x_t, t, jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32), cfg)
+    target = shortcut.self_consistency_targets(
+        cfg.apply_fn, None, x_t, t, jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32), cfg
+    )
     assert float(jnp.abs(target - cfg.apply_fn(None, x_t, t, None, None)).max()) > 0.1
 
 
@@ -112,8 +118,9 @@ def test_rows_use_disjoint_images_and_independent_noise():
     assert len({tuple(np.round(r, 6)) for r in x0}) == b  # no shared noise between rows
     # rows at t = 0 see pure noise, whatever their image (every level-0 row): most rows do not
     assert np.count_nonzero(t[:n_sc]) >= n_sc // 2 and np.count_nonzero(t[n_sc:]) == b - n_sc
-    other_images = shortcut.sample_rows(jnp.asarray(x1 + 1.0), jnp.zeros(b, jnp.int32), key,
-                                        ObjectiveConfig(apply_fn=None, **cfg_kw))
+    other_images = shortcut.sample_rows(
+        jnp.asarray(x1 + 1.0), jnp.zeros(b, jnp.int32), key, ObjectiveConfig(apply_fn=None, **cfg_kw)
+    )
     np.testing.assert_array_equal(np.asarray(other_images["x0"]), x0)  # the noise does not depend on the images
     teacher, student = map(np.asarray, inputs(x1))
     for j in range(b):
@@ -132,7 +139,9 @@ def test_shortcut_loss_is_zero_for_the_exact_field_and_metrics_per_level():
     x1 = jnp.broadcast_to(point, (64, 2))
     cfg = point_cfg(point, sc_fraction=0.25)
     # every row shares one data point, which the exact field receives as its "params"
-    loss, metrics = METHODS["shortcut"].loss(point, point, {"x": x1, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), cfg)
+    loss, metrics = METHODS["shortcut"].loss(
+        point, point, {"x": x1, "label": jnp.zeros(64, jnp.int32)}, jax.random.key(0), cfg
+    )
     assert float(loss) < 1e-8
     assert {f"sc_loss/level_{k}" for k in range(7)} <= set(metrics)
     assert {"loss", "flow_loss", "sc_loss"} <= set(metrics)
@@ -182,8 +191,12 @@ def test_teacher_half_steps_run_at_the_next_level():
     # self-consistency row at level k, two teacher half steps at level k + 1 give the target
     # p 2^(k+1), so the row's loss is p^2 4^k (a teacher at level k would give 0).
     p = 0.01
-    field = lambda params, x, t, level, label: params * jnp.broadcast_to(  # noqa: E731
-        (2.0 ** level.astype(jnp.float32))[:, None], x.shape)
+    field = lambda params, x, t, level, label: (
+        params
+        * jnp.broadcast_to(  # noqa: E731
+            (2.0 ** level.astype(jnp.float32))[:, None], x.shape
+        )
+    )
     cfg = ObjectiveConfig(apply_fn=field, num_classes=0, sc_fraction=0.25, clip=0.0)
     x1 = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
     batch = {"x": x1, "label": jnp.zeros(64, jnp.int32)}
@@ -203,7 +216,9 @@ def test_bootstrap_cfg_changes_only_the_smallest_level_targets():
 
     cfg = ObjectiveConfig(apply_fn=field, num_classes=4, bootstrap_cfg=True, bootstrap_cfg_scale=1.5, clip=0.0)
     level = jnp.arange(7)
-    tgt = shortcut.self_consistency_targets(field, None, jnp.zeros((7, 2)), jnp.zeros(7), level, jnp.zeros(7, jnp.int32), cfg)
+    tgt = shortcut.self_consistency_targets(
+        field, None, jnp.zeros((7, 2)), jnp.zeros(7), level, jnp.zeros(7, jnp.int32), cfg
+    )
     np.testing.assert_allclose(np.asarray(tgt)[:, 0], [1, 1, 1, 1, 1, 1, 1.5])
 
 
@@ -216,7 +231,9 @@ def test_flow_matching_target_and_level():
 
     cfg = ObjectiveConfig(apply_fn=field, num_classes=0)
     x1 = jnp.ones((8, 2))
-    loss, m = METHODS["flow_matching"].loss(None, None, {"x": x1, "label": jnp.zeros(8, jnp.int32)}, jax.random.key(0), cfg)
+    loss, m = METHODS["flow_matching"].loss(
+        None, None, {"x": x1, "label": jnp.zeros(8, jnp.int32)}, jax.random.key(0), cfg
+    )
     assert np.all(np.asarray(seen["level"]) == 7)
     x0 = jax.random.normal(jax.random.split(jax.random.key(0), 3)[0], x1.shape)
     np.testing.assert_allclose(float(loss), float(jnp.mean(jnp.square(x1 - (1 - 1e-5) * x0))), rtol=1e-5)
@@ -263,8 +280,16 @@ def test_sampler_compiles_once_for_every_budget_and_matches_the_static_loop():
     sampler.apply_fn = counted
     for steps, scale in [(1, 1.0), (2, 1.0), (8, 1.0), (2, 2.5), (4, 4.0)]:
         got = sampler(params, noise, labels, num_steps=steps, cfg_scale=scale)
-        want = euler_sample(apply_fn, params, noise, labels, num_steps=steps, num_levels=7,
-                            cfg_scale=None if scale == 1.0 else scale, null_class=3)
+        want = euler_sample(
+            apply_fn,
+            params,
+            noise,
+            labels,
+            num_steps=steps,
+            num_levels=7,
+            cfg_scale=None if scale == 1.0 else scale,
+            null_class=3,
+        )
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert len(traces) == 2  # one trace unguided, one guided, whatever the budget or scale
 
@@ -300,7 +325,8 @@ def test_bootstrap_cfg_on_the_tail_rows_equals_guiding_every_row_and_selecting()
     every = shortcut.self_consistency_targets(apply_fn, params, x, t, level, labels, cfg)
     tail = shortcut.self_consistency_targets(apply_fn, params, x, t, level, labels, cfg, guided_tail=2)
     np.testing.assert_allclose(tail, every, rtol=1e-5, atol=1e-6)
-    plain = shortcut.self_consistency_targets(apply_fn, params, x, t, level, labels,
-                                              ObjectiveConfig(apply_fn=apply_fn, num_classes=4, clip=0.0))
+    plain = shortcut.self_consistency_targets(
+        apply_fn, params, x, t, level, labels, ObjectiveConfig(apply_fn=apply_fn, num_classes=4, clip=0.0)
+    )
     assert float(jnp.abs(plain[-2:] - every[-2:]).max()) > 1e-4  # guidance does act on the tail
     np.testing.assert_allclose(plain[:-2], every[:-2], rtol=1e-5, atol=1e-6)

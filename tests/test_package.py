@@ -1,4 +1,5 @@
 """The package's shape: no import cycles, and the library imports nothing from benchmarks/."""
+
 import ast
 import os
 
@@ -76,7 +77,9 @@ def test_the_package_has_no_import_cycle():
     assert "shortcut_jax.training.loop" in graph["shortcut_jax.main"]  # the walk sees imports inside functions
     assert _cycles(graph) == []
     # the checker finds a cycle when there is one
-    graph["shortcut_jax.objectives.sampling"] = graph["shortcut_jax.objectives.sampling"] | {"shortcut_jax.training.loop"}
+    graph["shortcut_jax.objectives.sampling"] = graph["shortcut_jax.objectives.sampling"] | {
+        "shortcut_jax.training.loop"
+    }
     assert any("shortcut_jax.objectives.sampling" in c for c in _cycles(graph))
 
 
@@ -90,18 +93,40 @@ def test_the_library_imports_nothing_from_benchmarks():
                 assert not any(a.name.split(".")[0] == "benchmarks" for a in node.names), path
 
 
-COMMANDS = {f"shortcut_jax.{name}" for name in
-            ("main", "sample", "encode", "evaluate", "import_official", "reflow_pairs", "fid_stats")}
+COMMANDS = {
+    f"shortcut_jax.{name}"
+    for name in ("main", "sample", "encode", "evaluate", "import_official", "reflow_pairs", "fid_stats")
+}
 # package -> what it may not import (beside the commands, which no library module imports)
 FLOORS = {
-    "shortcut_jax.models": ("shortcut_jax.infra", "shortcut_jax.objectives", "shortcut_jax.data",
-                            "shortcut_jax.evaluation", "shortcut_jax.training", "shortcut_jax.config_lib"),
-    "shortcut_jax.infra": ("shortcut_jax.models", "shortcut_jax.objectives", "shortcut_jax.data",
-                           "shortcut_jax.evaluation", "shortcut_jax.training", "shortcut_jax.config_lib"),
-    "shortcut_jax.objectives": ("shortcut_jax.data", "shortcut_jax.evaluation", "shortcut_jax.training",
-                                "shortcut_jax.config_lib"),
-    "shortcut_jax.data": ("shortcut_jax.objectives", "shortcut_jax.evaluation", "shortcut_jax.training",
-                          "shortcut_jax.config_lib"),
+    "shortcut_jax.models": (
+        "shortcut_jax.infra",
+        "shortcut_jax.objectives",
+        "shortcut_jax.data",
+        "shortcut_jax.evaluation",
+        "shortcut_jax.training",
+        "shortcut_jax.config_lib",
+    ),
+    "shortcut_jax.infra": (
+        "shortcut_jax.models",
+        "shortcut_jax.objectives",
+        "shortcut_jax.data",
+        "shortcut_jax.evaluation",
+        "shortcut_jax.training",
+        "shortcut_jax.config_lib",
+    ),
+    "shortcut_jax.objectives": (
+        "shortcut_jax.data",
+        "shortcut_jax.evaluation",
+        "shortcut_jax.training",
+        "shortcut_jax.config_lib",
+    ),
+    "shortcut_jax.data": (
+        "shortcut_jax.objectives",
+        "shortcut_jax.evaluation",
+        "shortcut_jax.training",
+        "shortcut_jax.config_lib",
+    ),
     "shortcut_jax.evaluation": ("shortcut_jax.training", "shortcut_jax.config_lib"),
     "shortcut_jax.config_lib": ("shortcut_jax.training",),
 }

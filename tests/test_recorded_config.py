@@ -1,6 +1,7 @@
 """``sample`` and ``evaluate`` start from the run's recorded config (its manifest.json): only
 ``--config`` and ``--workdir`` are needed, ``--config.<key>`` flags still win, and a flag the
 checkpoint cannot take is refused by name."""
+
 import os
 import subprocess
 import sys
@@ -27,10 +28,14 @@ def workdir(tmp_path_factory):
 
 
 def command(module, *args):
-    env = {**{k: v for k, v in os.environ.items() if k != "SHORTCUT_JAX_DEBUG"}, "PYTHONPATH": ROOT,
-           "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "SHORTCUT_JAX_DEBUG"},
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def run_cli(argv):

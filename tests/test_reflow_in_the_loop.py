@@ -1,5 +1,6 @@
 """Reflow through the train loop (stage one's command, the stored-pairs reader, stage two's run)
 and warm starts (``train.init_from``), on one tiny trained flow-matching run of the 2-D toy."""
+
 import importlib.util
 import json
 import os
@@ -52,8 +53,16 @@ def teacher(tmp_path_factory):
 def pairs_dir(teacher, tmp_path_factory):
     """Stage one through its command line (parsed in-process)."""
     out = str(tmp_path_factory.mktemp("pairs") / "p")
-    argv = ["reflow_pairs", f"--workdir={teacher}", f"--out_dir={out}", f"--num_pairs={NUM_PAIRS}",
-            f"--budget={BUDGET}", "--seed=3", f"--shard_size={SHARD_SIZE}", "--batch_size=32"]
+    argv = [
+        "reflow_pairs",
+        f"--workdir={teacher}",
+        f"--out_dir={out}",
+        f"--num_pairs={NUM_PAIRS}",
+        f"--budget={BUDGET}",
+        "--seed=3",
+        f"--shard_size={SHARD_SIZE}",
+        "--batch_size=32",
+    ]
     fv = reflow_pairs.define_flags(flags.FlagValues(), argv)
     fv(argv)
     reflow_pairs.run(fv)
@@ -101,11 +110,22 @@ def test_stage_one_refuses_a_bad_budget_a_missing_checkpoint_and_other_settings(
 
 def fake_pairs(out_dir, num_pairs=50, num_classes=3):
     """Pairs whose sample is a known function of its noise and label: x = 2 noise + label."""
+
     def sampler(params, noise, labels, num_steps, cfg_scale):
         return 2.0 * noise + labels[:, None].astype(np.float32)
 
-    pairs_io.generate_pairs(sampler, None, out_dir=out_dir, shape=(2,), num_classes=num_classes, num_pairs=num_pairs,
-                          num_steps=1, seed=0, shard_size=16, batch_size=8)
+    pairs_io.generate_pairs(
+        sampler,
+        None,
+        out_dir=out_dir,
+        shape=(2,),
+        num_classes=num_classes,
+        num_pairs=num_pairs,
+        num_steps=1,
+        seed=0,
+        shard_size=16,
+        batch_size=8,
+    )
 
 
 def pair_source(path, batch_size=8, process_index=0, process_count=1, **keys):
@@ -113,8 +133,9 @@ def pair_source(path, batch_size=8, process_index=0, process_count=1, **keys):
     cfg.name, cfg.path = data.PAIRS_DATA, path
     for key, value in keys.items():
         cfg[key] = value
-    return data.make_dataset(cfg, batch_size=batch_size, seed=5, process_index=process_index,
-                             process_count=process_count)
+    return data.make_dataset(
+        cfg, batch_size=batch_size, seed=5, process_index=process_index, process_count=process_count
+    )
 
 
 def test_noise_rows_stay_with_their_samples_after_shuffling(tmp_path):
@@ -176,13 +197,31 @@ def test_reflow_trains_from_stored_pairs_through_the_command_line(pairs_dir, tmp
     # the persistent compilation cache of the tests, for the child process too
     env = child_env(JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:objective=reflow,runlocal=True",
-         f"--workdir={workdir}", "--config.data.name=reflow_pairs", f"--config.data.path={pairs_dir}",
-         "--config.train.steps=4", "--config.train.log_every=2", "--config.train.ckpt_every=4",
-         "--config.train.eval_every=4", "--config.train.progress_bar=False", "--config.train.use_tensorboard=False",
-         "--config.eval.budgets=(1,)", "--config.eval.grid_budgets=(1,)", "--config.eval.num_samples=100",
-         "--config.eval.batch_size=100"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:objective=reflow,runlocal=True",
+            f"--workdir={workdir}",
+            "--config.data.name=reflow_pairs",
+            f"--config.data.path={pairs_dir}",
+            "--config.train.steps=4",
+            "--config.train.log_every=2",
+            "--config.train.ckpt_every=4",
+            "--config.train.eval_every=4",
+            "--config.train.progress_bar=False",
+            "--config.train.use_tensorboard=False",
+            "--config.eval.budgets=(1,)",
+            "--config.eval.grid_budgets=(1,)",
+            "--config.eval.num_samples=100",
+            "--config.eval.batch_size=100",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in writers.read_metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
@@ -222,8 +261,13 @@ def test_warm_started_shortcut_run_computes_the_flow_velocity_at_every_level(tea
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"level {k}")
             # without the level rewrite the shortcut network would read other levels differently
             plain = warm_start_params(runs.restore_weights(exp.warm_start.saved), fresh.params)
-            assert max(float(jnp.abs(exp.apply_fn(plain, x, t, jnp.full(16, k, jnp.int32), label) - want).max())
-                       for k in levels) > 1e-3
+            assert (
+                max(
+                    float(jnp.abs(exp.apply_fn(plain, x, t, jnp.full(16, k, jnp.int32), label) - want).max())
+                    for k in levels
+                )
+                > 1e-3
+            )
         finally:
             source.close()
         # step 0, a fresh optimiser, every EMA tree at the loaded parameters
@@ -243,15 +287,17 @@ def test_warm_start_source_of_another_shape_is_refused_before_compiling(teacher,
     with pytest.raises(config_lib.ConfigError, match="architecture.width: saved 256, this run 128"):
         loop.train_and_evaluate(toy("shortcut", **{"train.init_from": teacher, "model.width": 128}), str(workdir))
     with pytest.raises(config_lib.ConfigError, match="no checkpoint of step 5"):
-        loop.train_and_evaluate(toy("shortcut", **{"train.init_from": teacher, "train.init_from_step": 5}),
-                                 str(workdir))
+        loop.train_and_evaluate(
+            toy("shortcut", **{"train.init_from": teacher, "train.init_from_step": 5}), str(workdir)
+        )
     assert not compiled and not workdir.exists()
 
 
 def test_a_resuming_run_does_not_read_its_warm_start_source(teacher):
     # the teacher's own workdir holds a checkpoint: the run resumes, and a source that is gone is not looked at
-    exp = Experiment(toy(**{"optim.schedule": "constant", "train.ema_debias": True,
-                            "train.init_from": "/nonexistent/run"}), teacher)
+    exp = Experiment(
+        toy(**{"optim.schedule": "constant", "train.ema_debias": True, "train.init_from": "/nonexistent/run"}), teacher
+    )
     try:
         assert exp.warm_start is None
     finally:

@@ -1,5 +1,6 @@
 """A run trained on reflow pairs of a latent run decodes its samples with the VAE of the
 teacher's latent set, which the pairs' manifest records (``meta.data.vae``)."""
+
 import importlib.util
 import os
 import shutil
@@ -21,19 +22,37 @@ LATENT_SHAPE = (8, 8, 4)  # the tiny VAE's latents of 16x16 images
 def _write_vae(folder, seed):
     config = VAEConfig.tiny()
     vae_weights.write_diffusers_folder(
-        folder, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), seed))
+        folder, config, vae_weights.seeded_state_dict(sorted(vae_weights.expected_state_dict(config).items()), seed)
+    )
     return vae_weights.load_vae(folder)
 
 
 def _write_pairs(out_dir, vae_record):
     """Pairs as reflow_pairs writes them for a latent teacher (a stand-in sampler: the pairs' values
     do not matter here, their manifest does)."""
-    meta = {"teacher_workdir": "/runs/latent", "data": {"name": "latents", "path": "/sets/latents",
-                                                        "shape": list(LATENT_SHAPE), "num_classes": 2,
-                                                        "vae": vae_record}}
-    return pairs_io.generate_pairs(lambda params, noise, labels, **kw: noise * 0.5, None, out_dir=str(out_dir),
-                                 shape=LATENT_SHAPE, num_classes=2, num_pairs=16, num_steps=1, seed=0, shard_size=16,
-                                 batch_size=16, meta=meta)
+    meta = {
+        "teacher_workdir": "/runs/latent",
+        "data": {
+            "name": "latents",
+            "path": "/sets/latents",
+            "shape": list(LATENT_SHAPE),
+            "num_classes": 2,
+            "vae": vae_record,
+        },
+    }
+    return pairs_io.generate_pairs(
+        lambda params, noise, labels, **kw: noise * 0.5,
+        None,
+        out_dir=str(out_dir),
+        shape=LATENT_SHAPE,
+        num_classes=2,
+        num_pairs=16,
+        num_steps=1,
+        seed=0,
+        shard_size=16,
+        batch_size=16,
+        meta=meta,
+    )
 
 
 def _config(path):

@@ -1,5 +1,6 @@
 """Stage one of reflow in a job of two CPU processes: process 0 alone writes the files, and
 neither returns before they exist (marker ``multiprocess``: ``pytest -m multiprocess``)."""
+
 import os
 import sys
 
@@ -28,8 +29,9 @@ def pairs_job(args) -> None:
         real_savez(path, **arrays)
 
     np.savez = spy_savez
-    settings = dict(out_dir=out_dir, shape=(3,), num_classes=2, num_pairs=10, num_steps=1, seed=0, shard_size=4,
-                    batch_size=4)
+    settings = dict(
+        out_dir=out_dir, shape=(3,), num_classes=2, num_pairs=10, num_steps=1, seed=0, shard_size=4, batch_size=4
+    )
     manifest = pairs_io.generate_pairs(lambda params, noise, labels, **kw: 2 * noise, None, **settings)
     # on return the files are complete, whichever process wrote them
     pairs = pairs_io.load_pairs(out_dir)
@@ -48,7 +50,7 @@ def pairs_job(args) -> None:
 @pytest.mark.multiprocess
 def test_two_processes_write_the_pairs_once_and_return_after_them(tmp_path):
     port, out_dir = free_port(), str(tmp_path / "pairs")
-    code = ("import sys; from tests.test_reflow_pairs_multiprocess import pairs_job; pairs_job(sys.argv[1:])")
+    code = "import sys; from tests.test_reflow_pairs_multiprocess import pairs_job; pairs_job(sys.argv[1:])"
     commands = [[sys.executable, "-c", code, str(port), str(i), out_dir] for i in range(2)]
     assert run_job(commands, process_env(1), tmp_path, timeout_s=120) == [0, 0]
     assert sorted(os.listdir(out_dir)) == ["manifest.json", "pairs_00000.npz", "pairs_00001.npz", "pairs_00002.npz"]

@@ -4,6 +4,7 @@ configured Euler steps and guidance.
 The exact-field tests in test_methods.py give zero loss whatever noise a row is paired with, so
 they cannot tell the stored noise from fresh noise; here the network is a fixed linear map (or a
 curved, class-conditional field) whose loss is computed by hand from the stored pair."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +19,11 @@ K = 7
 def recording(fn, calls):
     """``fn`` as an apply_fn that records each call's inputs as numpy arrays, in the order the
     calls run (also inside the sampler's compiled loop)."""
+
     def apply_fn(params, x, t, level, label):
-        jax.debug.callback(lambda *a: calls.append(tuple(np.asarray(v) for v in a)), x, t, level, label,
-                           ordered=True)
+        jax.debug.callback(lambda *a: calls.append(tuple(np.asarray(v) for v in a)), x, t, level, label, ordered=True)
         return fn(params, x, t, level, label)
+
     return apply_fn
 
 
@@ -42,7 +44,7 @@ def test_reflow_loss_is_flow_matching_on_the_stored_noise_of_each_pair():
     batch = {"x": jnp.asarray(x1), "noise": jnp.asarray(noise), "label": jnp.zeros(b, jnp.int32)}
     loss, _ = reflow.loss_fn(params, None, batch, jax.random.key(3), cfg)
     jax.effects_barrier()
-    (_, t, level, _), = calls
+    ((_, t, level, _),) = calls
     assert np.all(level == K)
     # by hand, in float64: x_t on the stored pair's path, target its velocity
     t64 = t.astype(np.float64)[:, None]
@@ -91,8 +93,15 @@ def test_live_reflow_pairs_come_from_the_configured_euler_steps_and_guidance():
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, b), jnp.int32)
     params = {"a": jnp.float32(a)}
     calls = []
-    cfg = ObjectiveConfig(apply_fn=recording(curved, calls), num_classes=NUM_CLASSES, noise_floor=FLOOR,
-                          reflow_fraction=0.25, reflow_steps=steps, reflow_cfg_scale=scale, label_dropout=0.0)
+    cfg = ObjectiveConfig(
+        apply_fn=recording(curved, calls),
+        num_classes=NUM_CLASSES,
+        noise_floor=FLOOR,
+        reflow_fraction=0.25,
+        reflow_steps=steps,
+        reflow_cfg_scale=scale,
+        label_dropout=0.0,
+    )
     n = reflow.num_reflow_rows(b, cfg.reflow_fraction)
     _, metrics = reflow.live_loss_fn(params, None, {"x": x1, "label": labels}, jax.random.key(0), cfg)
     jax.effects_barrier()

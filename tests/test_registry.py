@@ -1,5 +1,6 @@
 """Adding a method is one record: a method defined here, in the test file, trains through the
 real loop and is evaluated with the sampler its record names, with no other change."""
+
 import importlib.util
 import os
 
@@ -21,8 +22,13 @@ def pull_to_data_loss(params, teacher_params, batch, rng, cfg: common.ObjectiveC
     CALLS.append(cfg.option("reflow_steps"))  # traced once per compilation
     x1 = batch["x"]
     b = x1.shape[0]
-    pred = cfg.apply_fn(params, jax.random.normal(rng, x1.shape), jnp.zeros((b,)),
-                        jnp.full((b,), cfg.num_levels, jnp.int32), common.conditional_labels(batch["label"], cfg))
+    pred = cfg.apply_fn(
+        params,
+        jax.random.normal(rng, x1.shape),
+        jnp.zeros((b,)),
+        jnp.full((b,), cfg.num_levels, jnp.int32),
+        common.conditional_labels(batch["label"], cfg),
+    )
     loss = jnp.mean(common.per_row_mse(pred, x1))
     return loss, {"loss": loss}
 

@@ -1,5 +1,6 @@
 """One parameter tree of another run, read alone: ``restore`` (run folder) over ``checkpoint``
 (the saved state's format)."""
+
 import json
 import os
 
@@ -15,8 +16,12 @@ from shortcut_jax.training import runs
 
 def _tree(seed):
     rng = np.random.default_rng(seed)
-    return {"dense": {"kernel": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32),
-                      "bias": jnp.asarray(rng.standard_normal(3), jnp.float32)}}
+    return {
+        "dense": {
+            "kernel": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(3), jnp.float32),
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +32,15 @@ def run(tmp_path_factory):
     states = {}
     with checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False, keep=None) as ckpt:
         for step in (3, 5):
-            state = {"params": _tree(step), "ema_params": (_tree(step + 100), _tree(step + 200)),
-                     "opt_state": {"mu": _tree(step + 300)}, "step": jnp.asarray(step, jnp.int32)}
-            ckpt.save(step, state, data_state={}, meta={"objective": {"name": "flow_matching"},
-                                                         "ema_decays": [0.9, 0.99]})
+            state = {
+                "params": _tree(step),
+                "ema_params": (_tree(step + 100), _tree(step + 200)),
+                "opt_state": {"mu": _tree(step + 300)},
+                "step": jnp.asarray(step, jnp.int32),
+            }
+            ckpt.save(
+                step, state, data_state={}, meta={"objective": {"name": "flow_matching"}, "ema_decays": [0.9, 0.99]}
+            )
             states[step] = state
     (workdir / "manifest.json").write_text(json.dumps({"config": {"model": {"width": 8}}}))
     return str(workdir), states
@@ -78,8 +88,9 @@ def test_tree_is_restored_onto_the_shardings_asked_for(run):
     workdir, states = run
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     shardings = {"dense": {"kernel": NamedSharding(mesh, P("data", None)), "bias": NamedSharding(mesh, P())}}
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            states[5]["params"], shardings)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), states[5]["params"], shardings
+    )
     got = runs.restore_weights(runs.open_run(workdir), weights="ema", ema_index=1, abstract=abstract)
     for leaf, sharding in zip(jax.tree.leaves(got), jax.tree.leaves(shardings)):
         assert isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
@@ -89,8 +100,9 @@ def test_tree_is_restored_onto_the_shardings_asked_for(run):
 def test_tree_that_does_not_fit_or_was_not_kept_is_refused_naming_it(run):
     workdir, states = run
     saved = runs.open_run(workdir)
-    other = {"dense": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32),
-                       "scale": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+    other = {
+        "dense": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32), "scale": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    }
     with pytest.raises(ValueError) as err:
         runs.restore_weights(saved, weights="params", abstract=other)
     assert "missing ['dense']['scale']" in str(err.value) and "unexpected ['dense']['bias']" in str(err.value)

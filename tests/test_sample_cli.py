@@ -1,6 +1,7 @@
 """``python -m shortcut_jax.sample``: a grid or one PNG per image from a checkpoint, at a chosen
 budget, labels, guidance scale and seed; and its refusals, each naming the flag to change, before
 the checkpoint is restored or anything compiled."""
+
 import os
 import subprocess
 import sys
@@ -53,8 +54,17 @@ def run_cli(argv):
 
 def test_grid_holds_the_samples_of_the_requested_budget_labels_scale_and_seed(workdir, loaded, tmp_path):
     out = str(tmp_path / "grid.png")
-    assert run_cli([f"--workdir={workdir}", "--num_steps=4", "--num_images=6", "--labels=1,2",
-                    "--cfg_scale=1.5", "--seed=3", f"--out={out}"]) == [out]
+    assert run_cli(
+        [
+            f"--workdir={workdir}",
+            "--num_steps=4",
+            "--num_images=6",
+            "--labels=1,2",
+            "--cfg_scale=1.5",
+            "--seed=3",
+            f"--out={out}",
+        ]
+    ) == [out]
     expected, labels = sample.sample(loaded, num_images=6, num_steps=4, labels=[1, 2], cfg_scale=1.5, seed=3)
     assert labels.tolist() == [1, 2, 1, 2, 1, 2] and expected.shape == (6, 8, 8, 1)
     grid = np.asarray(Image.open(out))
@@ -89,8 +99,7 @@ ERRORS = {
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
-def test_bad_requests_are_refused_naming_the_flag_before_restoring_or_compiling(case, workdir, tmp_path,
-                                                                                 monkeypatch):
+def test_bad_requests_are_refused_naming_the_flag_before_restoring_or_compiling(case, workdir, tmp_path, monkeypatch):
     extra, message = ERRORS[case]
     target = str(tmp_path / "empty") if case == "no checkpoint" else workdir
     os.makedirs(tmp_path / "empty")
@@ -109,9 +118,23 @@ def test_command_line_module_writes_the_grid(workdir, tmp_path):
     out = tmp_path / "cli.png"
     env = child_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run(
-        [sys.executable, "-m", "shortcut_jax.sample", f"--config={DIGITS}:runlocal=True", f"--workdir={workdir}",
-         "--num_steps=2", "--num_images=4", "--class=5", f"--out={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.sample",
+            f"--config={DIGITS}:runlocal=True",
+            f"--workdir={workdir}",
+            "--num_steps=2",
+            "--num_images=4",
+            "--class=5",
+            f"--out={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote 1 file(s)" in proc.stdout and "checkpoint step 6" in proc.stdout
     assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 grid of 8x8 greyscale images

@@ -1,5 +1,6 @@
 """``python -m shortcut_jax.sample`` on a latent run: decoded RGB images (by the VAE the run
 records), not raw latents."""
+
 import os
 
 import numpy as np
@@ -41,10 +42,21 @@ def test_checkpoint_records_the_vae_that_decodes_the_samples(latent_run):
 def test_sample_writes_decoded_rgb_images(latent_run, tmp_path, data_flags):
     workdir, latents, _ = latent_run
     out_dir = tmp_path / "pngs"
-    flags_given = ["--config.data.name=latents", f"--config.data.path={latents}",
-                   f"--config.data.image_size={IMAGE_SIZE}", "--config.eval.decode_batch_size=4"]
-    paths = run_cli([f"--config={DIGITS}:runlocal=True", *(flags_given if data_flags else []),
-                     f"--workdir={workdir}", "--num_images=3", f"--out_dir={out_dir}"])
+    flags_given = [
+        "--config.data.name=latents",
+        f"--config.data.path={latents}",
+        f"--config.data.image_size={IMAGE_SIZE}",
+        "--config.eval.decode_batch_size=4",
+    ]
+    paths = run_cli(
+        [
+            f"--config={DIGITS}:runlocal=True",
+            *(flags_given if data_flags else []),
+            f"--workdir={workdir}",
+            "--num_images=3",
+            f"--out_dir={out_dir}",
+        ]
+    )
     assert len(paths) == 3
     for path in paths:  # 16x16 RGB images, not 8x8x4 latents
         assert np.asarray(Image.open(path)).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)

@@ -1,4 +1,5 @@
 """The sampler on a device mesh: each device draws its own share, with the samples of one device."""
+
 import re
 
 import jax
@@ -17,8 +18,9 @@ BATCH = 16
 def _setup():
     model = DiT(patch_size=2, width=32, depth=2, num_heads=2, num_classes=3)
     x = jnp.zeros((1, 8, 8, 3))
-    params = model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
-                        jnp.zeros((1,), jnp.int32))["params"]
+    params = model.init(
+        jax.random.PRNGKey(0), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+    )["params"]
     # the final layer starts at zero (reference init); random values make the comparison real
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
@@ -32,8 +34,8 @@ def _setup():
 
 def _entry_parameter_shapes(hlo: str) -> list[str]:
     """Shapes of the compiled program's entry parameters, e.g. ['f32[2,8,8,3]', 's32[2]', ...]."""
-    entry = hlo[hlo.index("ENTRY"):]
-    signature = entry[:entry.index("{")]
+    entry = hlo[hlo.index("ENTRY") :]
+    signature = entry[: entry.index("{")]
     return re.findall(r"[a-z0-9]+\[[0-9,]*\]", signature)
 
 
@@ -60,8 +62,9 @@ def test_sampler_on_8_devices_gives_each_device_its_share_and_the_samples_of_one
 
     # a batch that does not divide over the devices is padded, and the padding dropped
     odd = spread(params, noise[:5], labels[:5], num_steps=2)
-    np.testing.assert_allclose(spread.to_host(odd), np.asarray(one(params, noise[:5], labels[:5], num_steps=2)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        spread.to_host(odd), np.asarray(one(params, noise[:5], labels[:5], num_steps=2)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_draw_samples_with_balanced_labels_on_8_devices_equal_one_device_and_no_device_repeats_another():
@@ -70,8 +73,16 @@ def test_draw_samples_with_balanced_labels_on_8_devices_equal_one_device_and_no_
     one = Sampler(apply_fn, num_levels=7, num_classes=3, mesh=sharding.make_mesh(mesh_cfg, jax.devices()[:1]))
     spread = Sampler(apply_fn, num_levels=7, num_classes=3, mesh=sharding.make_mesh(mesh_cfg))
     # 36 samples in batches of 16: two full batches and a padded one; guided, 2 steps
-    kwargs = dict(shape=(8, 8, 3), num_classes=3, num_samples=36, batch_size=BATCH, num_steps=2, seed=5,
-                  cfg_scale=1.5, label_mode="balanced")
+    kwargs = dict(
+        shape=(8, 8, 3),
+        num_classes=3,
+        num_samples=36,
+        batch_size=BATCH,
+        num_steps=2,
+        seed=5,
+        cfg_scale=1.5,
+        label_mode="balanced",
+    )
     expected = draw_samples(one, params, **kwargs)
     got = draw_samples(spread, params, **kwargs)
     assert got.shape == (36, 8, 8, 3)

@@ -2,6 +2,7 @@
 network (outputs, gradients, a train step, FP8, remat of all or some blocks), start from the same
 distribution per layer, convert exactly between the two layouts (a reference checkpoint included),
 and keep the layer axis whole under the fsdp rules (a sharded step equals one device)."""
+
 import os
 
 import jax
@@ -25,16 +26,17 @@ REMATS = [("none", -1), ("dots", -1), ("full", 1)]
 
 
 def dit(scan: bool, **fields) -> DiT:
-    return DiT(patch_size=2, width=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
-               scan_blocks=scan, **fields)
+    return DiT(patch_size=2, width=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES, scan_blocks=scan, **fields)
 
 
 def inputs(batch=4, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.standard_normal((batch, 8, 8, 3)), jnp.float32),
-            jnp.asarray(rng.uniform(size=batch), jnp.float32),
-            jnp.asarray(rng.integers(0, 7, batch), jnp.int32),
-            jnp.asarray(rng.integers(0, CLASSES + 1, batch), jnp.int32))
+    return (
+        jnp.asarray(rng.standard_normal((batch, 8, 8, 3)), jnp.float32),
+        jnp.asarray(rng.uniform(size=batch), jnp.float32),
+        jnp.asarray(rng.integers(0, 7, batch), jnp.int32),
+        jnp.asarray(rng.integers(0, CLASSES + 1, batch), jnp.int32),
+    )
 
 
 def random_params(model, rng):
@@ -45,6 +47,7 @@ def random_params(model, rng):
     def draw(s):
         scale = 1 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) >= 2 else 0.1
         return jnp.asarray(rng.standard_normal(s.shape) * scale, jnp.float32)
+
     return jax.tree.map(draw, shapes)
 
 
@@ -55,6 +58,7 @@ def output_and_grads(model, params, args):
     def loss(p):
         out = model.apply({"params": p}, *args)
         return jnp.sum(out * weight), out
+
     (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(out), jax.tree.map(np.asarray, grads)
 
@@ -158,10 +162,15 @@ def test_each_scanned_layer_starts_from_the_unrolled_distribution():
 
 def adam_like_state(params):
     """A train-state-shaped tree: parameters, EMA trees and Adam's moments beside plain leaves."""
-    moments = optax.ScaleByAdamState(count=jnp.asarray(3), mu=jax.tree.map(lambda a: a * 2, params),
-                                     nu=jax.tree.map(lambda a: a * a, params))
-    return {"params": params, "ema": (jax.tree.map(lambda a: a + 1, params),), "opt": (moments, optax.EmptyState()),
-            "step": np.int32(7)}
+    moments = optax.ScaleByAdamState(
+        count=jnp.asarray(3), mu=jax.tree.map(lambda a: a * 2, params), nu=jax.tree.map(lambda a: a * a, params)
+    )
+    return {
+        "params": params,
+        "ema": (jax.tree.map(lambda a: a + 1, params),),
+        "opt": (moments, optax.EmptyState()),
+        "step": np.int32(7),
+    }
 
 
 def test_layout_conversion_round_trips_exactly():
@@ -173,8 +182,9 @@ def test_layout_conversion_round_trips_exactly():
     for tree in (stacked["params"], stacked["ema"][0], stacked["opt"][0].mu, stacked["opt"][0].nu):
         assert jax.tree.structure(tree) == jax.tree.structure(want)
         assert [np.shape(a) for a in jax.tree.leaves(tree)] == [a.shape for a in jax.tree.leaves(want)]
-    np.testing.assert_array_equal(stacked["params"]["blocks"]["mlp"]["fc1"]["kernel"][2],
-                                  params["block_2"]["mlp"]["fc1"]["kernel"])
+    np.testing.assert_array_equal(
+        stacked["params"]["blocks"]["mlp"]["fc1"]["kernel"][2], params["block_2"]["mlp"]["fc1"]["kernel"]
+    )
     assert convert.is_stacked(stacked) and not convert.is_stacked(state)
     back = convert.to_layout(stacked, stacked=False)
     assert jax.tree.structure(back) == jax.tree.structure(state)
@@ -215,7 +225,7 @@ def test_conversion_refuses_trees_that_are_neither_layout():
 
 def test_reference_checkpoint_fills_the_scanned_model_with_golden_outputs():
     g = np.load(os.path.join(SHARED_DATA, "official_dit_golden.npz"))
-    official = convert.from_slash_names({k[len("param/"):]: g[k] for k in g.files if k.startswith("param/")})
+    official = convert.from_slash_names({k[len("param/") :]: g[k] for k in g.files if k.startswith("param/")})
     model = DiT(patch_size=2, width=64, depth=2, num_heads=4, mlp_ratio=4, num_classes=10, scan_blocks=True)
     abstract = jax.eval_shape(model.init, jax.random.key(0), g["x"], g["t"], g["level"], g["label"])["params"]
     params = convert.match_layout(convert.official_to_project(official), abstract)
@@ -230,8 +240,9 @@ def test_weight_decay_mask_marks_the_same_parameters_in_both_layouts():
     stacked = convert.weight_matrix_mask(convert.to_layout(params, True))
     assert stacked["blocks"]["qkv"] == {"kernel": True, "bias": False}  # a stacked bias is 2-D, not a matrix
     assert convert.flatten(stacked["blocks"]) == convert.flatten(unrolled["block_0"])
-    assert {k: v for k, v in stacked.items() if k != "blocks"} == \
-        {k: v for k, v in unrolled.items() if not k.startswith("block_")}
+    assert {k: v for k, v in stacked.items() if k != "blocks"} == {
+        k: v for k, v in unrolled.items() if not k.startswith("block_")
+    }
 
 
 # ----------------------------------------------------------------------------- sharding, train step
@@ -289,8 +300,11 @@ def train_steps():
     exp_s, loss_s, state_s = run_steps(scan_one, batches, stacked_start)
     scan_fsdp = digits_config(**common, **{"mesh.data": 4, "mesh.fsdp": 2, "model.scan_blocks": True})
     exp_f, loss_f, state_f = run_steps(scan_fsdp, batches, stacked_start)
-    return {"unrolled": (loss_u, params_of(state_u)), "scan": (loss_s, params_of(state_s), exp_s),
-            "scan_fsdp": (loss_f, params_of(state_f), exp_f, state_f)}
+    return {
+        "unrolled": (loss_u, params_of(state_u)),
+        "scan": (loss_s, params_of(state_s), exp_s),
+        "scan_fsdp": (loss_f, params_of(state_f), exp_f, state_f),
+    }
 
 
 def flat_params(params):
@@ -322,6 +336,7 @@ def test_checkpoint_of_the_scanned_run_restores_into_the_unrolled_layout(train_s
     """A run saved with model.scan_blocks=True is read by a config with it off (evaluation,
     sampling or a resume): parameters, EMA trees and Adam's moments arrive unstacked, exactly."""
     from shortcut_jax.infra import checkpoint
+
     _, _, exp_f, state_f = train_steps["scan_fsdp"]
     workdir = tmp_path / "run"
     with checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False) as ckpt:

@@ -1,4 +1,5 @@
 """The CIFAR-10 classifier shipped with the package loads and classifies real test images."""
+
 import os
 
 import numpy as np

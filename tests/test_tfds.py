@@ -9,6 +9,7 @@ encodes as PNG with Pillow, and writes ArrayRecord files with array-record's own
 Example ``i`` of 'train' has red channel ``5 i + 3`` everywhere (kept exactly by lossless PNG
 and by resizing a constant), which identifies it in any batch; its other channels are noise.
 """
+
 import json
 import os
 import shutil
@@ -53,15 +54,22 @@ class ShortcutTinyImages(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         channels = 1 if self.builder_config.name == "grey" else 3
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, channels), encoding_format="png"),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "index": tfds.features.Scalar(dtype=np.int64),
-        }))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, channels), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                    "index": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(range(NUM_TRAIN)),
-                "test": self._generate_examples(range(100, 100 + NUM_TEST))}
+        return {
+            "train": self._generate_examples(range(NUM_TRAIN)),
+            "test": self._generate_examples(range(100, 100 + NUM_TEST)),
+        }
 
     def _generate_examples(self, indices):
         for i in indices:
@@ -76,7 +84,8 @@ def data_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tfds"))
     for config in ("rgb", "grey"):
         ShortcutTinyImages(data_dir=root, config=config, file_format="array_record").download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     return root
 
 
@@ -98,7 +107,8 @@ def take(source, n):
 
 def batches_equal(a, b) -> bool:
     return len(a) == len(b) and all(
-        np.array_equal(x["x"], y["x"]) and np.array_equal(x["label"], y["label"]) for x, y in zip(a, b))
+        np.array_equal(x["x"], y["x"]) and np.array_equal(x["label"], y["label"]) for x, y in zip(a, b)
+    )
 
 
 def example_ids(x: np.ndarray) -> np.ndarray:
@@ -145,8 +155,7 @@ def test_grey_config_keeps_one_channel(data_dir):
     # image_size 0 is refused for images of several sizes; with a size every image is resized
     with pytest.raises(ValueError, match="data.image_size"):
         validate_data_config(tfds_config(data_dir, tfds_name=f"{NAME}/grey", image_size=0))
-    with make_dataset(tfds_config(data_dir, tfds_name=f"{NAME}/grey", shuffle=False), batch_size=8,
-                      seed=0) as source:
+    with make_dataset(tfds_config(data_dir, tfds_name=f"{NAME}/grey", shuffle=False), batch_size=8, seed=0) as source:
         x = source.next_batch()["x"]
     assert source.spec.shape == (16, 16, 1) and x.shape == (8, 16, 16, 1)
     assert -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.1
@@ -172,8 +181,10 @@ def test_same_seed_same_batches_other_seed_differs(data_dir):
 
 
 def test_random_flip_mirrors_some_rows_and_leaves_the_others(data_dir):
-    with make_dataset(tfds_config(data_dir, random_flip=True), batch_size=20, seed=0) as flipped, \
-            make_dataset(tfds_config(data_dir), batch_size=20, seed=0) as plain:
+    with (
+        make_dataset(tfds_config(data_dir, random_flip=True), batch_size=20, seed=0) as flipped,
+        make_dataset(tfds_config(data_dir), batch_size=20, seed=0) as plain,
+    ):
         x_flip = np.concatenate([b["x"] for b in take(flipped, 4)])
         x_plain = np.concatenate([b["x"] for b in take(plain, 4)])
     mirrored = np.array([np.array_equal(f, p[:, ::-1]) for f, p in zip(x_flip, x_plain)])
@@ -189,12 +200,10 @@ def test_process_slices_are_disjoint_and_cover_the_global_batch(data_dir):
         global_batches = take(whole, steps)
     slices = []
     for p in range(count):
-        with make_dataset(config, batch_size=per_process, seed=1, process_index=p,
-                          process_count=count) as source:
+        with make_dataset(config, batch_size=per_process, seed=1, process_index=p, process_count=count) as source:
             slices.append(take(source, steps))
     for step in range(steps):
-        joined = {key: np.concatenate([slices[p][step][key] for p in range(count)])
-                  for key in ("x", "label")}
+        joined = {key: np.concatenate([slices[p][step][key] for p in range(count)]) for key in ("x", "label")}
         assert batches_equal([joined], [global_batches[step]])
     first_ids = np.concatenate([example_ids(slices[p][0]["x"]) for p in range(count)])
     assert len(set(first_ids)) == per_process * count  # within one epoch: distinct examples
@@ -228,8 +237,7 @@ def test_worker_processes_give_the_same_stream_and_resume(data_dir):
 
 
 def test_reference_is_seeded_distinct_and_unflipped(data_dir):
-    with make_dataset(tfds_config(data_dir, random_flip=True, shuffle=False), batch_size=NUM_TRAIN,
-                      seed=0) as source:
+    with make_dataset(tfds_config(data_dir, random_flip=True, shuffle=False), batch_size=NUM_TRAIN, seed=0) as source:
         a, b, c = source.reference(10, seed=1), source.reference(10, seed=1), source.reference(10, seed=2)
         everything = source.reference(1000, seed=0)
     with make_dataset(tfds_config(data_dir, shuffle=False), batch_size=NUM_TRAIN, seed=0) as plain:
@@ -246,11 +254,20 @@ def test_mocked_catalog_dataset_decoded_arrays_are_resized_as_images(monkeypatch
     stored as uint8 tensors rather than PNG/JPEG bytes."""
     with tfds.testing.mock_data(num_examples=20):
         records = tfds.data_source("mnist", split="train")
-        info = TfdsInfo(name="mnist", full_name="mnist/3.0.1", data_dir="", split="train",
-                        num_examples=20, image_key="image", label_key="label", num_classes=10,
-                        channels=1, native_size=(28, 28), encoded=False)
-        with TfdsSource(records, info, layout=BatchLayout(20), seed=0, shuffle=False,
-                        image_size=14) as source:
+        info = TfdsInfo(
+            name="mnist",
+            full_name="mnist/3.0.1",
+            data_dir="",
+            split="train",
+            num_examples=20,
+            image_key="image",
+            label_key="label",
+            num_classes=10,
+            channels=1,
+            native_size=(28, 28),
+            encoded=False,
+        )
+        with TfdsSource(records, info, layout=BatchLayout(20), seed=0, shuffle=False, image_size=14) as source:
             batch = source.next_batch()
         stored = [records[i] for i in range(20)]
     assert batch["x"].shape == (20, 14, 14, 1) and source.spec.num_classes == 10
@@ -273,8 +290,9 @@ def test_package_imports_without_tfds_and_grain_and_says_what_to_install():
         "try:\n    validate_data_config(c)\nexcept ValueError as e:\n    print(e)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                          timeout=120, env=child_env())
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, env=child_env()
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install -e '.[tfds]'" in done.stdout
 
@@ -308,12 +326,15 @@ def test_unknown_name_is_named(tmp_path):
         validate_data_config(tfds_config(str(tmp_path), tfds_name="no_such_dataset_xyz"))
 
 
-@pytest.mark.parametrize("overrides, listed", [
-    (dict(split="validation"), ["train (40)", "test (8)"]),
-    (dict(image_key="picture"), ["'image'", "'label'", "'index'"]),
-    (dict(label_key="class"), ["'image'", "'label'", "'index'"]),
-    (dict(label_key="index"), ["class labels: ['label']"]),
-])
+@pytest.mark.parametrize(
+    "overrides, listed",
+    [
+        (dict(split="validation"), ["train (40)", "test (8)"]),
+        (dict(image_key="picture"), ["'image'", "'label'", "'index'"]),
+        (dict(label_key="class"), ["'image'", "'label'", "'index'"]),
+        (dict(label_key="index"), ["class labels: ['label']"]),
+    ],
+)
 def test_missing_split_or_key_lists_the_available_ones(data_dir, overrides, listed):
     with pytest.raises(ValueError) as error:
         validate_data_config(tfds_config(data_dir, **overrides))
@@ -343,10 +364,16 @@ def test_tfrecord_only_dataset_is_refused_with_the_conversion_command(data_dir, 
     assert f"tfds build {NAME}/rgb --data_dir={copy} --file_format=array_record" in message
 
 
-@pytest.mark.parametrize("key, value", [
-    ("tfds_name", "other/1.0.0"), ("split", "test"), ("shuffle", False), ("seed", 7),
-    ("num_examples", 41),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("tfds_name", "other/1.0.0"),
+        ("split", "test"),
+        ("shuffle", False),
+        ("seed", 7),
+        ("num_examples", 41),
+    ],
+)
 def test_state_from_another_dataset_split_order_or_seed_is_refused(data_dir, key, value):
     with make_dataset(tfds_config(data_dir), batch_size=4, seed=0) as source:
         state = source.get_state()
@@ -360,12 +387,15 @@ def test_state_of_another_reader_is_refused(data_dir):
             source.set_state({"position": 8, "num_examples": NUM_TRAIN})
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(tfds_name=""), "data.tfds_name"),
-    (dict(path="/data/x"), "data.path"),
-    (dict(cache_decoded=True), "data.cache_decoded"),
-    (dict(num_workers=-1), "data.num_workers"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(tfds_name=""), "data.tfds_name"),
+        (dict(path="/data/x"), "data.path"),
+        (dict(cache_decoded=True), "data.cache_decoded"),
+        (dict(num_workers=-1), "data.num_workers"),
+    ],
+)
 def test_bad_tfds_fields_name_the_key(data_dir, overrides, key):
     with pytest.raises(ValueError, match=key):
         validate_data_config(tfds_config(data_dir, **overrides))
@@ -382,8 +412,9 @@ def test_cloud_data_dir_without_a_file_system_names_gcsfs(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("gcsfs", "tensorflow") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("gcsfs", "tensorflow") else real(name, *a)
+    )
     with pytest.raises(ValueError, match="pip install gcsfs"):
         validate_data_config(tfds_config("gs://bucket/tfds"))
 

@@ -1,5 +1,6 @@
 """The training loop end to end: CLI run, exact resume after SIGKILL, data parallelism,
 config checks before compiling, non-finite losses, gradient accumulation."""
+
 import glob
 import importlib.util
 import json
@@ -77,10 +78,22 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     workdir = str(tmp_path / "run")
     env = child_env(JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
-         f"--workdir={workdir}", "--config.train.progress_bar=False", "--config.train.eval_every=10",
-         "--config.eval.num_samples=300", "--config.eval.final_num_samples=1000"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:runlocal=True",
+            f"--workdir={workdir}",
+            "--config.train.progress_bar=False",
+            "--config.train.eval_every=10",
+            "--config.eval.num_samples=300",
+            "--config.eval.final_num_samples=1000",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
@@ -88,8 +101,18 @@ def test_cli_run_writes_checkpoint_metrics_manifest_and_grids(tmp_path):
     rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
-    for key in ("flow_loss", "sc_loss", "sc_loss/level_0", "sc_loss/level_6", "grad_norm", "param_norm",
-                "update_norm", "lr", "input_wait_ms", "images_per_second"):
+    for key in (
+        "flow_loss",
+        "sc_loss",
+        "sc_loss/level_0",
+        "sc_loss/level_6",
+        "grad_norm",
+        "param_norm",
+        "update_norm",
+        "lr",
+        "input_wait_ms",
+        "images_per_second",
+    ):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     # cheap evaluations on the way, the last one with eval.final_num_samples
     eval_rows = [r for r in rows if "eval/sliced_wasserstein_1step" in r]
@@ -143,8 +166,13 @@ def test_image_run_writes_grids_and_resumes_to_more_steps(tmp_path):
 
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, caplog):
     steps = 40
-    overrides = {"train.steps": steps, "train.ckpt_every": 4, "train.log_every": 1, "train.eval_every": 1000,
-                 "train.async_ckpt": True}
+    overrides = {
+        "train.steps": steps,
+        "train.ckpt_every": 4,
+        "train.log_every": 1,
+        "train.eval_every": 1000,
+        "train.async_ckpt": True,
+    }
     reference = loop.train_and_evaluate(toy_config(**overrides), str(tmp_path / "reference"))
 
     # The kill point comes from a seed that is printed and named in every failure message:
@@ -156,9 +184,18 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, caplog):
     workdir = str(tmp_path / "killed")
     args = [f"--config.{k}={v}" for k, v in overrides.items()] + ["--config.train.progress_bar=False"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True",
-         f"--workdir={workdir}", *args],
-        cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:runlocal=True",
+            f"--workdir={workdir}",
+            *args,
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
@@ -286,14 +323,23 @@ def test_workdir_with_a_different_model_is_refused_untouched(tmp_path):
     assert _listing(workdir) == before
     # execution choices that leave the parameters' shapes alone may change between launches
     state = loop.train_and_evaluate(
-        digits_config(**{"train.steps": 4, "train.eval_every": 100, "model.remat": "full"}), workdir)
+        digits_config(**{"train.steps": 4, "train.eval_every": 100, "model.remat": "full"}), workdir
+    )
     assert int(state.step) == 4
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
-    cfg = toy_config(**{"optim.lr": 1e12, "optim.schedule": "constant", "train.steps": 40, "train.ckpt_every": 1,
-                        "train.log_every": 1, "optim.weight_decay": 0.0})
+    cfg = toy_config(
+        **{
+            "optim.lr": 1e12,
+            "optim.schedule": "constant",
+            "train.steps": 40,
+            "train.ckpt_every": 1,
+            "train.log_every": 1,
+            "optim.weight_decay": 0.0,
+        }
+    )
     with pytest.raises(loop.NonFiniteLoss, match=r"non-finite .* at step \d+"):
         loop.train_and_evaluate(cfg, workdir)
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
@@ -321,8 +367,15 @@ def test_accumulation_spreads_levels_over_the_global_batch():
 def test_training_with_accumulation_logs_every_level_weighted_by_its_rows(tmp_path):
     # 16 self-consistency rows of a 64-row batch over 7 levels, dealt to 4 micro-batches: levels
     # 1..6 have one row in two of the micro-batches and none in the other two.
-    cfg = digits_config(**{"optim.accum_steps": 4, "train.batch_size": 64, "train.steps": 2, "train.log_every": 1,
-                           "train.eval_every": 100})
+    cfg = digits_config(
+        **{
+            "optim.accum_steps": 4,
+            "train.batch_size": 64,
+            "train.steps": 2,
+            "train.log_every": 1,
+            "train.eval_every": 100,
+        }
+    )
     levels = cfg.objective.num_levels
     n_sc = shortcut.num_sc_rows(64, cfg.objective.sc_fraction)
     plan = shortcut.plan_micro_batches(jax.random.key(0), 64, 4, make_objective_config(cfg.objective, None, 10))
@@ -481,15 +534,25 @@ def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
     steps = 3
     states = {}
     for debias in (False, True):
-        cfg = toy_config(**{"train.steps": steps, "train.ema_debias": debias, "objective.teacher": "ema",
-                            "train.ema_decays": (0.999,)})
+        cfg = toy_config(
+            **{
+                "train.steps": steps,
+                "train.ema_debias": debias,
+                "objective.teacher": "ema",
+                "train.ema_decays": (0.999,),
+            }
+        )
         exp = Experiment(cfg, None)
         initial = params_of(exp.init_state())
         compiled, _ = exp.compile_step()
         state = exp.init_state()
-        batch = sharding.global_batch({"x": np.random.default_rng(0).standard_normal(
-            (cfg.train.batch_size, 2)).astype(np.float32), "label": np.zeros(cfg.train.batch_size, np.int32)},
-            exp.mesh)
+        batch = sharding.global_batch(
+            {
+                "x": np.random.default_rng(0).standard_normal((cfg.train.batch_size, 2)).astype(np.float32),
+                "label": np.zeros(cfg.train.batch_size, np.int32),
+            },
+            exp.mesh,
+        )
         iterates = []
         for _ in range(steps):
             state, metrics = compiled(state, batch)
@@ -501,8 +564,11 @@ def test_train_step_ema_follows_the_debiased_or_the_reference_formula(tmp_path):
     expected = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)) / w.sum(), *iterates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ema, expected)
     initial, iterates, ema = states[False]
-    expected = jax.tree.map(lambda i, *xs: 0.999 ** steps * i + 0.001 * sum(0.999 ** (steps - k) * x for k, x in
-                                                                          enumerate(xs, 1)), initial, *iterates)
+    expected = jax.tree.map(
+        lambda i, *xs: 0.999**steps * i + 0.001 * sum(0.999 ** (steps - k) * x for k, x in enumerate(xs, 1)),
+        initial,
+        *iterates,
+    )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ema, expected)
 
 
@@ -510,8 +576,9 @@ def test_evaluation_samples_the_chosen_ema_tree_and_the_teacher_reads_the_first(
     cfg = toy_config(**{"train.ema_decays": (0.99, 0.999), "eval.ema_index": 1})
     exp = Experiment(cfg, None)
     state = exp.init_state()
-    state = state.replace(ema_params=(jax.tree.map(lambda p: p + 1.0, state.params),
-                                      jax.tree.map(lambda p: p + 2.0, state.params)))
+    state = state.replace(
+        ema_params=(jax.tree.map(lambda p: p + 1.0, state.params), jax.tree.map(lambda p: p + 2.0, state.params))
+    )
     assert exp.eval_params(state) is state.ema_params[1]
     assert state.teacher_params is state.ema_params[0]
     cfg.eval.use_ema = False
@@ -534,8 +601,9 @@ def test_cifar10_preset_sets_the_recommended_keys_and_flags_still_win():
     changed = {"objective.teacher": "online", "objective.sc_fraction": 0.25, "train.ema_debias": True}
     assert preset == override(recipe, changed)
     # a --config flag is applied after get_config, so it overrides the preset's value
-    assert override(cifar10.get_config("preset=few_step"), {"objective.sc_fraction": 0.125}) \
-        .objective.sc_fraction == 0.125
+    assert (
+        override(cifar10.get_config("preset=few_step"), {"objective.sc_fraction": 0.125}).objective.sc_fraction == 0.125
+    )
     with pytest.raises(config_lib.ConfigError, match="few_step"):
         cifar10.get_config("preset=fast")
     for name, arg in (("celebahq", ""), ("imagenet", "variant=B")):
@@ -565,9 +633,11 @@ def test_experiment_reads_and_checks_the_data_once(tmp_path, monkeypatch):
 
 
 def test_log_interval_means_weight_level_losses_by_their_rows():
-    fetched = [(1, {"loss": 1.0, "sc_loss/level_3": 0.0, "sc_loss/level_3/rows": 0.0}),
-               (2, {"loss": 3.0, "sc_loss/level_3": 0.5, "sc_loss/level_3/rows": 4.0}),
-               (3, {"loss": 2.0, "sc_loss/level_3": 0.2, "sc_loss/level_3/rows": 1.0})]
+    fetched = [
+        (1, {"loss": 1.0, "sc_loss/level_3": 0.0, "sc_loss/level_3/rows": 0.0}),
+        (2, {"loss": 3.0, "sc_loss/level_3": 0.5, "sc_loss/level_3/rows": 4.0}),
+        (3, {"loss": 2.0, "sc_loss/level_3": 0.2, "sc_loss/level_3/rows": 1.0}),
+    ]
     means = loop._mean_metrics(fetched)
     assert means["loss"] == pytest.approx(2.0)
     # the step without level-3 rows counts for nothing: (0.5 * 4 + 0.2 * 1) / 5

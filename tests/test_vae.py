@@ -1,6 +1,7 @@
 """Tests for models.vae and models.vae_weights: parity with diffusers' AutoencoderKL through
 goldens it produced (benchmarks/vae_parity_golden.py), the converter's refusals, the legacy
 attention names, loading a diffusers folder and its errors."""
+
 import json
 import os
 
@@ -31,8 +32,10 @@ def relative_error(got, want) -> float:
 def golden_state_dict(golden):
     """The diffusers state dict the golden was made with, rebuilt from its names, shapes and seed."""
     dims = iter(golden["shape_dims"].tolist())
-    names_and_shapes = [(name, tuple(next(dims) for _ in range(ndim)))
-                        for name, ndim in zip(golden["names"].tolist(), golden["shape_ndims"].tolist())]
+    names_and_shapes = [
+        (name, tuple(next(dims) for _ in range(ndim)))
+        for name, ndim in zip(golden["names"].tolist(), golden["shape_ndims"].tolist())
+    ]
     return vae_weights.seeded_state_dict(names_and_shapes, int(golden["seed"]))
 
 
@@ -63,7 +66,8 @@ def test_encoder_matches_diffusers_golden(full_vae):
     config, params, golden = full_vae
     model = AutoencoderKL(config)
     mean, std = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.encode))(
-        params, golden["images"])
+        params, golden["images"]
+    )
     assert mean.shape == golden["mean"].shape == (2, 8, 8, 4)
     assert relative_error(mean, golden["mean"]) <= TOLERANCE
     assert relative_error(std, golden["std"]) <= TOLERANCE
@@ -72,8 +76,7 @@ def test_encoder_matches_diffusers_golden(full_vae):
 def test_decoder_matches_diffusers_golden(full_vae):
     config, params, golden = full_vae
     model = AutoencoderKL(config)
-    images = jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))(
-        params, golden["latents"])
+    images = jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))(params, golden["latents"])
     assert images.shape == golden["decoded"].shape == (2, 64, 64, 3)
     assert relative_error(images, golden["decoded"]) <= TOLERANCE
 
@@ -135,8 +138,9 @@ def test_load_vae_from_a_diffusers_folder(tmp_path, tiny):
     loaded = vae_weights.load_vae(folder)
     assert loaded.config == config and loaded.name == "tiny-vae"
     assert loaded.weights_sha256 == vae_weights.file_sha256(os.path.join(folder, vae_weights.SAFETENSORS_FILE))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params,
-                           vae_weights.convert_state_dict(state_dict, config))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, loaded.params, vae_weights.convert_state_dict(state_dict, config)
+    )
     # a pipeline folder holds the VAE in vae/
     pipeline = tmp_path / "pipeline"
     os.makedirs(pipeline)
@@ -187,6 +191,7 @@ def test_weights_of_another_config_name_the_mismatch(tmp_path, tiny):
 
 def test_bin_weights_load_through_torch(tmp_path, tiny):
     import torch
+
     config, state_dict = tiny
     folder = tmp_path / "vae"
     os.makedirs(folder)
@@ -194,8 +199,9 @@ def test_bin_weights_load_through_torch(tmp_path, tiny):
         json.dump(config.to_diffusers(), f)
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, folder / vae_weights.BIN_FILE)
     loaded = vae_weights.load_vae(str(folder))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params,
-                           vae_weights.convert_state_dict(state_dict, config))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, loaded.params, vae_weights.convert_state_dict(state_dict, config)
+    )
 
 
 def test_config_round_trips_through_diffusers_format():
@@ -205,12 +211,15 @@ def test_config_round_trips_through_diffusers_format():
     assert VAEConfig.from_diffusers(legacy).scaling_factor == 0.18215  # sd-vae-ft-mse's file has no such key
 
 
-@pytest.mark.parametrize("key, value, named", [
-    ("act_fn", "gelu", "act_fn"),
-    ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"], "down_block_types"),
-    ("latents_mean", [0.0] * 4, "latents_mean"),
-    ("use_quantisation", True, "use_quantisation"),
-])
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("act_fn", "gelu", "act_fn"),
+        ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"], "down_block_types"),
+        ("latents_mean", [0.0] * 4, "latents_mean"),
+        ("use_quantisation", True, "use_quantisation"),
+    ],
+)
 def test_unsupported_config_is_refused_by_key(key, value, named):
     config = {**VAEConfig.tiny().to_diffusers(), key: value}
     with pytest.raises(VAEConfigError, match=named):
@@ -262,7 +271,8 @@ def test_latent_decoder_unscales_batches_and_clips(tmp_path, tiny):
     images = vae.latent_decoder(dtype=jnp.float32, batch_size=3)(scaled)
     model = AutoencoderKL(config)
     want = jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))(
-        vae.params, unscale_latents(scaled, config))
+        vae.params, unscale_latents(scaled, config)
+    )
     assert images.shape == (5, 8, 8, 3)
     np.testing.assert_allclose(images, np.clip(want, -1, 1), rtol=1e-5, atol=1e-5)
     assert np.abs(want).max() > 1  # the clip did something

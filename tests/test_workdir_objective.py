@@ -1,5 +1,6 @@
 """A run's workdir keeps its objective: another objective (or level count) is refused before
 anything is compiled or written, naming the saved and the given setting."""
+
 import hashlib
 import os
 import subprocess
@@ -43,14 +44,28 @@ def shortcut_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("arg, overrides, saved, given, flags", [
-    ("runlocal=True,objective=flow_matching", {}, "objective.name='shortcut'", "objective.name='flow_matching'",
-     "--config.objective.name=shortcut"),
-    ("runlocal=True", {"objective.num_levels": 5}, "objective.num_levels=7", "objective.num_levels=5",
-     "--config.objective.num_levels=7"),
-])
-def test_other_objective_is_refused_with_the_workdir_untouched(shortcut_run, monkeypatch, arg, overrides, saved,
-                                                               given, flags):
+@pytest.mark.parametrize(
+    "arg, overrides, saved, given, flags",
+    [
+        (
+            "runlocal=True,objective=flow_matching",
+            {},
+            "objective.name='shortcut'",
+            "objective.name='flow_matching'",
+            "--config.objective.name=shortcut",
+        ),
+        (
+            "runlocal=True",
+            {"objective.num_levels": 5},
+            "objective.num_levels=7",
+            "objective.num_levels=5",
+            "--config.objective.num_levels=7",
+        ),
+    ],
+)
+def test_other_objective_is_refused_with_the_workdir_untouched(
+    shortcut_run, monkeypatch, arg, overrides, saved, given, flags
+):
     before = file_hashes(shortcut_run)
     compiled = []
     monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
@@ -58,7 +73,8 @@ def test_other_objective_is_refused_with_the_workdir_untouched(shortcut_run, mon
         loop.train_and_evaluate(toy(arg, **overrides), shortcut_run)
     assert str(err.value) == (
         f"--workdir={shortcut_run} holds a run trained with {saved}; the config gives {given}: continue that run"
-        f" with its setting ({flags}) or use a fresh --workdir")
+        f" with its setting ({flags}) or use a fresh --workdir"
+    )
     assert not compiled
     assert file_hashes(shortcut_run) == before
 
@@ -69,12 +85,24 @@ def test_command_line_refusal_is_one_line_and_leaves_the_files_alone(shortcut_ru
     env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
     env.pop("SHORTCUT_JAX_DEBUG", None)
     result = subprocess.run(
-        [sys.executable, "-m", "shortcut_jax.main", "--config=experiments/toy2d.py:runlocal=True,objective=flow_matching",
-         f"--workdir={shortcut_run}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config=experiments/toy2d.py:runlocal=True,objective=flow_matching",
+            f"--workdir={shortcut_run}",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --workdir={shortcut_run} holds a run trained with objective.name='shortcut'; the config gives"
         " objective.name='flow_matching': continue that run with its setting (--config.objective.name=shortcut)"
-        " or use a fresh --workdir")
+        " or use a fresh --workdir"
+    )
     assert file_hashes(shortcut_run) == before

@@ -88,8 +88,9 @@ def test_wandb_logging_and_resume_id(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     config = ml_collections.ConfigDict({"model": {"width": 64}})
     for _ in range(2):
-        with writers.MetricWriter(str(tmp_path), use_wandb=True, wandb_project="p", config=config,
-                             use_tensorboard=False) as w:
+        with writers.MetricWriter(
+            str(tmp_path), use_wandb=True, wandb_project="p", config=config, use_tensorboard=False
+        ) as w:
             w.write_scalars(5, {"loss": np.float32(1.5)})
     inits = [c[1] for c in calls if c[0] == "init"]
     assert [i["id"] for i in inits] == ["abc123", "abc123"]

@@ -17,6 +17,7 @@ Usage::
                           process_index=jax.process_index(), process_count=jax.process_count())
     batch = source.next_batch()
 """
+
 from shortcut_jax.data.archive import extract_archive
 from shortcut_jax.data.config import default_data_config
 from shortcut_jax.data.core import BatchLayout, DataSpec, Source

@@ -1,4 +1,5 @@
 """One-time extraction of .tar / .tar.gz data archives into a local folder."""
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,18 @@ def _safe_members(members: list[tarfile.TarInfo], dest_dir: str) -> None:
         name = member.name
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts:
-            raise ValueError(f"archive member {name!r} points outside the destination; refusing "
-                             "to extract this archive.")
+            raise ValueError(
+                f"archive member {name!r} points outside the destination; refusing to extract this archive."
+            )
         if not (member.isfile() or member.isdir()):
-            raise ValueError(f"archive member {name!r} is a link or special file; only regular "
-                             "files and folders are extracted.")
+            raise ValueError(
+                f"archive member {name!r} is a link or special file; only regular files and folders are extracted."
+            )
         target = os.path.realpath(os.path.join(dest_dir, name))
         if target != dest_real and not target.startswith(dest_real + os.sep):
-            raise ValueError(f"archive member {name!r} resolves outside {dest_dir!r}; refusing "
-                             "to extract this archive.")
+            raise ValueError(
+                f"archive member {name!r} resolves outside {dest_dir!r}; refusing to extract this archive."
+            )
 
 
 def _content_root(members: list[tarfile.TarInfo]) -> str:
@@ -83,7 +87,6 @@ def extract_archive(archive_path: str, dest_dir: str) -> str:
     # Written through a temporary name so that a crash never leaves a half-written marker.
     partial = marker + ".partial"
     with open(partial, "w", encoding="utf-8") as f:
-        json.dump({"archive": os.path.abspath(archive_path), "archive_size": archive_size,
-                   "root": root}, f)
+        json.dump({"archive": os.path.abspath(archive_path), "archive_size": archive_size, "root": root}, f)
     os.replace(partial, marker)
     return os.path.normpath(os.path.join(dest_dir, root))

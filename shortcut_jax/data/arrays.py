@@ -18,6 +18,7 @@ the package): shape (8, 8, 1), scaled linearly from [0, 16] to [-1, 1].
 
 Both stream through ``ExampleOrder`` (see ``core``), so batches may span epochs.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,7 @@ class ArraySource(FiniteStreamMixin, Source):
         self._x = x
         self._labels = None if labels is None else labels.astype(np.int32)
         num_classes = 0 if labels is None else int(labels.max()) + 1
-        self.spec = DataSpec(shape=tuple(int(d) for d in x.shape[1:]), num_classes=num_classes,
-                             kind=kind)
+        self.spec = DataSpec(shape=tuple(int(d) for d in x.shape[1:]), num_classes=num_classes, kind=kind)
         self.num_examples = int(x.shape[0])
         self._layout = layout
         self._random_flip = random_flip and kind == "images"
@@ -123,8 +123,7 @@ def _load_file(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         raise
     except (OSError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(
-            f"cannot read data.path={path!r} ({error}); point data.path at a valid "
-            ".npy/.npz file."
+            f"cannot read data.path={path!r} ({error}); point data.path at a valid .npy/.npz file."
         ) from error
 
 
@@ -132,13 +131,11 @@ def _check_arrays(path: str, x: np.ndarray, labels: np.ndarray | None) -> str:
     """Validates shapes and dtypes; returns the kind ('points' or 'images')."""
     if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
         raise ValueError(
-            f"x in {path} has dtype {x.dtype}; store images as uint8 (0..255) or data as "
-            "float (used as is)."
+            f"x in {path} has dtype {x.dtype}; store images as uint8 (0..255) or data as float (used as is)."
         )
     if x.ndim not in (2, 3, 4):
         raise ValueError(
-            f"x in {path} has shape {x.shape}; use [N, D] for points, [N, H, W] or "
-            "[N, H, W, C] for images."
+            f"x in {path} has shape {x.shape}; use [N, D] for points, [N, H, W] or [N, H, W, C] for images."
         )
     if x.shape[0] == 0 or 0 in x.shape[1:]:
         raise ValueError(f"x in {path} has shape {x.shape}; it needs at least one non-empty row.")
@@ -175,8 +172,7 @@ def prepare_arrays(config, name: str) -> dict[str, Any]:
     path = cfg.get(config, "path")
     if not path:
         raise ValueError(
-            "data.name='arrays' needs data.path set to a .npy (x only) or .npz "
-            "(x and optional labels) file."
+            "data.name='arrays' needs data.path set to a .npy (x only) or .npz (x and optional labels) file."
         )
     if not path.endswith((".npy", ".npz")):
         raise ValueError(f"data.path={path!r} must end in .npy or .npz for data.name='arrays'.")
@@ -209,7 +205,12 @@ def prepare_digits(config, name: str) -> dict[str, Any]:
     cfg.reject_path(config, name)
     cfg.reject_image_size(config, name)
     cfg.reject_cache_decoded(config, name)
-    from sklearn.datasets import load_digits  # deferred: importing scikit-learn takes ~1 s
+    try:
+        from sklearn.datasets import load_digits  # deferred: importing scikit-learn takes ~1 s
+    except ImportError:
+        raise ValueError(
+            f"data.name={name!r} reads scikit-learn's digits: pip install -e '.[digits]' (or pip install scikit-learn)"
+        ) from None
 
     digits = load_digits()
     x = (digits.images.astype(np.float32) / np.float32(8.0) - np.float32(1.0))[..., None]

@@ -3,6 +3,7 @@
 Error messages name the config key as ``data.<key>`` because the lead config embeds this
 section under ``data``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -86,17 +87,13 @@ def check_common_fields(config) -> None:
         raise ValueError(f"data.path must be a string ('' when unused), got {path!r}.")
     image_size = get(config, "image_size")
     if not _is_int(image_size) or image_size < 0:
-        raise ValueError(
-            f"data.image_size must be an int >= 0 (0 keeps the native size), got {image_size!r}."
-        )
+        raise ValueError(f"data.image_size must be an int >= 0 (0 keeps the native size), got {image_size!r}.")
     workers = get(config, "num_workers")
     # TFDS decodes in threads of the training process with 0 worker processes; image folders
     # always need at least one decoding thread.
     fewest_workers = 0 if name == "tfds" else 1
     if not _is_int(workers) or workers < fewest_workers:
-        raise ValueError(
-            f"data.num_workers must be an int >= {fewest_workers} (e.g. 8), got {workers!r}."
-        )
+        raise ValueError(f"data.num_workers must be an int >= {fewest_workers} (e.g. 8), got {workers!r}.")
     for key in ("random_flip", "use_labels", "shuffle", "cache_decoded"):
         value = get(config, key)
         if not isinstance(value, bool):
@@ -120,7 +117,8 @@ def check_common_fields(config) -> None:
     if name != "latents" and (latent_vae or latent_scale):
         raise ValueError(
             f"data.latent_vae / data.latent_scale describe pre-encoded latents (data.name='latents'), not "
-            f"data.name={name!r}; set them to '' and 0.0.")
+            f"data.name={name!r}; set them to '' and 0.0."
+        )
 
 
 def reject_path(config, name: str) -> None:
@@ -151,8 +149,7 @@ def reject_cache_decoded(config, name: str) -> None:
 def reject_random_flip(config, name: str) -> None:
     if get(config, "random_flip"):
         raise ValueError(
-            f"data.random_flip=True mirrors images, but {name!r} gives points, not images; "
-            "set data.random_flip=False."
+            f"data.random_flip=True mirrors images, but {name!r} gives points, not images; set data.random_flip=False."
         )
 
 
@@ -164,6 +161,4 @@ def check_run_args(batch_size: int, seed: int, process_index: int, process_count
     if not _is_int(process_count) or process_count < 1:
         raise ValueError(f"process_count must be an int >= 1, got {process_count!r}.")
     if not _is_int(process_index) or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index must be in [0, {process_count}), got {process_index!r}."
-        )
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}.")

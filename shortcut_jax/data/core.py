@@ -11,6 +11,7 @@ epoch ``q // N`` and is example ``perm(epoch)[q % N]``, where ``perm(epoch)`` is
 no example is ever dropped and every epoch is seen exactly once. The whole stream position is the
 single integer ``P``, which is what ``get_state`` returns.
 """
+
 from __future__ import annotations
 
 import abc
@@ -73,20 +74,16 @@ class Source(abc.ABC):
     num_examples: int | None = None
 
     @abc.abstractmethod
-    def next_batch(self) -> dict[str, np.ndarray]:
-        ...
+    def next_batch(self) -> dict[str, np.ndarray]: ...
 
     @abc.abstractmethod
-    def get_state(self) -> dict[str, Any]:
-        ...
+    def get_state(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    def set_state(self, state: dict[str, Any]) -> None:
-        ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
-    def reference(self, n: int, seed: int) -> np.ndarray:
-        ...
+    def reference(self, n: int, seed: int) -> np.ndarray: ...
 
     def close(self) -> None:
         """Releases worker threads; readers without threads have nothing to do."""
@@ -169,9 +166,9 @@ class ExampleOrder:
         while filled < count:
             epoch, within = divmod(start + filled, self.num_examples)
             take = min(count - filled, self.num_examples - within)
-            indices[filled:filled + take] = self._cached("perm", epoch)[within:within + take]
+            indices[filled : filled + take] = self._cached("perm", epoch)[within : within + take]
             if with_flips:
-                flips[filled:filled + take] = self._cached("flip", epoch)[within:within + take]
+                flips[filled : filled + take] = self._cached("flip", epoch)[within : within + take]
             filled += take
         return indices, flips
 

@@ -6,6 +6,7 @@ writes the reason to stderr and exits with status ``DECODE_ERROR``. A plain inte
 ``python -m`` neither forks the caller (whose JAX runtime runs threads) nor re-imports the
 caller's main script, as multiprocessing's start methods would.
 """
+
 from __future__ import annotations
 
 import json

@@ -36,6 +36,7 @@ training. The stream is the same as without the cache, batch for batch. Worth it
 data fits: many decoding threads contend with the training loop's own Python for the
 interpreter lock, which can halve the steps a fast accelerator gets.
 """
+
 from __future__ import annotations
 
 import collections
@@ -124,8 +125,7 @@ def _other_files_below(folder: str, limit: int) -> tuple[int, list[str]]:
 
 def _listing(root: str, shown: str):
     """Finds the image files and their classes; raises ValueError naming the fix."""
-    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")),
-                     key=lambda e: e.name)
+    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if not entries:
         raise ValueError(
             f"data.path={shown!r} is an empty folder. Put images in it (one sub-folder per "
@@ -150,9 +150,7 @@ def _listing(root: str, shown: str):
             )
         names = tuple(per_class)
         files = [f for name in names for f in per_class[name]]
-        labels = np.concatenate(
-            [np.full(len(per_class[name]), c, dtype=np.int32) for c, name in enumerate(names)]
-        )
+        labels = np.concatenate([np.full(len(per_class[name]), c, dtype=np.int32) for c, name in enumerate(names)])
         return files, labels, names
     if loose:
         files = [os.path.join(root, name) for name in loose]
@@ -182,7 +180,7 @@ def _read_headers(paths: Sequence[str]) -> list[tuple[str, Any]]:
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _fingerprint(files: Sequence[str]) -> str:
@@ -319,8 +317,13 @@ def _decode_in_subprocess(paths: Sequence[str], image_size: int, shape: tuple) -
     """``decode_files`` in a fresh interpreter (``python -m shortcut_jax.data.decode_worker``)."""
     job = json.dumps({"paths": list(paths), "image_size": image_size, "shape": list(shape)})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # this process's imports
-    done = subprocess.run([sys.executable, "-m", "shortcut_jax.data.decode_worker"], input=job.encode(),
-                          capture_output=True, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "shortcut_jax.data.decode_worker"],
+        input=job.encode(),
+        capture_output=True,
+        env=env,
+        check=False,
+    )
     message = done.stderr.decode(errors="replace").strip()
     if done.returncode == DECODE_ERROR:
         raise RuntimeError(message)
@@ -370,8 +373,7 @@ class ImageFolderSource(FiniteStreamMixin, Source):
         self.root = index.root
         self.class_names = index.class_names if use_labels else ()
         self._files = index.files
-        self._labels = (index.labels if use_labels and index.class_names
-                        else np.zeros(len(index.files), dtype=np.int32))
+        self._labels = index.labels if use_labels and index.class_names else np.zeros(len(index.files), dtype=np.int32)
         size = (image_size, image_size) if image_size else index.native_size
         self.spec = DataSpec(shape=(*size, 3), num_classes=len(self.class_names), kind="images")
         self.num_examples = len(index.files)
@@ -380,9 +382,7 @@ class ImageFolderSource(FiniteStreamMixin, Source):
         self._random_flip = random_flip
         self._order = ExampleOrder(self.num_examples, seed, shuffle)
         self._num_workers = num_workers
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            num_workers, thread_name_prefix="image_folder"
-        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="image_folder")
         self._pending: _PendingBatch | None = None
         self._position = 0
         self._closed = False
@@ -418,8 +418,7 @@ class ImageFolderSource(FiniteStreamMixin, Source):
             # the interpreter lock, is most of the cost (see decode_worker). The threads here only
             # wait for them.
             def run(rows):
-                decoded[rows] = _decode_in_subprocess([self._files[i] for i in rows], self._image_size,
-                                                      self.spec.shape)
+                decoded[rows] = _decode_in_subprocess([self._files[i] for i in rows], self._image_size, self.spec.shape)
 
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 futures = [pool.submit(run, rows) for rows in chunks]
@@ -429,8 +428,12 @@ class ImageFolderSource(FiniteStreamMixin, Source):
                 finally:
                     for future in futures:
                         future.cancel()
-        log.info("decoded %d images into memory (%.0f MiB) in %.1f s", self.num_examples,
-                 need / 2**20, time.perf_counter() - start)
+        log.info(
+            "decoded %d images into memory (%.0f MiB) in %.1f s",
+            self.num_examples,
+            need / 2**20,
+            time.perf_counter() - start,
+        )
         return decoded
 
     def _decode_rows(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray) -> None:
@@ -440,18 +443,20 @@ class ImageFolderSource(FiniteStreamMixin, Source):
     def _gather(self, indices: np.ndarray, flips: np.ndarray) -> np.ndarray:
         return _flipped_float(self._decoded[indices], flips)
 
-    def _submit(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray,
-                rows_per_task: int) -> list:
+    def _submit(self, indices: np.ndarray, flips: np.ndarray, out: np.ndarray, rows_per_task: int) -> list:
         return [
-            self._pool.submit(self._decode_rows, indices[a:a + rows_per_task],
-                              flips[a:a + rows_per_task], out[a:a + rows_per_task])
+            self._pool.submit(
+                self._decode_rows,
+                indices[a : a + rows_per_task],
+                flips[a : a + rows_per_task],
+                out[a : a + rows_per_task],
+            )
             for a in range(0, len(indices), rows_per_task)
         ]
 
     def _start_batch(self, position: int) -> _PendingBatch:
         batch = self._layout.batch_size
-        indices, flips = self._order.lookup(position + self._layout.offset, batch,
-                                            self._random_flip)
+        indices, flips = self._order.lookup(position + self._layout.offset, batch, self._random_flip)
         if self._decoded is not None:
             return _PendingBatch(position, [], self._gather(indices, flips), self._labels[indices])
         x = np.empty((batch, *self.spec.shape), dtype=np.float32)
@@ -522,14 +527,15 @@ def prepare_image_folder(config, name: str) -> FolderIndex:
     if not os.path.isdir(path):
         hint = ""
         if path.endswith((".tar", ".tar.gz", ".tgz")):
-            hint = (" It looks like an archive: unpack it with shortcut_jax.data.extract_archive"
-                    "(path, dest_dir) and set data.path to the folder it returns.")
+            hint = (
+                " It looks like an archive: unpack it with shortcut_jax.data.extract_archive"
+                "(path, dest_dir) and set data.path to the folder it returns."
+            )
         raise ValueError(f"data.path={path!r} is not a folder.{hint}")
     return scan_image_folder(path, cfg.get(config, "image_size"), cfg.get(config, "num_workers"))
 
 
-def build_image_folder(config, index: FolderIndex, layout: BatchLayout,
-                       seed: int) -> ImageFolderSource:
+def build_image_folder(config, index: FolderIndex, layout: BatchLayout, seed: int) -> ImageFolderSource:
     return ImageFolderSource(
         index,
         layout=layout,

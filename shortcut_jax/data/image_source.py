@@ -28,6 +28,7 @@ then crops: the same square of the image, filtered slightly differently at its b
 smaller than ``S`` are upsampled by the same filter (image folders: counted as ``num_upscaled``
 in the manifest, and logged).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -41,8 +42,10 @@ import numpy as np
 
 from shortcut_jax.data import image_folder
 
-CROP = ("largest centred square, then Pillow bicubic resize (antialiased when shrinking); "
-        "smaller images upsampled (preprocess.centre_crop_resize)")
+CROP = (
+    "largest centred square, then Pillow bicubic resize (antialiased when shrinking); "
+    "smaller images upsampled (preprocess.centre_crop_resize)"
+)
 # Batches decoded ahead of the one being consumed.
 PREFETCH = 2
 
@@ -61,8 +64,7 @@ class ImageBatches(Protocol):
     def batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive (uint8 [b, S, S, 3], labels [b]) for examples [start, stop), b <= batch_size."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class FolderImages:
@@ -86,9 +88,13 @@ class FolderImages:
         small = [path for path, (width, height) in headers if min(width, height) < image_size]
         self.num_upscaled = len(small)
         if small:
-            log.warning("%d of %d images are smaller than %d on their short side and will be upsampled, "
-                        "e.g. %s", len(small), self.num_examples, image_size,
-                        [os.path.relpath(p, self.root) for p in small[:5]])
+            log.warning(
+                "%d of %d images are smaller than %d on their short side and will be upsampled, e.g. %s",
+                len(small),
+                self.num_examples,
+                image_size,
+                [os.path.relpath(p, self.root) for p in small[:5]],
+            )
 
     def fingerprint(self) -> str:
         """Changes when a file is added, removed, renamed, relabelled or changes size; not when
@@ -99,9 +105,15 @@ class FolderImages:
         return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "image_folder", "path": self.root, "num_examples": self.num_examples,
-                "class_names": list(self._index.class_names), "fingerprint": self.fingerprint(),
-                "crop": CROP, "num_upscaled": self.num_upscaled}
+        return {
+            "type": "image_folder",
+            "path": self.root,
+            "num_examples": self.num_examples,
+            "class_names": list(self._index.class_names),
+            "fingerprint": self.fingerprint(),
+            "crop": CROP,
+            "num_upscaled": self.num_upscaled,
+        }
 
     def _decode(self, start: int, stop: int) -> np.ndarray:
         shape = (self.image_size, self.image_size, 3)
@@ -147,16 +159,21 @@ class ReaderImages:
     def __init__(self, data_config, image_size: int):
         from shortcut_jax.data import make_dataset
 
-        config = data_config.copy_and_resolve_references() if hasattr(data_config, "copy_and_resolve_references") \
+        config = (
+            data_config.copy_and_resolve_references()
+            if hasattr(data_config, "copy_and_resolve_references")
             else dict(data_config)
+        )
         config["shuffle"], config["random_flip"], config["image_size"] = False, False, image_size
         self._config = config
         self._make_dataset = make_dataset
         self._sources: dict[int, Any] = {}
         probe = self._source(1)
         if probe.spec.kind != "images" or tuple(probe.spec.shape) != (image_size, image_size, 3):
-            raise ValueError(f"data.name={config['name']!r} gives examples of shape {probe.spec.shape}; encoding "
-                             f"needs RGB images of {image_size}x{image_size}x3")
+            raise ValueError(
+                f"data.name={config['name']!r} gives examples of shape {probe.spec.shape}; encoding "
+                f"needs RGB images of {image_size}x{image_size}x3"
+            )
         self.image_size = image_size
         self.num_examples = int(probe.num_examples)
         self.num_classes = int(probe.spec.num_classes)
@@ -168,13 +185,20 @@ class ReaderImages:
         return self._sources[batch_size]
 
     def describe(self) -> dict[str, Any]:
-        keys = {"tfds": ("tfds_name", "split", "data_dir", "image_key", "label_key")}.get(self._config["name"],
-                                                                                         ("path",))
+        keys = {"tfds": ("tfds_name", "split", "data_dir", "image_key", "label_key")}.get(
+            self._config["name"], ("path",)
+        )
         fields = {key: self._config[key] for key in keys}
-        identity = json.dumps({"reader": self._config["name"], **fields, "state": self._state}, sort_keys=True,
-                              default=str)
-        return {"type": self._config["name"], **fields, "num_examples": self.num_examples, "crop": CROP,
-                "fingerprint": hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()}
+        identity = json.dumps(
+            {"reader": self._config["name"], **fields, "state": self._state}, sort_keys=True, default=str
+        )
+        return {
+            "type": self._config["name"],
+            **fields,
+            "num_examples": self.num_examples,
+            "crop": CROP,
+            "fingerprint": hashlib.blake2b(identity.encode(), digest_size=16).hexdigest(),
+        }
 
     def batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if not 0 <= start <= stop <= self.num_examples:
@@ -197,8 +221,7 @@ def open_image_folder(source: str, image_size: int, num_workers: int) -> FolderI
     return FolderImages(source, image_size, num_workers)
 
 
-def open_tfds(source: str, image_size: int, num_workers: int, split: str = "train",
-              data_dir: str = "") -> ReaderImages:
+def open_tfds(source: str, image_size: int, num_workers: int, split: str = "train", data_dir: str = "") -> ReaderImages:
     """``source`` is the TFDS name (``'celeb_a_hq/256'``, ``'imagenet2012'``), prepared in ArrayRecord."""
     from shortcut_jax.data import default_data_config
 

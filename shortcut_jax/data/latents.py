@@ -30,6 +30,7 @@ Pages read through the mapping count towards the process's resident size, so the
 them again (``madvise(MADV_DONTNEED)``; the kernel's page cache keeps them) whenever that size
 has grown by ``RELEASE_BYTES``: resident memory stays bounded, whatever the set's size.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -101,8 +102,11 @@ def shard_problem(path: str, shape: tuple[int, ...], dtype: np.dtype) -> str | N
     expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
     size = os.path.getsize(path)
     if size != expected:
-        return f"{size} bytes, expected {expected} (truncated)" if size < expected else \
-            f"{size} bytes, expected {expected}"
+        return (
+            f"{size} bytes, expected {expected} (truncated)"
+            if size < expected
+            else f"{size} bytes, expected {expected}"
+        )
     return None
 
 
@@ -111,11 +115,14 @@ def read_manifest(root: str) -> dict[str, Any]:
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
-        raise LatentSetError(f"{path} is not a latent set manifest (format {manifest.get('format')!r}, "
-                             f"expected {FORMAT!r})")
+        raise LatentSetError(
+            f"{path} is not a latent set manifest (format {manifest.get('format')!r}, expected {FORMAT!r})"
+        )
     if manifest.get("version") != FORMAT_VERSION:
-        raise LatentSetError(f"{path} has format version {manifest.get('version')}; this reader reads "
-                             f"version {FORMAT_VERSION}: encode the images again")
+        raise LatentSetError(
+            f"{path} has format version {manifest.get('version')}; this reader reads "
+            f"version {FORMAT_VERSION}: encode the images again"
+        )
     return manifest
 
 
@@ -165,25 +172,33 @@ class LatentSet:
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         problems = []
         for s, count in enumerate(counts):
-            for path, shape, dtype in zip(shard_paths(root, s), (moments_shape(manifest, count), (count,)),
-                                          (self.dtype, np.dtype(np.int32))):
+            for path, shape, dtype in zip(
+                shard_paths(root, s), (moments_shape(manifest, count), (count,)), (self.dtype, np.dtype(np.int32))
+            ):
                 problem = shard_problem(path, shape, dtype)
                 if problem:
                     problems.append(f"{os.path.basename(path)}: {problem}")
         if problems:
             raise LatentSetError(
                 f"{len(problems)} shard file(s) in data.path={root!r} are truncated or corrupt: "
-                + "; ".join(problems[:10]) + ". Delete them and run the encode command again with the same "
-                "--out: it rewrites the missing shards only.")
-        self.labels = np.concatenate([np.load(shard_paths(root, s)[1]) for s in range(len(counts))]) \
-            if counts else np.zeros(0, np.int32)
-        if len(self.labels) and (self.labels.min() < 0 or
-                                 (self.num_classes and self.labels.max() >= self.num_classes)):
-            raise LatentSetError(f"labels in data.path={root!r} range over [{self.labels.min()}, "
-                                 f"{self.labels.max()}], outside 0..{self.num_classes - 1}: a labels shard is "
-                                 "corrupt; encode again")
-        self._shards = [_MappedShard(shard_paths(root, s)[0], moments_shape(manifest, c), self.dtype)
-                        for s, c in enumerate(counts)]
+                + "; ".join(problems[:10])
+                + ". Delete them and run the encode command again with the same "
+                "--out: it rewrites the missing shards only."
+            )
+        self.labels = (
+            np.concatenate([np.load(shard_paths(root, s)[1]) for s in range(len(counts))])
+            if counts
+            else np.zeros(0, np.int32)
+        )
+        if len(self.labels) and (self.labels.min() < 0 or (self.num_classes and self.labels.max() >= self.num_classes)):
+            raise LatentSetError(
+                f"labels in data.path={root!r} range over [{self.labels.min()}, "
+                f"{self.labels.max()}], outside 0..{self.num_classes - 1}: a labels shard is "
+                "corrupt; encode again"
+            )
+        self._shards = [
+            _MappedShard(shard_paths(root, s)[0], moments_shape(manifest, c), self.dtype) for s, c in enumerate(counts)
+        ]
         self._read_since_release = 0
         self._resident_after_release = resident_file_bytes()
 
@@ -235,13 +250,22 @@ class LatentSource(FiniteStreamMixin, Source):
     ``get_state`` reports the position of the next batch to be returned.
     """
 
-    def __init__(self, latent_set: LatentSet, *, layout: BatchLayout, seed: int, shuffle: bool = True,
-                 random_flip: bool = False, use_labels: bool = True):
+    def __init__(
+        self,
+        latent_set: LatentSet,
+        *,
+        layout: BatchLayout,
+        seed: int,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        use_labels: bool = True,
+    ):
         self.latent_set = latent_set
         self.manifest = latent_set.manifest
         self._use_labels = use_labels and latent_set.num_classes > 0
-        self.spec = DataSpec(shape=latent_set.latent_shape,
-                             num_classes=latent_set.num_classes if self._use_labels else 0, kind="images")
+        self.spec = DataSpec(
+            shape=latent_set.latent_shape, num_classes=latent_set.num_classes if self._use_labels else 0, kind="images"
+        )
         self.num_examples = latent_set.num_examples
         self._layout = layout
         self._seed = seed
@@ -327,23 +351,27 @@ def check_expectations(config, manifest: dict[str, Any], root: str) -> None:
         raise LatentSetError(
             f"data.path={root!r} holds latents of {manifest['image_size']}x{manifest['image_size']} images but "
             f"data.image_size={image_size}; encode the images at {image_size} or set data.image_size="
-            f"{manifest['image_size']} (0 accepts any size).")
+            f"{manifest['image_size']} (0 accepts any size)."
+        )
     vae = cfg.get(config, "latent_vae")
     if vae:
         known = manifest["vae"]
-        matches = _same_vae_name(vae, known["name"]) or \
-            (len(vae) >= 8 and known["weights_sha256"].startswith(vae.lower()))
+        matches = _same_vae_name(vae, known["name"]) or (
+            len(vae) >= 8 and known["weights_sha256"].startswith(vae.lower())
+        )
         if not matches:
             raise LatentSetError(
                 f"data.path={root!r} was encoded with the VAE {_describe_vae(manifest)} but data.latent_vae="
                 f"{vae!r}; encode the images with that VAE, or set data.latent_vae to {known['name']!r} "
-                "('' accepts any VAE).")
+                "('' accepts any VAE)."
+            )
     scale = cfg.get(config, "latent_scale")
     if scale and not np.isclose(scale, manifest["scaling_factor"], rtol=1e-6, atol=0.0):
         raise LatentSetError(
             f"data.path={root!r} holds latents of a VAE with scaling factor {manifest['scaling_factor']} but "
             f"data.latent_scale={scale}; set data.latent_scale={manifest['scaling_factor']} (0 takes the "
-            "set's own) or encode with a VAE of that scale.")
+            "set's own) or encode with a VAE of that scale."
+        )
 
 
 def open_latent_set(root: str, config=None) -> LatentSet:
@@ -353,13 +381,16 @@ def open_latent_set(root: str, config=None) -> LatentSet:
     manifest before any shard is opened.
     """
     if not os.path.isdir(root):
-        hint = " For a single .npz/.npy of latents use data.name='arrays'." if root.endswith((".npz", ".npy")) \
-            else ""
-        raise LatentSetError(f"data.path={root!r} is not a folder; point it at the --out folder of "
-                             f"`python -m shortcut_jax.encode`.{hint}")
+        hint = " For a single .npz/.npy of latents use data.name='arrays'." if root.endswith((".npz", ".npy")) else ""
+        raise LatentSetError(
+            f"data.path={root!r} is not a folder; point it at the --out folder of "
+            f"`python -m shortcut_jax.encode`.{hint}"
+        )
     if not os.path.isfile(os.path.join(root, MANIFEST)):
-        raise LatentSetError(f"data.path={root!r} has no {MANIFEST}; it is not a folder written by "
-                             "`python -m shortcut_jax.encode` (or its first shard never finished: run it again).")
+        raise LatentSetError(
+            f"data.path={root!r} has no {MANIFEST}; it is not a folder written by "
+            "`python -m shortcut_jax.encode` (or its first shard never finished: run it again)."
+        )
     try:
         manifest = read_manifest(root)
     except (json.JSONDecodeError, OSError) as error:
@@ -368,13 +399,16 @@ def open_latent_set(root: str, config=None) -> LatentSet:
         raise LatentSetError(
             f"the latent set in data.path={root!r} is incomplete (its encode was stopped before the last of "
             f"its {manifest.get('num_shards')} shards was written and counted); run the encode command again "
-            "with the same --out to finish it.")
+            "with the same --out to finish it."
+        )
     if config is not None:
         check_expectations(config, manifest, root)
     latent_set = LatentSet(root, manifest)
     if latent_set.num_examples != manifest["count"]:
-        raise LatentSetError(f"the shards in data.path={root!r} hold {latent_set.num_examples} examples but the "
-                             f"manifest says {manifest['count']}; encode again")
+        raise LatentSetError(
+            f"the shards in data.path={root!r} hold {latent_set.num_examples} examples but the "
+            f"manifest says {manifest['count']}; encode again"
+        )
     return latent_set
 
 
@@ -382,11 +416,19 @@ def prepare_latents(config, name: str) -> LatentSet:
     cfg.reject_cache_decoded(config, name)
     root = cfg.get(config, "path")
     if not root:
-        raise LatentSetError("data.name='latents' needs data.path set to the folder written by "
-                             "`python -m shortcut_jax.encode --out=DIR`.")
+        raise LatentSetError(
+            "data.name='latents' needs data.path set to the folder written by "
+            "`python -m shortcut_jax.encode --out=DIR`."
+        )
     return open_latent_set(root, config)
 
 
 def build_latents(config, latent_set: LatentSet, layout: BatchLayout, seed: int) -> LatentSource:
-    return LatentSource(latent_set, layout=layout, seed=seed, shuffle=cfg.get(config, "shuffle"),
-                        random_flip=cfg.get(config, "random_flip"), use_labels=cfg.get(config, "use_labels"))
+    return LatentSource(
+        latent_set,
+        layout=layout,
+        seed=seed,
+        shuffle=cfg.get(config, "shuffle"),
+        random_flip=cfg.get(config, "random_flip"),
+        use_labels=cfg.get(config, "use_labels"),
+    )

@@ -16,6 +16,7 @@ half of the memory available. The DataSpec (shape, classes) is the manifest's, i
 teacher's; ``reference`` draws from the teacher's samples, so a metric measures the distance to
 the teacher's distribution. Pairs of a latent run are latents (no decoding happened).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,21 @@ def shard_inputs(index: int, count: int, *, seed: int, shape: Sequence[int], num
     return noise, labels
 
 
-def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_classes: int, num_pairs: int,
-                   num_steps: int, seed: int, shard_size: int = 10_000, batch_size: int = 1000,
-                   cfg_scale: float = 1.0, meta: Optional[dict] = None) -> dict:
+def generate_pairs(
+    sampler,
+    params,
+    *,
+    out_dir: str,
+    shape: Sequence[int],
+    num_classes: int,
+    num_pairs: int,
+    num_steps: int,
+    seed: int,
+    shard_size: int = 10_000,
+    batch_size: int = 1000,
+    cfg_scale: float = 1.0,
+    meta: Optional[dict] = None,
+) -> dict:
     """Stage one: ``num_pairs`` (noise, sample) pairs from ``sampler(params, noise, labels, ...)``.
 
     ``sampler`` has the call of ``sampling.Sampler`` (any of the project's samplers). Shards
@@ -71,9 +84,16 @@ def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_c
     """
     if num_pairs < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError(f"num_pairs={num_pairs}, shard_size={shard_size} and batch_size={batch_size} must be >= 1")
-    settings = {"num_pairs": int(num_pairs), "shard_size": int(shard_size), "seed": int(seed),
-                "num_steps": int(num_steps), "cfg_scale": float(cfg_scale), "shape": [int(d) for d in shape],
-                "num_classes": int(num_classes), "meta": meta or {}}
+    settings = {
+        "num_pairs": int(num_pairs),
+        "shard_size": int(shard_size),
+        "seed": int(seed),
+        "num_steps": int(num_steps),
+        "cfg_scale": float(cfg_scale),
+        "shape": [int(d) for d in shape],
+        "num_classes": int(num_classes),
+        "meta": meta or {},
+    }
     num_shards = -(-num_pairs // shard_size)
     manifest_path = os.path.join(out_dir, MANIFEST)
     writer = jax.process_index() == 0
@@ -94,8 +114,10 @@ def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_c
 
         status = np.asarray(multihost_utils.broadcast_one_to_all(status))
     if status[0]:
-        raise ValueError(f"{out_dir} holds pairs generated with other settings ({', '.join(differing)}):"
-                         " use another output directory or the saved settings")
+        raise ValueError(
+            f"{out_dir} holds pairs generated with other settings ({', '.join(differing)}):"
+            " use another output directory or the saved settings"
+        )
     if writer:
         os.makedirs(out_dir, exist_ok=True)
         with open(manifest_path, "w") as f:
@@ -113,10 +135,10 @@ def generate_pairs(sampler, params, *, out_dir: str, shape: Sequence[int], num_c
             # pad the last chunk to the chunk size: one compilation for every call
             chunk_noise = np.zeros((chunk, *shape), np.float32)
             chunk_labels = np.full(chunk, num_classes, np.int32)
-            chunk_noise[:stop - start] = noise[start:stop]
-            chunk_labels[:stop - start] = labels[start:stop] if num_classes > 0 else num_classes
+            chunk_noise[: stop - start] = noise[start:stop]
+            chunk_labels[: stop - start] = labels[start:stop] if num_classes > 0 else num_classes
             out = sampler(params, chunk_noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
-            samples[start:stop] = np.asarray(out)[:stop - start]
+            samples[start:stop] = np.asarray(out)[: stop - start]
         if writer:
             path = shard_path(out_dir, index)
             tmp = path + ".tmp.npz"  # written whole, then renamed: a stopped run leaves no partial shard
@@ -137,8 +159,10 @@ def load_pairs(out_dir: str) -> dict[str, np.ndarray]:
     num_shards = -(-settings["num_pairs"] // settings["shard_size"])
     missing = [shard_path(out_dir, i) for i in range(num_shards) if not os.path.exists(shard_path(out_dir, i))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {num_shards} shards are missing in {out_dir} (first:"
-                                f" {missing[0]}): run the generation again to complete them")
+        raise FileNotFoundError(
+            f"{len(missing)} of {num_shards} shards are missing in {out_dir} (first:"
+            f" {missing[0]}): run the generation again to complete them"
+        )
     parts = []
     for i in range(num_shards):
         with np.load(shard_path(out_dir, i)) as z:
@@ -155,11 +179,20 @@ NAME = "reflow_pairs"
 class PairSource(arrays.ArraySource):
     """``ArraySource`` over the teacher's samples, with the aligned noise rows added to each batch."""
 
-    def __init__(self, pairs: dict[str, np.ndarray], spec: DataSpec, *, layout: BatchLayout, seed: int,
-                 shuffle: bool, manifest: dict[str, Any]):
+    def __init__(
+        self,
+        pairs: dict[str, np.ndarray],
+        spec: DataSpec,
+        *,
+        layout: BatchLayout,
+        seed: int,
+        shuffle: bool,
+        manifest: dict[str, Any],
+    ):
         labels = pairs["label"] if spec.num_classes > 0 else None
-        super().__init__(pairs["x"], labels, kind=spec.kind, layout=layout, seed=seed, shuffle=shuffle,
-                         random_flip=False)
+        super().__init__(
+            pairs["x"], labels, kind=spec.kind, layout=layout, seed=seed, shuffle=shuffle, random_flip=False
+        )
         # the manifest's class count, not the largest label seen (a class may be missing from the pairs)
         self.spec = spec
         self.manifest = manifest
@@ -176,8 +209,10 @@ class PairSource(arrays.ArraySource):
 def read_manifest(root: str) -> dict[str, Any]:
     path = os.path.join(root, MANIFEST)
     if not os.path.isdir(root) or not os.path.isfile(path):
-        raise ValueError(f"data.path={root!r} has no {MANIFEST}: point it at the --out_dir of"
-                         " `python -m shortcut_jax.reflow_pairs` (stage one of reflow)")
+        raise ValueError(
+            f"data.path={root!r} has no {MANIFEST}: point it at the --out_dir of"
+            " `python -m shortcut_jax.reflow_pairs` (stage one of reflow)"
+        )
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -201,20 +236,26 @@ def prepare_pairs(config, name: str) -> dict[str, Any]:
     cfg.reject_image_size(config, name)
     cfg.reject_cache_decoded(config, name)
     if cfg.get(config, "random_flip"):
-        raise ValueError("data.random_flip=True would mirror the teacher's samples but not the noise they came"
-                         f" from, breaking the pairs of data.name={name!r}: set data.random_flip=False")
+        raise ValueError(
+            "data.random_flip=True would mirror the teacher's samples but not the noise they came"
+            f" from, breaking the pairs of data.name={name!r}: set data.random_flip=False"
+        )
     root = cfg.get(config, "path")
     if not root:
-        raise ValueError(f"data.name={name!r} needs data.path set to the folder written by"
-                         " `python -m shortcut_jax.reflow_pairs --out_dir=DIR`")
+        raise ValueError(
+            f"data.name={name!r} needs data.path set to the folder written by"
+            " `python -m shortcut_jax.reflow_pairs --out_dir=DIR`"
+        )
     manifest = read_manifest(root)
     shape = tuple(int(d) for d in manifest["shape"])
     need = 2 * int(manifest["num_pairs"]) * int(np.prod(shape)) * 4
     available = _available_memory()
     if available is not None and need > CACHE_MEMORY_SHARE * available:
-        raise ValueError(f"the {manifest['num_pairs']} pairs in data.path={root!r} take {need / 2**30:.1f} GiB,"
-                         f" more than {CACHE_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory"
-                         " available: generate fewer pairs (--num_pairs) or train on a host with more memory")
+        raise ValueError(
+            f"the {manifest['num_pairs']} pairs in data.path={root!r} take {need / 2**30:.1f} GiB,"
+            f" more than {CACHE_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory"
+            " available: generate fewer pairs (--num_pairs) or train on a host with more memory"
+        )
     try:
         pairs = load_pairs(root)
     except FileNotFoundError as error:
@@ -222,16 +263,26 @@ def prepare_pairs(config, name: str) -> dict[str, Any]:
     count = int(manifest["num_pairs"])
     for key, want in (("x", (count, *shape)), ("noise", (count, *shape)), ("label", (count,))):
         if pairs[key].shape != want:
-            raise ValueError(f"data.path={root!r}: the shards hold {key} of shape {pairs[key].shape}, the manifest"
-                             f" says {want}; generate the pairs again into an empty folder")
+            raise ValueError(
+                f"data.path={root!r}: the shards hold {key} of shape {pairs[key].shape}, the manifest"
+                f" says {want}; generate the pairs again into an empty folder"
+            )
         if key != "label" and not np.isfinite(pairs[key]).all():
-            raise ValueError(f"data.path={root!r}: {key} holds NaN or inf values (a diverged teacher?); generate"
-                             " the pairs from a sound checkpoint")
+            raise ValueError(
+                f"data.path={root!r}: {key} holds NaN or inf values (a diverged teacher?); generate"
+                " the pairs from a sound checkpoint"
+            )
     num_classes = int(manifest["num_classes"]) if cfg.get(config, "use_labels") else 0
     spec = DataSpec(shape=shape, num_classes=num_classes, kind="points" if len(shape) == 1 else "images")
     return {"pairs": pairs, "spec": spec, "manifest": manifest}
 
 
 def build_pairs(config, prepared: dict[str, Any], layout: BatchLayout, seed: int) -> PairSource:
-    return PairSource(prepared["pairs"], prepared["spec"], layout=layout, seed=seed,
-                      shuffle=cfg.get(config, "shuffle"), manifest=prepared["manifest"])
+    return PairSource(
+        prepared["pairs"],
+        prepared["spec"],
+        layout=layout,
+        seed=seed,
+        shuffle=cfg.get(config, "shuffle"),
+        manifest=prepared["manifest"],
+    )

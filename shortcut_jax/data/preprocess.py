@@ -3,6 +3,7 @@
 One function, so that the same decoded image gives the same pixels whichever reader (image
 folder, TFDS) loaded it.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,6 +10,7 @@ Each reader is a pair of functions:
 A new reader is added by writing these two functions and adding an
 entry to ``READERS``; the config keys it needs go in ``config.DEFAULTS``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ READERS: dict[str, Reader] = {
     **{name: _toy_reader(name) for name in toy.SAMPLERS},
     "digits": Reader(prepare=arrays.prepare_digits, build=arrays.build_arrays),
     "arrays": Reader(prepare=arrays.prepare_arrays, build=arrays.build_arrays),
-    "image_folder": Reader(prepare=image_folder.prepare_image_folder,
-                           build=image_folder.build_image_folder),
+    "image_folder": Reader(prepare=image_folder.prepare_image_folder, build=image_folder.build_image_folder),
     "tfds": Reader(prepare=tfds.prepare_tfds, build=tfds.build_tfds),
     "latents": Reader(prepare=latents.prepare_latents, build=latents.build_latents),
     pairs.NAME: Reader(prepare=pairs.prepare_pairs, build=pairs.build_pairs),
@@ -49,9 +49,7 @@ def _prepare(data_config) -> tuple[Reader, Any]:
     cfg.check_common_fields(data_config)
     name = cfg.get(data_config, "name")
     if name not in READERS:
-        raise ValueError(
-            f"unknown data.name={name!r}; set data.name to one of {sorted(READERS)}."
-        )
+        raise ValueError(f"unknown data.name={name!r}; set data.name to one of {sorted(READERS)}.")
     reader = READERS[name]
     return reader, reader.prepare(data_config, name)
 
@@ -65,8 +63,7 @@ def validate_data_config(data_config) -> None:
     _prepare(data_config)
 
 
-def make_dataset(data_config, *, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> Source:
+def make_dataset(data_config, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1) -> Source:
     """Validates ``data_config`` and returns the stream for this process.
 
     ``batch_size`` is per process: each global batch holds ``batch_size * process_count``

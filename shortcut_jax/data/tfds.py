@@ -64,6 +64,7 @@ Feeding other consumers: any ``Source`` built with ``data.shuffle=False`` and
 the seam for a command that encodes a whole data set once (e.g. images to latents): it reads
 ``ceil(N / B)`` batches and keeps the first N rows, knowing nothing of TFDS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -139,8 +140,7 @@ def _import_tfds():
         import tensorflow_datasets  # deferred: the package imports without TFDS installed
     except ImportError as error:
         raise ValueError(
-            "data.name='tfds' needs tensorflow-datasets, grain and array-record: "
-            "pip install -e '.[tfds]'."
+            "data.name='tfds' needs tensorflow-datasets, grain and array-record: pip install -e '.[tfds]'."
         ) from error
     return tensorflow_datasets
 
@@ -184,8 +184,7 @@ def _version_hint(tfds, tfds_name: str, data_dir: str) -> str:
     if not found:
         return ""
     base = tfds_name.split(":")[0]
-    return (f" Versions prepared there: {found}; to read one, set "
-            f"data.tfds_name='{base}:{found[-1]}'.")
+    return f" Versions prepared there: {found}; to read one, set data.tfds_name='{base}:{found[-1]}'."
 
 
 def _open_builder(tfds, tfds_name: str, data_dir: str):
@@ -197,8 +196,7 @@ def _open_builder(tfds, tfds_name: str, data_dir: str):
         hint = _version_hint(tfds, tfds_name, data_dir)
         if not hint:
             base = tfds_name.split(":")[0].split("/")[0]
-            close = difflib.get_close_matches(
-                base, tfds.list_builders(with_community_datasets=False), n=5)
+            close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=5)
             hint = f" Close TFDS names: {close}." if close else ""
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
@@ -223,10 +221,7 @@ def _not_prepared_message(tfds, builder, tfds_name: str, data_dir: str) -> str:
     if instructions:
         manual = os.path.join(root, MANUAL_SUBDIR)
         text = " ".join(instructions.split())
-        lines.append(
-            f"It is built from files you download yourself: put them in {manual}/ "
-            f"(TFDS's words: {text})"
-        )
+        lines.append(f"It is built from files you download yourself: put them in {manual}/ (TFDS's words: {text})")
     lines.append(
         "Prepare it once (on any machine with TensorFlow installed: pip install tensorflow-cpu), "
         f"then train without TensorFlow:\n  {build_command(tfds_name, data_dir)}"
@@ -277,9 +272,11 @@ def _image_feature(tfds, builder, image_key: str) -> tuple[int, tuple[int, int] 
     """(channels, native (H, W) or None, encoded) of the image feature; raises with the keys."""
     features = builder.info.features
     keys = list(features.keys())
-    image_like = [k for k in keys if isinstance(features[k], (tfds.features.Image,
-                                                                tfds.features.Tensor))
-                  and len(features[k].shape) in (2, 3)]
+    image_like = [
+        k
+        for k in keys
+        if isinstance(features[k], (tfds.features.Image, tfds.features.Tensor)) and len(features[k].shape) in (2, 3)
+    ]
     if image_key not in features:
         raise ValueError(
             f"data.image_key={image_key!r} is not a feature of {builder.info.full_name}; its "
@@ -365,10 +362,17 @@ def prepare_tfds(config, name: str) -> TfdsInfo:
         )
     num_classes = _label_feature(tfds, builder, label_key) if use_labels else 0
     return TfdsInfo(
-        name=tfds_name, full_name=builder.info.full_name, data_dir=data_dir, split=split,
-        num_examples=num_examples, image_key=image_key,
-        label_key=label_key if use_labels else None, num_classes=num_classes,
-        channels=channels, native_size=native, encoded=encoded,
+        name=tfds_name,
+        full_name=builder.info.full_name,
+        data_dir=data_dir,
+        split=split,
+        num_examples=num_examples,
+        image_key=image_key,
+        label_key=label_key if use_labels else None,
+        num_classes=num_classes,
+        channels=channels,
+        native_size=native,
+        encoded=encoded,
     )
 
 
@@ -432,8 +436,7 @@ class ExampleToPixels:
 
 def to_model_batch(batch: dict) -> dict:
     """Stacked uint8 images and labels -> the batch the model reads (scaled in the worker)."""
-    return {"x": uint8_to_float(np.asarray(batch["image"])),
-            "label": np.asarray(batch["label"], dtype=np.int32)}
+    return {"x": uint8_to_float(np.asarray(batch["image"])), "label": np.asarray(batch["label"], dtype=np.int32)}
 
 
 class _Gather(Sequence):
@@ -462,13 +465,21 @@ def _derived_seed(seed: int, stream: int) -> int:
 class TfdsSource(Source):
     """Streams a prepared TFDS split (see the module docstring)."""
 
-    def __init__(self, records, info: TfdsInfo, *, layout: BatchLayout, seed: int,
-                 shuffle: bool = True, random_flip: bool = False, image_size: int = 0,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        records,
+        info: TfdsInfo,
+        *,
+        layout: BatchLayout,
+        seed: int,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        image_size: int = 0,
+        num_workers: int = 0,
+    ):
         self.info = info
         size = (image_size, image_size) if image_size else info.native_size
-        self.spec = DataSpec(shape=(*size, info.channels), num_classes=info.num_classes,
-                             kind="images")
+        self.spec = DataSpec(shape=(*size, info.channels), num_classes=info.num_classes, kind="images")
         self.num_examples = len(records)
         if self.num_examples != info.num_examples:
             raise ValueError(
@@ -481,8 +492,9 @@ class TfdsSource(Source):
         self._shuffle = shuffle
         self._random_flip = random_flip
         self._num_workers = num_workers
-        self._to_pixels = ExampleToPixels(info.image_key, info.label_key, info.channels,
-                                          image_size, self.spec.shape, info.encoded)
+        self._to_pixels = ExampleToPixels(
+            info.image_key, info.label_key, info.channels, image_size, self.spec.shape, info.encoded
+        )
         self._position = 0
         self._iterator = None  # started by the first next_batch, at self._position
         self._closed = False
@@ -502,23 +514,28 @@ class TfdsSource(Source):
             stream = stream.random_map(self._to_pixels, seed=_derived_seed(self._seed, FLIP_STREAM))
         else:
             stream = stream.map(self._to_pixels)
-        rows = stream[start + self._layout.offset:]
+        rows = stream[start + self._layout.offset :]
         # Consecutive groups of B rows; this process takes every P-th one.
-        batches = rows.batch(self._layout.batch_size)[::self._layout.process_count]
+        batches = rows.batch(self._layout.batch_size)[:: self._layout.process_count]
         return batches.map(to_model_batch)
 
     def _iterate(self, batches):
         import grain
 
         if self._num_workers == 0:
-            return iter(batches.to_iter_dataset(grain.ReadOptions(
-                num_threads=IN_PROCESS_THREADS, prefetch_buffer_size=IN_PROCESS_THREADS)))
+            return iter(
+                batches.to_iter_dataset(
+                    grain.ReadOptions(num_threads=IN_PROCESS_THREADS, prefetch_buffer_size=IN_PROCESS_THREADS)
+                )
+            )
         _allow_unparsed_flags()
-        dataset = batches.to_iter_dataset(grain.ReadOptions(
-            num_threads=WORKER_THREADS, prefetch_buffer_size=WORKER_THREADS))
+        dataset = batches.to_iter_dataset(
+            grain.ReadOptions(num_threads=WORKER_THREADS, prefetch_buffer_size=WORKER_THREADS)
+        )
         # Each worker process takes every N-th batch; grain returns them in order.
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=self._num_workers, per_worker_buffer_size=WORKER_BUFFER))
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=self._num_workers, per_worker_buffer_size=WORKER_BUFFER)
+        )
         return iter(dataset)
 
     def next_batch(self) -> dict[str, np.ndarray]:
@@ -533,9 +550,13 @@ class TfdsSource(Source):
     # Resume -------------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"tfds_name": self.info.full_name, "split": self.info.split,
-                "num_examples": int(self.num_examples), "shuffle": bool(self._shuffle),
-                "seed": int(self._seed)}
+        return {
+            "tfds_name": self.info.full_name,
+            "split": self.info.split,
+            "num_examples": int(self.num_examples),
+            "shuffle": bool(self._shuffle),
+            "seed": int(self._seed),
+        }
 
     def get_state(self) -> dict[str, Any]:
         return {"position": int(self._position), **self._fingerprint()}
@@ -552,8 +573,7 @@ class TfdsSource(Source):
             )
         differ = [key for key in expected if state[key] != expected[key]]
         if differ:
-            listed = "; ".join(f"{FINGERPRINT_SETTINGS[k]}: saved {state[k]!r}, now {expected[k]!r}"
-                               for k in differ)
+            listed = "; ".join(f"{FINGERPRINT_SETTINGS[k]}: saved {state[k]!r}, now {expected[k]!r}" for k in differ)
             raise ValueError(
                 f"the saved data position belongs to another stream ({listed}); continuing "
                 "would silently read a different order. Set these back to the saved run's "
@@ -578,13 +598,17 @@ class TfdsSource(Source):
         out = np.empty((len(indices), *self.spec.shape), dtype=np.float32)
         if len(indices) == 0:
             return out
-        batches = (grain.MapDataset.source(_Gather(self._records, indices))
-                   .map(self._to_pixels).batch(REFERENCE_BATCH).map(to_model_batch))
+        batches = (
+            grain.MapDataset.source(_Gather(self._records, indices))
+            .map(self._to_pixels)
+            .batch(REFERENCE_BATCH)
+            .map(to_model_batch)
+        )
         start = 0
         iterator = self._iterate(batches)
         try:
             for batch in iterator:
-                out[start:start + len(batch["x"])] = batch["x"]
+                out[start : start + len(batch["x"])] = batch["x"]
                 start += len(batch["x"])
         finally:
             _close(iterator)

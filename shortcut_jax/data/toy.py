@@ -18,6 +18,7 @@ All are unlabelled (``num_classes`` 0). Batch ``i`` of the stream is drawn from
 ``np.random.default_rng([seed, 3, i])``: the whole global batch is drawn and each process keeps
 its rows, so the state is only the batch counter and any process count sees the same samples.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -105,7 +106,7 @@ class ToySource(Source):
         start = self._layout.offset
         self._step += 1
         return {
-            "x": rows[start:start + self._layout.batch_size],
+            "x": rows[start : start + self._layout.batch_size],
             "label": np.zeros(self._layout.batch_size, dtype=np.int32),
         }
 

@@ -12,6 +12,7 @@ sample files from elsewhere can be scored here.
 writes an array in one go. Both write to a temporary name and rename at the end, so a file with
 the final name is always complete.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,7 @@ class ADMSampleWriter:
     ``with`` block before ``num_images`` were added removes the partial file and raises.
     """
 
-    def __init__(self, path: str, *, num_images: int, image_shape: Sequence[int],
-                 with_labels: bool = False):
+    def __init__(self, path: str, *, num_images: int, image_shape: Sequence[int], with_labels: bool = False):
         image_shape = tuple(int(s) for s in image_shape)
         if num_images < 1:
             raise ValueError(f"num_images must be positive, got {num_images}")
@@ -58,12 +58,14 @@ class ADMSampleWriter:
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         self._partial = os.path.join(folder, f".{os.path.basename(self.path)}.partial")
-        self._zip = zipfile.ZipFile(self._partial, "w", compression=zipfile.ZIP_STORED,
-                                    allowZip64=True)
+        self._zip = zipfile.ZipFile(self._partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         # force_zip64: the member's size is not known when it is opened and may exceed 4 GiB.
         self._member = self._zip.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                  "fortran_order": False, "shape": (self.num_images, *image_shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": (self.num_images, *image_shape),
+        }
         np.lib.format.write_array_header_1_0(self._member, header)
 
     def add(self, images, labels=None) -> None:
@@ -71,15 +73,13 @@ class ADMSampleWriter:
         if x.shape[1:] != self.image_shape:
             raise ValueError(f"images have shape {x.shape[1:]}, this file holds {self.image_shape}")
         if self.count + len(x) > self.num_images:
-            raise ValueError(f"adding {len(x)} images to {self.count} exceeds num_images="
-                             f"{self.num_images}")
+            raise ValueError(f"adding {len(x)} images to {self.count} exceeds num_images={self.num_images}")
         if self.with_labels:
             if labels is None:
                 raise ValueError("this writer stores labels (with_labels=True); pass them")
             labels = np.asarray(labels)
             if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"labels must be integers of shape ({len(x)},), got "
-                                 f"{labels.dtype} {labels.shape}")
+                raise ValueError(f"labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}")
             self._labels.append(labels.astype(np.int64))
         elif labels is not None:
             raise ValueError("labels given to a writer made with with_labels=False")
@@ -99,8 +99,7 @@ class ADMSampleWriter:
         self._zip = None
         if not complete:
             os.remove(self._partial)
-            raise ValueError(f"{self.path}: {self.count} of {self.num_images} images were added; "
-                             "no file was written")
+            raise ValueError(f"{self.path}: {self.count} of {self.num_images} images were added; no file was written")
         os.replace(self._partial, self.path)
         return self.path
 
@@ -124,8 +123,7 @@ class ADMSampleWriter:
 def write_adm_npz(path: str, images, labels=None) -> str:
     """Writes ``images`` ([N, H, W, 3] uint8, or float in [-1, 1]) and optional labels [N]."""
     x = to_uint8(images)
-    with ADMSampleWriter(path, num_images=len(x), image_shape=x.shape[1:],
-                         with_labels=labels is not None) as writer:
+    with ADMSampleWriter(path, num_images=len(x), image_shape=x.shape[1:], with_labels=labels is not None) as writer:
         writer.add(x, labels)
     return os.fspath(path)
 
@@ -139,8 +137,7 @@ def adm_npz_image_shape(path: str) -> tuple[int, ...] | None:
             return None
         with archive.open(name) as member:
             version = np.lib.format.read_magic(member)
-            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, _ = reader(member)
     return tuple(int(s) for s in shape)
 
@@ -149,14 +146,14 @@ def read_adm_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """``(images uint8 [N, H, W, 3], labels [N] or None)`` from an ADM ``.npz``."""
     with np.load(path) as f:
         if IMAGES_KEY not in f.files:
-            raise ValueError(f"{path!r} has no {IMAGES_KEY!r} (keys: {sorted(f.files)}); an ADM "
-                             "sample file holds the images as arr_0")
+            raise ValueError(
+                f"{path!r} has no {IMAGES_KEY!r} (keys: {sorted(f.files)}); an ADM "
+                "sample file holds the images as arr_0"
+            )
         images = f[IMAGES_KEY]
         labels = f[LABELS_KEY] if LABELS_KEY in f.files else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path!r}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(f"{path!r}: arr_0 must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if labels is not None and labels.shape != (len(images),):
-        raise ValueError(f"{path!r}: arr_1 (labels) has shape {labels.shape}, expected "
-                         f"({len(images)},)")
+        raise ValueError(f"{path!r}: arr_1 (labels) has shape {labels.shape}, expected ({len(images)},)")
     return images, labels

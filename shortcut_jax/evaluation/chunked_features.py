@@ -17,6 +17,7 @@ Both put every chunk of ``batch_size`` rows (rounded up to a multiple of the dev
 chunk zero-padded) over ``devices`` and keep one chunk in flight ahead of the copy of the
 previous chunk's features.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,7 +49,7 @@ def _quantised_chunks(images, count, *, chunk: int, num_chunks: int):
     wanted = num_chunks * chunk
     if wanted > pixels.shape[0]:
         pixels = jnp.pad(pixels, ((0, wanted - pixels.shape[0]), (0, 0), (0, 0), (0, 0)))
-    return tuple(pixels[i * chunk:(i + 1) * chunk] for i in range(num_chunks)), finite
+    return tuple(pixels[i * chunk : (i + 1) * chunk] for i in range(num_chunks)), finite
 
 
 class ChunkedFeatures:
@@ -60,8 +61,16 @@ class ChunkedFeatures:
     ``devices`` (default: this process's devices).
     """
 
-    def __init__(self, network_input: Callable, network: Callable, variables, *, dim: int,
-                 batch_size: int, devices: Optional[Sequence[Any]] = None):
+    def __init__(
+        self,
+        network_input: Callable,
+        network: Callable,
+        variables,
+        *,
+        dim: int,
+        batch_size: int,
+        devices: Optional[Sequence[Any]] = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.dim = int(dim)
@@ -71,7 +80,8 @@ class ChunkedFeatures:
         self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._variables = jax.device_put(
-            jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), variables), replicated)
+            jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), variables), replicated
+        )
         # Two programs: the input step depends on the image size, the network does not.
         self._prepare = jax.jit(network_input, out_shardings=self._batch_sharding)
         self._network = jax.jit(network, out_shardings=self._batch_sharding)
@@ -81,7 +91,7 @@ class ChunkedFeatures:
         b = self.batch_size
         chunks = []
         for start in range(0, len(x), b):
-            chunk = x[start:start + b]
+            chunk = x[start : start + b]
             if len(chunk) < b:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), np.uint8)])
             chunks.append(chunk)
@@ -134,4 +144,4 @@ class ChunkedFeatures:
 
     @staticmethod
     def _collect(out, start, count, features) -> None:
-        out[start:start + count] = np.asarray(features)[:count]
+        out[start : start + count] = np.asarray(features)[:count]

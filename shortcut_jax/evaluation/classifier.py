@@ -16,6 +16,7 @@ with reflect padding, horizontal flip), the train step, accuracy, decoding an im
 one uint8 array (cached as ``.npz``), and saving/loading weights as a portable ``.npz`` plus a
 JSON description.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -112,10 +113,17 @@ class _ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    precision=self.precision, kernel_init=_KERNEL_INIT, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, dtype=self.dtype,
-                         name="bn")(x)
+        x = nn.Conv(
+            self.features,
+            (3, 3),
+            padding="SAME",
+            use_bias=False,
+            dtype=self.dtype,
+            precision=self.precision,
+            kernel_init=_KERNEL_INIT,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, dtype=self.dtype, name="bn")(x)
         x = nn.relu(x)
         if self.pool:
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -162,16 +170,23 @@ class ResNet9(nn.Module):
         # thousands of images do not inherit bf16 rounding.
         x = x.astype(jnp.float32)
         feats = x.mean(axis=(1, 2)) if self.pool == "avg" else x.max(axis=(1, 2))
-        out = nn.Dense(self.num_classes, dtype=jnp.float32, precision=self.precision,
-                       kernel_init=_KERNEL_INIT, name="head")(feats)
+        out = nn.Dense(
+            self.num_classes, dtype=jnp.float32, precision=self.precision, kernel_init=_KERNEL_INIT, name="head"
+        )(feats)
         return out * self.logit_scale, feats
 
 
 def build_model(config: dict | None = None, *, dtype=jnp.float32, precision=None) -> ResNet9:
     """The network for ``config``; ``dtype`` is the compute dtype (parameters stay float32)."""
     c = normalize_config(config)
-    return ResNet9(widths=tuple(c["widths"]), num_classes=c["num_classes"], pool=c["pool"],
-                   logit_scale=c["logit_scale"], dtype=dtype, precision=precision)
+    return ResNet9(
+        widths=tuple(c["widths"]),
+        num_classes=c["num_classes"],
+        pool=c["pool"],
+        logit_scale=c["logit_scale"],
+        dtype=dtype,
+        precision=precision,
+    )
 
 
 def prng_key(seed: int) -> jax.Array:
@@ -225,17 +240,21 @@ def one_cycle_schedule(peak_lr: float, total_steps: int, warmup_fraction: float 
     total_steps = max(int(total_steps), 1)
     warmup = min(max(int(round(warmup_fraction * total_steps)), 1), total_steps)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak_lr, warmup),
-         optax.linear_schedule(peak_lr, 0.0, max(total_steps - warmup, 1))],
+        [
+            optax.linear_schedule(0.0, peak_lr, warmup),
+            optax.linear_schedule(peak_lr, 0.0, max(total_steps - warmup, 1)),
+        ],
         [warmup],
     )
 
 
-def make_optimizer(learning_rate, *, momentum: float = 0.9, weight_decay: float = 5e-4,
-                   nesterov: bool = True) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate, *, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True
+) -> optax.GradientTransformation:
     """SGD with (coupled, L2-style) weight decay, as the ResNet-9 recipe was tuned with."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+    )
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
@@ -243,8 +262,7 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation) -> Tra
     # delete the caller's ``variables`` along with it.
     params = jax.tree.map(jnp.copy, variables["params"])
     batch_stats = jax.tree.map(jnp.copy, variables["batch_stats"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params))
 
 
 def images_to_float(images) -> jax.Array:
@@ -270,16 +288,18 @@ def augment_batch(key, images, pad: int = 4) -> jax.Array:
 
 
 def _loss(model, params, batch_stats, x, labels, label_smoothing):
-    (out, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
+    (out, _), updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     targets = optax.smooth_labels(jax.nn.one_hot(labels, out.shape[-1]), label_smoothing)
     loss = optax.softmax_cross_entropy(out, targets).mean()
     acc = (out.argmax(-1) == labels).mean()
     return loss, (updates["batch_stats"], acc)
 
 
-def make_train_step(model: ResNet9, tx: optax.GradientTransformation, *, label_smoothing: float = 0.1,
-                    augment: bool = True) -> Callable:
+def make_train_step(
+    model: ResNet9, tx: optax.GradientTransformation, *, label_smoothing: float = 0.1, augment: bool = True
+) -> Callable:
     """Jitted ``step(state, images, labels, indices, key) -> (state, {'loss', 'accuracy'})``.
 
     ``images`` [N, H, W, 3] (uint8, or float in [-1, 1]) and ``labels`` [N] are the whole
@@ -291,8 +311,7 @@ def make_train_step(model: ResNet9, tx: optax.GradientTransformation, *, label_s
         x = images[indices]
         y = labels[indices]
         x = augment_batch(key, x) if augment else images_to_float(x)
-        grad_fn = jax.value_and_grad(
-            lambda p: _loss(model, p, state.batch_stats, x, y, label_smoothing), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: _loss(model, p, state.batch_stats, x, y, label_smoothing), has_aux=True)
         (loss, (batch_stats, acc)), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -319,13 +338,13 @@ def accuracy(model: ResNet9, variables, images, labels, *, batch_size: int = 100
     batch_size = min(batch_size, n)
     correct = 0
     for start in range(0, n, batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         m = len(chunk)
         if m < batch_size:
             # One shape for every call, so the last chunk needs no second compilation.
             chunk = np.concatenate([chunk, np.zeros((batch_size - m, *chunk.shape[1:]), chunk.dtype)])
         pred = np.asarray(_predict(model, variables, chunk))[:m]
-        correct += int((pred == labels[start:start + m]).sum())
+        correct += int((pred == labels[start : start + m]).sum())
     return correct / n
 
 
@@ -369,9 +388,16 @@ def _decode(files: Sequence[str], image_size: int, num_workers: int) -> np.ndarr
     return out
 
 
-def load_image_folder(root: str, *, image_size: int = 32, limit: int | None = None, seed: int = 0,
-                      cache: bool = True, num_workers: int = 8,
-                      verbose: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def load_image_folder(
+    root: str,
+    *,
+    image_size: int = 32,
+    limit: int | None = None,
+    seed: int = 0,
+    cache: bool = True,
+    num_workers: int = 8,
+    verbose: bool = False,
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Decodes a class-folder image tree into ``(uint8 [N, S, S, 3], int32 labels [N], class names)``.
 
     Listing, validation and decoding go through the project's image-folder reader, so pixels
@@ -434,8 +460,11 @@ def save_classifier(directory: str, config: dict, variables, info: dict | None =
     ``classifier.json`` (architecture, fingerprint and ``info``, e.g. test accuracy)."""
     os.makedirs(directory, exist_ok=True)
     flat = _flatten(variables)
-    meta = {"architecture": normalize_config(config), "fingerprint": variables_fingerprint(variables),
-            "info": dict(info or {})}
+    meta = {
+        "architecture": normalize_config(config),
+        "fingerprint": variables_fingerprint(variables),
+        "info": dict(info or {}),
+    }
     weights = os.path.join(directory, WEIGHTS_FILE)
     # Temporary names and os.replace: a crash mid-save never leaves a half-written file that a
     # later load would take for a classifier.
@@ -457,8 +486,9 @@ def load_classifier(directory: str) -> tuple[dict, dict, dict]:
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist; train a classifier with "
-                                    "python -m benchmarks.train_classifier first.")
+            raise FileNotFoundError(
+                f"{path} does not exist; train a classifier with python -m benchmarks.train_classifier first."
+            )
     with open(config_path, encoding="utf-8") as f:
         meta = json.load(f)
     config = normalize_config(meta["architecture"])
@@ -467,17 +497,23 @@ def load_classifier(directory: str) -> tuple[dict, dict, dict]:
     model = build_model(config)
     s = config["image_size"]
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), train=False))
-    expected = {k: (tuple(v.shape), np.dtype(v.dtype))
-                for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/").items()}
+    expected = {
+        k: (tuple(v.shape), np.dtype(v.dtype))
+        for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/").items()
+    }
     got = {k: (tuple(v.shape), v.dtype) for k, v in flat.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        raise ValueError(f"{weights_path} does not match the architecture in {config_path}: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}, wrong shape/dtype {wrong[:5]}")
+        raise ValueError(
+            f"{weights_path} does not match the architecture in {config_path}: missing "
+            f"{missing[:5]}, unexpected {extra[:5]}, wrong shape/dtype {wrong[:5]}"
+        )
     variables = flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
     if meta.get("fingerprint") and variables_fingerprint(variables) != meta["fingerprint"]:
-        raise ValueError(f"{weights_path} does not match the fingerprint recorded in {config_path}; "
-                         "the two files come from different saves.")
+        raise ValueError(
+            f"{weights_path} does not match the fingerprint recorded in {config_path}; "
+            "the two files come from different saves."
+        )
     return config, dict(variables), meta

@@ -15,6 +15,7 @@ budgets (and between a model and the data floor) well above rounding noise.
   symmetric eigen-decompositions so that singular or nearly singular
   covariances (feature dimension 512-2048 with few samples) are handled.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence

@@ -33,6 +33,7 @@ In a job of several processes every process samples its share and scores the gat
 only process 0 writes files. A remote ``out_dir`` (``gs://...``) is filled from a local temporary
 folder once the evaluation is done, ``evaluation.json`` last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,6 +54,7 @@ from tqdm import tqdm
 from shortcut_jax.infra import plots, writers
 from shortcut_jax.evaluation import adm_npz, report
 from shortcut_jax.evaluation.pixels import grey_to_rgb
+
 # The sample set (noise, labels, batches over the mesh); draw_samples is also this module's API.
 from shortcut_jax.evaluation.sample_sets import device_batches, draw_samples, sample_batches  # noqa: F401
 from shortcut_jax.infra.jsonable import jsonable
@@ -83,8 +85,10 @@ def sample_shape(spec, decode: Optional[Callable] = None) -> tuple:
 
 def check_exportable(eval_cfg, kind: str, image_shape: tuple) -> None:
     if eval_cfg.export_budgets and (kind != "images" or image_shape[-1] not in (1, 3)):
-        raise ValueError(f"eval.export_budgets={tuple(eval_cfg.export_budgets)}: the samples are {kind} of shape"
-                         f" {image_shape}, and the ADM .npz holds RGB images; set eval.export_budgets=()")
+        raise ValueError(
+            f"eval.export_budgets={tuple(eval_cfg.export_budgets)}: the samples are {kind} of shape"
+            f" {image_shape}, and the ADM .npz holds RGB images; set eval.export_budgets=()"
+        )
 
 
 def export_path(eval_cfg, out_dir: str, steps: int) -> str:
@@ -103,8 +107,14 @@ def _local_folder(out_dir: str):
     try:
         yield local
         if writers.primary_process():
-            files = sorted((os.path.relpath(os.path.join(root, name), local) for root, _, names in os.walk(local)
-                            for name in names), key=lambda name: name == FINISHED)
+            files = sorted(
+                (
+                    os.path.relpath(os.path.join(root, name), local)
+                    for root, _, names in os.walk(local)
+                    for name in names
+                ),
+                key=lambda name: name == FINISHED,
+            )
             for name in files:
                 target = epath.Path(out_dir) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +123,24 @@ def _local_folder(out_dir: str):
         shutil.rmtree(local, ignore_errors=True)
 
 
-def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, step: int,
-                     final: bool = False, writer=None, label: str = "", decode: Optional[Callable] = None,
-                     progress: bool = False, cache_dir: Optional[str] = None,
-                     info: Optional[dict] = None) -> dict[int, float]:
+def evaluate_budgets(
+    eval_cfg,
+    sampler,
+    params,
+    source,
+    spec,
+    metric,
+    *,
+    out_dir: str,
+    step: int,
+    final: bool = False,
+    writer=None,
+    label: str = "",
+    decode: Optional[Callable] = None,
+    progress: bool = False,
+    cache_dir: Optional[str] = None,
+    info: Optional[dict] = None,
+) -> dict[int, float]:
     """Samples at each budget of ``eval_cfg``, ``metric`` per budget (None: grids only), and the
     files that show them. A ``final`` evaluation draws ``eval.final_num_samples`` where set.
 
@@ -130,14 +154,45 @@ def evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir
     spent sampling, decoding and scoring each budget.
     """
     with _local_folder(out_dir) as write_dir:
-        return _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, out_dir=out_dir,
-                                 write_dir=write_dir, step=step, final=final, writer=writer, label=label,
-                                 decode=decode, progress=progress, cache_dir=cache_dir, info=info)
+        return _evaluate_budgets(
+            eval_cfg,
+            sampler,
+            params,
+            source,
+            spec,
+            metric,
+            out_dir=out_dir,
+            write_dir=write_dir,
+            step=step,
+            final=final,
+            writer=writer,
+            label=label,
+            decode=decode,
+            progress=progress,
+            cache_dir=cache_dir,
+            info=info,
+        )
 
 
-def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_dir: str, write_dir: str,
-                      step: int, final: bool, writer, label: str, decode: Optional[Callable], progress: bool,
-                      cache_dir: Optional[str], info: Optional[dict]) -> dict[int, float]:
+def _evaluate_budgets(
+    eval_cfg,
+    sampler,
+    params,
+    source,
+    spec,
+    metric,
+    *,
+    out_dir: str,
+    write_dir: str,
+    step: int,
+    final: bool,
+    writer,
+    label: str,
+    decode: Optional[Callable],
+    progress: bool,
+    cache_dir: Optional[str],
+    info: Optional[dict],
+) -> dict[int, float]:
     """``evaluate_budgets`` writing its files into ``write_dir`` (``out_dir``, or a local
     folder standing in for a remote one); ``out_dir`` is where they are recorded to be."""
     shape, kind = tuple(spec.shape), spec.kind
@@ -158,44 +213,77 @@ def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_di
     results: dict[int, float] = {}
     images, timings, exports = {}, {}, {}
     drawn = sorted(set(budgets) | set(grid_budgets))
-    log.info("evaluating %d budget(s) at step %d: %s step(s)%s, results in %s", len(drawn), step,
-             ",".join(map(str, drawn)), f", {metric.name} on {num_samples} samples" if scorer is not None else "",
-             out_dir)
+    log.info(
+        "evaluating %d budget(s) at step %d: %s step(s)%s, results in %s",
+        len(drawn),
+        step,
+        ",".join(map(str, drawn)),
+        f", {metric.name} on {num_samples} samples" if scorer is not None else "",
+        out_dir,
+    )
     for n in drawn:
         scored = n in budgets and scorer is not None
         count = num_samples if scored or n in exported else grid_size
         if n in exported and primary:
             exports[n] = export_path(eval_cfg, out_dir, n)
         value, shown, timings[n] = _draw_budget(
-            eval_cfg, sampler, params, spec, n, count, accumulator=scorer.accumulator() if scored else None,
-            export=export_path(eval_cfg, write_dir, n) if n in exports else None, image_shape=image_shape,
-            shown_count=shown_count, decode=decode, progress=progress)
+            eval_cfg,
+            sampler,
+            params,
+            spec,
+            n,
+            count,
+            accumulator=scorer.accumulator() if scored else None,
+            export=export_path(eval_cfg, write_dir, n) if n in exports else None,
+            image_shape=image_shape,
+            shown_count=shown_count,
+            decode=decode,
+            progress=progress,
+        )
         if value is not None:
             results[n] = value
-            log.info("%d step(s): %s %.6g (%d samples, %.1f images/s)", n, metric.display_name, value, count,
-                     timings[n]["images_per_s"])
+            log.info(
+                "%d step(s): %s %.6g (%d samples, %.1f images/s)",
+                n,
+                metric.display_name,
+                value,
+                count,
+                timings[n]["images_per_s"],
+            )
         if n in grid_budgets:
             path = os.path.join(write_dir, f"samples_{n}step.png")
             if kind == "points":
                 reference = None if scorer is None or scorer.reference is None else scorer.reference[:2000]
                 images[f"samples_{n}step"] = plots.save_scatter(
-                    shown, path, reference=reference, title=f"{n} step(s), step {step}")
+                    shown, path, reference=reference, title=f"{n} step(s), step {step}"
+                )
             else:
                 images[f"samples_{n}step"] = plots.save_grid(shown, path)
 
     metric_key = metric.name if metric is not None else "none"
     floor = scorer.floor if scorer is not None else None
     if results and primary:
-        report.write_budget_table(results, os.path.join(write_dir, TABLE), metric_name=metric.display_name,
-                                  floor=floor)
-        report.plot_budget_curve({label or "model": results}, os.path.join(write_dir, TABLE + ".png"),
-                                 metric_name=metric.display_name, floor=floor, title=f"step {step}")
-    finished = {"step": step, "num_samples": num_samples, "metric": metric_key, "label": label,
-                "seed": eval_cfg.seed, "label_mode": eval_cfg.label_mode, "cfg_scale": eval_cfg.cfg_scale,
-                **(info or {}),
-                "metric_info": metric.describe() if metric is not None else None,
-                "exports": {str(k): v for k, v in exports.items()},
-                "timings": {str(k): v for k, v in timings.items()}}
+        report.write_budget_table(results, os.path.join(write_dir, TABLE), metric_name=metric.display_name, floor=floor)
+        report.plot_budget_curve(
+            {label or "model": results},
+            os.path.join(write_dir, TABLE + ".png"),
+            metric_name=metric.display_name,
+            floor=floor,
+            title=f"step {step}",
+        )
+    finished = {
+        "step": step,
+        "num_samples": num_samples,
+        "metric": metric_key,
+        "label": label,
+        "seed": eval_cfg.seed,
+        "label_mode": eval_cfg.label_mode,
+        "cfg_scale": eval_cfg.cfg_scale,
+        **(info or {}),
+        "metric_info": metric.describe() if metric is not None else None,
+        "exports": {str(k): v for k, v in exports.items()},
+        "timings": {str(k): v for k, v in timings.items()},
+    }
     if primary:
         with open(os.path.join(write_dir, FINISHED), "w") as f:
             json.dump(jsonable(finished), f, indent=1)
@@ -212,8 +300,21 @@ def _evaluate_budgets(eval_cfg, sampler, params, source, spec, metric, *, out_di
     return results
 
 
-def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *, accumulator, export,
-                 image_shape: tuple, shown_count: int, decode, progress: bool):
+def _draw_budget(
+    eval_cfg,
+    sampler,
+    params,
+    spec,
+    num_steps: int,
+    count: int,
+    *,
+    accumulator,
+    export,
+    image_shape: tuple,
+    shown_count: int,
+    decode,
+    progress: bool,
+):
     """``count`` samples at one budget, batch by batch, into the metric's accumulator (or None)
     and the ADM file ``export`` (or None); returns (metric value or None, the first
     ``shown_count`` samples, timings).
@@ -231,14 +332,35 @@ def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *,
     with contextlib.ExitStack() as stack:
         sample_file = None
         if export is not None:  # removed again if anything fails before the last sample is in
-            sample_file = stack.enter_context(adm_npz.ADMSampleWriter(
-                export, num_images=count, image_shape=(*image_shape[:2], 3), with_labels=spec.num_classes > 0))
-        bar = stack.enter_context(tqdm(total=count, unit="img", desc=f"{num_steps} step(s)", disable=not progress,
-                                       dynamic_ncols=True, leave=False))
+            sample_file = stack.enter_context(
+                adm_npz.ADMSampleWriter(
+                    export, num_images=count, image_shape=(*image_shape[:2], 3), with_labels=spec.num_classes > 0
+                )
+            )
+        bar = stack.enter_context(
+            tqdm(
+                total=count,
+                unit="img",
+                desc=f"{num_steps} step(s)",
+                disable=not progress,
+                dynamic_ncols=True,
+                leave=False,
+            )
+        )
         for x, rows, labels in device_batches(
-                sampler, params, shape=tuple(spec.shape), num_classes=spec.num_classes, num_samples=count,
-                batch_size=min(eval_cfg.batch_size, count), num_steps=num_steps, seed=eval_cfg.seed,
-                cfg_scale=eval_cfg.cfg_scale, label_mode=eval_cfg.label_mode, decode=decode, timings=timing):
+            sampler,
+            params,
+            shape=tuple(spec.shape),
+            num_classes=spec.num_classes,
+            num_samples=count,
+            batch_size=min(eval_cfg.batch_size, count),
+            num_steps=num_steps,
+            seed=eval_cfg.seed,
+            cfg_scale=eval_cfg.cfg_scale,
+            label_mode=eval_cfg.label_mode,
+            decode=decode,
+            timings=timing,
+        ):
             copying = time.perf_counter()
             host = np.asarray(sampler.to_host(x))[:rows] if everything_on_host else None
             if kept < shown_count:
@@ -261,8 +383,12 @@ def _draw_budget(eval_cfg, sampler, params, spec, num_steps: int, count: int, *,
         value = accumulator.result()
         timing["score_s"] += time.perf_counter() - scoring
     total = time.perf_counter() - began
-    timing = {"samples": count, **{k: round(v, 3) for k, v in timing.items()}, "total_s": round(total, 3),
-              "images_per_s": round(count / total, 1)}
+    timing = {
+        "samples": count,
+        **{k: round(v, 3) for k, v in timing.items()},
+        "total_s": round(total, 3),
+        "images_per_s": round(count / total, 1),
+    }
     return value, (np.concatenate(shown) if shown else None), timing
 
 
@@ -284,14 +410,27 @@ def evaluated_params(config) -> str:
     return "online"
 
 
-def evaluate_state(exp, state, step: int, *, out_dir: Optional[str] = None, writer=None,
-                   final: bool = False, progress: bool = False) -> dict[int, float]:
+def evaluate_state(
+    exp, state, step: int, *, out_dir: Optional[str] = None, writer=None, final: bool = False, progress: bool = False
+) -> dict[int, float]:
     """Every budget of the experiment's ``config.eval`` for one train state."""
     return evaluate_budgets(
-        exp.config.eval, exp.sampler, exp.eval_params(state), exp.source, exp.spec, exp.metric,
-        out_dir=out_dir or os.path.join(exp.workdir, "eval", f"{step:08d}"), step=step, final=final,
-        writer=writer, label=exp.config.objective.name, decode=exp.decode, progress=progress,
-        cache_dir=fid_stats_dir(exp.workdir), info={"params": evaluated_params(exp.config)})
+        exp.config.eval,
+        exp.sampler,
+        exp.eval_params(state),
+        exp.source,
+        exp.spec,
+        exp.metric,
+        out_dir=out_dir or os.path.join(exp.workdir, "eval", f"{step:08d}"),
+        step=step,
+        final=final,
+        writer=writer,
+        label=exp.config.objective.name,
+        decode=exp.decode,
+        progress=progress,
+        cache_dir=fid_stats_dir(exp.workdir),
+        info={"params": evaluated_params(exp.config)},
+    )
 
 
 def offline_out_dir(workdir: str, step: int) -> tuple[str, bool]:

@@ -17,6 +17,7 @@ Samples are floats in [-1, 1] (or uint8). Before feature extraction they are cli
 and rounded to the 8-bit grid, as they would be when saved as images: the reference images are
 8-bit, and differences below one grey level should not count.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,9 @@ class FeatureExtractor:
     ``batch_size`` (the last one padded, so there is one compilation).
     """
 
-    def __init__(self, path: str | None = None, *, batch_size: int = 500, config: dict | None = None,
-                 variables: Any = None):
+    def __init__(
+        self, path: str | None = None, *, batch_size: int = 500, config: dict | None = None, variables: Any = None
+    ):
         if (path is None) == (variables is None):
             raise ValueError("give either a saved classifier's path or config and variables")
         if path is not None:
@@ -87,11 +89,11 @@ class FeatureExtractor:
         out = np.empty((n, self.dim), np.float32)
         b = self.batch_size
         for start in range(0, n, b):
-            chunk = x[start:start + b]
+            chunk = x[start : start + b]
             m = len(chunk)
             if m < b:
                 chunk = np.concatenate([chunk, np.zeros((b - m, *chunk.shape[1:]), np.uint8)])
-            out[start:start + m] = np.asarray(self._fn(self._variables, chunk))[:m]
+            out[start : start + m] = np.asarray(self._fn(self._variables, chunk))[:m]
         return out
 
 
@@ -108,8 +110,11 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
         return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
 
 
-def reference_stats(extractor: FeatureExtractor, images, cache_path: str | None = None,
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def reference_stats(
+    extractor: FeatureExtractor,
+    images,
+    cache_path: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and covariance [D, D] (float64) of the features of ``images``.
 
     With ``cache_path`` the result is saved there (``.npz`` with ``mu``, ``sigma``, ``n`` and a
@@ -127,8 +132,14 @@ def reference_stats(extractor: FeatureExtractor, images, cache_path: str | None 
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         partial = cache_path + ".partial.npz"
-        np.savez(partial, mu=mu, sigma=sigma, n=np.asarray(len(x)), key=np.asarray(key),
-                 fingerprint=np.asarray(extractor.fingerprint))
+        np.savez(
+            partial,
+            mu=mu,
+            sigma=sigma,
+            n=np.asarray(len(x)),
+            key=np.asarray(key),
+            fingerprint=np.asarray(extractor.fingerprint),
+        )
         os.replace(partial, cache_path)
     return mu, sigma
 
@@ -144,7 +155,6 @@ def classifier_frechet_distance(extractor: FeatureExtractor, samples, reference_
     """CFD between ``samples`` [N, H, W, 3] and reference statistics ``(mu, sigma)`` (or their file)."""
     mu_r, sigma_r = as_stats(reference_stats)
     if mu_r.shape != (extractor.dim,):
-        raise ValueError(f"reference statistics have dimension {mu_r.shape}, the classifier's "
-                         f"features {extractor.dim}")
+        raise ValueError(f"reference statistics have dimension {mu_r.shape}, the classifier's features {extractor.dim}")
     mu, sigma = distances.gaussian_stats(extractor(samples))
     return distances.frechet_distance(mu, sigma, mu_r, sigma_r)

@@ -33,6 +33,7 @@ and the FID of an ADM sample file against them::
 
     python -m shortcut_jax.fid_stats --samples=samples.npz --reference=celebahq256_fid_stats.npz
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,8 @@ class StatsMismatchError(ValueError):
 class FIDStats:
     """Gaussian fit of Inception features and where it comes from (None: not recorded)."""
 
-    mu: np.ndarray                          # float64 [D]
-    sigma: np.ndarray                       # float64 [D, D]
+    mu: np.ndarray  # float64 [D]
+    sigma: np.ndarray  # float64 [D, D]
     count: int | None = None
     source: str | None = None
     resolution: tuple[int, int] | None = None
@@ -88,10 +89,15 @@ class FIDStats:
 
     def describe(self) -> dict[str, Any]:
         """The provenance as JSON-ready values (for results files)."""
-        return {"count": self.count, "source": self.source,
-                "resolution": list(self.resolution) if self.resolution else None,
-                "resize": self.resize, "extractor": self.extractor, "origin": self.origin,
-                "path": self.path}
+        return {
+            "count": self.count,
+            "source": self.source,
+            "resolution": list(self.resolution) if self.resolution else None,
+            "resize": self.resize,
+            "extractor": self.extractor,
+            "origin": self.origin,
+            "path": self.path,
+        }
 
 
 def _resolution(value) -> tuple[int, int] | None:
@@ -144,12 +150,20 @@ class FeatureMoments:
         return self._shift + mean_centred, 0.5 * (cov + cov.T)
 
 
-def stats_from_features(features, *, source: str | None, resolution, extractor: str | None,
-                        resize: str | None = RESIZE) -> FIDStats:
+def stats_from_features(
+    features, *, source: str | None, resolution, extractor: str | None, resize: str | None = RESIZE
+) -> FIDStats:
     """FIDStats of features ``[N, D]`` with the given provenance."""
     mu, sigma = distances.gaussian_stats(features)
-    return FIDStats(mu, sigma, count=int(np.asarray(features).shape[0]), source=source,
-                    resolution=_resolution(resolution), resize=resize, extractor=extractor)
+    return FIDStats(
+        mu,
+        sigma,
+        count=int(np.asarray(features).shape[0]),
+        source=source,
+        resolution=_resolution(resolution),
+        resize=resize,
+        extractor=extractor,
+    )
 
 
 def image_stats(extractor, batches: Iterable, *, source: str | None) -> FIDStats:
@@ -166,8 +180,15 @@ def image_stats(extractor, batches: Iterable, *, source: str | None) -> FIDStats
             raise ValueError(f"images of resolution {shape} among images of {resolution}")
         moments.add(extractor(batch))
     mu, sigma = moments.mean_and_covariance()
-    return FIDStats(mu, sigma, count=moments.count, source=source, resolution=resolution,
-                    resize=RESIZE, extractor=extractor.extractor_id)
+    return FIDStats(
+        mu,
+        sigma,
+        count=moments.count,
+        source=source,
+        resolution=resolution,
+        resize=RESIZE,
+        extractor=extractor.extractor_id,
+    )
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -176,13 +197,16 @@ def image_stats(extractor, batches: Iterable, *, source: str | None) -> FIDStats
 def save_stats(stats: FIDStats, path: str) -> str:
     """Writes ``.npz`` with ``mu``/``sigma`` (readable by pytorch-fid and the official shortcut
     code too) and the provenance; atomically."""
-    fields = {"mu": np.asarray(stats.mu, np.float64), "sigma": np.asarray(stats.sigma, np.float64),
-              "format": np.asarray(STATS_FORMAT),
-              "count": np.asarray(-1 if stats.count is None else stats.count, np.int64),
-              "source": np.asarray(stats.source or ""),
-              "resolution": np.asarray(stats.resolution or (0, 0), np.int64),
-              "resize": np.asarray(stats.resize or ""),
-              "extractor": np.asarray(stats.extractor or "")}
+    fields = {
+        "mu": np.asarray(stats.mu, np.float64),
+        "sigma": np.asarray(stats.sigma, np.float64),
+        "format": np.asarray(STATS_FORMAT),
+        "count": np.asarray(-1 if stats.count is None else stats.count, np.int64),
+        "source": np.asarray(stats.source or ""),
+        "resolution": np.asarray(stats.resolution or (0, 0), np.int64),
+        "resize": np.asarray(stats.resize or ""),
+        "extractor": np.asarray(stats.extractor or ""),
+    }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, f".{os.path.basename(path)}.partial.npz")
@@ -209,41 +233,54 @@ def load_stats(path: str, *, source: str | None = None, resolution=None) -> FIDS
     with np.load(path) as f:
         files = set(f.files)
         if not {"mu", "sigma"} <= files:
-            hint = (" It holds images (arr_0) but no statistics: compute them with "
-                    "python -m shortcut_jax.fid_stats --stats --adm_npz=" + path
-                    if "arr_0" in files else "")
+            hint = (
+                " It holds images (arr_0) but no statistics: compute them with "
+                "python -m shortcut_jax.fid_stats --stats --adm_npz=" + path
+                if "arr_0" in files
+                else ""
+            )
             raise ValueError(f"{path!r} has no 'mu' and 'sigma' (keys: {sorted(files)}).{hint}")
         mu = np.asarray(f["mu"], np.float64)
         sigma = np.asarray(f["sigma"], np.float64)
         if "format" in files and str(f["format"]) == STATS_FORMAT:
             count = int(f["count"])
             recorded = FIDStats(
-                mu, sigma, count=None if count < 0 else count, source=_optional_str(f["source"]),
+                mu,
+                sigma,
+                count=None if count < 0 else count,
+                source=_optional_str(f["source"]),
                 resolution=tuple(int(v) for v in f["resolution"]) or None,
-                resize=_optional_str(f["resize"]), extractor=_optional_str(f["extractor"]),
-                origin="shortcut_jax", path=path)
+                resize=_optional_str(f["resize"]),
+                extractor=_optional_str(f["extractor"]),
+                origin="shortcut_jax",
+                path=path,
+            )
             if recorded.resolution == (0, 0):
                 recorded = dataclasses.replace(recorded, resolution=None)
         elif "mu_s" in files or "arr_0" in files:
             from shortcut_jax.evaluation.adm_npz import adm_npz_image_shape
 
             shape = adm_npz_image_shape(path) if "arr_0" in files else None
-            recorded = FIDStats(mu, sigma, count=shape[0] if shape else None,
-                                resolution=tuple(shape[1:3]) if shape else None,
-                                resize=ADM_RESIZE, origin="adm", path=path)
+            recorded = FIDStats(
+                mu,
+                sigma,
+                count=shape[0] if shape else None,
+                resolution=tuple(shape[1:3]) if shape else None,
+                resize=ADM_RESIZE,
+                origin="adm",
+                path=path,
+            )
         else:
             recorded = FIDStats(mu, sigma, origin="mu_sigma", path=path)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not a mean and "
-                         "its covariance")
+        raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
     declared = {"source": source, "resolution": _resolution(resolution)}
     for field, value in declared.items():
         if value is None:
             continue
         held = getattr(recorded, field)
         if held is not None and held != value:
-            raise StatsMismatchError(f"{path!r} records {field}={held!r}; it cannot be declared "
-                                     f"{value!r}")
+            raise StatsMismatchError(f"{path!r} records {field}={held!r}; it cannot be declared {value!r}")
         recorded = dataclasses.replace(recorded, **{field: value})
     return recorded
 
@@ -251,8 +288,14 @@ def load_stats(path: str, *, source: str | None = None, resolution=None) -> FIDS
 # ------------------------------------------------------------------------------------ comparison
 
 
-def check_compatible(reference: FIDStats, *, resolution=None, source: str | None = None,
-                     extractor: str | None = None, dim: int | None = None) -> list[str]:
+def check_compatible(
+    reference: FIDStats,
+    *,
+    resolution=None,
+    source: str | None = None,
+    extractor: str | None = None,
+    dim: int | None = None,
+) -> list[str]:
     """Refuses ``reference`` for samples of ``resolution``/``source``/``extractor`` when a
     recorded value differs (:class:`StatsMismatchError`, naming both values and what to change).
 
@@ -262,16 +305,26 @@ def check_compatible(reference: FIDStats, *, resolution=None, source: str | None
     """
     name = reference.path or "the reference statistics"
     if dim is not None and reference.mu.shape != (dim,):
-        raise StatsMismatchError(f"{name} has {reference.mu.shape[0]}-d features; the samples' "
-                                 f"are {dim}-d. Use statistics of the same network.")
+        raise StatsMismatchError(
+            f"{name} has {reference.mu.shape[0]}-d features; the samples' "
+            f"are {dim}-d. Use statistics of the same network."
+        )
     unverified = []
-    checks = [("resolution", reference.resolution, _resolution(resolution),
-               "use reference statistics of images at the samples' resolution, or sample at "
-               "the reference's"),
-              ("source", reference.source, source,
-               "use reference statistics of the data the model was trained on"),
-              ("extractor", reference.extractor, extractor,
-               "recompute the reference statistics with the same Inception weights")]
+    checks = [
+        (
+            "resolution",
+            reference.resolution,
+            _resolution(resolution),
+            "use reference statistics of images at the samples' resolution, or sample at the reference's",
+        ),
+        ("source", reference.source, source, "use reference statistics of the data the model was trained on"),
+        (
+            "extractor",
+            reference.extractor,
+            extractor,
+            "recompute the reference statistics with the same Inception weights",
+        ),
+    ]
     for field, held, wanted, fix in checks:
         if wanted is None:
             continue
@@ -279,11 +332,10 @@ def check_compatible(reference: FIDStats, *, resolution=None, source: str | None
             unverified.append(field)
         elif held != wanted:
             raise StatsMismatchError(
-                f"{name} was computed with {field}={held!r} but the samples have "
-                f"{field}={wanted!r}: {fix}.")
+                f"{name} was computed with {field}={held!r} but the samples have {field}={wanted!r}: {fix}."
+            )
     if reference.resize is not None and reference.resize != RESIZE:
-        logging.warning("%s resized images differently (%s) from this evaluation (%s)", name,
-                        reference.resize, RESIZE)
+        logging.warning("%s resized images differently (%s) from this evaluation (%s)", name, reference.resize, RESIZE)
     if unverified:
         logging.warning("%s does not record %s; not verified", name, ", ".join(unverified))
     return unverified
@@ -292,8 +344,13 @@ def check_compatible(reference: FIDStats, *, resolution=None, source: str | None
 def frechet_inception_distance(samples: FIDStats, reference: FIDStats) -> float:
     """FID between two sets of statistics, after :func:`check_compatible` of the reference
     against everything the sample statistics record."""
-    check_compatible(reference, resolution=samples.resolution, source=samples.source,
-                     extractor=samples.extractor, dim=samples.mu.shape[0])
+    check_compatible(
+        reference,
+        resolution=samples.resolution,
+        source=samples.source,
+        extractor=samples.extractor,
+        dim=samples.mu.shape[0],
+    )
     return distances.frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma)
 
 
@@ -312,20 +369,24 @@ def data_image_batches(data_config, *, batch_size: int, num_images: int = 0):
     source = make_dataset(config, batch_size=batch_size, seed=0)
     if source.spec.kind != "images" or source.spec.shape[-1] != 3 or source.num_examples is None:
         source.close()
-        raise ValueError(f"data.name={config.get('name')!r} gives {source.spec.kind} of shape "
-                         f"{source.spec.shape}; FID statistics need RGB images "
-                         "(data.name='image_folder', or 'arrays' holding uint8 [N, H, W, 3]).")
+        raise ValueError(
+            f"data.name={config.get('name')!r} gives {source.spec.kind} of shape "
+            f"{source.spec.shape}; FID statistics need RGB images "
+            "(data.name='image_folder', or 'arrays' holding uint8 [N, H, W, 3])."
+        )
     total = num_images or source.num_examples
     if total > source.num_examples:
         source.close()
-        raise ValueError(f"num_images={num_images} but the data holds {source.num_examples} "
-                         "images; use at most that many (0 for all).")
+        raise ValueError(
+            f"num_images={num_images} but the data holds {source.num_examples} "
+            "images; use at most that many (0 for all)."
+        )
 
     def batches():
         with source:
             done = 0
             while done < total:
-                x = source.next_batch()["x"][:total - done]
+                x = source.next_batch()["x"][: total - done]
                 done += len(x)
                 if done // 5000 != (done - len(x)) // 5000 or done == total:
                     logging.info("%d of %d images", done, total)
@@ -335,7 +396,7 @@ def data_image_batches(data_config, *, batch_size: int, num_images: int = 0):
 
 
 def array_batches(images: np.ndarray, batch_size: int):
-    return (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
 
 
 def run_command(options, data_config, extractor=None) -> str:
@@ -346,8 +407,7 @@ def run_command(options, data_config, extractor=None) -> str:
 
     o = options
     if o.stats == bool(o.samples):
-        raise ValueError("give either --stats (reference statistics) or --samples=FILE.npz (an "
-                         "FID)")
+        raise ValueError("give either --stats (reference statistics) or --samples=FILE.npz (an FID)")
     if o.stats and not o.out:
         raise ValueError("--stats needs --out=FILE.npz")
     if o.samples and not o.reference:
@@ -358,7 +418,7 @@ def run_command(options, data_config, extractor=None) -> str:
         sample_images = read_adm_npz(o.samples)[0]
         check_compatible(reference, resolution=sample_images.shape[1:3])
     elif o.adm_npz:
-        images = read_adm_npz(o.adm_npz)[0][:o.num_images or None]
+        images = read_adm_npz(o.adm_npz)[0][: o.num_images or None]
         batches = array_batches(images, o.batch_size)
         source = o.source or f"adm_npz:{os.path.abspath(o.adm_npz)}"
     else:
@@ -369,12 +429,17 @@ def run_command(options, data_config, extractor=None) -> str:
     if o.stats:
         stats = image_stats(extractor, batches, source=source)
         save_stats(stats, o.out)
-        return (f"wrote {o.out}: {stats.count} images, source {stats.source!r}, resolution "
-                f"{stats.resolution}, extractor {stats.extractor}")
-    unverified = check_compatible(reference, resolution=sample_images.shape[1:3],
-                                  extractor=extractor.extractor_id, dim=extractor.dim)
+        return (
+            f"wrote {o.out}: {stats.count} images, source {stats.source!r}, resolution "
+            f"{stats.resolution}, extractor {stats.extractor}"
+        )
+    unverified = check_compatible(
+        reference, resolution=sample_images.shape[1:3], extractor=extractor.extractor_id, dim=extractor.dim
+    )
     samples = image_stats(extractor, array_batches(sample_images, o.batch_size), source=None)
     fid = distances.frechet_distance(samples.mu, samples.sigma, reference.mu, reference.sigma)
-    return (f"FID {fid:.4f} ({samples.count} samples at {samples.resolution[0]}x"
-            f"{samples.resolution[1]} against {reference.path}; not verified: "
-            f"{', '.join(unverified) or 'nothing'})")
+    return (
+        f"FID {fid:.4f} ({samples.count} samples at {samples.resolution[0]}x"
+        f"{samples.resolution[1]} against {reference.path}; not verified: "
+        f"{', '.join(unverified) or 'nothing'})"
+    )

@@ -30,6 +30,7 @@ Parity with pytorch-fid is checked against features that pytorch-fid's own netwo
 holds them) with weights drawn by :func:`synthetic_torch_state_dict`, so the check needs neither
 the real weights nor torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,9 @@ INPUT_SIZE = 299
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"
 CONVERTED_FILE = "pt_inception-2015-12-05-6726825d.npz"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_ENV_VAR = "SHORTCUT_JAX_FID_WEIGHTS"
 # Where a converted file is expected by default, and where torch hub (and so pytorch-fid itself)
 # caches the downloaded original.
@@ -111,8 +113,15 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         ph, pw = self.padding
-        x = nn.Conv(self.features, self.kernel, self.strides, padding=((ph, ph), (pw, pw)),
-                    use_bias=False, precision=_HIGHEST, name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            self.kernel,
+            self.strides,
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            precision=_HIGHEST,
+            name="conv",
+        )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
         return nn.relu(x)
 
@@ -207,16 +216,22 @@ class BlockE(nn.Module):
     def __call__(self, x):
         b1 = ConvBN(320, (1, 1), name="branch1x1")(x)
         b3 = ConvBN(384, (1, 1), name="branch3x3_1")(x)
-        b3 = jnp.concatenate([
-            ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-            ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
-        ], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+                ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+            ],
+            axis=-1,
+        )
         bd = ConvBN(448, (1, 1), name="branch3x3dbl_1")(x)
         bd = ConvBN(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([
-            ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-            ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
-        ], axis=-1)
+        bd = jnp.concatenate(
+            [
+                ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+                ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+            ],
+            axis=-1,
+        )
         pooled = _avg_pool_3x3_same(x) if self.pool == "avg" else _max_pool_3x3_same(x)
         bp = ConvBN(192, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -228,24 +243,24 @@ class FIDInceptionV3(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = ConvBN(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)  # [N, 149, 149, 32]
-        x = ConvBN(32, (3, 3), name="Conv2d_2a_3x3")(x)                  # [N, 147, 147, 32]
+        x = ConvBN(32, (3, 3), name="Conv2d_2a_3x3")(x)  # [N, 147, 147, 32]
         x = ConvBN(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)  # [N, 147, 147, 64]
-        x = _max_pool_3x3_stride2(x)                                     # [N, 73, 73, 64]
-        x = ConvBN(80, (1, 1), name="Conv2d_3b_1x1")(x)                  # [N, 73, 73, 80]
-        x = ConvBN(192, (3, 3), name="Conv2d_4a_3x3")(x)                 # [N, 71, 71, 192]
-        x = _max_pool_3x3_stride2(x)                                     # [N, 35, 35, 192]
-        x = BlockA(32, name="Mixed_5b")(x)                               # [N, 35, 35, 256]
-        x = BlockA(64, name="Mixed_5c")(x)                               # [N, 35, 35, 288]
-        x = BlockA(64, name="Mixed_5d")(x)                               # [N, 35, 35, 288]
-        x = BlockB(name="Mixed_6a")(x)                                   # [N, 17, 17, 768]
+        x = _max_pool_3x3_stride2(x)  # [N, 73, 73, 64]
+        x = ConvBN(80, (1, 1), name="Conv2d_3b_1x1")(x)  # [N, 73, 73, 80]
+        x = ConvBN(192, (3, 3), name="Conv2d_4a_3x3")(x)  # [N, 71, 71, 192]
+        x = _max_pool_3x3_stride2(x)  # [N, 35, 35, 192]
+        x = BlockA(32, name="Mixed_5b")(x)  # [N, 35, 35, 256]
+        x = BlockA(64, name="Mixed_5c")(x)  # [N, 35, 35, 288]
+        x = BlockA(64, name="Mixed_5d")(x)  # [N, 35, 35, 288]
+        x = BlockB(name="Mixed_6a")(x)  # [N, 17, 17, 768]
         x = BlockC(128, name="Mixed_6b")(x)
         x = BlockC(160, name="Mixed_6c")(x)
         x = BlockC(160, name="Mixed_6d")(x)
-        x = BlockC(192, name="Mixed_6e")(x)                              # [N, 17, 17, 768]
-        x = BlockD(name="Mixed_7a")(x)                                   # [N, 8, 8, 1280]
-        x = BlockE("avg", name="Mixed_7b")(x)                            # [N, 8, 8, 2048]
-        x = BlockE("max", name="Mixed_7c")(x)                            # [N, 8, 8, 2048]
-        return jnp.mean(x, axis=(1, 2))                                  # [N, 2048]
+        x = BlockC(192, name="Mixed_6e")(x)  # [N, 17, 17, 768]
+        x = BlockD(name="Mixed_7a")(x)  # [N, 8, 8, 1280]
+        x = BlockE("avg", name="Mixed_7b")(x)  # [N, 8, 8, 2048]
+        x = BlockE("max", name="Mixed_7c")(x)  # [N, 8, 8, 2048]
+        return jnp.mean(x, axis=(1, 2))  # [N, 2048]
 
 
 # ----------------------------------------------------------------------------------- input resize
@@ -283,9 +298,9 @@ def bilinear_resize(x, size: int = INPUT_SIZE):
         return x
     r_lo, r_hi, r_wlo, r_whi = _linear_taps(h, size)
     c_lo, c_hi, c_wlo, c_whi = _linear_taps(w, size)
-    rows_lo, rows_hi = x[:, r_lo], x[:, r_hi]                         # [N, size, W, C]
+    rows_lo, rows_hi = x[:, r_lo], x[:, r_hi]  # [N, size, W, C]
     c_wlo, c_whi = c_wlo[None, None, :, None], c_whi[None, None, :, None]
-    top = c_wlo * rows_lo[:, :, c_lo] + c_whi * rows_lo[:, :, c_hi]   # [N, size, size, C]
+    top = c_wlo * rows_lo[:, :, c_lo] + c_whi * rows_lo[:, :, c_hi]  # [N, size, size, C]
     bottom = c_wlo * rows_hi[:, :, c_lo] + c_whi * rows_hi[:, :, c_hi]
     return r_wlo[None, :, None, None] * top + r_whi[None, :, None, None] * bottom
 
@@ -338,8 +353,7 @@ def find_weights(path: str | None = None) -> str:
     if env:
         full = os.path.expanduser(env)
         if not os.path.isfile(full):
-            raise WeightsNotFoundError(
-                f"${WEIGHTS_ENV_VAR}={env!r} but no file is there. {how}")
+            raise WeightsNotFoundError(f"${WEIGHTS_ENV_VAR}={env!r} but no file is there. {how}")
         return full
     candidates = _candidate_paths()
     for candidate in candidates:
@@ -347,17 +361,22 @@ def find_weights(path: str | None = None) -> str:
             return candidate
     raise WeightsNotFoundError(
         f"FID Inception weights ({WEIGHTS_FILE} or its converted {CONVERTED_FILE}) not found; "
-        f"looked at ${WEIGHTS_ENV_VAR} (unset) and {candidates}. {how}")
+        f"looked at ${WEIGHTS_ENV_VAR} (unset) and {candidates}. {how}"
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def _variable_shapes() -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
     """Flattened ``{'params': {path: shape}, 'batch_stats': {path: shape}}`` of the network."""
-    abstract = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0),
-                              jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
-    return {col: {path: tuple(leaf.shape) for path, leaf in
-                  flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
-            for col, tree in abstract.items()}
+    abstract = jax.eval_shape(
+        FIDInceptionV3().init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    )
+    return {
+        col: {
+            path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()
+        }
+        for col, tree in abstract.items()
+    }
 
 
 # Flax leaf (collection, last path element) <-> state-dict suffix. Convolution kernels go from
@@ -387,8 +406,11 @@ def _torch_shape(collection: str, path: tuple[str, ...], shape: tuple[int, ...])
 
 def expected_torch_shapes() -> dict[str, tuple[int, ...]]:
     """``{state dict name: shape}`` of every tensor the network needs (no optional keys)."""
-    return {_torch_name(col, path): _torch_shape(col, path, shape)
-            for col, leaves in _variable_shapes().items() for path, shape in leaves.items()}
+    return {
+        _torch_name(col, path): _torch_shape(col, path, shape)
+        for col, leaves in _variable_shapes().items()
+        for path, shape in leaves.items()
+    }
 
 
 def _listed(names: Iterable[str], limit: int = 12) -> str:
@@ -416,8 +438,10 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, Any]) -> dict[str, An
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys: {_listed(unexpected)}")
         raise ValueError(
-            "this state dict is not pytorch-fid's FID Inception-v3 (" + "; ".join(parts)
-            + f"). Use {WEIGHTS_FILE} from {WEIGHTS_URL}.")
+            "this state dict is not pytorch-fid's FID Inception-v3 ("
+            + "; ".join(parts)
+            + f"). Use {WEIGHTS_FILE} from {WEIGHTS_URL}."
+        )
     variables: dict[str, Any] = {}
     for col, leaves in _variable_shapes().items():
         flat = {}
@@ -425,8 +449,7 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, Any]) -> dict[str, An
             name = _torch_name(col, path)
             value = np.asarray(_to_numpy(state_dict[name]), dtype=np.float32)
             if value.shape != expected[name]:
-                raise ValueError(f"{name} has shape {value.shape}, the network needs "
-                                 f"{expected[name]}")
+                raise ValueError(f"{name} has shape {value.shape}, the network needs {expected[name]}")
             flat[path] = value.transpose(2, 3, 1, 0) if path[-1] == "kernel" else value
         variables[col] = flax.traverse_util.unflatten_dict(flat)
     return variables
@@ -438,8 +461,9 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def synthetic_torch_state_dict(names_and_shapes: Sequence[tuple[str, Sequence[int]]],
-                               seed: int) -> dict[str, np.ndarray]:
+def synthetic_torch_state_dict(
+    names_and_shapes: Sequence[tuple[str, Sequence[int]]], seed: int
+) -> dict[str, np.ndarray]:
     """Random weights in pytorch-fid's layout, reproducible from ``(names, shapes, seed)`` alone.
 
     This is what parity is checked with: the reference network is built with these weights, its
@@ -481,7 +505,8 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         raise ImportError(
             f"reading {path!r} needs torch. Install it, or convert the file once on a machine "
             f"that has it: python -m shortcut_jax.evaluation.inception --convert {path} --out "
-            f"{os.path.join(DEFAULT_DIR, CONVERTED_FILE)}") from err
+            f"{os.path.join(DEFAULT_DIR, CONVERTED_FILE)}"
+        ) from err
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")
@@ -527,22 +552,21 @@ def _load_npz_variables(path: str) -> tuple[dict[str, Any], str]:
             raise ValueError(
                 f"{path!r} is not a converted FID Inception file (no {_NPZ_FORMAT!r} marker); "
                 f"write one with python -m shortcut_jax.evaluation.inception --convert "
-                f"{WEIGHTS_FILE} --out {path}")
+                f"{WEIGHTS_FILE} --out {path}"
+            )
         source = str(f["__source_sha256__"]) if "__source_sha256__" in files else ""
         arrays = {k: f[k] for k in files if not k.startswith("__")}
-    expected = {"/".join((col,) + p): s for col, leaves in _variable_shapes().items()
-                for p, s in leaves.items()}
+    expected = {"/".join((col,) + p): s for col, leaves in _variable_shapes().items() for p, s in leaves.items()}
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path!r} does not match the network: missing {_listed(missing)}; "
-                         f"unexpected {_listed(unexpected)}")
+        raise ValueError(
+            f"{path!r} does not match the network: missing {_listed(missing)}; unexpected {_listed(unexpected)}"
+        )
     for key, shape in expected.items():
         if arrays[key].shape != shape:
-            raise ValueError(f"{path!r}: {key} has shape {arrays[key].shape}, the network needs "
-                             f"{shape}")
-    return flax.traverse_util.unflatten_dict(
-        {k: v.astype(np.float32) for k, v in arrays.items()}, sep="/"), source
+            raise ValueError(f"{path!r}: {key} has shape {arrays[key].shape}, the network needs {shape}")
+    return flax.traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in arrays.items()}, sep="/"), source
 
 
 def load_variables(path: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -564,9 +588,9 @@ def load_variables(path: str | None = None) -> tuple[dict[str, Any], dict[str, s
         raise ValueError(
             f"{full!r} was converted from a file whose SHA-256 is {source_sha[:16]}..., not "
             f"the released {WEIGHTS_FILE} ({WEIGHTS_SHA256_PREFIX}...). Convert the file from "
-            f"{WEIGHTS_URL} .")
-    info = {"path": full, "source_sha256": source_sha,
-            "fingerprint": variables_fingerprint(variables)}
+            f"{WEIGHTS_URL} ."
+        )
+    info = {"path": full, "source_sha256": source_sha, "fingerprint": variables_fingerprint(variables)}
     return variables, info
 
 
@@ -575,7 +599,8 @@ def _check_release_hash(path: str, sha: str) -> None:
         raise ValueError(
             f"{path!r} has SHA-256 {sha[:16]}..., not the released {WEIGHTS_FILE} "
             f"({WEIGHTS_SHA256_PREFIX}...): a partial download or other weights. Download it "
-            f"again from {WEIGHTS_URL} .")
+            f"again from {WEIGHTS_URL} ."
+        )
 
 
 # ------------------------------------------------------------------------------ feature extractor
@@ -597,8 +622,14 @@ class InceptionFeatures(ChunkedFeatures):
     differences between models that papers report.
     """
 
-    def __init__(self, variables=None, *, weights_path: str | None = None, batch_size: int = 200,
-                 devices: Sequence[Any] | None = None):
+    def __init__(
+        self,
+        variables=None,
+        *,
+        weights_path: str | None = None,
+        batch_size: int = 200,
+        devices: Sequence[Any] | None = None,
+    ):
         if variables is not None and weights_path is not None:
             raise ValueError("give variables or weights_path, not both")
         if batch_size < 1:
@@ -606,12 +637,17 @@ class InceptionFeatures(ChunkedFeatures):
         if variables is None:
             variables, self.info = load_variables(weights_path)
         else:
-            self.info = {"path": "", "source_sha256": "",
-                         "fingerprint": variables_fingerprint(variables)}
+            self.info = {"path": "", "source_sha256": "", "fingerprint": variables_fingerprint(variables)}
         self.fingerprint = self.info["fingerprint"]
         model = FIDInceptionV3()
-        super().__init__(_to_network_input, lambda v, x: model.apply(v, x), variables, dim=FEATURE_DIM,
-                         batch_size=batch_size, devices=devices)
+        super().__init__(
+            _to_network_input,
+            lambda v, x: model.apply(v, x),
+            variables,
+            dim=FEATURE_DIM,
+            batch_size=batch_size,
+            devices=devices,
+        )
 
     @property
     def extractor_id(self) -> str:
@@ -635,15 +671,18 @@ def convert(pth_path: str, out_path: str) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shortcut_jax.evaluation.inception",
-        description=f"Convert pytorch-fid's {WEIGHTS_FILE} to a .npz that loads without torch.")
-    parser.add_argument("--convert", required=True, metavar="IN.pth",
-                        help=f"the .pth from {WEIGHTS_URL}")
-    parser.add_argument("--out", default=os.path.join(DEFAULT_DIR, CONVERTED_FILE),
-                        metavar="OUT.npz", help="where to write (default: %(default)s)")
+        description=f"Convert pytorch-fid's {WEIGHTS_FILE} to a .npz that loads without torch.",
+    )
+    parser.add_argument("--convert", required=True, metavar="IN.pth", help=f"the .pth from {WEIGHTS_URL}")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(DEFAULT_DIR, CONVERTED_FILE),
+        metavar="OUT.npz",
+        help="where to write (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     info = convert(os.path.expanduser(args.convert), os.path.expanduser(args.out))
-    print(f"wrote {info['path']} (fingerprint {info['fingerprint']}, "
-          f"source sha256 {info['source_sha256']})")
+    print(f"wrote {info['path']} (fingerprint {info['fingerprint']}, source sha256 {info['source_sha256']})")
     return 0
 
 

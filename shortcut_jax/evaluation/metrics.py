@@ -11,6 +11,7 @@ data-against-data floor where the metric has one. A new metric is a class with `
 One metric per evaluation (``eval.metric``): samples are fixed by ``eval.seed``, so a second
 evaluation with another metric scores the same samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,11 +33,9 @@ METRIC_CHOICES = ("auto", "none", "sliced_wasserstein", "cfd", "fid")
 class Accumulator(Protocol):
     """Takes one budget's samples batch by batch; ``result()`` is the metric of all of them."""
 
-    def add(self, samples: np.ndarray) -> None:
-        ...
+    def add(self, samples: np.ndarray) -> None: ...
 
-    def result(self) -> float:
-        ...
+    def result(self) -> float: ...
 
 
 class _WholeSet:
@@ -79,8 +78,7 @@ class Metric(Protocol):
         """Refuses samples of ``image_shape`` (after any decoding of ``data_shape``) before
         anything is sampled."""
 
-    def against(self, source, num_samples: int, seed: int, *, cache_dir: Optional[str] = None) -> Scorer:
-        ...
+    def against(self, source, num_samples: int, seed: int, *, cache_dir: Optional[str] = None) -> Scorer: ...
 
     def describe(self) -> dict:
         """What the scores depend on besides the samples (for evaluation.json)."""
@@ -124,11 +122,13 @@ class ClassifierFrechet:
 
     def __init__(self, path: str, *, reference_stats=None, batch_size: int = 500):
         if not os.path.isfile(os.path.join(path, fd.classifier.CONFIG_FILE)):
-            raise FileNotFoundError(f"no classifier saved at {path!r} (expected {fd.classifier.CONFIG_FILE} there):"
-                                    " fix eval.classifier")
+            raise FileNotFoundError(
+                f"no classifier saved at {path!r} (expected {fd.classifier.CONFIG_FILE} there): fix eval.classifier"
+            )
         if isinstance(reference_stats, (str, os.PathLike)) and not os.path.isfile(reference_stats):
-            raise FileNotFoundError(f"reference statistics file {os.fspath(reference_stats)!r} does not exist:"
-                                    " fix eval.reference_stats")
+            raise FileNotFoundError(
+                f"reference statistics file {os.fspath(reference_stats)!r} does not exist: fix eval.reference_stats"
+            )
         self.path = path
         self.batch_size = batch_size
         self._stats_source = reference_stats
@@ -159,9 +159,12 @@ class ClassifierFrechet:
 
     def describe(self) -> dict:
         stats = self._stats_source
-        return {"classifier": self.path,
-                "reference_stats": os.fspath(stats) if isinstance(stats, (str, os.PathLike)) else
-                ("given as arrays" if stats is not None else "from the data")}
+        return {
+            "classifier": self.path,
+            "reference_stats": os.fspath(stats)
+            if isinstance(stats, (str, os.PathLike))
+            else ("given as arrays" if stats is not None else "from the data"),
+        }
 
     def score(self, samples, stats) -> float:
         if not np.all(np.isfinite(np.asarray(samples, np.float32))):
@@ -190,8 +193,9 @@ def inception_features(weights_path: str, batch_size: int):
 
 def _stats_command(shape) -> str:
     size = f" --data.image_size={shape[0]}" if shape and shape[0] == shape[1] else ""
-    return ("python -m shortcut_jax.fid_stats --stats --data.name=... --data.path=..."
-            f"{size} --source=NAME --out=stats.npz")
+    return (
+        f"python -m shortcut_jax.fid_stats --stats --data.name=... --data.path=...{size} --source=NAME --out=stats.npz"
+    )
 
 
 class _FeatureMomentsOfSamples:
@@ -250,7 +254,8 @@ class _FeatureMomentsOfSamples:
         if held is not None and tuple(held) != tuple(shape[1:3]):
             raise fid.StatsMismatchError(
                 f"{self.reference.path or 'the reference statistics'} are of {held[0]}x{held[1]} images, the samples"
-                f" are {shape[1]}x{shape[2]}: set eval.fid_reference to statistics at the samples' resolution")
+                f" are {shape[1]}x{shape[2]}: set eval.fid_reference to statistics at the samples' resolution"
+            )
 
     def result(self) -> float:
         if not self.finite:
@@ -289,13 +294,17 @@ class FrechetInception:
         self.reference: Optional[fid.FIDStats] = None
         if reference:
             if not os.path.isfile(reference):
-                raise FileNotFoundError(f"FID reference statistics {reference!r} do not exist: fix eval.fid_reference"
-                                        f" (or compute them: {_stats_command(None)})")
+                raise FileNotFoundError(
+                    f"FID reference statistics {reference!r} do not exist: fix eval.fid_reference"
+                    f" (or compute them: {_stats_command(None)})"
+                )
             try:
                 self.reference = fid.load_stats(reference, source=self.source)
             except fid.StatsMismatchError as err:
-                raise fid.StatsMismatchError(f"{err}: fix eval.fid_source (the data set the reference must record),"
-                                             " or set eval.fid_reference to statistics of that data set") from None
+                raise fid.StatsMismatchError(
+                    f"{err}: fix eval.fid_source (the data set the reference must record),"
+                    " or set eval.fid_reference to statistics of that data set"
+                ) from None
         self.unverified: list[str] = []
         self._extractor = None
         self._data_stats: dict[str, fid.FIDStats] = {}
@@ -311,30 +320,37 @@ class FrechetInception:
     def check(self, *, data_shape: tuple, image_shape: tuple) -> None:
         image_shape, data_shape = tuple(image_shape), tuple(data_shape)
         if len(image_shape) != 3 or image_shape[-1] not in (1, 3):
-            raise ValueError(f"eval.metric='fid' scores images [H, W, 3] (or greyscale); the samples are "
-                             f"{image_shape}: latent runs decode them first (the experiment's decode)")
+            raise ValueError(
+                f"eval.metric='fid' scores images [H, W, 3] (or greyscale); the samples are "
+                f"{image_shape}: latent runs decode them first (the experiment's decode)"
+            )
         if self.reference is None:
             if data_shape != image_shape:
                 raise ValueError(
                     f"eval.metric='fid' without eval.fid_reference computes the reference statistics from the data,"
                     f" whose examples are {data_shape}, not images like the samples {image_shape}: compute statistics"
-                    f" of the images once ({_stats_command(image_shape)}) and set eval.fid_reference")
+                    f" of the images once ({_stats_command(image_shape)}) and set eval.fid_reference"
+                )
             return
         try:
             self.unverified = fid.check_compatible(self.reference, resolution=image_shape[:2], source=self.source)
             extractor = self.extractor
-            self.unverified += fid.check_compatible(self.reference, extractor=extractor.extractor_id,
-                                                    dim=extractor.dim)
+            self.unverified += fid.check_compatible(self.reference, extractor=extractor.extractor_id, dim=extractor.dim)
         except fid.StatsMismatchError as err:
-            raise fid.StatsMismatchError(f"{err} (eval.fid_reference={self.reference.path!r}; statistics of other"
-                                         f" data: {_stats_command(image_shape)})") from None
+            raise fid.StatsMismatchError(
+                f"{err} (eval.fid_reference={self.reference.path!r}; statistics of other"
+                f" data: {_stats_command(image_shape)})"
+            ) from None
 
     def describe(self) -> dict:
         used = self._used or self.reference
-        out: dict[str, Any] = {"weights": self.weights_path, "batch_size": self.batch_size,
-                               "reference": used.describe() if used is not None else None,
-                               "reference_from": "eval.fid_reference" if self.reference is not None else "data",
-                               "unverified": list(self.unverified)}
+        out: dict[str, Any] = {
+            "weights": self.weights_path,
+            "batch_size": self.batch_size,
+            "reference": used.describe() if used is not None else None,
+            "reference_from": "eval.fid_reference" if self.reference is not None else "data",
+            "unverified": list(self.unverified),
+        }
         if self._extractor is not None:
             out["extractor"] = self._extractor.extractor_id
         if self._cache_path:
@@ -344,13 +360,16 @@ class FrechetInception:
     def _data_reference(self, source, num_samples: int, seed: int, cache_dir: Optional[str]) -> fid.FIDStats:
         shape = tuple(source.spec.shape)
         if source.spec.kind != "images" or shape[-1] not in (1, 3):
-            raise ValueError(f"eval.metric='fid' without eval.fid_reference needs image data; the data gives"
-                             f" {shape}: set eval.fid_reference ({_stats_command(None)})")
+            raise ValueError(
+                f"eval.metric='fid' without eval.fid_reference needs image data; the data gives"
+                f" {shape}: set eval.fid_reference ({_stats_command(None)})"
+            )
         held = num_samples * math.prod(shape) * 4
         if held > MAX_DATA_REFERENCE_BYTES:
             raise ValueError(
                 f"reference statistics from {num_samples} data images of {shape} would hold {held / 2**30:.1f} GiB:"
-                f" compute them once with the streaming command ({_stats_command(shape)}) and set eval.fid_reference")
+                f" compute them once with the streaming command ({_stats_command(shape)}) and set eval.fid_reference"
+            )
         images = to_uint8(grey_to_rgb(source.reference(num_samples, seed=seed + 1)))
         extractor = self.extractor
         digest = hashlib.blake2b(digest_size=12)
@@ -364,7 +383,7 @@ class FrechetInception:
             stats = fid.load_stats(path)
             logging.info("FID reference statistics of %d data images from %s", stats.count, path)
         else:
-            batches = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+            batches = (images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size))
             stats = fid.image_stats(extractor, batches, source=self.source)
             if path:
                 import jax
@@ -387,7 +406,7 @@ class FrechetInception:
         def score(samples) -> float:
             accumulator = accumulate()
             for start in range(0, len(samples), self.batch_size):
-                accumulator.add(samples[start:start + self.batch_size])
+                accumulator.add(samples[start : start + self.batch_size])
             return accumulator.result()
 
         return Scorer(score, accumulate=accumulate)
@@ -406,11 +425,14 @@ def build_metric(eval_cfg, kind: str) -> Optional[Metric]:
     if name == "fid":
         if kind != "images":
             raise ValueError("eval.metric='fid' scores images; set eval.metric='auto' for points")
-        return FrechetInception(reference=eval_cfg.fid_reference, weights=eval_cfg.fid_weights,
-                                source=eval_cfg.fid_source, batch_size=eval_cfg.fid_batch_size)
+        return FrechetInception(
+            reference=eval_cfg.fid_reference,
+            weights=eval_cfg.fid_weights,
+            source=eval_cfg.fid_source,
+            batch_size=eval_cfg.fid_batch_size,
+        )
     if name == "cfd":
         if kind != "images":
             raise ValueError("eval.metric='cfd' scores images; set eval.metric='auto' for points")
-        return ClassifierFrechet(
-            eval_cfg.classifier, reference_stats=eval_cfg.reference_stats or None)
+        return ClassifierFrechet(eval_cfg.classifier, reference_stats=eval_cfg.reference_stats or None)
     raise ValueError(f"eval.metric={name!r} is unknown; use one of {list(METRIC_CHOICES)}")

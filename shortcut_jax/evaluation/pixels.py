@@ -5,6 +5,7 @@ Every image metric (CFD, FID), every sample file (the ADM ``.npz``) and every PN
 goes through :func:`to_uint8`, the inverse of that map, so that a data image survives the round
 trip unchanged and a model is scored on exactly the bytes it would be saved as.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,6 +9,7 @@ Plots are drawn on an explicit Agg canvas rather than through ``pyplot`` so
 they never depend on, or change, the process-wide matplotlib backend (training
 scripts call these from headless workers and sometimes from threads).
 """
+
 from __future__ import annotations
 
 import csv

@@ -11,6 +11,7 @@ device draws its own rows and no device repeats another's (``tests/test_sampling
 last batch is padded to the batch size, so every batch has one shape and the sampler compiles
 once for every budget.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,10 +50,22 @@ def class_labels(num_samples: int, num_classes: int, *, mode: str = "balanced", 
     return labels
 
 
-def sample_batches(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
-                   num_steps: int, seed: int, cfg_scale: float = 1.0, label_mode: str = "balanced",
-                   labels: Optional[np.ndarray] = None, decode: Optional[Callable] = None,
-                   timings: Optional[dict] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def sample_batches(
+    sampler,
+    params,
+    *,
+    shape,
+    num_classes: int,
+    num_samples: int,
+    batch_size: int,
+    num_steps: int,
+    seed: int,
+    cfg_scale: float = 1.0,
+    label_mode: str = "balanced",
+    labels: Optional[np.ndarray] = None,
+    decode: Optional[Callable] = None,
+    timings: Optional[dict] = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(samples, labels)`` of the sample set, in order, ``batch_size`` at a time.
 
     ``samples``: host float32 ``[b, *shape]``, or with ``decode`` (latents ``[N, h, w, c]`` ->
@@ -62,16 +75,39 @@ def sample_batches(sampler, params, *, shape, num_classes: int, num_samples: int
     little overlap). :func:`device_batches` gives the same batches left on the devices.
     """
     for x, count, chunk_labels in device_batches(
-            sampler, params, shape=shape, num_classes=num_classes, num_samples=num_samples,
-            batch_size=batch_size, num_steps=num_steps, seed=seed, cfg_scale=cfg_scale, label_mode=label_mode,
-            labels=labels, decode=decode, timings=timings):
+        sampler,
+        params,
+        shape=shape,
+        num_classes=num_classes,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        num_steps=num_steps,
+        seed=seed,
+        cfg_scale=cfg_scale,
+        label_mode=label_mode,
+        labels=labels,
+        decode=decode,
+        timings=timings,
+    ):
         yield np.asarray(sampler.to_host(x))[:count], chunk_labels
 
 
-def device_batches(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
-                   num_steps: int, seed: int, cfg_scale: float = 1.0, label_mode: str = "balanced",
-                   labels: Optional[np.ndarray] = None, decode: Optional[Callable] = None,
-                   timings: Optional[dict] = None) -> Iterator[tuple[object, int, np.ndarray]]:
+def device_batches(
+    sampler,
+    params,
+    *,
+    shape,
+    num_classes: int,
+    num_samples: int,
+    batch_size: int,
+    num_steps: int,
+    seed: int,
+    cfg_scale: float = 1.0,
+    label_mode: str = "balanced",
+    labels: Optional[np.ndarray] = None,
+    decode: Optional[Callable] = None,
+    timings: Optional[dict] = None,
+) -> Iterator[tuple[object, int, np.ndarray]]:
     """:func:`sample_batches` without the copy to the host: yields ``(samples, count, labels)``
     with ``samples`` the sampler's (or ``decode``'s) output as it is, a global array of
     ``batch_size`` rows sharded over the sampler's mesh (a host array where ``decode`` works on
@@ -91,7 +127,7 @@ def device_batches(sampler, params, *, shape, num_classes: int, num_samples: int
         noise[:n] = rng.standard_normal((n, *shape))
         chunk_labels = np.full(batch_size, num_classes, np.int32)  # padding rows: the null class
         if num_classes > 0:
-            chunk_labels[:n] = labels[start:start + n]
+            chunk_labels[:n] = labels[start : start + n]
         began = time.perf_counter()
         x = sampler(params, noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
         if timings is not None:
@@ -103,14 +139,41 @@ def device_batches(sampler, params, *, shape, num_classes: int, num_samples: int
             if timings is not None:
                 jax.block_until_ready(x)
                 timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - sampled
-        yield x, n, labels[start:start + n]
+        yield x, n, labels[start : start + n]
 
 
-def draw_samples(sampler, params, *, shape, num_classes: int, num_samples: int, batch_size: int,
-                 num_steps: int, seed: int, cfg_scale: float = 1.0, label_mode: str = "balanced",
-                 labels: Optional[np.ndarray] = None, decode: Optional[Callable] = None) -> np.ndarray:
+def draw_samples(
+    sampler,
+    params,
+    *,
+    shape,
+    num_classes: int,
+    num_samples: int,
+    batch_size: int,
+    num_steps: int,
+    seed: int,
+    cfg_scale: float = 1.0,
+    label_mode: str = "balanced",
+    labels: Optional[np.ndarray] = None,
+    decode: Optional[Callable] = None,
+) -> np.ndarray:
     """All ``num_samples`` samples of :func:`sample_batches` as one host array."""
-    return np.concatenate([x for x, _ in sample_batches(
-        sampler, params, shape=shape, num_classes=num_classes, num_samples=num_samples, batch_size=batch_size,
-        num_steps=num_steps, seed=seed, cfg_scale=cfg_scale, label_mode=label_mode, labels=labels,
-        decode=decode)])
+    return np.concatenate(
+        [
+            x
+            for x, _ in sample_batches(
+                sampler,
+                params,
+                shape=shape,
+                num_classes=num_classes,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                num_steps=num_steps,
+                seed=seed,
+                cfg_scale=cfg_scale,
+                label_mode=label_mode,
+                labels=labels,
+                decode=decode,
+            )
+        ]
+    )

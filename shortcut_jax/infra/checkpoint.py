@@ -203,9 +203,7 @@ class Checkpointer:
             raise RuntimeError("Checkpointer is closed")
         step = int(step)
         if step in self._manager.all_steps():
-            logging.warning(
-                "Checkpoint for step %d already exists in %s; not saving it again.", step, self.directory
-            )
+            logging.warning("Checkpoint for step %d already exists in %s; not saving it again.", step, self.directory)
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_keys_to_raw(state)),
@@ -222,9 +220,7 @@ class Checkpointer:
             return steps[-1]
         step = int(step)
         if step not in steps:
-            raise FileNotFoundError(
-                f"No checkpoint for step {step} in {self.directory}; available steps: {steps}."
-            )
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
         return step
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict, dict]:
@@ -293,17 +289,18 @@ class Checkpointer:
         tree = getattr(metadata, "item_metadata", metadata)
         tree = getattr(tree, "tree", tree)
         if not isinstance(tree, dict) or "params" not in tree:
-            raise KeyError(f"the state saved at step {step} in {self.directory} is not a train state (no params"
-                           " tree)")
+            raise KeyError(f"the state saved at step {step} in {self.directory} is not a train state (no params tree)")
         ema = tree.get("ema_params")
         # saved as a tuple; the metadata gives it back as a list, or as a dict keyed '0', '1', ...
         ema = [ema[k] for k in sorted(ema, key=int)] if isinstance(ema, dict) else list(ema or [])
         if weights == "params":
             return step, tree["params"], len(ema)
         if not 0 <= ema_index < len(ema):
-            raise KeyError(f"the state saved at step {step} in {self.directory} holds {len(ema)} EMA tree(s), so"
-                           f" EMA tree {ema_index} does not exist: use the online parameters ('params')"
-                           f"{f' or an index below {len(ema)}' if ema else ''}")
+            raise KeyError(
+                f"the state saved at step {step} in {self.directory} holds {len(ema)} EMA tree(s), so"
+                f" EMA tree {ema_index} does not exist: use the online parameters ('params')"
+                f"{f' or an index below {len(ema)}' if ema else ''}"
+            )
         return step, ema[ema_index], len(ema)
 
     def param_shapes(self, step: int | None, weights: str = "ema", ema_index: int = 0) -> dict[str, tuple]:
@@ -311,8 +308,9 @@ class Checkpointer:
         keyed by ``jax.tree_util.keystr`` of their path; no array is read."""
         return tree_shapes(self.param_tree_metadata(step, weights, ema_index)[1])
 
-    def restore_params(self, step: int | None, weights: str = "ema", abstract_params: Any = None,
-                       ema_index: int = 0) -> Any:
+    def restore_params(
+        self, step: int | None, weights: str = "ema", abstract_params: Any = None, ema_index: int = 0
+    ) -> Any:
         """One parameter tree of the state saved at ``step`` (None: latest), read alone, without
         the optimiser state or the other trees: the online parameters (``weights='params'``) or
         EMA tree ``ema_index`` (``'ema'``).
@@ -335,8 +333,10 @@ class Checkpointer:
         mismatch = shape_differences(tree_shapes(saved), tree_shapes(abstract_params))
         if mismatch:
             shown = mismatch[:6] + ([f"... {len(mismatch) - 6} more"] if len(mismatch) > 6 else [])
-            raise ValueError(f"the {weights} tree saved at step {step} in {self.directory} does not fit the model it"
-                             " is loaded into:\n  " + "\n  ".join(shown))
+            raise ValueError(
+                f"the {weights} tree saved at step {step} in {self.directory} does not fit the model it"
+                " is loaded into:\n  " + "\n  ".join(shown)
+            )
 
         def restore_args(leaf):
             sharding = getattr(leaf, "sharding", None)
@@ -344,9 +344,10 @@ class Checkpointer:
                 return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
             return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype)
 
-        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
-                                                                sharding=getattr(leaf, "sharding", None)),
-                              abstract_params)
+        target = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=getattr(leaf, "sharding", None)),
+            abstract_params,
+        )
         args = jax.tree.map(restore_args, abstract_params)
         # a partial restore of the tree's path in the saved state alone. The EMA trees are a list,
         # which orbax matches whole, so every EMA tree is read and tree ema_index kept.
@@ -355,8 +356,9 @@ class Checkpointer:
         else:
             target, args = {"params": target}, {"params": args}
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-            restored = reader.restore(self._state_dir(step), args=ocp.args.PyTreeRestore(
-                item=target, restore_args=args, partial_restore=True))
+            restored = reader.restore(
+                self._state_dir(step), args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True)
+            )
         return restored["ema_params"][ema_index] if weights == "ema" else restored["params"]
 
     def reached_preemption(self, step: int) -> bool:
@@ -449,5 +451,8 @@ def shape_differences(saved: dict, current: dict) -> list[str]:
     missing = sorted(set(current) - set(saved))
     extra = sorted(set(saved) - set(current))
     shape = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
-    return ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in extra]
-            + [f"{k}: saved {saved[k]}, current {current[k]}" for k in shape])
+    return (
+        [f"missing {k}" for k in missing]
+        + [f"unexpected {k}" for k in extra]
+        + [f"{k}: saved {saved[k]}, current {current[k]}" for k in shape]
+    )

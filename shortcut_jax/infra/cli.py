@@ -2,6 +2,7 @@
 
 No project imports: the entry points of every layer (the FID statistics command included) use it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,15 @@ import sys
 DEBUG_ENV = "SHORTCUT_JAX_DEBUG"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Raised for bad input where the package raises them; from inside a library they are bugs.
-_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                 FloatingPointError, ConnectionError)
+_INPUT_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FloatingPointError,
+    ConnectionError,
+)
 
 
 # INFO lines of these libraries (orbax logs every file of every save and restore) are dropped.
@@ -71,20 +79,24 @@ def last_override_wins(argv: list[str], names: tuple[str, ...] = ("config",)) ->
         key = None
         for name in names:
             if flag.startswith(f"--{name}.") or flag.startswith(f"--no{name}."):
-                key = flag[flag.index(f"{name}."):]
+                key = flag[flag.index(f"{name}.") :]
                 break
         take = 1
-        if (key is not None and not has_value and not flag.startswith("--no")
-                and i + 1 < len(rest) and not rest[i + 1].startswith("--")):
+        if (
+            key is not None
+            and not has_value
+            and not flag.startswith("--no")
+            and i + 1 < len(rest)
+            and not rest[i + 1].startswith("--")
+        ):
             take = 2  # '--config.key value'
-        groups.append((key, rest[i:i + take]))
+        groups.append((key, rest[i : i + take]))
         i += take
     last = {key: n for n, (key, _) in enumerate(groups) if key is not None}
     out = list(argv[:1])
     for n, (key, tokens) in enumerate(groups):
         if key is not None and last[key] != n:
-            print(f"{' '.join(tokens)} is replaced by a later {' '.join(groups[last[key]][1])}",
-                  file=sys.stderr)
+            print(f"{' '.join(tokens)} is replaced by a later {' '.join(groups[last[key]][1])}", file=sys.stderr)
             continue
         out += tokens
     return out
@@ -164,8 +176,10 @@ def _missing_config_file(argv: list[str]) -> str | None:
             continue
         path = value.split(":", 1)[0]
         if path and not os.path.exists(path):
-            return (f"--config={value}: the config file {path} is missing (looked for from {os.getcwd()});"
-                    " give the path of an experiment file, e.g. experiments/toy2d.py")
+            return (
+                f"--config={value}: the config file {path} is missing (looked for from {os.getcwd()});"
+                " give the path of an experiment file, e.g. experiments/toy2d.py"
+            )
     return None
 
 

@@ -25,6 +25,7 @@ Kubernetes or a spot VM, or a maintenance event on a Cloud TPU. ``StopRequests``
   every step by every process, turns True at that step on all of them. Installing a Python
   handler there would replace the service's own, so none is installed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,11 +86,17 @@ def wait_for_coordinator(address: str, timeout_s: float, *, poll_s: float = 0.25
     raise CoordinatorUnreachable(
         f"could not reach the coordinator at {address} within the {timeout_s:g} s time-out"
         f" ({last_error}). Start process 0 (it listens there), check the address, port and"
-        " firewall, or raise --initialization_timeout.")
+        " firewall, or raise --initialization_timeout."
+    )
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
     """Joins the job (``jax.distributed.initialize``) within ``timeout_s`` seconds.
 
     Arguments left None are found by JAX from the environment (SLURM, Cloud TPU, Open MPI,
@@ -103,12 +110,20 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     if coordinator_address and process_id not in (None, 0):
         wait_for_coordinator(coordinator_address, timeout_s)
     remaining = max(1, int(round(timeout_s - (time.monotonic() - start))))
-    log.info("joining the job: coordinator %s, process %s of %s, time-out %d s (JAX ends a process"
-             " whose peers do not all arrive by then)", coordinator_address or "(from the environment)",
-             "?" if process_id is None else process_id, "?" if num_processes is None else num_processes,
-             remaining)
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=remaining)
+    log.info(
+        "joining the job: coordinator %s, process %s of %s, time-out %d s (JAX ends a process"
+        " whose peers do not all arrive by then)",
+        coordinator_address or "(from the environment)",
+        "?" if process_id is None else process_id,
+        "?" if num_processes is None else num_processes,
+        remaining,
+    )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=remaining,
+    )
 
 
 def sync(name: str, timeout_s: float = SYNC_TIMEOUT_S) -> None:

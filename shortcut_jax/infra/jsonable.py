@@ -1,5 +1,6 @@
 """Conversion of run records (configs, metadata, data positions) to JSON types, used by the
 checkpoint's JSON items and the run manifest alike."""
+
 from __future__ import annotations
 
 import os

@@ -48,9 +48,7 @@ def _package_version(name: str) -> str | None:
 
 def _git(args: list[str], cwd: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
@@ -133,5 +131,3 @@ def write_manifest(workdir: str, config: Any, *, extra: Mapping[str, Any] | None
     _write_json_atomic(manifest, dated)
     _write_json_atomic(manifest, path)
     return path
-
-

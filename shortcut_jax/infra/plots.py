@@ -131,8 +131,6 @@ def save_scatter(
     return image
 
 
-
-
 def save_grid(samples: np.ndarray, path: str) -> np.ndarray:
     """Grid of RGB/grey images; other channel counts (undecoded latents) show their first three
     channels over a unit-variance range."""

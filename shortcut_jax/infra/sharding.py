@@ -9,6 +9,7 @@ parallelism, say) is added here alone.
 Multi-host: every process holds the rows of the global batch that belong to its devices;
 ``global_batch`` assembles them into one ``jax.Array`` without gathering.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,17 +75,20 @@ def _fsdp_spec(shape: tuple, fsdp: int, min_size: int, layer_axis: bool = False)
     return P()
 
 
-def state_shardings(abstract_state, mesh: Mesh, *, min_fsdp_size: int = 2**14,
-                    layer_axis: Callable[[tuple], bool] = lambda path: False):
+def state_shardings(
+    abstract_state, mesh: Mesh, *, min_fsdp_size: int = 2**14, layer_axis: Callable[[tuple], bool] = lambda path: False
+):
     """Sharding of every leaf of an abstract train state (a tree of ShapeDtypeStructs).
 
     ``layer_axis(key_path)``: whether a leaf's axis 0 stacks layers (the model's rule,
     ``models.convert.in_stacked_blocks`` for the DiT; the layout is the model's business)."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), fsdp, min_fsdp_size,
-                                                           layer_axis=layer_axis(path))),
-        abstract_state)
+        lambda path, leaf: NamedSharding(
+            mesh, _fsdp_spec(tuple(leaf.shape), fsdp, min_fsdp_size, layer_axis=layer_axis(path))
+        ),
+        abstract_state,
+    )
 
 
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:

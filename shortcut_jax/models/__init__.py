@@ -6,6 +6,7 @@
 ``model.scan_blocks`` runs the DiT's blocks as one scan over stacked parameters (``convert.py``
 converts between the two parameter layouts).
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,14 @@ def resolve_dtype(name: str):
     raise ValueError(f"model.dtype must be 'auto', 'bfloat16' or 'float32', got {name!r}")
 
 
-def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64, backend: str | None = None,
-                           compute_capability: str | None = None):
+def resolve_attention_impl(
+    name: str,
+    *,
+    dtype=jnp.bfloat16,
+    head_dim: int = 64,
+    backend: str | None = None,
+    compute_capability: str | None = None,
+):
     """The ``implementation`` argument of ``jax.nn.dot_product_attention``.
 
     'auto' picks the fused cuDNN kernel where it applies: an NVIDIA GPU of compute capability
@@ -48,8 +55,12 @@ def resolve_attention_impl(name: str, *, dtype=jnp.bfloat16, head_dim: int = 64,
         major = int(str(compute_capability).split(".")[0])
     except ValueError:
         return None
-    eligible = (major >= 8 and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-                and head_dim % 8 == 0 and head_dim <= 128)
+    eligible = (
+        major >= 8
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 128
+    )
     return "cudnn" if eligible else None
 
 
@@ -79,8 +90,11 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False, forw
             mlp_ratio=model_cfg.mlp_ratio,
             num_classes=num_classes,
             attention_scale=model_cfg.attention_scale,
-            attention_impl=(None if forward_mode and model_cfg.attention_impl in ("auto", "xla") else
-                            resolve_attention_impl(model_cfg.attention_impl, dtype=dtype, head_dim=width // heads)),
+            attention_impl=(
+                None
+                if forward_mode and model_cfg.attention_impl in ("auto", "xla")
+                else resolve_attention_impl(model_cfg.attention_impl, dtype=dtype, head_dim=width // heads)
+            ),
             t_input_scale=model_cfg.t_input_scale,
             zero_init=model_cfg.zero_init,
             ignore_level=ignore_level,

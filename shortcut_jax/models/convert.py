@@ -15,6 +15,7 @@ built with ``scan_blocks=True``.
 Every conversion applies to any tree with the parameters' structure (EMA parameters, Adam's
 first and second moments), which is how a checkpoint is converted with its optimiser state.
 """
+
 from __future__ import annotations
 
 import re
@@ -145,7 +146,8 @@ def _is_block_tree(node: Any) -> bool:
     """A mapping that holds the DiT's blocks in either layout (a parameter tree, or any tree of
     the same structure: EMA parameters, Adam's moments)."""
     return isinstance(node, Mapping) and any(
-        key == STACKED_BLOCKS or _UNROLLED_BLOCK.fullmatch(str(key)) for key in node)
+        key == STACKED_BLOCKS or _UNROLLED_BLOCK.fullmatch(str(key)) for key in node
+    )
 
 
 def _stack(arrays: list) -> Any:
@@ -169,8 +171,10 @@ def stack_blocks(tree: Mapping) -> dict:
             raise ValueError(f"block_{i} has other parameters than block_0; the blocks cannot be stacked")
         for path, value in layer.items():
             if np.shape(value) != np.shape(layers[0][path]):
-                raise ValueError(f"block_{i}/{'/'.join(path)} has shape {np.shape(value)}, block_0's has"
-                                 f" {np.shape(layers[0][path])}; the blocks cannot be stacked")
+                raise ValueError(
+                    f"block_{i}/{'/'.join(path)} has shape {np.shape(value)}, block_0's has"
+                    f" {np.shape(layers[0][path])}; the blocks cannot be stacked"
+                )
     out = {k: v for k, v in tree.items() if not _UNROLLED_BLOCK.fullmatch(str(k))}
     out[STACKED_BLOCKS] = unflatten({path: _stack([layer[path] for layer in layers]) for path in layers[0]})
     return out
@@ -200,15 +204,15 @@ def to_layout(tree: Any, stacked: bool) -> Any:
     state with Adam's moments): this is how a checkpoint written with one ``model.scan_blocks``
     is evaluated or resumed with the other. Values are stacked/sliced exactly (no arithmetic)."""
     convert = stack_blocks if stacked else unstack_blocks
-    return jax.tree.map(lambda node: convert(node) if _is_block_tree(node) else node, tree,
-                        is_leaf=_is_block_tree)
+    return jax.tree.map(lambda node: convert(node) if _is_block_tree(node) else node, tree, is_leaf=_is_block_tree)
 
 
 def is_stacked(tree: Any) -> bool:
     """Whether ``tree`` (parameters, a train state, or their abstract shapes) holds stacked blocks."""
     found = []
-    jax.tree.map(lambda node: found.append(_is_block_tree(node) and STACKED_BLOCKS in node), tree,
-                 is_leaf=_is_block_tree)
+    jax.tree.map(
+        lambda node: found.append(_is_block_tree(node) and STACKED_BLOCKS in node), tree, is_leaf=_is_block_tree
+    )
     return any(found)
 
 

@@ -16,6 +16,7 @@ Options that differ between the DiT paper and the shortcut models' reference net
 ``config_lib`` use the reference network's choices so that its checkpoints and published numbers
 carry over, and say so.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,21 +63,34 @@ class DiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
 
         h = self.norm(x, shift_a, scale_a)
-        qkv = fp8.dense(3 * width, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype,
-                        fp8_form=self.fp8_form, name="qkv")(h)
+        qkv = fp8.dense(
+            3 * width,
+            kernel_init=layers.xavier_uniform_stacked(3),
+            dtype=self.dtype,
+            fp8_form=self.fp8_form,
+            name="qkv",
+        )(h)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             scale=attention_scale_value(self.attention_scale, head_dim),
             implementation=self.attention_impl,
         )  # [batch, tokens, heads, head_dim]
-        attn = fp8.dense(width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form,
-                         name="proj")(attn.reshape(batch, tokens, width))
+        attn = fp8.dense(
+            width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form, name="proj"
+        )(attn.reshape(batch, tokens, width))
         x = self.gated_add(x, gate_a, attn)
 
         h = self.norm(x, shift_m, scale_m)
-        h = layers.Mlp(int(width * self.mlp_ratio), dtype=self.dtype, lean_gelu="gelu" in self.lean_ops,
-                       fp8_form=self.fp8_form, name="mlp")(h)
+        h = layers.Mlp(
+            int(width * self.mlp_ratio),
+            dtype=self.dtype,
+            lean_gelu="gelu" in self.lean_ops,
+            fp8_form=self.fp8_form,
+            name="mlp",
+        )(h)
         return self.gated_add(x, gate_m, h)
 
     def norm(self, x, shift, scale):
@@ -163,9 +177,13 @@ class DiT(nn.Module):
         out_channels = self.out_channels or channels
 
         patch = nn.Conv(
-            self.width, (p, p), strides=(p, p), padding="VALID",
+            self.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
             kernel_init=layers.xavier_uniform_fan(p * p * channels, self.width),
-            dtype=self.dtype, name="patch_embed",
+            dtype=self.dtype,
+            name="patch_embed",
         )(x.astype(self.dtype))
         tokens = patch.reshape(batch, gh * gw, self.width).astype(jnp.float32)
         tokens = (tokens + layers.sincos_2d_positions(self.width, gh)[None]).astype(self.residual_dtype)
@@ -176,13 +194,23 @@ class DiT(nn.Module):
         cond = (
             layers.TimestepEmbedder(self.width, self.t_input_scale, dtype=self.dtype, name="t_embed")(t)
             + layers.TimestepEmbedder(self.width, 1.0, dtype=self.dtype, name="level_embed")(level)
-            + nn.Embed(self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02),
-                       name="label_embed")(label).astype(self.dtype)
+            + nn.Embed(
+                self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02), name="label_embed"
+            )(label).astype(self.dtype)
         ).astype(jnp.float32)
 
         fp8_form = self.fp8_form if self.matmul_precision == "fp8" else None
-        block_args = (self.width, self.num_heads, self.mlp_ratio, self.attention_scale, self.attention_impl,
-                      self.zero_init == "adaln", self.dtype, self.lean_ops, fp8_form)
+        block_args = (
+            self.width,
+            self.num_heads,
+            self.mlp_ratio,
+            self.attention_scale,
+            self.attention_impl,
+            self.zero_init == "adaln",
+            self.dtype,
+            self.lean_ops,
+            fp8_form,
+        )
         if self.scan_blocks:
             tokens = self.scanned_blocks(tokens, cond, block_args)
         else:
@@ -216,13 +244,15 @@ class DiT(nn.Module):
             # prevent_cse=False: inside a scan the loop already keeps XLA from merging the
             # recomputation with the forward pass
             step = remat_block(ScanStep, groups[0][2], prevent_cse=False)
-            stack = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=nn.broadcast, length=self.depth)
+            stack = nn.scan(
+                step, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth
+            )
             return stack(*block_args, name=STACKED_BLOCKS)(tokens, cond)[0]
         stacked = self.variables["params"][STACKED_BLOCKS]
         block = DiTBlock(*block_args)  # unbound: applied functionally to each layer's slice
 
         for start, stop, remat in groups:
+
             def layer(x, layer_params):
                 return block.apply({"params": layer_params}, x, cond), None
 

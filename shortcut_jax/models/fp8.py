@@ -38,6 +38,7 @@ compiled step, since a pattern that does not match falls back silently.
 On CPU, XLA computes FP8 dots by converting the operands to a wider type: the values are the
 FP8 model's, the speed is not, which is what lets the tests run there.
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,8 +80,15 @@ def quantize(x: jax.Array, scale: jax.Array, fmt) -> jax.Array:
     return jnp.clip(x.astype(jnp.float32) / scale, -limit, limit).astype(fmt)
 
 
-def scaled_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.Array,
-               contracting: tuple, out_dtype: Dtype, form: str) -> jax.Array:
+def scaled_dot(
+    a_q: jax.Array,
+    a_scale: jax.Array,
+    b_q: jax.Array,
+    b_scale: jax.Array,
+    contracting: tuple,
+    out_dtype: Dtype,
+    form: str,
+) -> jax.Array:
     """``(a_q * a_scale) . (b_q * b_scale)`` contracted over ``contracting``
     (``((a_dims), (b_dims))``), float32, written in the form ``form`` (module docstring)."""
     dims = (contracting, ((), ()))
@@ -94,8 +102,7 @@ def scaled_dot(a_q: jax.Array, a_scale: jax.Array, b_q: jax.Array, b_scale: jax.
     raise ValueError(f"FP8 dot form must be one of {FORMS}, got {form!r}")
 
 
-def fp8_matmul(x: jax.Array, kernel: jax.Array, *, out_dtype: Dtype = jnp.bfloat16,
-               form: str = "direct") -> jax.Array:
+def fp8_matmul(x: jax.Array, kernel: jax.Array, *, out_dtype: Dtype = jnp.bfloat16, form: str = "direct") -> jax.Array:
     """``x @ kernel`` for ``x [M, K]``, ``kernel [K, N]`` through FP8 GEMMs; float32 ``[M, N]``.
 
     ``out_dtype`` is what the forward GEMM and the input-gradient GEMM write (the compute dtype;

@@ -8,6 +8,7 @@ Precision policy, applied here once so that both networks follow it:
   only when they feed a matmul;
 - optionally, the DiT's large dense layers multiply in FP8 (``fp8.py``; ``Mlp(fp8_form=...)``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,9 +60,7 @@ def xavier_uniform_stacked(parts: int) -> Callable:
         fan_in, total = shape
         out = total // parts
         keys = jax.random.split(key, parts)
-        return jnp.concatenate(
-            [xavier_uniform_fan(fan_in, out)(k, (fan_in, out), dtype) for k in keys], axis=-1
-        )
+        return jnp.concatenate([xavier_uniform_fan(fan_in, out)(k, (fan_in, out), dtype) for k in keys], axis=-1)
 
     return init
 
@@ -106,8 +105,9 @@ def _norm_apply(x, mean, rstd, shift, scale, out_dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, out_dtype: Dtype = jnp.float32,
-                  eps: float = 1e-6) -> jax.Array:
+def norm_modulate(
+    x: jax.Array, shift: jax.Array, scale: jax.Array, out_dtype: Dtype = jnp.float32, eps: float = 1e-6
+) -> jax.Array:
     """``modulate(layer_norm(x), shift, scale)`` in float32, cast to ``out_dtype``."""
     return _norm_apply(x, *_norm_stats(x, eps), shift, scale, out_dtype)
 
@@ -254,8 +254,8 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        x = fp8.dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form,
-                      name="fc1")(x)
+        x = fp8.dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form, name="fc1")(
+            x
+        )
         x = gelu_tanh(x) if self.lean_gelu else nn.gelu(x, approximate=True)
-        return fp8.dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form,
-                         name="fc2")(x)
+        return fp8.dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form, name="fc2")(x)

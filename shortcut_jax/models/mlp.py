@@ -4,6 +4,7 @@
 read by every block through adaptive LayerNorm (shift, scale, gate), like a DiT block without
 attention. The output layer starts at zero.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,8 +47,9 @@ class MLPNet(nn.Module):
         cond = (
             layers.TimestepEmbedder(self.width, self.t_input_scale, dtype=self.dtype, name="t_embed")(t)
             + layers.TimestepEmbedder(self.width, 1.0, dtype=self.dtype, name="level_embed")(level)
-            + nn.Embed(self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02),
-                       name="label_embed")(label).astype(self.dtype)
+            + nn.Embed(
+                self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02), name="label_embed"
+            )(label).astype(self.dtype)
         ).astype(jnp.float32)
         h = nn.Dense(self.width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="embed")(
             x.astype(self.dtype)

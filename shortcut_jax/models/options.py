@@ -1,6 +1,7 @@
 """The model choices a config names: DiT sizes, remat policies, lean backward passes, matmul
 precision. The networks read them, and ``config_lib`` checks a config against them (this module
 imports nothing, so a check costs no model import beyond it)."""
+
 from __future__ import annotations
 
 # name -> (width, depth, heads); MLP ratio 4 for all.

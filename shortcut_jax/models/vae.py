@@ -35,6 +35,7 @@ and the posterior are float32 in both.
 Module names follow diffusers' attribute names (``down_blocks_0/resnets_1/conv2``), so the
 PyTorch state-dict name of every parameter follows from its path here (see ``vae_weights``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,9 @@ SD_SCALING_FACTOR = 0.18215
 
 # config.json keys that do not change the network: bookkeeping, the tile size used by
 # diffusers' tiled decoding, and a hint to pipelines to run the VAE in float32.
-_IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
-                           "sample_size", "force_upcast"})
+_IGNORED_KEYS = frozenset(
+    {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size", "force_upcast"}
+)
 
 
 class VAEConfigError(ValueError):
@@ -88,8 +90,10 @@ class VAEConfig:
             raise VAEConfigError(f"block_out_channels must be positive, got {self.block_out_channels}")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise VAEConfigError(f"norm_num_groups={self.norm_num_groups} must divide every entry of "
-                                 f"block_out_channels={self.block_out_channels} (not {bad})")
+            raise VAEConfigError(
+                f"norm_num_groups={self.norm_num_groups} must divide every entry of "
+                f"block_out_channels={self.block_out_channels} (not {bad})"
+            )
         if self.layers_per_block < 1 or self.latent_channels < 1:
             raise VAEConfigError("layers_per_block and latent_channels must be >= 1")
         if not self.scaling_factor > 0:
@@ -132,8 +136,10 @@ class VAEConfig:
         for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = tuple(config.get(key, (block,) * len(channels)))
             if types != (block,) * len(channels):
-                raise VAEConfigError(f"{key}={list(types)} is not supported: this implementation needs "
-                                     f"{len(channels)} x {block!r} (one per block_out_channels entry)")
+                raise VAEConfigError(
+                    f"{key}={list(types)} is not supported: this implementation needs "
+                    f"{len(channels)} x {block!r} (one per block_out_channels entry)"
+                )
         for key in ("latents_mean", "latents_std"):
             if config.get(key) is not None:
                 raise VAEConfigError(f"{key} is set in config.json; per-channel latent statistics are not supported")
@@ -153,8 +159,10 @@ class VAEConfig:
         handled = {"act_fn", "down_block_types", "up_block_types", "latents_mean", "latents_std"}
         unknown = sorted(set(config) - set(fields) - handled - _IGNORED_KEYS)
         if unknown:
-            raise VAEConfigError(f"config.json has keys {unknown} that this implementation does not know; "
-                                 "they may change the network, so it refuses rather than guess")
+            raise VAEConfigError(
+                f"config.json has keys {unknown} that this implementation does not know; "
+                "they may change the network, so it refuses rather than guess"
+            )
         return cls(**fields)
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -205,8 +213,16 @@ class GroupNorm(nn.Module):
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding: Any = "SAME") -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-                   param_dtype=jnp.float32, precision=_precision(dtype), name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        precision=_precision(dtype),
+        name=name,
+    )
 
 
 class ResnetBlock(nn.Module):
@@ -235,11 +251,17 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         h = GroupNorm(self.groups, self.dtype, name="group_norm")(x).reshape(batch, height * width, channels)
-        dense = lambda name: nn.Dense(channels, dtype=self.dtype, param_dtype=jnp.float32,  # noqa: E731
-                                      precision=_precision(self.dtype), name=name)
+        dense = lambda name: nn.Dense(
+            channels,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,  # noqa: E731
+            precision=_precision(self.dtype),
+            name=name,
+        )
         q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)  # [B, T, C]
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=_precision(self.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(channels)
+        logits = jnp.einsum(
+            "bqc,bkc->bqk", q, k, precision=_precision(self.dtype), preferred_element_type=jnp.float32
+        ) / math.sqrt(channels)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, T, T], float32 softmax
         out = jnp.einsum("bqk,bkc->bqc", weights, v, precision=_precision(self.dtype))
         out = dense("to_out")(out).reshape(batch, height, width, channels)
@@ -342,8 +364,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(c, self.dtype)
         self.decoder = Decoder(c, self.dtype)
         self.quant_conv = _conv(2 * c.latent_channels, 1, "quant_conv", self.dtype) if c.use_quant_conv else None
-        self.post_quant_conv = (_conv(c.latent_channels, 1, "post_quant_conv", self.dtype)
-                                if c.use_post_quant_conv else None)
+        self.post_quant_conv = (
+            _conv(c.latent_channels, 1, "post_quant_conv", self.dtype) if c.use_post_quant_conv else None
+        )
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior mean and standard deviation, float32 [B, H/f, W/f, latent_channels]."""

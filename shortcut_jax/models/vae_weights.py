@@ -31,6 +31,7 @@ rule (below), so a test can rebuild exactly the weights a reference implementati
 from the list of names and shapes and the seed, without the weights being stored or torch
 installed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,11 +63,14 @@ class WeightsError(ValueError):
 
 
 def download_hint(folder: str) -> str:
-    return (f"get the weights with `huggingface-cli download {SD_VAE_HUB_ID} --local-dir {folder}` "
-            f"(or pass the hub id {SD_VAE_HUB_ID!r} on a machine that is online)")
+    return (
+        f"get the weights with `huggingface-cli download {SD_VAE_HUB_ID} --local-dir {folder}` "
+        f"(or pass the hub id {SD_VAE_HUB_ID!r} on a machine that is online)"
+    )
 
 
 # --- names -------------------------------------------------------------------------------------
+
 
 def _torch_module_name(flax_name: str) -> str:
     """``down_blocks_0_resnets_1`` -> ``down_blocks.0.resnets.1``; ``to_out`` -> ``to_out.0``."""
@@ -109,8 +113,12 @@ def rename_legacy_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     renamed = {}
     for name, value in state_dict.items():
         parts = name.split(".")
-        if len(parts) >= 3 and parts[-3].isdigit() and parts[-4:-3] == ["attentions"] \
-                and parts[-2] in _LEGACY_ATTENTION:
+        if (
+            len(parts) >= 3
+            and parts[-3].isdigit()
+            and parts[-4:-3] == ["attentions"]
+            and parts[-2] in _LEGACY_ATTENTION
+        ):
             name = ".".join(parts[:-2] + [_LEGACY_ATTENTION[parts[-2]], parts[-1]])
         renamed[name] = value
     return renamed
@@ -157,12 +165,16 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: VAEConfig) -> dict
     if mismatched:
         problems.append(f"{len(mismatched)} with the wrong shape: {_listed(mismatched)}")
     if problems:
-        raise WeightsError("the state dict does not match the VAE config: " + "; ".join(problems)
-                           + ". Check that config.json and the weights file come from the same model.")
+        raise WeightsError(
+            "the state dict does not match the VAE config: "
+            + "; ".join(problems)
+            + ". Check that config.json and the weights file come from the same model."
+        )
     return unflatten(params)
 
 
 # --- seeded weights ----------------------------------------------------------------------------
+
 
 def seeded_tensor(name: str, shape: tuple[int, ...], seed: int, index: int) -> np.ndarray:
     """Tensor ``index`` of a seeded state dict, from ``np.random.default_rng([seed, index])``.
@@ -181,8 +193,10 @@ def seeded_tensor(name: str, shape: tuple[int, ...], seed: int, index: int) -> n
 
 def seeded_state_dict(names_and_shapes: Iterable[tuple[str, tuple[int, ...]]], seed: int) -> dict[str, np.ndarray]:
     """A full state dict by ``seeded_tensor``, tensor i drawn from ``default_rng([seed, i])``."""
-    return {name: seeded_tensor(name, tuple(int(d) for d in shape), seed, i)
-            for i, (name, shape) in enumerate(names_and_shapes)}
+    return {
+        name: seeded_tensor(name, tuple(int(d) for d in shape), seed, i)
+        for i, (name, shape) in enumerate(names_and_shapes)
+    }
 
 
 def seeded_params(config: VAEConfig, seed: int) -> dict:
@@ -192,6 +206,7 @@ def seeded_params(config: VAEConfig, seed: int) -> dict:
 
 
 # --- files -------------------------------------------------------------------------------------
+
 
 def write_diffusers_folder(folder: str, config: VAEConfig, state_dict: Mapping[str, np.ndarray]) -> None:
     """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` as a download has them."""
@@ -222,31 +237,39 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                 import torch  # noqa: F401 - numpy cannot hold bfloat16; torch can
                 from safetensors.torch import load_file as load_torch
             except ImportError:
-                raise WeightsError(f"{path} holds bfloat16 tensors, which need torch to read; install torch "
-                                   "or use the float32 file") from error
+                raise WeightsError(
+                    f"{path} holds bfloat16 tensors, which need torch to read; install torch or use the float32 file"
+                ) from error
             return {k: v.float().numpy() for k, v in load_torch(path).items()}
-        raise WeightsError(f"cannot read {path} ({type(error).__name__}: {error}); the file is incomplete or "
-                           f"damaged: delete it and {download_hint(os.path.dirname(path))}") from error
+        raise WeightsError(
+            f"cannot read {path} ({type(error).__name__}: {error}); the file is incomplete or "
+            f"damaged: delete it and {download_hint(os.path.dirname(path))}"
+        ) from error
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as error:
-        raise WeightsError(f"{path} is a PyTorch pickle, which needs torch to read; install torch, or "
-                           f"{download_hint(os.path.dirname(path))} to get the .safetensors file") from error
+        raise WeightsError(
+            f"{path} is a PyTorch pickle, which needs torch to read; install torch, or "
+            f"{download_hint(os.path.dirname(path))} to get the .safetensors file"
+        ) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many error types for a broken file
-        raise WeightsError(f"cannot read {path} ({type(error).__name__}: {error}); delete it and "
-                           f"{download_hint(os.path.dirname(path))}") from error
+        raise WeightsError(
+            f"cannot read {path} ({type(error).__name__}: {error}); delete it and "
+            f"{download_hint(os.path.dirname(path))}"
+        ) from error
     return {k: v.float().numpy() for k, v in state.items()}
 
 
 def model_folder(folder: str) -> str:
     """``folder`` itself, or its ``vae/`` sub-folder when it is a whole pipeline's folder."""
-    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)) and \
-            os.path.isfile(os.path.join(folder, "vae", CONFIG_FILE)):
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)) and os.path.isfile(
+        os.path.join(folder, "vae", CONFIG_FILE)
+    ):
         return os.path.join(folder, "vae")
     return folder
 
@@ -258,8 +281,10 @@ def weights_file(folder: str) -> str:
         if os.path.isfile(path):
             return path
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    raise WeightsError(f"no VAE weights in {folder} (looked for {SAFETENSORS_FILE} and {BIN_FILE}; "
-                       f"found {present[:10]}); {download_hint(folder)}")
+    raise WeightsError(
+        f"no VAE weights in {folder} (looked for {SAFETENSORS_FILE} and {BIN_FILE}; "
+        f"found {present[:10]}); {download_hint(folder)}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,10 +330,10 @@ class LoadedVAE:
             latents = np.asarray(latents, np.float32)
             out = []
             for start in range(0, len(latents), batch_size):
-                chunk = latents[start:start + batch_size]
+                chunk = latents[start : start + batch_size]
                 padded = np.zeros((batch_size, *latents.shape[1:]), np.float32)
-                padded[:len(chunk)] = chunk
-                out.append(np.asarray(decode(self.params, padded))[:len(chunk)])
+                padded[: len(chunk)] = chunk
+                out.append(np.asarray(decode(self.params, padded))[: len(chunk)])
             side = latents.shape[1] * config.downsample_factor
             return np.concatenate(out) if out else np.zeros((0, side, side, config.out_channels), np.float32)
 
@@ -316,8 +341,13 @@ class LoadedVAE:
 
     def describe(self) -> dict[str, Any]:
         """What a latent set records about the VAE that made it."""
-        return {"name": self.name, "folder": os.path.abspath(self.folder), "weights_file": os.path.basename(
-            self.weights_path), "weights_sha256": self.weights_sha256, "config": self.config.to_diffusers()}
+        return {
+            "name": self.name,
+            "folder": os.path.abspath(self.folder),
+            "weights_file": os.path.basename(self.weights_path),
+            "weights_sha256": self.weights_sha256,
+            "config": self.config.to_diffusers(),
+        }
 
 
 class _DeviceDecoder:
@@ -340,7 +370,7 @@ class _DeviceDecoder:
         b = min(self.batch_size, rows)  # a device holding fewer rows decodes them in one call
         num_chunks = -(-rows // b)
         padded = jnp.pad(latents, ((0, num_chunks * b - rows),) + ((0, 0),) * (latents.ndim - 1))
-        chunks = padded.reshape(num_chunks, b, *latents.shape[1:])           # [k, b, h, w, c]
+        chunks = padded.reshape(num_chunks, b, *latents.shape[1:])  # [k, b, h, w, c]
         images = jax.lax.map(lambda chunk: self.decode_batch(params, chunk), chunks)  # [k, b, H, W, 3]
         return images.reshape(num_chunks * b, *images.shape[2:])[:rows]
 
@@ -354,9 +384,10 @@ class _DeviceDecoder:
         key = (mesh, batch_axes)
         if key not in self._programs:
             spec = PartitionSpec(batch_axes)
-            program = jax.jit(jax.shard_map(self._local_decode, mesh=mesh, in_specs=(PartitionSpec(), spec),
-                                            out_specs=spec),
-                              out_shardings=NamedSharding(mesh, spec))
+            program = jax.jit(
+                jax.shard_map(self._local_decode, mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=spec),
+                out_shardings=NamedSharding(mesh, spec),
+            )
             params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
             self._programs[key] = (program, params)
         return self._programs[key]
@@ -376,14 +407,18 @@ def _download(repo_id: str) -> str:
     try:
         import huggingface_hub
     except ImportError as error:
-        raise WeightsError(f"{repo_id!r} is not a folder here, and loading it from the hub needs "
-                           "huggingface_hub (pip install huggingface_hub); or "
-                           f"{download_hint('DIR')} and pass DIR") from error
+        raise WeightsError(
+            f"{repo_id!r} is not a folder here, and loading it from the hub needs "
+            "huggingface_hub (pip install huggingface_hub); or "
+            f"{download_hint('DIR')} and pass DIR"
+        ) from error
     try:
         return huggingface_hub.snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE])
     except Exception as error:  # noqa: BLE001 - offline, unknown repo, ... all end the same way
-        raise WeightsError(f"cannot fetch {repo_id!r} from the hub ({type(error).__name__}: {error}); on a "
-                           f"machine that is online, {download_hint('DIR')} and pass DIR") from error
+        raise WeightsError(
+            f"cannot fetch {repo_id!r} from the hub ({type(error).__name__}: {error}); on a "
+            f"machine that is online, {download_hint('DIR')} and pass DIR"
+        ) from error
 
 
 def load_vae(source: str) -> LoadedVAE:
@@ -393,8 +428,7 @@ def load_vae(source: str) -> LoadedVAE:
     elif _looks_like_hub_id(source):
         folder, name = _download(source), source
     else:
-        raise WeightsError(f"VAE {source!r} is neither a folder nor a hub id (owner/name); "
-                           f"{download_hint(source)}")
+        raise WeightsError(f"VAE {source!r} is neither a folder nor a hub id (owner/name); {download_hint(source)}")
     config_path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise WeightsError(f"no {CONFIG_FILE} in {folder}; {download_hint(folder)}")

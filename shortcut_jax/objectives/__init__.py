@@ -4,6 +4,7 @@ loss is called with (``make_objective_config``).
 
 The table of methods and how to add one: ``objectives/registry.py``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,10 @@ import dataclasses
 from shortcut_jax.objectives.common import ObjectiveConfig, check_stage_schedule
 from shortcut_jax.objectives.registry import METHODS, Method, method
 
-def make_objective_config(objective_cfg, apply_fn, num_classes: int, *, total_steps: int | None = None
-                          ) -> ObjectiveConfig:
+
+def make_objective_config(
+    objective_cfg, apply_fn, num_classes: int, *, total_steps: int | None = None
+) -> ObjectiveConfig:
     """Static objective context from the ``config.objective`` ConfigDict.
 
     ``total_steps`` (``train.steps``) sets the curriculum of objectives that follow one when
@@ -58,8 +61,9 @@ def resolve_stages(name: str, cfg: ObjectiveConfig, total_steps: int | None) -> 
         return cfg
     if total_steps is None:
         if cfg.stage_steps < 1:
-            raise ValueError(f"objective {name!r} follows a curriculum: pass total_steps=train.steps or set"
-                             " objective.stage_steps")
+            raise ValueError(
+                f"objective {name!r} follows a curriculum: pass total_steps=train.steps or set objective.stage_steps"
+            )
         return cfg
     steps = check_stage_schedule(name, cfg.stage_steps, stages_fn(cfg), total_steps)
     return dataclasses.replace(cfg, stage_steps=steps)
@@ -79,8 +83,10 @@ def check_method_config(objective_cfg, *, batch_size: int, total_steps: int) -> 
     if record.num_stages is not None:
         make_objective_config(objective_cfg, None, 0, total_steps=total_steps)
     if record.frozen_teacher and not objective_cfg.get("teacher_checkpoint", ""):
-        raise ValueError(f"objective.name={objective_cfg.name!r} distils a trained model: set"
-                         " objective.teacher_checkpoint to its run's checkpoint directory (<workdir>/checkpoints)")
+        raise ValueError(
+            f"objective.name={objective_cfg.name!r} distils a trained model: set"
+            " objective.teacher_checkpoint to its run's checkpoint directory (<workdir>/checkpoints)"
+        )
     if record.check is not None:
         record.check(objective_cfg, batch_size=batch_size, total_steps=total_steps)
 
@@ -91,5 +97,13 @@ def make_sampler(name: str, cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
     return method(name).sampler(cfg, seed=seed, mesh=mesh)
 
 
-__all__ = ["METHODS", "Method", "ObjectiveConfig", "check_method_config", "make_objective_config", "make_sampler",
-           "method", "resolve_stages"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "ObjectiveConfig",
+    "check_method_config",
+    "make_objective_config",
+    "make_sampler",
+    "method",
+    "resolve_stages",
+]

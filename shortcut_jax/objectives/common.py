@@ -8,6 +8,7 @@ Conventions used by every objective and sampler in the project:
   level ``K = num_levels`` is the flow-matching level. Conversion to ``d`` happens only here and
   in the sampler.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,10 @@ class ObjectiveConfig:
         for k, v in self.options:
             if k == key:
                 return v
-        raise KeyError(f"objective.{key} is not in this run's config.objective: add it to"
-                       " config_lib.default_config (with its default)")
+        raise KeyError(
+            f"objective.{key} is not in this run's config.objective: add it to"
+            " config_lib.default_config (with its default)"
+        )
 
     @property
     def null_class(self) -> int:
@@ -88,25 +91,31 @@ def check_stage_schedule(name: str, stage_steps: int, num_stages: int, total_ste
         if total_steps < num_stages:
             raise ValueError(
                 f"objective.name={name!r} runs {num_stages} stages but train.steps={total_steps} gives them"
-                f" fewer than one step each: raise train.steps to at least {num_stages}")
+                f" fewer than one step each: raise train.steps to at least {num_stages}"
+            )
         return total_steps // num_stages
     if stage_steps * (num_stages - 1) >= total_steps:
         raise ValueError(
             f"objective.name={name!r}: {num_stages} stages of objective.stage_steps={stage_steps} need more than"
             f" {stage_steps * (num_stages - 1)} steps to reach the last stage, train.steps={total_steps}:"
             f" lower objective.stage_steps to at most {max((total_steps - 1) // max(num_stages - 1, 1), 0)}"
-            " or raise train.steps")
+            " or raise train.steps"
+        )
     return stage_steps
 
 
 def stage_of_step(batch: dict, cfg: ObjectiveConfig, num_stages: int, name: str) -> jax.Array:
     """Curriculum stage (int32 scalar in ``[0, num_stages)``) of the step in ``batch['step']``."""
     if "step" not in batch:
-        raise KeyError(f"objective {name!r} follows a curriculum and needs batch['step'] (the int32 count of"
-                       " updates done); the train step adds it")
+        raise KeyError(
+            f"objective {name!r} follows a curriculum and needs batch['step'] (the int32 count of"
+            " updates done); the train step adds it"
+        )
     if cfg.stage_steps < 1:
-        raise ValueError(f"objective {name!r} needs ObjectiveConfig.stage_steps >= 1; build the config with"
-                         " make_objective_config(..., total_steps=train.steps)")
+        raise ValueError(
+            f"objective {name!r} needs ObjectiveConfig.stage_steps >= 1; build the config with"
+            " make_objective_config(..., total_steps=train.steps)"
+        )
     step = jnp.asarray(batch["step"], jnp.int32)
     return jnp.minimum(step // cfg.stage_steps, num_stages - 1)
 
@@ -114,8 +123,10 @@ def stage_of_step(batch: dict, cfg: ObjectiveConfig, num_stages: int, name: str)
 def ema_and_frozen_teacher(teacher_params, name: str):
     """(EMA params, frozen teacher params) from the ``{'ema', 'teacher'}`` dict of distillation."""
     if not (isinstance(teacher_params, dict) and set(teacher_params) == {"ema", "teacher"}):
-        raise TypeError(f"objective {name!r} distils a frozen teacher: teacher_params must be"
-                        " {'ema': EMA params, 'teacher': teacher params}")
+        raise TypeError(
+            f"objective {name!r} distils a frozen teacher: teacher_params must be"
+            " {'ema': EMA params, 'teacher': teacher params}"
+        )
     return teacher_params["ema"], teacher_params["teacher"]
 
 

@@ -27,6 +27,7 @@ undefined until training ends), so the model may ignore its level input.
 Labels are dropped to the null class with ``label_dropout``, the same labels going to the EMA
 target, so the conditional and unconditional jumps are each consistent.
 """
+
 from __future__ import annotations
 
 import jax
@@ -41,6 +42,7 @@ def num_stages(cfg: common.ObjectiveConfig) -> int:
 
 def jump_target(apply_fn, ema_params, x_t, t, x_next, t_next, level, labels) -> jax.Array:
     """Velocity from ``x_t`` that lands where the EMA model jumps from ``(x_next, t_next)``."""
+
     def col(a):
         return a.reshape(a.shape + (1,) * (x_t.ndim - 1))
 
@@ -99,5 +101,7 @@ def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     """The curriculum's last level (``ValueError`` naming the key)."""
     final = objective_cfg.get("consistency_final_level", -1)
     if not -1 <= final <= objective_cfg.num_levels:
-        raise ValueError(f"objective.consistency_final_level={final} must be -1 (num_levels - 1) or in"
-                         f" 0..objective.num_levels={objective_cfg.num_levels}")
+        raise ValueError(
+            f"objective.consistency_final_level={final} must be -1 (num_levels - 1) or in"
+            f" 0..objective.num_levels={objective_cfg.num_levels}"
+        )

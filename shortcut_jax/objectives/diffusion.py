@@ -24,6 +24,7 @@ samplers clip theirs to the pixel range. Unclipped, the estimate near pure noise
 network's error by ``sqrt(alpha_bar)`` = 0.01 and throws a few samples far outside the data,
 which then dominate any distance to it.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ def alpha_bar(s: jax.Array, schedule: str = "cosine", min_alpha_bar: float = 1e-
     """Signal fraction ``a(s)`` of the variance-preserving path at diffusion time ``s`` in [0, 1]."""
     s = jnp.asarray(s, jnp.float32)
     if schedule == "cosine":
+
         def f(u):
             return jnp.square(jnp.cos(0.5 * math.pi * (u + COSINE_OFFSET) / (1.0 + COSINE_OFFSET)))
 
@@ -75,8 +77,13 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     eps = jax.random.normal(rng_noise, x1.shape, x1.dtype)
     t = common.sample_flow_t(rng_t, b, cfg)  # network time; diffusion time s = 1 - t
     a = alpha_bar(1.0 - t, cfg.diffusion_schedule, cfg.diffusion_min_alpha_bar)
-    pred = cfg.apply_fn(params, noisy(x1, eps, a), t, jnp.full((b,), cfg.num_levels, jnp.int32),
-                        common.drop_labels(rng_drop, batch["label"], cfg))
+    pred = cfg.apply_fn(
+        params,
+        noisy(x1, eps, a),
+        t,
+        jnp.full((b,), cfg.num_levels, jnp.int32),
+        common.drop_labels(rng_drop, batch["label"], cfg),
+    )
     loss = jnp.mean(common.per_row_mse(pred, eps))
     return loss, {"loss": loss, "eps_loss": loss}
 

@@ -3,6 +3,7 @@
 Sampled with the same Euler sampler as the shortcut model; the presets for it set
 ``model.ignore_level`` so the step-size input carries no information, as in the paper's baseline.
 """
+
 from __future__ import annotations
 
 import jax

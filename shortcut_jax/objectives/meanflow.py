@@ -39,6 +39,7 @@ time, is not part of this objective: ``meanflow_v`` folds guidance like ``meanfl
 Sampling: ``sampling.IntervalSampler``, ``n`` Euler steps of ``h = 1/n`` reading ``h``; one
 step is ``x1 = x0 + u(x0, 0, 1)``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -47,8 +48,16 @@ import jax.numpy as jnp
 from shortcut_jax.objectives import common
 
 # config.objective keys this file reads (defaults in config_lib.default_config)
-KEYS = ("meanflow_flow_fraction", "meanflow_t_mean", "meanflow_t_std", "meanflow_norm_p", "meanflow_norm_eps",
-        "meanflow_cfg_omega", "meanflow_cfg_kappa", "meanflow_cfg_interval")
+KEYS = (
+    "meanflow_flow_fraction",
+    "meanflow_t_mean",
+    "meanflow_t_std",
+    "meanflow_norm_p",
+    "meanflow_norm_eps",
+    "meanflow_cfg_omega",
+    "meanflow_cfg_kappa",
+    "meanflow_cfg_interval",
+)
 
 
 def sample_intervals(rng, n: int, cfg: common.ObjectiveConfig) -> tuple[jax.Array, jax.Array]:
@@ -80,10 +89,17 @@ def guided_velocity(params, x, tau, v, labels, cfg: common.ObjectiveConfig) -> j
         return v
     b = x.shape[0]
     zero = jnp.zeros((b,), jnp.float32)
-    both = cfg.apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([tau, tau]), jnp.concatenate([zero, zero]),
-                        jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)]))
-    cond, uncond = jax.lax.stop_gradient(both[:b].astype(jnp.float32)), jax.lax.stop_gradient(
-        both[b:].astype(jnp.float32))
+    both = cfg.apply_fn(
+        params,
+        jnp.concatenate([x, x]),
+        jnp.concatenate([tau, tau]),
+        jnp.concatenate([zero, zero]),
+        jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)]),
+    )
+    cond, uncond = (
+        jax.lax.stop_gradient(both[:b].astype(jnp.float32)),
+        jax.lax.stop_gradient(both[b:].astype(jnp.float32)),
+    )
     guided = omega * v + kappa * cond + (1.0 - omega - kappa) * uncond
     low, high = cfg.option("meanflow_cfg_interval")
     t = 1.0 - tau
@@ -113,6 +129,7 @@ def _prepare(batch, rng, cfg: common.ObjectiveConfig):
 
 def _interval_derivative(params, x, tau, h, labels, tangent, cfg: common.ObjectiveConfig):
     """``(u, D u)``: the network and its derivative along ``(tangent, 1, -1)`` on ``(x, tau, h)``."""
+
     def u_fn(x_, tau_, h_):
         return cfg.apply_fn(params, x_, tau_, h_, labels).astype(jnp.float32)
 
@@ -124,10 +141,14 @@ def _metrics(loss, error, h):
     is_flow = (h == 0).astype(jnp.float32)
     flow_rows = jnp.sum(is_flow)
     interval_rows = jnp.sum(1.0 - is_flow)
-    return {"loss": loss, "error": jnp.mean(error),
-            "flow_error": jnp.sum(error * is_flow) / jnp.maximum(flow_rows, 1.0), "flow_error/rows": flow_rows,
-            "interval_error": jnp.sum(error * (1.0 - is_flow)) / jnp.maximum(interval_rows, 1.0),
-            "interval_error/rows": interval_rows}
+    return {
+        "loss": loss,
+        "error": jnp.mean(error),
+        "flow_error": jnp.sum(error * is_flow) / jnp.maximum(flow_rows, 1.0),
+        "flow_error/rows": flow_rows,
+        "interval_error": jnp.sum(error * (1.0 - is_flow)) / jnp.maximum(interval_rows, 1.0),
+        "interval_error/rows": interval_rows,
+    }
 
 
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
@@ -148,8 +169,7 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     del teacher_params
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
     v_g = guided_velocity(params, x, tau, v, labels, cfg)
-    instantaneous = jax.lax.stop_gradient(
-        cfg.apply_fn(params, x, tau, jnp.zeros_like(h), labels).astype(jnp.float32))
+    instantaneous = jax.lax.stop_gradient(cfg.apply_fn(params, x, tau, jnp.zeros_like(h), labels).astype(jnp.float32))
     u, du = _interval_derivative(params, x, tau, h, labels, instantaneous, cfg)
     compound = u + _column(h, du) * jax.lax.stop_gradient(du)
     error = common.per_row_mse(compound, v_g)
@@ -166,8 +186,10 @@ def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     if get("meanflow_t_std", 1.0) <= 0:
         raise ValueError(f"objective.meanflow_t_std={get('meanflow_t_std')} must be > 0")
     if get("meanflow_norm_p", 1.0) < 0 or get("meanflow_norm_eps", 0.01) <= 0:
-        raise ValueError(f"objective.meanflow_norm_p={get('meanflow_norm_p')} must be >= 0 and"
-                         f" objective.meanflow_norm_eps={get('meanflow_norm_eps')} > 0")
+        raise ValueError(
+            f"objective.meanflow_norm_p={get('meanflow_norm_p')} must be >= 0 and"
+            f" objective.meanflow_norm_eps={get('meanflow_norm_eps')} > 0"
+        )
     interval = tuple(get("meanflow_cfg_interval", (0.0, 1.0)))
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise ValueError(f"objective.meanflow_cfg_interval={interval} must be (low, high) with 0 <= low <= high <= 1")

@@ -15,6 +15,7 @@ student as it stands (``teacher_for_step``; the train step calls it before the l
 phase distils the previous phase's student. ``teacher_params`` is
 ``{'ema': EMA tree, 'teacher': frozen teacher}``; the step comes in as ``batch['step']``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -40,13 +41,17 @@ def teacher_for_step(step, frozen_teacher, params, cfg: common.ObjectiveConfig):
     them) do not touch the teacher's arrays.
     """
     if cfg.stage_steps < 1:
-        raise ValueError("progressive distillation needs ObjectiveConfig.stage_steps >= 1; build the config with"
-                         " make_objective_config(..., total_steps=train.steps)")
+        raise ValueError(
+            "progressive distillation needs ObjectiveConfig.stage_steps >= 1; build the config with"
+            " make_objective_config(..., total_steps=train.steps)"
+        )
     step = jnp.asarray(step, jnp.int32)
     boundary = (step > 0) & (step % cfg.stage_steps == 0) & (step < num_stages(cfg) * cfg.stage_steps)
-    return jax.lax.cond(boundary,
-                        lambda: jax.tree.map(lambda old, new: new.astype(old.dtype), frozen_teacher, params),
-                        lambda: frozen_teacher)
+    return jax.lax.cond(
+        boundary,
+        lambda: jax.tree.map(lambda old, new: new.astype(old.dtype), frozen_teacher, params),
+        lambda: frozen_teacher,
+    )
 
 
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):

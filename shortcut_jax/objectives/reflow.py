@@ -14,6 +14,7 @@ itself (``reflow_steps`` Euler steps at the flow-matching level ``K``, guided wi
 ordinary flow-matching rows at level ``K``. As in the published code the data of the generated
 rows is not used.
 """
+
 from __future__ import annotations
 
 
@@ -23,17 +24,25 @@ import jax.numpy as jnp
 from shortcut_jax.objectives import sampling
 from shortcut_jax.objectives import common
 
+
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     del teacher_params  # the teacher's work is in the pairs
     if "noise" not in batch:
-        raise KeyError("objective 'reflow' trains on stored (noise, sample) pairs: batch['noise'] is missing;"
-                       " read the pairs written by reflow.generate_pairs")
+        raise KeyError(
+            "objective 'reflow' trains on stored (noise, sample) pairs: batch['noise'] is missing;"
+            " read the pairs written by reflow.generate_pairs"
+        )
     x1, x0 = batch["x"], batch["noise"].astype(batch["x"].dtype)
     b = x1.shape[0]
     rng_t, rng_drop = jax.random.split(rng)
     t = common.sample_flow_t(rng_t, b, cfg)
-    pred = cfg.apply_fn(params, common.interpolate(x0, x1, t, cfg.noise_floor), t,
-                        jnp.full((b,), cfg.num_levels, jnp.int32), common.drop_labels(rng_drop, batch["label"], cfg))
+    pred = cfg.apply_fn(
+        params,
+        common.interpolate(x0, x1, t, cfg.noise_floor),
+        t,
+        jnp.full((b,), cfg.num_levels, jnp.int32),
+        common.drop_labels(rng_drop, batch["label"], cfg),
+    )
     loss = jnp.mean(common.per_row_mse(pred, common.flow_velocity(x0, x1, cfg.noise_floor)))
     return loss, {"loss": loss, "flow_loss": loss}
 
@@ -48,10 +57,16 @@ def num_reflow_rows(batch_size: int, fraction: float) -> int:
 def generate_live(params, noise, labels, cfg: common.ObjectiveConfig) -> jax.Array:
     """Samples of the current model from ``noise`` (no gradient): ``reflow_steps`` Euler steps at level K."""
     guided = cfg.num_classes > 0 and cfg.reflow_cfg_scale != 1.0
-    out = sampling.euler_sample_at_level(cfg.apply_fn, jax.lax.stop_gradient(params), noise, labels,
-                                         num_steps=cfg.reflow_steps, level=cfg.num_levels,
-                                         cfg_scale=cfg.reflow_cfg_scale if guided else None,
-                                         null_class=cfg.null_class)
+    out = sampling.euler_sample_at_level(
+        cfg.apply_fn,
+        jax.lax.stop_gradient(params),
+        noise,
+        labels,
+        num_steps=cfg.reflow_steps,
+        level=cfg.num_levels,
+        cfg_scale=cfg.reflow_cfg_scale if guided else None,
+        null_class=cfg.null_class,
+    )
     return jax.lax.stop_gradient(out.astype(noise.dtype))
 
 
@@ -61,8 +76,10 @@ def live_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig
     b = x1.shape[0]
     n = num_reflow_rows(b, cfg.reflow_fraction)
     if not 0 < n < b:
-        raise ValueError(f"objective.reflow_fraction={cfg.reflow_fraction} gives {n} of {b} rows to live reflow;"
-                         " it must leave at least one row to each group")
+        raise ValueError(
+            f"objective.reflow_fraction={cfg.reflow_fraction} gives {n} of {b} rows to live reflow;"
+            " it must leave at least one row to each group"
+        )
     rng_noise, rng_t, rng_drop = jax.random.split(rng, 3)
     x0 = jax.random.normal(rng_noise, x1.shape, x1.dtype)
     labels_pair = common.conditional_labels(batch["label"][:n], cfg)
@@ -82,7 +99,9 @@ def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     get = objective_cfg.get
     n = num_reflow_rows(batch_size, get("reflow_fraction", 0.125))
     if not 0 < n < batch_size:
-        raise ValueError(f"objective.reflow_fraction={get('reflow_fraction')} gives {n} of the {batch_size}"
-                         " rows of train.batch_size to live reflow: it must leave at least one row to each group")
+        raise ValueError(
+            f"objective.reflow_fraction={get('reflow_fraction')} gives {n} of the {batch_size}"
+            " rows of train.batch_size to live reflow: it must leave at least one row to each group"
+        )
     if get("reflow_steps", 8) < 1:
         raise ValueError(f"objective.reflow_steps={get('reflow_steps')} must be >= 1")

@@ -29,13 +29,22 @@ subset of rows whose size can vary between batches (a level's rows) comes with t
 | ``meanflow`` | average velocity over an interval, MeanFlow's jvp target | Euler over intervals |
 | ``meanflow_v`` | improved MeanFlow: the instantaneous velocity through the average one | Euler over intervals |
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Optional
 
-from shortcut_jax.objectives import (consistency, diffusion, flow_matching, meanflow, progressive, reflow, sampling,
-                                     shortcut)
+from shortcut_jax.objectives import (
+    consistency,
+    diffusion,
+    flow_matching,
+    meanflow,
+    progressive,
+    reflow,
+    sampling,
+    shortcut,
+)
 from shortcut_jax.objectives.common import ObjectiveConfig
 
 # (cfg, *, seed, mesh) -> a sampler with ``sampling.Sampler``'s call
@@ -50,20 +59,31 @@ def euler_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
 def ddim_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
     """DDIM (eta = 0) for a noise-prediction network; the data estimate clipped like the
     shortcut targets (``objective.clip``)."""
-    return sampling.DDIMSampler(cfg.apply_fn, diffusion.alpha_bar_fn(cfg), num_levels=cfg.num_levels,
-                                num_classes=cfg.num_classes, clip=cfg.clip, mesh=mesh)
+    return sampling.DDIMSampler(
+        cfg.apply_fn,
+        diffusion.alpha_bar_fn(cfg),
+        num_levels=cfg.num_levels,
+        num_classes=cfg.num_classes,
+        clip=cfg.clip,
+        mesh=mesh,
+    )
 
 
 def consistency_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
     """The multistep consistency sampler (predict the data, re-noise, repeat)."""
-    return sampling.ConsistencySampler(cfg.apply_fn, num_levels=cfg.num_levels, num_classes=cfg.num_classes,
-                                       noise_floor=cfg.noise_floor, seed=seed, mesh=mesh)
+    return sampling.ConsistencySampler(
+        cfg.apply_fn,
+        num_levels=cfg.num_levels,
+        num_classes=cfg.num_classes,
+        noise_floor=cfg.noise_floor,
+        seed=seed,
+        mesh=mesh,
+    )
 
 
 def interval_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
     """Euler over an even chain of intervals, the network reading the interval's length."""
-    return sampling.IntervalSampler(cfg.apply_fn, num_levels=cfg.num_levels, num_classes=cfg.num_classes,
-                                    mesh=mesh)
+    return sampling.IntervalSampler(cfg.apply_fn, num_levels=cfg.num_levels, num_classes=cfg.num_classes, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,22 +118,40 @@ class Method:
 METHODS: dict[str, Method] = {
     "shortcut": Method(shortcut.loss_fn, plan_micro_batches=shortcut.plan_micro_batches),
     "flow_matching": Method(flow_matching.loss_fn, level_input=False),
-    "diffusion": Method(diffusion.loss_fn, ddim_sampler, level_input=False, velocity_field=False,
-                        check=diffusion.check_config),
-    "consistency_training": Method(consistency.training_loss_fn, consistency_sampler, level_input=False,
-                                   velocity_field=False, step=True, num_stages=consistency.num_stages,
-                                   check=consistency.check_config),
-    "consistency_distillation": Method(consistency.distillation_loss_fn, consistency_sampler, level_input=False,
-                                       velocity_field=False, frozen_teacher=True),
-    "progressive_distillation": Method(progressive.loss_fn, step=True, frozen_teacher=True,
-                                       num_stages=progressive.num_stages,
-                                       teacher_snapshot=progressive.teacher_for_step),
+    "diffusion": Method(
+        diffusion.loss_fn, ddim_sampler, level_input=False, velocity_field=False, check=diffusion.check_config
+    ),
+    "consistency_training": Method(
+        consistency.training_loss_fn,
+        consistency_sampler,
+        level_input=False,
+        velocity_field=False,
+        step=True,
+        num_stages=consistency.num_stages,
+        check=consistency.check_config,
+    ),
+    "consistency_distillation": Method(
+        consistency.distillation_loss_fn,
+        consistency_sampler,
+        level_input=False,
+        velocity_field=False,
+        frozen_teacher=True,
+    ),
+    "progressive_distillation": Method(
+        progressive.loss_fn,
+        step=True,
+        frozen_teacher=True,
+        num_stages=progressive.num_stages,
+        teacher_snapshot=progressive.teacher_for_step,
+    ),
     "reflow": Method(reflow.loss_fn, level_input=False, pairs=True),
     "live_reflow": Method(reflow.live_loss_fn, check=reflow.check_config),
-    "meanflow": Method(meanflow.loss_fn, interval_sampler, velocity_field=False, forward_mode=True,
-                       check=meanflow.check_config),
-    "meanflow_v": Method(meanflow.v_loss_fn, interval_sampler, velocity_field=False, forward_mode=True,
-                         check=meanflow.check_config),
+    "meanflow": Method(
+        meanflow.loss_fn, interval_sampler, velocity_field=False, forward_mode=True, check=meanflow.check_config
+    ),
+    "meanflow_v": Method(
+        meanflow.v_loss_fn, interval_sampler, velocity_field=False, forward_mode=True, check=meanflow.check_config
+    ),
 }
 
 

@@ -8,6 +8,7 @@ For ``N = 2^k`` steps: ``d = 1/N``, ``t_i = i/N``, ``x <- x + d * s(x, t_i, k)``
 the guidance scale are traced arguments and the loop over steps is a ``lax.fori_loop`` with a
 traced trip count, so a sweep over budgets (1 to 128) or over scales does not recompile.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def check_budget(num_steps: int, num_levels: int) -> int:
     return int(math.log2(num_steps))
 
 
-def euler_sample(apply_fn, params, noise, labels, *, num_steps: int, num_levels: int,
-                 cfg_scale=None, null_class: int = 0) -> jax.Array:
+def euler_sample(
+    apply_fn, params, noise, labels, *, num_steps: int, num_levels: int, cfg_scale=None, null_class: int = 0
+) -> jax.Array:
     """Traceable N-step Euler sampler (call inside jit, or through ``Sampler``)."""
     level = check_budget(num_steps, num_levels)
     return _euler(apply_fn, params, noise, labels, num_steps, level, cfg_scale, null_class)
@@ -73,8 +75,11 @@ def _synced(executables: dict, jitted, params, args):
     if jax.process_count() == 1:
         return jitted
     leaves = jax.tree.leaves((params, args))
-    signature = (id(jitted), jax.tree.structure((params, args)),
-                 tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    signature = (
+        id(jitted),
+        jax.tree.structure((params, args)),
+        tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
+    )
     if signature not in executables:
         executables[signature] = jitted.lower(params, *args).compile()
         distributed.sync("sampler_compiled")
@@ -115,7 +120,10 @@ class _MeshSampler:
             out = None if self.mesh is None else sharding.batch_sharding(self.mesh)
             self._compiled[guided] = jax.jit(
                 lambda params, noise, labels, cfg_scale, num_steps, *extra: self._loop(
-                    params, noise, labels, cfg_scale if guided else None, num_steps, *extra), out_shardings=out)
+                    params, noise, labels, cfg_scale if guided else None, num_steps, *extra
+                ),
+                out_shardings=out,
+            )
         return self._compiled[guided]
 
     def _arguments(self, noise, labels, num_steps: int, cfg_scale: float):
@@ -155,15 +163,17 @@ class Sampler(_MeshSampler):
         return _euler(self.apply_fn, params, noise, labels, num_steps, level, cfg_scale, self.num_classes)
 
 
-def interval_euler_sample(apply_fn, params, noise, labels, *, num_steps, cfg_scale=None,
-                          null_class: int = 0) -> jax.Array:
+def interval_euler_sample(
+    apply_fn, params, noise, labels, *, num_steps, cfg_scale=None, null_class: int = 0
+) -> jax.Array:
     """``num_steps`` Euler steps of ``h = 1/num_steps`` through a network of the average velocity
     over an interval, which reads ``h`` as its level input (``objectives.meanflow``); traceable,
     ``num_steps`` may be a traced int32 scalar."""
     b = noise.shape[0]
     h = 1.0 / jnp.asarray(num_steps, jnp.float32)
-    predict = _prediction_fn(apply_fn, params, labels, jnp.full((b,), h, jnp.float32), cfg_scale, null_class,
-                             level_dtype=jnp.float32)
+    predict = _prediction_fn(
+        apply_fn, params, labels, jnp.full((b,), h, jnp.float32), cfg_scale, null_class, level_dtype=jnp.float32
+    )
 
     def step(i, x):
         return x + h * predict(x, i.astype(jnp.float32) * h).astype(x.dtype)
@@ -176,8 +186,9 @@ class IntervalSampler(_MeshSampler):
     budget from 1 step up, one compilation for all of them."""
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps):
-        return interval_euler_sample(self.apply_fn, params, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale,
-                                     null_class=self.num_classes)
+        return interval_euler_sample(
+            self.apply_fn, params, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale, null_class=self.num_classes
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +205,9 @@ def check_step_count(num_steps) -> int:
     return num_steps
 
 
-def euler_sample_at_level(apply_fn, params, noise, labels, *, num_steps: int, level: int, cfg_scale=None,
-                          null_class: int = 0) -> jax.Array:
+def euler_sample_at_level(
+    apply_fn, params, noise, labels, *, num_steps: int, level: int, cfg_scale=None, null_class: int = 0
+) -> jax.Array:
     """N Euler steps of size 1/N that all read the level input ``level`` (traceable).
 
     Live reflow generates its pairs with the flow-matching level (8 steps at level K), which the
@@ -213,17 +225,32 @@ def _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class: int, 
         tt = jnp.full((b,), t, jnp.float32)
         if cfg_scale is None:
             return apply_fn(params, x, tt, level, labels).astype(jnp.float32)
-        both = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([tt, tt]),
-                        jnp.concatenate([level, level]),
-                        jnp.concatenate([labels, jnp.full_like(labels, null_class)])).astype(jnp.float32)
+        both = apply_fn(
+            params,
+            jnp.concatenate([x, x]),
+            jnp.concatenate([tt, tt]),
+            jnp.concatenate([level, level]),
+            jnp.concatenate([labels, jnp.full_like(labels, null_class)]),
+        ).astype(jnp.float32)
         cond, uncond = both[:b], both[b:]
         return uncond + cfg_scale * (cond - uncond)
 
     return predict
 
 
-def ddim_sample(apply_fn, params, noise, labels, *, num_steps: int, alpha_bar_fn, level: int, cfg_scale=None,
-                null_class: int = 0, clip: float = 0.0) -> jax.Array:
+def ddim_sample(
+    apply_fn,
+    params,
+    noise,
+    labels,
+    *,
+    num_steps: int,
+    alpha_bar_fn,
+    level: int,
+    cfg_scale=None,
+    null_class: int = 0,
+    clip: float = 0.0,
+) -> jax.Array:
     """Deterministic DDIM (eta = 0) from noise to data in ``num_steps`` equal steps (traceable).
 
     ``apply_fn`` predicts the noise ``eps`` at network time ``t`` (diffusion time ``s = 1 - t``);
@@ -236,8 +263,9 @@ def ddim_sample(apply_fn, params, noise, labels, *, num_steps: int, alpha_bar_fn
     estimate divides the network's error by ``sqrt(a)`` (0.01 at the schedule's floor), and
     unclipped it throws a few samples far outside the data.
     """
-    return _ddim(apply_fn, params, noise, labels, check_step_count(num_steps), level, alpha_bar_fn, cfg_scale,
-                 null_class, clip)
+    return _ddim(
+        apply_fn, params, noise, labels, check_step_count(num_steps), level, alpha_bar_fn, cfg_scale, null_class, clip
+    )
 
 
 def _ddim(apply_fn, params, noise, labels, num_steps, level, alpha_bar_fn, cfg_scale, null_class, clip=0.0):
@@ -271,8 +299,19 @@ def row_keys(noise: jax.Array, seed: int) -> jax.Array:
     return jax.vmap(lambda d: jax.random.fold_in(jax.random.key(seed), d))(digest)
 
 
-def consistency_sample(apply_fn, params, noise, labels, *, num_steps: int, level: int, noise_floor: float = 1e-5,
-                       seed: int = 0, cfg_scale=None, null_class: int = 0) -> jax.Array:
+def consistency_sample(
+    apply_fn,
+    params,
+    noise,
+    labels,
+    *,
+    num_steps: int,
+    level: int,
+    noise_floor: float = 1e-5,
+    seed: int = 0,
+    cfg_scale=None,
+    null_class: int = 0,
+) -> jax.Array:
     """Multistep consistency sampling: predict the data, re-noise to the next time, repeat (traceable).
 
     The network's output ``v(x, t)`` is read as the velocity of one jump to the data,
@@ -281,8 +320,9 @@ def consistency_sample(apply_fn, params, noise, labels, *, num_steps: int, level
     with new Gaussian noise ``z`` (from ``row_keys``); the last prediction is the sample.
     One step is ``x0 + v(x0, 0)``.
     """
-    return _consistency(apply_fn, params, noise, labels, check_step_count(num_steps), level, noise_floor, seed,
-                        cfg_scale, null_class)
+    return _consistency(
+        apply_fn, params, noise, labels, check_step_count(num_steps), level, noise_floor, seed, cfg_scale, null_class
+    )
 
 
 def _consistency(apply_fn, params, noise, labels, num_steps, level, noise_floor, seed, cfg_scale, null_class):
@@ -305,26 +345,62 @@ def _consistency(apply_fn, params, noise, labels, num_steps, level, noise_floor,
 class DDIMSampler(_MeshSampler):
     """Jit-compiled DDIM for a noise-prediction network; the level input is the finest level."""
 
-    def __init__(self, apply_fn: Callable, alpha_bar_fn: Callable, *, num_levels: int, num_classes: int,
-                 clip: float = 0.0, mesh=None):
+    def __init__(
+        self,
+        apply_fn: Callable,
+        alpha_bar_fn: Callable,
+        *,
+        num_levels: int,
+        num_classes: int,
+        clip: float = 0.0,
+        mesh=None,
+    ):
         super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes, mesh=mesh)
         self.alpha_bar_fn = alpha_bar_fn
         self.clip = clip
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps):
-        return _ddim(self.apply_fn, params, noise, labels, num_steps, self.num_levels, self.alpha_bar_fn,
-                     cfg_scale, self.num_classes, self.clip)
+        return _ddim(
+            self.apply_fn,
+            params,
+            noise,
+            labels,
+            num_steps,
+            self.num_levels,
+            self.alpha_bar_fn,
+            cfg_scale,
+            self.num_classes,
+            self.clip,
+        )
 
 
 class ConsistencySampler(_MeshSampler):
     """Jit-compiled multistep consistency sampler; the level input is the finest level, as in training."""
 
-    def __init__(self, apply_fn: Callable, *, num_levels: int, num_classes: int, noise_floor: float = 1e-5,
-                 seed: int = 0, mesh=None):
+    def __init__(
+        self,
+        apply_fn: Callable,
+        *,
+        num_levels: int,
+        num_classes: int,
+        noise_floor: float = 1e-5,
+        seed: int = 0,
+        mesh=None,
+    ):
         super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes, mesh=mesh)
         self.noise_floor = noise_floor
         self.seed = seed
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps):
-        return _consistency(self.apply_fn, params, noise, labels, num_steps, self.num_levels, self.noise_floor,
-                            self.seed, cfg_scale, self.num_classes)
+        return _consistency(
+            self.apply_fn,
+            params,
+            noise,
+            labels,
+            num_steps,
+            self.num_levels,
+            self.noise_floor,
+            self.seed,
+            cfg_scale,
+            self.num_classes,
+        )

@@ -26,6 +26,7 @@ rows as ``batch['sc_level']``, so that levels are spread over the whole global b
 Metrics: ``loss``, ``flow_loss``, ``sc_loss`` and, per level ``i``, ``sc_loss/level_i`` (the mean
 over that level's rows, 0 where it has none) with its row count ``sc_loss/level_i/rows``.
 """
+
 from __future__ import annotations
 
 import jax
@@ -62,8 +63,9 @@ def plan_micro_batches(rng, batch_size: int, accum: int, cfg: common.ObjectiveCo
     return {"sc_level": levels.reshape(n_sc // accum, accum).T}
 
 
-def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cfg: common.ObjectiveConfig,
-                             guided_tail: int | None = None):
+def self_consistency_targets(
+    apply_fn, teacher_params, x_t, t, level, labels, cfg: common.ObjectiveConfig, guided_tail: int | None = None
+):
     """Average of two teacher half steps at level ``level + 1``; no gradient flows through it.
 
     With bootstrap CFG, rows at the smallest level ``K - 1`` use guided half steps. When the
@@ -81,10 +83,14 @@ def self_consistency_targets(apply_fn, teacher_params, x_t, t, level, labels, cf
             return apply_fn(teacher_params, x, tt, half_level, labels)
         if guided_tail is not None:
             g = slice(x.shape[0] - guided_tail, None)
-            both = apply_fn(teacher_params, jnp.concatenate([x, x[g]]), jnp.concatenate([tt, tt[g]]),
-                            jnp.concatenate([half_level, half_level[g]]),
-                            jnp.concatenate([labels, jnp.full_like(labels[g], cfg.null_class)]))
-            cond, uncond = both[: x.shape[0]], both[x.shape[0]:]
+            both = apply_fn(
+                teacher_params,
+                jnp.concatenate([x, x[g]]),
+                jnp.concatenate([tt, tt[g]]),
+                jnp.concatenate([half_level, half_level[g]]),
+                jnp.concatenate([labels, jnp.full_like(labels[g], cfg.null_class)]),
+            )
+            cond, uncond = both[: x.shape[0]], both[x.shape[0] :]
             return cond.at[g].set(uncond + w * (cond[g] - uncond))
         cond = apply_fn(teacher_params, x, tt, half_level, labels)
         uncond = apply_fn(teacher_params, x, tt, half_level, jnp.full_like(labels, cfg.null_class))
@@ -116,10 +122,12 @@ def sample_rows(x1, labels, rng, cfg: common.ObjectiveConfig, sc_level=None) -> 
         "x0": x0,
         "t": jnp.concatenate([t_sc, t_flow]),
         "level": jnp.concatenate([sc_level.astype(jnp.int32), jnp.full((b - n_sc,), cfg.num_levels, jnp.int32)]),
-        "label": jnp.concatenate([
-            common.conditional_labels(labels[:n_sc], cfg),
-            common.drop_labels(rng_drop, labels[n_sc:], cfg),
-        ]),
+        "label": jnp.concatenate(
+            [
+                common.conditional_labels(labels[:n_sc], cfg),
+                common.drop_labels(rng_drop, labels[n_sc:], cfg),
+            ]
+        ),
     }
 
 

@@ -7,6 +7,7 @@ are built; a fresh distillation run also finds and checks its teacher's checkpoi
 which ``init_state`` then reads. Nothing here is compiled or written; the train loop (``train.py``), the evaluation
 (``evaluate.py``), the checkpoint importer and the benchmarks all start from one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,21 +35,39 @@ log = logging.getLogger(__name__)
 # Keys whose change makes a saved checkpoint unusable for the current config: what fixes the
 # parameter shapes and the meaning of the level input. Execution choices (dtype, remat, attention
 # kernel, residual dtype) may change between launches.
-COMPATIBILITY_KEYS = ("architecture", "data_shape", "num_classes", "objective.name", "objective.num_levels",
-                      "ema_decays")
+COMPATIBILITY_KEYS = (
+    "architecture",
+    "data_shape",
+    "num_classes",
+    "objective.name",
+    "objective.num_levels",
+    "ema_decays",
+)
 # The objective settings among them (plus those that change what a given objective's weights
 # mean), checked first so that the refusal names the setting to restore.
-OBJECTIVE_KEYS = {"": ("objective.name", "objective.num_levels"),
-                  "diffusion": ("objective.diffusion_schedule", "objective.diffusion_min_alpha_bar")}
+OBJECTIVE_KEYS = {
+    "": ("objective.name", "objective.num_levels"),
+    "diffusion": ("objective.diffusion_schedule", "objective.diffusion_min_alpha_bar"),
+}
 
 
 def architecture(model_cfg) -> dict:
     if model_cfg.name == "dit":
         width, depth, heads = config_lib.model_dims(model_cfg)
-        return {"name": "dit", "patch_size": model_cfg.patch_size, "width": width, "depth": depth,
-                "num_heads": heads, "mlp_ratio": model_cfg.mlp_ratio}
-    return {"name": model_cfg.name, "width": model_cfg.width or 256, "depth": model_cfg.depth or 4,
-            "mlp_ratio": model_cfg.mlp_ratio}  # the MLP's defaults, as build_model applies them
+        return {
+            "name": "dit",
+            "patch_size": model_cfg.patch_size,
+            "width": width,
+            "depth": depth,
+            "num_heads": heads,
+            "mlp_ratio": model_cfg.mlp_ratio,
+        }
+    return {
+        "name": model_cfg.name,
+        "width": model_cfg.width or 256,
+        "depth": model_cfg.depth or 4,
+        "mlp_ratio": model_cfg.mlp_ratio,
+    }  # the MLP's defaults, as build_model applies them
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -75,8 +94,14 @@ def weight_decay_mask(kind: str) -> Optional[Callable]:
 
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(optim_cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                        weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask(optim_cfg.weight_decay_mask))
+    adamw = optax.adamw(
+        schedule,
+        b1=optim_cfg.b1,
+        b2=optim_cfg.b2,
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+        mask=weight_decay_mask(optim_cfg.weight_decay_mask),
+    )
     if optim_cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw), schedule
     return adamw, schedule
@@ -104,8 +129,13 @@ class Experiment:
         if spec is None:
             # make_dataset runs the reader's checks (file listing, header scan, array loading)
             # once and builds the source from what they read.
-            self.source = data.make_dataset(config.data, batch_size=self.batch_per_process, seed=config.seed,
-                                            process_index=jax.process_index(), process_count=process_count)
+            self.source = data.make_dataset(
+                config.data,
+                batch_size=self.batch_per_process,
+                seed=config.seed,
+                process_index=jax.process_index(),
+                process_count=process_count,
+            )
             spec = self.source.spec
         else:
             self.source = None
@@ -139,28 +169,38 @@ class Experiment:
         self.ckpt_dir = os.path.join(self.workdir or "", "checkpoints")
         self.resumes = self._check_workdir()  # the workdir holds a checkpoint of this run
         # train.init_from: read and checked now for a fresh run; a resume never reads it
-        self.warm_start = (runs.open_source(config.train, self.meta)
-                           if config.train.init_from and self.workdir and not self.resumes else None)
+        self.warm_start = (
+            runs.open_source(config.train, self.meta)
+            if config.train.init_from and self.workdir and not self.resumes
+            else None
+        )
         if self.warm_start is not None:  # provenance, saved with every checkpoint (not a compatibility key)
             self.meta["init_from"] = self.warm_start.provenance()
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
         self.method = needs = method(config.objective.name)
-        self.model = build_model(config.model, num_classes=self.spec.num_classes, ignore_level=not needs.level_input,
-                                 forward_mode=needs.forward_mode)
+        self.model = build_model(
+            config.model,
+            num_classes=self.spec.num_classes,
+            ignore_level=not needs.level_input,
+            forward_mode=needs.forward_mode,
+        )
         self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
-        self.obj_cfg = make_objective_config(config.objective, self.apply_fn, self.spec.num_classes,
-                                             total_steps=config.train.steps)
+        self.obj_cfg = make_objective_config(
+            config.objective, self.apply_fn, self.spec.num_classes, total_steps=config.train.steps
+        )
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         self.sampler = make_sampler(config.objective.name, self.obj_cfg, seed=config.eval.seed, mesh=self.mesh)
 
         init_rng = jax.random.PRNGKey(config.seed)
         self.abstract_state = jax.eval_shape(self._init, init_rng)
-        self.state_shardings = sharding.state_shardings(self.abstract_state, self.mesh, layer_axis=convert.in_stacked_blocks)
+        self.state_shardings = sharding.state_shardings(
+            self.abstract_state, self.mesh, layer_axis=convert.in_stacked_blocks
+        )
         self.abstract_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state,
-            self.state_shardings)
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_state, self.state_shardings
+        )
         # a fresh distillation run starts at its teacher, found and checked now (training/runs.py); a
         # resumed one finds its teacher in its own checkpoint, and without a workdir (benchmarks)
         # the frozen teacher is a copy of the initial parameters
@@ -199,13 +239,15 @@ class Experiment:
         try:
             vae = vae_weights.load_vae(where)
         except vae_weights.WeightsError as err:
-            raise config_lib.ConfigError(f"decoding the samples of {encoded}: {err} (set eval.vae to the VAE's"
-                                         " folder on this machine)") from None
+            raise config_lib.ConfigError(
+                f"decoding the samples of {encoded}: {err} (set eval.vae to the VAE's folder on this machine)"
+            ) from None
         if recorded is not None and vae.weights_sha256 != recorded["weights_sha256"]:
             raise config_lib.ConfigError(
                 f"eval.vae={where!r} holds other weights (sha256 {vae.weights_sha256[:12]}...) than the VAE"
                 f" that encoded {encoded} ({recorded['name']}, sha256 {recorded['weights_sha256'][:12]}...):"
-                " point eval.vae at that VAE's folder")
+                " point eval.vae at that VAE's folder"
+            )
         # bf16 on accelerators (float32 convolutions at full precision are about 15x slower there)
         return vae.latent_decoder(dtype=resolve_dtype("auto"), batch_size=config.eval.decode_batch_size)
 
@@ -223,7 +265,8 @@ class Experiment:
             raise config_lib.ConfigError(
                 f"mesh.data={config.mesh.data} x mesh.fsdp={config.mesh.fsdp} uses {used} of the {total} devices of"
                 f" the {processes} processes; each process feeds its own devices its slice of the batch, so the"
-                " mesh must hold them all: set mesh.data=-1")
+                " mesh must hold them all: set mesh.data=-1"
+            )
 
     def _check_workdir(self) -> bool:
         """Whether the workdir holds a checkpoint (checked to fit this config)."""
@@ -248,8 +291,9 @@ class Experiment:
         its weights under a loss they were not trained for. One line names the saved and the given
         settings."""
         name = self.config.objective.name
-        keys = OBJECTIVE_KEYS[""] + (OBJECTIVE_KEYS.get(name, ()) if (saved.get("objective") or {}).get("name")
-                                     == name else ())
+        keys = OBJECTIVE_KEYS[""] + (
+            OBJECTIVE_KEYS.get(name, ()) if (saved.get("objective") or {}).get("name") == name else ()
+        )
         diffs = []
         for key in keys:
             field = key.split(".", 1)[1]
@@ -263,7 +307,8 @@ class Experiment:
             flags = " ".join(f"--config.{k}={v}" for k, v, _ in diffs)
             raise config_lib.ConfigError(
                 f"--workdir={self.workdir} holds a run trained with {saved_text}; the config gives {given_text}:"
-                f" continue that run with its setting ({flags}) or use a fresh --workdir")
+                f" continue that run with its setting ({flags}) or use a fresh --workdir"
+            )
 
     def _check_teacher_matches(self, saved: dict) -> None:
         """A distillation run's state holds a frozen teacher that other runs' states lack, so
@@ -274,14 +319,16 @@ class Experiment:
             raise config_lib.ConfigError(
                 f"--workdir={self.workdir} holds a checkpoint of an objective.name={saved_name!r} run, which"
                 f" objective.name={name!r} cannot continue (one distils a frozen teacher, the other not): use a"
-                " fresh --workdir (to distil that run, name it in objective.teacher_checkpoint)")
+                " fresh --workdir (to distil that run, name it in objective.teacher_checkpoint)"
+            )
 
     def _init(self, rng, model=None):
         init_rng, state_rng = jax.random.split(rng)
         shape = tuple(self.spec.shape)
         x = jnp.zeros((1, *shape), jnp.float32)
-        params = (model or self.model).init(init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
-                                 jnp.zeros((1,), jnp.int32))["params"]
+        params = (model or self.model).init(
+            init_rng, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+        )["params"]
         frozen = params if self.method.frozen_teacher else None
         return train_state.create(params, self.tx, state_rng, self.config.train.ema_decays, frozen_teacher=frozen)
 
@@ -293,8 +340,7 @@ class Experiment:
 
         def init(weights, rng):
             _, state_rng = jax.random.split(rng)
-            return train_state.create(weights, self.tx, state_rng, self.config.train.ema_decays,
-                                      frozen_teacher=weights)
+            return train_state.create(weights, self.tx, state_rng, self.config.train.ema_decays, frozen_teacher=weights)
 
         return jax.jit(init, out_shardings=self.state_shardings)(weights, jax.random.PRNGKey(self.config.seed))
 
@@ -312,7 +358,8 @@ class Experiment:
         except RuntimeError as err:
             raise config_lib.ConfigError(
                 "train.init_on='host' needs JAX's CPU backend: add 'cpu' to JAX_PLATFORMS (e.g."
-                " JAX_PLATFORMS=cuda,cpu) or set train.init_on='device'") from err
+                " JAX_PLATFORMS=cuda,cpu) or set train.init_on='device'"
+            ) from err
 
     def _init_on_host(self):
         """The initial state computed on this host's CPU, then placed shard by shard on the mesh
@@ -323,18 +370,26 @@ class Experiment:
             # XLA implementation initialises the same ones
             model = model.clone(attention_impl="xla")
         with jax.default_device(self.host_cpu):
-            host = jax.device_get(jax.jit(functools.partial(self._init, model=model))(
-                jax.random.PRNGKey(self.config.seed)))
+            host = jax.device_get(
+                jax.jit(functools.partial(self._init, model=model))(jax.random.PRNGKey(self.config.seed))
+            )
         return jax.tree.map(
             lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x[idx])),
-            host, self.state_shardings)
+            host,
+            self.state_shardings,
+        )
 
     def train_step_fn(self):
         """The train step, not yet jitted: ``(state, batch) -> (state, metrics)``. What
         ``compile_step`` compiles and the benchmarks trace."""
-        return make_train_step(self.config.objective.name, self.obj_cfg, self.tx, self.schedule,
-                               accum_steps=self.config.optim.accum_steps,
-                               ema_debias=self.config.train.ema_debias)
+        return make_train_step(
+            self.config.objective.name,
+            self.obj_cfg,
+            self.tx,
+            self.schedule,
+            accum_steps=self.config.optim.accum_steps,
+            ema_debias=self.config.train.ema_debias,
+        )
 
     def abstract_batch(self) -> dict:
         """The global batch the step takes, as ``jax.ShapeDtypeStruct`` leaves with its shardings."""
@@ -353,8 +408,11 @@ class Experiment:
 
         The state is donated (updated in place); ``donate=False`` keeps the input state alive
         beside the new one, for measuring what donation saves."""
-        jitted = jax.jit(self.train_step_fn(), donate_argnums=(0,) if donate else (),
-                         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+        jitted = jax.jit(
+            self.train_step_fn(),
+            donate_argnums=(0,) if donate else (),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+        )
         start = time.perf_counter()
         compiled = jitted.lower(self.abstract_state, self.abstract_batch()).compile()
         info = {"compile_seconds": time.perf_counter() - start}
@@ -379,11 +437,17 @@ class Experiment:
         if saved_stacked == stacked:
             return ckpt.restore(step, self.abstract_state)
         as_saved = jax.eval_shape(lambda s: convert.to_layout(s, saved_stacked), self.abstract_state)
-        as_saved = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), as_saved,
-                                sharding.state_shardings(as_saved, self.mesh, layer_axis=convert.in_stacked_blocks))
+        as_saved = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            as_saved,
+            sharding.state_shardings(as_saved, self.mesh, layer_axis=convert.in_stacked_blocks),
+        )
         state, data_state, meta = ckpt.restore(step, as_saved)
-        log.info("checkpoint written with model.scan_blocks=%s: blocks converted to the %s layout", saved_stacked,
-                 "stacked" if stacked else "unrolled")
+        log.info(
+            "checkpoint written with model.scan_blocks=%s: blocks converted to the %s layout",
+            saved_stacked,
+            "stacked" if stacked else "unrolled",
+        )
         # (not donated: stacking changes every block array's shape, so no buffer could be reused)
         state = jax.jit(lambda s: convert.to_layout(s, stacked), out_shardings=self.state_shardings)(state)
         return state, data_state, meta
@@ -400,8 +464,12 @@ def compiled_stats(compiled) -> dict:
     try:
         mem = compiled.memory_analysis()
         if mem is not None:
-            for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                         "generated_code_size_in_bytes"):
+            for name in (
+                "temp_size_in_bytes",
+                "argument_size_in_bytes",
+                "output_size_in_bytes",
+                "generated_code_size_in_bytes",
+            ):
                 if hasattr(mem, name):
                     out[name] = int(getattr(mem, name))
     except Exception:  # noqa: BLE001 - not every backend implements it
@@ -420,7 +488,7 @@ def compiled_stats(compiled) -> dict:
 def parameter_overview(params) -> tuple[int, str]:
     """(total count, a table of parameter counts by top-level module) for the start-up log."""
     rows = []
-    for name, sub in (params.items() if isinstance(params, dict) else [("params", params)]):
+    for name, sub in params.items() if isinstance(params, dict) else [("params", params)]:
         leaves = jax.tree.leaves(sub)
         rows.append((name, sum(int(np.prod(leaf.shape)) for leaf in leaves), len(leaves)))
     total = sum(count for _, count, _ in rows)

@@ -38,6 +38,7 @@ Remote workdirs. ``workdir`` may be any path orbax and ``etils.epath`` accept (`
 with gcsfs or TensorFlow installed): checkpoints go through orbax, metrics, the manifest and the
 evaluation files through ``etils.epath``.
 """
+
 from __future__ import annotations
 
 import json
@@ -127,8 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 exp.source.set_state(data_state)
             log.info("resumed from step %d%s", latest, _layout_change(saved_meta, exp.meta))
             if cfg.train.init_from:
-                log.info("train.init_from=%s is not read: the run resumes from its own checkpoint",
-                         cfg.train.init_from)
+                log.info("train.init_from=%s is not read: the run resumes from its own checkpoint", cfg.train.init_from)
         else:
             state = exp.init_state()
             if exp.warm_start is not None:  # train.init_from, checked when the experiment was built
@@ -138,11 +138,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         compiled, compile_info = exp.compile_step()
         log.info("train step compiled: %s", json.dumps(compile_info))
         distributed.sync("train_step_compiled")  # no process starts the step while another compiles it
-        manifest.write_manifest(workdir, cfg, extra={"compile": compile_info, "meta": exp.meta,
-                                                     "num_params": num_params, "mesh": dict(exp.mesh.shape)})
-        writer = writers.MetricWriter(workdir, use_tensorboard=cfg.train.use_tensorboard,
-                                      use_wandb=cfg.train.use_wandb, wandb_project=cfg.train.wandb_project,
-                                      config=cfg)
+        manifest.write_manifest(
+            workdir,
+            cfg,
+            extra={"compile": compile_info, "meta": exp.meta, "num_params": num_params, "mesh": dict(exp.mesh.shape)},
+        )
+        writer = writers.MetricWriter(
+            workdir,
+            use_tensorboard=cfg.train.use_tensorboard,
+            use_wandb=cfg.train.use_wandb,
+            wandb_project=cfg.train.wandb_project,
+            config=cfg,
+        )
         with distributed.StopRequests(ckpt.reached_preemption) as stop:
             return _loop(exp, state, compiled, ckpt, writer, stop)
     finally:
@@ -159,16 +166,24 @@ def _layout_change(saved: dict, current: dict) -> str:
             notes.append(f"{what} {saved[key]} -> {current[key]}")
     if not notes:
         return ""
-    return (" (" + ", ".join(notes) + "; the data stream continues at the first example not yet seen,"
-            " the schedule at the saved step)")
+    return (
+        " (" + ", ".join(notes) + "; the data stream continues at the first example not yet seen,"
+        " the schedule at the saved step)"
+    )
 
 
 def _progress_bar(cfg, step: int) -> tqdm:
     # Outside a terminal (batch jobs writing a log file) the bar refreshes at most every 30 s.
     interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return tqdm(total=cfg.train.steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1,
-                mininterval=1.0 if interactive else 30.0,
-                disable=not (cfg.train.progress_bar and writers.primary_process()))
+    return tqdm(
+        total=cfg.train.steps,
+        initial=step,
+        unit="step",
+        dynamic_ncols=True,
+        smoothing=0.1,
+        mininterval=1.0 if interactive else 30.0,
+        disable=not (cfg.train.progress_bar and writers.primary_process()),
+    )
 
 
 def _loop(exp: Experiment, state, compiled, ckpt, writer, stop: distributed.StopRequests):
@@ -213,16 +228,24 @@ def _loop(exp: Experiment, state, compiled, ckpt, writer, stop: distributed.Stop
                 scalars["images_per_second"] = scalars["steps_per_second"] * cfg.train.batch_size
                 last_log, wait_time, wait_count = now, 0.0, 0
                 writer.write_scalars(step, scalars)
-                bar.set_postfix({"loss": f"{scalars['loss']:.4g}",
-                                 "img/s": f"{scalars['images_per_second']:.1f}"}, refresh=False)
+                bar.set_postfix(
+                    {"loss": f"{scalars['loss']:.4g}", "img/s": f"{scalars['images_per_second']:.1f}"}, refresh=False
+                )
             bar.update(step - bar.n)
             if step % cfg.train.ckpt_every == 0 or final or stopping:
                 _check_finite(pending)  # never checkpoint a state past a non-finite loss
                 ckpt.save(step, state, data_state=exp.source.get_state(), meta=exp.meta, force=final or stopping)
             if stopping:
                 ckpt.wait()
-                log.warning("stopped at step %d of %d on %s: checkpoint of step %d saved in %s; run the same"
-                            " command again to resume", step, total, stop.reason, step, exp.ckpt_dir)
+                log.warning(
+                    "stopped at step %d of %d on %s: checkpoint of step %d saved in %s; run the same"
+                    " command again to resume",
+                    step,
+                    total,
+                    stop.reason,
+                    step,
+                    exp.ckpt_dir,
+                )
                 break
             if step % cfg.train.eval_every == 0 or final:
                 evaluate_state(exp, state, step, writer=writer, final=final)

@@ -17,6 +17,7 @@ latent runs. A workdir without a checkpoint, a budget that is not a power of two
 trained levels and labels the model does not have are refused before anything is restored
 or compiled, each naming the flag to change.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,18 @@ from shortcut_jax.training.experiment import COMPATIBILITY_KEYS, Experiment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedRun", "evaluate_checkpoint", "from_recorded_config", "require_checkpoint", "load_config", "load_run", "resolve_labels", "sample", "saved_spec", "write_images"]
+__all__ = [
+    "LoadedRun",
+    "evaluate_checkpoint",
+    "from_recorded_config",
+    "require_checkpoint",
+    "load_config",
+    "load_run",
+    "resolve_labels",
+    "sample",
+    "saved_spec",
+    "write_images",
+]
 
 
 def load_config(path: str, overrides: Optional[dict] = None):
@@ -65,8 +77,16 @@ def load_config(path: str, overrides: Optional[dict] = None):
 
 
 # Settings of the machine a run is sampled on, not of the run: taken from the given config.
-MACHINE_KEYS = ("mesh", "model.attention_impl", "model.dtype", "train.progress_bar", "train.use_tensorboard",
-                "train.use_wandb", "train.async_ckpt", "train.init_on")
+MACHINE_KEYS = (
+    "mesh",
+    "model.attention_impl",
+    "model.dtype",
+    "train.progress_bar",
+    "train.use_tensorboard",
+    "train.use_wandb",
+    "train.async_ckpt",
+    "train.init_on",
+)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -136,8 +156,12 @@ def from_recorded_config(config, workdir: str, overrides: Optional[dict] = None)
         (_get(config, parent) if parent else config)[leaf] = value
     if differing:
         shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
-        log.info("the run in %s was trained with %s (not what --config gives): using the run's settings; a"
-                 " --config.<key>=value flag overrides one", workdir, shown)
+        log.info(
+            "the run in %s was trained with %s (not what --config gives): using the run's settings; a"
+            " --config.<key>=value flag overrides one",
+            workdir,
+            shown,
+        )
     return config
 
 
@@ -165,8 +189,10 @@ def _saved_meta(ckpt_dir: str, step: Optional[int]) -> dict:
 
 def _spec_from_meta(meta: dict, ckpt_dir: str) -> DataSpec:
     if "data_shape" not in meta or "num_classes" not in meta:
-        raise ValueError(f"the checkpoint in {ckpt_dir} records no data shape and class count (run metadata of"
-                         " an older version); evaluate it with python -m shortcut_jax.evaluate instead")
+        raise ValueError(
+            f"the checkpoint in {ckpt_dir} records no data shape and class count (run metadata of"
+            " an older version); evaluate it with python -m shortcut_jax.evaluate instead"
+        )
     shape = tuple(int(d) for d in meta["data_shape"])
     return DataSpec(shape=shape, num_classes=int(meta["num_classes"]), kind="points" if len(shape) == 1 else "images")
 
@@ -193,18 +219,28 @@ def _latent_run_decoder(config, meta: dict, workdir: str):
     if recorded is None and not config.eval.vae:
         raise config_lib.ConfigError(
             f"{encoded} samples latents and records no VAE to decode them: set --config.eval.vae to the folder"
-            " of the VAE that encoded its data")
+            " of the VAE that encoded its data"
+        )
     return Experiment.vae_decoder(config, recorded, encoded)
 
 
 def check_guidance(cfg_scale: float, num_classes: int) -> None:
     if cfg_scale != 1.0 and num_classes == 0:
-        raise ValueError(f"--cfg_scale={cfg_scale}: guidance needs a class-conditional model; this one is"
-                         " unconditional, so leave --cfg_scale=1")
+        raise ValueError(
+            f"--cfg_scale={cfg_scale}: guidance needs a class-conditional model; this one is"
+            " unconditional, so leave --cfg_scale=1"
+        )
 
 
-def resolve_labels(num_classes: int, num_images: int, *, labels: Optional[Sequence[int]] = None,
-                   class_label: Optional[int] = None, mode: str = "balanced", seed: int = 0) -> np.ndarray:
+def resolve_labels(
+    num_classes: int,
+    num_images: int,
+    *,
+    labels: Optional[Sequence[int]] = None,
+    class_label: Optional[int] = None,
+    mode: str = "balanced",
+    seed: int = 0,
+) -> np.ndarray:
     """int32 ``[num_images]``: ``labels`` in turn, or ``class_label`` for all, or ``mode``'s labels
     (``evaluation.sample_sets.class_labels``). Raises ValueError naming the flag to change."""
     if labels is not None and class_label is not None:
@@ -248,9 +284,17 @@ def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optio
         raise
 
 
-def sample(run: LoadedRun, *, num_images: int, num_steps: int, labels=None, class_label: Optional[int] = None,
-           cfg_scale: float = 1.0, seed: int = 0, batch_size: Optional[int] = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def sample(
+    run: LoadedRun,
+    *,
+    num_images: int,
+    num_steps: int,
+    labels=None,
+    class_label: Optional[int] = None,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(samples, labels)``: ``num_images`` samples at ``num_steps`` steps (decoded for latent
     runs), float in [-1, 1] ``[N, H, W, C]`` (points ``[N, D]``), and their int32 labels."""
     exp = run.exp
@@ -258,12 +302,25 @@ def sample(run: LoadedRun, *, num_images: int, num_steps: int, labels=None, clas
         raise ValueError(f"--num_images={num_images} must be >= 1")
     sampling.check_budget(num_steps, exp.config.objective.num_levels)
     check_guidance(cfg_scale, run.num_classes)
-    chosen = resolve_labels(run.num_classes, num_images, labels=labels, class_label=class_label,
-                            mode=exp.config.eval.label_mode, seed=seed)
+    chosen = resolve_labels(
+        run.num_classes, num_images, labels=labels, class_label=class_label, mode=exp.config.eval.label_mode, seed=seed
+    )
     batch = min(batch_size or exp.config.eval.batch_size, num_images)
-    parts = list(sample_batches(exp.sampler, run.params, shape=tuple(exp.spec.shape), num_classes=run.num_classes,
-                                num_samples=num_images, batch_size=batch, num_steps=num_steps, seed=seed,
-                                cfg_scale=cfg_scale, labels=chosen, decode=exp.decode))
+    parts = list(
+        sample_batches(
+            exp.sampler,
+            run.params,
+            shape=tuple(exp.spec.shape),
+            num_classes=run.num_classes,
+            num_samples=num_images,
+            batch_size=batch,
+            num_steps=num_steps,
+            seed=seed,
+            cfg_scale=cfg_scale,
+            labels=chosen,
+            decode=exp.decode,
+        )
+    )
     return np.concatenate([x for x, _ in parts]), chosen
 
 
@@ -272,12 +329,15 @@ def check_outputs(sample_shape: tuple, *, out: str = "", out_dir: str = "") -> N
     if bool(out) == bool(out_dir):
         raise ValueError("give --out=FILE.png (one grid) or --out_dir=DIR (one PNG per image)")
     if out_dir and (len(sample_shape) != 3 or sample_shape[-1] not in (1, 3)):
-        raise ValueError(f"--out_dir writes images; these samples are {tuple(sample_shape)}: use --out for "
-                         + ("a scatter plot" if len(sample_shape) == 1 else "a grid of their first three channels"))
+        raise ValueError(
+            f"--out_dir writes images; these samples are {tuple(sample_shape)}: use --out for "
+            + ("a scatter plot" if len(sample_shape) == 1 else "a grid of their first three channels")
+        )
 
 
-def write_images(samples: np.ndarray, labels: Optional[np.ndarray], *, out: str = "", out_dir: str = "",
-                 title: str = "") -> list[str]:
+def write_images(
+    samples: np.ndarray, labels: Optional[np.ndarray], *, out: str = "", out_dir: str = "", title: str = ""
+) -> list[str]:
     """A grid (images) or scatter plot (points) at ``out``, or one PNG per image in ``out_dir``
     (``00000_class3.png``, ...; ``00000.png`` without ``labels``); returns the paths written."""
     check_outputs(samples.shape[1:], out=out, out_dir=out_dir)
@@ -288,14 +348,13 @@ def write_images(samples: np.ndarray, labels: Optional[np.ndarray], *, out: str 
             plots.save_grid(samples, out)
         return [out]
     os.makedirs(out_dir, exist_ok=True)
-    pixels = to_uint8(grey_to_rgb(samples))[..., :samples.shape[-1]]
+    pixels = to_uint8(grey_to_rgb(samples))[..., : samples.shape[-1]]
     paths = []
     for i, image in enumerate(pixels):
         name = f"{i:05d}.png" if labels is None else f"{i:05d}_class{int(labels[i])}.png"
         paths.append(os.path.join(out_dir, name))
         plots.write_png(image, paths[-1])
     return paths
-
 
 
 def require_checkpoint(workdir: str) -> str:
@@ -305,12 +364,14 @@ def require_checkpoint(workdir: str) -> str:
     if not runs.has_steps(ckpt_dir):
         raise FileNotFoundError(
             f"no checkpoint in {ckpt_dir}: fix --workdir (the folder a run was trained into), or train first"
-            f" (python -m shortcut_jax.main --config=... --workdir={workdir})")
+            f" (python -m shortcut_jax.main --config=... --workdir={workdir})"
+        )
     return ckpt_dir
 
 
-def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
-                        out_dir: Optional[str] = None) -> dict[int, float]:
+def evaluate_checkpoint(
+    config, workdir: str, *, step: Optional[int] = None, out_dir: Optional[str] = None
+) -> dict[int, float]:
     """Evaluate a saved run at every budget of ``config.eval`` (final sample count)."""
     ckpt_dir = require_checkpoint(workdir)
     exp = Experiment(config, workdir)
@@ -324,11 +385,19 @@ def evaluate_checkpoint(config, workdir: str, *, step: Optional[int] = None,
             out_dir, own = offline_out_dir(exp.workdir, step)
             if own:  # completes the run's evaluation at this step, so it joins the run's metrics too
                 writer = writers.MetricWriter(exp.workdir, use_tensorboard=False)
-        log.info("offline evaluation of step %d: writing to %s%s", step, out_dir,
-                 " and metrics.jsonl" if writer else "")
+        log.info(
+            "offline evaluation of step %d: writing to %s%s", step, out_dir, " and metrics.jsonl" if writer else ""
+        )
         try:
-            results = evaluate_state(exp, state, step, out_dir=out_dir, writer=writer, final=True,
-                                     progress=config.train.progress_bar and jax.process_index() == 0)
+            results = evaluate_state(
+                exp,
+                state,
+                step,
+                out_dir=out_dir,
+                writer=writer,
+                final=True,
+                progress=config.train.progress_bar and jax.process_index() == 0,
+            )
             log.info("done: results in %s", out_dir)
             return results
         finally:

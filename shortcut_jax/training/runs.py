@@ -87,6 +87,7 @@ at 0; where the teacher read it (a shortcut run, whose flow-matching rows were a
 ``K``. Either way the restored network computes, at every level the student feeds it, the
 teacher's own velocity field. Where both read it or both ignore it the weights are kept as saved.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -142,13 +143,16 @@ def checkpoint_dir(path: str, *, what: str = "workdir") -> str:
     config key that gave ``path``) when ``path`` is not a folder or neither holds a checkpoint."""
     path = os.fspath(path).rstrip("/")
     if not epath.Path(path).is_dir():
-        raise FileNotFoundError(f"{what}={path!r} is not a directory: give a trained run's workdir or its"
-                                " checkpoints folder")
+        raise FileNotFoundError(
+            f"{what}={path!r} is not a directory: give a trained run's workdir or its checkpoints folder"
+        )
     for candidate in (os.path.join(path, "checkpoints"), path):
         if has_steps(candidate):
             return candidate if "://" in candidate else os.path.abspath(candidate)
-    raise FileNotFoundError(f"{what}={path!r} holds no checkpoint (neither it nor {path}/checkpoints has a step"
-                            " folder): give a trained run's workdir or its checkpoints folder")
+    raise FileNotFoundError(
+        f"{what}={path!r} holds no checkpoint (neither it nor {path}/checkpoints has a step"
+        " folder): give a trained run's workdir or its checkpoints folder"
+    )
 
 
 def _recorded_config(workdir: str) -> Optional[dict]:
@@ -166,8 +170,10 @@ def open_run(path: str, *, step: int = -1, what: str = "workdir", step_what: str
     with checkpoint.Checkpointer(ckpt_dir, keep=None, async_save=False) as ckpt:
         steps = ckpt.all_steps()
         if step != -1 and step not in steps:
-            raise FileNotFoundError(f"{what}={path!r} has no checkpoint of step {step}: {step_what}={step} is not"
-                                    f" saved (saved steps: {steps}); pick one of them, or -1 for the latest")
+            raise FileNotFoundError(
+                f"{what}={path!r} has no checkpoint of step {step}: {step_what}={step} is not"
+                f" saved (saved steps: {steps}); pick one of them, or -1 for the latest"
+            )
         chosen = steps[-1] if step == -1 else int(step)
         meta = ckpt.read_meta(chosen) or {}
     workdir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
@@ -195,19 +201,23 @@ LEVEL_EMBED = "level_embed"
 def constant_level_embedding(params: dict, level: int) -> dict:
     """Params whose level embedder returns, at every input, what ``params`` gave at ``level``."""
     if LEVEL_EMBED not in params or "hidden" not in params[LEVEL_EMBED]:
-        raise KeyError(f"no '{LEVEL_EMBED}/hidden' layer in the parameters (top-level keys: {sorted(params)});"
-                       " constant_level_embedding expects a DiT or MLPNet parameter tree")
+        raise KeyError(
+            f"no '{LEVEL_EMBED}/hidden' layer in the parameters (top-level keys: {sorted(params)});"
+            " constant_level_embedding expects a DiT or MLPNet parameter tree"
+        )
     hidden = params[LEVEL_EMBED]["hidden"]
     kernel, bias = hidden["kernel"], hidden["bias"]  # [frequencies, width], [width]
     sinusoid = layers.sinusoidal_embedding(jnp.asarray([level], jnp.float32), kernel.shape[0])[0]
-    new_hidden = {**hidden, "kernel": jnp.zeros_like(kernel),
-                  "bias": (bias.astype(jnp.float32) + sinusoid @ kernel.astype(jnp.float32)).astype(bias.dtype)}
+    new_hidden = {
+        **hidden,
+        "kernel": jnp.zeros_like(kernel),
+        "bias": (bias.astype(jnp.float32) + sinusoid @ kernel.astype(jnp.float32)).astype(bias.dtype),
+    }
     return {**params, LEVEL_EMBED: {**params[LEVEL_EMBED], "hidden": new_hidden}}
 
 
 def _shapes(tree) -> dict:
-    return {jax.tree_util.keystr(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def warm_start_params(source_params: Any, init_params: Any, *, source_level: Optional[int] = None) -> Any:
@@ -223,10 +233,17 @@ def warm_start_params(source_params: Any, init_params: Any, *, source_level: Opt
         shape = sorted(k for k in set(have) & set(want) if have[k] != want[k])
         detail = "; ".join(
             f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", extra),
-                               ("shape differs", [f"{k} {have[k]} vs {want[k]}" for k in shape])) if keys)
-        raise ValueError("the warm-start parameters do not fit this model (" + detail + "): use a checkpoint of"
-                         " the same architecture, data shape and class count")
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", extra),
+                ("shape differs", [f"{k} {have[k]} vs {want[k]}" for k in shape]),
+            )
+            if keys
+        )
+        raise ValueError(
+            "the warm-start parameters do not fit this model (" + detail + "): use a checkpoint of"
+            " the same architecture, data shape and class count"
+        )
     params = jax.tree.map(lambda s, i: jnp.asarray(s, dtype=i.dtype), source_params, init_params)
     return params if source_level is None else constant_level_embedding(params, source_level)
 
@@ -243,13 +260,20 @@ class WarmStart:
     source_level: int
 
     def provenance(self) -> dict:
-        return {"checkpoints": self.saved.ckpt_dir, "step": self.saved.step, "weights": self.weights,
-                "objective": (self.saved.meta.get("objective") or {}).get("name"), "source_level": self.source_level}
+        return {
+            "checkpoints": self.saved.ckpt_dir,
+            "step": self.saved.step,
+            "weights": self.weights,
+            "objective": (self.saved.meta.get("objective") or {}).get("name"),
+            "source_level": self.source_level,
+        }
 
     def describe(self) -> str:
         p = self.provenance()
-        return (f"{p['checkpoints']} step {p['step']} ({p['weights']}, a {p['objective']} run read at level"
-                f" {p['source_level']})")
+        return (
+            f"{p['checkpoints']} step {p['step']} ({p['weights']}, a {p['objective']} run read at level"
+            f" {p['source_level']})"
+        )
 
 
 def source_level(meta: dict) -> int:
@@ -257,16 +281,19 @@ def source_level(meta: dict) -> int:
     objective = meta.get("objective") or {}
     name = objective.get("name")
     if name not in METHODS:
-        raise ConfigError(f"train.init_from: the source's metadata names objective {name!r}, not one of"
-                          f" {sorted(METHODS)}; warm-start from a run of this project")
+        raise ConfigError(
+            f"train.init_from: the source's metadata names objective {name!r}, not one of"
+            f" {sorted(METHODS)}; warm-start from a run of this project"
+        )
     return int(objective["num_levels"]) if METHODS[name].level_input else 0
 
 
 def open_source(train_cfg, meta: dict) -> WarmStart:
     """The checked source of ``train.init_from`` for a run whose metadata is ``meta``."""
     try:
-        saved = open_run(train_cfg.init_from, step=train_cfg.init_from_step, what="train.init_from",
-                                 step_what="train.init_from_step")
+        saved = open_run(
+            train_cfg.init_from, step=train_cfg.init_from_step, what="train.init_from", step_what="train.init_from_step"
+        )
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     try:
@@ -275,12 +302,16 @@ def open_source(train_cfg, meta: dict) -> WarmStart:
         differences = [line.strip() for line in str(err).splitlines() if line.startswith("  ")]
         raise ConfigError(
             f"train.init_from={train_cfg.init_from!r} (step {saved.step}) holds parameters of another shape than"
-            " this run's: " + "; ".join(differences).replace("current", "this run")
-            + ". Warm-start from a run of the same architecture, data shape and class count") from None
+            " this run's: "
+            + "; ".join(differences).replace("current", "this run")
+            + ". Warm-start from a run of the same architecture, data shape and class count"
+        ) from None
     weights = train_cfg.init_from_weights
     if weights == "ema" and not saved.meta.get("ema_decays"):
-        raise ConfigError(f"train.init_from={train_cfg.init_from!r} was trained without EMA trees"
-                          " (train.ema_decays=()): set train.init_from_weights='params'")
+        raise ConfigError(
+            f"train.init_from={train_cfg.init_from!r} was trained without EMA trees"
+            " (train.ema_decays=()): set train.init_from_weights='params'"
+        )
     return WarmStart(saved=saved, weights=weights, source_level=source_level(saved.meta))
 
 
@@ -297,7 +328,6 @@ def warm_started(exp, state, warm: WarmStart):
 
 
 # ------------------------------------------------------------ frozen teachers
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +363,12 @@ def find_teacher(objective_cfg, meta: dict, abstract_params: Any) -> TeacherSour
     where = f"objective.teacher_checkpoint={path!r}"
     weights = objective_cfg.teacher_weights  # one of WEIGHTS, checked by config_lib.validate
     try:
-        saved_run = open_run(path, step=int(objective_cfg.teacher_step), what="objective.teacher_checkpoint",
-                             step_what="objective.teacher_step")
+        saved_run = open_run(
+            path,
+            step=int(objective_cfg.teacher_step),
+            what="objective.teacher_checkpoint",
+            step_what="objective.teacher_step",
+        )
     except FileNotFoundError as err:
         raise config_lib.ConfigError(str(err)) from None
     step, saved = saved_run.step, saved_run.meta
@@ -342,12 +376,14 @@ def find_teacher(objective_cfg, meta: dict, abstract_params: Any) -> TeacherSour
     if teacher_objective not in METHODS:
         raise config_lib.ConfigError(
             f"{where}: step {step} records no known objective ({teacher_objective!r}); distil a run trained"
-            " by this project")
+            " by this project"
+        )
     if not METHODS[teacher_objective].velocity_field:
         velocity = sorted(n for n, record in METHODS.items() if record.velocity_field)
         raise config_lib.ConfigError(
             f"{where} is a {teacher_objective!r} run, whose network is not the velocity field"
-            f" {name!r} distils: point objective.teacher_checkpoint at a run of one of {velocity}")
+            f" {name!r} distils: point objective.teacher_checkpoint at a run of one of {velocity}"
+        )
     diffs = checkpoint.differences(saved, meta, SOURCE_KEYS)
     teacher_levels = (saved.get("objective") or {}).get("num_levels")
     if METHODS[teacher_objective].level_input and teacher_levels != objective_cfg.num_levels:
@@ -355,26 +391,37 @@ def find_teacher(objective_cfg, meta: dict, abstract_params: Any) -> TeacherSour
         diffs.append(f"objective.num_levels: saved {teacher_levels!r}, current {objective_cfg.num_levels!r}")
     if diffs:
         raise config_lib.ConfigError(
-            f"{where} (step {step}) was trained with another model or data:\n  " + "\n  ".join(diffs)
+            f"{where} (step {step}) was trained with another model or data:\n  "
+            + "\n  ".join(diffs)
             + "\nPoint objective.teacher_checkpoint at a run of this architecture, data shape and class"
-            " count, or set model.* (and the data) to the teacher's")
+            " count, or set model.* (and the data) to the teacher's"
+        )
     if weights == "ema" and not saved.get("ema_decays"):
         raise config_lib.ConfigError(
             f"objective.teacher_weights='ema' but {where} kept no EMA weights (train.ema_decays=()):"
-            " set objective.teacher_weights='params'")
+            " set objective.teacher_weights='params'"
+        )
     try:
         saved_shapes = saved_run.param_shapes(weights)
     except KeyError as err:
-        raise config_lib.ConfigError(f"{where}: {err.args[0]}; set objective.teacher_weights to the other"
-                                     " tree") from None
+        raise config_lib.ConfigError(
+            f"{where}: {err.args[0]}; set objective.teacher_weights to the other tree"
+        ) from None
     shape_diffs = checkpoint.shape_differences(saved_shapes, checkpoint.tree_shapes(abstract_params))
     if shape_diffs:
         shown = shape_diffs[:6] + ([f"... {len(shape_diffs) - 6} more"] if len(shape_diffs) > 6 else [])
         raise config_lib.ConfigError(
-            f"{where} (step {step}): the teacher's parameters do not fit this model:\n  " + "\n  ".join(shown)
-            + "\nPoint objective.teacher_checkpoint at a run of the same model (model.*) and data")
-    return TeacherSource(directory=saved_run.ckpt_dir, step=step, weights=weights, objective=teacher_objective,
-                         source_level=level_rule(teacher_objective, name, objective_cfg.num_levels))
+            f"{where} (step {step}): the teacher's parameters do not fit this model:\n  "
+            + "\n  ".join(shown)
+            + "\nPoint objective.teacher_checkpoint at a run of the same model (model.*) and data"
+        )
+    return TeacherSource(
+        directory=saved_run.ckpt_dir,
+        step=step,
+        weights=weights,
+        objective=teacher_objective,
+        source_level=level_rule(teacher_objective, name, objective_cfg.num_levels),
+    )
 
 
 def restore_teacher(source: TeacherSource, abstract_params: Any) -> Any:
@@ -382,7 +429,12 @@ def restore_teacher(source: TeacherSource, abstract_params: Any) -> Any:
     ``ShapeDtypeStruct`` leaves), cast to their dtypes, with the level rule applied."""
     with checkpoint.Checkpointer(source.directory, keep=None, async_save=False) as ckpt:
         params = ckpt.restore_params(source.step, source.weights, abstract_params)
-    log.info("frozen teacher: %s weights of step %d of %s (a %s run)%s", source.weights, source.step,
-             source.directory, source.objective,
-             "" if source.source_level is None else f", level embedder made constant at {source.source_level}")
+    log.info(
+        "frozen teacher: %s weights of step %d of %s (a %s run)%s",
+        source.weights,
+        source.step,
+        source.directory,
+        source.objective,
+        "" if source.source_level is None else f", level embedder made constant at {source.source_level}",
+    )
     return warm_start_params(params, abstract_params, source_level=source.source_level)

@@ -14,6 +14,7 @@ empty node: such a field would change the checkpoint tree of every objective and
 checkpoints written before it existed. The states and checkpoints of the other objectives are
 unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ class DistillationTrainState(TrainState):
     frozen_teacher: Any = None
 
 
-def create(params, tx: optax.GradientTransformation, rng: jax.Array, ema_decays: Sequence[float],
-           frozen_teacher=None) -> TrainState:
+def create(
+    params, tx: optax.GradientTransformation, rng: jax.Array, ema_decays: Sequence[float], frozen_teacher=None
+) -> TrainState:
     """A fresh state at ``params`` (every EMA tree starts there); with ``frozen_teacher``, a
     ``DistillationTrainState`` holding a float32 copy of it."""
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
@@ -86,6 +88,9 @@ def update_ema(ema_params: tuple, params, decays: Sequence[float], count=None) -
             n = jnp.asarray(count, jnp.float32)
             # 1 - d^n computed as -expm1(n log d): exact for d close to 1.
             beta = d * jnp.expm1((n - 1.0) * math.log(d)) / jnp.expm1(n * math.log(d)) if d > 0 else jnp.float32(0.0)
-        out.append(jax.tree.map(lambda e, p, b=beta: b * e.astype(jnp.float32) + (1.0 - b) * p.astype(jnp.float32),
-                                ema, params))
+        out.append(
+            jax.tree.map(
+                lambda e, p, b=beta: b * e.astype(jnp.float32) + (1.0 - b) * p.astype(jnp.float32), ema, params
+            )
+        )
     return tuple(out)

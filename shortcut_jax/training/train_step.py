@@ -15,6 +15,7 @@ the frozen teacher is never differentiated nor averaged, and is only replaced wh
 re-snapshots it (``Method.teacher_snapshot``: progressive distillation's phase starts), inside
 the step, so the new state (and every checkpoint) holds the teacher of the phase it is in.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -27,8 +28,15 @@ from shortcut_jax.training import train_state
 from shortcut_jax.objectives import Method, method
 
 
-def make_train_step(objective: str | Method, obj_cfg, tx: optax.GradientTransformation, schedule,
-                    *, accum_steps: int = 1, ema_debias: bool = False) -> Callable:
+def make_train_step(
+    objective: str | Method,
+    obj_cfg,
+    tx: optax.GradientTransformation,
+    schedule,
+    *,
+    accum_steps: int = 1,
+    ema_debias: bool = False,
+) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` for a method, given by name or record."""
     record = method(objective) if isinstance(objective, str) else objective
     loss_fn = record.loss
@@ -95,11 +103,16 @@ def make_train_step(objective: str | Method, obj_cfg, tx: optax.GradientTransfor
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = train_state.update_ema(state.ema_params, params, state.ema_decays,
-                                     count=state.step + 1 if ema_debias else None)
+        ema = train_state.update_ema(
+            state.ema_params, params, state.ema_decays, count=state.step + 1 if ema_debias else None
+        )
         metrics = dict(metrics)
-        metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                       update_norm=optax.global_norm(updates), lr=jnp.asarray(schedule(state.step), jnp.float32))
+        metrics.update(
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(params),
+            update_norm=optax.global_norm(updates),
+            lr=jnp.asarray(schedule(state.step), jnp.float32),
+        )
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new_state, metrics
 
