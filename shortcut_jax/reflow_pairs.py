@@ -126,7 +126,7 @@ def generate(
     num_classes = int(saved.meta.get("num_classes", 0))
     check_guidance(cfg_scale, num_classes)
     config = config if config is not None else teacher_config(saved)
-    loaded = load_run(config, saved.workdir, step=saved.step, use_ema=weights == "ema")
+    loaded = load_run(config, saved.workdir, step=saved.step, use_ema=weights == "ema", decode=False)
     try:
         exp = loaded.exp
         sampler = exp.sampler

@@ -432,9 +432,9 @@ def check_compatible(saved_meta: dict, meta: dict, keys: Sequence[str]) -> None:
     diffs = differences(saved_meta, meta, keys)
     if diffs:
         raise ValueError(
-            "The checkpoint in this workdir was written by a different configuration ("
-            + "; ".join(diffs)
-            + "): use a fresh --workdir, or restore the configuration the checkpoint was saved with."
+            "The checkpoint in this workdir was written by a different configuration:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a fresh --workdir, or restore the configuration the checkpoint was saved with."
         )
 
 

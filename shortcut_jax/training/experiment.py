@@ -280,10 +280,12 @@ class Experiment:
                 self.meta["teacher"] = saved["teacher"]
             self._check_teacher_matches(saved)
             self._check_objective_matches(saved)
-            try:
-                checkpoint.check_compatible(saved, self.meta, COMPATIBILITY_KEYS)
-            except ValueError as e:
-                raise config_lib.ConfigError(f"--workdir={self.workdir}: {e}") from None
+            diffs = checkpoint.differences(saved, self.meta, COMPATIBILITY_KEYS)
+            if diffs:
+                raise config_lib.ConfigError(
+                    f"--workdir={self.workdir} holds a checkpoint written by a different configuration"
+                    f" ({'; '.join(diffs)}): use a fresh --workdir, or restore the configuration it was saved with"
+                )
         return saved is not None
 
     def _check_objective_matches(self, saved: dict) -> None:

@@ -206,11 +206,14 @@ def saved_spec(workdir: str, step: Optional[int] = None) -> tuple[DataSpec, int]
 
 
 def _latent_run_decoder(config, meta: dict, workdir: str):
-    """The decoder of a latent run opened without its data: the VAE its checkpoint records
-    (``eval.vae`` on this machine, else the recorded folder), else the one its latent set's
-    manifest names where the set is here, else ``eval.vae`` unchecked."""
+    """The decoder of a latent run (or of a reflow run on a latent run's pairs) opened without its
+    data: the VAE its checkpoint records (``eval.vae`` on this machine, else the recorded folder),
+    else the one its latent set's manifest names where the set is here, else ``eval.vae``
+    unchecked."""
     encoded = f"the latent run in {workdir}"
     recorded = meta.get("vae")
+    if recorded is None and config.data.name == PAIRS_DATA:
+        return None  # pairs of a pixel or point run (or a run that records no VAE): nothing to decode
     if recorded is None and config.data.name == "latents" and config.data.path:
         try:
             recorded = latents.read_manifest(config.data.path)["vae"]
@@ -259,9 +262,13 @@ def resolve_labels(
     return np.resize(np.asarray(given, np.int32), num_images)
 
 
-def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None) -> LoadedRun:
+def load_run(
+    config, workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None, decode: bool = True
+) -> LoadedRun:
     """Restores the evaluated parameters (``eval.use_ema``/``eval.ema_index``, or ``use_ema``) of
-    ``workdir``'s checkpoint ``step`` (None: the latest) for sampling, without opening the data."""
+    ``workdir``'s checkpoint ``step`` (None: the latest) for sampling, without opening the data.
+    A latent run's ``exp.decode`` is the VAE the run records (``decode=False``: none, the samples
+    stay latents)."""
     ckpt_dir = require_checkpoint(workdir)
     meta = _saved_meta(ckpt_dir, step)
     spec = _spec_from_meta(meta, ckpt_dir)
@@ -274,7 +281,7 @@ def load_run(config, workdir: str, *, step: Optional[int] = None, use_ema: Optio
     try:
         # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
         checkpoint.check_compatible(meta, exp.meta, COMPATIBILITY_KEYS)
-        if exp.decode is None and config.data.name in ("latents", PAIRS_DATA):
+        if decode and exp.decode is None and config.data.name in ("latents", PAIRS_DATA):
             exp.decode = _latent_run_decoder(config, meta, workdir)
         with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
             state, _, _ = exp.restore(ckpt, step)
