@@ -127,6 +127,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402  (after the worker: a spawned process sets its devices in its environment)
 import pytest  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest, also where a job's process imports this file
 from conftest import child_env  # noqa: E402
 from shortcut_jax import config_lib  # noqa: E402
 from shortcut_jax.infra import checkpoint, distributed, sharding, writers
