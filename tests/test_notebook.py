@@ -41,7 +41,7 @@ def test_notebook_shows_samples_at_each_budget_and_the_metric_against_the_budget
     out_dir = str(tmp_path / "notebook_eval")
     notebook = with_parameters(
         nbformat.read(NOTEBOOK, as_version=4),
-        CONFIG=f"{TOY2D}:runlocal=True",
+        CONFIG="experiments/toy2d.py:runlocal=True",  # relative to the repository root, as README gives it
         WORKDIR=workdir,
         BUDGETS=[1, 4],
         NUM_IMAGES=256,
@@ -58,7 +58,8 @@ def test_notebook_shows_samples_at_each_budget_and_the_metric_against_the_budget
         ),
     )
     NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        # the kernel runs in notebooks/, as `jupyter nbconvert --execute` and Jupyter start it
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}
     ).execute()
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
