@@ -59,7 +59,10 @@ def test_notebook_shows_samples_at_each_budget_and_the_metric_against_the_budget
     )
     NotebookClient(
         # the kernel runs in notebooks/, as `jupyter nbconvert --execute` and Jupyter start it
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}},
     ).execute()
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
