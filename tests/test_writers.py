@@ -195,3 +195,42 @@ def test_read_metrics_returns_the_written_rows_and_skips_a_cut_last_line(tmp_pat
         f.write('{"step": 3, "lo')  # a run killed mid-line
     assert writers.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}, {"step": 2, "eval/cfd_1step": 3.0}]
     assert writers.read_metrics(str(tmp_path / "missing")) == []
+
+
+def test_a_resumed_writer_drops_the_rows_logged_after_its_checkpoint(tmp_path):
+    """Rows past the step a run resumes from were logged before it was stopped and will be
+    logged again: they go, with a line cut off by the kill; rows up to the step stay as written."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 9)] + [{"note": "no step"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+    writer = writers.MetricWriter(str(tmp_path), use_tensorboard=False, resume_step=5)
+    writer.write_scalars(6, {"loss": 0.5})
+    writer.close()
+    steps = [r.get("step") for r in writers.read_metrics(str(tmp_path))]
+    assert steps == [1, 2, 3, 4, 5, None, 6]
+
+
+def test_a_killed_and_resumed_run_logs_every_step_once(tmp_path):
+    """A run stopped after logging steps past its last checkpoint, then started again: each step
+    is in metrics.jsonl once (the state resumes at the checkpoint, and so does the log)."""
+    import shutil
+
+    from shortcut_jax.training import loop
+
+    spec_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "toy2d.py")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy2d", spec_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal=True")
+    config.model.width, config.model.depth = 32, 2
+    config.train.steps, config.train.log_every, config.train.ckpt_every, config.train.eval_every = 20, 5, 10, 1000
+    config.train.progress_bar, config.train.use_tensorboard, config.train.async_ckpt = False, False, False
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    # as if killed after logging steps 15 and 20 but before step 20's checkpoint was written
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+    loop.train_and_evaluate(config, workdir)
+    steps = [r["step"] for r in writers.read_metrics(workdir) if "loss" in r]
+    assert steps == [5, 10, 15, 20]

@@ -113,6 +113,9 @@ class MetricWriter:
       config: run configuration (dict or ``ConfigDict``) given to wandb.
       is_primary: set False to silence this writer; even when True, only
         process 0 of a multi-process job writes.
+      resume_step: the step a run continues from (its checkpoint's): rows of
+        ``metrics.jsonl`` past it, logged before the run was stopped and about
+        to be logged again, are dropped, so every step appears once.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class MetricWriter:
         wandb_project: str | None = None,
         config: Any = None,
         is_primary: bool = True,
+        resume_step: int | None = None,
     ):
         self.workdir = os.fspath(workdir)
         self.remote = is_remote(self.workdir)
@@ -142,6 +146,8 @@ class MetricWriter:
                     "Run `pip install wandb`, or turn wandb logging off in the config."
                 ) from e
         jsonl = os.path.join(self.workdir, "metrics.jsonl")
+        if resume_step is not None:
+            _drop_rows_after(jsonl, resume_step)
         if self.remote:
             epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
             self._jsonl = _RemoteLines(jsonl)
@@ -251,6 +257,28 @@ def _write_png_remote(image: np.ndarray, path: str) -> None:
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(buffer.getvalue())
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites ``metrics.jsonl`` without its rows past ``step`` (and without a last line cut off
+    by a killed run); nothing is written when no row goes."""
+    file = epath.Path(path)
+    if not file.exists():
+        return
+    lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or row.get("step", step) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
+        return
+    tmp = epath.Path(path + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(file)
 
 
 def read_metrics(workdir: str) -> list[dict]:

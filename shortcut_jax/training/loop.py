@@ -149,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             use_wandb=cfg.train.use_wandb,
             wandb_project=cfg.train.wandb_project,
             config=cfg,
+            resume_step=int(jax.device_get(state.step)),
         )
         with distributed.StopRequests(ckpt.reached_preemption) as stop:
             return _loop(exp, state, compiled, ckpt, writer, stop)
