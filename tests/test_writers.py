@@ -234,3 +234,14 @@ def test_a_killed_and_resumed_run_logs_every_step_once(tmp_path):
     loop.train_and_evaluate(config, workdir)
     steps = [r["step"] for r in writers.read_metrics(workdir) if "loss" in r]
     assert steps == [5, 10, 15, 20]
+
+
+def test_scatter_plots_of_one_reference_share_their_axes_whatever_the_samples():
+    """The axes come from the data, not from the samples: two plots whose samples both fall outside
+    the data's frame show the same picture (fitted to the samples, they would differ)."""
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(-2, 2, size=(500, 2))
+    assert plots.scatter_limits(reference)[0] < reference.min() and plots.scatter_limits(reference)[1] > reference.max()
+    far = plots.save_scatter(rng.normal(50, 1, size=(100, 2)), None, reference=reference)
+    farther = plots.save_scatter(rng.normal(-90, 5, size=(100, 2)), None, reference=reference)
+    np.testing.assert_array_equal(far, farther)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-__all__ = ["save_grid", "save_image_grid", "save_scatter", "write_png"]
+__all__ = ["save_grid", "save_image_grid", "save_scatter", "scatter_limits", "write_png"]
 
 
 def _primary() -> bool:
@@ -89,7 +89,9 @@ def save_scatter(
         process writes.
       reference: optional [M, 2] points from the data distribution.
       lim: axis limits, ``L`` for (-L, L) or ``(low, high)``, used for both
-        axes; default: fit the data.
+        axes; default: the reference's (``scatter_limits``), so plots of one
+        reference at several budgets share their axes; without a reference, fit
+        the points.
       title: optional plot title.
 
     Returns:
@@ -106,13 +108,16 @@ def save_scatter(
     fig = Figure(figsize=(5, 5), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    size = max(0.5, min(8.0, 2000.0 / max(len(points), 1)))
+    # points large and opaque enough to read at 10,000 samples
+    size = max(2.0, min(12.0, 20000.0 / max(len(points), 1)))
     if reference is not None:
         reference = np.asarray(reference, dtype=np.float32)
         if reference.ndim != 2 or reference.shape[1] != 2:
             raise ValueError(f"reference must be [M, 2], got {reference.shape}")
-        ax.scatter(reference[:, 0], reference[:, 1], s=size, c="tab:orange", alpha=0.5, label="data", linewidths=0)
-    ax.scatter(points[:, 0], points[:, 1], s=size, c="tab:blue", alpha=0.5, label="generated", linewidths=0)
+        ax.scatter(reference[:, 0], reference[:, 1], s=size, c="tab:orange", alpha=0.4, label="data", linewidths=0)
+        if lim is None:
+            lim = scatter_limits(reference)
+    ax.scatter(points[:, 0], points[:, 1], s=size, c="tab:blue", alpha=0.8, label="generated", linewidths=0)
     if lim is not None:
         low, high = (-lim, lim) if np.isscalar(lim) else lim
         ax.set_xlim(low, high)
@@ -129,6 +134,15 @@ def save_scatter(
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, format="png")
     return image
+
+
+def scatter_limits(reference: np.ndarray, margin: float = 0.15) -> tuple[float, float]:
+    """Axis limits (both axes) that frame ``reference`` [M, 2] with a margin: fixed by the data,
+    not by the samples drawn over it."""
+    reference = np.asarray(reference, dtype=np.float64)
+    low, high = float(reference.min()), float(reference.max())
+    pad = margin * max(high - low, 1e-6)
+    return low - pad, high + pad
 
 
 def save_grid(samples: np.ndarray, path: str) -> np.ndarray:
