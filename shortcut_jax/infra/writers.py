@@ -7,11 +7,10 @@ Files written under a workdir:
 
 * ``metrics.jsonl``: one JSON object per :meth:`MetricWriter.write_scalars` call,
   ``{"step": s, name: value, ...}``. The file is opened in append mode, so a resumed run
-  continues it; steps logged after the last checkpoint of a crashed run appear twice, and
-  readers should keep the last line per step. NaN and infinities are written as Python's
+  continues it; a resumed writer (``resume_step``) first drops the rows logged after the
+  checkpoint it resumes from, so each step appears once. NaN and infinities are written as Python's
   ``json`` does (``NaN``, ``Infinity``), which ``json.loads`` reads back.
 * ``tensorboard/``: TensorBoard event files (a new file per launch).
-* ``images/<name>_<step>.png``: images passed to ``write_images``.
 
 Remote workdirs (``gs://bucket/run``, any path ``etils.epath`` opens; ``is_remote``) are written
 through ``etils.epath``. An object store cannot append to a file, so there ``metrics.jsonl`` is
@@ -37,7 +36,6 @@ import numpy as np
 from etils import epath
 
 from shortcut_jax.infra.jsonable import jsonable
-from shortcut_jax.infra.plots import write_png
 
 __all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
 
@@ -94,10 +92,6 @@ def _to_python_scalar(name: str, value: Any) -> float | int:
     if isinstance(item, int):
         return item
     return float(item)
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 class MetricWriter:
@@ -197,10 +191,8 @@ class MetricWriter:
             self._wandb.log(values, step=step)
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """Logs uint8 images of shape [H, W, C] (C 1, 3 or 4) or [H, W] at ``step``.
-
-        Each image also goes to ``<workdir>/images/<name>_<step>.png``.
-        """
+        """Logs uint8 images of shape [H, W, C] (C 1, 3 or 4) or [H, W] at ``step`` to TensorBoard
+        and wandb (the PNG files are the caller's: an evaluation's are in ``eval/<step>/``)."""
         if not self.active:
             return
         step = int(step)
@@ -212,11 +204,6 @@ class MetricWriter:
                 image = image[..., None]
             if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
                 raise ValueError(f"Image {name!r} must be [H, W, C] with C in (1, 3, 4), got {image.shape}.")
-            path = os.path.join(self.workdir, "images", f"{_safe_name(name)}_{step:08d}.png")
-            if self.remote:
-                _write_png_remote(image, path)
-            else:
-                write_png(image, path)
             if self._tb is not None:
                 self._tb.add_image(name, image, global_step=step, dataformats="HWC")
             if self._wandb is not None:
@@ -245,18 +232,6 @@ class MetricWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _write_png_remote(image: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(buffer.getvalue())
 
 
 def _drop_rows_after(path: str, step: int) -> None:
