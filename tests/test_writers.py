@@ -195,3 +195,22 @@ def test_read_metrics_returns_the_written_rows_and_skips_a_cut_last_line(tmp_pat
         f.write('{"step": 3, "lo')  # a run killed mid-line
     assert writers.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}, {"step": 2, "eval/cfd_1step": 3.0}]
     assert writers.read_metrics(str(tmp_path / "missing")) == []
+
+
+def test_atomic_files_appear_whole_or_not_at_all(tmp_path):
+    from shortcut_jax.infra import files
+
+    path = tmp_path / "sub" / "x.npz"
+    files.atomic_savez(path, a=np.arange(3))
+    with np.load(path) as f:
+        assert f["a"].tolist() == [0, 1, 2]
+    files.atomic_write_text(tmp_path / "t.json", "{}\n")
+    assert (tmp_path / "t.json").read_text() == "{}\n"
+    with pytest.raises(RuntimeError):
+        with files.AtomicFile(tmp_path / "t.json") as partial:
+            with open(partial, "w") as f:
+                f.write("half")
+            raise RuntimeError("killed")
+    assert (tmp_path / "t.json").read_text() == "{}\n"  # the old file stays, the partial one is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "t.json"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.npz"]

@@ -7,6 +7,8 @@ import os
 import posixpath
 import tarfile
 
+from shortcut_jax.infra import files
+
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -84,9 +86,7 @@ def extract_archive(archive_path: str, dest_dir: str) -> str:
         else:
             tar.extractall(dest_dir, members=members)
 
-    # Written through a temporary name so that a crash never leaves a half-written marker.
-    partial = marker + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump({"archive": os.path.abspath(archive_path), "archive_size": archive_size, "root": root}, f)
-    os.replace(partial, marker)
+    # Written atomically so that a crash never leaves a half-written marker.
+    record = {"archive": os.path.abspath(archive_path), "archive_size": archive_size, "root": root}
+    files.atomic_write_text(marker, json.dumps(record))
     return os.path.normpath(os.path.join(dest_dir, root))

@@ -32,6 +32,7 @@ from absl import logging
 from shortcut_jax.evaluation import classifier, distances
 from shortcut_jax.evaluation.classifier import load_classifier
 from shortcut_jax.evaluation.pixels import to_uint8
+from shortcut_jax.infra import files
 
 __all__ = [
     "METRIC_NAME",
@@ -130,17 +131,14 @@ def reference_stats(
         logging.info("%s holds statistics of other images or weights; recomputing", cache_path)
     mu, sigma = distances.gaussian_stats(extractor(x))
     if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        partial = cache_path + ".partial.npz"
-        np.savez(
-            partial,
+        files.atomic_savez(
+            cache_path,
             mu=mu,
             sigma=sigma,
             n=np.asarray(len(x)),
             key=np.asarray(key),
             fingerprint=np.asarray(extractor.fingerprint),
         )
-        os.replace(partial, cache_path)
     return mu, sigma
 
 

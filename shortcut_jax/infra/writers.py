@@ -37,18 +37,13 @@ import numpy as np
 from etils import epath
 
 from shortcut_jax.infra.jsonable import jsonable
+from shortcut_jax.infra.files import is_remote
 from shortcut_jax.infra.plots import write_png
 
 __all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
 
 # A remote metrics.jsonl is rewritten whole; at most this often, and at every flush and close.
 REMOTE_UPLOAD_S = 30.0
-
-
-def is_remote(path) -> bool:
-    """Whether ``path`` names an object store or other non-local file system (``gs://...``):
-    written through ``etils.epath``; local paths keep plain ``open`` and ``os``."""
-    return "://" in os.fspath(path)
 
 
 class _RemoteLines:
