@@ -38,7 +38,7 @@ from etils import epath
 
 from shortcut_jax.infra.jsonable import jsonable
 from shortcut_jax.infra.files import is_remote
-from shortcut_jax.infra.plots import write_png
+from shortcut_jax.infra.images import write_png
 
 __all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
 
@@ -202,10 +202,7 @@ class MetricWriter:
             if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
                 raise ValueError(f"Image {name!r} must be [H, W, C] with C in (1, 3, 4), got {image.shape}.")
             path = os.path.join(self.workdir, "images", f"{_safe_name(name)}_{step:08d}.png")
-            if self.remote:
-                _write_png_remote(image, path)
-            else:
-                write_png(image, path)
+            write_png(image, path)
             if self._tb is not None:
                 self._tb.add_image(name, image, global_step=step, dataformats="HWC")
             if self._wandb is not None:
@@ -234,18 +231,6 @@ class MetricWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _write_png_remote(image: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(buffer.getvalue())
 
 
 def read_metrics(workdir: str) -> list[dict]:
