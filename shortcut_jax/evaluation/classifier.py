@@ -482,7 +482,7 @@ def load_classifier(directory: str) -> tuple[dict, dict, dict]:
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} does not exist; train a classifier with python -m benchmarks.train_classifier first."
+                f"{path} does not exist; train a classifier with python -m shortcut_jax.evaluation.train_classifier first."
             )
     with open(config_path, encoding="utf-8") as f:
         meta = json.load(f)

@@ -1,7 +1,7 @@
 """Classifier Frechet distance (CFD): the FID formula in the features of the project's own classifier.
 
 The network is the CIFAR-10 classifier of ``evaluation.classifier`` (trained with
-``python -m benchmarks.train_classifier``), not Inception, so a CFD is not an FID:
+``python -m shortcut_jax.evaluation.train_classifier``), not Inception, so a CFD is not an FID:
 always report it as "classifier Frechet distance" or "CFD", never as FID, and compare CFDs only
 when they come from the same classifier weights (``FeatureExtractor.fingerprint``).
 
