@@ -172,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from benchmarks.train_classifier import load_split
+    from shortcut_jax.evaluation.train_classifier import load_split
 
     args = parse_args(argv)
     extractor = feature_distance.FeatureExtractor(args.classifier, batch_size=args.batch_size)

@@ -16,7 +16,7 @@ Arguments (`experiments/cifar10.py:key=value,...`), switches that set several ke
   progressive_distillation (the distillation methods start from a trained run of the same model:
   --config.objective.teacher_checkpoint=workdirs/cifar10_flow, a flow-matching or shortcut run's
   workdir, its latest EMA weights; objective.teacher_step, objective.teacher_weights=params pick
-  others), classifier=<dir from benchmarks.train_classifier> (reports the
+  others), classifier=<dir from shortcut_jax.evaluation.train_classifier> (reports the
   classifier Frechet distance, CFD, against the test split at every budget; CFD is this project's
   offline yardstick, not FID), runlocal=True (a tiny model and a few steps, for tests).
 Everything else through flags, e.g. --config.objective.level_assignment=random,

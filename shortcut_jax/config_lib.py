@@ -171,7 +171,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 'auto' (sliced Wasserstein for points, none for images), 'none', 'sliced_wasserstein', 'cfd', 'fid'
     c.eval.metric = "auto"
     # 'cfd': classifier Frechet distance (shortcut_jax.evaluation.feature_distance), needs a
-    # classifier saved by benchmarks.train_classifier and, optionally, fixed reference statistics.
+    # classifier saved by shortcut_jax.evaluation.train_classifier and, optionally, fixed reference statistics.
     c.eval.classifier = ""
     c.eval.reference_stats = ""
     # 'fid': FID in pytorch-fid's Inception features (shortcut_jax.evaluation.fid). Reference
@@ -471,7 +471,7 @@ def validate(config, *, num_devices: int) -> None:
         raise ConfigError(f"eval.metric={config.eval.metric!r}: use one of {list(METRIC_CHOICES)}")
     if config.eval.metric == "cfd" and not config.eval.classifier:
         raise ConfigError(
-            "eval.metric='cfd' needs eval.classifier (a directory written by `python -m benchmarks.train_classifier`)"
+            "eval.metric='cfd' needs eval.classifier (a directory written by `python -m shortcut_jax.evaluation.train_classifier`)"
         )
     for n in tuple(config.eval.budgets) + tuple(config.eval.grid_budgets):
         if n not in [2**k for k in range(obj.num_levels + 1)]:

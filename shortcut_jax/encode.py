@@ -42,6 +42,7 @@ import numpy as np
 
 from shortcut_jax.data import latents as latent_format
 from shortcut_jax.data.image_source import IMAGE_SOURCES, ImageBatches
+from shortcut_jax.infra import files
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +137,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.atomic_write_text(path, json.dumps(value, indent=2))
 
 
 def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> dict[str, Any] | None:
@@ -171,8 +167,10 @@ def prepare_out_dir(out_dir: str, planned: dict[str, Any]) -> dict[str, Any] | N
             "choose an empty or new folder"
         )
     os.makedirs(out_dir, exist_ok=True)
-    for stray in glob.glob(os.path.join(out_dir, "shard_*.npy.tmp")):
-        os.remove(stray)
+    # the temporary files of a killed run (and the unhidden names earlier versions wrote)
+    for pattern in (files.partial_name("shard_*.npy"), "shard_*.npy.tmp"):
+        for stray in glob.glob(os.path.join(out_dir, pattern)):
+            os.remove(stray)
     return existing
 
 
@@ -231,9 +229,9 @@ def _write_shard(
     moments_path, labels_path = latent_format.shard_paths(out_dir, shard["index"])
     start, count = shard["start"], shard["count"]
     dtype = np.dtype(planned["dtype"])
-    moments_tmp, labels_tmp = moments_path + ".tmp", labels_path + ".tmp"
+    moments_file, labels_file = files.AtomicFile(moments_path), files.AtomicFile(labels_path)
     moments = np.lib.format.open_memmap(
-        moments_tmp, mode="w+", dtype=dtype, shape=latent_format.moments_shape(planned, count)
+        moments_file.partial, mode="w+", dtype=dtype, shape=latent_format.moments_shape(planned, count)
     )
     labels = np.empty(count, dtype=np.int32)
     image_shape = (planned["image_size"], planned["image_size"], 3)
@@ -263,13 +261,10 @@ def _write_shard(
         raise EncodeError(f"the source gave {row} images for examples [{start}, {start + count}), expected {count}")
     moments.flush()
     del moments
-    with open(labels_tmp, "wb") as f:
+    with open(labels_file.partial, "wb") as f:
         np.save(f, labels)
-    for path in (moments_tmp, labels_tmp):
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(moments_tmp, moments_path)
-    os.replace(labels_tmp, labels_path)
+    moments_file.commit()
+    labels_file.commit()
 
 
 def encode_images(

@@ -150,21 +150,13 @@ def _with_imported_counts(opt_state, adam: optax.ScaleByAdamState, schedule_coun
 
 
 def _check_shapes(name: str, converted, abstract) -> None:
-    flat_c = convert.flatten(converted)
-    flat_a = convert.flatten(jax.tree.map(lambda x: x, abstract, is_leaf=lambda x: hasattr(x, "shape")))
-    if set(flat_c) != set(flat_a):
-        extra = sorted("/".join(k) for k in set(flat_c) - set(flat_a))[:5]
-        lacking = sorted("/".join(k) for k in set(flat_a) - set(flat_c))[:5]
+    diffs = checkpoint.shape_differences(converted, abstract, limit=6)
+    if diffs:
         raise config_lib.ConfigError(
-            f"{name}: the pickle's network differs from the config's (extra {extra}, missing {lacking});"
-            " pick the config variant the checkpoint was trained with"
+            f"{name}: the pickle's network (saved) differs from the config's (current) in its parameters or"
+            f" their shapes: {'; '.join(diffs)}; pick the config variant (model size, patch size, class count)"
+            " the checkpoint was trained with"
         )
-    for key, value in flat_c.items():
-        if tuple(np.shape(value)) != tuple(flat_a[key].shape):
-            raise config_lib.ConfigError(
-                f"{name}: {'/'.join(key)} has shape {np.shape(value)} in the pickle and {flat_a[key].shape} in the"
-                " config; pick the matching model variant / patch size / class count"
-            )
 
 
 def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size: int = 32) -> int:

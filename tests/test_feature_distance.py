@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import feature_ladder, train_classifier
+from benchmarks import feature_ladder
+from shortcut_jax.evaluation import train_classifier
 from shortcut_jax import config_lib
 from shortcut_jax.evaluation import classifier, feature_distance, metrics
 

@@ -244,3 +244,34 @@ def test_scatter_plots_of_one_reference_share_their_axes_whatever_the_samples():
     far = plots.save_scatter(rng.normal(50, 1, size=(100, 2)), None, reference=reference)
     farther = plots.save_scatter(rng.normal(-90, 5, size=(100, 2)), None, reference=reference)
     np.testing.assert_array_equal(far, farther)
+
+
+def test_atomic_files_appear_whole_or_not_at_all(tmp_path):
+    from shortcut_jax.infra import files
+
+    path = tmp_path / "sub" / "x.npz"
+    files.atomic_savez(path, a=np.arange(3))
+    with np.load(path) as f:
+        assert f["a"].tolist() == [0, 1, 2]
+    files.atomic_write_text(tmp_path / "t.json", "{}\n")
+    assert (tmp_path / "t.json").read_text() == "{}\n"
+    with pytest.raises(RuntimeError):
+        with files.AtomicFile(tmp_path / "t.json") as partial:
+            with open(partial, "w") as f:
+                f.write("half")
+            raise RuntimeError("killed")
+    assert (tmp_path / "t.json").read_text() == "{}\n"  # the old file stays, the partial one is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "t.json"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.npz"]
+
+
+def test_one_quantisation_for_pictures_and_metrics():
+    from shortcut_jax.evaluation import pixels
+    from shortcut_jax.infra import images
+
+    x = np.random.default_rng(0).uniform(-1.2, 1.2, size=(4, 5, 5, 3)).astype(np.float32)
+    x[0, 0, 0] = np.linspace(-1, 1, 256, dtype=np.float32)[[0, 1, 2]]
+    want = np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(images.to_uint8(x), want)
+    np.testing.assert_array_equal(pixels.to_uint8(x), want)
+    np.testing.assert_array_equal(plots.save_image_grid(x, None, padding=0, nrow=4)[:5, :5], want[0])

@@ -7,6 +7,8 @@ import os
 import posixpath
 import tarfile
 
+from shortcut_jax.infra import files
+
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -15,16 +17,17 @@ def _marker_path(archive_path: str, dest_dir: str) -> str:
 
 
 def _safe_members(members: list[tarfile.TarInfo], dest_dir: str) -> None:
-    """Refuses members that could write outside ``dest_dir`` or create special files.
-
-    Links are refused outright: data archives have no need for them, and a link followed by a
-    member written through it is the classic way out of the destination folder.
+    """Refuses, before anything is written, members that could write outside ``dest_dir`` or
+    create links or special files: tarfile's ``data`` extraction filter on every member, and the
+    two things it lets through, absolute names (it would strip the ``/``) and links inside
+    ``dest_dir`` (data archives have no need for links; a link followed by a member written
+    through it is the classic way out of the destination folder).
     """
-    dest_real = os.path.realpath(dest_dir)
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError("extracting archives needs tarfile's data filter: Python >= 3.10.12, 3.11.4 or 3.12")
     for member in members:
         name = member.name
-        parts = name.replace("\\", "/").split("/")
-        if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts:
+        if name.startswith(("/", "\\")) or os.path.isabs(name):
             raise ValueError(
                 f"archive member {name!r} points outside the destination; refusing to extract this archive."
             )
@@ -32,11 +35,10 @@ def _safe_members(members: list[tarfile.TarInfo], dest_dir: str) -> None:
             raise ValueError(
                 f"archive member {name!r} is a link or special file; only regular files and folders are extracted."
             )
-        target = os.path.realpath(os.path.join(dest_dir, name))
-        if target != dest_real and not target.startswith(dest_real + os.sep):
-            raise ValueError(
-                f"archive member {name!r} resolves outside {dest_dir!r}; refusing to extract this archive."
-            )
+        try:
+            tarfile.data_filter(member, dest_dir)
+        except tarfile.FilterError as error:
+            raise ValueError(f"{error}; refusing to extract this archive.") from None
 
 
 def _content_root(members: list[tarfile.TarInfo]) -> str:
@@ -57,7 +59,7 @@ def extract_archive(archive_path: str, dest_dir: str) -> str:
 
     A marker file in ``dest_dir`` records a finished extraction; later calls with an archive of
     the same size return at once. An interrupted extraction leaves no marker and is redone.
-    Several archives may share one ``dest_dir``. Members that are absolute, contain ``..``,
+    Several archives may share one ``dest_dir``. Members that are absolute, resolve outside it,
     are links or special files are refused before anything is written.
     """
     if not os.path.isfile(archive_path):
@@ -78,15 +80,10 @@ def extract_archive(archive_path: str, dest_dir: str) -> str:
         members = tar.getmembers()
         _safe_members(members, dest_dir)
         root = _content_root(members)
-        if hasattr(tarfile, "data_filter"):
-            # A second line of defence, and it drops permission bits such as setuid.
-            tar.extractall(dest_dir, members=members, filter="data")
-        else:
-            tar.extractall(dest_dir, members=members)
+        # the same filter again as it writes; it also drops permission bits such as setuid
+        tar.extractall(dest_dir, members=members, filter="data")
 
-    # Written through a temporary name so that a crash never leaves a half-written marker.
-    partial = marker + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump({"archive": os.path.abspath(archive_path), "archive_size": archive_size, "root": root}, f)
-    os.replace(partial, marker)
+    # Written atomically so that a crash never leaves a half-written marker.
+    record = {"archive": os.path.abspath(archive_path), "archive_size": archive_size, "root": root}
+    files.atomic_write_text(marker, json.dumps(record))
     return os.path.normpath(os.path.join(dest_dir, root))

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from shortcut_jax.data import image_folder
+from shortcut_jax.infra.images import to_uint8
 
 CROP = (
     "largest centred square, then Pillow bicubic resize (antialiased when shrinking); "
@@ -143,11 +144,6 @@ class FolderImages:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Inverse of ``core.uint8_to_float``: exact for the floats it makes."""
-    return np.rint((x + np.float32(1.0)) * np.float32(127.5)).clip(0, 255).astype(np.uint8)
-
-
 class ReaderImages:
     """The images of any ``shortcut_jax.data`` reader, in its stored order, as ``ImageBatches``.
 
@@ -209,7 +205,7 @@ class ReaderImages:
         while position < stop:
             batch = source.next_batch()
             keep = min(batch_size, stop - position)
-            yield to_uint8(batch["x"][:keep]), batch["label"][:keep]
+            yield to_uint8(batch["x"][:keep]), batch["label"][:keep]  # to_uint8: the inverse of core.uint8_to_float
             position += keep
 
     def close(self) -> None:

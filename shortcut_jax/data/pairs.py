@@ -30,7 +30,7 @@ from shortcut_jax.data import arrays
 from shortcut_jax.data import config as cfg
 from shortcut_jax.data.core import BatchLayout, DataSpec
 from shortcut_jax.data.image_folder import CACHE_MEMORY_SHARE, _available_memory
-from shortcut_jax.infra import distributed
+from shortcut_jax.infra import distributed, files
 
 MANIFEST = "manifest.json"
 # first word after the seed of each shard's random stream (distinct from the data readers' streams)
@@ -140,10 +140,8 @@ def generate_pairs(
             out = sampler(params, chunk_noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
             samples[start:stop] = np.asarray(out)[: stop - start]
         if writer:
-            path = shard_path(out_dir, index)
-            tmp = path + ".tmp.npz"  # written whole, then renamed: a stopped run leaves no partial shard
-            np.savez(tmp, noise=noise, x=samples, label=labels)
-            os.replace(tmp, path)
+            # written whole, then renamed: a stopped run leaves no partial shard
+            files.atomic_savez(shard_path(out_dir, index), noise=noise, x=samples, label=labels)
     # no process returns before process 0 has written every file
     distributed.sync(f"reflow pairs written to {out_dir}")
     return settings

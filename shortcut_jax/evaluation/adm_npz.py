@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from shortcut_jax.evaluation.pixels import to_uint8
+from shortcut_jax.infra import files
 
 __all__ = ["ADMSampleWriter", "adm_npz_image_shape", "read_adm_npz", "write_adm_npz"]
 
@@ -55,10 +56,8 @@ class ADMSampleWriter:
         self.with_labels = with_labels
         self.count = 0
         self._labels: list[np.ndarray] = []
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        self._partial = os.path.join(folder, f".{os.path.basename(self.path)}.partial")
-        self._zip = zipfile.ZipFile(self._partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file = files.AtomicFile(self.path)
+        self._zip = zipfile.ZipFile(self._file.partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         # force_zip64: the member's size is not known when it is opened and may exceed 4 GiB.
         self._member = self._zip.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True)
         header = {
@@ -98,17 +97,16 @@ class ADMSampleWriter:
         self._zip.close()
         self._zip = None
         if not complete:
-            os.remove(self._partial)
+            self._file.discard()
             raise ValueError(f"{self.path}: {self.count} of {self.num_images} images were added; no file was written")
-        os.replace(self._partial, self.path)
-        return self.path
+        return self._file.commit()
 
     def abort(self) -> None:
         if self._zip is not None:
             self._member.close()
             self._zip.close()
             self._zip = None
-            os.remove(self._partial)
+            self._file.discard()
 
     def __enter__(self) -> "ADMSampleWriter":
         return self

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from shortcut_jax.infra import files
+
 __all__ = [
     "DEFAULT_CONFIG",
     "ResNet9",
@@ -429,9 +431,7 @@ def load_image_folder(
             return images, index.labels[select].astype(np.int32), index.class_names
         images = _decode(index.files, image_size, num_workers)
         if cache:
-            partial = cache_path + ".partial.npz"
-            np.savez(partial, images=images, labels=index.labels, key=np.asarray(key))
-            os.replace(partial, cache_path)
+            files.atomic_savez(cache_path, images=images, labels=index.labels, key=np.asarray(key))
             if verbose:
                 print(f"cached {len(images)} decoded images in {cache_path}")
     return images[select], index.labels[select].astype(np.int32), index.class_names
@@ -465,15 +465,10 @@ def save_classifier(directory: str, config: dict, variables, info: dict | None =
         "fingerprint": variables_fingerprint(variables),
         "info": dict(info or {}),
     }
-    weights = os.path.join(directory, WEIGHTS_FILE)
-    # Temporary names and os.replace: a crash mid-save never leaves a half-written file that a
-    # later load would take for a classifier.
-    np.savez(weights + ".partial.npz", **flat)
-    os.replace(weights + ".partial.npz", weights)
-    path = os.path.join(directory, CONFIG_FILE)
-    with open(path + ".partial", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(path + ".partial", path)
+    # Atomic writes: a crash mid-save never leaves a half-written file that a later load would
+    # take for a classifier.
+    files.atomic_savez(os.path.join(directory, WEIGHTS_FILE), **flat)
+    files.atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_classifier(directory: str) -> tuple[dict, dict, dict]:
@@ -487,7 +482,7 @@ def load_classifier(directory: str) -> tuple[dict, dict, dict]:
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} does not exist; train a classifier with python -m benchmarks.train_classifier first."
+                f"{path} does not exist; train a classifier with python -m shortcut_jax.evaluation.train_classifier first."
             )
     with open(config_path, encoding="utf-8") as f:
         meta = json.load(f)

@@ -1,7 +1,7 @@
 """Classifier Frechet distance (CFD): the FID formula in the features of the project's own classifier.
 
 The network is the CIFAR-10 classifier of ``evaluation.classifier`` (trained with
-``python -m benchmarks.train_classifier``), not Inception, so a CFD is not an FID:
+``python -m shortcut_jax.evaluation.train_classifier``), not Inception, so a CFD is not an FID:
 always report it as "classifier Frechet distance" or "CFD", never as FID, and compare CFDs only
 when they come from the same classifier weights (``FeatureExtractor.fingerprint``).
 
@@ -32,6 +32,7 @@ from absl import logging
 from shortcut_jax.evaluation import classifier, distances
 from shortcut_jax.evaluation.classifier import load_classifier
 from shortcut_jax.evaluation.pixels import to_uint8
+from shortcut_jax.infra import files
 
 __all__ = [
     "METRIC_NAME",
@@ -130,17 +131,14 @@ def reference_stats(
         logging.info("%s holds statistics of other images or weights; recomputing", cache_path)
     mu, sigma = distances.gaussian_stats(extractor(x))
     if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        partial = cache_path + ".partial.npz"
-        np.savez(
-            partial,
+        files.atomic_savez(
+            cache_path,
             mu=mu,
             sigma=sigma,
             n=np.asarray(len(x)),
             key=np.asarray(key),
             fingerprint=np.asarray(extractor.fingerprint),
         )
-        os.replace(partial, cache_path)
     return mu, sigma
 
 

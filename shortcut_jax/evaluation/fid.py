@@ -44,6 +44,7 @@ import numpy as np
 from absl import logging
 
 from shortcut_jax.evaluation import distances
+from shortcut_jax.infra import files
 
 __all__ = [
     "RESIZE",
@@ -207,11 +208,7 @@ def save_stats(stats: FIDStats, path: str) -> str:
         "resize": np.asarray(stats.resize or ""),
         "extractor": np.asarray(stats.extractor or ""),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{os.path.basename(path)}.partial.npz")
-    np.savez(partial, **fields)
-    os.replace(partial, path)
+    files.atomic_savez(path, **fields)
     return path
 
 

@@ -52,6 +52,7 @@ import numpy as np
 # (imported under the name this module has always offered it by).
 from shortcut_jax.evaluation.pixels import to_uint8 as images_to_uint8  # noqa: F401
 from shortcut_jax.evaluation.chunked_features import ChunkedFeatures
+from shortcut_jax.infra import files
 
 __all__ = [
     "FEATURE_DIM",
@@ -538,11 +539,7 @@ def save_variables(variables, path: str, *, source_sha256: str = "") -> None:
     arrays = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     arrays["__format__"] = np.asarray(_NPZ_FORMAT)
     arrays["__source_sha256__"] = np.asarray(source_sha256)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{os.path.basename(path)}.partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+    files.atomic_savez(path, **arrays)
 
 
 def _load_npz_variables(path: str) -> tuple[dict[str, Any], str]:

@@ -3,12 +3,15 @@
 Models produce floats in [-1, 1]; the data readers map uint8 pixels ``u`` to ``u / 127.5 - 1``.
 Every image metric (CFD, FID), every sample file (the ADM ``.npz``) and every PNG therefore
 goes through :func:`to_uint8`, the inverse of that map, so that a data image survives the round
-trip unchanged and a model is scored on exactly the bytes it would be saved as.
+trip unchanged and a model is scored on exactly the bytes it would be saved as. The rule itself
+is ``infra.images.to_uint8`` (shared with the picture writers); this module adds the checks.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from shortcut_jax.infra import images as images_lib
 
 __all__ = ["grey_to_rgb", "grey_to_rgb_on_device", "to_uint8", "to_uint8_on_device"]
 
@@ -31,7 +34,7 @@ def to_uint8(images, image_size: int | None = None) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise ValueError("images contain non-finite values")
     # Inverse of the readers' u / 127.5 - 1: data images come back as the same bytes.
-    return np.round((np.clip(x.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return images_lib.to_uint8(x)
 
 
 def to_uint8_on_device(images):

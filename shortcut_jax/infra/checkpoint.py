@@ -330,9 +330,8 @@ class Checkpointer:
         step, saved, num_ema = self._param_tree(step, weights, ema_index)
         if abstract_params is None:
             abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
-        mismatch = shape_differences(tree_shapes(saved), tree_shapes(abstract_params))
-        if mismatch:
-            shown = mismatch[:6] + ([f"... {len(mismatch) - 6} more"] if len(mismatch) > 6 else [])
+        shown = shape_differences(saved, abstract_params, limit=6)
+        if shown:
             raise ValueError(
                 f"the {weights} tree saved at step {step} in {self.directory} does not fit the model it"
                 " is loaded into:\n  " + "\n  ".join(shown)
@@ -445,14 +444,26 @@ def tree_shapes(tree: Any) -> dict[str, tuple]:
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def shape_differences(saved: dict, current: dict) -> list[str]:
-    """One line per difference between two :func:`tree_shapes`: a path missing from the saved
-    tree, a saved path the current tree lacks, a shape that differs."""
+def shape_differences(saved: Any, current: Any, limit: int | None = None) -> list[str]:
+    """One line per difference between two trees' leaf paths and shapes (trees whose leaves have
+    a ``.shape``, or their :func:`tree_shapes`): a path missing from the saved tree, a saved path
+    the current tree lacks, a shape that differs. With ``limit``, at most ``limit`` lines and a
+    last one counting the rest. The one comparison of parameter trees (restores, warm starts,
+    teachers, imported checkpoints)."""
+    saved, current = (t if _is_shapes(t) else tree_shapes(t) for t in (saved, current))
     missing = sorted(set(current) - set(saved))
     extra = sorted(set(saved) - set(current))
     shape = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
-    return (
+    lines = (
         [f"missing {k}" for k in missing]
         + [f"unexpected {k}" for k in extra]
         + [f"{k}: saved {saved[k]}, current {current[k]}" for k in shape]
     )
+    if limit is not None and len(lines) > limit:
+        lines = lines[:limit] + [f"... {len(lines) - limit} more"]
+    return lines
+
+
+def _is_shapes(tree: Any) -> bool:
+    """Whether ``tree`` is already a :func:`tree_shapes` result (``{keystr: shape tuple}``)."""
+    return isinstance(tree, dict) and all(isinstance(v, tuple) for v in tree.values())

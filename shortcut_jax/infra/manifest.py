@@ -14,12 +14,12 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from typing import Any, Mapping
 
 import jax
 from etils import epath
 
+from shortcut_jax.infra import files
 from shortcut_jax.infra.jsonable import jsonable
 
 __all__ = ["write_manifest"]
@@ -80,23 +80,8 @@ def _device_info() -> dict:
 
 
 def _write_json_atomic(obj: Any, path: str) -> None:
-    if "://" in path:
-        # An object store (gs://...) replaces an object whole, never leaving a part of it.
-        epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        return
-    # Written to a temporary file and renamed, so an interrupted write never
-    # leaves a truncated manifest behind.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp's file is the owner's alone; a manifest is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # An interrupted write never leaves a truncated manifest behind.
+    files.atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_manifest(workdir: str, config: Any, *, extra: Mapping[str, Any] | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Pictures of samples: image grids, 2-D scatter plots, PNG files.
+"""Pictures of samples: image grids, 2-D scatter plots (PNG files through ``images.write_png``).
 
 Only the primary process (``jax.process_index() == 0``) writes files; every process gets the
 rendered image back.
@@ -7,24 +7,17 @@ rendered image back.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import numpy as np
-from PIL import Image
+
+from shortcut_jax.infra.images import to_uint8, write_png
 
 __all__ = ["save_grid", "save_image_grid", "save_scatter", "scatter_limits", "write_png"]
 
 
 def _primary() -> bool:
     return jax.process_index() == 0
-
-
-def write_png(image: np.ndarray, path: str) -> None:
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path, format="PNG")
 
 
 def save_image_grid(
@@ -56,11 +49,7 @@ def save_image_grid(
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
         raise ValueError(f"images must be [N, H, W, C] with N >= 1 and C in (1, 3), got {images.shape}")
     n, h, w, c = images.shape
-    lo, hi = value_range
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-    scaled = np.nan_to_num((images - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
-    pixels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    pixels = to_uint8(images, value_range)
     ncol = nrow or int(math.ceil(math.sqrt(n)))
     nrows = int(math.ceil(n / ncol))
     grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), np.uint8)
@@ -131,8 +120,7 @@ def save_scatter(
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     if path is not None and _primary():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, format="png")
+        write_png(image, path)
     return image
 
 

@@ -36,17 +36,12 @@ import numpy as np
 from etils import epath
 
 from shortcut_jax.infra.jsonable import jsonable
+from shortcut_jax.infra.files import atomic_write_text, is_remote
 
 __all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
 
 # A remote metrics.jsonl is rewritten whole; at most this often, and at every flush and close.
 REMOTE_UPLOAD_S = 30.0
-
-
-def is_remote(path) -> bool:
-    """Whether ``path`` names an object store or other non-local file system (``gs://...``):
-    written through ``etils.epath``; local paths keep plain ``open`` and ``os``."""
-    return "://" in os.fspath(path)
 
 
 class _RemoteLines:
@@ -251,9 +246,7 @@ def _drop_rows_after(path: str, step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) == len(lines) and all(a == b for a, b in zip(kept, lines)):
         return
-    tmp = epath.Path(path + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(file)
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:

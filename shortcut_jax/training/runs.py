@@ -216,33 +216,18 @@ def constant_level_embedding(params: dict, level: int) -> dict:
     return {**params, LEVEL_EMBED: {**params[LEVEL_EMBED], "hidden": new_hidden}}
 
 
-def _shapes(tree) -> dict:
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def warm_start_params(source_params: Any, init_params: Any, *, source_level: Optional[int] = None) -> Any:
     """``source_params`` checked against the new run's ``init_params`` (or their abstract shapes)
     and cast to their dtypes; with ``source_level``, the level embedder made constant at it.
 
     Raises ``ValueError`` naming the differing parameters when the trees do not match.
     """
-    have, want = _shapes(source_params), _shapes(init_params)
-    if have != want:
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        shape = sorted(k for k in set(have) & set(want) if have[k] != want[k])
-        detail = "; ".join(
-            f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for what, keys in (
-                ("missing", missing),
-                ("unexpected", extra),
-                ("shape differs", [f"{k} {have[k]} vs {want[k]}" for k in shape]),
-            )
-            if keys
-        )
+    diffs = checkpoint.shape_differences(source_params, init_params, limit=6)
+    if diffs:
         raise ValueError(
-            "the warm-start parameters do not fit this model (" + detail + "): use a checkpoint of"
-            " the same architecture, data shape and class count"
+            "the warm-start parameters do not fit this model (a parameter missing, unexpected or its shape differs: "
+            + "; ".join(diffs)
+            + "): use a checkpoint of the same architecture, data shape and class count"
         )
     params = jax.tree.map(lambda s, i: jnp.asarray(s, dtype=i.dtype), source_params, init_params)
     return params if source_level is None else constant_level_embedding(params, source_level)
@@ -407,9 +392,8 @@ def find_teacher(objective_cfg, meta: dict, abstract_params: Any) -> TeacherSour
         raise config_lib.ConfigError(
             f"{where}: {err.args[0]}; set objective.teacher_weights to the other tree"
         ) from None
-    shape_diffs = checkpoint.shape_differences(saved_shapes, checkpoint.tree_shapes(abstract_params))
-    if shape_diffs:
-        shown = shape_diffs[:6] + ([f"... {len(shape_diffs) - 6} more"] if len(shape_diffs) > 6 else [])
+    shown = checkpoint.shape_differences(saved_shapes, abstract_params, limit=6)
+    if shown:
         raise config_lib.ConfigError(
             f"{where} (step {step}): the teacher's parameters do not fit this model:\n  "
             + "\n  ".join(shown)

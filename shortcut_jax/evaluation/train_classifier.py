@@ -1,6 +1,6 @@
 """Trains the CIFAR-10 classifier whose features define the classifier Frechet distance (CFD).
 
-    python -m benchmarks.train_classifier \
+    python -m shortcut_jax.evaluation.train_classifier \
         --train_archive ../shared/data/cifar10-train.tar.gz \
         --test_archive ../shared/data/cifar10-test.tar.gz \
         --out classifier_ckpt --epochs 20
