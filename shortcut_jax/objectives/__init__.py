@@ -21,7 +21,7 @@ def make_objective_config(
     ``total_steps`` (``train.steps``) sets the curriculum of objectives that follow one when
     ``objective.stage_steps`` is 0; a schedule that does not fit the run raises ``ValueError``.
     """
-    weights = tuple(float(w) for w in objective_cfg.get("level_weights", ()))
+    weights = tuple(float(w) for w in objective_cfg.level_weights)
     cfg = ObjectiveConfig(
         apply_fn=apply_fn,
         num_classes=num_classes,
@@ -35,14 +35,14 @@ def make_objective_config(
         bootstrap_cfg_scale=objective_cfg.bootstrap_cfg_scale,
         noise_floor=objective_cfg.noise_floor,
         level_weights=weights or None,
-        flow_t=objective_cfg.get("flow_t", "grid"),
-        diffusion_schedule=objective_cfg.get("diffusion_schedule", "cosine"),
-        diffusion_min_alpha_bar=objective_cfg.get("diffusion_min_alpha_bar", 1e-4),
-        stage_steps=objective_cfg.get("stage_steps", 0),
-        consistency_final_level=objective_cfg.get("consistency_final_level", -1),
-        reflow_fraction=objective_cfg.get("reflow_fraction", 0.125),
-        reflow_steps=objective_cfg.get("reflow_steps", 8),
-        reflow_cfg_scale=objective_cfg.get("reflow_cfg_scale", 1.0),
+        flow_t=objective_cfg.flow_t,
+        diffusion_schedule=objective_cfg.diffusion_schedule,
+        diffusion_min_alpha_bar=objective_cfg.diffusion_min_alpha_bar,
+        stage_steps=objective_cfg.stage_steps,
+        consistency_final_level=objective_cfg.consistency_final_level,
+        reflow_fraction=objective_cfg.reflow_fraction,
+        reflow_steps=objective_cfg.reflow_steps,
+        reflow_cfg_scale=objective_cfg.reflow_cfg_scale,
         options=tuple(sorted((k, _frozen(v)) for k, v in objective_cfg.items())),
     )
     return resolve_stages(objective_cfg.name, cfg, total_steps)
@@ -82,7 +82,7 @@ def check_method_config(objective_cfg, *, batch_size: int, total_steps: int) -> 
     record = method(objective_cfg.name)
     if record.num_stages is not None:
         make_objective_config(objective_cfg, None, 0, total_steps=total_steps)
-    if record.frozen_teacher and not objective_cfg.get("teacher_checkpoint", ""):
+    if record.frozen_teacher and not objective_cfg.teacher_checkpoint:
         raise ValueError(
             f"objective.name={objective_cfg.name!r} distils a trained model: set"
             " objective.teacher_checkpoint to its run's checkpoint directory (<workdir>/checkpoints)"

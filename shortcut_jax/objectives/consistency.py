@@ -99,7 +99,7 @@ def distillation_loss_fn(params, teacher_params, batch, rng, cfg: common.Objecti
 
 def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     """The curriculum's last level (``ValueError`` naming the key)."""
-    final = objective_cfg.get("consistency_final_level", -1)
+    final = objective_cfg.consistency_final_level
     if not -1 <= final <= objective_cfg.num_levels:
         raise ValueError(
             f"objective.consistency_final_level={final} must be -1 (num_levels - 1) or in"

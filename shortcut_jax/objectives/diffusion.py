@@ -90,8 +90,9 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
 
 def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     """The schedule's keys (``ValueError`` naming the key)."""
-    get = objective_cfg.get
-    if get("diffusion_schedule", "cosine") not in SCHEDULES:
-        raise ValueError(f"objective.diffusion_schedule={get('diffusion_schedule')!r}: use one of {list(SCHEDULES)}")
-    if not 0.0 < get("diffusion_min_alpha_bar", 1e-4) < 1.0:
-        raise ValueError(f"objective.diffusion_min_alpha_bar={get('diffusion_min_alpha_bar')} must be in (0, 1)")
+    if objective_cfg.diffusion_schedule not in SCHEDULES:
+        raise ValueError(
+            f"objective.diffusion_schedule={objective_cfg.diffusion_schedule!r}: use one of {list(SCHEDULES)}"
+        )
+    if not 0.0 < objective_cfg.diffusion_min_alpha_bar < 1.0:
+        raise ValueError(f"objective.diffusion_min_alpha_bar={objective_cfg.diffusion_min_alpha_bar} must be in (0, 1)")

@@ -179,17 +179,16 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
 
 def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     """The MeanFlow keys (``ValueError`` naming the key)."""
-    get = objective_cfg.get
-    fraction = get("meanflow_flow_fraction", 0.75)
+    fraction = objective_cfg.meanflow_flow_fraction
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"objective.meanflow_flow_fraction={fraction} must be in [0, 1): the share of rows with r = t")
-    if get("meanflow_t_std", 1.0) <= 0:
-        raise ValueError(f"objective.meanflow_t_std={get('meanflow_t_std')} must be > 0")
-    if get("meanflow_norm_p", 1.0) < 0 or get("meanflow_norm_eps", 0.01) <= 0:
+    if objective_cfg.meanflow_t_std <= 0:
+        raise ValueError(f"objective.meanflow_t_std={objective_cfg.meanflow_t_std} must be > 0")
+    if objective_cfg.meanflow_norm_p < 0 or objective_cfg.meanflow_norm_eps <= 0:
         raise ValueError(
-            f"objective.meanflow_norm_p={get('meanflow_norm_p')} must be >= 0 and"
-            f" objective.meanflow_norm_eps={get('meanflow_norm_eps')} > 0"
+            f"objective.meanflow_norm_p={objective_cfg.meanflow_norm_p} must be >= 0 and"
+            f" objective.meanflow_norm_eps={objective_cfg.meanflow_norm_eps} > 0"
         )
-    interval = tuple(get("meanflow_cfg_interval", (0.0, 1.0)))
+    interval = tuple(objective_cfg.meanflow_cfg_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise ValueError(f"objective.meanflow_cfg_interval={interval} must be (low, high) with 0 <= low <= high <= 1")

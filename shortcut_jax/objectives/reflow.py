@@ -96,12 +96,11 @@ def live_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig
 
 def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     """Live reflow's share of the batch and its generating steps (``ValueError`` naming the key)."""
-    get = objective_cfg.get
-    n = num_reflow_rows(batch_size, get("reflow_fraction", 0.125))
+    n = num_reflow_rows(batch_size, objective_cfg.reflow_fraction)
     if not 0 < n < batch_size:
         raise ValueError(
-            f"objective.reflow_fraction={get('reflow_fraction')} gives {n} of the {batch_size}"
+            f"objective.reflow_fraction={objective_cfg.reflow_fraction} gives {n} of the {batch_size}"
             " rows of train.batch_size to live reflow: it must leave at least one row to each group"
         )
-    if get("reflow_steps", 8) < 1:
-        raise ValueError(f"objective.reflow_steps={get('reflow_steps')} must be >= 1")
+    if objective_cfg.reflow_steps < 1:
+        raise ValueError(f"objective.reflow_steps={objective_cfg.reflow_steps} must be >= 1")
