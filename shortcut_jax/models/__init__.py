@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from shortcut_jax.models.dit import DiT
 from shortcut_jax.models.mlp import MLPNet
-from shortcut_jax.models.options import LEAN_OPS, model_dims
+from shortcut_jax.models.options import LEAN_OPS, mlp_dims, model_dims
 
 
 def resolve_dtype(name: str):
@@ -72,8 +72,8 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False, forw
     dtype = resolve_dtype(model_cfg.dtype)
     if model_cfg.name == "mlp":
         return MLPNet(
-            width=model_cfg.width or 256,
-            depth=model_cfg.depth or 4,
+            width=mlp_dims(model_cfg)[0],
+            depth=mlp_dims(model_cfg)[1],
             mlp_ratio=model_cfg.mlp_ratio,
             num_classes=num_classes,
             t_input_scale=model_cfg.t_input_scale,

@@ -47,3 +47,12 @@ def model_dims(model_cfg) -> tuple[int, int, int]:
     depth = model_cfg.depth or base[1]
     heads = model_cfg.num_heads or base[2]
     return width, depth, heads
+
+
+# the MLP for points: (width, depth) where config.model leaves them 0
+MLP_DEFAULT_DIMS = (256, 4)
+
+
+def mlp_dims(model_cfg) -> tuple[int, int]:
+    """(width, depth) of the point MLP, explicit non-zero fields overriding the defaults."""
+    return model_cfg.width or MLP_DEFAULT_DIMS[0], model_cfg.depth or MLP_DEFAULT_DIMS[1]

@@ -27,6 +27,7 @@ from shortcut_jax.infra import checkpoint, sharding
 from shortcut_jax.training import runs, train_state
 from shortcut_jax.evaluation import metrics
 from shortcut_jax.models import build_model, convert
+from shortcut_jax.models.options import mlp_dims
 from shortcut_jax.objectives import METHODS, make_objective_config, make_sampler, method
 from shortcut_jax.training.train_step import make_train_step
 
@@ -64,10 +65,10 @@ def architecture(model_cfg) -> dict:
         }
     return {
         "name": model_cfg.name,
-        "width": model_cfg.width or 256,
-        "depth": model_cfg.depth or 4,
+        "width": mlp_dims(model_cfg)[0],
+        "depth": mlp_dims(model_cfg)[1],
         "mlp_ratio": model_cfg.mlp_ratio,
-    }  # the MLP's defaults, as build_model applies them
+    }
 
 
 # ----------------------------------------------------------------------------- optimiser
