@@ -44,3 +44,20 @@ def write_tar(path, files):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def toy2d_config(arg: str = "runlocal=True", **overrides):
+    """``experiments/toy2d.py:<arg>`` as ``--config`` reads it, quiet (no progress bar,
+    TensorBoard or asynchronous checkpoints), with ``{"section.key": value}`` overrides."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(root, "experiments", "toy2d.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.train.progress_bar, config.train.use_tensorboard, config.train.async_ckpt = False, False, False
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    return config

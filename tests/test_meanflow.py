@@ -3,7 +3,6 @@ the reduction to flow matching, the interval sampler, the real train step on 8 d
 config checks for forward-mode differentiation."""
 
 import dataclasses
-import importlib.util
 import os
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import toy2d_config
 from shortcut_jax import config_lib
 from shortcut_jax.models import MLPNet
 from shortcut_jax.objectives import METHODS, common, make_objective_config, meanflow, sampling
@@ -170,18 +170,16 @@ def test_guidance_is_folded_into_the_target_for_labelled_rows_only():
 
 
 def toy(objective, **overrides):
-    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "experiments", "toy2d.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"objective={objective},runlocal=True")
-    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 2, 1, 100, 100
-    c.train.progress_bar, c.train.use_tensorboard, c.train.async_ckpt = False, False, False
-    c.model.width, c.model.depth = 32, 2
-    c.train.batch_size = 64
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        c[section][key] = value
-    return c
+    quick = {
+        "train.steps": 2,
+        "train.log_every": 1,
+        "train.ckpt_every": 100,
+        "train.eval_every": 100,
+        "model.width": 32,
+        "model.depth": 2,
+        "train.batch_size": 64,
+    }
+    return toy2d_config(f"objective={objective},runlocal=True", **{**quick, **overrides})
 
 
 @pytest.mark.parametrize("name", ["meanflow", "meanflow_v"])

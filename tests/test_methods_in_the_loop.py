@@ -1,13 +1,13 @@
 """The comparison methods that the train loop runs, end to end: a few steps of the 2-D toy,
 evaluated with each method's own sampler; and the ones it cannot run yet, refused before training."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from conftest import toy2d_config
 from shortcut_jax.training import loop
 from shortcut_jax.infra import writers
 
@@ -15,17 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def toy(objective, **overrides):
-    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "experiments", "toy2d.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"objective={objective},runlocal=True")
-    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 14, 7, 14, 14
-    c.train.progress_bar, c.train.use_tensorboard, c.train.async_ckpt = False, False, False
-    c.eval.budgets, c.eval.grid_budgets, c.eval.num_samples = (1, 4), (1,), 500
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        c[section][key] = value
-    return c
+    quick = {
+        "train.steps": 14,
+        "train.log_every": 7,
+        "train.ckpt_every": 14,
+        "train.eval_every": 14,
+        "eval.budgets": (1, 4),
+        "eval.grid_budgets": (1,),
+        "eval.num_samples": 500,
+    }
+    return toy2d_config(f"objective={objective},runlocal=True", **{**quick, **overrides})
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,12 @@
 2-D toy, MLP width 32, depth 2, 4 steps, written by the 2026-12-04 release) still restores:
 training continues from it, and it samples with only --config and --workdir."""
 
-import importlib.util
 import os
 import shutil
 
 import numpy as np
 
+from conftest import toy2d_config
 from shortcut_jax import sample
 from shortcut_jax.infra import writers
 from shortcut_jax.training import loop
@@ -17,15 +17,19 @@ SAVED = os.path.join(ROOT, "tests", "goldens", "run_2026_12_04")
 
 
 def saved_config():
-    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "experiments", "toy2d.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("runlocal=True")
-    c.model.width, c.model.depth = 32, 2
-    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 4, 2, 4, 1000
-    c.train.progress_bar, c.train.use_tensorboard, c.train.async_ckpt = False, False, False
-    c.train.batch_size = 32
-    return c
+    """The settings the saved run was trained with."""
+    return toy2d_config(
+        "runlocal=True",
+        **{
+            "model.width": 32,
+            "model.depth": 2,
+            "train.steps": 4,
+            "train.log_every": 2,
+            "train.ckpt_every": 4,
+            "train.eval_every": 1000,
+            "train.batch_size": 32,
+        },
+    )
 
 
 def test_a_run_saved_before_the_layout_moved_continues_training(tmp_path):

@@ -1,13 +1,13 @@
 """Adding a method is one record: a method defined here, in the test file, trains through the
 real loop and is evaluated with the sampler its record names, with no other change."""
 
-import importlib.util
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import toy2d_config
 from shortcut_jax.infra import writers
 from shortcut_jax.objectives import METHODS, Method, common, registry
 from shortcut_jax.training import loop
@@ -34,16 +34,22 @@ def pull_to_data_loss(params, teacher_params, batch, rng, cfg: common.ObjectiveC
 
 
 def toy(name):
-    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "experiments", "toy2d.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("runlocal=True")
-    c.objective.name = name
-    c.model.width, c.model.depth = 32, 2
-    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 2, 1, 2, 2
-    c.train.progress_bar, c.train.use_tensorboard, c.train.async_ckpt = False, False, False
-    c.eval.budgets, c.eval.grid_budgets, c.eval.num_samples, c.eval.batch_size = (1,), (1,), 100, 100
-    return c
+    return toy2d_config(
+        "runlocal=True",
+        **{
+            "objective.name": name,
+            "model.width": 32,
+            "model.depth": 2,
+            "train.steps": 2,
+            "train.log_every": 1,
+            "train.ckpt_every": 2,
+            "train.eval_every": 2,
+            "eval.budgets": (1,),
+            "eval.grid_budgets": (1,),
+            "eval.num_samples": 100,
+            "eval.batch_size": 100,
+        },
+    )
 
 
 def test_a_method_defined_in_the_test_file_trains_two_steps_through_the_real_loop(monkeypatch, tmp_path):

@@ -214,18 +214,20 @@ def test_a_killed_and_resumed_run_logs_every_step_once(tmp_path):
     is in metrics.jsonl once (the state resumes at the checkpoint, and so does the log)."""
     import shutil
 
+    from conftest import toy2d_config
     from shortcut_jax.training import loop
 
-    spec_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "toy2d.py")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("toy2d", spec_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal=True")
-    config.model.width, config.model.depth = 32, 2
-    config.train.steps, config.train.log_every, config.train.ckpt_every, config.train.eval_every = 20, 5, 10, 1000
-    config.train.progress_bar, config.train.use_tensorboard, config.train.async_ckpt = False, False, False
+    config = toy2d_config(
+        "runlocal=True",
+        **{
+            "model.width": 32,
+            "model.depth": 2,
+            "train.steps": 20,
+            "train.log_every": 5,
+            "train.ckpt_every": 10,
+            "train.eval_every": 1000,
+        },
+    )
     workdir = str(tmp_path / "run")
     loop.train_and_evaluate(config, workdir)
     # as if killed after logging steps 15 and 20 but before step 20's checkpoint was written
