@@ -173,15 +173,6 @@ def run(fv) -> dict[int, float]:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     from shortcut_jax.infra import cli
 
-    _FLAGS = define_flags()
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        run(_FLAGS)
-
-    cli.run(_main)
+    cli.run_flags(define_flags(), run)

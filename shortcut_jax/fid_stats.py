@@ -42,15 +42,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
     from shortcut_jax.infra import cli
 
-    _FLAGS = _define_flags()
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        print(run_command(_FLAGS, _FLAGS.data))
-
-    cli.run(_main, names=("data",))
+    cli.run_flags(_define_flags(), lambda fv: print(run_command(fv, fv.data)), names=("data",))

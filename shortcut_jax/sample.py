@@ -138,15 +138,6 @@ def run(fv) -> list[str]:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     from shortcut_jax.infra import cli
 
-    _FLAGS = define_flags()
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        run(_FLAGS)
-
-    cli.run(_main)
+    cli.run_flags(define_flags(), run)

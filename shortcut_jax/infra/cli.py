@@ -226,3 +226,16 @@ def run(main, names: tuple[str, ...] = ("config",)) -> None:
         sys.stdout.flush()
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def run_flags(flag_values, body, names: tuple[str, ...] = ("config",)) -> None:
+    """:func:`run` for a command whose flags are already defined in ``flag_values`` and whose work
+    is ``body(flag_values)``: positional arguments are refused."""
+    from absl import app
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        body(flag_values)
+
+    run(main, names=names)
