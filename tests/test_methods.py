@@ -1,6 +1,6 @@
 """The comparison methods: each objective's defining property on a case with a known answer,
-their samplers, the reflow pair files, the warm start, and equality of sharded and one-device
-training steps for every objective."""
+their samplers, the reflow pair files, the warm start, and the project's train step for every
+objective: with the method's state, sharded over 8 devices as on one."""
 
 import functools
 import math
@@ -608,12 +608,12 @@ def toy_pairs(tmp_path_factory):
     return out
 
 
-def toy_step_config(name, pairs_dir, mesh, width):
-    """The 2-D toy's local config for method ``name`` on a (data, fsdp) mesh: an MLP of depth 2,
-    batch 64, a constant learning rate (the cosine schedule's warm-up starts at 0); a curriculum
+def toy_step_config(name, pairs_dir, mesh):
+    """The 2-D toy's local config for method ``name`` on a (data, fsdp) mesh: an MLP of depth 2
+    and width 128 (its 128 x 256 kernels are large enough for the fsdp axis to split), batch 64, a constant learning rate (the cosine schedule's warm-up starts at 0); a curriculum
     starts a stage at every update (stage_steps=1), reflow reads stored pairs."""
     overrides = {
-        "model.width": width,
+        "model.width": 128,
         "model.depth": 2,
         "train.batch_size": 64,
         "optim.schedule": "constant",
@@ -650,10 +650,10 @@ def off_initialisation(state, shardings):
     return jax.device_put(host, shardings)
 
 
-def two_real_steps(name, pairs_dir, mesh, width=32):
+def two_real_steps(name, pairs_dir, mesh):
     """Two updates of ``Experiment.compile_step`` on the experiment's own batches: the batches,
     the states before each update and after the last (on the host), the metrics."""
-    exp = Experiment(toy_step_config(name, pairs_dir, mesh, width), None)
+    exp = Experiment(toy_step_config(name, pairs_dir, mesh), None)
     run = {"batches": [], "states": [], "metrics": [], "obj_cfg": exp.obj_cfg}
     try:
         state = off_initialisation(exp.init_state(), exp.state_shardings)
@@ -687,7 +687,7 @@ def loss_by_hand(name, cfg, state, batch):
     return record.loss(state.params, teacher, batch, jax.random.fold_in(state.rng, state.step), cfg)[0]
 
 
-def assert_states_close(got, want, start):
+def assert_states_close(got, want, start, mesh):
     """Step and rng exactly; parameters, EMA trees and frozen teacher tree by tree, within 1e-4 of
     their norm and 1e-2 of the norm of what the updates changed (``start``: the state before).
 
@@ -702,43 +702,52 @@ def assert_states_close(got, want, start):
             continue
         g, w, s = (np.concatenate([np.ravel(a) for a in tree_leaves]) for tree_leaves in leaves)
         error = np.linalg.norm(g - w)
-        assert error <= 1e-4 * np.linalg.norm(w), (tree, error)
-        assert error <= 1e-2 * np.linalg.norm(w - s), (tree, error, np.linalg.norm(w - s))
+        assert error <= 1e-4 * np.linalg.norm(w), (mesh, tree, error)
+        assert error <= 1e-2 * np.linalg.norm(w - s), (mesh, tree, error, np.linalg.norm(w - s))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_objective_gives_the_same_two_steps_on_8_devices_as_on_one(name, toy_pairs):
     """The project's train step (``Experiment``: its state, shardings, batches and compiled step)
-    on a mesh of 8 devices gives the loss and state of one device, and on one device computes the
-    method's loss with the method's state: its EMA teacher, frozen teacher (consistency
-    distillation keeps it, progressive distillation re-snapshots it at the phase that the second
-    update starts), curriculum stage, and stored noise (reflow).
+    on 8 devices, as a data axis of 8 and as data 4 x fsdp 2 (the MLP's kernels split), gives the
+    losses and the parameters, EMA trees and frozen teacher of one device; on one device, each
+    update's loss is the method's loss of the state as the registry defines it: the EMA teacher,
+    the frozen teacher (consistency distillation keeps it, progressive distillation re-snapshots
+    it at the phase that the second update starts), the curriculum step, the stored noise (reflow).
 
-    Seen to fail on a train step that does not average the gradients over the data axis (each
-    device's gradient of its rows alone: the second loss and the parameters differ), on one
-    that hands the loss the EMA tree in place of the frozen teacher, on one that leaves out the
-    teacher's re-snapshot, and on one that gives the loss step 0 at every update."""
+    Seen to fail (then reverted) on a train step that computes each device's rows on their own,
+    the gradient not averaged over the data axis (every method; the losses differ); on one that
+    hands the loss the EMA tree in place of the frozen teacher (both distillation methods), one
+    that leaves out the teacher's re-snapshot (progressive distillation), and one that gives the
+    loss step 0 at every update (consistency training, progressive distillation)."""
     assert jax.device_count() == 8
     record = METHODS[name]
     one = two_real_steps(name, toy_pairs, (1, 1))
-    eight = two_real_steps(name, toy_pairs, (8, 1))
-    for b1, b8 in zip(one["batches"], eight["batches"]):
-        assert sorted(b1) == sorted(b8) == sorted(["x", "label"] + (["noise"] if record.pairs else []))
-        for key in b1:
-            np.testing.assert_array_equal(b8[key], b1[key])
+    sharded = {mesh: two_real_steps(name, toy_pairs, mesh) for mesh in ((8, 1), (4, 2))}
+    for run in sharded.values():
+        for b1, b8 in zip(one["batches"], run["batches"]):
+            assert sorted(b1) == sorted(b8) == sorted(["x", "label"] + (["noise"] if record.pairs else []))
+            for key in b1:
+                np.testing.assert_array_equal(b8[key], b1[key])
+    # the fsdp axis splits the MLP's kernels, and the frozen teacher is laid out like them
+    specs = sharded[4, 2]["shardings"]
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(specs.params))
+    if record.frozen_teacher:
+        assert jax.tree.leaves(specs.frozen_teacher) == jax.tree.leaves(specs.params)
 
     by_hand = jax.jit(functools.partial(loss_by_hand, name, one["obj_cfg"]))
     for state, batch, metrics in zip(one["states"], one["batches"], one["metrics"]):
         np.testing.assert_allclose(float(metrics["loss"]), float(by_hand(state, batch)), rtol=1e-5)
-    loss1, loss8 = ([float(m["loss"]) for m in run["metrics"]] for run in (one, eight))
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    loss1 = [float(m["loss"]) for m in one["metrics"]]
     assert loss1[0] != loss1[1]
-    assert_states_close(eight["states"][-1], one["states"][-1], one["states"][0])
+    for mesh, run in sharded.items():
+        np.testing.assert_allclose([float(m["loss"]) for m in run["metrics"]], loss1, rtol=1e-5, err_msg=str(mesh))
+        assert_states_close(run["states"][-1], one["states"][-1], one["states"][0], mesh)
 
     if record.num_stages:  # each update in its own stage
         stage = "phase" if "phase" in one["metrics"][0] else "stage"
         assert [int(m[stage]) for m in one["metrics"]] == [0, 1]
-    for run in (one, eight):
+    for run in (one, *sharded.values()):
         before, middle, after = run["states"]
         if record.teacher_snapshot is not None:  # the student before the second update
             for a, b in zip(jax.tree.leaves(middle.params), jax.tree.leaves(after.frozen_teacher)):
