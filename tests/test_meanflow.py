@@ -1,22 +1,17 @@
 """MeanFlow and improved MeanFlow (objectives/meanflow.py): the jvp, the target on exact fields,
-the reduction to flow matching, the interval sampler, the real train step on 8 devices, and the
-config checks for forward-mode differentiation."""
+the reduction to flow matching, the interval sampler, and the config checks for forward-mode
+differentiation. (The real train step on 8 devices against one: test_methods.py, for every method.)"""
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import toy2d_config
 from shortcut_jax import config_lib
 from shortcut_jax.models import MLPNet
 from shortcut_jax.objectives import METHODS, common, make_objective_config, meanflow, sampling
-from shortcut_jax.training import loop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def objective_config(apply_fn, name="meanflow", num_classes=0, **options):
@@ -167,29 +162,6 @@ def test_guidance_is_folded_into_the_target_for_labelled_rows_only():
     got = meanflow.guided_velocity(None, x, tau, v, labels, cfg)
     guided = 2.0 * 10.0 + 0.5 * 5.0 + (1 - 2.0 - 0.5) * 1.0
     np.testing.assert_allclose(np.asarray(got), [[guided] * 2, [guided] * 2, [10.0] * 2, [guided] * 2])
-
-
-def toy(objective, **overrides):
-    quick = {
-        "train.steps": 2,
-        "train.log_every": 1,
-        "train.ckpt_every": 100,
-        "train.eval_every": 100,
-        "model.width": 32,
-        "model.depth": 2,
-        "train.batch_size": 64,
-    }
-    return toy2d_config(f"objective={objective},runlocal=True", **{**quick, **overrides})
-
-
-@pytest.mark.parametrize("name", ["meanflow", "meanflow_v"])
-def test_two_steps_of_the_real_train_step_on_8_devices_equal_one_device(name, tmp_path):
-    one = loop.train_and_evaluate(toy(name, **{"mesh.data": 1}), str(tmp_path / "one"))
-    eight = loop.train_and_evaluate(toy(name, **{"mesh.data": 8}), str(tmp_path / "eight"))
-    assert int(one.step) == int(eight.step) == 2
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
-    assert any(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(one.params))
 
 
 @pytest.mark.parametrize(

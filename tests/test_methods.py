@@ -1,8 +1,7 @@
 """The comparison methods: each objective's defining property on a case with a known answer,
-their samplers, the reflow pair files, the warm start, and equality of sharded and one-device
-training steps for every objective."""
+their samplers, the reflow pair files, the warm start, and the project's train step for every
+objective: with the method's state, sharded over 8 devices as on one."""
 
-import dataclasses
 import functools
 import math
 import os
@@ -11,14 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from shortcut_jax.data import pairs as pairs_io
 from shortcut_jax import config_lib
 from shortcut_jax.objectives import sampling
 from shortcut_jax.infra import sharding
-from shortcut_jax.training import train_state
 from shortcut_jax.models import MLPNet, build_model
 from shortcut_jax.objectives import (
     METHODS,
@@ -31,8 +28,11 @@ from shortcut_jax.objectives import (
     reflow,
     resolve_stages,
 )
+from shortcut_jax.training import offline
 from shortcut_jax.training import runs as warm_start
+from shortcut_jax.training.experiment import Experiment
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOOR = 1e-5
 K = 7
 
@@ -586,63 +586,177 @@ def test_every_objective_is_finite_and_differentiable_on_a_tiny_dit(name, dit):
     assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0
 
 
-def make_step(name, cfg, tx, needs_snapshot):
-    loss_fn = METHODS[name].loss
-
-    def step(state, batch):
-        params, ema, teacher, opt_state, count, rng = state
-        if needs_snapshot:
-            teacher = progressive.teacher_for_step(count, teacher, params, cfg)
-        batch = dict(batch, step=count) if METHODS[name].step else batch
-        teachers = {"ema": ema, "teacher": teacher} if METHODS[name].frozen_teacher else ema
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, teachers, batch, jax.random.fold_in(rng, count), cfg
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        ema = train_state.update_ema((ema,), params, (0.9,))[0]
-        return (params, ema, teacher, opt_state, count + 1, rng), loss
-
-    return step
+# ---------------------------------------------------------------- every objective in the train step
 
 
-def run_two_steps(name, mesh):
-    apply_fn, params = tiny_mlp(seed=1, width=16)
-    cfg = method_config(name, apply_fn, 0, total_steps=2 * K)
-    # stage_steps=1: the two steps cross a curriculum stage and a teacher snapshot
-    if METHODS[name].num_stages:
-        cfg = dataclasses.replace(cfg, stage_steps=1)
-    tx = optax.sgd(0.1)  # few operations: the compile time is what this test spends
-    state = (params, params, jax.tree.map(lambda a: a * 0.9, params), tx.init(params), jnp.int32(0), jax.random.key(0))
-    replicated = sharding.replicated(mesh)
-    state = jax.device_put(state, replicated)
-    step = jax.jit(
-        make_step(name, cfg, tx, (METHODS[name].teacher_snapshot is not None)), out_shardings=(replicated, replicated)
+@pytest.fixture(scope="module")
+def toy_pairs(tmp_path_factory):
+    """Stored reflow pairs of the 2-D toy (x = 2 noise + 0.5), in the pairs reader's files."""
+    out = str(tmp_path_factory.mktemp("pairs") / "toy")
+    pairs_io.generate_pairs(
+        lambda params, noise, labels, num_steps, cfg_scale: 2.0 * noise + 0.5,
+        None,
+        out_dir=out,
+        shape=(2,),
+        num_classes=0,
+        num_pairs=256,
+        num_steps=1,
+        seed=0,
+        shard_size=256,
+        batch_size=256,
     )
+    return out
+
+
+def toy_step_config(name, pairs_dir, mesh):
+    """The 2-D toy's local config for method ``name`` on a (data, fsdp) mesh: an MLP of depth 2
+    and width 128 (its 128 x 256 kernels are large enough for the fsdp axis to split), batch 64, a constant learning rate (the cosine schedule's warm-up starts at 0); a curriculum
+    starts a stage at every update (stage_steps=1), reflow reads stored pairs."""
+    overrides = {
+        "model.width": 128,
+        "model.depth": 2,
+        "train.batch_size": 64,
+        "optim.schedule": "constant",
+        "train.progress_bar": False,
+        "train.use_tensorboard": False,
+        "mesh.data": mesh[0],
+        "mesh.fsdp": mesh[1],
+    }
+    if METHODS[name].num_stages:
+        overrides["objective.stage_steps"] = 1
+    if METHODS[name].pairs:
+        overrides.update({"data.name": pairs_io.NAME, "data.path": pairs_dir})
+    if METHODS[name].frozen_teacher:
+        # never read: an Experiment without a workdir starts its frozen teacher at the initial
+        # parameters (off_initialisation moves it away)
+        overrides["objective.teacher_checkpoint"] = "/teacher-run-not-read"
+    return offline.load_config(os.path.join(ROOT, "experiments", f"toy2d.py:objective={name},runlocal=True"), overrides)
+
+
+def off_initialisation(state, shardings):
+    """The state with the student, every EMA tree and the frozen teacher moved apart by noise.
+
+    A fresh state has the three equal and the output layer at zero: there, handing the loss one
+    tree for another, or dropping the gradient of every layer but the last, changes nothing."""
     rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(2):
-        host = {"x": rng.normal(size=(16, 2)).astype(np.float32), "label": np.zeros(16, np.int32)}
-        if METHODS[name].pairs:
-            host["noise"] = rng.normal(size=(16, 2)).astype(np.float32)
-        state, loss = step(state, sharding.global_batch(host, mesh))
-        losses.append(float(loss))
-    return np.array(losses), jax.device_get(state[0])
+    host = jax.device_get(state)
+
+    def moved(tree):
+        return jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), tree)
+
+    host = host.replace(params=moved(host.params), ema_params=tuple(moved(e) for e in host.ema_params))
+    if host.frozen_teacher is not None:
+        host = host.replace(frozen_teacher=moved(host.frozen_teacher))
+    return jax.device_put(host, shardings)
 
 
-# shortcut's data-parallel equality is tested through the real train step in test_train.py
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"shortcut"}))
-def test_every_objective_gives_the_same_two_steps_on_8_devices_as_on_one(name):
+def two_real_steps(name, pairs_dir, mesh):
+    """Two updates of ``Experiment.compile_step`` on the experiment's own batches: the batches,
+    the states before each update and after the last (on the host), the metrics."""
+    exp = Experiment(toy_step_config(name, pairs_dir, mesh), None)
+    run = {"batches": [], "states": [], "metrics": [], "obj_cfg": exp.obj_cfg}
+    try:
+        state = off_initialisation(exp.init_state(), exp.state_shardings)
+        run["shardings"] = exp.state_shardings
+        compiled, _ = exp.compile_step()
+        for _ in range(2):
+            batch = exp.source.next_batch()
+            run["batches"].append(batch)
+            run["states"].append(jax.device_get(state))
+            state, metrics = compiled(state, sharding.global_batch(batch, exp.mesh))
+            run["metrics"].append(jax.device_get(metrics))
+        run["states"].append(jax.device_get(state))
+    finally:
+        exp.close()
+    return run
+
+
+def loss_by_hand(name, cfg, state, batch):
+    """The loss of the update from ``state`` as the method's record defines it (registry.py):
+    the first EMA tree as teacher, or ``{'ema': it, 'teacher': the frozen teacher}`` re-snapshotted
+    where the method says so; ``batch['step']`` for a curriculum; the key fold_in(rng, step)."""
+    record = METHODS[name]
+    teacher = state.ema_params[0]
+    if record.frozen_teacher:
+        frozen = state.frozen_teacher
+        if record.teacher_snapshot is not None:
+            frozen = record.teacher_snapshot(state.step, frozen, state.params, cfg)
+        teacher = {"ema": teacher, "teacher": frozen}
+    if record.step:
+        batch = dict(batch, step=state.step)
+    return record.loss(state.params, teacher, batch, jax.random.fold_in(state.rng, state.step), cfg)[0]
+
+
+def assert_states_close(got, want, start, mesh):
+    """Step and rng exactly; parameters, EMA trees and frozen teacher tree by tree, within 1e-4 of
+    their norm and 1e-2 of the norm of what the updates changed (``start``: the state before).
+
+    Tree by tree rather than leaf by leaf: Adam divides each gradient entry by its own magnitude,
+    so an entry whose gradient is near 0 turns float32 summation order into a visible step."""
+    assert int(got.step) == int(want.step)
+    np.testing.assert_array_equal(got.rng, want.rng)
+    for tree in ("params", "ema_params", "frozen_teacher"):
+        leaves = [jax.tree.leaves(getattr(s, tree)) for s in (got, want, start)]
+        assert jax.tree.structure(getattr(got, tree)) == jax.tree.structure(getattr(want, tree)), tree
+        if not leaves[1]:
+            continue
+        g, w, s = (np.concatenate([np.ravel(a) for a in tree_leaves]) for tree_leaves in leaves)
+        error = np.linalg.norm(g - w)
+        assert error <= 1e-4 * np.linalg.norm(w), (mesh, tree, error)
+        assert error <= 1e-2 * np.linalg.norm(w - s), (mesh, tree, error, np.linalg.norm(w - s))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_objective_gives_the_same_two_steps_on_8_devices_as_on_one(name, toy_pairs):
+    """The project's train step (``Experiment``: its state, shardings, batches and compiled step)
+    on 8 devices, as a data axis of 8 and as data 4 x fsdp 2 (the MLP's kernels split), gives the
+    losses and the parameters, EMA trees and frozen teacher of one device; on one device, each
+    update's loss is the method's loss of the state as the registry defines it: the EMA teacher,
+    the frozen teacher (consistency distillation keeps it, progressive distillation re-snapshots
+    it at the phase that the second update starts), the curriculum step, the stored noise (reflow).
+
+    Seen to fail (then reverted) on a train step that computes each device's rows on their own,
+    the gradient not averaged over the data axis (every method; the losses differ); on one that
+    hands the loss the EMA tree in place of the frozen teacher (both distillation methods), one
+    that leaves out the teacher's re-snapshot (progressive distillation), and one that gives the
+    loss step 0 at every update (consistency training, progressive distillation)."""
     assert jax.device_count() == 8
-    one = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
-    eight = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
-    assert eight.devices.size == 8
-    loss1, params1 = run_two_steps(name, one)
-    loss8, params8 = run_two_steps(name, eight)
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    record = METHODS[name]
+    one = two_real_steps(name, toy_pairs, (1, 1))
+    sharded = {mesh: two_real_steps(name, toy_pairs, mesh) for mesh in ((8, 1), (4, 2))}
+    for run in sharded.values():
+        for b1, b8 in zip(one["batches"], run["batches"]):
+            assert sorted(b1) == sorted(b8) == sorted(["x", "label"] + (["noise"] if record.pairs else []))
+            for key in b1:
+                np.testing.assert_array_equal(b8[key], b1[key])
+    # the fsdp axis splits the MLP's kernels, and the frozen teacher is laid out like them
+    specs = sharded[4, 2]["shardings"]
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(specs.params))
+    if record.frozen_teacher:
+        assert jax.tree.leaves(specs.frozen_teacher) == jax.tree.leaves(specs.params)
+
+    by_hand = jax.jit(functools.partial(loss_by_hand, name, one["obj_cfg"]))
+    for state, batch, metrics in zip(one["states"], one["batches"], one["metrics"]):
+        np.testing.assert_allclose(float(metrics["loss"]), float(by_hand(state, batch)), rtol=1e-5)
+    loss1 = [float(m["loss"]) for m in one["metrics"]]
     assert loss1[0] != loss1[1]
+    for mesh, run in sharded.items():
+        np.testing.assert_allclose([float(m["loss"]) for m in run["metrics"]], loss1, rtol=1e-5, err_msg=str(mesh))
+        assert_states_close(run["states"][-1], one["states"][-1], one["states"][0], mesh)
+
+    if record.num_stages:  # each update in its own stage
+        stage = "phase" if "phase" in one["metrics"][0] else "stage"
+        assert [int(m[stage]) for m in one["metrics"]] == [0, 1]
+    for run in (one, *sharded.values()):
+        before, middle, after = run["states"]
+        if record.teacher_snapshot is not None:  # the student before the second update
+            for a, b in zip(jax.tree.leaves(middle.params), jax.tree.leaves(after.frozen_teacher)):
+                np.testing.assert_array_equal(b, a)
+        elif record.frozen_teacher:  # never trained nor averaged
+            for a, b in zip(jax.tree.leaves(before.frozen_teacher), jax.tree.leaves(after.frozen_teacher)):
+                np.testing.assert_array_equal(b, a)
+        else:
+            assert after.frozen_teacher is None
 
 
 def test_make_sampler_gives_each_method_its_sampler_compiled_once_for_every_budget():
