@@ -8,7 +8,8 @@
 #           distillation from fm); the distillation runs read fm's workdir as their teacher, so
 #           they cost 7,000 teacher + 7,000 student steps
 #   lane B: preset (shortcut, preset=few_step) -> ct (consistency training) -> lr (live reflow)
-#           -> diffusion
+#           -> diffusion -> mf (MeanFlow) -> mfv (improved MeanFlow); the same optimiser as every
+#           other row (preset=meanflow / meanflow_v would give the published one instead)
 #
 #   experiments/cifar10_methods.sh [ARCHIVE] [ROOT] [--config.key=value ...]
 #   METHODS="fm pd ct lr" experiments/cifar10_methods.sh          # a subset, lanes kept
@@ -30,7 +31,7 @@ if [ $# -gt 0 ] && [[ $1 != --* ]]; then archive=$1; shift; fi
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then root=$1; shift; fi
 # lane A: the teacher run, then the runs distilled from it; lane B: the runs of their own
 lane_a="fm pd cd"
-lane_b="preset ct lr diffusion"
+lane_b="preset ct lr diffusion mf mfv"
 
 args_of() {  # the experiment file's argument of each method; nothing for an unknown name
   case $1 in
@@ -41,6 +42,8 @@ args_of() {  # the experiment file's argument of each method; nothing for an unk
     ct) echo "objective=consistency_training" ;;
     lr) echo "objective=live_reflow" ;;
     diffusion) echo "objective=diffusion" ;;
+    mf) echo "objective=meanflow" ;;
+    mfv) echo "objective=meanflow_v" ;;
   esac
 }
 
@@ -60,7 +63,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 
 flags_of() {
   case $1 in
-    fm) echo "--config.train.ema_debias=True" ;;  # as in the few-step study
+    fm|mf|mfv) echo "--config.train.ema_debias=True" ;;  # as in the few-step study
     pd|cd) echo "--config.objective.teacher_checkpoint=$root/fm" ;;
   esac
 }
