@@ -54,6 +54,7 @@ for m in $methods; do
   fi
 done
 mkdir -p "$root"
+rm -f "$root/.stop"
 # Extract once here: two runs extracting into the same folder at once would race.
 python -c "import sys; from shortcut_jax.data import extract_archive as e; e(sys.argv[1], sys.argv[2])" \
   "$archive" "$root/data" || exit 1
@@ -70,7 +71,7 @@ flags_of() {
 
 run() {
   local name=$1
-  if [[ " $methods " != *" $name "* ]]; then return 0; fi
+  if [[ " $methods " != *" $name "* ]] || [ -f "$root/.stop" ]; then return 0; fi
   if [ -f "$root/$name.done" ]; then echo "$(date +%T) $name already finished" >> "$root/events"; return 0; fi
   echo "$(date +%T) start $name" >> "$root/events"
   # shellcheck disable=SC2046
@@ -78,10 +79,14 @@ run() {
     $(flags_of "$name") > "$root/$name.out" 2>&1
   local rc=$?
   echo "$(date +%T) end $name rc=$rc" >> "$root/events"
-  if [ $rc -eq 0 ]; then touch "$root/$name.done"; fi
+  if [ $rc -eq 0 ] && [ ! -f "$root/.stop" ]; then touch "$root/$name.done"; fi
 }
 
 lane() { for name in "$@"; do run "$name"; done; }
+# A SIGTERM or Ctrl-C (timeout, docker stop, a scheduler's notice) reaches every run started here,
+# not only this shell: each training process (a lane's child) checkpoints and stops, no lane starts
+# another run, and a stopped run is not marked finished; starting the script again resumes it.
+trap 'touch "$root/.stop"; for job in $(jobs -p); do pkill -TERM -P "$job"; done; wait; exit 143' TERM INT
 # shellcheck disable=SC2086
 lane $lane_a &
 # shellcheck disable=SC2086

@@ -75,3 +75,43 @@ def test_cifar10_methods_refuses_an_unknown_method_before_anything_is_written(tm
     assert proc.returncode == 2
     assert "unknown method 'reflow' in METHODS" in proc.stderr
     assert not os.path.exists(root)
+
+
+def test_cifar10_methods_passes_a_sigterm_to_its_runs_which_checkpoint_and_stop(tmp_path):
+    """A SIGTERM to the script (timeout, docker stop) stops the training processes its lanes
+    started, each saving a checkpoint, instead of leaving them running; without the script's
+    trap the lanes' runs would go on after the script ended."""
+    import signal
+    import time
+
+    archive = str(tmp_path / "tiny-train.tar.gz")
+    rng = np.random.default_rng(1)
+    write_tar(archive, {f"tiny/train/class{c}/{i:04d}.png": random_png(rng) for c in range(2) for i in range(40)})
+    root = str(tmp_path / "runs")
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = child_env(SHORTCUT_JAX_CACHE=COMPILE_CACHE, PATH=path, METHODS="fm ct", CONFIG_ARG_EXTRA=",runlocal=True")
+    proc = subprocess.Popen(
+        ["bash", SCRIPT, archive, root, "--config.train.steps=1000000", "--config.train.log_every=1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        metrics = [os.path.join(root, name, "metrics.jsonl") for name in ("fm", "ct")]
+        while not all(os.path.exists(m) and os.path.getsize(m) > 0 for m in metrics):  # both lanes train
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the runs did not start training"
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = subprocess.run(["pgrep", "-f", "--", f"--workdir={root}"], capture_output=True, text=True).stdout.split()
+    assert left == [], "training processes outlived the script"
+    for name in ("fm", "ct"):
+        steps = os.listdir(os.path.join(root, name, "checkpoints"))
+        assert any(s.isdigit() and int(s) > 0 for s in steps), (name, steps)  # saved on SIGTERM
+        assert not os.path.exists(os.path.join(root, f"{name}.done"))  # stopped, not finished
