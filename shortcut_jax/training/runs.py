@@ -5,21 +5,14 @@ Three things read another run (a folder: its workdir or its ``checkpoints`` fold
 (``reflow_pairs --workdir``). They share one reader and one level rule, so they live together.
 
 ## Run folders
-A warm start (``train.init_from``), a frozen teacher (``objective.teacher_checkpoint``) and a
-stage-one generation of reflow pairs (``reflow_pairs --workdir``) each name another run by a
-folder: its workdir or its ``checkpoints`` folder. They need that run's metadata and recorded
-config, to check that its parameters fit before anything is compiled, and then one parameter
-tree (online or an EMA tree), but not the rest of its train state: the optimiser moments are
-twice the parameters' size and their structure depends on the source's optimiser settings,
-which the reader should not have to rebuild.
-
-This module holds the run-folder side: ``checkpoint_dir`` resolves the folder, ``open_run``
-picks a step and reads its metadata and the run's manifest into a ``SavedRun``, and
-``restore_weights`` reads one tree of it. The checkpoint format itself (where a tree sits in
-the saved state, orbax's partial restore, the shape check against the array metadata) is
-``checkpoint.Checkpointer``'s, which owns that format; this module stays separate because a
-run folder is more than its checkpoints (its ``manifest.json``), and the callers' questions
-(which folder, which step, which flag to blame) are not the checkpoint writer's.
+Each reader needs the other run's metadata and recorded config, to check that its parameters
+fit before anything is compiled, and then one parameter tree (online or an EMA tree), but not
+the rest of its train state: the optimiser moments are twice the parameters' size and their
+structure depends on the source's optimiser settings, which the reader should not have to
+rebuild. ``checkpoint_dir`` resolves the folder, ``open_run`` picks a step and reads its
+metadata and the run's manifest into a ``SavedRun``, and ``restore_weights`` reads one tree of
+it. The checkpoint format itself (where a tree sits in the saved state, orbax's partial
+restore, the shape check against the array metadata) is ``checkpoint.Checkpointer``'s.
 
 Errors are ``FileNotFoundError`` (folder, checkpoint or step missing), ``KeyError`` (a tree the
 run did not keep) and ``ValueError`` (shapes that do not fit), each naming the setting given as
