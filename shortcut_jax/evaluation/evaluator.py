@@ -23,9 +23,9 @@ The path of a checkpoint to a grid (the first two steps are ``training.offline``
                               -> metric accumulator, ADM .npz, grid PNG
       -> table, plot, evaluation.json, metrics.jsonl
 
-Without an explicit ``out_dir`` an offline evaluation (``training.offline.evaluate_checkpoint``) writes
-``<workdir>/eval/<step>/`` and into the run's
-``metrics.jsonl`` when that step has no finished evaluation (a run stopped during its final
+Without an explicit ``out_dir`` an offline evaluation (``training.offline.evaluate_checkpoint``)
+writes to ``<workdir>/eval/<step>/`` and into the run's ``metrics.jsonl`` when that step has no
+finished evaluation (a run stopped during its final
 evaluation is completed as the training loop would have done it); otherwise to the first free
 ``eval/<step>_offline<k>/``, and the run's own results are left as they are.
 

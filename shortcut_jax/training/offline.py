@@ -21,23 +21,23 @@ or compiled, each naming the flag to change.
 from __future__ import annotations
 
 import copy
-import logging
 import dataclasses
 import importlib.util
+import logging
 import os
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from shortcut_jax.infra import checkpoint, plots, writers
-from shortcut_jax.training import runs
-from shortcut_jax.objectives import sampling
 from shortcut_jax import config_lib
 from shortcut_jax.data import PAIRS_DATA, DataSpec, latents
 from shortcut_jax.evaluation.evaluator import check_before_sampling, evaluate_state, offline_out_dir
 from shortcut_jax.evaluation.pixels import grey_to_rgb, to_uint8
 from shortcut_jax.evaluation.sample_sets import class_labels, sample_batches
+from shortcut_jax.infra import checkpoint, plots, writers
+from shortcut_jax.objectives import sampling
+from shortcut_jax.training import runs
 from shortcut_jax.training.experiment import COMPATIBILITY_KEYS, Experiment
 
 log = logging.getLogger(__name__)
