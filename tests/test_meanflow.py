@@ -186,3 +186,66 @@ def test_forward_mode_objectives_get_plain_ops_and_xla_attention():
     model = build_model(c.model, num_classes=0, forward_mode=True)
     assert model.lean_ops == () and model.attention_impl is None
     assert build_model(c.model, num_classes=0).lean_ops != ()
+
+
+def guided_analytic_apply(params, x, tau, h, label, guidance=None):
+    """analytic_apply plus a term in the guidance input and the label, so both matter."""
+    g = jnp.ones(x.shape[0]) if guidance is None else guidance
+    return analytic_apply(params, x, tau, h, label) + 0.3 * g[:, None] * (label[:, None] + 1.0)
+
+
+def test_class_conditional_meanflow_v_trains_on_the_guidance_it_is_given_as_an_input():
+    """Each row draws omega in meanflow_omega_range (1 without a label); the network reads it,
+    and its target is omega v + (1 - omega) u(x, tau, 0 | null). Rules out a network that is not
+    given omega, and a target guided by a fixed scale."""
+    cfg = objective_config(guided_analytic_apply, name="meanflow_v", num_classes=3, meanflow_omega_range=(1.5, 4.0))
+    x1 = jax.random.normal(jax.random.key(13), (64, 3))
+    batch = {"x": x1, "label": jnp.arange(64, dtype=jnp.int32) % 3}
+    rng = jax.random.key(14)
+    x, tau, h, v, labels = meanflow._prepare(batch, rng, cfg)
+    omega = meanflow.sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
+    assert float(jnp.min(jnp.where(labels == 3, 9.0, omega))) >= 1.5 and float(jnp.max(omega)) <= 4.0
+    assert bool(jnp.all(jnp.where(labels == 3, omega == 1.0, True)))  # dropped labels: no guidance
+    null = jnp.full_like(labels, 3)
+    uncond = guided_analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), null, jnp.ones(64))
+    v_g = omega[:, None] * v + (1 - omega[:, None]) * uncond
+    u = guided_analytic_apply(PARAMS, x, tau, h, labels, omega)
+    tangent = guided_analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), labels, omega)
+    compound = u + h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
+    want = jnp.mean(jnp.mean((compound - v_g) ** 2, axis=-1))
+    loss, _ = meanflow.v_loss_fn(PARAMS, None, batch, rng, cfg)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+
+
+def test_guidance_input_sampler_passes_the_scale_to_the_network_in_one_pass():
+    """One step of the guided-input interval sampler is x + u(x, 0, 1 | c, scale): the scale is the
+    network's input (a second, unconditional pass would double the rows)."""
+    calls = []
+
+    def apply(params, x, tau, h, label, guidance=None):
+        calls.append(x.shape[0])
+        return guidance[:, None] * jnp.ones_like(x)
+
+    sampler = sampling.IntervalSampler(apply, num_levels=7, num_classes=3, guidance_input=True)
+    noise = np.zeros((4, 2), np.float32)
+    for scale in (1.0, 2.5):
+        out = np.asarray(sampler(None, noise, np.array([0, 1, 2, 0], np.int32), num_steps=1, cfg_scale=scale))
+        np.testing.assert_allclose(out, np.full((4, 2), scale))
+    assert set(calls) == {4}
+
+
+def test_guidance_input_adds_an_embedding_only_where_asked():
+    from shortcut_jax.models import build_model
+
+    c = config_lib.default_config()
+    c.model.name, c.model.width, c.model.depth = "mlp", 16, 1
+    x = jnp.zeros((2, 2))
+    args = (x, jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32))
+    plain = build_model(c.model, num_classes=3).init(jax.random.key(0), *args)["params"]
+    guided_model = build_model(c.model, num_classes=3, guidance_input=True)
+    guided = guided_model.init(jax.random.key(0), *args)["params"]
+    assert "guidance_embed" in guided and "guidance_embed" not in plain
+    guided = jax.tree.map(lambda p: p + 0.1, guided)  # the output layer starts at zero
+    low = guided_model.apply({"params": guided}, *args, jnp.full(2, 1.0))
+    high = guided_model.apply({"params": guided}, *args, jnp.full(2, 3.0))
+    assert float(jnp.max(jnp.abs(low - high))) > 1e-4

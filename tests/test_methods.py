@@ -523,11 +523,11 @@ def test_warm_start_refuses_parameters_of_another_model():
 # ------------------------------------------------------------------------------------ every objective
 
 
-def tiny_dit_model(forward_mode=False):
+def tiny_dit_model(forward_mode=False, guidance_input=False):
     model_cfg = config_lib.default_config().model
     model_cfg.variant, model_cfg.width, model_cfg.depth, model_cfg.num_heads = "", 32, 1, 2
     model_cfg.dtype = "float32"
-    model = build_model(model_cfg, num_classes=3, forward_mode=forward_mode)
+    model = build_model(model_cfg, num_classes=3, forward_mode=forward_mode, guidance_input=guidance_input)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 4, 3)), jnp.float32)
     init = jax.jit(
         lambda key: jax.tree.map(
@@ -538,7 +538,7 @@ def tiny_dit_model(forward_mode=False):
         )
     )
     params = init(jax.random.key(0))
-    return (lambda p, *a: model.apply({"params": p}, *a)), params, x
+    return (lambda p, *a, **k: model.apply({"params": p}, *a, **k)), params, x
 
 
 def method_config(name, apply_fn, num_classes, total_steps=8):
@@ -572,7 +572,10 @@ def dit():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_objective_is_finite_and_differentiable_on_a_tiny_dit(name, dit):
     # a forward-mode method's network is built without the lean backward passes (build_model)
-    apply_fn, params, x = tiny_dit_model(forward_mode=True) if METHODS[name].forward_mode else dit
+    record = METHODS[name]
+    apply_fn, params, x = (
+        tiny_dit_model(forward_mode=True, guidance_input=record.guidance_input) if record.forward_mode else dit
+    )
     labels = jnp.arange(8) % 3
     cfg = method_config(name, apply_fn, 3)
     ema = jax.tree.map(lambda a: a * 1.1, params)

@@ -64,7 +64,9 @@ def resolve_attention_impl(
     return "cudnn" if eligible else None
 
 
-def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False, forward_mode: bool = False):
+def build_model(
+    model_cfg, *, num_classes: int, ignore_level: bool = False, forward_mode: bool = False, guidance_input: bool = False
+):
     """The network ``config.model`` describes. ``forward_mode``: the objective differentiates it
     forward (``jax.jvp``, MeanFlow), so the hand-written backward passes (``lean_ops``), which
     have no forward-mode rule, are left out and ``attention_impl='auto'`` picks XLA's attention
@@ -78,6 +80,7 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False, forw
             num_classes=num_classes,
             t_input_scale=model_cfg.t_input_scale,
             ignore_level=ignore_level,
+            guidance_input=guidance_input,
             dtype=dtype,
         )
     if model_cfg.name == "dit":
@@ -98,6 +101,7 @@ def build_model(model_cfg, *, num_classes: int, ignore_level: bool = False, forw
             t_input_scale=model_cfg.t_input_scale,
             zero_init=model_cfg.zero_init,
             ignore_level=ignore_level,
+            guidance_input=guidance_input,
             remat=model_cfg.remat,
             remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,

@@ -144,6 +144,8 @@ class DiT(nn.Module):
     t_input_scale: float = 1.0
     zero_init: str = "final"  # 'final' (reference network) or 'adaln' (DiT paper's adaLN-Zero)
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
+    # a guidance-scale input (improved MeanFlow): ``guidance`` [B] is embedded beside t and level
+    guidance_input: bool = False
     remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch'
     # how many blocks (the first ones) use `remat`; the rest keep all their activations. -1: all.
     # Fills the memory left over by a policy instead of recomputing in every block.
@@ -162,7 +164,7 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array, guidance=None) -> jax.Array:
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         batch, height, width_px, channels = x.shape
@@ -198,6 +200,8 @@ class DiT(nn.Module):
                 self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02), name="label_embed"
             )(label).astype(self.dtype)
         ).astype(jnp.float32)
+        if self.guidance_input:
+            cond = cond + layers.guidance_embedding(self.width, guidance, batch, self.dtype).astype(jnp.float32)
 
         fp8_form = self.fp8_form if self.matmul_precision == "fp8" else None
         block_args = (

@@ -243,6 +243,15 @@ class TimestepEmbedder(nn.Module):
         return nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="out")(emb)
 
 
+def guidance_embedding(width: int, guidance, batch: int, dtype) -> jax.Array:
+    """The embedding of a per-row guidance scale (a conditioning input, as improved MeanFlow
+    uses it); ``guidance`` None stands for scale 1 (no guidance)."""
+    if guidance is None:
+        guidance = jnp.ones((batch,), jnp.float32)
+    guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
+    return TimestepEmbedder(width, 1.0, dtype=dtype, name="guidance_embed")(guidance)
+
+
 class Mlp(nn.Module):
     """Transformer feed-forward block (tanh-approximated GELU, as the reference network)."""
 

@@ -37,10 +37,11 @@ class MLPNet(nn.Module):
     num_classes: int = 0
     t_input_scale: float = 1.0
     ignore_level: bool = False
+    guidance_input: bool = False  # a guidance-scale input embedded beside t and level (improved MeanFlow)
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array, guidance=None) -> jax.Array:
         out_dim = x.shape[-1]
         if self.ignore_level:
             level = jnp.zeros_like(level)
@@ -51,6 +52,8 @@ class MLPNet(nn.Module):
                 self.num_classes + 1, self.width, embedding_init=nn.initializers.normal(0.02), name="label_embed"
             )(label).astype(self.dtype)
         ).astype(jnp.float32)
+        if self.guidance_input:
+            cond = cond + layers.guidance_embedding(self.width, guidance, x.shape[0], self.dtype).astype(jnp.float32)
         h = nn.Dense(self.width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="embed")(
             x.astype(self.dtype)
         ).astype(jnp.float32)

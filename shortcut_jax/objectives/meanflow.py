@@ -33,8 +33,11 @@ classifier-free guidance into the target, as MeanFlow does: inside the guidance 
 (``meanflow_cfg_interval``, in the papers' ``t``) a row with a label gets ``v_g = omega v +
 kappa u(x, tau, 0 | c) + (1 - omega - kappa) u(x, tau, 0 | null)``, both network terms without
 gradient (``meanflow_cfg_omega`` 1 and ``meanflow_cfg_kappa`` 0 leave ``v`` alone); sampling then
-needs no guidance. Improved MeanFlow's guidance scale as a network input, chosen at sampling
-time, is not part of this objective: ``meanflow_v`` folds guidance like ``meanflow``.
+needs no guidance. ``meanflow_v`` on class-conditional data does as improved MeanFlow: the
+guidance scale ``omega`` is a network input (``guidance=``), drawn per row from
+``meanflow_omega_range`` in training, with the target ``omega v + (1 - omega) u(x, tau, 0 | null)``,
+and chosen at sampling time (``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single
+pass per step.
 
 Sampling: ``sampling.IntervalSampler``, ``n`` Euler steps of ``h = 1/n`` reading ``h``; one
 step is ``x1 = x0 + u(x0, 0, 1)``.
@@ -127,11 +130,12 @@ def _prepare(batch, rng, cfg: common.ObjectiveConfig):
     return x, tau, h, v, labels
 
 
-def _interval_derivative(params, x, tau, h, labels, tangent, cfg: common.ObjectiveConfig):
-    """``(u, D u)``: the network and its derivative along ``(tangent, 1, -1)`` on ``(x, tau, h)``."""
+def _interval_derivative(params, x, tau, h, labels, tangent, cfg: common.ObjectiveConfig, **guidance):
+    """``(u, D u)``: the network and its derivative along ``(tangent, 1, -1)`` on ``(x, tau, h)``
+    (a guidance-scale input, if given, held fixed)."""
 
     def u_fn(x_, tau_, h_):
-        return cfg.apply_fn(params, x_, tau_, h_, labels).astype(jnp.float32)
+        return cfg.apply_fn(params, x_, tau_, h_, labels, **guidance).astype(jnp.float32)
 
     ones = jnp.ones_like(tau)
     return jax.jvp(u_fn, (x, tau, h), (tangent, ones, -ones))
@@ -163,14 +167,47 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     return loss, _metrics(loss, error, h)
 
 
+def sample_guidance(rng, labels, cfg: common.ObjectiveConfig) -> jax.Array:
+    """Per-row guidance scales for a network that takes them as an input: uniform in
+    ``meanflow_omega_range``, 1 for rows without a label."""
+    low, high = cfg.option("meanflow_omega_range")
+    omega = jax.random.uniform(rng, labels.shape, minval=low, maxval=high)
+    return jnp.where(labels == cfg.null_class, 1.0, omega)
+
+
+def input_guided_velocity(params, x, tau, v, labels, omega, cfg: common.ObjectiveConfig) -> jax.Array:
+    """``omega v + (1 - omega) u(x, tau, 0 | null)`` inside the guidance interval (the network's
+    unconditional term without gradient), ``v`` outside it: the target of a network that reads
+    ``omega`` as an input."""
+    b = x.shape[0]
+    uncond = cfg.apply_fn(
+        params, x, tau, jnp.zeros((b,), jnp.float32), jnp.full_like(labels, cfg.null_class), guidance=jnp.ones((b,))
+    )
+    uncond = jax.lax.stop_gradient(uncond.astype(jnp.float32))
+    low, high = cfg.option("meanflow_cfg_interval")
+    t = 1.0 - tau
+    on = (t >= low) & (t <= high)
+    w = _column(jnp.where(on, omega, 1.0), v)
+    return w * v + (1.0 - w) * uncond
+
+
 def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     """Improved MeanFlow's loss: ``V = u + h stop_gradient(D u)`` against ``v_g``, the jvp's
-    tangent being the network's own instantaneous velocity."""
+    tangent being the network's own instantaneous velocity. A class-conditional network takes
+    the guidance scale as an input (``Method.guidance_input``): each row draws one
+    (``sample_guidance``), and its target is guided by that scale (``input_guided_velocity``)."""
     del teacher_params
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
-    v_g = guided_velocity(params, x, tau, v, labels, cfg)
-    instantaneous = jax.lax.stop_gradient(cfg.apply_fn(params, x, tau, jnp.zeros_like(h), labels).astype(jnp.float32))
-    u, du = _interval_derivative(params, x, tau, h, labels, instantaneous, cfg)
+    if cfg.num_classes > 0:
+        omega = sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
+        guidance = {"guidance": omega}
+        v_g = input_guided_velocity(params, x, tau, v, labels, omega, cfg)
+    else:
+        guidance = {}
+        v_g = guided_velocity(params, x, tau, v, labels, cfg)
+    instantaneous = cfg.apply_fn(params, x, tau, jnp.zeros_like(h), labels, **guidance)
+    instantaneous = jax.lax.stop_gradient(instantaneous.astype(jnp.float32))
+    u, du = _interval_derivative(params, x, tau, h, labels, instantaneous, cfg, **guidance)
     compound = u + _column(h, du) * jax.lax.stop_gradient(du)
     error = common.per_row_mse(compound, v_g)
     loss = _weighted_loss(error, cfg)
@@ -188,6 +225,12 @@ def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
         raise ValueError(
             f"objective.meanflow_norm_p={objective_cfg.meanflow_norm_p} must be >= 0 and"
             f" objective.meanflow_norm_eps={objective_cfg.meanflow_norm_eps} > 0"
+        )
+    low, high = tuple(objective_cfg.meanflow_omega_range)
+    if not 1.0 <= low <= high:
+        raise ValueError(
+            f"objective.meanflow_omega_range={(low, high)} must be (low, high) with 1 <= low <= high: the"
+            " guidance scales improved MeanFlow's class-conditional network is trained for"
         )
     interval = tuple(objective_cfg.meanflow_cfg_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:

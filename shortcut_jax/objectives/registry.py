@@ -86,6 +86,18 @@ def interval_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
     return sampling.IntervalSampler(cfg.apply_fn, num_levels=cfg.num_levels, num_classes=cfg.num_classes, mesh=mesh)
 
 
+def guided_interval_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
+    """The interval sampler of a network that takes the guidance scale as an input (class-
+    conditional improved MeanFlow): the sampling flag's scale goes in, one pass per step."""
+    return sampling.IntervalSampler(
+        cfg.apply_fn,
+        num_levels=cfg.num_levels,
+        num_classes=cfg.num_classes,
+        guidance_input=cfg.num_classes > 0,
+        mesh=mesh,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """What a method is, as the rest of the project sees it."""
@@ -113,6 +125,9 @@ class Method:
     # the loss differentiates the network forward (jax.jvp): hand-written backward passes and
     # the cuDNN attention kernel, which have no forward-mode rule, are left out
     forward_mode: bool = False
+    # a class-conditional network takes the guidance scale as an input (``guidance=`` of the
+    # models), sampled in training and chosen at sampling time
+    guidance_input: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -150,7 +165,12 @@ METHODS: dict[str, Method] = {
         meanflow.loss_fn, interval_sampler, velocity_field=False, forward_mode=True, check=meanflow.check_config
     ),
     "meanflow_v": Method(
-        meanflow.v_loss_fn, interval_sampler, velocity_field=False, forward_mode=True, check=meanflow.check_config
+        meanflow.v_loss_fn,
+        guided_interval_sampler,
+        guidance_input=True,
+        velocity_field=False,
+        forward_mode=True,
+        check=meanflow.check_config,
     ),
 }
 

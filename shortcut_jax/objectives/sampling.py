@@ -164,16 +164,24 @@ class Sampler(_MeshSampler):
 
 
 def interval_euler_sample(
-    apply_fn, params, noise, labels, *, num_steps, cfg_scale=None, null_class: int = 0
+    apply_fn, params, noise, labels, *, num_steps, cfg_scale=None, null_class: int = 0, guidance_input: bool = False
 ) -> jax.Array:
     """``num_steps`` Euler steps of ``h = 1/num_steps`` through a network of the average velocity
     over an interval, which reads ``h`` as its level input (``objectives.meanflow``); traceable,
-    ``num_steps`` may be a traced int32 scalar."""
+    ``num_steps`` may be a traced int32 scalar. ``guidance_input``: the network takes the guidance
+    scale as an input (improved MeanFlow), so one pass per step gives the guided velocity."""
     b = noise.shape[0]
     h = 1.0 / jnp.asarray(num_steps, jnp.float32)
-    predict = _prediction_fn(
-        apply_fn, params, labels, jnp.full((b,), h, jnp.float32), cfg_scale, null_class, level_dtype=jnp.float32
-    )
+    level = jnp.full((b,), h, jnp.float32)
+    if guidance_input:
+        scale = jnp.full((b,), 1.0 if cfg_scale is None else cfg_scale, jnp.float32)
+
+        def predict(x, t):
+            tt = jnp.full((b,), t, jnp.float32)
+            return apply_fn(params, x, tt, level, labels, guidance=scale).astype(jnp.float32)
+
+    else:
+        predict = _prediction_fn(apply_fn, params, labels, level, cfg_scale, null_class, level_dtype=jnp.float32)
 
     def step(i, x):
         return x + h * predict(x, i.astype(jnp.float32) * h).astype(x.dtype)
@@ -183,11 +191,25 @@ def interval_euler_sample(
 
 class IntervalSampler(_MeshSampler):
     """Euler over an even chain of intervals for an average-velocity network (MeanFlow): any
-    budget from 1 step up, one compilation for all of them."""
+    budget from 1 step up, one compilation for all of them. With ``guidance_input`` the guidance
+    scale (``cfg_scale``) is the network's input instead of a second, unconditional pass."""
+
+    def __init__(
+        self, apply_fn: Callable, *, num_levels: int, num_classes: int, guidance_input: bool = False, mesh=None
+    ):
+        super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes, mesh=mesh)
+        self.guidance_input = guidance_input
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps):
         return interval_euler_sample(
-            self.apply_fn, params, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale, null_class=self.num_classes
+            self.apply_fn,
+            params,
+            noise,
+            labels,
+            num_steps=num_steps,
+            cfg_scale=cfg_scale,
+            null_class=self.num_classes,
+            guidance_input=self.guidance_input,
         )
 
 

@@ -186,8 +186,11 @@ class Experiment:
             num_classes=self.spec.num_classes,
             ignore_level=not needs.level_input,
             forward_mode=needs.forward_mode,
+            guidance_input=needs.guidance_input and self.spec.num_classes > 0,
         )
-        self.apply_fn = lambda params, x, t, level, label: self.model.apply({"params": params}, x, t, level, label)
+        self.apply_fn = lambda params, x, t, level, label, guidance=None: self.model.apply(
+            {"params": params}, x, t, level, label, guidance
+        )
         self.obj_cfg = make_objective_config(
             config.objective, self.apply_fn, self.spec.num_classes, total_steps=config.train.steps
         )
