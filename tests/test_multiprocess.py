@@ -562,7 +562,6 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
     with fake_bucket(str(bucket)):
         writer = writers.MetricWriter(workdir, use_tensorboard=False)
         writer.write_scalars(1, {"loss": 0.5})
-        writer.write_images(1, {"grid": np.zeros((4, 4, 3), np.uint8)})
         writer.close()
         resumed = writers.MetricWriter(workdir, use_tensorboard=False)  # a resumed run continues the log
         resumed.write_scalars(2, {"loss": 0.25})
@@ -587,7 +586,6 @@ def test_metrics_manifest_evaluation_and_hlo_reach_a_remote_workdir_through_epat
     assert not (cwd / "gs:").exists() and os.listdir(cwd) == []  # nothing took the local path
     assert [r["step"] for r in rows] == [1, 2, 2] and rows[1]["loss"] == 0.25
     assert rows[2]["eval/sliced_wasserstein_1step"] == results[1]
-    assert (stored / "images" / "grid_00000001.png").exists()
     evaluation = stored / "eval" / "00000002"
     assert json.loads((evaluation / "evaluation.json").read_text())["step"] == 2
     assert {"distance_by_budget.md", "distance_by_budget.json", "distance_by_budget.png", "samples_1step.png"} <= set(
