@@ -1,6 +1,7 @@
 """The PyTorch port of the DiT (benchmarks/torch_dit.py) computes the JAX model's function, and its
 train steps run."""
 
+import json
 import math
 
 import jax
@@ -109,3 +110,27 @@ def test_shortcut_rows_follow_the_official_level_assignment():
     np.testing.assert_array_equal(
         torch_dit.official_levels(32, 7), np.asarray(assign_levels(jax.random.PRNGKey(0), 32, 7, "official"))
     )
+
+
+def test_torch_tiny_row_of_the_train_step_benchmark_runs_on_cpu(tmp_path, capsys):
+    from benchmarks import flops
+    from benchmarks import train_step as bench
+
+    row = bench.ROWS["torch-tiny-flow"]
+    assert row.framework == "torch" and not row.torch_compile and row.dims == (32, 1, 2)
+    out = tmp_path / "results.json"
+    code = bench.main(
+        ["--rows=torch-tiny-flow", "--in_process", "--sections=train", "--steps=2", "--warmup=1", f"--out={out}"]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    (result,) = report["rows"]
+    assert result["status"] == "ok" and result["framework"] == "torch" and result["batch"] == 16
+    assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
+    assert result["step_ms"] > 0 and result["images_per_s"] == pytest.approx(16 / result["step_ms"] * 1e3)
+    dims = dict(width=32, depth=1, heads=2, mlp_ratio=4.0, tokens=16, in_channels=4, patch=2)
+    assert result["tflop_per_step"] * 1e12 == pytest.approx(flops.train_step_flops("flow_matching", 16, **dims))
+    assert report["environment"] is None  # the JAX backend was not started for a torch row
+    assert report["torch_environment"]["torch"] == torch.__version__
+    printed = capsys.readouterr().out
+    assert "torch-tiny-flow" in printed and "torch rows: torch" in printed
