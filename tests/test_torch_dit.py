@@ -134,3 +134,33 @@ def test_torch_tiny_row_of_the_train_step_benchmark_runs_on_cpu(tmp_path, capsys
     assert report["torch_environment"]["torch"] == torch.__version__
     printed = capsys.readouterr().out
     assert "torch-tiny-flow" in printed and "torch rows: torch" in printed
+
+
+def test_teacher_targets_are_the_shortcut_objectives():
+    from shortcut_jax.objectives import common, shortcut
+
+    model, params = noisy_flax_params()
+    kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    step = torch_dit.TrainStep(
+        dict(kwargs, input_size=8, in_channels=4),
+        torch_dit.StepConfig("shortcut", num_classes=3, clip=1.0),
+        "cpu",
+        amp=False,
+        compile=False,
+    )
+    step.ema.load_state_dict(torch_dit.flax_to_state_dict(params), strict=True)
+    x, _, _, label = inputs(batch=7)
+    level = torch_dit.official_levels(7, 7).astype(np.int32)
+    t = (np.arange(7) % 2**level / 2**level).astype(np.float32)
+    cfg = common.ObjectiveConfig(apply_fn=model.apply, num_classes=3, clip=1.0)
+    want = shortcut.self_consistency_targets(model.apply, params, x, t, level, label, cfg)
+    with torch.no_grad():
+        got = step.teacher(
+            torch.from_numpy(x).permute(0, 3, 1, 2),
+            torch.from_numpy(t),
+            torch.from_numpy(level).long(),
+            torch.from_numpy(label).long(),
+        )
+    got = got.permute(0, 2, 3, 1).numpy()
+    assert np.max(np.abs(np.asarray(want))) == pytest.approx(1.0)  # the clip is reached
+    assert relative_error(got, np.asarray(want)) < 1e-5
