@@ -2,6 +2,12 @@
 
     python -m benchmarks.train_step --rows=default --out=results.json
     python -m benchmarks.train_step --rows=B2-shortcut,B2-flow --steps=50 --remat=dots
+    python -m benchmarks.train_step --rows=B2-flow,B2-shortcut,torch-B2-flow,torch-B2-shortcut --sections=train
+
+The ``torch-*`` rows are the anchor: the same DiT and objectives as a PyTorch step
+(``benchmarks.torch_dit``: bf16 autocast, fused AdamW, EMA, ``torch.compile`` unless ``-eager``),
+timed in the same call on the same card and printed in the same table. torch is imported only
+in those rows' processes, which leave JAX's backend unstarted.
 
 What is timed is the program training runs: ``Experiment``'s ``init_state`` and
 ``compile_step`` (the same step function, donated state and shardings; ``--donate=off`` measures
@@ -71,6 +77,9 @@ class Row:
     batches: tuple[int, ...]  # tried in order until one fits in memory
     sc_fraction: float = 0.125
     dims: tuple[int, int, int] = (0, 0, 0)  # width, depth, heads when variant == ''
+    # 'jax': the project's step; 'torch': the PyTorch port's (benchmarks.torch_dit), the anchor
+    framework: str = "jax"
+    torch_compile: bool = True  # torch rows: torch.compile the step's functions
 
 
 ROWS = {
@@ -96,6 +105,34 @@ ROWS = {
         # model.scan_blocks
         Row("small-d12-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 12, 2)),
         Row("small-d28-shortcut", "shortcut", "", (8, 8, 4), (16,), sc_fraction=0.5, dims=(64, 28, 2)),
+        # The anchor: the same model and objectives as a PyTorch step (benchmarks.torch_dit), bf16
+        # autocast, fused AdamW, torch.compile unless '-eager'; not part of 'default'.
+        Row("torch-B2-flow", "flow_matching", "B", LATENTS, (256,), framework="torch"),
+        Row("torch-B2-shortcut", "shortcut", "B", LATENTS, (256,), framework="torch"),
+        Row("torch-B2-flow-eager", "flow_matching", "B", LATENTS, (256,), framework="torch", torch_compile=False),
+        Row("torch-B2-shortcut-eager", "shortcut", "B", LATENTS, (256,), framework="torch", torch_compile=False),
+        Row("torch-XL2-shortcut", "shortcut", "XL", LATENTS, (256,), framework="torch"),
+        Row(
+            "torch-tiny-flow",
+            "flow_matching",
+            "",
+            (8, 8, 4),
+            (16,),
+            dims=(32, 1, 2),
+            framework="torch",
+            torch_compile=False,
+        ),
+        Row(
+            "torch-tiny-shortcut",
+            "shortcut",
+            "",
+            (8, 8, 4),
+            (16,),
+            sc_fraction=0.5,
+            dims=(32, 1, 2),
+            framework="torch",
+            torch_compile=False,
+        ),
     )
 }
 DEFAULT_ROWS = (
@@ -326,6 +363,112 @@ def run_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
     }
 
 
+def torch_environment() -> dict:
+    """The PyTorch side of a torch row's process (the JAX backend is left uninitialised there)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+
+
+def run_torch_row(row: Row, batch: int, opts: argparse.Namespace) -> dict:
+    """A PyTorch anchor row (``benchmarks.torch_dit``): the same DiT and objective as the JAX row
+    of that name without the ``torch-`` prefix, timed with CUDA events. Its ``compile_s`` is the
+    first step's time (``torch.compile`` compiles then), its peak the largest
+    ``torch.cuda.max_memory_allocated`` of the run; only ``--dtype``, ``--steps``, ``--warmup``
+    and ``--sc_fraction`` apply to it."""
+    import torch
+
+    from benchmarks import torch_dit
+
+    config = row_config(row, batch, opts)
+    width, depth, heads = config_lib.model_dims(config.model)
+    shortcut = row.objective == "shortcut"
+    result = {
+        "name": row.name,
+        "framework": "torch",
+        "objective": row.objective,
+        "model": model_name(row),
+        "input": "x".join(map(str, row.shape)),
+        "batch": batch,
+        "sc_fraction": config.objective.sc_fraction if shortcut else None,
+        "torch_compile": row.torch_compile,
+        "attention_kernel": "torch-sdpa",
+        "tflop_per_step": flops.train_step_flops(
+            row.objective,
+            batch,
+            sc_fraction=config.objective.sc_fraction,
+            num_levels=config.objective.num_levels,
+            **flops.dit_dims(config.model, row.shape),
+        )
+        / 1e12,
+    }
+    amp = {"auto": None, "bfloat16": True, "float32": False}.get(opts.dtype)
+    if opts.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--dtype={opts.dtype!r}: torch rows take auto, bfloat16 or float32")
+    step_cfg = torch_dit.StepConfig(
+        row.objective,
+        num_classes=NUM_CLASSES,
+        num_levels=config.objective.num_levels,
+        sc_fraction=config.objective.sc_fraction,
+        label_dropout=config.objective.label_dropout,
+        clip=config.objective.clip,
+        noise_floor=config.objective.noise_floor,
+        lr=config.optim.lr,
+        betas=(config.optim.b1, config.optim.b2),
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+        ema_decay=config.train.ema_decays[0],
+    )
+    model_kwargs = dict(
+        patch_size=config.model.patch_size,
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=config.model.mlp_ratio,
+        attention_scale=config.model.attention_scale,
+        t_input_scale=config.model.t_input_scale,
+    )
+    try:
+        out = torch_dit.time_train_step(
+            model_kwargs,
+            step_cfg,
+            batch=batch,
+            shape=row.shape,
+            warmup=max(opts.warmup, 1),
+            steps=opts.steps,
+            compile=row.torch_compile,
+            amp=amp,
+        )
+    except torch.cuda.OutOfMemoryError as err:
+        return {**result, "status": "OOM", "error": str(err).splitlines()[0][:300], "peak_gib": None}
+    step_s = out["step_ms"] / 1e3
+    return {
+        **result,
+        "status": "ok",
+        "images_per_s": out["images_per_s"],
+        "step_ms": out["step_ms"],
+        "step_ms_min": out["step_ms_min"],
+        "step_ms_max": out["step_ms_max"],
+        "compile_s": out["first_step_s"],
+        "init_s": out["init_s"],
+        "peak_gib": out["peak_gib"],
+        "peak_source": "torch" if out["peak_gib"] is not None else "",
+        "xla_tflop_per_step": None,
+        "traced_tflop_per_step": None,
+        "tflops": result["tflop_per_step"] / step_s,
+        "final_loss": out["losses"][-1],
+        "losses": out["losses"],
+        "amp": out["amp"],
+        "torch": out["torch"],
+        "device": out["device"],
+    }
+
+
 # ----------------------------------------------------------------------------- matmul, sampling
 
 
@@ -421,6 +564,9 @@ def environment() -> dict:
 
 def run_part_here(opts, section: str, row: Optional[Row] = None, batch: int = 0) -> dict:
     """One piece of the benchmark in this process, as a partial report."""
+    if section == "train" and row.framework == "torch":
+        # JAX's backend stays uninitialised: it would take its share of the GPU's memory
+        return {"torch_environment": torch_environment(), "rows": [run_torch_row(row, batch, opts)]}
     part = {"environment": environment()}
     if section == "matmul":
         part["matmul"] = measure_matmul(opts.matmul_size)
@@ -461,10 +607,14 @@ def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int 
         argv += [f"--rows={row.name}", f"--batch={batch}"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "part.json")
+        env = None
+        if row is not None and row.framework == "torch":  # should JAX start in the torch row's process
+            env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.train_step", *argv, f"--out={out}", "--quiet"],
             capture_output=True,
             text=True,
+            env=env,
         )
         if proc.returncode == 0 and os.path.exists(out):
             with open(out) as f:
@@ -489,6 +639,7 @@ def run_part_in_child(opts, section: str, row: Optional[Row] = None, batch: int 
 def benchmark(opts, run_part: Callable[..., dict]) -> dict:
     report = {
         "environment": None,
+        "torch_environment": None,
         "matmul": None,
         "rows": [],
         "sampling": [],
@@ -498,6 +649,7 @@ def benchmark(opts, run_part: Callable[..., dict]) -> dict:
 
     def add(part: dict):
         report["environment"] = report["environment"] or part.get("environment")
+        report["torch_environment"] = report["torch_environment"] or part.get("torch_environment")
         report["matmul"] = report["matmul"] or part.get("matmul")
         for key in ("rows", "sampling", "errors"):
             report[key] += part.get(key, [])
@@ -570,6 +722,8 @@ def print_report(report: dict) -> None:
     print(
         f"\ndevice: {env.get('device_kind')} x{env.get('device_count')} ({env.get('backend')}), "
         f"jax {env.get('jax')}, XLA_PYTHON_CLIENT_MEM_FRACTION={env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}"
+        if env
+        else "\nno JAX row ran (the JAX backend was not started)"
     )
     mm = report["matmul"]
     measured = "not measured"
@@ -603,6 +757,15 @@ def print_report(report: dict) -> None:
         " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
         " the step (temp + arguments + outputs - donated)\n"
     )
+    torch_env = report.get("torch_environment")
+    if torch_env:
+        print(
+            f"torch rows: torch {torch_env['torch']} (CUDA {torch_env['cuda']}) on {torch_env['device_kind']}:"
+            " the PyTorch port of the same step (benchmarks.torch_dit), bf16 autocast on CUDA, fused AdamW,"
+            " torch.compile unless '-eager'; step times from CUDA events; 'compile s' is the first step"
+            " (compilation included), 'init s' building the model, EMA and optimiser; peak memory"
+            " torch.cuda.max_memory_allocated\n"
+        )
     header = [
         "row",
         "objective",
@@ -637,7 +800,7 @@ def print_report(report: dict) -> None:
                 f"{r['init_s']:.1f}",
                 peak,
                 f"{r['tflop_per_step']:.3f}",
-                f"{r['traced_tflop_per_step']:.3f}",
+                _fmt(r["traced_tflop_per_step"], ".3f"),
                 _fmt(r["xla_tflop_per_step"], ".3f"),
                 f"{r['tflops']:.1f}",
                 _fmt(r["mfu_measured"], ".1%"),
