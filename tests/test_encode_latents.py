@@ -474,3 +474,28 @@ def test_tfds_data_set_encodes_like_the_same_images_in_a_folder(workspace, tmp_p
     match = distance.argmin(1)
     assert sorted(match) == list(range(NUM_IMAGES)) and distance.min(1).max() < 1e-5
     np.testing.assert_array_equal(got_labels, np.asarray(labels)[match])
+
+
+def test_seeded_vae_command_writes_a_folder_the_chain_loads_and_never_overwrites(tmp_path):
+    """`python -m shortcut_jax.seeded_vae --out=DIR`: a diffusers-shaped folder that load_vae reads
+    (the offline start of encode -> train -> sample); a second call on the same folder is refused
+    in one line and leaves the files as they were."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    out = str(tmp_path / "tiny-vae")
+    cmd = [sys.executable, "-m", "shortcut_jax.seeded_vae", f"--out={out}", "--seed=3"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = subprocess.run(cmd, capture_output=True, text=True, env=child_env(PYTHONPATH=root), cwd=root)
+    assert first.returncode == 0, first.stderr
+    loaded = vae_weights.load_vae(out)
+    assert loaded.config == VAEConfig.tiny()
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    again = subprocess.run(cmd, capture_output=True, text=True, env=child_env(PYTHONPATH=root), cwd=root)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert (
+        again.stderr.strip().splitlines()[-1].endswith("exists: give a new folder (nothing already saved is replaced)")
+    )
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before

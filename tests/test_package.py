@@ -95,7 +95,7 @@ def test_the_library_imports_nothing_from_benchmarks():
 
 COMMANDS = {
     f"shortcut_jax.{name}"
-    for name in ("main", "sample", "encode", "evaluate", "import_official", "reflow_pairs", "fid_stats")
+    for name in ("main", "sample", "encode", "evaluate", "import_official", "reflow_pairs", "fid_stats", "seeded_vae")
 } | {"shortcut_jax.evaluation.train_classifier"}
 # package -> what it may not import (beside the commands, which no library module imports)
 FLOORS = {
