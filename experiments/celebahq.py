@@ -14,17 +14,18 @@ Command:
   python -m shortcut_jax.main --config=experiments/celebahq.py \\
       --config.data.path=/data/celebahq256_latents --workdir=workdirs/celebahq_b
 Expected (paper, FID-50k at 128 / 4 / 1 steps): 6.9 / 13.8 / 20.5 after about 410k steps.
-Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
+Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, runlocal=True (a tiny model and a few
+steps on any encoded set, e.g. one made offline with a seeded VAE: docs/data.md), preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
 
 from shortcut_jax import config_lib
 
-TEST_ARGS = ("", "objective=flow_matching", "variant=XL", "preset=few_step")
+TEST_ARGS = ("runlocal=True", "", "objective=flow_matching", "variant=XL", "preset=few_step")
 
 
 def get_config(arg: str = ""):
-    args = config_lib.parse_config_arg(arg, {"variant": "B", "objective": "shortcut", "preset": ""})
+    args = config_lib.parse_config_arg(arg, {"variant": "B", "objective": "shortcut", "preset": "", "runlocal": False})
     c = config_lib.latent_paper_config(args["objective"])
     c.data.use_labels = False
     c.model.variant = args["variant"]
@@ -32,4 +33,6 @@ def get_config(arg: str = ""):
     c.train.steps = 410_000
     c.train.batch_size = 64
     config_lib.apply_preset(c, args["preset"])
+    if args["runlocal"]:  # a tiny model and a few steps on any encoded set (a seeded VAE's too)
+        config_lib.apply_runlocal_latent(c)
     return c

@@ -17,13 +17,15 @@ Expected (paper, FID-50k at 128 / 4 / 1 steps): DiT-B 15.5 / 28.3 / 40.3; DiT-XL
 On one 80 GB GPU DiT-XL/2 at batch 256 needs ``--config.model.remat=dots`` or more devices (see
 README); adding ``--config.model.remat_blocks=14`` rematerialises only half of the 28 blocks
 (with ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
-Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
+Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, runlocal=True (a tiny model and a few
+steps on any encoded set, e.g. one made offline with a seeded VAE: docs/data.md), preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
 
 from shortcut_jax import config_lib
 
 TEST_ARGS = (
+    "runlocal=True",
     "variant=B",
     "variant=XL",
     "variant=B,objective=flow_matching",
@@ -33,7 +35,7 @@ TEST_ARGS = (
 
 
 def get_config(arg: str = "variant=B"):
-    args = config_lib.parse_config_arg(arg, {"variant": "B", "objective": "shortcut", "preset": ""})
+    args = config_lib.parse_config_arg(arg, {"variant": "B", "objective": "shortcut", "preset": "", "runlocal": False})
     c = config_lib.latent_paper_config(args["objective"])
     c.model.variant = args["variant"]
     c.objective.bootstrap_cfg = True
@@ -41,4 +43,6 @@ def get_config(arg: str = "variant=B"):
     c.train.steps = 810_000
     c.eval.cfg_scale = 1.5
     config_lib.apply_preset(c, args["preset"])
+    if args["runlocal"]:  # a tiny model and a few steps on any encoded set (a seeded VAE's too)
+        config_lib.apply_runlocal_latent(c)
     return c

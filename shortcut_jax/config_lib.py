@@ -225,6 +225,22 @@ def latent_paper_config(objective: str) -> ml_collections.ConfigDict:
     return c
 
 
+def apply_runlocal_latent(c) -> None:
+    """``runlocal=True`` of the latent-space settings: a tiny DiT and a few steps on any encoded
+    set (any image size, VAE and scale, e.g. a seeded VAE's from ``python -m shortcut_jax.seeded_vae``),
+    a small evaluation: the latent chain end to end on a CPU, as a check (the numbers mean nothing)."""
+    c.data.image_size = 0
+    c.data.latent_vae = ""
+    c.data.latent_scale = 0.0
+    c.model.variant = ""
+    c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
+    c.train.steps, c.train.batch_size = 4, 64
+    c.train.log_every, c.train.ckpt_every, c.train.eval_every = 2, 4, 4
+    c.mesh.data = 1
+    c.eval.budgets, c.eval.grid_budgets = (1, 4), (1, 4)
+    c.eval.num_samples, c.eval.batch_size, c.eval.grid_size = 16, 16, 16
+
+
 # preset=NAME in an experiment file's argument: config keys set together, after the file's own
 # settings (--config.key=value flags still win). "few_step" is recommended for few-step quality
 # early in training (evidence: experiments/cifar10_results.md): self-consistency targets from the

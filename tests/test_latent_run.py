@@ -115,3 +115,34 @@ def test_latent_run_with_other_vae_weights_is_refused_before_training(encoded, t
     with pytest.raises(config_lib.ConfigError, match="other weights"):
         loop.train_and_evaluate(cfg, str(workdir))
     assert not workdir.exists()
+
+
+def test_the_latent_chain_runs_offline_with_the_documented_commands(encoded, tmp_path):
+    """docs/data.md's offline chain as a user types it: a latent experiment file with
+    runlocal=True trains on the set a seeded VAE encoded, and `sample` writes decoded RGB images
+    with only --config and --workdir."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    root, vae_folder = encoded
+    workdir = str(tmp_path / "run")
+    env = child_env(PYTHONPATH=ROOT)
+    config = "experiments/celebahq.py:runlocal=True"
+    train = [
+        sys.executable, "-m", "shortcut_jax.main", f"--config={config}", f"--workdir={workdir}",
+        f"--config.data.path={root / 'latents'}", f"--config.eval.vae={vae_folder}", "--config.train.progress_bar=False",
+    ]  # fmt: skip
+    done = subprocess.run(train, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out_dir = str(tmp_path / "pngs")
+    sample = [
+        sys.executable, "-m", "shortcut_jax.sample", f"--config={config}", f"--workdir={workdir}",
+        "--num_steps=1", "--num_images=4", f"--out_dir={out_dir}",
+    ]  # fmt: skip
+    drawn = subprocess.run(sample, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    pictures = sorted(os.listdir(out_dir))
+    assert len(pictures) == 4
+    assert np.asarray(Image.open(os.path.join(out_dir, pictures[0]))).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
