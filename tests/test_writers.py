@@ -277,3 +277,13 @@ def test_one_quantisation_for_pictures_and_metrics():
     np.testing.assert_array_equal(images.to_uint8(x), want)
     np.testing.assert_array_equal(pixels.to_uint8(x), want)
     np.testing.assert_array_equal(plots.save_image_grid(x, None, padding=0, nrow=4)[:5, :5], want[0])
+
+
+def test_metrics_by_step_merges_the_training_and_evaluation_rows_of_a_step(tmp_path):
+    with writers.MetricWriter(str(tmp_path), use_tensorboard=False) as w:
+        w.write_scalars(10, {"loss": 0.5})
+        w.write_scalars(20, {"loss": 0.25})
+        w.write_scalars(20, {"eval/sliced_wasserstein_1step": 0.1})
+    merged = writers.metrics_by_step(str(tmp_path))
+    assert sorted(merged) == [10, 20]
+    assert merged[20]["loss"] == 0.25 and merged[20]["eval/sliced_wasserstein_1step"] == 0.1

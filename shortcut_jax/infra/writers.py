@@ -38,7 +38,7 @@ from etils import epath
 from shortcut_jax.infra.jsonable import jsonable
 from shortcut_jax.infra.files import atomic_write_text, is_remote
 
-__all__ = ["MetricWriter", "is_remote", "primary_process", "quiet_library_logs", "read_metrics"]
+__all__ = ["MetricWriter", "is_remote", "metrics_by_step", "primary_process", "quiet_library_logs", "read_metrics"]
 
 # A remote metrics.jsonl is rewritten whole; at most this often, and at every flush and close.
 REMOTE_UPLOAD_S = 30.0
@@ -268,6 +268,16 @@ def read_metrics(workdir: str) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def metrics_by_step(workdir: str) -> dict[int, dict]:
+    """``metrics.jsonl`` keyed by step, the rows of one step merged (the training row and the
+    evaluation row the same step gets; a later value wins)."""
+    merged: dict[int, dict] = {}
+    for row in read_metrics(workdir):
+        if "step" in row:
+            merged.setdefault(int(row["step"]), {}).update(row)
+    return merged
 
 
 class _BelowWarningFrom(logging.Filter):
