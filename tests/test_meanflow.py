@@ -74,12 +74,31 @@ def test_meanflow_v_loss_regresses_the_compound_velocity_on_v():
     x, tau, h, v, _ = meanflow._prepare(batch_of(x1), rng, cfg)
     u = analytic_apply(PARAMS, x, tau, h, None)
     tangent = analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), None)
-    compound = u + h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
+    compound = u - h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
     want = jnp.mean(jnp.mean((compound - v) ** 2, axis=-1))
     loss, _ = meanflow.v_loss_fn(PARAMS, None, batch_of(x1), rng, cfg)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
-    with_v_tangent = u + h[:, None] * analytic_derivative(PARAMS, x, tau, v)
+    with_v_tangent = u - h[:, None] * analytic_derivative(PARAMS, x, tau, v)
     assert abs(float(loss) - float(jnp.mean((with_v_tangent - v) ** 2))) > 1e-3
+
+
+def test_both_forms_hold_the_identity_on_an_exact_curved_field():
+    """On dx/dtau = x the exact average velocity is u(x, tau, h) = x (e^h - 1) / h, whose paths bend:
+    MeanFlow's target v + h D u equals u, and improved MeanFlow's u - h D u equals v = x. Rules out
+    a sign error in either (a straight field, whose D u is 0, cannot)."""
+
+    def exact(params, x, tau, h, label):
+        return x * (jnp.expm1(h) / h)[:, None]
+
+    cfg = objective_config(exact)
+    x = jax.random.normal(jax.random.key(15), (16, 2))
+    tau = jax.random.uniform(jax.random.key(16), (16,), maxval=0.5)
+    h = jax.random.uniform(jax.random.key(17), (16,), minval=0.1, maxval=0.5)
+    labels = jnp.zeros(16, jnp.int32)
+    u, du = meanflow._interval_derivative(None, x, tau, h, labels, x, cfg)  # tangent: v = x
+    np.testing.assert_allclose(meanflow.meanflow_target(x, h, du), u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(meanflow.compound_velocity(u, h, du), x, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(du))) > 0.05  # the derivative term matters here
 
 
 def test_jvp_of_a_small_network_matches_finite_differences():
@@ -211,7 +230,7 @@ def test_class_conditional_meanflow_v_trains_on_the_guidance_it_is_given_as_an_i
     v_g = omega[:, None] * v + (1 - omega[:, None]) * uncond
     u = guided_analytic_apply(PARAMS, x, tau, h, labels, omega)
     tangent = guided_analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), labels, omega)
-    compound = u + h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
+    compound = u - h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
     want = jnp.mean(jnp.mean((compound - v_g) ** 2, axis=-1))
     loss, _ = meanflow.v_loss_fn(PARAMS, None, batch, rng, cfg)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)

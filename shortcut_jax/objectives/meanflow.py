@@ -20,8 +20,9 @@ is one ``jax.jvp`` of the network (forward mode: no extra backward pass).
 ``objective.meanflow_flow_fraction`` of them, 0.75 published) are plain flow matching.
 
 ``meanflow_v`` (improved MeanFlow): the same network, but the loss is a regression on the
-instantaneous velocity, re-parameterised through ``u``: ``V = u + h stop_gradient(D u)`` against
-``v_g``, so the target no longer depends on the network. The jvp's tangent is the network's own
+instantaneous velocity, re-parameterised through ``u`` by the same identity read the other way,
+``v = u - h D u``: ``V = u - h stop_gradient(D u)`` against ``v_g``, so the target no longer
+depends on the network. The jvp's tangent is the network's own
 instantaneous velocity ``u(x, tau, 0)`` (a function of ``x_tau`` alone, as improved MeanFlow
 does), computed without gradient.
 
@@ -141,6 +142,16 @@ def _interval_derivative(params, x, tau, h, labels, tangent, cfg: common.Objecti
     return jax.jvp(u_fn, (x, tau, h), (tangent, ones, -ones))
 
 
+def meanflow_target(v, h, du):
+    """MeanFlow's regression target ``v + h D u`` (the identity ``u = v + h D u``)."""
+    return v + _column(h, du) * du
+
+
+def compound_velocity(u, h, du):
+    """Improved MeanFlow's instantaneous velocity through the average one, ``u - h D u``."""
+    return u - _column(h, du) * du
+
+
 def _metrics(loss, error, h):
     is_flow = (h == 0).astype(jnp.float32)
     flow_rows = jnp.sum(is_flow)
@@ -161,7 +172,7 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
     v_g = guided_velocity(params, x, tau, v, labels, cfg)
     u, du = _interval_derivative(params, x, tau, h, labels, v_g, cfg)
-    target = jax.lax.stop_gradient(v_g + _column(h, du) * du)
+    target = jax.lax.stop_gradient(meanflow_target(v_g, h, du))
     error = common.per_row_mse(u, target)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, h)
@@ -192,7 +203,7 @@ def input_guided_velocity(params, x, tau, v, labels, omega, cfg: common.Objectiv
 
 
 def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
-    """Improved MeanFlow's loss: ``V = u + h stop_gradient(D u)`` against ``v_g``, the jvp's
+    """Improved MeanFlow's loss: ``V = u - h stop_gradient(D u)`` against ``v_g``, the jvp's
     tangent being the network's own instantaneous velocity. A class-conditional network takes
     the guidance scale as an input (``Method.guidance_input``): each row draws one
     (``sample_guidance``), and its target is guided by that scale (``input_guided_velocity``)."""
@@ -208,7 +219,7 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     instantaneous = cfg.apply_fn(params, x, tau, jnp.zeros_like(h), labels, **guidance)
     instantaneous = jax.lax.stop_gradient(instantaneous.astype(jnp.float32))
     u, du = _interval_derivative(params, x, tau, h, labels, instantaneous, cfg, **guidance)
-    compound = u + _column(h, du) * jax.lax.stop_gradient(du)
+    compound = compound_velocity(u, h, jax.lax.stop_gradient(du))
     error = common.per_row_mse(compound, v_g)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, h)
