@@ -106,3 +106,16 @@ def test_command_line_refusal_is_one_line_and_leaves_the_files_alone(shortcut_ru
         " or use a fresh --workdir"
     )
     assert file_hashes(shortcut_run) == before
+
+
+def test_sampling_with_another_architecture_is_refused_in_one_line(shortcut_run):
+    from shortcut_jax.training import offline
+
+    config = toy()
+    config.model.depth += 1
+    with pytest.raises(config_lib.ConfigError) as err:
+        offline.load_run(config, shortcut_run)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"--workdir={shortcut_run} holds a checkpoint written by a different configuration (")
+    assert f"depth: saved {config.model.depth - 1}, current {config.model.depth}" in message

@@ -111,6 +111,17 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
 # ----------------------------------------------------------------------------- the experiment
 
 
+def check_workdir_matches(workdir: str, saved_meta: dict, meta: dict) -> None:
+    """One line naming each setting of ``COMPATIBILITY_KEYS`` in which the checkpoint of
+    ``workdir`` (its metadata ``saved_meta``) differs from this run's ``meta``; local or remote."""
+    diffs = checkpoint.differences(saved_meta, meta, COMPATIBILITY_KEYS)
+    if diffs:
+        raise config_lib.ConfigError(
+            f"--workdir={workdir} holds a checkpoint written by a different configuration"
+            f" ({'; '.join(diffs)}): use a fresh --workdir, or restore the configuration it was saved with"
+        )
+
+
 class Experiment:
     """Everything built from a validated config, before anything touches the workdir."""
 
@@ -284,12 +295,7 @@ class Experiment:
                 self.meta["teacher"] = saved["teacher"]
             self._check_teacher_matches(saved)
             self._check_objective_matches(saved)
-            diffs = checkpoint.differences(saved, self.meta, COMPATIBILITY_KEYS)
-            if diffs:
-                raise config_lib.ConfigError(
-                    f"--workdir={self.workdir} holds a checkpoint written by a different configuration"
-                    f" ({'; '.join(diffs)}): use a fresh --workdir, or restore the configuration it was saved with"
-                )
+            check_workdir_matches(self.workdir, saved, self.meta)
         return saved is not None
 
     def _check_objective_matches(self, saved: dict) -> None:

@@ -38,7 +38,7 @@ from shortcut_jax.evaluation.sample_sets import class_labels, sample_batches
 from shortcut_jax.infra import checkpoint, plots, writers
 from shortcut_jax.objectives import sampling
 from shortcut_jax.training import runs
-from shortcut_jax.training.experiment import COMPATIBILITY_KEYS, Experiment
+from shortcut_jax.training.experiment import Experiment, check_workdir_matches
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def load_run(
     exp = Experiment(config, workdir, spec=spec)
     try:
         # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
-        checkpoint.check_compatible(meta, exp.meta, COMPATIBILITY_KEYS)
+        check_workdir_matches(workdir, meta, exp.meta)
         if decode and exp.decode is None and config.data.name in ("latents", PAIRS_DATA):
             exp.decode = _latent_run_decoder(config, meta, workdir)
         with checkpoint.Checkpointer(ckpt_dir, async_save=False) as ckpt:
