@@ -612,6 +612,25 @@ def test_cifar10_preset_sets_the_recommended_keys_and_flags_still_win():
         assert (cfg.objective.teacher, cfg.objective.sc_fraction, cfg.train.ema_debias) == ("ema", 0.125, False)
 
 
+def test_cifar10_meanflow_runs_take_meanflows_cifar10_time_sampling_and_only_they():
+    cifar10 = load_experiment("cifar10")
+    published = {
+        "objective.meanflow_t_mean": -2.0,
+        "objective.meanflow_t_std": 2.0,
+        "objective.meanflow_flow_fraction": 0.25,
+        "objective.meanflow_norm_p": 0.75,
+    }
+    for arg in ("objective=meanflow", "objective=meanflow_v", "preset=meanflow", "preset=meanflow_v"):
+        cfg = cifar10.get_config(arg)
+        plain = override(cifar10.get_config(""), {"objective.name": cfg.objective.name})
+        if arg.startswith("preset="):
+            plain = override(plain, {k: v for k, v in config_lib.PRESETS[cfg.objective.name].items()})
+        assert cfg == override(plain, published), arg
+    # the other objectives keep the package's (ImageNet) MeanFlow defaults, unused by them
+    shortcut = cifar10.get_config("")
+    assert (shortcut.objective.meanflow_t_mean, shortcut.objective.meanflow_flow_fraction) == (-0.4, 0.75)
+
+
 def test_experiment_reads_and_checks_the_data_once(tmp_path, monkeypatch):
     from shortcut_jax.data import registry
 
