@@ -32,6 +32,7 @@ train step should pass them.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import tempfile
@@ -72,12 +73,33 @@ CHUNK = 50  # training steps per compiled call
 EMA_DECAY = 0.999
 
 
+OVERRIDES: dict = {}  # --objective KEY=VALUE: config.objective keys of every method
+
+
 def objective_config(name: str, apply_fn, steps: int):
     obj = config_lib.default_config().objective
     obj.name = name
     if name == "shortcut":  # experiments/toy2d.py's setting
         obj.teacher, obj.sc_fraction = "online", 0.5
+    for key, value in OVERRIDES.items():
+        obj[key] = value
     return make_objective_config(obj, apply_fn, 0, total_steps=steps)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--objective``: the key must exist in config.objective, the value is
+    read as a Python literal (a number, a tuple) of the key's type."""
+    key, sep, value = text.partition("=")
+    defaults = config_lib.default_config().objective
+    if not sep or key not in defaults:
+        raise argparse.ArgumentTypeError(f"{text!r}: use KEY=VALUE with KEY one of config.objective's keys")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(defaults[key], float) and isinstance(parsed, int):
+        parsed = float(parsed)
+    return key, parsed
 
 
 def make_model(name: str) -> MLPNet:
@@ -220,7 +242,16 @@ def main():
     parser.add_argument("--reflow_pairs", type=int, default=50_000)
     parser.add_argument("--reflow_teacher_steps", type=int, default=128)
     parser.add_argument("--out", default="", help="JSON file for the per-seed results")
+    parser.add_argument(
+        "--objective",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="KEY=VALUE",
+        help="a config.objective key for every method (repeatable), e.g. --objective=meanflow_t_mean=-2.0",
+    )
     args = parser.parse_args()
+    OVERRIDES.update(args.objective)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(NAMES))
     if unknown:
@@ -238,7 +269,8 @@ def main():
         f" (two-stage methods: {args.steps} flow-matching teacher steps + {args.steps} student steps;"
         f" reflow: {args.reflow_pairs} pairs from the teacher's {args.reflow_teacher_steps}-step sampler),"
         f" {args.seeds} seed(s), {args.eval_samples} samples, mean ± std;"
-        f" data-against-data floor {floor:.4f} ± {floor_std:.4f}"
+        + (f" objective {dict(args.objective)};" if args.objective else "")
+        + f" data-against-data floor {floor:.4f} ± {floor_std:.4f}"
     )
     print("| method | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
