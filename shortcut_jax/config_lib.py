@@ -90,6 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.noise_floor = 1e-5  # x_t = (1 - (1 - floor) t) x0 + t x1
     c.objective.level_weights = ()  # () (uniform) or one weight per level 0..num_levels-1
     c.objective.flow_t = "grid"  # t of flow rows: 'grid' (finest grid, as published), 'uniform', 'logit_normal'
+    # a self-consistency share that grows during training: from sc_fraction_start at step 0 to
+    # sc_fraction at step sc_ramp_steps (0: train.steps); -1 keeps sc_fraction throughout
+    c.objective.sc_fraction_start = -1.0
+    c.objective.sc_ramp_steps = 0
     # comparison methods (objectives/: diffusion, consistency, progressive, reflow)
     c.objective.diffusion_schedule = "cosine"  # 'cosine' or 'linear' alpha-bar schedule
     c.objective.diffusion_min_alpha_bar = 1e-4  # floor of alpha-bar (signal fraction at t = 0)

@@ -792,7 +792,12 @@ def test_method_records_say_what_each_method_needs():
         "consistency_distillation",
         "progressive_distillation",
     }
-    assert {n for n, needs in METHODS.items() if needs.step} == {"consistency_training", "progressive_distillation"}
+    # curricula, and the shortcut objective's growing self-consistency share
+    assert {n for n, needs in METHODS.items() if needs.step} == {
+        "consistency_training",
+        "progressive_distillation",
+        "shortcut",
+    }
     assert {n for n, needs in METHODS.items() if needs.teacher_snapshot} == {"progressive_distillation"}
     assert {n for n, needs in METHODS.items() if needs.forward_mode} == {"meanflow", "meanflow_v"}
     assert {n for n, needs in METHODS.items() if needs.pairs} == {"reflow"}

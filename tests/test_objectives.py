@@ -330,3 +330,72 @@ def test_bootstrap_cfg_on_the_tail_rows_equals_guiding_every_row_and_selecting()
     )
     assert float(jnp.abs(plain[-2:] - every[-2:]).max()) > 1e-4  # guidance does act on the tail
     np.testing.assert_allclose(plain[:-2], every[:-2], rtol=1e-5, atol=1e-6)
+
+
+def curved_teacher_cfg(**kw):
+    """A field whose self-consistency targets depend on its parameters (a teacher that matters)."""
+    return ObjectiveConfig(
+        apply_fn=lambda p, x, t, lv, lb: p * jnp.sin(3 * x) + (t + 0.1 * lv.astype(jnp.float32))[:, None],
+        num_classes=0,
+        teacher="ema",
+        clip=0.0,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("step, sc_rows", [(0, 0), (50, 8), (100, 16), (400, 16)])
+def test_growing_share_has_its_rows_at_each_step_and_inactive_rows_are_flow_rows(step, sc_rows):
+    # batch 64, share 1/4 at the end (16 layout rows), 0 at step 0, linear over 100 steps
+    cfg = curved_teacher_cfg(sc_fraction=0.25, sc_fraction_start=0.0, sc_ramp_steps=100)
+    x1 = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+    batch = {"x": x1, "label": jnp.zeros(64, jnp.int32), "step": jnp.int32(step)}
+    loss_at = jax.jit(
+        lambda teacher: METHODS["shortcut"].loss(jnp.float32(1.0), teacher, batch, jax.random.key(1), cfg)
+    )
+    loss, m = loss_at(jnp.float32(1.0))
+    assert int(m["sc_loss/rows"]) == sc_rows and int(m["flow_loss/rows"]) == 64 - sc_rows
+    assert sum(int(m[f"sc_loss/level_{k}/rows"]) for k in range(7)) == sc_rows
+    np.testing.assert_allclose(
+        float(loss), (sc_rows * float(m["sc_loss"]) + (64 - sc_rows) * float(m["flow_loss"])) / 64, rtol=1e-5
+    )
+    # the teacher reaches the loss through the self-consistency rows only
+    other, _ = loss_at(jnp.float32(3.0))
+    if sc_rows == 0:
+        assert float(other) == float(loss)
+    else:
+        assert abs(float(other) - float(loss)) > 1e-4
+
+
+def test_growing_share_reaches_the_loss_through_the_train_step_counter():
+    from shortcut_jax.training import train_state, train_step
+    import optax
+
+    model = DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 3)), jnp.float32)
+    labels = jnp.zeros(32, jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros(32), jnp.zeros(32, jnp.int32), labels)["params"]
+    cfg = ObjectiveConfig(
+        apply_fn=lambda p, *a: model.apply({"params": p}, *a),
+        num_classes=0,
+        sc_fraction=0.25,
+        sc_fraction_start=0.0,
+        sc_ramp_steps=2,
+        teacher="online",
+    )
+    tx = optax.adam(1e-3)
+    step = jax.jit(train_step.make_train_step("shortcut", cfg, tx, optax.constant_schedule(1e-3)))
+    state = train_state.create(params, tx, jax.random.PRNGKey(0), (0.9,))
+    rows = []
+    for _ in range(3):
+        state, metrics = step(state, {"x": x, "label": labels})
+        rows.append(int(metrics["sc_loss/rows"]))
+    assert rows == [0, 4, 8]  # round(32 * 0.25 * step / 2) at steps 0, 1, 2
+
+
+def test_growing_share_refuses_a_start_above_the_final_share():
+    from shortcut_jax import config_lib
+
+    c = config_lib.default_config()
+    c.objective.sc_fraction_start = 0.5
+    with pytest.raises(ValueError, match="sc_fraction_start=0.5 must be at most objective.sc_fraction=0.125"):
+        METHODS["shortcut"].check(c.objective, batch_size=256, total_steps=100)

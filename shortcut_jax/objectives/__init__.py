@@ -27,6 +27,9 @@ def make_objective_config(
         num_classes=num_classes,
         num_levels=objective_cfg.num_levels,
         sc_fraction=objective_cfg.sc_fraction,
+        sc_fraction_start=objective_cfg.sc_fraction_start,
+        # 0: the ramp spans the run
+        sc_ramp_steps=objective_cfg.sc_ramp_steps or int(total_steps or 0),
         teacher=objective_cfg.teacher,
         level_assignment=objective_cfg.level_assignment,
         clip=objective_cfg.clip,

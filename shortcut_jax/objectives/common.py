@@ -33,6 +33,10 @@ class ObjectiveConfig:
     num_classes: int  # 0: unconditional; the null class index is num_classes
     num_levels: int = 7
     sc_fraction: float = 0.125
+    # a growing self-consistency share (shortcut.growing_share): from sc_fraction_start (< 0: off)
+    # to sc_fraction over sc_ramp_steps steps (resolved from train.steps when 0)
+    sc_fraction_start: float = -1.0
+    sc_ramp_steps: int = 0
     teacher: str = "ema"
     level_assignment: str = "official"
     clip: float = 4.0

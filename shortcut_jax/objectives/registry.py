@@ -131,7 +131,9 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "shortcut": Method(shortcut.loss_fn, plan_micro_batches=shortcut.plan_micro_batches),
+    "shortcut": Method(
+        shortcut.loss_fn, step=True, plan_micro_batches=shortcut.plan_micro_batches, check=shortcut.check_config
+    ),
     "flow_matching": Method(flow_matching.loss_fn, level_input=False),
     "diffusion": Method(
         diffusion.loss_fn, ddim_sampler, level_input=False, velocity_field=False, check=diffusion.check_config

@@ -23,7 +23,16 @@ Level assignment: ``'official'`` spreads the self-consistency rows evenly over t
 A caller that accumulates gradients over micro-batches passes the levels of this micro-batch's
 rows as ``batch['sc_level']``, so that levels are spread over the whole global batch.
 
-Metrics: ``loss``, ``flow_loss``, ``sc_loss`` and, per level ``i``, ``sc_loss/level_i`` (the mean
+A growing self-consistency share (``objective.sc_fraction_start >= 0``): the layout above is
+laid out for the final share ``sc_fraction`` (shapes are fixed per compiled step), and at step
+``s`` only ``round(B * f(s))`` of the ``n_sc`` rows, in random positions, are self-consistency
+rows, ``f`` rising linearly from ``sc_fraction_start`` to ``sc_fraction`` over
+``sc_ramp_steps`` steps (``batch['step']``); the others are flow rows in every respect (``t``,
+level ``K``, target, label dropout). Their teacher passes still run, so the step costs what the
+final share costs from the start.
+
+Metrics: ``loss``, ``flow_loss``, ``sc_loss`` (with a growing share, their row counts
+``flow_loss/rows`` and ``sc_loss/rows``) and, per level ``i``, ``sc_loss/level_i`` (the mean
 over that level's rows, 0 where it has none) with its row count ``sc_loss/level_i/rows``.
 """
 
@@ -131,10 +140,32 @@ def sample_rows(x1, labels, rng, cfg: common.ObjectiveConfig, sc_level=None) -> 
     }
 
 
+def growing_share(step, cfg: common.ObjectiveConfig) -> jax.Array:
+    """The self-consistency share of the batch at ``step`` under ``objective.sc_fraction_start``:
+    linear from it to ``sc_fraction`` over ``sc_ramp_steps`` steps, then constant."""
+    start, ramp = cfg.sc_fraction_start, cfg.sc_ramp_steps
+    if ramp < 1:
+        raise ValueError(
+            "ObjectiveConfig.sc_ramp_steps must be >= 1 for a growing share: build the config with"
+            " make_objective_config(..., total_steps=train.steps) or set objective.sc_ramp_steps"
+        )
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / ramp, 0.0, 1.0)
+    return start + (cfg.sc_fraction - start) * progress
+
+
+def active_rows(rng, n_sc: int, batch_size: int, step, cfg: common.ObjectiveConfig) -> jax.Array:
+    """Which of the ``n_sc`` self-consistency rows are ones at ``step`` (bool ``[n_sc]``): exactly
+    ``round(batch_size * growing_share(step))`` of them, in random positions."""
+    count = jnp.minimum(jnp.round(batch_size * growing_share(step, cfg)), n_sc)
+    rank = jax.random.permutation(rng, n_sc)
+    return rank < count
+
+
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     x1 = batch["x"]
     b = x1.shape[0]
     k = cfg.num_levels
+    rng, rng_grow = jax.random.split(rng) if cfg.sc_fraction_start >= 0 else (rng, None)
     rows = sample_rows(x1, batch["label"], rng, cfg, batch.get("sc_level"))
     n_sc, x0, t, level, labels = rows["n_sc"], rows["x0"], rows["t"], rows["level"], rows["label"]
     x_t = common.interpolate(x0, x1, t, cfg.noise_floor)
@@ -147,26 +178,50 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         cfg.apply_fn, teacher, x_t[:n_sc], t[:n_sc], level[:n_sc], labels[:n_sc], cfg, guided_tail
     )
     target_flow = common.flow_velocity(x0[n_sc:], x1[n_sc:], cfg.noise_floor)
+    level_sc = level[:n_sc]
+
+    if rng_grow is None:
+        is_sc = jnp.ones((n_sc,), bool)
+    else:  # a growing share: the inactive self-consistency rows become flow rows
+        if "step" not in batch:
+            raise KeyError("objective.sc_fraction_start >= 0 needs batch['step'] (the train step adds it)")
+        rng_active, rng_t, rng_drop = jax.random.split(rng_grow, 3)
+        is_sc = active_rows(rng_active, n_sc, b, batch["step"], cfg)
+        col = is_sc.reshape((n_sc,) + (1,) * (x1.ndim - 1))
+        t = t.at[:n_sc].set(jnp.where(is_sc, t[:n_sc], common.sample_flow_t(rng_t, n_sc, cfg)))
+        level = level.at[:n_sc].set(jnp.where(is_sc, level_sc, k))
+        dropped = common.drop_labels(rng_drop, batch["label"][:n_sc], cfg)
+        labels = labels.at[:n_sc].set(jnp.where(is_sc, labels[:n_sc], dropped))
+        x_t = x_t.at[:n_sc].set(
+            jnp.where(col, x_t[:n_sc], common.interpolate(x0[:n_sc], x1[:n_sc], t[:n_sc], cfg.noise_floor))
+        )
+        flow_sc = common.flow_velocity(x0[:n_sc], x1[:n_sc], cfg.noise_floor)
+        target_sc = jnp.where(col, target_sc, flow_sc.astype(target_sc.dtype))
 
     # One student pass over all rows.
     pred = cfg.apply_fn(params, x_t, t, level, labels)
     mse = common.per_row_mse(pred, jnp.concatenate([target_sc, target_flow]))
     mse_sc, mse_flow = mse[:n_sc], mse[n_sc:]
-    level_sc = level[:n_sc]
+    sc = is_sc.astype(jnp.float32)
 
     if cfg.level_weights is None:
         row_weight_sc = jnp.ones((n_sc,), jnp.float32)
     else:
         w = jnp.asarray(cfg.level_weights, jnp.float32)
         row_weight_sc = (w * (k / jnp.sum(w)))[level_sc]
-    loss = (jnp.sum(row_weight_sc * mse_sc) + jnp.sum(mse_flow)) / b
+    # an inactive self-consistency row is a flow row: weight 1
+    loss = (jnp.sum(jnp.where(is_sc, row_weight_sc, 1.0) * mse_sc) + jnp.sum(mse_flow)) / b
 
+    n_active = jnp.sum(sc)
     metrics = {
         "loss": loss,
-        "flow_loss": jnp.mean(mse_flow),
-        "sc_loss": jnp.mean(mse_sc) if n_sc else jnp.zeros(()),
+        "flow_loss": (jnp.sum(mse_flow) + jnp.sum((1.0 - sc) * mse_sc)) / jnp.maximum(b - n_active, 1.0),
+        "sc_loss": jnp.sum(sc * mse_sc) / jnp.maximum(n_active, 1.0),
     }
-    one_hot = jax.nn.one_hot(level_sc, k, dtype=jnp.float32)  # [n_sc, K]
+    if rng_grow is not None:  # the rows behind each mean vary with the step
+        metrics["sc_loss/rows"] = n_active
+        metrics["flow_loss/rows"] = b - n_active
+    one_hot = jax.nn.one_hot(level_sc, k, dtype=jnp.float32) * sc[:, None]  # [n_sc, K], active rows
     counts = jnp.sum(one_hot, axis=0)
     per_level = jnp.sum(one_hot * mse_sc[:, None], axis=0) / jnp.maximum(counts, 1.0)  # 0 where a level has no row
     for i in range(k):
@@ -175,3 +230,15 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         # level, random assignment), so means over micro-batches are weighted by these counts.
         metrics[f"sc_loss/level_{i}/rows"] = counts[i]
     return loss, metrics
+
+
+def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
+    """The growing share's keys (``ValueError`` naming the key)."""
+    start = objective_cfg.sc_fraction_start
+    if start >= 0 and start > objective_cfg.sc_fraction:
+        raise ValueError(
+            f"objective.sc_fraction_start={start} must be at most objective.sc_fraction={objective_cfg.sc_fraction}"
+            " (the share it grows to), or -1 for a constant share"
+        )
+    if objective_cfg.sc_ramp_steps < 0:
+        raise ValueError(f"objective.sc_ramp_steps={objective_cfg.sc_ramp_steps} must be >= 0 (0: train.steps)")
