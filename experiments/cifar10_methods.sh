@@ -9,7 +9,8 @@
 #           they cost 7,000 teacher + 7,000 student steps
 #   lane B: preset (shortcut, preset=few_step) -> ct (consistency training) -> lr (live reflow)
 #           -> diffusion -> mf (MeanFlow) -> mfv (improved MeanFlow); the same optimiser as every
-#           other row (preset=meanflow / meanflow_v would give the published one instead)
+#           other row (preset=meanflow / meanflow_v would give the published one instead) and
+#           MeanFlow's own CIFAR-10 time sampling (experiments/cifar10.py)
 #
 #   experiments/cifar10_methods.sh [ARCHIVE] [ROOT] [--config.key=value ...]
 #   METHODS="fm pd ct lr" experiments/cifar10_methods.sh          # a subset, lanes kept
