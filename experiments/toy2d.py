@@ -18,7 +18,9 @@ Arguments (`--config=experiments/toy2d.py:<key>=<value>,...`): objective=shortcu
   --config.objective.level_assignment=random, --config.train.ema_debias=True,
   --config.train.ema_decays='(0.99,0.999)' --config.eval.ema_index=1 (a second EMA evaluated),
   --config.objective.level_weights='(4,2,1,1,1,1,1)' (level 0 is the 1-step level),
-  --config.objective.flow_t=logit_normal (t of the flow-matching rows).
+  --config.objective.flow_t=logit_normal (t of the flow-matching rows),
+  --config.objective.meanflow_norm_p=0 (MeanFlow without its adaptive weight: on this data both
+  forms then improve with the step count, docs/results.md).
 Expected (checkerboard, shortcut, 4000 steps; H100, 3 seeds, see README's benchmark): sliced
 Wasserstein distance 0.056 at 1 step and 0.038 at 128 steps against a data-against-data floor of
 0.022; flow matching with the same model and steps: 1.11 at 1 step, 0.036 at 128.
