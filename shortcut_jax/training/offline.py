@@ -279,7 +279,7 @@ def load_run(
         config.eval.use_ema = bool(use_ema)
     exp = Experiment(config, workdir, spec=spec)
     try:
-        # Experiment checks a local workdir's checkpoint; this covers gs:// ones as well
+        # Experiment checked the latest checkpoint; this is the one read (``step`` may be older)
         check_workdir_matches(workdir, meta, exp.meta)
         if decode and exp.decode is None and config.data.name in ("latents", PAIRS_DATA):
             exp.decode = _latent_run_decoder(config, meta, workdir)
