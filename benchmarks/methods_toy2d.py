@@ -73,15 +73,14 @@ CHUNK = 50  # training steps per compiled call
 EMA_DECAY = 0.999
 
 
-OVERRIDES: dict = {}  # --objective KEY=VALUE: config.objective keys of every method
-
-
-def objective_config(name: str, apply_fn, steps: int):
+def objective_config(name: str, apply_fn, steps: int, overrides: dict):
+    """The objective's config: the defaults, the toy's shortcut setting, then ``overrides``
+    (``--objective KEY=VALUE``, config.objective keys applied to every method)."""
     obj = config_lib.default_config().objective
     obj.name = name
     if name == "shortcut":  # experiments/toy2d.py's setting
         obj.teacher, obj.sc_fraction = "online", 0.5
-    for key, value in OVERRIDES.items():
+    for key, value in overrides.items():
         obj[key] = value
     return make_objective_config(obj, apply_fn, 0, total_steps=steps)
 
@@ -107,11 +106,11 @@ def make_model(name: str) -> MLPNet:
     return MLPNet(width=256, depth=4, mlp_ratio=2.0, num_classes=0, ignore_level=not METHODS[name].level_input)
 
 
-def train(name: str, steps: int, seed: int, *, init_params=None, teacher=None, pairs=None):
-    """EMA parameters after ``steps`` steps of objective ``name``; returns (ema, model, seconds)."""
+def train(name: str, steps: int, seed: int, *, overrides=None, init_params=None, teacher=None, pairs=None):
+    """EMA parameters after ``steps`` steps of objective ``name``; returns (ema, model, cfg, seconds)."""
     model = make_model(name)
     apply_fn = lambda p, *a: model.apply({"params": p}, *a)  # noqa: E731
-    cfg = objective_config(name, apply_fn, steps)
+    cfg = objective_config(name, apply_fn, steps, overrides or {})
     needs = METHODS[name]
     key = jax.random.key(seed)
     if init_params is None:
@@ -194,20 +193,25 @@ def run_seed(seed: int, args, methods, tmp: str) -> dict[str, dict]:
             flush=True,
         )
 
+    overrides = dict(args.objective)
     need_teacher = any(m in TWO_STAGE for m in methods)
     if "flow_matching" in methods or need_teacher:
-        teacher, teacher_model, teacher_cfg, secs = train("flow_matching", args.steps, seed)
+        teacher, teacher_model, teacher_cfg, secs = train("flow_matching", args.steps, seed, overrides=overrides)
         if "flow_matching" in methods:
             record("flow_matching", teacher, teacher_cfg, secs)
     for name in methods:
         if name == "flow_matching":
             continue
         if name == "consistency_distillation":
-            params, _, cfg, secs = train(name, args.steps, seed, init_params=teacher, teacher=teacher)
+            params, _, cfg, secs = train(
+                name, args.steps, seed, overrides=overrides, init_params=teacher, teacher=teacher
+            )
         elif name == "progressive_distillation":
             # the teacher ignored its level input (it saw 0); the student reads levels
             leveled = warm_start_params(teacher, teacher, source_level=0)
-            params, _, cfg, secs = train(name, args.steps, seed, init_params=leveled, teacher=leveled)
+            params, _, cfg, secs = train(
+                name, args.steps, seed, overrides=overrides, init_params=leveled, teacher=leveled
+            )
         elif name == "reflow":
             start = time.perf_counter()
             sampler = make_sampler("flow_matching", teacher_cfg)
@@ -225,15 +229,16 @@ def run_seed(seed: int, args, methods, tmp: str) -> dict[str, dict]:
             )
             pairs = pairs_io.load_pairs(out_dir)
             gen_secs = time.perf_counter() - start
-            params, _, cfg, secs = train(name, args.steps, seed, init_params=teacher, pairs=pairs)
+            params, _, cfg, secs = train(name, args.steps, seed, overrides=overrides, init_params=teacher, pairs=pairs)
             secs += gen_secs
         else:
-            params, _, cfg, secs = train(name, args.steps, seed)
+            params, _, cfg, secs = train(name, args.steps, seed, overrides=overrides)
         record(name, params, cfg, secs)
     return results
 
 
-def main():
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The flags and the methods to run; an unknown method or objective key exits with one line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4000, help="training steps per method (per stage)")
     parser.add_argument("--seeds", type=int, default=3)
@@ -250,12 +255,16 @@ def main():
         metavar="KEY=VALUE",
         help="a config.objective key for every method (repeatable), e.g. --objective=meanflow_t_mean=-2.0",
     )
-    args = parser.parse_args()
-    OVERRIDES.update(args.objective)
+    args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(NAMES))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {','.join(NAMES)}")
+    return args, methods
+
+
+def main():
+    args, methods = parse_args()
 
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -632,14 +632,21 @@ def test_residuals_lists_what_the_step_stores_per_block_and_what_each_lever_remo
     assert full["values_per_block"] < scan["values_per_block"] and full["mib_per_block"] < scan["mib_per_block"] / 4
 
 
-def test_methods_toy2d_objective_flag_reaches_every_methods_config_and_refuses_unknown_keys(monkeypatch):
+def test_methods_toy2d_objective_flag_reaches_every_methods_config_and_refuses_unknown_keys(capsys):
     from benchmarks import methods_toy2d
 
-    monkeypatch.setattr(methods_toy2d, "OVERRIDES", {})
-    key, value = methods_toy2d.parse_override("meanflow_t_mean=-2")
-    assert (key, value, type(value)) == ("meanflow_t_mean", -2.0, float)
-    methods_toy2d.OVERRIDES.update([(key, value), methods_toy2d.parse_override("meanflow_flow_fraction=0.25")])
-    cfg = methods_toy2d.objective_config("meanflow", lambda *a: None, 100)
-    assert (cfg.option("meanflow_t_mean"), cfg.option("meanflow_flow_fraction")) == (-2.0, 0.25)
-    with pytest.raises(Exception, match="KEY=VALUE"):
-        methods_toy2d.parse_override("meanflow_t_meen=-2")
+    args, methods = methods_toy2d.parse_args(
+        ["--methods=shortcut,meanflow", "--objective=meanflow_t_mean=-2", "--objective=sc_fraction=0.25"]
+    )
+    overrides = dict(args.objective)
+    assert overrides == {"meanflow_t_mean": -2.0, "sc_fraction": 0.25}
+    assert type(overrides["meanflow_t_mean"]) is float
+    for name in methods:
+        cfg = methods_toy2d.objective_config(name, lambda *a: None, 100, overrides)
+        # the flag wins over the toy's own shortcut setting (sc_fraction 0.5) too
+        assert (cfg.option("meanflow_t_mean"), cfg.option("sc_fraction")) == (-2.0, 0.25), name
+    plain = methods_toy2d.objective_config("shortcut", lambda *a: None, 100, {})
+    assert plain.option("sc_fraction") == 0.5
+    with pytest.raises(SystemExit):
+        methods_toy2d.parse_args(["--objective=meanflow_t_meen=-2"])
+    assert "KEY=VALUE" in capsys.readouterr().err
