@@ -253,6 +253,11 @@ def apply_runlocal_latent(c) -> None:
 PRESETS = {
     "": {},  # the file's own settings (the published recipe where it follows one)
     "few_step": {"objective.teacher": "online", "objective.sc_fraction": 0.25, "train.ema_debias": True},
+    # "one_step": MeanFlow's average-velocity objective with the shortcut recipe's optimiser (AdamW,
+    # weight decay, EMA 0.999) and the debiased EMA; the experiment file adds its data's MeanFlow
+    # time sampling where it has one (experiments/cifar10.py). On CIFAR-10 its single step scored
+    # like its 128-step chain (evidence: experiments/cifar10_results.md, docs/one_step_study.md)
+    "one_step": {"objective.name": "meanflow", "train.ema_debias": True},
     # MeanFlow and improved MeanFlow with the published optimiser choices where they differ from
     # the shortcut recipe: Adam with b2 = 0.95 and no weight decay, EMA 0.9999 (debiased, so that
     # short runs are not dominated by the initialisation)

@@ -612,6 +612,25 @@ def test_cifar10_preset_sets_the_recommended_keys_and_flags_still_win():
         assert (cfg.objective.teacher, cfg.objective.sc_fraction, cfg.train.ema_debias) == ("ema", 0.125, False)
 
 
+def test_one_step_preset_is_meanflow_with_the_recipes_optimiser_and_the_debiased_ema():
+    cifar10 = load_experiment("cifar10")
+    cfg = cifar10.get_config("preset=one_step")
+    # the objective=meanflow run of the comparison table with the debiased EMA, nothing else
+    assert cfg == override(cifar10.get_config("objective=meanflow"), {"train.ema_debias": True})
+    assert (cfg.objective.name, cfg.objective.meanflow_t_mean, cfg.objective.meanflow_norm_p) == (
+        "meanflow",
+        -2.0,
+        0.75,
+    )
+    # the optimiser and EMA of the shortcut recipe, not MeanFlow's published ones (preset=meanflow)
+    assert cfg.optim == cifar10.get_config("").optim and cfg.train.ema_decays == cifar10.get_config("").train.ema_decays
+    assert cfg.optim != cifar10.get_config("preset=meanflow").optim
+    assert (
+        override(cifar10.get_config("preset=one_step"), {"objective.meanflow_norm_p": 0.0}).objective.meanflow_norm_p
+        == 0.0
+    )
+
+
 def test_cifar10_meanflow_runs_take_meanflows_cifar10_time_sampling_and_only_they():
     cifar10 = load_experiment("cifar10")
     published = {
