@@ -24,6 +24,8 @@
 # stopped run resumes from its last checkpoint when the script is started again; a finished one
 # (ROOT/NAME.done) is skipped. On one H200 the two lanes together train about 6,000 images/s, about what
 # one process reaches alone: the lanes keep the GPU busy while the other compiles or evaluates.
+# Two MeanFlow runs side by side did worse: about 2,600 images/s together on one H100 against
+# 3,132 for one alone (2026-12-07), so mf and mfv share lane B and run one after the other.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 archive=../shared/data/cifar10-train.tar.gz
