@@ -157,6 +157,50 @@ def test_rows_with_r_equal_t_are_flow_matching():
     np.testing.assert_allclose(float(meanflow.loss_fn(PARAMS, None, batch_of(x1), rng, cfg)[0]), float(want), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["meanflow", "meanflow_v"])
+def test_flow_rows_skip_the_jvp_and_leave_the_loss_and_gradient_unchanged(name):
+    """The r = t rows cost one plain network pass each: the loss's traced matmul FLOPs are the
+    interval rows' jvp (for meanflow_v with its tangent pass) plus one forward per flow row. The
+    loss and its gradient equal the jvp taken over every row, flow rows included."""
+    from benchmarks.flops import traced_matmul_flops
+
+    model = MLPNet(width=32, depth=2, mlp_ratio=2.0, num_classes=0, dtype=jnp.float32)
+    n = 64
+    x1 = jax.random.normal(jax.random.key(20), (n, 2))
+    zeros, labels = jnp.zeros(n), jnp.zeros(n, jnp.int32)
+    params = model.init(jax.random.key(21), x1, zeros, zeros, labels)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(22), p.shape), params)
+    apply = lambda p, x_, t_, h_, y: model.apply({"params": p}, x_, t_, h_, y)  # noqa: E731
+    cfg = objective_config(apply, name=name, meanflow_norm_p=1.0)  # the adaptive weight on
+    rng = jax.random.key(23)
+    k = n - meanflow.num_flow_rows(n, cfg)
+    assert 0 < k < n
+
+    def loss_at(c):
+        return lambda p: METHODS[name].loss(p, None, batch_of(x1), rng, c)[0]
+
+    forward = traced_matmul_flops(lambda p: apply(p, x1, zeros, zeros, labels), params) / n
+    every_row = traced_matmul_flops(loss_at(with_option(cfg, "meanflow_flow_fraction", 0.0)), params) / n
+    assert every_row > 1.9 * forward  # a jvp row costs about two passes (three for meanflow_v)
+    assert traced_matmul_flops(loss_at(cfg), params) == pytest.approx(k * every_row + (n - k) * forward, rel=1e-6)
+
+    def unsplit(p):  # every row through the jvp, as the papers write it
+        x, tau, h, v, y = meanflow._prepare(batch_of(x1), rng, cfg)
+        if name == "meanflow":
+            u, du = meanflow._interval_derivative(p, x, tau, h, y, v, cfg)
+            error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow.meanflow_target(v, h, du)))
+        else:
+            tangent = jax.lax.stop_gradient(apply(p, x, tau, jnp.zeros_like(h), y))
+            u, du = meanflow._interval_derivative(p, x, tau, h, y, tangent, cfg)
+            error = common.per_row_mse(meanflow.compound_velocity(u, h, jax.lax.stop_gradient(du)), v)
+        return meanflow._weighted_loss(error, cfg)
+
+    got, got_grad = jax.value_and_grad(loss_at(cfg))(params)
+    want, want_grad = jax.value_and_grad(unsplit)(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grad, want_grad)
+
+
 @pytest.mark.parametrize("steps", [1, 3, 4])
 def test_interval_sampler_on_the_exact_field_maps_noise_to_the_data_point(steps):
     """One step (and any even chain of intervals) of the exact average velocity lands on the data."""
