@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory_per_device                       # B/2 and XL/2, 1-8 devices, B/2 compiled
     python -m benchmarks.memory_per_device --variants=B --compile=B --devices=1,2,4,8 --json=mem.json
+    python -m benchmarks.memory_per_device --variants=B --devices=8 --batch_per_device=32 --objective=meanflow
 
 For DiT-B/2 and DiT-XL/2 on ImageNet-256 latents (32x32x4, 1000 classes, the paper's shortcut
 recipe from ``experiments/imagenet.py``) with a fixed batch per device, each device count N runs
@@ -20,7 +21,9 @@ it reports
 * for the variants in ``--compile``, the compiled step's own figures (``memory_analysis`` of
   ``Experiment.compile_step``, per device): arguments (state and batch shard), temporaries
   (activations, gradients, collective buffers) and the peak ``arguments + temporaries`` (the
-  state is donated, so outputs reuse the arguments' buffers).
+  state is donated, so outputs reuse the arguments' buffers); and the collectives in the
+  compiled program, by kind: how many, and the bytes of their results per device
+  (``collective_traffic``), printed below the table.
 
 Target: fsdp parameter + optimiser bytes per device at most 1.1 x (the dp bytes / N). What
 stays replicated under fsdp is what ``sharding.state_shardings`` leaves whole: arrays under
@@ -73,6 +76,35 @@ def shard_bytes(abstract_tree) -> int:
     return total
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_ITEM_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
+
+
+def collective_traffic(hlo_text: str) -> dict:
+    """``{kind: [count, result bytes]}`` of the collectives in a compiled program's HLO text (an
+    asynchronous pair counted once, at its start; a synchronous tuple result's arrays summed)."""
+    import re
+
+    op = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    array = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+    found = {}
+    for line in hlo_text.splitlines():
+        match = op.search(line)
+        if match is None:
+            continue
+        sizes = [
+            math.prod(int(d) for d in dims.split(",") if d) * _ITEM_BYTES.get(dtype, 4)
+            for dtype, dims in array.findall(match.group(1))
+        ]
+        # an asynchronous start's result also holds its operand (and scratch): its largest array
+        size = max(sizes, default=0) if match.group(3) else sum(sizes)
+        entry = found.setdefault(match.group(2), [0, 0])
+        entry[0] += 1
+        entry[1] += size
+    return found
+
+
 def measure(variant: str, devices: int, mode: str, opts) -> dict:
     import jax
 
@@ -103,6 +135,7 @@ def measure(variant: str, devices: int, mode: str, opts) -> dict:
         row["output_bytes"] = int(mem.output_size_in_bytes)
         row["alias_bytes"] = int(mem.alias_size_in_bytes)
         row["peak_bytes"] = row["argument_bytes"] + row["temp_bytes"]
+        row["collectives"] = collective_traffic(compiled.as_text())
     return row
 
 
@@ -193,7 +226,9 @@ def main(argv=None) -> None:
         choices=["float32", "bfloat16"],
         help="model.dtype of the compiled step (accelerators default to bfloat16)",
     )
-    parser.add_argument("--objective", default="shortcut", choices=["shortcut", "flow_matching"])
+    parser.add_argument(
+        "--objective", default="shortcut", choices=["shortcut", "flow_matching", "meanflow", "meanflow_v"]
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per device count")
     parser.add_argument("--json", default="", help="also write the rows here")
     parser.add_argument("--child_devices", type=int, default=0, help=argparse.SUPPRESS)
@@ -211,6 +246,10 @@ def main(argv=None) -> None:
         " MiB per device"
     )
     print(table(rows))
+    for r in rows:
+        if r.get("collectives"):
+            kinds = ", ".join(f"{k} {c} ({b / MIB:,.2f} MiB)" for k, (c, b) in sorted(r["collectives"].items()))
+            print(f"collectives, DiT-{r['variant']} N={r['devices']} {r['mode']}: {kinds}")
     missed = [r for r in rows if r["mode"] == "fsdp" and r["params_bytes"] + r["opt_bytes"] > target_bytes(rows, r)]
     print(
         "target met for every fsdp row"

@@ -28,6 +28,7 @@ from shortcut_jax.objectives import (
     reflow,
     resolve_stages,
 )
+from shortcut_jax.objectives.common import RowSplit
 from shortcut_jax.training import offline
 from shortcut_jax.training import runs as warm_start
 from shortcut_jax.training.experiment import Experiment
@@ -468,7 +469,7 @@ def test_live_reflow_trains_generated_one_step_pairs_at_level_zero_without_gradi
     assert float(loss) < 1e-8 and {"reflow_loss", "flow_loss"} <= set(metrics)
     generation, student = levels[0], levels[-1]
     assert generation.shape == (4,) and np.all(generation == K)  # generated at the flow level
-    np.testing.assert_array_equal(student, [0] * 4 + [K] * 12)
+    np.testing.assert_array_equal(student, np.where(RowSplit(16, 4).mask(), 0, K))  # 4 of 16: one row in 4
 
     # Gradient: the same as with the generated samples held fixed at the current parameters.
     mlp_apply, params = tiny_mlp(seed=4)
@@ -707,6 +708,54 @@ def assert_states_close(got, want, start, mesh):
         error = np.linalg.norm(g - w)
         assert error <= 1e-4 * np.linalg.norm(w), (mesh, tree, error)
         assert error <= 1e-2 * np.linalg.norm(w - s), (mesh, tree, error, np.linalg.norm(w - s))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_objectives_step_on_a_data_axis_of_8_moves_no_row_between_devices(name, toy_pairs):
+    """The compiled step (``Experiment.compile_step``, 8 devices of 8 rows each) has no collective
+    but all-reduces (the gradient's and the metrics'): the objectives that cut the batch into row
+    groups (shortcut, MeanFlow, live reflow: ``common.RowSplit``) cut and join them on the device
+    that holds the rows. Seen failing with the groups cut as the batch's first rows and the rest:
+    collective-permutes and all-gathers of rows (meanflow 32 and 2, shortcut 14 and 4, live reflow
+    16 and 2)."""
+    from benchmarks.memory_per_device import collective_traffic
+
+    assert jax.device_count() == 8
+    exp = Experiment(toy_step_config(name, toy_pairs, (8, 1)), None)
+    try:
+        compiled, _ = exp.compile_step()
+    finally:
+        exp.close()
+    kinds = collective_traffic(compiled.as_text())
+    assert "all-reduce" in kinds
+    assert set(kinds) == {"all-reduce"}, kinds
+
+
+def test_shortcut_teachers_guided_rows_on_an_fsdp_mesh_move_rows_between_devices_never_activations():
+    """Bootstrap CFG appends the guided rows to the teacher's batch (8 + 1 rows on 8 devices):
+    the compiled step (a tiny class-conditional DiT, fsdp 8) moves only rows of its inputs (the
+    data's [8, 8, 4] and per-row scalars) by collective-permute. Seen failing without
+    ``sharding.batch_rows`` on the teacher's inputs: 112 more permutes of per-device slices of
+    activations ([9, 8], [9, 16], ...: the call partitioned by features)."""
+    import re
+
+    from shortcut_jax.data import DataSpec
+
+    config = offline.load_config(
+        os.path.join(ROOT, "experiments", "imagenet.py:runlocal=True"),
+        {"mesh.data": 1, "mesh.fsdp": 8, "model.width": 64, "train.batch_size": 64},
+    )
+    assert config.objective.bootstrap_cfg and config.objective.name == "shortcut"
+    exp = Experiment(config, None, spec=DataSpec((8, 8, 4), 10, "images"))
+    try:
+        compiled, _ = exp.compile_step()
+    finally:
+        exp.close()
+    moved = re.findall(r"= \w+\[([0-9,]*)\]\S* collective-permute\(", compiled.as_text())
+    assert moved  # the guided rows
+    for dims in moved:
+        shape = tuple(int(d) for d in dims.split(","))
+        assert len(shape) == 1 or shape[1:] == (8, 8, 4), shape
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -64,28 +64,29 @@ def test_official_assignment_counts_and_t_on_each_rows_grid(batch, fraction):
     x1 = jnp.zeros((batch, 2))
     labels = jnp.arange(batch) % 10
     rows = shortcut.sample_rows(x1, labels, jax.random.key(3), cfg)
-    n_sc = rows["n_sc"]
+    split = rows["rows"]
+    n_sc = split.count
     assert n_sc == round(batch * fraction)
     level, t = np.asarray(rows["level"]), np.asarray(rows["t"])
-    counts = collections.Counter(level[:n_sc].tolist())
+    counts = collections.Counter(split.first(level).tolist())
     per = n_sc // 7
     assert counts == {0: per + n_sc - 7 * per, **{k: per for k in range(1, 7)}}
-    assert np.all(level[n_sc:] == 7)
+    assert np.all(split.rest(level) == 7)
     # t on each row's grid: t * 2^k is an integer in [0, 2^k)
     scaled = t * 2.0**level
     np.testing.assert_array_equal(scaled, np.round(scaled))
     assert np.all(scaled >= 0) and np.all(scaled < 2.0**level)
     # self-consistency rows keep their labels; flow rows are dropped to the null class ~10% of the time
-    np.testing.assert_array_equal(np.asarray(rows["label"])[:n_sc], np.asarray(labels)[:n_sc])
+    np.testing.assert_array_equal(split.first(np.asarray(rows["label"])), split.first(np.asarray(labels)))
 
 
 def test_random_assignment_covers_levels_and_label_dropout_rate():
     cfg = ObjectiveConfig(apply_fn=None, num_classes=10, sc_fraction=0.5, level_assignment="random")
     rows = shortcut.sample_rows(jnp.zeros((20000, 1)), jnp.zeros(20000, jnp.int32), jax.random.key(0), cfg)
-    level = np.asarray(rows["level"])[:10000]
+    level = rows["rows"].first(np.asarray(rows["level"]))
     freq = np.bincount(level, minlength=7) / 10000
     np.testing.assert_allclose(freq, 1 / 7, atol=0.02)
-    dropped = np.mean(np.asarray(rows["label"])[10000:] == 10)
+    dropped = np.mean(rows["rows"].rest(np.asarray(rows["label"])) == 10)
     assert abs(dropped - 0.1) < 0.015
 
 
@@ -100,7 +101,8 @@ def test_rows_use_disjoint_images_and_independent_noise():
 
     @jax.jit
     def inputs(images):
-        """(teacher's first half-step input [n_sc, 3], student's input [b, 3]), as the objective passes them."""
+        """(teacher's first half-step input [n_sc, 3], student's input [b, 3]), as the objective
+        passes them."""
         calls = []
 
         def recorder(p, x, t, level, label):
@@ -117,7 +119,10 @@ def test_rows_use_disjoint_images_and_independent_noise():
     x0 = np.asarray(rows["x0"])
     assert len({tuple(np.round(r, 6)) for r in x0}) == b  # no shared noise between rows
     # rows at t = 0 see pure noise, whatever their image (every level-0 row): most rows do not
-    assert np.count_nonzero(t[:n_sc]) >= n_sc // 2 and np.count_nonzero(t[n_sc:]) == b - n_sc
+    split = rows["rows"]
+    sc_rows = np.flatnonzero(np.asarray(split.mask()))  # the batch rows the teacher sees, in order
+    assert len(sc_rows) == n_sc
+    assert np.count_nonzero(t[sc_rows]) >= n_sc // 2 and np.count_nonzero(split.rest(t)) == b - n_sc
     other_images = shortcut.sample_rows(
         jnp.asarray(x1 + 1.0), jnp.zeros(b, jnp.int32), key, ObjectiveConfig(apply_fn=None, **cfg_kw)
     )
@@ -130,7 +135,7 @@ def test_rows_use_disjoint_images_and_independent_noise():
         moved = np.any(student_j != student, axis=1)
         assert moved.tolist() == [i == j and t[j] > 0 for i in range(b)], j
         moved = np.any(teacher_j != teacher, axis=1)
-        assert moved.tolist() == [i == j and t[j] > 0 for i in range(n_sc)], j
+        assert moved.tolist() == [sc_rows[i] == j and t[j] > 0 for i in range(n_sc)], j
 
 
 def test_shortcut_loss_is_zero_for_the_exact_field_and_metrics_per_level():

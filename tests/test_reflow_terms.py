@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shortcut_jax.objectives import reflow
-from shortcut_jax.objectives.common import ObjectiveConfig
+from shortcut_jax.objectives.common import ObjectiveConfig, RowSplit
 
 FLOOR = 1e-5
 K = 7
@@ -103,28 +103,29 @@ def test_live_reflow_pairs_come_from_the_configured_euler_steps_and_guidance():
         label_dropout=0.0,
     )
     n = reflow.num_reflow_rows(b, cfg.reflow_fraction)
+    pair = RowSplit(b, n).first  # the generated pairs' rows
     _, metrics = reflow.live_loss_fn(params, None, {"x": x1, "label": labels}, jax.random.key(0), cfg)
     jax.effects_barrier()
 
     # the first call starts the generation from the rows' noise at t = 0
     noise = calls[0][0][:n]
     assert np.all(calls[0][1] == 0)
-    generated = euler_by_hand(noise, np.asarray(labels[:n]), steps=steps, scale=scale, a=a)
+    generated = euler_by_hand(noise, np.asarray(pair(labels)), steps=steps, scale=scale, a=a)
     # generation calls: one per step (conditional and null class batched), all at the flow level
     generation, (x_t, t, level, lab) = calls[:-1], calls[-1]
     assert len(generation) == steps
     assert all(np.all(c[2] == K) for c in generation)
-    np.testing.assert_array_equal(lab[:n], labels[:n])
-    np.testing.assert_array_equal(level[:n], 0)
+    np.testing.assert_array_equal(pair(lab), pair(labels))
+    np.testing.assert_array_equal(pair(level), 0)
     # the student sees the generated pair's path, and its target is that pair's velocity
-    tt = t[:n, None].astype(np.float64)
-    np.testing.assert_allclose(x_t[:n], (1 - (1 - FLOOR) * tt) * noise + tt * generated, rtol=1e-4, atol=1e-4)
-    pred = curved_np(x_t[:n].astype(np.float64), tt, lab[:n], a)
+    tt = pair(t)[:, None].astype(np.float64)
+    np.testing.assert_allclose(pair(x_t), (1 - (1 - FLOOR) * tt) * noise + tt * generated, rtol=1e-4, atol=1e-4)
+    pred = curved_np(pair(x_t).astype(np.float64), tt, pair(lab), a)
     want = np.mean((pred - (generated - (1 - FLOOR) * noise)) ** 2)
     np.testing.assert_allclose(float(metrics["reflow_loss"]), want, rtol=1e-4)
 
     # not vacuous: one unguided Euler step gives other pairs
-    one = euler_by_hand(noise, np.asarray(labels[:n]), steps=1, scale=1.0, a=a)
+    one = euler_by_hand(noise, np.asarray(pair(labels)), steps=1, scale=1.0, a=a)
     assert np.abs(one - generated).max() > 0.1
 
 

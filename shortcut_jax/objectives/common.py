@@ -12,6 +12,7 @@ Conventions used by every objective and sampler in the project:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -132,6 +133,61 @@ def ema_and_frozen_teacher(teacher_params, name: str):
             " {'ema': EMA params, 'teacher': teacher params}"
         )
     return teacher_params["ema"], teacher_params["teacher"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSplit:
+    """A batch of ``size`` rows cut into two groups, ``count`` rows of the first kind (shortcut's
+    self-consistency rows, MeanFlow's interval rows, live reflow's generated pairs) and the rest.
+
+    The groups are interleaved with the shortest period that holds the exact share: ``period =
+    size / gcd(size, count)`` rows, the first ``count / gcd`` of each period in the first group.
+    A batch sharded over devices in contiguous blocks (``infra.sharding.batch_sharding``) whose
+    block is a multiple of the period gives every device the same share, and cutting or joining
+    the groups moves no row between devices; cutting the first ``count`` rows off would send them
+    across the mesh at every step, and left the partitioner resharding the network's work on
+    them under FSDP. The layout depends only on ``size`` and ``count``, never on the mesh, so a
+    run gives the same step on any mesh; with ``gcd(size, count) = 1`` it is the first ``count``
+    rows and the rest."""
+
+    size: int
+    count: int
+
+    @property
+    def period(self) -> int:
+        return self.size // math.gcd(self.size, self.count)
+
+    @property
+    def per_period(self) -> int:
+        return self.count // math.gcd(self.size, self.count)
+
+    def _periods(self, a: jax.Array) -> jax.Array:
+        if a.shape[0] != self.size:
+            raise ValueError(f"RowSplit of {self.size} rows given an array of {a.shape[0]} rows")
+        return a.reshape((self.size // self.period, self.period) + a.shape[1:])
+
+    def first(self, a: jax.Array) -> jax.Array:
+        """The ``count`` rows of the first group, in batch order."""
+        return self._periods(a)[:, : self.per_period].reshape((self.count,) + a.shape[1:])
+
+    def rest(self, a: jax.Array) -> jax.Array:
+        """The other ``size - count`` rows, in batch order."""
+        return self._periods(a)[:, self.per_period :].reshape((self.size - self.count,) + a.shape[1:])
+
+    def join(self, first: jax.Array, rest: jax.Array) -> jax.Array:
+        """The batch-ordered rows of two groups cut by ``first`` and ``rest`` (their inverse)."""
+        groups = self.size // self.period
+        return jnp.concatenate(
+            [
+                first.reshape((groups, self.per_period) + first.shape[1:]),
+                rest.reshape((groups, self.period - self.per_period) + rest.shape[1:]),
+            ],
+            axis=1,
+        ).reshape((self.size,) + first.shape[1:])
+
+    def mask(self) -> jax.Array:
+        """Bool ``[size]``: True on the first group's rows."""
+        return jnp.arange(self.size) % self.period < self.per_period
 
 
 def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array, floor: float) -> jax.Array:

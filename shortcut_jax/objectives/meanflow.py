@@ -19,8 +19,9 @@ is one ``jax.jvp`` of the network (forward mode: no extra backward pass).
 (guided) empirical velocity, which is also the jvp's tangent; rows with ``r = t`` (``h = 0``,
 ``objective.meanflow_flow_fraction`` of them, 0.75 published) are plain flow matching.
 
-Row layout. The flow rows are the batch's last ``round(meanflow_flow_fraction * batch)`` rows
-(the rows are independent draws, so their place carries no meaning). Their derivative term is
+Row layout. ``round(meanflow_flow_fraction * batch)`` rows are flow rows, interleaved with the
+interval rows by ``common.RowSplit`` (the rows are independent draws, so their place carries no
+meaning; the interleaving keeps each device's share and moves no row across a mesh). Their derivative term is
 multiplied by ``h = 0``, so they skip the jvp: one plain network pass, where the interval rows
 pay for the primal and the tangent (and, for ``meanflow_v``, the tangent's own pass). The loss and
 its gradient are those of the jvp over every row; at the published ImageNet share (0.75) the
@@ -81,16 +82,20 @@ def sample_intervals(rng, n: int, cfg: common.ObjectiveConfig) -> tuple[jax.Arra
     a = jax.nn.sigmoid(mean + std * jax.random.normal(rng_a, (n,)))
     b = jax.nn.sigmoid(mean + std * jax.random.normal(rng_b, (n,)))
     t, r = jnp.maximum(a, b), jnp.minimum(a, b)
-    # a fixed count of flow rows, the last ones (as the shortcut objective fixes its
-    # self-consistency rows): the share is exact in every batch and the loss skips their jvp
-    is_flow = jnp.arange(n) >= n - num_flow_rows(n, cfg)
-    r = jnp.where(is_flow, t, r)
+    # a fixed count of flow rows (as the shortcut objective fixes its self-consistency rows): the
+    # share is exact in every batch and the loss skips their jvp
+    r = jnp.where(row_split(n, cfg).mask(), r, t)
     return 1.0 - t, t - r
 
 
 def num_flow_rows(n: int, cfg: common.ObjectiveConfig) -> int:
-    """How many of ``n`` rows have ``r = t`` (``h = 0``): the last ones of the batch."""
+    """How many of ``n`` rows have ``r = t`` (``h = 0``)."""
     return int(round(cfg.option("meanflow_flow_fraction") * n))
+
+
+def row_split(n: int, cfg: common.ObjectiveConfig) -> common.RowSplit:
+    """The interval rows (the split's first group) and the flow rows (the rest) of ``n`` rows."""
+    return common.RowSplit(n, n - num_flow_rows(n, cfg))
 
 
 def _column(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -184,11 +189,20 @@ def _flow_rows_error(params, x, tau, labels, target, cfg: common.ObjectiveConfig
     return common.per_row_mse(u, target)
 
 
-def _split(k: int, *arrays, **named):
-    """Each array (and each named one) cut into its first ``k`` rows and the rest."""
-    head = [a[:k] for a in arrays], {key: a[:k] for key, a in named.items()}
-    tail = [a[k:] for a in arrays], {key: a[k:] for key, a in named.items()}
+def _split(rows: common.RowSplit, *arrays, **named):
+    """Each array (and each named one) cut into the interval rows and the flow rows."""
+    head = [rows.first(a) for a in arrays], {key: rows.first(a) for key, a in named.items()}
+    tail = [rows.rest(a) for a in arrays], {key: rows.rest(a) for key, a in named.items()}
     return head, tail
+
+
+def _joined_error(rows: common.RowSplit, interval_error, flow_error) -> jax.Array:
+    """Per-row errors in batch order (either group may be empty)."""
+    if rows.count == 0:
+        return flow_error
+    if rows.count == rows.size:
+        return interval_error
+    return rows.join(interval_error, flow_error)
 
 
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
@@ -197,15 +211,15 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     del teacher_params  # the target comes from the network itself
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
     v_g = guided_velocity(params, x, tau, v, labels, cfg)
-    k = x.shape[0] - num_flow_rows(x.shape[0], cfg)  # interval rows first
-    ((xi, ti, hi, li, vi), _), ((xf, tf, _, lf, vf), _) = _split(k, x, tau, h, labels, v_g)
-    errors = []
-    if k > 0:
+    rows = row_split(x.shape[0], cfg)
+    ((xi, ti, hi, li, vi), _), ((xf, tf, _, lf, vf), _) = _split(rows, x, tau, h, labels, v_g)
+    interval_error = flow_error = None
+    if rows.count > 0:
         u, du = _interval_derivative(params, xi, ti, hi, li, vi, cfg)
-        errors.append(common.per_row_mse(u, jax.lax.stop_gradient(meanflow_target(vi, hi, du))))
-    if k < x.shape[0]:
-        errors.append(_flow_rows_error(params, xf, tf, lf, vf, cfg))
-    error = jnp.concatenate(errors)
+        interval_error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow_target(vi, hi, du)))
+    if rows.count < rows.size:
+        flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg)
+    error = _joined_error(rows, interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, h)
 
@@ -248,18 +262,18 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     else:
         guidance = {}
         v_g = guided_velocity(params, x, tau, v, labels, cfg)
-    # interval rows first; on the flow rows (h = 0) V = u(x, tau, 0): no tangent pass, no jvp
-    k = x.shape[0] - num_flow_rows(x.shape[0], cfg)
-    ((xi, ti, hi, li, vi), gi), ((xf, tf, _, lf, vf), gf) = _split(k, x, tau, h, labels, v_g, **guidance)
-    errors = []
-    if k > 0:
+    # on the flow rows (h = 0) V = u(x, tau, 0): no tangent pass, no jvp
+    rows = row_split(x.shape[0], cfg)
+    ((xi, ti, hi, li, vi), gi), ((xf, tf, _, lf, vf), gf) = _split(rows, x, tau, h, labels, v_g, **guidance)
+    interval_error = flow_error = None
+    if rows.count > 0:
         instantaneous = cfg.apply_fn(params, xi, ti, jnp.zeros_like(hi), li, **gi)
         instantaneous = jax.lax.stop_gradient(instantaneous.astype(jnp.float32))
         u, du = _interval_derivative(params, xi, ti, hi, li, instantaneous, cfg, **gi)
-        errors.append(common.per_row_mse(compound_velocity(u, hi, jax.lax.stop_gradient(du)), vi))
-    if k < x.shape[0]:
-        errors.append(_flow_rows_error(params, xf, tf, lf, vf, cfg, **gf))
-    error = jnp.concatenate(errors)
+        interval_error = common.per_row_mse(compound_velocity(u, hi, jax.lax.stop_gradient(du)), vi)
+    if rows.count < rows.size:
+        flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg, **gf)
+    error = _joined_error(rows, interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, h)
 

@@ -6,8 +6,8 @@ Reflow straightens a flow by training flow matching on the couplings a trained m
 - stage two, ``loss_fn``: flow matching with ``x0 = batch['noise']`` and ``x1 = batch['x']`` of
   the stored pairs (instead of fresh noise and data), level ``K``, labels dropped for CFG.
 
-Live reflow (``live_loss_fn``) makes the pairs during training: the first
-``round(B * reflow_fraction)`` rows get fresh noise carried to a sample by the current model
+Live reflow (``live_loss_fn``) makes the pairs during training: ``round(B * reflow_fraction)``
+rows (interleaved through the batch by ``common.RowSplit``) get fresh noise carried to a sample by the current model
 itself (``reflow_steps`` Euler steps at the flow-matching level ``K``, guided with
 ``reflow_cfg_scale`` when it is not 1, no gradient) and are trained as one-step pairs at level
 0 (``t`` drawn like the flow rows, target ``sample - (1 - floor) noise``); the other rows are
@@ -82,16 +82,17 @@ def live_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig
         )
     rng_noise, rng_t, rng_drop = jax.random.split(rng, 3)
     x0 = jax.random.normal(rng_noise, x1.shape, x1.dtype)
-    labels_pair = common.conditional_labels(batch["label"][:n], cfg)
-    generated = generate_live(params, x0[:n], labels_pair, cfg)
-    x1_rows = jnp.concatenate([generated, x1[n:]])
+    rows = common.RowSplit(b, n)  # the generated pairs first, interleaved through the batch
+    labels_pair = common.conditional_labels(rows.first(batch["label"]), cfg)
+    generated = generate_live(params, rows.first(x0), labels_pair, cfg)
+    x1_rows = rows.join(generated, rows.rest(x1))
     t = common.sample_flow_t(rng_t, b, cfg)
-    level = jnp.concatenate([jnp.zeros((n,), jnp.int32), jnp.full((b - n,), cfg.num_levels, jnp.int32)])
-    labels = jnp.concatenate([labels_pair, common.drop_labels(rng_drop, batch["label"][n:], cfg)])
+    level = rows.join(jnp.zeros((n,), jnp.int32), jnp.full((b - n,), cfg.num_levels, jnp.int32))
+    labels = rows.join(labels_pair, common.drop_labels(rng_drop, rows.rest(batch["label"]), cfg))
     pred = cfg.apply_fn(params, common.interpolate(x0, x1_rows, t, cfg.noise_floor), t, level, labels)
     mse = common.per_row_mse(pred, common.flow_velocity(x0, x1_rows, cfg.noise_floor))
     loss = jnp.mean(mse)
-    return loss, {"loss": loss, "reflow_loss": jnp.mean(mse[:n]), "flow_loss": jnp.mean(mse[n:])}
+    return loss, {"loss": loss, "reflow_loss": jnp.mean(rows.first(mse)), "flow_loss": jnp.mean(rows.rest(mse))}
 
 
 def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:

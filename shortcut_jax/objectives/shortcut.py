@@ -8,7 +8,9 @@ A batch of B rows is split into two disjoint groups (different images, independe
   clipped too and carries no gradient.
 - the remaining flow rows: ``t`` on the finest grid, level ``K``, target ``x1 - (1 - floor) x0``,
   labels dropped to the null class with probability ``label_dropout``.
-One student forward pass covers all rows. The published code cuts both groups from the same
+The two groups are interleaved through the batch (``common.RowSplit``: with 1/8 of the rows,
+the first of every eight), so a batch sharded over devices keeps them on the devices that hold
+them. One student forward pass covers all rows. The published code cuts both groups from the same
 first images with the same noise (its last eighth of each batch is never used); here they are
 disjoint, so every image in the batch is used once.
 
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shortcut_jax.infra import sharding
 from shortcut_jax.objectives import common
 
 
@@ -92,12 +95,14 @@ def self_consistency_targets(
             return apply_fn(teacher_params, x, tt, half_level, labels)
         if guided_tail is not None:
             g = slice(x.shape[0] - guided_tail, None)
+            # n_sc + guided_tail rows, which the devices seldom divide: held split by rows
+            rows = sharding.batch_rows
             both = apply_fn(
                 teacher_params,
-                jnp.concatenate([x, x[g]]),
-                jnp.concatenate([tt, tt[g]]),
-                jnp.concatenate([half_level, half_level[g]]),
-                jnp.concatenate([labels, jnp.full_like(labels[g], cfg.null_class)]),
+                rows(jnp.concatenate([x, x[g]])),
+                rows(jnp.concatenate([tt, tt[g]])),
+                rows(jnp.concatenate([half_level, half_level[g]])),
+                rows(jnp.concatenate([labels, jnp.full_like(labels[g], cfg.null_class)])),
             )
             cond, uncond = both[: x.shape[0]], both[x.shape[0] :]
             return cond.at[g].set(uncond + w * (cond[g] - uncond))
@@ -115,10 +120,17 @@ def self_consistency_targets(
     return jax.lax.stop_gradient(clip((s1 + s2) / 2))
 
 
+def row_split(batch_size: int, cfg: common.ObjectiveConfig) -> common.RowSplit:
+    """The self-consistency rows (the split's first group) and the flow rows of a batch."""
+    return common.RowSplit(batch_size, num_sc_rows(batch_size, cfg.sc_fraction))
+
+
 def sample_rows(x1, labels, rng, cfg: common.ObjectiveConfig, sc_level=None) -> dict:
-    """Noise, noise levels, step levels and labels of every row (self-consistency rows first)."""
+    """Noise, noise levels, step levels and labels of every row, in batch order; ``rows`` says
+    which are self-consistency rows (``rows.first``) and which flow rows (``rows.rest``)."""
     b = x1.shape[0]
-    n_sc = num_sc_rows(b, cfg.sc_fraction)
+    rows = row_split(b, cfg)
+    n_sc = rows.count
     rng_noise, rng_level, rng_t_sc, rng_t_flow, rng_drop = jax.random.split(rng, 5)
     x0 = jax.random.normal(rng_noise, x1.shape, x1.dtype)
     if sc_level is None:
@@ -127,15 +139,13 @@ def sample_rows(x1, labels, rng, cfg: common.ObjectiveConfig, sc_level=None) -> 
     t_sc = jax.random.randint(rng_t_sc, (n_sc,), 0, grid).astype(jnp.float32) / grid
     t_flow = common.sample_flow_t(rng_t_flow, b - n_sc, cfg)
     return {
-        "n_sc": n_sc,
+        "rows": rows,
         "x0": x0,
-        "t": jnp.concatenate([t_sc, t_flow]),
-        "level": jnp.concatenate([sc_level.astype(jnp.int32), jnp.full((b - n_sc,), cfg.num_levels, jnp.int32)]),
-        "label": jnp.concatenate(
-            [
-                common.conditional_labels(labels[:n_sc], cfg),
-                common.drop_labels(rng_drop, labels[n_sc:], cfg),
-            ]
+        "t": rows.join(t_sc, t_flow),
+        "level": rows.join(sc_level.astype(jnp.int32), jnp.full((b - n_sc,), cfg.num_levels, jnp.int32)),
+        "label": rows.join(
+            common.conditional_labels(rows.first(labels), cfg),
+            common.drop_labels(rng_drop, rows.rest(labels), cfg),
         ),
     }
 
@@ -166,8 +176,9 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     b = x1.shape[0]
     k = cfg.num_levels
     rng, rng_grow = jax.random.split(rng) if cfg.sc_fraction_start >= 0 else (rng, None)
-    rows = sample_rows(x1, batch["label"], rng, cfg, batch.get("sc_level"))
-    n_sc, x0, t, level, labels = rows["n_sc"], rows["x0"], rows["t"], rows["level"], rows["label"]
+    drawn = sample_rows(x1, batch["label"], rng, cfg, batch.get("sc_level"))
+    rows, x0, t, level, labels = drawn["rows"], drawn["x0"], drawn["t"], drawn["level"], drawn["label"]
+    n_sc, sc_rows = rows.count, rows.first
     x_t = common.interpolate(x0, x1, t, cfg.noise_floor)
 
     teacher = jax.lax.stop_gradient(params) if cfg.teacher == "online" else teacher_params
@@ -175,10 +186,10 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     official = cfg.level_assignment == "official" and "sc_level" not in batch
     guided_tail = n_sc // k if official else None
     target_sc = self_consistency_targets(
-        cfg.apply_fn, teacher, x_t[:n_sc], t[:n_sc], level[:n_sc], labels[:n_sc], cfg, guided_tail
+        cfg.apply_fn, teacher, sc_rows(x_t), sc_rows(t), sc_rows(level), sc_rows(labels), cfg, guided_tail
     )
-    target_flow = common.flow_velocity(x0[n_sc:], x1[n_sc:], cfg.noise_floor)
-    level_sc = level[:n_sc]
+    target_flow = common.flow_velocity(rows.rest(x0), rows.rest(x1), cfg.noise_floor)
+    level_sc = sc_rows(level)
 
     if rng_grow is None:
         is_sc = jnp.ones((n_sc,), bool)
@@ -188,20 +199,21 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         rng_active, rng_t, rng_drop = jax.random.split(rng_grow, 3)
         is_sc = active_rows(rng_active, n_sc, b, batch["step"], cfg)
         col = is_sc.reshape((n_sc,) + (1,) * (x1.ndim - 1))
-        t = t.at[:n_sc].set(jnp.where(is_sc, t[:n_sc], common.sample_flow_t(rng_t, n_sc, cfg)))
-        level = level.at[:n_sc].set(jnp.where(is_sc, level_sc, k))
-        dropped = common.drop_labels(rng_drop, batch["label"][:n_sc], cfg)
-        labels = labels.at[:n_sc].set(jnp.where(is_sc, labels[:n_sc], dropped))
-        x_t = x_t.at[:n_sc].set(
-            jnp.where(col, x_t[:n_sc], common.interpolate(x0[:n_sc], x1[:n_sc], t[:n_sc], cfg.noise_floor))
-        )
-        flow_sc = common.flow_velocity(x0[:n_sc], x1[:n_sc], cfg.noise_floor)
+        t_sc = jnp.where(is_sc, sc_rows(t), common.sample_flow_t(rng_t, n_sc, cfg))
+        t = rows.join(t_sc, rows.rest(t))
+        level = rows.join(jnp.where(is_sc, level_sc, k), rows.rest(level))
+        dropped = common.drop_labels(rng_drop, sc_rows(batch["label"]), cfg)
+        labels = rows.join(jnp.where(is_sc, sc_rows(labels), dropped), rows.rest(labels))
+        x0_sc, x1_sc = sc_rows(x0), sc_rows(x1)
+        x_t_sc = jnp.where(col, sc_rows(x_t), common.interpolate(x0_sc, x1_sc, t_sc, cfg.noise_floor))
+        x_t = rows.join(x_t_sc, rows.rest(x_t))
+        flow_sc = common.flow_velocity(x0_sc, x1_sc, cfg.noise_floor)
         target_sc = jnp.where(col, target_sc, flow_sc.astype(target_sc.dtype))
 
     # One student pass over all rows.
     pred = cfg.apply_fn(params, x_t, t, level, labels)
-    mse = common.per_row_mse(pred, jnp.concatenate([target_sc, target_flow]))
-    mse_sc, mse_flow = mse[:n_sc], mse[n_sc:]
+    mse = common.per_row_mse(pred, rows.join(target_sc, target_flow))
+    mse_sc, mse_flow = sc_rows(mse), rows.rest(mse)
     sc = is_sc.astype(jnp.float32)
 
     if cfg.level_weights is None:

@@ -426,7 +426,8 @@ class Experiment:
             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
         )
         start = time.perf_counter()
-        compiled = jitted.lower(self.abstract_state, self.abstract_batch()).compile()
+        with jax.set_mesh(self.mesh):  # the mesh that sharding.batch_rows constrains rows to
+            compiled = jitted.lower(self.abstract_state, self.abstract_batch()).compile()
         info = {"compile_seconds": time.perf_counter() - start}
         info.update(compiled_stats(compiled))
         return compiled, info
