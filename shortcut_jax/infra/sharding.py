@@ -62,10 +62,10 @@ def batch_rows(a: jax.Array) -> jax.Array:
     is otherwise (one device, a test calling a loss directly).
 
     For the network's inputs on a number of rows that the devices do not divide evenly (the
-    shortcut teacher's guided rows appended to its batch): without it, XLA's partitioner was seen
-    to spread the activations of such a call over the fsdp axis by features, moving 4.4 GiB more
-    per step and device on DiT-B/2 (8 devices, 32 rows each); split by rows (the last device's
-    share padded) the call is partitioned as every other pass."""
+    shortcut teacher's guided rows appended to its batch): left unconstrained, XLA's partitioner
+    may split such a call's activations over the fsdp axis by features and move them at every
+    layer; split by rows (the last device's share padded) the call is partitioned as every other
+    pass. Figures: docs/configs.md, row groups on a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != BATCH_AXES:
         return a

@@ -144,11 +144,10 @@ class RowSplit:
     size / gcd(size, count)`` rows, the first ``count / gcd`` of each period in the first group.
     A batch sharded over devices in contiguous blocks (``infra.sharding.batch_sharding``) whose
     block is a multiple of the period gives every device the same share, and cutting or joining
-    the groups moves no row between devices; cutting the first ``count`` rows off would send them
-    across the mesh at every step, and left the partitioner resharding the network's work on
-    them under FSDP. The layout depends only on ``size`` and ``count``, never on the mesh, so a
-    run gives the same step on any mesh; with ``gcd(size, count) = 1`` it is the first ``count``
-    rows and the rest."""
+    the groups moves no row between devices (the first ``count`` rows would sit on the first
+    devices and cross the mesh at every step). The layout depends only on ``size`` and
+    ``count``, never on the mesh, so a run gives the same step on any mesh; with
+    ``gcd(size, count) = 1`` it is the first ``count`` rows and the rest."""
 
     size: int
     count: int

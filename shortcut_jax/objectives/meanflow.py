@@ -21,12 +21,12 @@ is one ``jax.jvp`` of the network (forward mode: no extra backward pass).
 
 Row layout. ``round(meanflow_flow_fraction * batch)`` rows are flow rows, interleaved with the
 interval rows by ``common.RowSplit`` (the rows are independent draws, so their place carries no
-meaning; the interleaving keeps each device's share and moves no row across a mesh). Their derivative term is
-multiplied by ``h = 0``, so they skip the jvp: one plain network pass, where the interval rows
-pay for the primal and the tangent (and, for ``meanflow_v``, the tangent's own pass). The loss and
-its gradient are those of the jvp over every row; at the published ImageNet share (0.75) the
-network's forward work in the loss drops from 2 (3 for ``meanflow_v``) passes per row to 1.25
-(1.5).
+meaning; the interleaving keeps each device's share and moves no row across a mesh). Their
+derivative term is multiplied by ``h = 0``, so they skip the jvp: one plain network pass, where
+the interval rows pay for the primal and the tangent (and, for ``meanflow_v``, the tangent's own
+pass). The loss and its gradient are those of the jvp over every row; at the published ImageNet
+share (0.75) the network's forward work in the loss drops from 2 (3 for ``meanflow_v``) passes
+per row to 1.25 (1.5).
 
 ``meanflow_v`` (improved MeanFlow): the same network, but the loss is a regression on the
 instantaneous velocity, re-parameterised through ``u`` by the same identity read the other way,

@@ -7,8 +7,8 @@ Reflow straightens a flow by training flow matching on the couplings a trained m
   the stored pairs (instead of fresh noise and data), level ``K``, labels dropped for CFG.
 
 Live reflow (``live_loss_fn``) makes the pairs during training: ``round(B * reflow_fraction)``
-rows (interleaved through the batch by ``common.RowSplit``) get fresh noise carried to a sample by the current model
-itself (``reflow_steps`` Euler steps at the flow-matching level ``K``, guided with
+rows (interleaved through the batch by ``common.RowSplit``) get fresh noise carried to a sample
+by the current model itself (``reflow_steps`` Euler steps at the flow-matching level ``K``, guided with
 ``reflow_cfg_scale`` when it is not 1, no gradient) and are trained as one-step pairs at level
 0 (``t`` drawn like the flow rows, target ``sample - (1 - floor) noise``); the other rows are
 ordinary flow-matching rows at level ``K``. As in the published code the data of the generated
