@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -404,3 +405,25 @@ def test_growing_share_refuses_a_start_above_the_final_share():
     c.objective.sc_fraction_start = 0.5
     with pytest.raises(ValueError, match="sc_fraction_start=0.5 must be at most objective.sc_fraction=0.125"):
         METHODS["shortcut"].check(c.objective, batch_size=256, total_steps=100)
+
+
+@pytest.mark.parametrize("size,count", [(256, 64), (256, 32), (64, 48), (12, 9), (100, 33), (16, 0), (16, 16)])
+def test_row_split_interleaves_the_exact_share_with_the_shortest_period_and_join_inverts_the_cut(size, count):
+    """``count`` rows in the first group, the same number in every period of ``size / gcd`` rows
+    (so every device of a mesh whose block the period divides holds the same share), batch order
+    kept within each group, and ``join`` puts the cut back; without a common divisor, the first
+    ``count`` rows."""
+    rows = common.RowSplit(size, count)
+    a = np.arange(size * 3).reshape(size, 3)
+    first, rest = np.asarray(rows.first(a)), np.asarray(rows.rest(a))
+    in_first = np.asarray(rows.mask())
+    assert rows.period == size // math.gcd(size, count) and in_first.sum() == count
+    np.testing.assert_array_equal(first[:, 0] // 3, np.flatnonzero(in_first))
+    np.testing.assert_array_equal(rest[:, 0] // 3, np.flatnonzero(~in_first))
+    np.testing.assert_array_equal(np.asarray(rows.join(first, rest)), a)
+    periods = in_first.reshape(-1, rows.period)
+    assert np.all(periods.sum(axis=1) == rows.per_period) and np.all(periods[:, : rows.per_period])
+    if math.gcd(size, count) == 1:
+        np.testing.assert_array_equal(in_first, np.arange(size) < count)
+    if size == 256:  # 8 devices of 32 rows: each holds count / 8 of the first group
+        assert np.all(in_first.reshape(8, 32).sum(axis=1) == count // 8)
