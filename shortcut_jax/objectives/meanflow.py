@@ -196,15 +196,6 @@ def _split(rows: common.RowSplit, *arrays, **named):
     return head, tail
 
 
-def _joined_error(rows: common.RowSplit, interval_error, flow_error) -> jax.Array:
-    """Per-row errors in batch order (either group may be empty)."""
-    if rows.count == 0:
-        return flow_error
-    if rows.count == rows.size:
-        return interval_error
-    return rows.join(interval_error, flow_error)
-
-
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     """MeanFlow's loss: ``u`` against ``stop_gradient(v_g + h D u)``; the flow rows (``h = 0``)
     against ``v_g`` without the jvp."""
@@ -213,13 +204,13 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     v_g = guided_velocity(params, x, tau, v, labels, cfg)
     rows = row_split(x.shape[0], cfg)
     ((xi, ti, hi, li, vi), _), ((xf, tf, _, lf, vf), _) = _split(rows, x, tau, h, labels, v_g)
-    interval_error = flow_error = None
+    interval_error = flow_error = jnp.zeros((0,), jnp.float32)  # a group may be empty
     if rows.count > 0:
         u, du = _interval_derivative(params, xi, ti, hi, li, vi, cfg)
         interval_error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow_target(vi, hi, du)))
     if rows.count < rows.size:
         flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg)
-    error = _joined_error(rows, interval_error, flow_error)
+    error = rows.join(interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, h)
 
@@ -265,7 +256,7 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     # on the flow rows (h = 0) V = u(x, tau, 0): no tangent pass, no jvp
     rows = row_split(x.shape[0], cfg)
     ((xi, ti, hi, li, vi), gi), ((xf, tf, _, lf, vf), gf) = _split(rows, x, tau, h, labels, v_g, **guidance)
-    interval_error = flow_error = None
+    interval_error = flow_error = jnp.zeros((0,), jnp.float32)  # a group may be empty
     if rows.count > 0:
         instantaneous = cfg.apply_fn(params, xi, ti, jnp.zeros_like(hi), li, **gi)
         instantaneous = jax.lax.stop_gradient(instantaneous.astype(jnp.float32))
@@ -273,7 +264,7 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         interval_error = common.per_row_mse(compound_velocity(u, hi, jax.lax.stop_gradient(du)), vi)
     if rows.count < rows.size:
         flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg, **gf)
-    error = _joined_error(rows, interval_error, flow_error)
+    error = rows.join(interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, h)
 
