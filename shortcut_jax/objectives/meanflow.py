@@ -169,8 +169,8 @@ def compound_velocity(u, h, du):
     return u - _column(h, du) * du
 
 
-def _metrics(loss, error, h):
-    is_flow = (h == 0).astype(jnp.float32)
+def _metrics(loss, error, rows: common.RowSplit):
+    is_flow = 1.0 - rows.mask().astype(jnp.float32)  # the interval rows are the first group
     flow_rows = jnp.sum(is_flow)
     interval_rows = jnp.sum(1.0 - is_flow)
     return {
@@ -212,7 +212,7 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg)
     error = rows.join(interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
-    return loss, _metrics(loss, error, h)
+    return loss, _metrics(loss, error, rows)
 
 
 def sample_guidance(rng, labels, cfg: common.ObjectiveConfig) -> jax.Array:
@@ -266,7 +266,7 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg, **gf)
     error = rows.join(interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
-    return loss, _metrics(loss, error, h)
+    return loss, _metrics(loss, error, rows)
 
 
 def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
