@@ -15,8 +15,8 @@ Arguments (`experiments/cifar10.py:key=value,...`), switches that set several ke
   preset=few_step (the recommended few-step setting: objective.teacher=online,
   objective.sc_fraction=0.25, train.ema_debias=True; see config_lib.PRESETS),
   preset=one_step (the best 1-step setting measured: objective=meanflow with this file's optimiser
-  and MeanFlow's CIFAR-10 time sampling, train.ema_debias=True; 1-step CFD 17.1 against 17.3 at 128
-  steps, one seed, experiments/cifar10_results.md),
+  and MeanFlow's CIFAR-10 time sampling, train.ema_debias=True; 1-step CFD 17.2 against 17.5 at 128
+  steps, two seeds, experiments/cifar10_results.md),
   objective=shortcut|flow_matching|diffusion|consistency_training|live_reflow|consistency_distillation|
   progressive_distillation|meanflow|meanflow_v (the distillation methods start from a trained run of the same model:
   --config.objective.teacher_checkpoint=workdirs/cifar10_flow, a flow-matching or shortcut run's
