@@ -201,6 +201,59 @@ def test_flow_rows_skip_the_jvp_and_leave_the_loss_and_gradient_unchanged(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grad, want_grad)
 
 
+@pytest.mark.parametrize("kappa", [0.5, 0.0])
+def test_guided_meanflow_takes_a_flow_rows_conditional_term_from_its_own_training_pass(kappa):
+    """Guidance folded into the target (class-conditional, omega 1, kappa 0.5 as MeanFlow's
+    ImageNet runs, or kappa 0): the guidance pass runs ``u(.|null)`` on every row and ``u(.|c)``
+    on the interval rows only (on none with kappa 0); a flow row's ``u(.|c)`` is its own training
+    pass. So the loss's traced matmul FLOPs are the unguided loss's plus ``n + k`` forward rows
+    (``n``), not ``2 n``; loss and gradient equal the papers' form (both terms on every row, the
+    jvp on every row). Seen failing with both terms on every row: ``2 n`` forward rows."""
+    from benchmarks.flops import traced_matmul_flops
+
+    num_classes, n = 10, 64
+    model = MLPNet(width=32, depth=2, mlp_ratio=2.0, num_classes=num_classes, dtype=jnp.float32)
+    x1 = jax.random.normal(jax.random.key(30), (n, 2))
+    labels = jax.random.randint(jax.random.key(31), (n,), 0, num_classes)
+    zeros = jnp.zeros(n)
+    params = model.init(jax.random.key(32), x1, zeros, zeros, labels)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(33), p.shape), params)
+    apply = lambda p, x_, t_, h_, y: model.apply({"params": p}, x_, t_, h_, y)  # noqa: E731
+    options = dict(meanflow_norm_p=1.0, meanflow_cfg_omega=1.0, meanflow_cfg_kappa=kappa)
+    cfg = objective_config(apply, num_classes=num_classes, meanflow_cfg_interval=(0.0, 0.8), **options)
+    batch, rng = {"x": x1, "label": labels}, jax.random.key(34)
+    k = n - meanflow.num_flow_rows(n, cfg)
+
+    x, tau, h, v, y = meanflow._prepare(batch, rng, cfg)
+    on = (y != cfg.null_class) & (1.0 - tau <= 0.8)
+    assert 0 < int(jnp.sum(on)) < n and int(jnp.sum(y == cfg.null_class)) > 0  # every branch is taken
+
+    def loss_at(c):
+        return lambda p: meanflow.loss_fn(p, None, batch, rng, c)[0]
+
+    forward = traced_matmul_flops(lambda p: apply(p, x1, zeros, zeros, labels), params) / n
+    off = with_option(with_option(cfg, "meanflow_cfg_omega", 1.0), "meanflow_cfg_kappa", 0.0)
+    unguided = traced_matmul_flops(loss_at(off), params)
+    omega = 2.0 if kappa == 0.0 else 1.0  # omega 1 with kappa 0 is no guidance: take omega 2 there
+    cfg = with_option(cfg, "meanflow_cfg_omega", omega)
+    extra = n + (k if kappa else 0)
+    assert traced_matmul_flops(loss_at(cfg), params) == pytest.approx(unguided + extra * forward, rel=1e-6)
+
+    def papers(p):
+        null = jnp.full_like(y, cfg.null_class)
+        cond = jax.lax.stop_gradient(apply(p, x, tau, jnp.zeros_like(h), y))
+        uncond = jax.lax.stop_gradient(apply(p, x, tau, jnp.zeros_like(h), null))
+        v_g = jnp.where(on[:, None], omega * v + kappa * cond + (1.0 - omega - kappa) * uncond, v)
+        u, du = meanflow._interval_derivative(p, x, tau, h, y, v_g, cfg)
+        error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow.meanflow_target(v_g, h, du)))
+        return meanflow._weighted_loss(error, cfg)
+
+    got, got_grad = jax.value_and_grad(loss_at(cfg))(params)
+    want, want_grad = jax.value_and_grad(papers)(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grad, want_grad)
+
+
 @pytest.mark.parametrize("steps", [1, 3, 4])
 def test_interval_sampler_on_the_exact_field_maps_noise_to_the_data_point(steps):
     """One step (and any even chain of intervals) of the exact average velocity lands on the data."""

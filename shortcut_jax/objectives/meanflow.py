@@ -43,7 +43,10 @@ classifier-free guidance into the target, as MeanFlow does: inside the guidance 
 (``meanflow_cfg_interval``, in the papers' ``t``) a row with a label gets ``v_g = omega v +
 kappa u(x, tau, 0 | c) + (1 - omega - kappa) u(x, tau, 0 | null)``, both network terms without
 gradient (``meanflow_cfg_omega`` 1 and ``meanflow_cfg_kappa`` 0 leave ``v`` alone); sampling then
-needs no guidance. ``meanflow_v`` on class-conditional data does as improved MeanFlow: the
+needs no guidance. The two terms take one network call without gradient: ``u(x, tau, 0 | null)``
+on every row and ``u(x, tau, 0 | c)`` on the interval rows only, since a flow row's training pass
+has those very inputs and gives its conditional term (``guidance_passes``): guidance costs a
+forward pass on ``1 +`` the interval share of the rows (1 with ``kappa`` 0), not 2. ``meanflow_v`` on class-conditional data does as improved MeanFlow: the
 guidance scale ``omega`` is a network input (``guidance=``), drawn per row from
 ``meanflow_omega_range`` in training, with the target ``omega v + (1 - omega) u(x, tau, 0 | null)``,
 and chosen at sampling time (``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single
@@ -102,30 +105,56 @@ def _column(a: jax.Array, like: jax.Array) -> jax.Array:
     return a.reshape(a.shape + (1,) * (like.ndim - 1))
 
 
-def guided_velocity(params, x, tau, v, labels, cfg: common.ObjectiveConfig) -> jax.Array:
-    """The empirical velocity with guidance folded in (no gradient through the network terms);
-    ``v`` itself where guidance is off, for unlabelled rows and outside the guidance interval."""
+def guidance_on(cfg: common.ObjectiveConfig) -> bool:
+    """Whether the target folds guidance in: a class-conditional run with ``(omega, kappa)`` other
+    than ``(1, 0)``."""
     omega, kappa = cfg.option("meanflow_cfg_omega"), cfg.option("meanflow_cfg_kappa")
-    if cfg.num_classes == 0 or (omega == 1.0 and kappa == 0.0):
-        return v
+    return cfg.num_classes > 0 and not (omega == 1.0 and kappa == 0.0)
+
+
+def guidance_passes(params, x, tau, labels, rows: common.RowSplit, cfg: common.ObjectiveConfig):
+    """The network terms of the guided target, without gradient: ``u(x, tau, 0 | null)`` on every
+    row and, where ``kappa != 0``, ``u(x, tau, 0 | c)`` on the first group of ``rows`` only (a row
+    of the other group is a flow row, whose training pass is that same term: the loss reuses it).
+    Both in one network call, the conditional rows interleaved with the others (``RowSplit``) so
+    that no row crosses the mesh. Returns ``(uncond [B, ...], cond [rows.count, ...] or None)``."""
     b = x.shape[0]
-    zero = jnp.zeros((b,), jnp.float32)
+    null = jnp.full_like(labels, cfg.null_class)
+    count = rows.count if cfg.option("meanflow_cfg_kappa") != 0.0 else 0
+    call = common.RowSplit(b + count, b)
     both = cfg.apply_fn(
         params,
-        jnp.concatenate([x, x]),
-        jnp.concatenate([tau, tau]),
-        jnp.concatenate([zero, zero]),
-        jnp.concatenate([labels, jnp.full_like(labels, cfg.null_class)]),
+        call.join(x, rows.first(x)[:count]),
+        call.join(tau, rows.first(tau)[:count]),
+        jnp.zeros((b + count,), jnp.float32),
+        call.join(null, rows.first(labels)[:count]),
     )
-    cond, uncond = (
-        jax.lax.stop_gradient(both[:b].astype(jnp.float32)),
-        jax.lax.stop_gradient(both[b:].astype(jnp.float32)),
-    )
-    guided = omega * v + kappa * cond + (1.0 - omega - kappa) * uncond
+    both = jax.lax.stop_gradient(both.astype(jnp.float32))
+    return call.first(both), (call.rest(both) if count else None)
+
+
+def fold_guidance(v, tau, labels, cond, uncond, cfg: common.ObjectiveConfig) -> jax.Array:
+    """``omega v + kappa cond + (1 - omega - kappa) uncond`` on rows with a label inside the
+    guidance interval, ``v`` elsewhere (``cond`` may be None where ``kappa`` is 0)."""
+    omega, kappa = cfg.option("meanflow_cfg_omega"), cfg.option("meanflow_cfg_kappa")
+    guided = omega * v + (1.0 - omega - kappa) * uncond
+    if kappa != 0.0:
+        guided = guided + kappa * cond
     low, high = cfg.option("meanflow_cfg_interval")
     t = 1.0 - tau
     on = (labels != cfg.null_class) & (t >= low) & (t <= high)
     return jnp.where(_column(on, v), guided, v)
+
+
+def guided_velocity(params, x, tau, v, labels, cfg: common.ObjectiveConfig) -> jax.Array:
+    """The empirical velocity with guidance folded in on every row (no gradient through the
+    network terms); ``v`` itself where guidance is off, for unlabelled rows and outside the
+    guidance interval."""
+    if not guidance_on(cfg):
+        return v
+    every_row = common.RowSplit(x.shape[0], x.shape[0])
+    uncond, cond = guidance_passes(params, x, tau, labels, every_row, cfg)
+    return fold_guidance(v, tau, labels, cond, uncond, cfg)
 
 
 def _weighted_loss(error: jax.Array, cfg: common.ObjectiveConfig) -> jax.Array:
@@ -184,8 +213,11 @@ def _metrics(loss, error, rows: common.RowSplit):
 
 
 def _flow_rows_error(params, x, tau, labels, target, cfg: common.ObjectiveConfig, **guidance) -> jax.Array:
-    """Per-row error of the ``h = 0`` rows: one plain pass of the network against ``target``."""
+    """Per-row error of the ``h = 0`` rows: one plain pass ``u`` of the network against
+    ``target(stop_gradient(u))`` (a target that holds the pass's own output) or ``target``."""
     u = cfg.apply_fn(params, x, tau, jnp.zeros_like(tau), labels, **guidance).astype(jnp.float32)
+    if callable(target):
+        target = target(jax.lax.stop_gradient(u))
     return common.per_row_mse(u, target)
 
 
@@ -201,15 +233,26 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     against ``v_g`` without the jvp."""
     del teacher_params  # the target comes from the network itself
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
-    v_g = guided_velocity(params, x, tau, v, labels, cfg)
     rows = row_split(x.shape[0], cfg)
-    ((xi, ti, hi, li, vi), _), ((xf, tf, _, lf, vf), _) = _split(rows, x, tau, h, labels, v_g)
+    ((xi, ti, hi, li, vi), _), ((xf, tf, _, lf, vf), _) = _split(rows, x, tau, h, labels, v)
+    guided = guidance_on(cfg)
+    if guided:  # a flow row's conditional term is its own training pass (no extra pass for it)
+        uncond, cond = guidance_passes(params, x, tau, labels, rows, cfg)
     interval_error = flow_error = jnp.zeros((0,), jnp.float32)  # a group may be empty
     if rows.count > 0:
+        if guided:
+            vi = fold_guidance(vi, ti, li, cond, rows.first(uncond), cfg)
         u, du = _interval_derivative(params, xi, ti, hi, li, vi, cfg)
         interval_error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow_target(vi, hi, du)))
     if rows.count < rows.size:
-        flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg)
+        target = vf
+        if guided:
+            uncond_f = rows.rest(uncond)
+
+            def target(u):
+                return fold_guidance(vf, tf, lf, u, uncond_f, cfg)
+
+        flow_error = _flow_rows_error(params, xf, tf, lf, target, cfg)
     error = rows.join(interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, rows)
