@@ -357,6 +357,14 @@ def validate(config, *, num_devices: int) -> None:
                 f"model.matmul_precision='fp8' with objective.name={config.objective.name!r}: the"
                 " FP8 dense layers have no forward-mode rule (jax.jvp); use model.matmul_precision='bf16'"
             )
+    if method(config.objective.name).guidance_input and config.eval.cfg_scale != 1.0:
+        low, high = tuple(config.objective.meanflow_omega_range)
+        if not low <= config.eval.cfg_scale <= high:
+            raise ConfigError(
+                f"eval.cfg_scale={config.eval.cfg_scale} is outside objective.meanflow_omega_range="
+                f"{(low, high)}, the guidance scales {config.objective.name} trains its network for:"
+                " widen the range or pick a scale inside it"
+            )
     try:
         check_method_config(config.objective, batch_size=config.train.batch_size, total_steps=config.train.steps)
     except ValueError as err:

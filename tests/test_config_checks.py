@@ -104,6 +104,10 @@ CASES = {
         validate({"objective.name": "diffusion", "objective.diffusion_schedule": "sigmoid"}),
         "objective.diffusion_schedule='sigmoid'",
     ),
+    "guidance scale outside the trained range": (
+        validate({"objective.name": "meanflow_v", "eval.cfg_scale": 1.5}),
+        "eval.cfg_scale=1.5 is outside objective.meanflow_omega_range=(1.0, 1.0)",
+    ),
     "model name": (validate({"model.name": "unet"}), "model.name='unet'"),
     "no dims": (validate({"model.width": 0}), "set model.variant"),
     "heads": (validate({"model.width": 36, "model.num_heads": 8}), "model.num_heads=8"),

@@ -254,6 +254,25 @@ def test_guided_meanflow_takes_a_flow_rows_conditional_term_from_its_own_trainin
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grad, want_grad)
 
 
+def test_imagenet_meanflow_folds_guidance_into_training_and_samples_without_a_guidance_pass():
+    """``imagenet.py:preset=meanflow`` (and ``preset=one_step``): the published guidance (omega 1,
+    kappa 0.5, every t) is in the training target and evaluation takes no second pass; improved
+    MeanFlow's network is trained over the guidance scales its evaluation asks for."""
+    import os
+
+    from shortcut_jax.training import offline
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "imagenet.py")
+    for preset in ("meanflow", "one_step"):
+        c = offline.load_config(f"{path}:variant=B,preset={preset}", {})
+        cfg = make_objective_config(c.objective, analytic_apply, 1000, total_steps=10)
+        assert meanflow.guidance_on(cfg) and cfg.option("meanflow_cfg_kappa") == 0.5, preset
+        assert c.eval.cfg_scale == 1.0, preset
+    c = offline.load_config(f"{path}:variant=B,preset=meanflow_v", {})
+    low, high = c.objective.meanflow_omega_range
+    assert low <= c.eval.cfg_scale <= high and high > low
+
+
 @pytest.mark.parametrize("steps", [1, 3, 4])
 def test_interval_sampler_on_the_exact_field_maps_noise_to_the_data_point(steps):
     """One step (and any even chain of intervals) of the exact average velocity lands on the data."""
