@@ -80,6 +80,7 @@ class Row:
     # 'jax': the project's step; 'torch': the PyTorch port's (benchmarks.torch_dit), the anchor
     framework: str = "jax"
     torch_compile: bool = True  # torch rows: torch.compile the step's functions
+    objective_options: tuple = ()  # (key, value) pairs of config.objective set on top of the defaults
 
 
 ROWS = {
@@ -93,6 +94,15 @@ ROWS = {
         # MeanFlow's jvp through the whole network (XLA attention and plain ops, as the method needs)
         Row("B2-meanflow", "meanflow", "B", LATENTS, (256,)),
         Row("B2-meanflow_v", "meanflow_v", "B", LATENTS, (256,)),
+        # with the guidance imagenet.py folds into MeanFlow's target (omega 1, kappa 0.5)
+        Row(
+            "B2-meanflow-cfg",
+            "meanflow",
+            "B",
+            LATENTS,
+            (256,),
+            objective_options=(("meanflow_cfg_omega", 1.0), ("meanflow_cfg_kappa", 0.5)),
+        ),
         Row("XL2-shortcut", "shortcut", "XL", LATENTS, (256,)),
         Row("XL2-flow", "flow_matching", "XL", LATENTS, (256,)),
         Row("XL2-shortcut-max", "shortcut", "XL", LATENTS, (512, 384)),
@@ -184,6 +194,8 @@ def row_config(row: Row, batch: int, opts: argparse.Namespace):
         c.model[key] = special.get(key, lambda value: value)(getattr(opts, key))
     c.objective.name = row.objective
     c.objective.sc_fraction = opts.sc_fraction or row.sc_fraction
+    for key, value in row.objective_options:
+        c.objective[key] = value
     c.train.batch_size = batch
     c.train.init_on = opts.init_on
     return c
