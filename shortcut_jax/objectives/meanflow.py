@@ -46,11 +46,11 @@ gradient (``meanflow_cfg_omega`` 1 and ``meanflow_cfg_kappa`` 0 leave ``v`` alon
 needs no guidance. The two terms take one network call without gradient: ``u(x, tau, 0 | null)``
 on every row and ``u(x, tau, 0 | c)`` on the interval rows only, since a flow row's training pass
 has those very inputs and gives its conditional term (``guidance_passes``): guidance costs a
-forward pass on ``1 +`` the interval share of the rows (1 with ``kappa`` 0), not 2. ``meanflow_v`` on class-conditional data does as improved MeanFlow: the
-guidance scale ``omega`` is a network input (``guidance=``), drawn per row from
-``meanflow_omega_range`` in training, with the target ``omega v + (1 - omega) u(x, tau, 0 | null)``,
-and chosen at sampling time (``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single
-pass per step.
+forward pass on ``1 +`` the interval share of the rows (1 with ``kappa`` 0), not 2.
+``meanflow_v`` on class-conditional data does as improved MeanFlow: the guidance scale ``omega``
+is a network input (``guidance=``), drawn per row from ``meanflow_omega_range`` in training, with
+the target ``omega v + (1 - omega) u(x, tau, 0 | null)``, and chosen at sampling time
+(``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single pass per step.
 
 Sampling: ``sampling.IntervalSampler``, ``n`` Euler steps of ``h = 1/n`` reading ``h``; one
 step is ``x1 = x0 + u(x0, 0, 1)``.
@@ -245,13 +245,14 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         u, du = _interval_derivative(params, xi, ti, hi, li, vi, cfg)
         interval_error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow_target(vi, hi, du)))
     if rows.count < rows.size:
-        target = vf
         if guided:
             uncond_f = rows.rest(uncond)
 
-            def target(u):
-                return fold_guidance(vf, tf, lf, u, uncond_f, cfg)
+            def target(own):  # the conditional term is the flow row's own pass
+                return fold_guidance(vf, tf, lf, own, uncond_f, cfg)
 
+        else:
+            target = vf
         flow_error = _flow_rows_error(params, xf, tf, lf, target, cfg)
     error = rows.join(interval_error, flow_error)
     loss = _weighted_loss(error, cfg)
