@@ -20,7 +20,7 @@ README); adding ``--config.model.remat_blocks=14`` rematerialises only half of t
 Arguments: variant=S|B|L|XL, objective=shortcut|flow_matching, runlocal=True (a tiny model and a few
 steps on any encoded set, e.g. one made offline with a seeded VAE: docs/data.md), preset=meanflow|meanflow_v (MeanFlow, improved MeanFlow with their published optimiser: config_lib.PRESETS;
 MeanFlow with its published guidance folded into training, omega 1 and kappa 0.5, and evaluated
-without a guidance pass; improved MeanFlow trained for guidance scales 1 to 8), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
+without a guidance pass; improved MeanFlow trained for guidance scales 1 to 8, drawn log-uniformly), and preset=few_step (online teacher, 1/4 self-consistency, debiased EMA: few-step quality early in
 training on CIFAR-10, experiments/cifar10_results.md; not measured on this data set).
 """
 
@@ -55,10 +55,11 @@ def get_config(arg: str = "variant=B"):
         c.objective.meanflow_cfg_interval = (0.0, 1.0)
         c.eval.cfg_scale = 1.0
     if c.objective.name == "meanflow_v":
-        # improved MeanFlow's guidance scale is a network input drawn in training over [1, 8] (the
-        # published draw is a power law on that range, with the guidance interval as a further
-        # input; here uniform, at every t); eval.cfg_scale picks one inside it
+        # improved MeanFlow's guidance scale is a network input drawn in training log-uniformly on
+        # [1, 8], as published (which also draws the guidance interval as a further input; here
+        # guidance applies at every t); eval.cfg_scale picks one inside it
         c.objective.meanflow_omega_range = (1.0, 8.0)
+        c.objective.meanflow_omega_draw = "log_uniform"
     if args["runlocal"]:  # a tiny model and a few steps on any encoded set (a seeded VAE's too)
         config_lib.apply_runlocal_latent(c)
     return c

@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     # meanflow_v, class-conditional: the guidance scale is a network input, drawn per row from
     # this range in training and chosen at sampling time (eval.cfg_scale, sample --cfg_scale)
     c.objective.meanflow_omega_range = (1.0, 1.0)
+    c.objective.meanflow_omega_draw = "uniform"  # or 'log_uniform' (improved MeanFlow's, on [1, 8])
     c.objective.teacher_checkpoint = ""  # distillation: the teacher run's <workdir>/checkpoints
     c.objective.teacher_step = -1  # its step (-1: latest)
     c.objective.teacher_weights = "ema"  # 'ema' or 'params'

@@ -104,6 +104,10 @@ CASES = {
         validate({"objective.name": "diffusion", "objective.diffusion_schedule": "sigmoid"}),
         "objective.diffusion_schedule='sigmoid'",
     ),
+    "guidance scale draw": (
+        validate({"objective.name": "meanflow_v", "objective.meanflow_omega_draw": "power"}),
+        "objective.meanflow_omega_draw='power'",
+    ),
     "guidance scale outside the trained range": (
         validate({"objective.name": "meanflow_v", "eval.cfg_scale": 1.5}),
         "eval.cfg_scale=1.5 is outside objective.meanflow_omega_range=(1.0, 1.0)",

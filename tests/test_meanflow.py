@@ -254,6 +254,21 @@ def test_guided_meanflow_takes_a_flow_rows_conditional_term_from_its_own_trainin
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_grad, want_grad)
 
 
+@pytest.mark.parametrize("draw,median", [("uniform", 4.5), ("log_uniform", 8.0**0.5)])
+def test_guidance_scales_are_drawn_in_the_range_uniformly_or_log_uniformly(draw, median):
+    """Over (1, 8): every draw inside the range, the median at the middle (4.5) or, log-uniform,
+    at the geometric middle (sqrt 8 = 2.83); rows without a label get 1."""
+    cfg = objective_config(analytic_apply, "meanflow_v", num_classes=10, meanflow_omega_range=(1.0, 8.0))
+    cfg = with_option(cfg, "meanflow_omega_draw", draw)
+    labels = jnp.arange(20_000) % 11  # class 10 is the null class
+    omega = np.asarray(meanflow.sample_guidance(jax.random.key(40), labels, cfg))
+    null = np.asarray(labels) == cfg.null_class
+    assert np.all(omega[null] == 1.0)
+    drawn = omega[~null]
+    assert drawn.min() >= 1.0 and drawn.max() <= 8.0
+    assert np.median(drawn) == pytest.approx(median, rel=0.03)
+
+
 def test_imagenet_meanflow_folds_guidance_into_training_and_samples_without_a_guidance_pass():
     """``imagenet.py:preset=meanflow`` (and ``preset=one_step``): the published guidance (omega 1,
     kappa 0.5, every t) is in the training target and evaluation takes no second pass; improved
@@ -271,6 +286,7 @@ def test_imagenet_meanflow_folds_guidance_into_training_and_samples_without_a_gu
     c = offline.load_config(f"{path}:variant=B,preset=meanflow_v", {})
     low, high = c.objective.meanflow_omega_range
     assert low <= c.eval.cfg_scale <= high and high > low
+    assert c.objective.meanflow_omega_draw == "log_uniform"
 
 
 @pytest.mark.parametrize("steps", [1, 3, 4])

@@ -48,7 +48,8 @@ on every row and ``u(x, tau, 0 | c)`` on the interval rows only, since a flow ro
 has those very inputs and gives its conditional term (``guidance_passes``): guidance costs a
 forward pass on ``1 +`` the interval share of the rows (1 with ``kappa`` 0), not 2.
 ``meanflow_v`` on class-conditional data does as improved MeanFlow: the guidance scale ``omega``
-is a network input (``guidance=``), drawn per row from ``meanflow_omega_range`` in training, with
+is a network input (``guidance=``), drawn per row from ``meanflow_omega_range`` in training
+(uniformly, or log-uniformly with ``meanflow_omega_draw``), with
 the target ``omega v + (1 - omega) u(x, tau, 0 | null)``, and chosen at sampling time
 (``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single pass per step.
 
@@ -57,6 +58,8 @@ step is ``x1 = x0 + u(x0, 0, 1)``.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +76,8 @@ KEYS = (
     "meanflow_cfg_omega",
     "meanflow_cfg_kappa",
     "meanflow_cfg_interval",
+    "meanflow_omega_range",
+    "meanflow_omega_draw",
 )
 
 
@@ -259,11 +264,18 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     return loss, _metrics(loss, error, rows)
 
 
+OMEGA_DRAWS = ("uniform", "log_uniform")
+
+
 def sample_guidance(rng, labels, cfg: common.ObjectiveConfig) -> jax.Array:
-    """Per-row guidance scales for a network that takes them as an input: uniform in
-    ``meanflow_omega_range``, 1 for rows without a label."""
+    """Per-row guidance scales for a network that takes them as an input: drawn in
+    ``meanflow_omega_range``, uniformly or (``meanflow_omega_draw='log_uniform'``) uniformly in
+    its logarithm, which gives each factor of the range the same share; 1 for rows without a label."""
     low, high = cfg.option("meanflow_omega_range")
-    omega = jax.random.uniform(rng, labels.shape, minval=low, maxval=high)
+    if cfg.option("meanflow_omega_draw") == "log_uniform":
+        omega = jnp.exp(jax.random.uniform(rng, labels.shape, minval=math.log(low), maxval=math.log(high)))
+    else:
+        omega = jax.random.uniform(rng, labels.shape, minval=low, maxval=high)
     return jnp.where(labels == cfg.null_class, 1.0, omega)
 
 
@@ -330,6 +342,10 @@ def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
         raise ValueError(
             f"objective.meanflow_omega_range={(low, high)} must be (low, high) with 1 <= low <= high: the"
             " guidance scales improved MeanFlow's class-conditional network is trained for"
+        )
+    if objective_cfg.meanflow_omega_draw not in OMEGA_DRAWS:
+        raise ValueError(
+            f"objective.meanflow_omega_draw={objective_cfg.meanflow_omega_draw!r} is not one of {list(OMEGA_DRAWS)}"
         )
     interval = tuple(objective_cfg.meanflow_cfg_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
