@@ -306,9 +306,8 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
         omega = sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
         guidance = {"guidance": omega}
         v_g = input_guided_velocity(params, x, tau, v, labels, omega, cfg)
-    else:
-        guidance = {}
-        v_g = guided_velocity(params, x, tau, v, labels, cfg)
+    else:  # unconditional: no guidance to fold in
+        guidance, v_g = {}, v
     # on the flow rows (h = 0) V = u(x, tau, 0): no tangent pass, no jvp
     rows = row_split(x.shape[0], cfg)
     ((xi, ti, hi, li, vi), gi), ((xf, tf, _, lf, vf), gf) = _split(rows, x, tau, h, labels, v_g, **guidance)
