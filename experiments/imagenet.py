@@ -48,7 +48,7 @@ def get_config(arg: str = "variant=B"):
     config_lib.apply_preset(c, args["preset"])
     if c.objective.name == "meanflow":
         # MeanFlow's ImageNet runs fold guidance into the training target (the published code's
-        # setting: omega 1, kappa 0.5, at every t; effective scale omega / (1 - kappa) = 2), so
+        # default: omega 1, kappa 0.5, at every t; effective scale omega / (1 - kappa) = 2), so
         # its samples take no guidance pass
         c.objective.meanflow_cfg_omega = 1.0
         c.objective.meanflow_cfg_kappa = 0.5
