@@ -207,8 +207,9 @@ def test_guided_meanflow_takes_a_flow_rows_conditional_term_from_its_own_trainin
     ImageNet runs, or kappa 0): the guidance pass runs ``u(.|null)`` on every row and ``u(.|c)``
     on the interval rows only (on none with kappa 0); a flow row's ``u(.|c)`` is its own training
     pass. So the loss's traced matmul FLOPs are the unguided loss's plus ``n + k`` forward rows
-    (``n``), not ``2 n``; loss and gradient equal the papers' form (both terms on every row, the
-    jvp on every row). Seen failing with both terms on every row: ``2 n`` forward rows."""
+    (``n`` with kappa 0), not ``2 n``; loss and gradient equal the papers' form (both terms on
+    every row, the jvp on every row). Seen failing with both terms on every row (``2 n`` forward
+    rows) and with a flow row's conditional term taken from its unconditional pass (the loss)."""
     from benchmarks.flops import traced_matmul_flops
 
     num_classes, n = 10, 64
