@@ -110,6 +110,13 @@ def _column(a: jax.Array, like: jax.Array) -> jax.Array:
     return a.reshape(a.shape + (1,) * (like.ndim - 1))
 
 
+def in_guidance_interval(tau: jax.Array, cfg: common.ObjectiveConfig) -> jax.Array:
+    """Bool per row: the papers' ``t = 1 - tau`` inside ``meanflow_cfg_interval``."""
+    low, high = cfg.option("meanflow_cfg_interval")
+    t = 1.0 - tau
+    return (t >= low) & (t <= high)
+
+
 def guidance_on(cfg: common.ObjectiveConfig) -> bool:
     """Whether the target folds guidance in: a class-conditional run with ``(omega, kappa)`` other
     than ``(1, 0)``."""
@@ -145,9 +152,7 @@ def fold_guidance(v, tau, labels, cond, uncond, cfg: common.ObjectiveConfig) -> 
     guided = omega * v + (1.0 - omega - kappa) * uncond
     if kappa != 0.0:
         guided = guided + kappa * cond
-    low, high = cfg.option("meanflow_cfg_interval")
-    t = 1.0 - tau
-    on = (labels != cfg.null_class) & (t >= low) & (t <= high)
+    on = (labels != cfg.null_class) & in_guidance_interval(tau, cfg)
     return jnp.where(_column(on, v), guided, v)
 
 
@@ -288,10 +293,7 @@ def input_guided_velocity(params, x, tau, v, labels, omega, cfg: common.Objectiv
         params, x, tau, jnp.zeros((b,), jnp.float32), jnp.full_like(labels, cfg.null_class), guidance=jnp.ones((b,))
     )
     uncond = jax.lax.stop_gradient(uncond.astype(jnp.float32))
-    low, high = cfg.option("meanflow_cfg_interval")
-    t = 1.0 - tau
-    on = (t >= low) & (t <= high)
-    w = _column(jnp.where(on, omega, 1.0), v)
+    w = _column(jnp.where(in_guidance_interval(tau, cfg), omega, 1.0), v)
     return w * v + (1.0 - w) * uncond
 
 
