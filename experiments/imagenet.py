@@ -56,10 +56,11 @@ def get_config(arg: str = "variant=B"):
         c.eval.cfg_scale = 1.0
     if c.objective.name == "meanflow_v":
         # improved MeanFlow's guidance scale is a network input drawn in training log-uniformly on
-        # [1, 8], as published (which also draws the guidance interval as a further input; here
-        # guidance applies at every t); eval.cfg_scale picks one inside it
+        # [1, 8], as published, and so is the guidance interval (the t range where the scale
+        # applies); eval.cfg_scale and eval.guidance_interval pick them at sampling time
         c.objective.meanflow_omega_range = (1.0, 8.0)
         c.objective.meanflow_omega_draw = "log_uniform"
+        c.objective.meanflow_interval_input = True
     if args["runlocal"]:  # a tiny model and a few steps on any encoded set (a seeded VAE's too)
         config_lib.apply_runlocal_latent(c)
     return c

@@ -115,6 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
     # this range in training and chosen at sampling time (eval.cfg_scale, sample --cfg_scale)
     c.objective.meanflow_omega_range = (1.0, 1.0)
     c.objective.meanflow_omega_draw = "uniform"  # or 'log_uniform' (improved MeanFlow's, on [1, 8])
+    # meanflow_v, class-conditional: the guidance interval (papers' t) is a network input too,
+    # drawn per row in training (start in [0, 1/2], end in [1/2, 1]) and chosen at sampling time
+    # (eval.guidance_interval, sample --guidance_interval); False: meanflow_cfg_interval, fixed
+    c.objective.meanflow_interval_input = False
     c.objective.teacher_checkpoint = ""  # distillation: the teacher run's <workdir>/checkpoints
     c.objective.teacher_step = -1  # its step (-1: latest)
     c.objective.teacher_weights = "ema"  # 'ema' or 'params'
@@ -173,6 +177,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.grid_budgets = (1, 4, 128)
     c.eval.grid_size = 64
     c.eval.cfg_scale = 1.0
+    # the papers' t range where cfg_scale applies, for a network that reads it as an input
+    # (objective.meanflow_interval_input); other samplers guide every step
+    c.eval.guidance_interval = (0.0, 1.0)
     c.eval.num_samples = 10_000
     c.eval.final_num_samples = 0  # samples at the last step's evaluation; 0: eval.num_samples
     c.eval.batch_size = 1000
@@ -358,6 +365,16 @@ def validate(config, *, num_devices: int) -> None:
                 f"model.matmul_precision='fp8' with objective.name={config.objective.name!r}: the"
                 " FP8 dense layers have no forward-mode rule (jax.jvp); use model.matmul_precision='bf16'"
             )
+    interval = tuple(config.eval.guidance_interval)
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ConfigError(f"eval.guidance_interval={interval} must be (start, end) with 0 <= start <= end <= 1")
+    if interval != (0.0, 1.0) and not (
+        method(config.objective.name).guidance_input and config.objective.meanflow_interval_input
+    ):
+        raise ConfigError(
+            f"eval.guidance_interval={interval} needs a network that reads the interval: set"
+            " objective.meanflow_interval_input=True with objective.name='meanflow_v', or leave it (0, 1)"
+        )
     if method(config.objective.name).guidance_input and config.eval.cfg_scale != 1.0:
         low, high = tuple(config.objective.meanflow_omega_range)
         if not low <= config.eval.cfg_scale <= high:

@@ -24,6 +24,7 @@ from shortcut_jax.objectives import sampling
 from shortcut_jax.training.offline import (  # noqa: F401 - the library's names, reachable from the command
     LoadedRun,
     check_guidance,
+    check_guidance_interval,
     check_outputs,
     from_recorded_config,
     load_config,
@@ -64,6 +65,13 @@ def define_flags(flag_values=None, argv=None):
     flags.DEFINE_list("labels", None, "Class labels, given to the images in turn (e.g. 1,2,3).", flag_values=fv)
     flags.DEFINE_integer("class", None, "One class label for every image.", flag_values=fv)
     flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: none).", flag_values=fv)
+    flags.DEFINE_list(
+        "guidance_interval",
+        None,
+        "start,end: the t range (1 = noise) where --cfg_scale applies, for a network trained to read it"
+        " (meanflow_v with objective.meanflow_interval_input); default: the run's eval.guidance_interval.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("seed", 0, "Noise and label seed.", flag_values=fv)
     flags.DEFINE_bool("use_ema", None, "Sample with the EMA weights (default: eval.use_ema).", flag_values=fv)
     flags.DEFINE_string(
@@ -102,6 +110,11 @@ def run(fv) -> list[str]:
     sampling.check_budget(fv.num_steps, levels or config.objective.num_levels)
     resolve_labels(spec.num_classes, fv.num_images, labels=labels, class_label=class_label)
     check_guidance(fv.cfg_scale, spec.num_classes)
+    interval = check_guidance_interval(
+        config.eval.guidance_interval if fv.guidance_interval is None else fv.guidance_interval,
+        config,
+        spec.num_classes,
+    )
     if spec.kind == "points":
         check_outputs(spec.shape, out=out, out_dir=fv.out_dir)
     loaded = load_run(config, fv.workdir, step=fv.step, use_ema=fv.use_ema)
@@ -115,6 +128,7 @@ def run(fv) -> list[str]:
             labels=labels,
             class_label=class_label,
             cfg_scale=fv.cfg_scale,
+            guidance_interval=interval,
             seed=fv.seed,
         )
     finally:

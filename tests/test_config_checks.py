@@ -112,6 +112,18 @@ CASES = {
         validate({"objective.name": "meanflow_v", "eval.cfg_scale": 1.5}),
         "eval.cfg_scale=1.5 is outside objective.meanflow_omega_range=(1.0, 1.0)",
     ),
+    "guidance interval out of order": (
+        validate({"eval.guidance_interval": (0.8, 0.2)}),
+        "eval.guidance_interval=(0.8, 0.2) must be (start, end)",
+    ),
+    "guidance interval without a network that reads it": (
+        validate({"objective.name": "meanflow_v", "eval.guidance_interval": (0.1, 0.7)}),
+        "set objective.meanflow_interval_input=True",
+    ),
+    "guidance interval input on another objective": (
+        validate({"objective.name": "meanflow", "objective.meanflow_interval_input": True}),
+        "objective.meanflow_interval_input=True with objective.name='meanflow'",
+    ),
     "model name": (validate({"model.name": "unet"}), "model.name='unet'"),
     "no dims": (validate({"model.width": 0}), "set model.variant"),
     "heads": (validate({"model.width": 36, "model.num_heads": 8}), "model.num_heads=8"),

@@ -273,7 +273,8 @@ def test_guidance_scales_are_drawn_in_the_range_uniformly_or_log_uniformly(draw,
 def test_imagenet_meanflow_folds_guidance_into_training_and_samples_without_a_guidance_pass():
     """``imagenet.py:preset=meanflow`` (and ``preset=one_step``): the published guidance (omega 1,
     kappa 0.5, every t) is in the training target and evaluation takes no second pass; improved
-    MeanFlow's network is trained over the guidance scales its evaluation asks for."""
+    MeanFlow's network is trained over the guidance scales its evaluation asks for, and reads
+    the guidance interval as published."""
     import os
 
     from shortcut_jax.training import offline
@@ -288,6 +289,7 @@ def test_imagenet_meanflow_folds_guidance_into_training_and_samples_without_a_gu
     low, high = c.objective.meanflow_omega_range
     assert low <= c.eval.cfg_scale <= high and high > low
     assert c.objective.meanflow_omega_draw == "log_uniform"
+    assert meanflow.interval_input(make_objective_config(c.objective, analytic_apply, 1000, total_steps=10))
 
 
 @pytest.mark.parametrize("steps", [1, 3, 4])
@@ -346,6 +348,18 @@ def guided_analytic_apply(params, x, tau, h, label, guidance=None):
     return analytic_apply(params, x, tau, h, label) + 0.3 * g[:, None] * (label[:, None] + 1.0)
 
 
+def written_out_v_loss(apply, x, tau, h, v, labels, guidance, no_guidance, w):
+    """Improved MeanFlow's loss written out for a network that reads ``guidance``: the target
+    ``w v + (1 - w) u(x, tau, 0 | null)`` (``no_guidance`` the unconditional term's input), the
+    compound velocity ``u - h D u`` with the network's own velocity as the tangent, plain mean."""
+    uncond = apply(PARAMS, x, tau, jnp.zeros_like(h), jnp.full_like(labels, 3), no_guidance)
+    v_g = w[:, None] * v + (1 - w[:, None]) * uncond
+    u = apply(PARAMS, x, tau, h, labels, guidance)
+    tangent = apply(PARAMS, x, tau, jnp.zeros_like(h), labels, guidance)
+    compound = u - h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
+    return jnp.mean(jnp.mean((compound - v_g) ** 2, axis=-1))
+
+
 def test_class_conditional_meanflow_v_trains_on_the_guidance_it_is_given_as_an_input():
     """Each row draws omega in meanflow_omega_range (1 without a label); the network reads it,
     and its target is omega v + (1 - omega) u(x, tau, 0 | null). Rules out a network that is not
@@ -358,13 +372,7 @@ def test_class_conditional_meanflow_v_trains_on_the_guidance_it_is_given_as_an_i
     omega = meanflow.sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
     assert float(jnp.min(jnp.where(labels == 3, 9.0, omega))) >= 1.5 and float(jnp.max(omega)) <= 4.0
     assert bool(jnp.all(jnp.where(labels == 3, omega == 1.0, True)))  # dropped labels: no guidance
-    null = jnp.full_like(labels, 3)
-    uncond = guided_analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), null, jnp.ones(64))
-    v_g = omega[:, None] * v + (1 - omega[:, None]) * uncond
-    u = guided_analytic_apply(PARAMS, x, tau, h, labels, omega)
-    tangent = guided_analytic_apply(PARAMS, x, tau, jnp.zeros_like(h), labels, omega)
-    compound = u - h[:, None] * analytic_derivative(PARAMS, x, tau, tangent)
-    want = jnp.mean(jnp.mean((compound - v_g) ** 2, axis=-1))
+    want = written_out_v_loss(guided_analytic_apply, x, tau, h, v, labels, omega, jnp.ones(64), omega)
     loss, _ = meanflow.v_loss_fn(PARAMS, None, batch, rng, cfg)
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
 
@@ -401,3 +409,86 @@ def test_guidance_input_adds_an_embedding_only_where_asked():
     low = guided_model.apply({"params": guided}, *args, jnp.full(2, 1.0))
     high = guided_model.apply({"params": guided}, *args, jnp.full(2, 3.0))
     assert float(jnp.max(jnp.abs(low - high))) > 1e-4
+
+
+def interval_analytic_apply(params, x, tau, h, label, guidance=None):
+    """analytic_apply plus terms in the guidance scale and in the guidance interval's ends."""
+    g = jnp.tile(jnp.array([[1.0, 0.0, 1.0]]), (x.shape[0], 1)) if guidance is None else guidance
+    extra = 0.3 * g[:, :1] * (label[:, None] + 1.0) + 0.2 * g[:, 1:2] - 0.1 * g[:, 2:3]
+    return analytic_apply(params, x, tau, h, label) + extra
+
+
+def test_interval_input_guides_each_row_inside_its_own_drawn_interval_only():
+    """With ``meanflow_interval_input`` each labelled row draws (omega, start, end), start in
+    [0, 1/2] and end in [1/2, 1]; the network reads all three, and the row's target is guided by
+    omega only where its papers' t = 1 - tau lies in its own [start, end] (``v`` elsewhere).
+    Seen failing when the target used the fixed ``meanflow_cfg_interval`` instead of the row's
+    draw, and when the network was given the scale alone."""
+    cfg = objective_config(
+        interval_analytic_apply,
+        name="meanflow_v",
+        num_classes=3,
+        meanflow_omega_range=(1.5, 4.0),
+        meanflow_interval_input=True,
+        meanflow_cfg_interval=(0.0, 1.0),
+    )
+    x1 = jax.random.normal(jax.random.key(15), (256, 3))
+    batch = {"x": x1, "label": jnp.arange(256, dtype=jnp.int32) % 3}
+    rng = jax.random.key(16)
+    x, tau, h, v, labels = meanflow._prepare(batch, rng, cfg)
+    drawn = meanflow.sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
+    assert drawn.shape == (256, 3)
+    omega, start, end = drawn[:, 0], drawn[:, 1], drawn[:, 2]
+    labelled = labels != 3
+    assert bool(jnp.all(jnp.where(labelled, (start >= 0) & (start <= 0.5) & (end >= 0.5) & (end <= 1), True)))
+    np.testing.assert_array_equal(np.asarray(drawn[~labelled]), np.tile([[1.0, 0.0, 1.0]], (int((~labelled).sum()), 1)))
+    t = 1.0 - tau
+    inside = (t >= start) & (t <= end)
+    assert 0 < int(jnp.sum(inside & labelled)) < int(jnp.sum(labelled))  # both kinds of row occur
+    w = jnp.where(inside, omega, 1.0)
+    want = written_out_v_loss(interval_analytic_apply, x, tau, h, v, labels, drawn, meanflow.no_guidance(256, cfg), w)
+    loss, _ = meanflow.v_loss_fn(PARAMS, None, batch, rng, cfg)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+
+
+def test_interval_input_sampler_gives_the_network_scale_and_interval_in_one_pass():
+    """A network that reads the guidance interval gets (scale, start, end) of the call on every
+    row, one pass per step; a sampler whose network guides every step refuses an interval."""
+    calls = []
+
+    def apply(params, x, tau, h, label, guidance=None):
+        calls.append(guidance.shape)
+        return (guidance[:, 0:1] + 10.0 * guidance[:, 1:2] + 100.0 * guidance[:, 2:3]) * jnp.ones_like(x)
+
+    sampler = sampling.IntervalSampler(
+        apply, num_levels=7, num_classes=3, guidance_input=True, guidance_interval_input=True
+    )
+    noise = np.zeros((4, 2), np.float32)
+    labels = np.array([0, 1, 2, 0], np.int32)
+    out = np.asarray(sampler(None, noise, labels, num_steps=1, cfg_scale=2.5, guidance_interval=(0.2, 0.7)))
+    np.testing.assert_allclose(out, np.full((4, 2), 2.5 + 2.0 + 70.0), rtol=1e-6)
+    out = np.asarray(sampler(None, noise, labels, num_steps=1, cfg_scale=2.5))  # default: every t
+    np.testing.assert_allclose(out, np.full((4, 2), 2.5 + 0.0 + 100.0), rtol=1e-6)
+    assert set(calls) == {(4, 3)}
+    plain = sampling.IntervalSampler(apply, num_levels=7, num_classes=3, guidance_input=True)
+    with pytest.raises(ValueError, match="only a network trained with objective.meanflow_interval_input"):
+        plain(None, noise, labels, num_steps=1, cfg_scale=2.5, guidance_interval=(0.2, 0.7))
+
+
+def test_guidance_interval_input_adds_embeddings_the_output_depends_on():
+    from shortcut_jax.models import build_model
+
+    c = config_lib.default_config()
+    c.model.name, c.model.width, c.model.depth = "mlp", 16, 1
+    x = jnp.zeros((2, 2))
+    args = (x, jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32))
+    scale_only = build_model(c.model, num_classes=3, guidance_input=True).init(jax.random.key(0), *args)["params"]
+    model = build_model(c.model, num_classes=3, guidance_input=True, guidance_interval_input=True)
+    params = model.init(jax.random.key(0), *args)["params"]
+    assert {"guidance_start_embed", "guidance_end_embed"} <= set(params)
+    assert not {"guidance_start_embed", "guidance_end_embed"} & set(scale_only)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # the output layer starts at zero
+    every_t = model.apply({"params": params}, *args, jnp.array([[3.0, 0.0, 1.0]] * 2))
+    late = model.apply({"params": params}, *args, jnp.array([[3.0, 0.4, 1.0]] * 2))
+    early = model.apply({"params": params}, *args, jnp.array([[3.0, 0.0, 0.6]] * 2))
+    assert float(jnp.max(jnp.abs(every_t - late))) > 1e-4 and float(jnp.max(jnp.abs(every_t - early))) > 1e-4

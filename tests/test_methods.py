@@ -731,20 +731,25 @@ def test_every_objectives_step_on_a_data_axis_of_8_moves_no_row_between_devices(
     assert set(kinds) == {"all-reduce"}, kinds
 
 
-def test_guided_meanflow_step_on_a_data_axis_of_8_moves_no_row_between_devices():
+@pytest.mark.parametrize("preset", ["meanflow", "meanflow_v"])
+def test_guided_meanflow_step_on_a_data_axis_of_8_moves_no_row_between_devices(preset):
     """MeanFlow with guidance folded into its target (a tiny class-conditional DiT, kappa 0.5):
     the guidance call holds every row once with the null label and the interval rows once more
-    with theirs, 64 + 16 rows on 8 devices, interleaved so each device keeps its own rows. The
-    compiled step has no collective but all-reduces. Seen failing with the call's rows
-    concatenated as [every row, interval rows]: 6 collective-permutes, 3 all-gathers and 3
-    all-to-alls."""
+    with theirs, 64 + 16 rows on 8 devices, interleaved so each device keeps its own rows; and
+    improved MeanFlow with the guidance scale and interval as inputs (``[B, 3]`` per row, cut
+    into the row groups with the rest). The compiled step has no collective but all-reduces.
+    Seen failing (MeanFlow) with the call's rows concatenated as [every row, interval rows]: 6
+    collective-permutes, 3 all-gathers and 3 all-to-alls."""
     from benchmarks.memory_per_device import collective_traffic
     from shortcut_jax.data import DataSpec
 
+    overrides = {"mesh.data": 8, "model.width": 64, "train.batch_size": 64}
+    if preset == "meanflow":
+        overrides["objective.meanflow_cfg_kappa"] = 0.5
     config = offline.load_config(
-        os.path.join(ROOT, "experiments", "imagenet.py:runlocal=True,preset=meanflow"),
-        {"mesh.data": 8, "model.width": 64, "train.batch_size": 64, "objective.meanflow_cfg_kappa": 0.5},
+        os.path.join(ROOT, "experiments", f"imagenet.py:runlocal=True,preset={preset}"), overrides
     )
+    assert preset == "meanflow" or config.objective.meanflow_interval_input
     exp = Experiment(config, None, spec=DataSpec((8, 8, 4), 10, "images"))
     try:
         compiled, _ = exp.compile_step()

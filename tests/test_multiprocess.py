@@ -537,7 +537,7 @@ def fake_bucket(root):
 class _ScaledNoise:
     """A stand-in sampler (no compilation): samples are half the noise."""
 
-    def __call__(self, params, noise, labels, *, num_steps, cfg_scale):
+    def __call__(self, params, noise, labels, *, num_steps, cfg_scale, guidance_interval=None):
         return 0.5 * np.asarray(noise)
 
     @staticmethod

@@ -22,9 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "experiments", "digits.py")
 
 
+BASE = {"train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False}
+
+
 def digits_config(**overrides):
-    base = {"train.progress_bar": False, "train.use_tensorboard": False, "train.async_ckpt": False}
-    return sample.load_config(f"{DIGITS}:runlocal=True", {**base, **overrides})
+    return sample.load_config(f"{DIGITS}:runlocal=True", {**BASE, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,11 @@ ERRORS = {
     "both": (["--labels=1", "--class=2"], "give --labels or --class, not both"),
     "output": (["--out=a.png", "--out_dir=b"], "give --out=FILE.png"),
     "no output": (["--out="], "give --out=FILE.png"),
+    "guidance interval the network does not read": (
+        ["--guidance_interval=0.1,0.7"],
+        "this run's network does not read a guidance interval",
+    ),
+    "guidance interval out of order": (["--guidance_interval=0.7,0.1"], "give start,end with 0 <= start <= end <= 1"),
 }
 
 
@@ -138,3 +145,37 @@ def test_command_line_module_writes_the_grid(workdir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote 1 file(s)" in proc.stdout and "checkpoint step 6" in proc.stdout
     assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 grid of 8x8 greyscale images
+
+
+def test_guidance_interval_and_scale_reach_an_improved_meanflow_network_that_reads_them(tmp_path):
+    """The digits config with improved MeanFlow and the guidance interval as a network input (6
+    steps): the command's grid equals the library's samples at the same flags, and another
+    interval, or another scale, gives other samples."""
+    overrides = {
+        "optim.lr": 1e-2,
+        "train.ema_debias": True,
+        "objective.meanflow_interval_input": True,
+        "objective.meanflow_omega_range": (1.0, 4.0),
+        "eval.budgets": (1,),
+        "eval.grid_budgets": (),
+    }
+    workdir = str(tmp_path / "mfv")
+    argv_config = f"{DIGITS}:runlocal=True,objective=meanflow_v"
+    config = sample.load_config(argv_config, {**BASE, **overrides})
+    loop.train_and_evaluate(config, workdir)
+    out = str(tmp_path / "grid.png")
+    argv = ["sample", f"--config={argv_config}", f"--workdir={workdir}", "--num_steps=1", "--num_images=4"]
+    argv += ["--labels=1,2", "--cfg_scale=3", "--guidance_interval=0.2,0.6", "--seed=5", f"--out={out}"]
+    fv = sample.define_flags(flags.FlagValues(), argv)
+    fv(argv)
+    assert sample.run(fv) == [out]
+    run = sample.load_run(config, workdir)
+    try:
+        kwargs = {"num_images": 4, "num_steps": 1, "labels": [1, 2], "seed": 5}
+        chosen, _ = sample.sample(run, cfg_scale=3.0, guidance_interval=(0.2, 0.6), **kwargs)
+        every_t, _ = sample.sample(run, cfg_scale=3.0, guidance_interval=(0.0, 1.0), **kwargs)
+        weaker, _ = sample.sample(run, cfg_scale=1.5, guidance_interval=(0.2, 0.6), **kwargs)
+    finally:
+        run.close()
+    assert np.array_equal(np.asarray(Image.open(out)), plots.save_image_grid(chosen, None)[..., 0])
+    assert np.abs(chosen - every_t).max() > 1e-4 and np.abs(chosen - weaker).max() > 1e-4

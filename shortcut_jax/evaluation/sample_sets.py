@@ -61,6 +61,7 @@ def sample_batches(
     num_steps: int,
     seed: int,
     cfg_scale: float = 1.0,
+    guidance_interval=None,
     label_mode: str = "balanced",
     labels: Optional[np.ndarray] = None,
     decode: Optional[Callable] = None,
@@ -70,9 +71,10 @@ def sample_batches(
 
     ``samples``: host float32 ``[b, *shape]``, or with ``decode`` (latents ``[N, h, w, c]`` ->
     images ``[N, H, W, 3]`` in [-1, 1], applied on the devices) the decoded images. ``labels``
-    overrides the label mode (one per sample). ``timings``: when given, ``sample_s`` and
-    ``decode_s`` are added to it (waiting for the devices after each phase, which costs a
-    little overlap). :func:`device_batches` gives the same batches left on the devices.
+    overrides the label mode (one per sample). ``guidance_interval``: where ``cfg_scale``
+    applies, for a sampler whose network reads it (None: the sampler's default). ``timings``:
+    when given, ``sample_s`` and ``decode_s`` are added to it (waiting for the devices after each
+    phase, which costs a little overlap). :func:`device_batches` gives the same batches left on the devices.
     """
     for x, count, chunk_labels in device_batches(
         sampler,
@@ -84,6 +86,7 @@ def sample_batches(
         num_steps=num_steps,
         seed=seed,
         cfg_scale=cfg_scale,
+        guidance_interval=guidance_interval,
         label_mode=label_mode,
         labels=labels,
         decode=decode,
@@ -103,6 +106,7 @@ def device_batches(
     num_steps: int,
     seed: int,
     cfg_scale: float = 1.0,
+    guidance_interval=None,
     label_mode: str = "balanced",
     labels: Optional[np.ndarray] = None,
     decode: Optional[Callable] = None,
@@ -129,7 +133,9 @@ def device_batches(
         if num_classes > 0:
             chunk_labels[:n] = labels[start : start + n]
         began = time.perf_counter()
-        x = sampler(params, noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale)
+        x = sampler(
+            params, noise, chunk_labels, num_steps=num_steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval
+        )
         if timings is not None:
             jax.block_until_ready(x)
             sampled = time.perf_counter()
@@ -153,6 +159,7 @@ def draw_samples(
     num_steps: int,
     seed: int,
     cfg_scale: float = 1.0,
+    guidance_interval=None,
     label_mode: str = "balanced",
     labels: Optional[np.ndarray] = None,
     decode: Optional[Callable] = None,
@@ -171,6 +178,7 @@ def draw_samples(
                 num_steps=num_steps,
                 seed=seed,
                 cfg_scale=cfg_scale,
+                guidance_interval=guidance_interval,
                 label_mode=label_mode,
                 labels=labels,
                 decode=decode,

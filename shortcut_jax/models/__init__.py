@@ -65,12 +65,20 @@ def resolve_attention_impl(
 
 
 def build_model(
-    model_cfg, *, num_classes: int, ignore_level: bool = False, forward_mode: bool = False, guidance_input: bool = False
+    model_cfg,
+    *,
+    num_classes: int,
+    ignore_level: bool = False,
+    forward_mode: bool = False,
+    guidance_input: bool = False,
+    guidance_interval_input: bool = False,
 ):
     """The network ``config.model`` describes. ``forward_mode``: the objective differentiates it
     forward (``jax.jvp``, MeanFlow), so the hand-written backward passes (``lean_ops``), which
     have no forward-mode rule, are left out and ``attention_impl='auto'`` picks XLA's attention
-    (``config_lib`` refuses an explicit ``'cudnn'`` for such an objective)."""
+    (``config_lib`` refuses an explicit ``'cudnn'`` for such an objective). ``guidance_input``
+    (and ``guidance_interval_input``): the network reads the guidance scale (and the guidance
+    interval) as conditioning inputs, improved MeanFlow's."""
     dtype = resolve_dtype(model_cfg.dtype)
     if model_cfg.name == "mlp":
         return MLPNet(
@@ -81,6 +89,7 @@ def build_model(
             t_input_scale=model_cfg.t_input_scale,
             ignore_level=ignore_level,
             guidance_input=guidance_input,
+            guidance_interval_input=guidance_interval_input,
             dtype=dtype,
         )
     if model_cfg.name == "dit":
@@ -102,6 +111,7 @@ def build_model(
             zero_init=model_cfg.zero_init,
             ignore_level=ignore_level,
             guidance_input=guidance_input,
+            guidance_interval_input=guidance_interval_input,
             remat=model_cfg.remat,
             remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,

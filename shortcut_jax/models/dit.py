@@ -146,6 +146,8 @@ class DiT(nn.Module):
     ignore_level: bool = False  # flow matching: the level input is constant, feed zeros
     # a guidance-scale input (improved MeanFlow): ``guidance`` [B] is embedded beside t and level
     guidance_input: bool = False
+    # with guidance_input: the guidance interval too, ``guidance`` [B, 3] (scale, start, end)
+    guidance_interval_input: bool = False
     remat: str = "none"  # 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch'
     # how many blocks (the first ones) use `remat`; the rest keep all their activations. -1: all.
     # Fills the memory left over by a policy instead of recomputing in every block.
@@ -201,7 +203,9 @@ class DiT(nn.Module):
             )(label).astype(self.dtype)
         ).astype(jnp.float32)
         if self.guidance_input:
-            cond = cond + layers.guidance_embedding(self.width, guidance, batch, self.dtype).astype(jnp.float32)
+            cond = cond + layers.guidance_embedding(
+                self.width, guidance, batch, self.dtype, interval=self.guidance_interval_input
+            ).astype(jnp.float32)
 
         fp8_form = self.fp8_form if self.matmul_precision == "fp8" else None
         block_args = (

@@ -243,12 +243,24 @@ class TimestepEmbedder(nn.Module):
         return nn.Dense(self.width, kernel_init=init, dtype=self.dtype, name="out")(emb)
 
 
-def guidance_embedding(width: int, guidance, batch: int, dtype) -> jax.Array:
+def guidance_embedding(width: int, guidance, batch: int, dtype, *, interval: bool = False) -> jax.Array:
     """The embedding of a per-row guidance scale (a conditioning input, as improved MeanFlow
-    uses it); ``guidance`` None stands for scale 1 (no guidance)."""
+    uses it); ``guidance`` None stands for scale 1 (no guidance). ``interval``: the network also
+    reads the guidance interval, the papers' ``t`` range where the scale applies, and ``guidance``
+    is ``[B, 3]`` (scale, interval start, interval end; None: ``(1, 0, 1)``), each column embedded
+    on its own and the three summed."""
+    columns = 3 if interval else 1
     if guidance is None:
-        guidance = jnp.ones((batch,), jnp.float32)
-    guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
+        guidance = jnp.array([1.0, 0.0, 1.0][:columns], jnp.float32)
+    guidance = jnp.asarray(guidance, jnp.float32)
+    if interval:
+        guidance = jnp.broadcast_to(guidance, (batch, 3))
+        return (
+            TimestepEmbedder(width, 1.0, dtype=dtype, name="guidance_embed")(guidance[:, 0])
+            + TimestepEmbedder(width, 1.0, dtype=dtype, name="guidance_start_embed")(guidance[:, 1])
+            + TimestepEmbedder(width, 1.0, dtype=dtype, name="guidance_end_embed")(guidance[:, 2])
+        )
+    guidance = jnp.broadcast_to(guidance.reshape(-1) if guidance.ndim else guidance, (batch,))
     return TimestepEmbedder(width, 1.0, dtype=dtype, name="guidance_embed")(guidance)
 
 

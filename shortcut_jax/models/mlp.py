@@ -38,6 +38,7 @@ class MLPNet(nn.Module):
     t_input_scale: float = 1.0
     ignore_level: bool = False
     guidance_input: bool = False  # a guidance-scale input embedded beside t and level (improved MeanFlow)
+    guidance_interval_input: bool = False  # and the guidance interval: ``guidance`` [B, 3]
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -53,7 +54,9 @@ class MLPNet(nn.Module):
             )(label).astype(self.dtype)
         ).astype(jnp.float32)
         if self.guidance_input:
-            cond = cond + layers.guidance_embedding(self.width, guidance, x.shape[0], self.dtype).astype(jnp.float32)
+            cond = cond + layers.guidance_embedding(
+                self.width, guidance, x.shape[0], self.dtype, interval=self.guidance_interval_input
+            ).astype(jnp.float32)
         h = nn.Dense(self.width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, name="embed")(
             x.astype(self.dtype)
         ).astype(jnp.float32)

@@ -51,7 +51,12 @@ forward pass on ``1 +`` the interval share of the rows (1 with ``kappa`` 0), not
 is a network input (``guidance=``), drawn per row from ``meanflow_omega_range`` in training
 (uniformly, or log-uniformly with ``meanflow_omega_draw``), with
 the target ``omega v + (1 - omega) u(x, tau, 0 | null)``, and chosen at sampling time
-(``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single pass per step.
+(``eval.cfg_scale``, ``sample --cfg_scale``) as the input of a single pass per step. With
+``meanflow_interval_input`` the guidance interval is an input as well, as improved MeanFlow
+conditions on it: each labelled row draws its own (start uniform in ``[0, 1/2]``, end in
+``[1/2, 1]``, papers' ``t``), its target is guided only inside it, and sampling picks one
+(``eval.guidance_interval``, ``sample --guidance_interval``); without it guidance applies inside
+the fixed ``meanflow_cfg_interval``.
 
 Sampling: ``sampling.IntervalSampler``, ``n`` Euler steps of ``h = 1/n`` reading ``h``; one
 step is ``x1 = x0 + u(x0, 0, 1)``.
@@ -78,6 +83,7 @@ KEYS = (
     "meanflow_cfg_interval",
     "meanflow_omega_range",
     "meanflow_omega_draw",
+    "meanflow_interval_input",
 )
 
 
@@ -110,9 +116,10 @@ def _column(a: jax.Array, like: jax.Array) -> jax.Array:
     return a.reshape(a.shape + (1,) * (like.ndim - 1))
 
 
-def in_guidance_interval(tau: jax.Array, cfg: common.ObjectiveConfig) -> jax.Array:
-    """Bool per row: the papers' ``t = 1 - tau`` inside ``meanflow_cfg_interval``."""
-    low, high = cfg.option("meanflow_cfg_interval")
+def in_guidance_interval(tau: jax.Array, cfg: common.ObjectiveConfig, interval=None) -> jax.Array:
+    """Bool per row: the papers' ``t = 1 - tau`` inside ``meanflow_cfg_interval``, or inside each
+    row's own ``interval`` (``[B, 2]``: start, end) where it is given."""
+    low, high = cfg.option("meanflow_cfg_interval") if interval is None else (interval[:, 0], interval[:, 1])
     t = 1.0 - tau
     return (t >= low) & (t <= high)
 
@@ -272,42 +279,68 @@ def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
 OMEGA_DRAWS = ("uniform", "log_uniform")
 
 
+def interval_input(cfg: common.ObjectiveConfig) -> bool:
+    """Whether the network also reads the guidance interval (``meanflow_interval_input`` on a
+    class-conditional run): its ``guidance`` input is then ``[B, 3]``, (scale, start, end)."""
+    return cfg.num_classes > 0 and bool(cfg.option("meanflow_interval_input"))
+
+
+def no_guidance(n: int, cfg: common.ObjectiveConfig) -> jax.Array:
+    """The guidance input that asks for none: scale 1 (over the whole interval ``[0, 1]``)."""
+    if interval_input(cfg):
+        return jnp.tile(jnp.array([[1.0, 0.0, 1.0]], jnp.float32), (n, 1))
+    return jnp.ones((n,), jnp.float32)
+
+
 def sample_guidance(rng, labels, cfg: common.ObjectiveConfig) -> jax.Array:
-    """Per-row guidance scales for a network that takes them as an input: drawn in
+    """Per-row guidance inputs of a network that takes them: scales drawn in
     ``meanflow_omega_range``, uniformly or (``meanflow_omega_draw='log_uniform'``) uniformly in
-    its logarithm, which gives each factor of the range the same share; 1 for rows without a label."""
+    their logarithm, which gives each factor of the range the same share. With
+    ``meanflow_interval_input`` each row also draws the papers' ``t`` range where its scale
+    applies, start uniform in ``[0, 1/2]`` and end uniform in ``[1/2, 1]`` (``[B, 3]``: scale,
+    start, end). Rows without a label get no guidance (``no_guidance``)."""
+    rng_omega, rng_start, rng_end = jax.random.split(rng, 3)
     low, high = cfg.option("meanflow_omega_range")
     if cfg.option("meanflow_omega_draw") == "log_uniform":
-        omega = jnp.exp(jax.random.uniform(rng, labels.shape, minval=math.log(low), maxval=math.log(high)))
+        omega = jnp.exp(jax.random.uniform(rng_omega, labels.shape, minval=math.log(low), maxval=math.log(high)))
     else:
-        omega = jax.random.uniform(rng, labels.shape, minval=low, maxval=high)
-    return jnp.where(labels == cfg.null_class, 1.0, omega)
+        omega = jax.random.uniform(rng_omega, labels.shape, minval=low, maxval=high)
+    if interval_input(cfg):
+        start = jax.random.uniform(rng_start, labels.shape, minval=0.0, maxval=0.5)
+        end = jax.random.uniform(rng_end, labels.shape, minval=0.5, maxval=1.0)
+        omega = jnp.stack([omega, start, end], axis=-1)
+    return jnp.where(_column(labels == cfg.null_class, omega), no_guidance(labels.shape[0], cfg), omega)
 
 
-def input_guided_velocity(params, x, tau, v, labels, omega, cfg: common.ObjectiveConfig) -> jax.Array:
+def input_guided_velocity(params, x, tau, v, labels, guidance, cfg: common.ObjectiveConfig) -> jax.Array:
     """``omega v + (1 - omega) u(x, tau, 0 | null)`` inside the guidance interval (the network's
     unconditional term without gradient), ``v`` outside it: the target of a network that reads
-    ``omega`` as an input."""
+    the guidance scale ``omega`` (and, with ``meanflow_interval_input``, the interval: then each
+    row's own, else ``meanflow_cfg_interval``) as an input."""
     b = x.shape[0]
-    uncond = cfg.apply_fn(
-        params, x, tau, jnp.zeros((b,), jnp.float32), jnp.full_like(labels, cfg.null_class), guidance=jnp.ones((b,))
-    )
+    null = jnp.full_like(labels, cfg.null_class)
+    uncond = cfg.apply_fn(params, x, tau, jnp.zeros((b,), jnp.float32), null, guidance=no_guidance(b, cfg))
     uncond = jax.lax.stop_gradient(uncond.astype(jnp.float32))
-    w = _column(jnp.where(in_guidance_interval(tau, cfg), omega, 1.0), v)
+    if guidance.ndim == 2:
+        omega, inside = guidance[:, 0], in_guidance_interval(tau, cfg, guidance[:, 1:])
+    else:
+        omega, inside = guidance, in_guidance_interval(tau, cfg)
+    w = _column(jnp.where(inside, omega, 1.0), v)
     return w * v + (1.0 - w) * uncond
 
 
 def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     """Improved MeanFlow's loss: ``V = u - h stop_gradient(D u)`` against ``v_g``, the jvp's
     tangent being the network's own instantaneous velocity. A class-conditional network takes
-    the guidance scale as an input (``Method.guidance_input``): each row draws one
-    (``sample_guidance``), and its target is guided by that scale (``input_guided_velocity``)."""
+    the guidance scale (and with ``meanflow_interval_input`` the guidance interval) as an input
+    (``Method.guidance_input``): each row draws its own (``sample_guidance``), and its target is
+    guided by them (``input_guided_velocity``)."""
     del teacher_params
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
     if cfg.num_classes > 0:
-        omega = sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
-        guidance = {"guidance": omega}
-        v_g = input_guided_velocity(params, x, tau, v, labels, omega, cfg)
+        drawn = sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
+        guidance = {"guidance": drawn}
+        v_g = input_guided_velocity(params, x, tau, v, labels, drawn, cfg)
     else:  # unconditional: no guidance to fold in
         guidance, v_g = {}, v
     # on the flow rows (h = 0) V = u(x, tau, 0): no tangent pass, no jvp
@@ -351,3 +384,8 @@ def check_config(objective_cfg, *, batch_size: int, total_steps: int) -> None:
     interval = tuple(objective_cfg.meanflow_cfg_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise ValueError(f"objective.meanflow_cfg_interval={interval} must be (low, high) with 0 <= low <= high <= 1")
+    if objective_cfg.meanflow_interval_input and objective_cfg.name != "meanflow_v":
+        raise ValueError(
+            f"objective.meanflow_interval_input=True with objective.name={objective_cfg.name!r}: only"
+            " meanflow_v takes guidance as a network input; leave it False or use meanflow_v"
+        )

@@ -88,12 +88,14 @@ def interval_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
 
 def guided_interval_sampler(cfg: ObjectiveConfig, *, seed: int = 0, mesh=None):
     """The interval sampler of a network that takes the guidance scale as an input (class-
-    conditional improved MeanFlow): the sampling flag's scale goes in, one pass per step."""
+    conditional improved MeanFlow): the sampling flag's scale (and guidance interval, where the
+    network reads it) goes in, one pass per step."""
     return sampling.IntervalSampler(
         cfg.apply_fn,
         num_levels=cfg.num_levels,
         num_classes=cfg.num_classes,
         guidance_input=cfg.num_classes > 0,
+        guidance_interval_input=meanflow.interval_input(cfg),
         mesh=mesh,
     )
 
@@ -126,7 +128,8 @@ class Method:
     # the cuDNN attention kernel, which have no forward-mode rule, are left out
     forward_mode: bool = False
     # a class-conditional network takes the guidance scale as an input (``guidance=`` of the
-    # models), sampled in training and chosen at sampling time
+    # models), sampled in training and chosen at sampling time; with
+    # ``objective.meanflow_interval_input`` the guidance interval as well
     guidance_input: bool = False
 
 

@@ -112,6 +112,16 @@ class _MeshSampler:
         check_step_count(num_steps)
         return ()
 
+    def _interval_args(self, guidance_interval) -> tuple:
+        """Traced arguments of ``_loop`` after ``_extra_args`` for a guidance interval: none here,
+        where guidance applies at every step (``IntervalSampler`` of a network that reads it)."""
+        if guidance_interval is not None and tuple(guidance_interval) != (0.0, 1.0):
+            raise ValueError(
+                f"guidance_interval={tuple(guidance_interval)}: this sampler guides every step; only a"
+                " network trained with objective.meanflow_interval_input reads an interval"
+            )
+        return ()
+
     def _loop(self, params, noise, labels, cfg_scale, num_steps, *extra):
         raise NotImplementedError
 
@@ -126,9 +136,9 @@ class _MeshSampler:
             )
         return self._compiled[guided]
 
-    def _arguments(self, noise, labels, num_steps: int, cfg_scale: float):
+    def _arguments(self, noise, labels, num_steps: int, cfg_scale: float, guidance_interval=None):
         """(guided, arguments of the jitted sampler, number of real rows)."""
-        extra = self._extra_args(num_steps)
+        extra = self._extra_args(num_steps) + self._interval_args(guidance_interval)
         n = noise.shape[0]
         if labels is None:
             labels = np.full((n,), self.num_classes, np.int32)
@@ -137,14 +147,18 @@ class _MeshSampler:
             noise, labels = (sharding.shard_rows(np.asarray(a), self.mesh) for a in (noise, labels))
         return guided, (noise, labels, jnp.float32(cfg_scale), jnp.int32(num_steps), *extra), n
 
-    def __call__(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0) -> jax.Array:
-        guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale)
+    def __call__(
+        self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0, guidance_interval=None
+    ) -> jax.Array:
+        """``guidance_interval``: the papers' ``t`` range where ``cfg_scale`` applies, for a network
+        that reads it (None: everywhere)."""
+        guided, args, n = self._arguments(noise, labels, num_steps, cfg_scale, guidance_interval)
         out = _synced(self._executables, self._fn(guided), params, args)(params, *args)
         return out if out.shape[0] == n else out[:n]
 
-    def lower(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0):
+    def lower(self, params, noise, labels=None, *, num_steps: int, cfg_scale: float = 1.0, guidance_interval=None):
         """The lowered program ``__call__`` runs (for inspecting per-device shapes and costs)."""
-        guided, args, _ = self._arguments(noise, labels, num_steps, cfg_scale)
+        guided, args, _ = self._arguments(noise, labels, num_steps, cfg_scale, guidance_interval)
         return self._fn(guided).lower(params, *args)
 
     @staticmethod
@@ -164,17 +178,31 @@ class Sampler(_MeshSampler):
 
 
 def interval_euler_sample(
-    apply_fn, params, noise, labels, *, num_steps, cfg_scale=None, null_class: int = 0, guidance_input: bool = False
+    apply_fn,
+    params,
+    noise,
+    labels,
+    *,
+    num_steps,
+    cfg_scale=None,
+    null_class: int = 0,
+    guidance_input: bool = False,
+    guidance_interval=None,
 ) -> jax.Array:
     """``num_steps`` Euler steps of ``h = 1/num_steps`` through a network of the average velocity
     over an interval, which reads ``h`` as its level input (``objectives.meanflow``); traceable,
     ``num_steps`` may be a traced int32 scalar. ``guidance_input``: the network takes the guidance
-    scale as an input (improved MeanFlow), so one pass per step gives the guided velocity."""
+    scale as an input (improved MeanFlow), so one pass per step gives the guided velocity;
+    ``guidance_interval`` (start, end), possibly traced: it reads the papers' ``t`` range where the
+    scale applies too (``guidance`` ``[B, 3]``)."""
     b = noise.shape[0]
     h = 1.0 / jnp.asarray(num_steps, jnp.float32)
     level = jnp.full((b,), h, jnp.float32)
     if guidance_input:
         scale = jnp.full((b,), 1.0 if cfg_scale is None else cfg_scale, jnp.float32)
+        if guidance_interval is not None:
+            interval = jnp.broadcast_to(jnp.asarray(guidance_interval, jnp.float32), (b, 2))
+            scale = jnp.concatenate([scale[:, None], interval], axis=1)
 
         def predict(x, t):
             tt = jnp.full((b,), t, jnp.float32)
@@ -192,15 +220,33 @@ def interval_euler_sample(
 class IntervalSampler(_MeshSampler):
     """Euler over an even chain of intervals for an average-velocity network (MeanFlow): any
     budget from 1 step up, one compilation for all of them. With ``guidance_input`` the guidance
-    scale (``cfg_scale``) is the network's input instead of a second, unconditional pass."""
+    scale (``cfg_scale``) is the network's input instead of a second, unconditional pass; with
+    ``guidance_interval_input`` the network reads the guidance interval too (a call's
+    ``guidance_interval``, traced: a new interval compiles nothing)."""
 
     def __init__(
-        self, apply_fn: Callable, *, num_levels: int, num_classes: int, guidance_input: bool = False, mesh=None
+        self,
+        apply_fn: Callable,
+        *,
+        num_levels: int,
+        num_classes: int,
+        guidance_input: bool = False,
+        guidance_interval_input: bool = False,
+        mesh=None,
     ):
         super().__init__(apply_fn, num_levels=num_levels, num_classes=num_classes, mesh=mesh)
         self.guidance_input = guidance_input
+        self.guidance_interval_input = guidance_input and guidance_interval_input
 
-    def _loop(self, params, noise, labels, cfg_scale, num_steps):
+    def _interval_args(self, guidance_interval) -> tuple:
+        if not self.guidance_interval_input:
+            return super()._interval_args(guidance_interval)
+        interval = (0.0, 1.0) if guidance_interval is None else tuple(float(v) for v in guidance_interval)
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"guidance_interval={interval} must be (start, end) with 0 <= start <= end <= 1")
+        return (jnp.asarray(interval, jnp.float32),)
+
+    def _loop(self, params, noise, labels, cfg_scale, num_steps, *interval):
         return interval_euler_sample(
             self.apply_fn,
             params,
@@ -210,6 +256,7 @@ class IntervalSampler(_MeshSampler):
             cfg_scale=cfg_scale,
             null_class=self.num_classes,
             guidance_input=self.guidance_input,
+            guidance_interval=interval[0] if interval else None,
         )
 
 

@@ -198,6 +198,9 @@ class Experiment:
             ignore_level=not needs.level_input,
             forward_mode=needs.forward_mode,
             guidance_input=needs.guidance_input and self.spec.num_classes > 0,
+            guidance_interval_input=needs.guidance_input
+            and self.spec.num_classes > 0
+            and bool(config.objective.meanflow_interval_input),
         )
         self.apply_fn = lambda params, x, t, level, label, guidance=None: self.model.apply(
             {"params": params}, x, t, level, label, guidance

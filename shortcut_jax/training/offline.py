@@ -235,6 +235,28 @@ def check_guidance(cfg_scale: float, num_classes: int) -> None:
         )
 
 
+def check_guidance_interval(interval, config, num_classes: int) -> tuple:
+    """``--guidance_interval`` as a (start, end) tuple, refused unless the run's network reads it
+    (improved MeanFlow trained with ``objective.meanflow_interval_input`` on labelled data)."""
+    try:
+        interval = tuple(float(v) for v in interval)
+    except (TypeError, ValueError):
+        interval = ()
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(f"--guidance_interval={interval}: give start,end with 0 <= start <= end <= 1 (e.g. 0.1,0.7)")
+    reads = (
+        num_classes > 0
+        and config.objective.name == "meanflow_v"
+        and bool(config.objective.get("meanflow_interval_input", False))
+    )
+    if interval != (0.0, 1.0) and not reads:
+        raise ValueError(
+            f"--guidance_interval={','.join(map(str, interval))}: this run's network does not read a"
+            " guidance interval (only meanflow_v trained with objective.meanflow_interval_input=True); leave it out"
+        )
+    return interval
+
+
 def resolve_labels(
     num_classes: int,
     num_images: int,
@@ -299,16 +321,24 @@ def sample(
     labels=None,
     class_label: Optional[int] = None,
     cfg_scale: float = 1.0,
+    guidance_interval=None,
     seed: int = 0,
     batch_size: Optional[int] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(samples, labels)``: ``num_images`` samples at ``num_steps`` steps (decoded for latent
-    runs), float in [-1, 1] ``[N, H, W, C]`` (points ``[N, D]``), and their int32 labels."""
+    runs), float in [-1, 1] ``[N, H, W, C]`` (points ``[N, D]``), and their int32 labels.
+    ``guidance_interval``: where ``cfg_scale`` applies, for a network that reads it (None: the
+    run's ``eval.guidance_interval``)."""
     exp = run.exp
     if num_images < 1:
         raise ValueError(f"--num_images={num_images} must be >= 1")
     sampling.check_budget(num_steps, exp.config.objective.num_levels)
     check_guidance(cfg_scale, run.num_classes)
+    interval = check_guidance_interval(
+        exp.config.eval.guidance_interval if guidance_interval is None else guidance_interval,
+        exp.config,
+        run.num_classes,
+    )
     chosen = resolve_labels(
         run.num_classes, num_images, labels=labels, class_label=class_label, mode=exp.config.eval.label_mode, seed=seed
     )
@@ -324,6 +354,7 @@ def sample(
             num_steps=num_steps,
             seed=seed,
             cfg_scale=cfg_scale,
+            guidance_interval=interval,
             labels=chosen,
             decode=exp.decode,
         )
