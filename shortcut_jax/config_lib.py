@@ -351,20 +351,6 @@ def validate(config, *, num_devices: int) -> None:
     """
     if config.objective.name not in METHODS:
         raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(METHODS)}")
-    if method(config.objective.name).forward_mode:
-        # jax.jvp through the network: the cuDNN attention kernel and the FP8 dense layers have no
-        # forward-mode rule (lean_ops are left out by build_model, 'auto' attention picks XLA's)
-        if config.model.attention_impl == "cudnn":
-            raise ConfigError(
-                f"model.attention_impl='cudnn' with objective.name={config.objective.name!r}: the"
-                " objective differentiates the network forward (jax.jvp), which the cuDNN attention"
-                " kernel does not support; use model.attention_impl='auto' or 'xla'"
-            )
-        if config.model.matmul_precision == "fp8":
-            raise ConfigError(
-                f"model.matmul_precision='fp8' with objective.name={config.objective.name!r}: the"
-                " FP8 dense layers have no forward-mode rule (jax.jvp); use model.matmul_precision='bf16'"
-            )
     interval = tuple(config.eval.guidance_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise ConfigError(f"eval.guidance_interval={interval} must be (start, end) with 0 <= start <= end <= 1")

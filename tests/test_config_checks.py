@@ -47,14 +47,6 @@ def fits(model_name, shape, patch=2):
 CASES = {
     "preset": (lambda: config_lib.apply_preset(digits_config(), "fast"), "preset='fast'"),
     "variant": (validate({"model.variant": "Q"}), "model.variant='Q'"),
-    "jvp_cudnn": (
-        validate({"objective.name": "meanflow", "model.attention_impl": "cudnn"}),
-        "cuDNN attention kernel does not support",
-    ),
-    "jvp_fp8": (
-        validate({"objective.name": "meanflow_v", "model.matmul_precision": "fp8"}),
-        "FP8 dense layers have no forward-mode rule",
-    ),
     "level weights": (validate({"objective.level_weights": (1.0,)}), "objective.level_weights"),
     "lean ops": (validate({"model.lean_ops": ("qkv",)}), "model.lean_ops"),
     "rows per level": (validate({"train.batch_size": 16}), "self-consistency rows"),

@@ -318,28 +318,31 @@ def test_guidance_is_folded_into_the_target_for_labelled_rows_only():
     np.testing.assert_allclose(np.asarray(got), [[guided] * 2, [guided] * 2, [10.0] * 2, [guided] * 2])
 
 
-@pytest.mark.parametrize(
-    "setting,value,message",
-    [
-        ("attention_impl", "cudnn", "does not support; use model.attention_impl='auto' or 'xla'"),
-        ("matmul_precision", "fp8", "no forward-mode rule"),
-    ],
-)
-def test_forward_mode_objectives_refuse_kernels_without_a_jvp_before_compiling(setting, value, message):
-    c = config_lib.default_config()
-    c.objective.name = "meanflow"
-    c.model[setting] = value
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(c, num_devices=1)
-
-
-def test_forward_mode_objectives_get_plain_ops_and_xla_attention():
+def test_forward_mode_objectives_train_through_the_configured_kernels_and_give_the_jvp_plain_ones():
+    """A config asking MeanFlow for the cuDNN attention kernel and FP8 dense layers (neither has a
+    forward-mode rule) passes the checks: the run trains through a network with them, and the
+    jvp gets the same network (the same parameters) built with XLA's attention, bf16 matmuls and
+    no hand-written backward passes."""
     from shortcut_jax.models import build_model
 
     c = config_lib.default_config()
-    model = build_model(c.model, num_classes=0, forward_mode=True)
-    assert model.lean_ops == () and model.attention_impl is None
-    assert build_model(c.model, num_classes=0).lean_ops != ()
+    c.objective.name = "meanflow"
+    c.model.name, c.model.variant = "dit", "S"
+    c.model.attention_impl, c.model.matmul_precision = "cudnn", "fp8"
+    config_lib.validate(c, num_devices=1)
+    trained = build_model(c.model, num_classes=0)
+    jvp = build_model(c.model, num_classes=0, forward_mode=True)
+    assert trained.attention_impl == "cudnn" and trained.matmul_precision == "fp8" and trained.lean_ops != ()
+    assert jvp.attention_impl is None and jvp.matmul_precision == "bf16" and jvp.lean_ops == ()
+    # the same parameter tree (traced on this CPU with XLA's attention in place of cuDNN's)
+    c.model.width, c.model.depth, c.model.num_heads, c.model.variant = 32, 1, 2, ""
+    c.model.attention_impl = "xla"
+    args = (jnp.zeros((1, 8, 8, 3)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1, jnp.int32))
+    shapes = [
+        jax.tree.map(jnp.shape, jax.eval_shape(lambda m=m: m.init(jax.random.key(0), *args))["params"])
+        for m in (build_model(c.model, num_classes=0), build_model(c.model, num_classes=0, forward_mode=True))
+    ]
+    assert shapes[0] == shapes[1]
 
 
 def guided_analytic_apply(params, x, tau, h, label, guidance=None):
@@ -492,3 +495,36 @@ def test_guidance_interval_input_adds_embeddings_the_output_depends_on():
     late = model.apply({"params": params}, *args, jnp.array([[3.0, 0.4, 1.0]] * 2))
     early = model.apply({"params": params}, *args, jnp.array([[3.0, 0.0, 0.6]] * 2))
     assert float(jnp.max(jnp.abs(every_t - late))) > 1e-4 and float(jnp.max(jnp.abs(every_t - early))) > 1e-4
+
+
+@jax.custom_vjp
+def _no_forward_rule(u):
+    """The identity with a hand-written backward pass: ``jax.jvp`` refuses it, as it refuses the
+    lean ops and the cuDNN attention kernel."""
+    return u
+
+
+_no_forward_rule.defvjp(lambda u: (u, None), lambda _, g: (g,))
+
+
+@pytest.mark.parametrize("name", ["meanflow", "meanflow_v"])
+def test_the_gradient_goes_through_the_configured_network_and_the_jvp_through_the_forward_mode_one(name):
+    """The loss's one pass with gradient runs through ``apply_fn`` even where it has no
+    forward-mode rule, and the jvp through ``jvp_apply_fn``: loss and gradient equal those of
+    the plain network everywhere. Seen failing with the jvp taken through ``apply_fn`` (jax
+    refuses forward mode through a custom_vjp function)."""
+
+    def configured(params, x, tau, h, label):
+        return _no_forward_rule(analytic_apply(params, x, tau, h, label))
+
+    plain = objective_config(analytic_apply, name=name, meanflow_norm_p=1.0)
+    split = dataclasses.replace(
+        objective_config(configured, name=name, meanflow_norm_p=1.0), jvp_apply_fn=analytic_apply
+    )
+    x1 = jax.random.normal(jax.random.key(21), (16, 3))
+    loss_fn = METHODS[name].loss
+    want, want_grad = jax.value_and_grad(lambda p: loss_fn(p, None, batch_of(x1), jax.random.key(22), plain)[0])(PARAMS)
+    got, got_grad = jax.value_and_grad(lambda p: loss_fn(p, None, batch_of(x1), jax.random.key(22), split)[0])(PARAMS)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for key in PARAMS:
+        np.testing.assert_allclose(np.asarray(got_grad[key]), np.asarray(want_grad[key]), rtol=1e-5, atol=1e-7)

@@ -731,6 +731,25 @@ def test_every_objectives_step_on_a_data_axis_of_8_moves_no_row_between_devices(
     assert set(kinds) == {"all-reduce"}, kinds
 
 
+def test_meanflow_steps_all_reduce_one_gradient_as_flow_matching_does(toy_pairs):
+    """Both MeanFlow losses take their gradient through one pass over every row (the jvp runs
+    without gradient), so on a data axis of 8 their compiled steps all-reduce as many bytes as
+    flow matching's step of the same network. Seen failing with the gradient taken through two
+    passes (the interval rows' jvp and the flow rows' plain pass): about twice the bytes."""
+    from benchmarks.memory_per_device import collective_traffic
+
+    reduced = {}
+    for name in ("flow_matching", "meanflow", "meanflow_v"):
+        exp = Experiment(toy_step_config(name, toy_pairs, (8, 1)), None)
+        try:
+            compiled, _ = exp.compile_step()
+        finally:
+            exp.close()
+        reduced[name] = collective_traffic(compiled.as_text())["all-reduce"][1]
+    for name in ("meanflow", "meanflow_v"):
+        assert reduced[name] <= 1.05 * reduced["flow_matching"], reduced
+
+
 @pytest.mark.parametrize("preset", ["meanflow", "meanflow_v"])
 def test_guided_meanflow_step_on_a_data_axis_of_8_moves_no_row_between_devices(preset):
     """MeanFlow with guidance folded into its target (a tiny class-conditional DiT, kappa 0.5):

@@ -42,7 +42,8 @@ def resolve_attention_impl(
     all qualify); it never stores the attention scores (docs/results.md's train-step table measures it).
     Elsewhere 'auto' leaves the choice
     to XLA (``None``). The cuDNN kernel has no forward-mode derivative (``jax.jvp``): ``build_model``
-    picks XLA's for an objective that needs one (MeanFlow), and ``'xla'`` forces it anywhere.
+    picks XLA's for the network given to a jvp (MeanFlow's derivative), and ``'xla'`` forces it
+    anywhere.
     """
     if name not in ("auto", "", None):
         return name
@@ -73,10 +74,11 @@ def build_model(
     guidance_input: bool = False,
     guidance_interval_input: bool = False,
 ):
-    """The network ``config.model`` describes. ``forward_mode``: the objective differentiates it
-    forward (``jax.jvp``, MeanFlow), so the hand-written backward passes (``lean_ops``), which
-    have no forward-mode rule, are left out and ``attention_impl='auto'`` picks XLA's attention
-    (``config_lib`` refuses an explicit ``'cudnn'`` for such an objective). ``guidance_input``
+    """The network ``config.model`` describes. ``forward_mode``: the same network (the same
+    parameters) for ``jax.jvp`` (MeanFlow's derivative): the hand-written backward passes
+    (``lean_ops``), the cuDNN attention kernel and the FP8 dense layers, which have no
+    forward-mode rule, are left out (XLA's attention, bf16 matmuls); a method that takes a jvp trains through the network built without it and
+    gives this one only to the jvp (``ObjectiveConfig.jvp_apply_fn``). ``guidance_input``
     (and ``guidance_interval_input``): the network reads the guidance scale (and the guidance
     interval) as conditioning inputs, improved MeanFlow's."""
     dtype = resolve_dtype(model_cfg.dtype)
@@ -104,7 +106,7 @@ def build_model(
             attention_scale=model_cfg.attention_scale,
             attention_impl=(
                 None
-                if forward_mode and model_cfg.attention_impl in ("auto", "xla")
+                if forward_mode
                 else resolve_attention_impl(model_cfg.attention_impl, dtype=dtype, head_dim=width // heads)
             ),
             t_input_scale=model_cfg.t_input_scale,
@@ -116,7 +118,7 @@ def build_model(
             remat_blocks=model_cfg.remat_blocks,
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
             lean_ops=() if forward_mode else tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
-            matmul_precision=model_cfg.matmul_precision,
+            matmul_precision="bf16" if forward_mode else model_cfg.matmul_precision,
             scan_blocks=model_cfg.scan_blocks,
             dtype=dtype,
         )

@@ -14,9 +14,10 @@ from shortcut_jax.objectives.registry import METHODS, Method, method
 
 
 def make_objective_config(
-    objective_cfg, apply_fn, num_classes: int, *, total_steps: int | None = None
+    objective_cfg, apply_fn, num_classes: int, *, total_steps: int | None = None, jvp_apply_fn=None
 ) -> ObjectiveConfig:
-    """Static objective context from the ``config.objective`` ConfigDict.
+    """Static objective context from the ``config.objective`` ConfigDict (``jvp_apply_fn``:
+    ``ObjectiveConfig.jvp_apply_fn``).
 
     ``total_steps`` (``train.steps``) sets the curriculum of objectives that follow one when
     ``objective.stage_steps`` is 0; a schedule that does not fit the run raises ``ValueError``.
@@ -24,6 +25,7 @@ def make_objective_config(
     weights = tuple(float(w) for w in objective_cfg.level_weights)
     cfg = ObjectiveConfig(
         apply_fn=apply_fn,
+        jvp_apply_fn=jvp_apply_fn,
         num_classes=num_classes,
         num_levels=objective_cfg.num_levels,
         sc_fraction=objective_cfg.sc_fraction,

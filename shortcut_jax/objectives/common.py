@@ -32,6 +32,10 @@ class ObjectiveConfig:
 
     apply_fn: ApplyFn
     num_classes: int  # 0: unconditional; the null class index is num_classes
+    # the same network (same parameters) built for forward-mode differentiation: no hand-written
+    # backward passes, XLA's attention (``models.build_model(forward_mode=True)``), for the
+    # ``jax.jvp`` of a method that takes one (MeanFlow); None: ``apply_fn`` has a forward-mode rule
+    jvp_apply_fn: Optional[ApplyFn] = None
     num_levels: int = 7
     sc_fraction: float = 0.125
     # a growing self-consistency share (shortcut.growing_share): from sc_fraction_start (< 0: off)
@@ -64,6 +68,10 @@ class ObjectiveConfig:
     # every config.objective key as sorted (key, value) pairs: the keys a method reads that no
     # field above names (``option``), so a new method adds config keys, not fields here
     options: tuple = ()
+
+    def forward_mode_apply(self) -> ApplyFn:
+        """The network to give ``jax.jvp``: ``jvp_apply_fn``, or ``apply_fn`` where none is set."""
+        return self.jvp_apply_fn or self.apply_fn
 
     def option(self, key: str) -> Any:
         """``config.objective.<key>``; ``KeyError`` naming the key where the config has none."""

@@ -22,11 +22,15 @@ is one ``jax.jvp`` of the network (forward mode: no extra backward pass).
 Row layout. ``round(meanflow_flow_fraction * batch)`` rows are flow rows, interleaved with the
 interval rows by ``common.RowSplit`` (the rows are independent draws, so their place carries no
 meaning; the interleaving keeps each device's share and moves no row across a mesh). Their
-derivative term is multiplied by ``h = 0``, so they skip the jvp: one plain network pass, where
-the interval rows pay for the primal and the tangent (and, for ``meanflow_v``, the tangent's own
-pass). The loss and its gradient are those of the jvp over every row; at the published ImageNet
-share (0.75) the network's forward work in the loss drops from 2 (3 for ``meanflow_v``) passes
-per row to 1.25 (1.5).
+derivative term is multiplied by ``h = 0``, so the jvp runs on the interval rows only.
+
+Passes. The gradient reaches the network through ``u`` alone (both losses stop the gradient of
+``D u``), so each loss is one pass with gradient over every row, through the network as
+configured (the cuDNN attention kernel, the hand-written backward passes, FP8), plus passes
+without gradient on the interval rows: the jvp (primal and tangent) of the same parameters
+through the network built for forward mode (``ObjectiveConfig.jvp_apply_fn``: XLA's attention,
+plain ops, bf16), and for ``meanflow_v`` the tangent's own pass before it. One gradient pass
+also means one gradient to all-reduce across a mesh.
 
 ``meanflow_v`` (improved MeanFlow): the same network, but the loss is a regression on the
 instantaneous velocity, re-parameterised through ``u`` by the same identity read the other way,
@@ -196,10 +200,12 @@ def _prepare(batch, rng, cfg: common.ObjectiveConfig):
 
 def _interval_derivative(params, x, tau, h, labels, tangent, cfg: common.ObjectiveConfig, **guidance):
     """``(u, D u)``: the network and its derivative along ``(tangent, 1, -1)`` on ``(x, tau, h)``
-    (a guidance-scale input, if given, held fixed)."""
+    (a guidance input, if given, held fixed), one ``jax.jvp`` of the network built for forward
+    mode (``ObjectiveConfig.forward_mode_apply``)."""
+    apply_fn = cfg.forward_mode_apply()
 
     def u_fn(x_, tau_, h_):
-        return cfg.apply_fn(params, x_, tau_, h_, labels, **guidance).astype(jnp.float32)
+        return apply_fn(params, x_, tau_, h_, labels, **guidance).astype(jnp.float32)
 
     ones = jnp.ones_like(tau)
     return jax.jvp(u_fn, (x, tau, h), (tangent, ones, -ones))
@@ -229,49 +235,35 @@ def _metrics(loss, error, rows: common.RowSplit):
     }
 
 
-def _flow_rows_error(params, x, tau, labels, target, cfg: common.ObjectiveConfig, **guidance) -> jax.Array:
-    """Per-row error of the ``h = 0`` rows: one plain pass ``u`` of the network against
-    ``target(stop_gradient(u))`` (a target that holds the pass's own output) or ``target``."""
-    u = cfg.apply_fn(params, x, tau, jnp.zeros_like(tau), labels, **guidance).astype(jnp.float32)
-    if callable(target):
-        target = target(jax.lax.stop_gradient(u))
-    return common.per_row_mse(u, target)
-
-
-def _split(rows: common.RowSplit, *arrays, **named):
-    """Each array (and each named one) cut into the interval rows and the flow rows."""
-    head = [rows.first(a) for a in arrays], {key: rows.first(a) for key, a in named.items()}
-    tail = [rows.rest(a) for a in arrays], {key: rows.rest(a) for key, a in named.items()}
-    return head, tail
+def _derivative_without_gradient(params, x, tau, h, labels, tangent, rows, cfg, **guidance) -> jax.Array:
+    """``D u`` along ``tangent`` (given for the interval rows, ``rows``' first group) on the
+    interval rows, zeros on the flow rows, where it is multiplied by ``h = 0``: one ``jax.jvp`` of
+    the forward-mode network on the interval rows, through which no gradient flows (both losses
+    stop it)."""
+    params, tangent = jax.lax.stop_gradient(params), jax.lax.stop_gradient(tangent)
+    first = {key: rows.first(a) for key, a in guidance.items()}
+    _, du = _interval_derivative(params, *(rows.first(a) for a in (x, tau, h, labels)), tangent, cfg, **first)
+    return rows.join(du, jnp.zeros((rows.size - rows.count,) + du.shape[1:], du.dtype))
 
 
 def loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
-    """MeanFlow's loss: ``u`` against ``stop_gradient(v_g + h D u)``; the flow rows (``h = 0``)
-    against ``v_g`` without the jvp."""
+    """MeanFlow's loss: ``u`` against ``stop_gradient(v_g + h D u)``. The gradient's one pass
+    ``u`` runs on every row through the network as configured; ``D u`` is a jvp without gradient
+    on the interval rows only (the flow rows' ``h = 0`` leaves ``v_g``)."""
     del teacher_params  # the target comes from the network itself
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
     rows = row_split(x.shape[0], cfg)
-    ((xi, ti, hi, li, vi), _), ((xf, tf, _, lf, vf), _) = _split(rows, x, tau, h, labels, v)
-    guided = guidance_on(cfg)
-    if guided:  # a flow row's conditional term is its own training pass (no extra pass for it)
+    u = cfg.apply_fn(params, x, tau, h, labels).astype(jnp.float32)
+    if guidance_on(cfg):  # a flow row's conditional term is its own training pass (no extra pass for it)
         uncond, cond = guidance_passes(params, x, tau, labels, rows, cfg)
-    interval_error = flow_error = jnp.zeros((0,), jnp.float32)  # a group may be empty
+        if cond is not None:
+            cond = rows.join(cond, rows.rest(jax.lax.stop_gradient(u)))
+        v = fold_guidance(v, tau, labels, cond, uncond, cfg)
+    target = v
     if rows.count > 0:
-        if guided:
-            vi = fold_guidance(vi, ti, li, cond, rows.first(uncond), cfg)
-        u, du = _interval_derivative(params, xi, ti, hi, li, vi, cfg)
-        interval_error = common.per_row_mse(u, jax.lax.stop_gradient(meanflow_target(vi, hi, du)))
-    if rows.count < rows.size:
-        if guided:
-            uncond_f = rows.rest(uncond)
-
-            def target(own):  # the conditional term is the flow row's own pass
-                return fold_guidance(vf, tf, lf, own, uncond_f, cfg)
-
-        else:
-            target = vf
-        flow_error = _flow_rows_error(params, xf, tf, lf, target, cfg)
-    error = rows.join(interval_error, flow_error)
+        du = _derivative_without_gradient(params, x, tau, h, labels, rows.first(v), rows, cfg)
+        target = meanflow_target(v, h, du)
+    error = common.per_row_mse(u, jax.lax.stop_gradient(target))
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, rows)
 
@@ -334,27 +326,27 @@ def v_loss_fn(params, teacher_params, batch, rng, cfg: common.ObjectiveConfig):
     tangent being the network's own instantaneous velocity. A class-conditional network takes
     the guidance scale (and with ``meanflow_interval_input`` the guidance interval) as an input
     (``Method.guidance_input``): each row draws its own (``sample_guidance``), and its target is
-    guided by them (``input_guided_velocity``)."""
+    guided by them (``input_guided_velocity``). The gradient's one pass ``u`` runs on every row
+    through the network as configured; the tangent ``u(x, tau, 0)`` and ``D u`` are passes
+    without gradient on the interval rows only (on the flow rows ``V = u(x, tau, 0)``)."""
     del teacher_params
     x, tau, h, v, labels = _prepare(batch, rng, cfg)
     if cfg.num_classes > 0:
         drawn = sample_guidance(jax.random.fold_in(rng, 1), labels, cfg)
         guidance = {"guidance": drawn}
-        v_g = input_guided_velocity(params, x, tau, v, labels, drawn, cfg)
+        v = input_guided_velocity(params, x, tau, v, labels, drawn, cfg)
     else:  # unconditional: no guidance to fold in
-        guidance, v_g = {}, v
-    # on the flow rows (h = 0) V = u(x, tau, 0): no tangent pass, no jvp
+        guidance = {}
     rows = row_split(x.shape[0], cfg)
-    ((xi, ti, hi, li, vi), gi), ((xf, tf, _, lf, vf), gf) = _split(rows, x, tau, h, labels, v_g, **guidance)
-    interval_error = flow_error = jnp.zeros((0,), jnp.float32)  # a group may be empty
+    u = cfg.apply_fn(params, x, tau, h, labels, **guidance).astype(jnp.float32)
     if rows.count > 0:
-        instantaneous = cfg.apply_fn(params, xi, ti, jnp.zeros_like(hi), li, **gi)
-        instantaneous = jax.lax.stop_gradient(instantaneous.astype(jnp.float32))
-        u, du = _interval_derivative(params, xi, ti, hi, li, instantaneous, cfg, **gi)
-        interval_error = common.per_row_mse(compound_velocity(u, hi, jax.lax.stop_gradient(du)), vi)
-    if rows.count < rows.size:
-        flow_error = _flow_rows_error(params, xf, tf, lf, vf, cfg, **gf)
-    error = rows.join(interval_error, flow_error)
+        first = {key: rows.first(a) for key, a in guidance.items()}
+        xi, ti, li = rows.first(x), rows.first(tau), rows.first(labels)
+        instantaneous = cfg.apply_fn(jax.lax.stop_gradient(params), xi, ti, jnp.zeros_like(ti), li, **first)
+        instantaneous = instantaneous.astype(jnp.float32)
+        du = _derivative_without_gradient(params, x, tau, h, labels, instantaneous, rows, cfg, **guidance)
+        u = compound_velocity(u, h, du)
+    error = common.per_row_mse(u, v)
     loss = _weighted_loss(error, cfg)
     return loss, _metrics(loss, error, rows)
 

@@ -192,21 +192,30 @@ class Experiment:
         self.mesh = sharding.make_mesh(config.mesh)
         self.host_cpu = self._host_cpu() if config.train.init_on == "host" else None
         self.method = needs = method(config.objective.name)
-        self.model = build_model(
-            config.model,
+        model_args = dict(
             num_classes=self.spec.num_classes,
             ignore_level=not needs.level_input,
-            forward_mode=needs.forward_mode,
             guidance_input=needs.guidance_input and self.spec.num_classes > 0,
             guidance_interval_input=needs.guidance_input
             and self.spec.num_classes > 0
             and bool(config.objective.meanflow_interval_input),
         )
+        self.model = build_model(config.model, **model_args)
         self.apply_fn = lambda params, x, t, level, label, guidance=None: self.model.apply(
             {"params": params}, x, t, level, label, guidance
         )
+        jvp_apply_fn = None
+        if needs.forward_mode:  # the same parameters, through ops that have a forward-mode rule
+            self.jvp_model = build_model(config.model, forward_mode=True, **model_args)
+            jvp_apply_fn = lambda params, x, t, level, label, guidance=None: self.jvp_model.apply(  # noqa: E731
+                {"params": params}, x, t, level, label, guidance
+            )
         self.obj_cfg = make_objective_config(
-            config.objective, self.apply_fn, self.spec.num_classes, total_steps=config.train.steps
+            config.objective,
+            self.apply_fn,
+            self.spec.num_classes,
+            total_steps=config.train.steps,
+            jvp_apply_fn=jvp_apply_fn,
         )
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         self.sampler = make_sampler(config.objective.name, self.obj_cfg, seed=config.eval.seed, mesh=self.mesh)
