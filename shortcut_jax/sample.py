@@ -25,6 +25,7 @@ from shortcut_jax.training.offline import (  # noqa: F401 - the library's names,
     LoadedRun,
     check_guidance,
     check_guidance_interval,
+    check_guidance_scale_input,
     check_outputs,
     from_recorded_config,
     load_config,
@@ -110,6 +111,7 @@ def run(fv) -> list[str]:
     sampling.check_budget(fv.num_steps, levels or config.objective.num_levels)
     resolve_labels(spec.num_classes, fv.num_images, labels=labels, class_label=class_label)
     check_guidance(fv.cfg_scale, spec.num_classes)
+    check_guidance_scale_input(fv.cfg_scale, config, spec.num_classes)
     interval = check_guidance_interval(
         config.eval.guidance_interval if fv.guidance_interval is None else fv.guidance_interval,
         config,

@@ -147,10 +147,10 @@ def test_command_line_module_writes_the_grid(workdir, tmp_path):
     assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 2 * 10 + 2)  # 2x2 grid of 8x8 greyscale images
 
 
-def test_guidance_interval_and_scale_reach_an_improved_meanflow_network_that_reads_them(tmp_path):
+def test_guidance_interval_and_scale_reach_an_improved_meanflow_network_that_reads_them(tmp_path, monkeypatch):
     """The digits config with improved MeanFlow and the guidance interval as a network input (6
-    steps): the command's grid equals the library's samples at the same flags, and another
-    interval, or another scale, gives other samples."""
+    steps): the command's grid equals the library's samples at the same flags, another interval,
+    or another scale, gives other samples, and a scale outside the trained range is refused."""
     overrides = {
         "optim.lr": 1e-2,
         "train.ema_debias": True,
@@ -179,3 +179,12 @@ def test_guidance_interval_and_scale_reach_an_improved_meanflow_network_that_rea
         run.close()
     assert np.array_equal(np.asarray(Image.open(out)), plots.save_image_grid(chosen, None)[..., 0])
     assert np.abs(chosen - every_t).max() > 1e-4 and np.abs(chosen - weaker).max() > 1e-4
+    # a scale outside the trained range is refused before the checkpoint is read
+    argv[argv.index("--cfg_scale=3")] = "--cfg_scale=6"
+    fv = sample.define_flags(flags.FlagValues(), argv)
+    fv(argv)
+    restored = []
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", lambda *a, **k: restored.append(a))
+    with pytest.raises(ValueError, match="trained for guidance scales 1.0 to 4.0"):
+        sample.run(fv)
+    assert not restored

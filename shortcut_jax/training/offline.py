@@ -235,6 +235,19 @@ def check_guidance(cfg_scale: float, num_classes: int) -> None:
         )
 
 
+def check_guidance_scale_input(cfg_scale: float, config, num_classes: int) -> None:
+    """A network that reads the guidance scale as an input (improved MeanFlow) was trained on
+    ``objective.meanflow_omega_range`` only: a scale outside it is refused, not extrapolated."""
+    if num_classes == 0 or config.objective.name != "meanflow_v" or cfg_scale == 1.0:
+        return
+    low, high = tuple(config.objective.meanflow_omega_range)
+    if not low <= cfg_scale <= high:
+        raise ValueError(
+            f"--cfg_scale={cfg_scale}: this run's network was trained for guidance scales {low} to {high}"
+            " (objective.meanflow_omega_range); pick one inside them"
+        )
+
+
 def check_guidance_interval(interval, config, num_classes: int) -> tuple:
     """``--guidance_interval`` as a (start, end) tuple, refused unless the run's network reads it
     (improved MeanFlow trained with ``objective.meanflow_interval_input`` on labelled data)."""
@@ -334,6 +347,7 @@ def sample(
         raise ValueError(f"--num_images={num_images} must be >= 1")
     sampling.check_budget(num_steps, exp.config.objective.num_levels)
     check_guidance(cfg_scale, run.num_classes)
+    check_guidance_scale_input(cfg_scale, exp.config, run.num_classes)
     interval = check_guidance_interval(
         exp.config.eval.guidance_interval if guidance_interval is None else guidance_interval,
         exp.config,
