@@ -77,8 +77,9 @@ def build_model(
     """The network ``config.model`` describes. ``forward_mode``: the same network (the same
     parameters) for ``jax.jvp`` (MeanFlow's derivative): the hand-written backward passes
     (``lean_ops``), the cuDNN attention kernel and the FP8 dense layers, which have no
-    forward-mode rule, are left out (XLA's attention, bf16 matmuls); a method that takes a jvp trains through the network built without it and
-    gives this one only to the jvp (``ObjectiveConfig.jvp_apply_fn``). ``guidance_input``
+    forward-mode rule, are left out (XLA's attention, bf16 matmuls); a method that takes a jvp
+    trains through the network built without ``forward_mode`` and gives this one only to the jvp
+    (``ObjectiveConfig.jvp_apply_fn``). ``guidance_input``
     (and ``guidance_interval_input``): the network reads the guidance scale (and the guidance
     interval) as conditioning inputs, improved MeanFlow's."""
     dtype = resolve_dtype(model_cfg.dtype)

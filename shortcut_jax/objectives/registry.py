@@ -124,8 +124,9 @@ class Method:
     plan_micro_batches: Optional[Callable] = None
     # (objective_cfg, *, batch_size, total_steps) -> None, raising ValueError naming the key
     check: Optional[Callable] = None
-    # the loss differentiates the network forward (jax.jvp): hand-written backward passes and
-    # the cuDNN attention kernel, which have no forward-mode rule, are left out
+    # the loss differentiates the network forward (jax.jvp): the run also builds the network
+    # without the kernels that have no forward-mode rule (hand-written backward passes, cuDNN
+    # attention, FP8) and gives that build, ``ObjectiveConfig.jvp_apply_fn``, to the jvp
     forward_mode: bool = False
     # a class-conditional network takes the guidance scale as an input (``guidance=`` of the
     # models), sampled in training and chosen at sampling time; with
