@@ -33,8 +33,9 @@ class ObjectiveConfig:
     apply_fn: ApplyFn
     num_classes: int  # 0: unconditional; the null class index is num_classes
     # the same network (same parameters) built for forward-mode differentiation: no hand-written
-    # backward passes, XLA's attention (``models.build_model(forward_mode=True)``), for the
-    # ``jax.jvp`` of a method that takes one (MeanFlow); None: ``apply_fn`` has a forward-mode rule
+    # backward passes, XLA's attention, bf16 matmuls (``models.build_model(forward_mode=True)``),
+    # for the ``jax.jvp`` of a method that takes one (MeanFlow); None: ``apply_fn`` has a
+    # forward-mode rule
     jvp_apply_fn: Optional[ApplyFn] = None
     num_levels: int = 7
     sc_fraction: float = 0.125
