@@ -171,6 +171,7 @@ MODEL_FLAGS = (
     "residual_dtype",
     "lean_ops",
     "matmul_precision",
+    "fp8_amax_history",
     "scan_blocks",
 )
 
@@ -757,7 +758,9 @@ def print_report(report: dict) -> None:
     kernels = ",".join(sorted({str(r.get("attention_kernel")) for r in report["rows"]})) or "-"
     precision = settings.get("matmul_precision", "bf16")
     if precision == "fp8":
-        precision += f" (form {settings.get('fp8_form') or 'direct'})"
+        history = settings.get("fp8_amax_history") or 0
+        scaling = f"delayed over {history} steps" if history else "current scaling"
+        precision += f" (form {settings.get('fp8_form') or 'direct'}, {scaling})"
     print(
         f"step: median of {settings['steps']} steps after {settings['warmup']} warm-up steps, synthetic batch"
         f" on device; dtype={settings['dtype']} remat={settings['remat']}"
@@ -875,6 +878,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="bf16",
         choices=config_lib.MATMUL_PRECISIONS,
         help="model.matmul_precision: 'fp8' runs the DiT blocks' qkv, proj and MLP matmuls in FP8",
+    )
+    p.add_argument(
+        "--fp8_amax_history",
+        type=int,
+        default=0,
+        help="model.fp8_amax_history with --matmul_precision=fp8: 0 current scaling, N delayed scaling"
+        " over the last N steps' amaxes",
     )
     p.add_argument(
         "--fp8_form",

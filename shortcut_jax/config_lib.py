@@ -71,6 +71,12 @@ def default_config() -> ml_collections.ConfigDict:
     # allowed everywhere: XLA's CPU backend computes the same values slowly (tests), and with
     # model.dtype='float32' only the FP8 rounding differs from the float32 network.
     c.model.matmul_precision = "bf16"
+    # FP8 scaling: 0 scales each quantized tensor by its own amax in the same step (current
+    # scaling); N > 0 by the largest amax of the last N steps (delayed scaling), kept in each FP8
+    # layer's amax_history parameter, so the quantization can fuse into the layer's producer
+    # (models/fp8.py). Only with matmul_precision='fp8'; it adds parameters (a checkpoint of one
+    # setting does not resume under another).
+    c.model.fp8_amax_history = 0
     # DiT: run the blocks as one scan over parameters stacked on a leading layer axis (XLA compiles
     # one block instead of depth of them: shorter compiles and initialisation). The same network
     # and initial distribution; the checkpoint layout differs (blocks/... [depth, ...] instead of
@@ -399,6 +405,14 @@ def validate(config, *, num_devices: int) -> None:
         raise ConfigError(
             f"model.matmul_precision='fp8' applies to the DiT's blocks only; model.name="
             f"{config.model.name!r} has no FP8 layers: set model.matmul_precision='bf16'"
+        )
+    history = config.model.get("fp8_amax_history", 0)
+    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+        raise ConfigError(f"model.fp8_amax_history={history!r} must be an integer >= 0 (0: current scaling)")
+    if history and config.model.matmul_precision != "fp8":
+        raise ConfigError(
+            f"model.fp8_amax_history={history} sets FP8's delayed scaling, but model.matmul_precision="
+            f"{config.model.matmul_precision!r}: set model.matmul_precision='fp8' or model.fp8_amax_history=0"
         )
     if config.model.scan_blocks and config.model.name != "dit":
         raise ConfigError(

@@ -125,6 +125,11 @@ CASES = {
         validate({"model.name": "mlp", "model.matmul_precision": "fp8"}),
         "model.matmul_precision='fp8' applies to the DiT's blocks only",
     ),
+    "fp8 history": (validate({"model.fp8_amax_history": -1}), "model.fp8_amax_history=-1 must be an integer >= 0"),
+    "fp8 history without fp8": (
+        validate({"model.fp8_amax_history": 16}),
+        "set model.matmul_precision='fp8' or model.fp8_amax_history=0",
+    ),
     "scan outside the DiT": (
         validate({"model.name": "mlp", "model.scan_blocks": True}),
         "model.scan_blocks=True applies to the DiT's blocks only",

@@ -4,6 +4,7 @@ independent NumPy/ml_dtypes rendering of the FP8 formulas; the lowered train ste
 dot_generals only when asked; a tiny DiT trains with FP8 as it does without; the GPU check script
 runs here on a tiny row."""
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -21,6 +22,8 @@ from benchmarks import train_step as bench
 from shortcut_jax import config_lib
 from shortcut_jax.models import DiT, build_model, dit, fp8, layers
 from shortcut_jax.objectives import METHODS, make_objective_config
+from shortcut_jax.training import experiment, train_state
+from shortcut_jax.training import train_step as train_step_lib
 
 
 def rel_err(got, want) -> float:
@@ -121,6 +124,225 @@ def test_zero_tensors_give_zeros_and_non_finite_ones_stay_non_finite():
         assert not np.all(np.isfinite(y)) and not np.all(np.isfinite(dw))
 
 
+# ----------------------------------------------------------------------------- delayed scaling
+
+
+def delayed_layer(x, w, g, history, form="direct"):
+    """(y, dx, dw, the history's cotangent) of ``fp8_matmul_delayed`` for the output cotangent ``g``."""
+    y, vjp = jax.vjp(
+        lambda a, b, h: fp8.fp8_matmul_delayed(a, b, h, out_dtype=jnp.float32, form=form), x, w, jnp.asarray(history)
+    )
+    return (y, *vjp(g))
+
+
+def fixed_scale_quantize(t, scale, fmt):
+    """NumPy + ml_dtypes quantization with a given scale: (values of the quantized tensor, scale)."""
+    limit = np.float32(ml_dtypes.finfo(fmt).max)
+    q = np.clip(np.asarray(t, np.float32) / np.float32(scale), -limit, limit).astype(fmt)
+    return q.astype(np.float64), np.float64(np.float32(scale))
+
+
+@pytest.mark.parametrize("form", fp8.FORMS)
+def test_delayed_scaling_uses_the_largest_amax_of_the_history_and_returns_this_calls_amaxes(form):
+    x, w, g = layer_inputs(seed=5)
+    ax, ag = np.float32(np.abs(x).max()), np.float32(np.abs(g).max())
+    # the largest amaxes sit in the third row, not the first: the scales are those of current
+    # scaling, so every output equals the current-scaling layer's to the bit
+    history = np.array([[ax / 2, ag / 4], [ax / 3, ag / 2], [ax, ag], [0, 0]], np.float32)
+    y, dx, dw, observed = delayed_layer(x, w, g, history, form)
+    for got, want in zip((y, dx, dw), fp8_layer(x, w, g, form)):
+        np.testing.assert_array_equal(got, want)
+    want_observed = np.zeros_like(history)
+    want_observed[0] = [ax, ag]
+    np.testing.assert_array_equal(observed, want_observed)
+
+    # a history whose largest amax is a quarter of the tensors': the scales come from it, so the
+    # largest values saturate at the formats' maxima (the NumPy rendering clips them the same way)
+    small = np.array([[ax / 4, ag / 4], [ax / 8, ag / 8]], np.float32)
+    y, dx, dw, _ = delayed_layer(x, w, g, small, form)
+    qx, sx = fixed_scale_quantize(x, ax / 4 / 448.0, ml_dtypes.float8_e4m3fn)
+    qw, sw = reference_quantize(w, ml_dtypes.float8_e4m3fn)  # the kernel keeps its current scale
+    qg, sg = fixed_scale_quantize(g, ag / 4 / 57344.0, ml_dtypes.float8_e5m2)
+    assert np.abs(qx).max() == 448.0 and np.abs(qg).max() == 57344.0  # saturated
+    for got, want in ((y, (qx @ qw) * sx * sw), (dx, (qg @ qw.T) * sg * sw), (dw, (qx.T @ qg) * sx * sg)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # a history of zeros (the first step): scale 1
+    y, *_ = delayed_layer(x, w, g, np.zeros((3, 2), np.float32), form)
+    qx1, _ = fixed_scale_quantize(x, 1.0, ml_dtypes.float8_e4m3fn)
+    np.testing.assert_allclose(y, (qx1 @ qw) * sw, rtol=1e-5, atol=1e-5 * np.abs(qx1 @ qw).max() * sw)
+
+
+def test_observations_leave_the_gradient_and_move_each_history_down_one_row():
+    rng = np.random.default_rng(6)
+    hist = jnp.asarray(rng.uniform(1, 2, (4, 2)), jnp.float32)
+    stacked = jnp.asarray(rng.uniform(1, 2, (3, 4, 2)), jnp.float32)  # model.scan_blocks: [depth, N, 2]
+    previous = {"qkv": {"kernel": jnp.ones((2, 3)), fp8.HISTORY: hist}, "blocks": {"fc1": {fp8.HISTORY: stacked}}}
+    obs_one = jnp.zeros((4, 2)).at[0].set(jnp.array([7.0, 8.0]))
+    obs_stacked = jnp.zeros((3, 4, 2)).at[:, 0].set(jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    grads = {
+        "qkv": {"kernel": jnp.full((2, 3), 0.5), fp8.HISTORY: obs_one},
+        "blocks": {"fc1": {fp8.HISTORY: obs_stacked}},
+    }
+
+    trained, observed = fp8.split_observations(grads)
+    np.testing.assert_array_equal(trained["qkv"]["kernel"], 0.5)
+    assert not np.any(trained["qkv"][fp8.HISTORY]) and not np.any(trained["blocks"]["fc1"][fp8.HISTORY])
+    assert observed["qkv"]["kernel"] is None
+    assert fp8.has_histories(previous) and not fp8.has_histories({"qkv": {"kernel": jnp.ones(2)}})
+
+    # the optimiser's result for the histories (here: decayed) is discarded; the previous history
+    # moves down one row and the observation enters at the top
+    updated = jax.tree.map(lambda p: 0.9 * p, previous)
+    new = fp8.record_observations(updated, previous, observed)
+    np.testing.assert_array_equal(new["qkv"]["kernel"], updated["qkv"]["kernel"])
+    np.testing.assert_array_equal(new["qkv"][fp8.HISTORY][0], [7.0, 8.0])
+    np.testing.assert_array_equal(new["qkv"][fp8.HISTORY][1:], hist[:3])
+    np.testing.assert_array_equal(new["blocks"]["fc1"][fp8.HISTORY][:, 0], obs_stacked[:, 0])
+    np.testing.assert_array_equal(new["blocks"]["fc1"][fp8.HISTORY][:, 1:], stacked[:, :3])
+    assert fp8.without_histories(new)["qkv"][fp8.HISTORY] is None
+
+
+def test_accumulated_update_records_the_largest_amax_of_its_micro_batches():
+    # a method whose loss is one FP8 layer: micro-batch 0 has inputs of amax 1, micro-batch 1 of
+    # amax 5, so the input column must read 5 (a sum would read 6, a mean 3)
+    layer = fp8.Fp8Dense(16, dtype=jnp.float32, amax_history=3)
+    x = np.ones((4, 32), np.float32)
+    x[2:] *= 5.0
+    x[:, ::2] *= -1.0
+    batch = {"x": jnp.asarray(x)}
+    params = layer.init(jax.random.PRNGKey(0), batch["x"])["params"]
+
+    def loss(p, teacher, b, rng, cfg):
+        return jnp.mean(layer.apply({"params": p}, b["x"]) ** 2), {}
+
+    record = dataclasses.replace(METHODS["flow_matching"], loss=loss)
+    tx = optax.adamw(1e-3, weight_decay=0.1)
+    step = jax.jit(train_step_lib.make_train_step(record, None, tx, optax.constant_schedule(1e-3), accum_steps=2))
+    state = train_state.create(params, tx, jax.random.PRNGKey(1), (0.999,))
+    new, _ = step(state, batch)
+    # each micro-batch's incoming-gradient amax, from the layer's own backward pass
+    g_amax = [
+        delayed_layer(
+            batch["x"][i : i + 2],
+            params["kernel"],
+            np.asarray(jax.grad(lambda y: jnp.mean(y**2))(layer.apply({"params": params}, batch["x"][i : i + 2]))),
+            np.zeros((3, 2), np.float32),
+        )[3][0, 1]
+        for i in (0, 2)
+    ]
+    np.testing.assert_allclose(new.params[fp8.HISTORY][0], [5.0, max(g_amax)], rtol=1e-6)
+    np.testing.assert_array_equal(new.params[fp8.HISTORY][1:], 0.0)
+
+
+@pytest.mark.parametrize("scan", ["off", "on"])
+def test_train_step_writes_the_amax_histories_of_a_delayed_fp8_dit(scan):
+    exp = _tiny_experiment(
+        "--matmul_precision=fp8", "--fp8_amax_history=4", "--dtype=bfloat16", f"--scan_blocks={scan}", row="tiny-flow"
+    )
+    histories = [
+        (jax.tree_util.keystr(path), leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(exp.abstract_state.params)
+        if fp8.HISTORY in jax.tree_util.keystr(path)
+    ]
+    assert len(histories) == 4  # qkv, proj, fc1, fc2 of the one block
+    assert all(leaf.shape[-2:] == (4, 2) for _, leaf in histories)
+    state = exp.init_state()
+    batch = bench.synthetic_batch(exp.spec, exp.config.train.batch_size, exp.mesh)
+    step = exp.compile_step()[0]
+
+    def read(state):
+        return [np.asarray(leaf).reshape(4, 2) for _, leaf in fp8_histories(state.params)]
+
+    seen = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        seen.append(read(state))
+    for first, second, third in zip(*seen):
+        assert np.all(first[0, 0] > 0) and not np.any(first[1:])  # the input amaxes of step 1, nothing else
+        np.testing.assert_array_equal(second[1], first[0])  # moved down one row, untouched by AdamW
+        np.testing.assert_array_equal(third[1:3], second[0:2])
+        assert third[0, 1] > 0  # the gradient reaches the blocks once the zero-initialised final layer moved
+    assert np.isfinite(float(metrics["loss"]))
+    # the EMA tree carries the histories too, and the network samples from it
+    out = jax.jit(exp.apply_fn)(
+        state.ema_params[0], batch["x"][:2], jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32), batch["label"][:2]
+    )
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_tiny_dit_trains_with_delayed_scaling_as_with_current_scaling():
+    # the real train step (flow matching, the same fixed batch and state rng, so the same noise
+    # and t at every step) for a tiny FP8 DiT with current and with delayed scaling, from the
+    # same weights: delayed scaling's first step quantizes with scale 1 and later ones with the
+    # last steps' amaxes; its loss must fall as current scaling's does and stay near it
+    rng = np.random.default_rng(7)
+    batch, objective = fixed_flow_batch(rng)
+    models = {
+        h: DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3, matmul_precision="fp8", fp8_amax_history=h)
+        for h in (0, 4)
+    }
+    example = (batch["x"][:1], jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    start = random_params(jax.eval_shape(models[0].init, jax.random.PRNGKey(0), *example)["params"], rng)
+    histories = jax.eval_shape(models[4].init, jax.random.PRNGKey(0), *example)["params"]
+    tx = optax.adam(5e-3)
+    states, steps = {}, {}
+    for h, model in models.items():
+        cfg = make_objective_config(objective, functools.partial(apply_params, model), 3)
+        steps[h] = train_step_lib.make_train_step("flow_matching", cfg, tx, optax.constant_schedule(5e-3))
+        params = start if h == 0 else with_zero_histories(start, histories)
+        states[h] = train_state.create(params, tx, jax.random.PRNGKey(2), (0.999,))
+
+    @jax.jit  # both settings in one program: one compilation
+    def step(states):
+        return {h: steps[h](s, batch) for h, s in states.items()}
+
+    losses = []
+    for _ in range(40):
+        out = step(states)
+        states = {h: o[0] for h, o in out.items()}
+        losses.append([float(out[0][1]["loss"]), float(out[4][1]["loss"])])
+    ref, got = np.array(losses).T
+    assert got[-1] < 0.7 * got[0] and got[0] - got[-1] > 0.8 * (ref[0] - ref[-1])
+    np.testing.assert_allclose(got, ref, rtol=0.1)
+    assert all(np.any(np.asarray(h)) for _, h in fp8_histories(states[4].params))
+
+
+def with_zero_histories(params, shapes):
+    """``params`` of the current-scaling network plus the zero histories ``shapes`` adds."""
+    given = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, s: given.get(jax.tree_util.keystr(p), jnp.zeros(s.shape, s.dtype)), shapes
+    )
+
+
+def fp8_histories(params):
+    return [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) == fp8.HISTORY
+    ]
+
+
+def test_delayed_scaling_is_checked_recorded_in_the_architecture_and_refused_on_resume():
+    c = config_lib.default_config()
+    assert c.model.fp8_amax_history == 0 and "fp8_amax_history" not in experiment.architecture(c.model)
+    c.model.fp8_amax_history = 16
+    with pytest.raises(config_lib.ConfigError, match="model.fp8_amax_history=16 sets FP8's delayed scaling"):
+        config_lib.validate(c, num_devices=1)
+    c.model.matmul_precision = "fp8"
+    config_lib.validate(c, num_devices=1)
+    assert build_model(c.model, num_classes=3).fp8_amax_history == 16
+    assert build_model(c.model, num_classes=3, forward_mode=True).fp8_amax_history == 0
+    saved = {"architecture": experiment.architecture(c.model)}
+    c.model.fp8_amax_history = 8
+    with pytest.raises(config_lib.ConfigError, match="fp8_amax_history"):
+        experiment.check_workdir_matches("w", saved, {"architecture": experiment.architecture(c.model)})
+    for bad in (-1, True):
+        c.model.fp8_amax_history = bad
+        with pytest.raises(config_lib.ConfigError, match="must be an integer >= 0"):
+            config_lib.validate(c, num_devices=1)
+
+
 # ----------------------------------------------------------------------------- the DiT
 
 
@@ -201,12 +423,7 @@ def test_tiny_dit_trains_with_fp8_as_with_the_compute_dtype():
     # precision is a deterministic curve, from the same initial parameters; the FP8 one must fall
     # as the float32 one does and stay near it
     rng = np.random.default_rng(4)
-    batch = {
-        "x": jnp.asarray(rng.standard_normal((32, 8, 8, 3)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 3, 32), jnp.int32),
-    }
-    objective = config_lib.default_config().objective
-    objective.name = "flow_matching"
+    batch, objective = fixed_flow_batch(rng)
     models = {
         p: DiT(patch_size=2, width=32, depth=1, num_heads=2, num_classes=3, matmul_precision=p)
         for p in config_lib.MATMUL_PRECISIONS
@@ -240,6 +457,17 @@ def test_tiny_dit_trains_with_fp8_as_with_the_compute_dtype():
     assert ref[-1] < 0.7 * ref[0] and got[-1] < 0.7 * got[0]
     assert got[0] - got[-1] > 0.8 * (ref[0] - ref[-1])
     np.testing.assert_allclose(got, ref, rtol=0.1)
+
+
+def fixed_flow_batch(rng):
+    """A batch of 32 8x8x3 images with labels of 3 classes, and the flow-matching objective."""
+    batch = {
+        "x": jnp.asarray(rng.standard_normal((32, 8, 8, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 3, 32), jnp.int32),
+    }
+    objective = config_lib.default_config().objective
+    objective.name = "flow_matching"
+    return batch, objective
 
 
 def apply_params(model, params, *inputs):
@@ -286,10 +514,12 @@ def test_matmul_precision_config_key_is_checked_and_reaches_the_model():
 
 
 def test_train_step_benchmark_forwards_the_precision_and_the_dot_form():
-    exp = _tiny_experiment("--matmul_precision=fp8", "--fp8_form=dequant")
+    exp = _tiny_experiment("--matmul_precision=fp8", "--fp8_form=dequant", "--fp8_amax_history=8")
     assert exp.config.model.matmul_precision == "fp8" and exp.model.fp8_form == "dequant"
+    assert exp.config.model.fp8_amax_history == 8 and exp.model.fp8_amax_history == 8
     assert _tiny_experiment("--matmul_precision=fp8").model.fp8_form == "direct"
-    assert {"matmul_precision", "fp8_form"} <= set(bench.FORWARDED)  # the row's child process gets both
+    # the row's child process gets all three
+    assert {"matmul_precision", "fp8_form", "fp8_amax_history"} <= set(bench.FORWARDED)
     with pytest.raises(SystemExit):
         bench.parse_args(["--fp8_form=qdq"])
 

@@ -2,7 +2,8 @@
 
 ``build_model(model_cfg, spec, ignore_level)`` turns ``config.model`` into a flax module;
 ``resolve_dtype`` applies the precision policy's default (bf16 matmuls on accelerators);
-``model.matmul_precision='fp8'`` moves the DiT blocks' large dense layers to FP8 (``fp8.py``);
+``model.matmul_precision='fp8'`` moves the DiT blocks' large dense layers to FP8 (``fp8.py``),
+with delayed scaling where ``model.fp8_amax_history > 0``;
 ``model.scan_blocks`` runs the DiT's blocks as one scan over stacked parameters (``convert.py``
 converts between the two parameter layouts).
 """
@@ -120,6 +121,7 @@ def build_model(
             residual_dtype=jnp.float32 if model_cfg.residual_dtype == "float32" else dtype,
             lean_ops=() if forward_mode else tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
             matmul_precision="bf16" if forward_mode else model_cfg.matmul_precision,
+            fp8_amax_history=0 if forward_mode else int(model_cfg.get("fp8_amax_history", 0)),
             scan_blocks=model_cfg.scan_blocks,
             dtype=dtype,
         )

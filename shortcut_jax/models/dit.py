@@ -51,6 +51,7 @@ class DiTBlock(nn.Module):
     dtype: Dtype
     lean_ops: tuple = ()
     fp8_form: Optional[str] = None  # None: qkv, proj and the MLP in ``dtype``; else FP8 in that form
+    fp8_amax_history: int = 0  # FP8 scaling: 0 current, N delayed over N steps (fp8.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -68,6 +69,7 @@ class DiTBlock(nn.Module):
             kernel_init=layers.xavier_uniform_stacked(3),
             dtype=self.dtype,
             fp8_form=self.fp8_form,
+            amax_history=self.fp8_amax_history,
             name="qkv",
         )(h)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
@@ -79,7 +81,12 @@ class DiTBlock(nn.Module):
             implementation=self.attention_impl,
         )  # [batch, tokens, heads, head_dim]
         attn = fp8.dense(
-            width, kernel_init=layers.xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form, name="proj"
+            width,
+            kernel_init=layers.xavier_uniform(),
+            dtype=self.dtype,
+            fp8_form=self.fp8_form,
+            amax_history=self.fp8_amax_history,
+            name="proj",
         )(attn.reshape(batch, tokens, width))
         x = self.gated_add(x, gate_a, attn)
 
@@ -89,6 +96,7 @@ class DiTBlock(nn.Module):
             dtype=self.dtype,
             lean_gelu="gelu" in self.lean_ops,
             fp8_form=self.fp8_form,
+            fp8_amax_history=self.fp8_amax_history,
             name="mlp",
         )(h)
         return self.gated_add(x, gate_m, h)
@@ -158,6 +166,9 @@ class DiT(nn.Module):
     lean_ops: tuple = DEFAULT_LEAN_OPS
     matmul_precision: str = "bf16"  # MATMUL_PRECISIONS; 'fp8': the blocks' large dense layers in FP8
     fp8_form: str = "direct"  # how the FP8 dots are written (models.fp8.FORMS), for measurement
+    # FP8 scaling: 0 per-tensor scales of the current step; N > 0 delayed scaling, the scales of
+    # the last N steps' amaxes kept in each FP8 layer's ``amax_history`` parameter (fp8.py)
+    fp8_amax_history: int = 0
     # True: the blocks run as one scan over parameters stacked on a leading layer axis
     # (``blocks/...`` of shape [depth, ...]) instead of ``block_0 .. block_{depth-1}``: XLA compiles
     # the block once instead of depth times. The same function; convert.to_layout moves
@@ -218,6 +229,7 @@ class DiT(nn.Module):
             self.dtype,
             self.lean_ops,
             fp8_form,
+            self.fp8_amax_history if fp8_form is not None else 0,
         )
         if self.scan_blocks:
             tokens = self.scanned_blocks(tokens, cond, block_args)

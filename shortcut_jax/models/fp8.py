@@ -10,8 +10,9 @@ orders of magnitude than activations and weights), so that all three GEMMs of a 
     dx = (Q5(g) @ Q4(W)^T)  * s_g * s_W          e5m2 x e4m3
     dW = (Q4(x)^T @ Q5(g))  * s_x * s_g          e4m3 x e5m2
 
-with per-tensor *current* scaling: ``s = amax(|t|) / max(format)`` of the tensor being quantized,
-computed in the same step (no amax history, no state in the train state or the checkpoint), and
+with per-tensor *current* scaling by default: ``s = amax(|t|) / max(format)`` of the tensor being
+quantized, computed in the same step (no amax history, no state in the train state or the
+checkpoint; delayed scaling, below, keeps one), and
 ``Q(t) = round(clip(t / s, -max, max))`` to the format. The scales are float32 scalars; the
 products are accumulated in float32 by the GEMM and the scales applied to its output in float32.
 
@@ -35,6 +36,29 @@ every non-batch dimension a multiple of 16; XLA inserts the transposes (in FP8, 
 element) and pads other sizes itself. ``benchmarks/fp8_check.py`` counts the GEMM kinds of a
 compiled step, since a pattern that does not match falls back silently.
 
+Delayed scaling (``model.fp8_amax_history = N > 0``). With current scaling the amax of an
+activation is a reduction over the whole tensor that must finish before its quantization starts,
+so the producer (LayerNorm-modulate, GELU, attention) writes the bf16 tensor, one pass reads it
+for the amax and another reads it again to write the FP8 copy. With delayed scaling the scale of
+the layer's input and of its incoming gradient come from the largest amax of the last ``N``
+steps, known before the step runs: the quantization is an elementwise function of the producer's
+output and the amax that feeds the history is a reduction beside it, so both can fuse into the
+producer's kernel, which then writes one byte per element instead of two, read once. The kernel
+keeps its current scale (a parameter, small beside the activations).
+
+The history is a parameter of the layer, ``amax_history [N, 2]`` (column 0 the input's amax,
+column 1 the incoming gradient's, newest first, float32), so it is saved, restored, sharded,
+averaged by the EMA trees and read at sampling time like every other weight. It is not trained:
+the layer's backward pass returns as the history's "gradient" a tensor whose first row holds this
+step's two amaxes (zeros elsewhere), and the train step takes those rows out of the gradient
+before the optimiser sees it (``split_observations``) and writes the history itself
+(``record_observations``): the rows move down by one and the new amaxes enter at the top. A layer
+called twice with gradient in one step returns the sum of its calls' amaxes, an upper bound of
+their maximum (no value is clipped on that account; the methods here differentiate one call per
+step); calls without gradient (teacher passes, sampling) record nothing. A history of zeros (the
+first step) gives scale 1, as in Transformer Engine; the true amaxes enter the history from that
+step on.
+
 On CPU, XLA computes FP8 dots by converting the operands to a wider type: the values are the
 FP8 model's, the speed is not, which is what lets the tests run there.
 """
@@ -53,6 +77,7 @@ Dtype = Any
 FORWARD_FORMAT = jnp.float8_e4m3fn  # activations and kernels: 3 mantissa bits, max 448
 GRADIENT_FORMAT = jnp.float8_e5m2  # incoming gradients: 2 mantissa bits, max 57344
 FORMS = ("direct", "dequant")
+HISTORY = "amax_history"  # the parameter of an FP8 layer under delayed scaling: [N, 2]
 
 
 def format_max(fmt) -> float:
@@ -70,6 +95,13 @@ def current_scale(x: jax.Array, fmt) -> jax.Array:
     On a mesh, the amax of a sharded tensor is a global reduction: one scalar all-reduce per
     quantized tensor."""
     amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return jnp.where(amax > 0, amax / format_max(fmt), jnp.float32(1.0))
+
+
+def history_scale(history: jax.Array, fmt) -> jax.Array:
+    """Delayed scale for ``fmt``: the largest amax of ``history`` (``[N]``) over ``max(fmt)``; 1 for
+    a history of zeros (the first step), as ``current_scale`` gives for a zero tensor."""
+    amax = jnp.max(history).astype(jnp.float32)
     return jnp.where(amax > 0, amax / format_max(fmt), jnp.float32(1.0))
 
 
@@ -142,17 +174,109 @@ def _fp8_matmul_bwd(x_dtype, kernel_dtype, out_dtype, form, residuals, g):
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 
 
+def fp8_matmul_delayed(
+    x: jax.Array, kernel: jax.Array, history: jax.Array, *, out_dtype: Dtype = jnp.bfloat16, form: str = "direct"
+) -> jax.Array:
+    """``fp8_matmul`` with the input's and the incoming gradient's scales taken from ``history``
+    (``[N, 2]``, module docstring); the history's cotangent is ``[N, 2]`` zeros whose first row
+    holds the amaxes this call saw (input, incoming gradient)."""
+    if form not in FORMS:
+        raise ValueError(f"FP8 dot form must be one of {FORMS}, got {form!r}")
+    if x.ndim != 2 or kernel.ndim != 2 or x.shape[1] != kernel.shape[0]:
+        raise ValueError(f"fp8_matmul needs x [M, K] and kernel [K, N], got {x.shape} and {kernel.shape}")
+    if history.ndim != 2 or history.shape[1] != 2 or history.shape[0] < 1:
+        raise ValueError(f"an FP8 amax history is [N, 2] with N >= 1, got {history.shape}")
+    return _fp8_matmul_delayed(
+        x, kernel, history, jnp.dtype(x.dtype), jnp.dtype(kernel.dtype), jnp.dtype(out_dtype), form
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fp8_matmul_delayed(x, kernel, history, x_dtype, kernel_dtype, out_dtype, form):
+    return _fp8_matmul_delayed_fwd(x, kernel, history, x_dtype, kernel_dtype, out_dtype, form)[0]
+
+
+def _fp8_matmul_delayed_fwd(x, kernel, history, x_dtype, kernel_dtype, out_dtype, form):
+    history = history.astype(jnp.float32)
+    x_scale, w_scale = history_scale(history[:, 0], FORWARD_FORMAT), current_scale(kernel, FORWARD_FORMAT)
+    x_q, w_q = quantize(x, x_scale, FORWARD_FORMAT), quantize(kernel, w_scale, FORWARD_FORMAT)
+    x_amax = jnp.max(jnp.abs(x)).astype(jnp.float32)  # this step's observation, beside the quantization
+    y = scaled_dot(x_q, x_scale, w_q, w_scale, ((1,), (0,)), out_dtype, form)
+    return y, (x_q, x_scale, w_q, w_scale, x_amax, history)
+
+
+def _fp8_matmul_delayed_bwd(x_dtype, kernel_dtype, out_dtype, form, residuals, g):
+    x_q, x_scale, w_q, w_scale, x_amax, history = residuals
+    g_scale = history_scale(history[:, 1], GRADIENT_FORMAT)
+    g_q = quantize(g, g_scale, GRADIENT_FORMAT)
+    g_amax = jnp.max(jnp.abs(g)).astype(jnp.float32)
+    dx = scaled_dot(g_q, g_scale, w_q, w_scale, ((1,), (1,)), out_dtype, form)
+    dw = scaled_dot(x_q, x_scale, g_q, g_scale, ((0,), (0,)), jnp.float32, form)
+    observed = jnp.zeros_like(history).at[0].set(jnp.stack([x_amax, g_amax]))
+    return dx.astype(x_dtype), dw.astype(kernel_dtype), observed
+
+
+_fp8_matmul_delayed.defvjp(_fp8_matmul_delayed_fwd, _fp8_matmul_delayed_bwd)
+
+
+def _is_history(path) -> bool:
+    last = path[-1] if path else None
+    return getattr(last, "key", None) == HISTORY
+
+
+def has_histories(params) -> bool:
+    """Whether ``params`` holds FP8 amax histories (a network with delayed scaling)."""
+    return any(_is_history(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
+def split_observations(grads):
+    """``(grads, observations)``: the gradient tree with every amax history's entry set to zeros
+    (what the optimiser, the gradient norm and clipping see), and a tree of the same structure
+    holding the histories' entries (this step's amaxes in their first row) and None elsewhere."""
+    trained = jax.tree_util.tree_map_with_path(lambda p, g: jnp.zeros_like(g) if _is_history(p) else g, grads)
+    observed = jax.tree_util.tree_map_with_path(lambda p, g: g if _is_history(p) else None, grads)
+    return trained, observed
+
+
+def combine_observations(a, b):
+    """Two micro-batches' observations of one update combined: their elementwise maximum."""
+    return jax.tree.map(jnp.maximum, a, b)
+
+
+def record_observations(params, previous, observations):
+    """``params`` (the optimiser's result) with every amax history replaced by ``previous``'s
+    (the state before the update) moved down one row, this step's amaxes (the first row of
+    ``observations``) in its first row; every other leaf as it is. A stacked layer axis
+    (``model.scan_blocks``: ``[depth, N, 2]``) moves each layer's history alike."""
+
+    def record(path, new, old, obs):
+        if not _is_history(path):
+            return new
+        shifted = jnp.roll(old, 1, axis=-2)
+        return shifted.at[..., 0, :].set(obs[..., 0, :].astype(old.dtype))
+
+    return jax.tree_util.tree_map_with_path(record, params, previous, observations)
+
+
+def without_histories(params):
+    """``params`` with the amax histories taken out (``None`` in their place), e.g. for norms."""
+    return jax.tree_util.tree_map_with_path(lambda p, v: None if _is_history(p) else v, params)
+
+
 class Fp8Dense(nn.Module):
     """``nn.Dense`` whose matmul runs in FP8 (``fp8_matmul``); the same parameters (``kernel``
     ``[in, features]`` and ``bias``, float32, same initialisers and names), so a checkpoint moves
-    between the bf16 and the FP8 network unchanged. The bias is added in float32 to the scaled
-    GEMM output, then the sum is cast to ``dtype``."""
+    between the bf16 and the FP8 network unchanged, except under delayed scaling
+    (``amax_history > 0``), which adds the layer's ``amax_history`` (module docstring;
+    ``without_histories`` takes it out again). The bias is added in float32 to the scaled GEMM
+    output, then the sum is cast to ``dtype``."""
 
     features: int
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
     dtype: Dtype = jnp.bfloat16  # what the GEMMs write and the layer returns
     form: str = "direct"
+    amax_history: int = 0  # 0: current scaling; N: delayed scaling over the last N steps' amaxes
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -160,12 +284,20 @@ class Fp8Dense(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         # [..., in] -> [M, in]: one contracting and one free dimension per operand, the shape
         # cuBLASLt's FP8 GEMM takes without batch dimensions
-        y = fp8_matmul(x.reshape(-1, x.shape[-1]), kernel, out_dtype=self.dtype, form=self.form)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.amax_history > 0:
+            history = self.param(HISTORY, nn.initializers.zeros, (self.amax_history, 2), jnp.float32)
+            y = fp8_matmul_delayed(x2, kernel, history, out_dtype=self.dtype, form=self.form)
+        else:
+            y = fp8_matmul(x2, kernel, out_dtype=self.dtype, form=self.form)
         return (y + bias).astype(self.dtype).reshape(*x.shape[:-1], self.features)
 
 
-def dense(features: int, *, kernel_init: Callable, dtype: Dtype, fp8_form: Optional[str], name: str) -> nn.Module:
-    """A dense layer in the compute dtype (``fp8_form=None``) or in FP8 with that dot form."""
+def dense(
+    features: int, *, kernel_init: Callable, dtype: Dtype, fp8_form: Optional[str], name: str, amax_history: int = 0
+) -> nn.Module:
+    """A dense layer in the compute dtype (``fp8_form=None``) or in FP8 with that dot form, current
+    scaling (``amax_history=0``) or delayed over that many steps."""
     if fp8_form is None:
         return nn.Dense(features, kernel_init=kernel_init, dtype=dtype, name=name)
-    return Fp8Dense(features, kernel_init=kernel_init, dtype=dtype, form=fp8_form, name=name)
+    return Fp8Dense(features, kernel_init=kernel_init, dtype=dtype, form=fp8_form, amax_history=amax_history, name=name)

@@ -271,12 +271,12 @@ class Mlp(nn.Module):
     dtype: Dtype = jnp.float32
     lean_gelu: bool = False  # gelu_tanh (float32, backward keeps only its input) instead of nn.gelu
     fp8_form: Optional[str] = None  # None: matmuls in ``dtype``; else FP8 in that form (fp8.FORMS)
+    fp8_amax_history: int = 0  # FP8 scaling: 0 current, N delayed over N steps (fp8.py)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        x = fp8.dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form, name="fc1")(
-            x
-        )
+        kw = dict(kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form)
+        x = fp8.dense(self.hidden, amax_history=self.fp8_amax_history, name="fc1", **kw)(x)
         x = gelu_tanh(x) if self.lean_gelu else nn.gelu(x, approximate=True)
-        return fp8.dense(width, kernel_init=xavier_uniform(), dtype=self.dtype, fp8_form=self.fp8_form, name="fc2")(x)
+        return fp8.dense(width, amax_history=self.fp8_amax_history, name="fc2", **kw)(x)

@@ -62,6 +62,13 @@ def architecture(model_cfg) -> dict:
             "depth": depth,
             "num_heads": heads,
             "mlp_ratio": model_cfg.mlp_ratio,
+            # delayed FP8 scaling adds a parameter to every FP8 layer (written only where set, so
+            # the record of every other run is as before)
+            **(
+                {"fp8_amax_history": model_cfg.fp8_amax_history}
+                if model_cfg.get("fp8_amax_history", 0) and model_cfg.matmul_precision == "fp8"
+                else {}
+            ),
         }
     return {
         "name": model_cfg.name,

@@ -7,6 +7,7 @@
     (loss, metrics), grads = value_and_grad(objective)(params, teacher_params, batch, rng)
         [lax.scan over micro-batches when optim.accum_steps > 1]
     params, opt_state = optax update ; ema_params = EMA update
+    [FP8 amax histories: written from their observations, never by the optimiser]
 
 The step reads the method's record (``objectives.registry.Method``) and never learns which
 method runs. ``teacher_params`` is the first EMA tree, or ``{'ema': that tree, 'teacher':
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from shortcut_jax.models import fp8
 from shortcut_jax.training import train_state
 from shortcut_jax.objectives import Method, method
 
@@ -61,6 +63,7 @@ def make_train_step(
             if with_step:
                 batch = dict(batch, step=state.step)
             (_, metrics), grads = grad_fn(state.params, batch, rng)
+            grads, observed = fp8.split_observations(grads)
         else:
             rng, plan_rng = jax.random.split(rng)
             batch_size = jax.tree.leaves(batch)[0].shape[0]
@@ -77,20 +80,26 @@ def make_train_step(
                 return {k: v * m[k + "/rows"] if k + "/rows" in m else v for k, v in m.items()}
 
             def body(carry, xs):
-                grads_sum, metrics_sum = carry
+                grads_sum, observed_max, metrics_sum = carry
                 mb, r = xs
                 if with_step:
                     mb = dict(mb, step=state.step)
                 (_, m), g = grad_fn(state.params, mb, r)
-                return (jax.tree.map(jnp.add, grads_sum, g), jax.tree.map(jnp.add, metrics_sum, row_weighted(m))), None
+                g, o = fp8.split_observations(g)  # an update's amax is the largest of its micro-batches'
+                return (
+                    jax.tree.map(jnp.add, grads_sum, g),
+                    fp8.combine_observations(observed_max, o),
+                    jax.tree.map(jnp.add, metrics_sum, row_weighted(m)),
+                ), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            zeros_o = fp8.split_observations(zeros_g)[1]
             first = jax.tree.map(lambda x: x[0], micro)
             if with_step:
                 first = dict(first, step=state.step)
             m_shape = jax.eval_shape(lambda: grad_fn(state.params, first, rngs[0])[0][1])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, rngs))
+            (grads, observed, sums), _ = jax.lax.scan(body, (zeros_g, zeros_o, zeros_m), (micro, rngs))
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
             metrics = {}
             for k, v in sums.items():
@@ -103,14 +112,15 @@ def make_train_step(
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params = fp8.record_observations(params, state.params, observed)
         ema = train_state.update_ema(
             state.ema_params, params, state.ema_decays, count=state.step + 1 if ema_debias else None
         )
         metrics = dict(metrics)
         metrics.update(
             grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(params),
-            update_norm=optax.global_norm(updates),
+            param_norm=optax.global_norm(fp8.without_histories(params)),
+            update_norm=optax.global_norm(fp8.without_histories(updates)),
             lr=jnp.asarray(schedule(state.step), jnp.float32),
         )
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
