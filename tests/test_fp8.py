@@ -263,7 +263,9 @@ def test_train_step_writes_the_amax_histories_of_a_delayed_fp8_dit(scan):
         np.testing.assert_array_equal(third[1:3], second[0:2])
         assert third[0, 1] > 0  # the gradient reaches the blocks once the zero-initialised final layer moved
     assert np.isfinite(float(metrics["loss"]))
-    # the EMA tree carries the histories too, and the network samples from it
+    # the EMA tree carries the online histories (copied, not averaged), and the network samples from it
+    for (_, online), (_, averaged) in zip(fp8_histories(state.params), fp8_histories(state.ema_params[0])):
+        np.testing.assert_array_equal(averaged, online)
     out = jax.jit(exp.apply_fn)(
         state.ema_params[0], batch["x"][:2], jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32), batch["label"][:2]
     )

@@ -48,7 +48,8 @@ keeps its current scale (a parameter, small beside the activations).
 
 The history is a parameter of the layer, ``amax_history [N, 2]`` (column 0 the input's amax,
 column 1 the incoming gradient's, newest first, float32), so it is saved, restored, sharded,
-averaged by the EMA trees and read at sampling time like every other weight. It is not trained:
+copied into the EMA trees (not averaged: ``histories_from``) and read at sampling time like
+every other weight. It is not trained:
 the layer's backward pass returns as the history's "gradient" a tensor whose first row holds this
 step's two amaxes (zeros elsewhere), and the train step takes those rows out of the gradient
 before the optimiser sees it (``split_observations``) and writes the history itself
@@ -256,6 +257,13 @@ def record_observations(params, previous, observations):
         return shifted.at[..., 0, :].set(obs[..., 0, :].astype(old.dtype))
 
     return jax.tree_util.tree_map_with_path(record, params, previous, observations)
+
+
+def histories_from(tree, source):
+    """``tree`` (an EMA tree) with every amax history replaced by ``source``'s (the online
+    parameters'): an average of histories would mix in the zeros of the first steps and clip
+    the activations of the averaged network, whose values have the online network's range."""
+    return jax.tree_util.tree_map_with_path(lambda p, t, s: s if _is_history(p) else t, tree, source)
 
 
 def without_histories(params):

@@ -7,7 +7,7 @@
     (loss, metrics), grads = value_and_grad(objective)(params, teacher_params, batch, rng)
         [lax.scan over micro-batches when optim.accum_steps > 1]
     params, opt_state = optax update ; ema_params = EMA update
-    [FP8 amax histories: written from their observations, never by the optimiser]
+    [FP8 amax histories: written from their observations, never by the optimiser; copied into the EMA trees]
 
 The step reads the method's record (``objectives.registry.Method``) and never learns which
 method runs. ``teacher_params`` is the first EMA tree, or ``{'ema': that tree, 'teacher':
@@ -116,6 +116,7 @@ def make_train_step(
         ema = train_state.update_ema(
             state.ema_params, params, state.ema_decays, count=state.step + 1 if ema_debias else None
         )
+        ema = tuple(fp8.histories_from(tree, params) for tree in ema)  # copied, not averaged
         metrics = dict(metrics)
         metrics.update(
             grad_norm=optax.global_norm(grads),
