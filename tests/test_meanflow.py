@@ -343,6 +343,19 @@ def test_forward_mode_objectives_train_through_the_configured_kernels_and_give_t
         for m in (build_model(c.model, num_classes=0), build_model(c.model, num_classes=0, forward_mode=True))
     ]
     assert shapes[0] == shapes[1]
+    # FP8 with delayed scaling adds amax histories to the trained network's tree; the jvp's
+    # network has none and reads the same tree, the histories left aside
+    c.model.fp8_amax_history = 4
+    config_lib.validate(c, num_devices=1)
+    trained, jvp = build_model(c.model, num_classes=0), build_model(c.model, num_classes=0, forward_mode=True)
+    params = trained.init(jax.random.key(0), *args)["params"]
+
+    def drop_histories(tree):
+        return {k: drop_histories(v) if isinstance(v, dict) else v for k, v in tree.items() if k != "amax_history"}
+
+    without = drop_histories(params)
+    assert len(jax.tree.leaves(params)) - len(jax.tree.leaves(without)) == 4  # qkv, proj, fc1, fc2
+    np.testing.assert_array_equal(jvp.apply({"params": params}, *args), jvp.apply({"params": without}, *args))
 
 
 def guided_analytic_apply(params, x, tau, h, label, guidance=None):
