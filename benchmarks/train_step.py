@@ -172,6 +172,7 @@ MODEL_FLAGS = (
     "lean_ops",
     "matmul_precision",
     "fp8_amax_history",
+    "qkv_gemms",
     "scan_blocks",
 )
 
@@ -767,7 +768,8 @@ def print_report(report: dict) -> None:
         f" (blocks: {'all' if settings.get('remat_blocks', -1) < 0 else settings['remat_blocks']})"
         f" attention_impl={settings['attention_impl']} (resolved: {kernels})"
         f" residual_dtype={settings['residual_dtype']} lean_ops={settings['lean_ops']}"
-        f" matmul_precision={precision} scan_blocks={settings.get('scan_blocks', 'off')}"
+        f" matmul_precision={precision} qkv_gemms={settings.get('qkv_gemms', 1)}"
+        f" scan_blocks={settings.get('scan_blocks', 'off')}"
         f" donate={settings.get('donate', 'on')};"
         " peak memory: the allocator's peak_bytes_in_use, or where marked * the compiler's footprint of"
         " the step (temp + arguments + outputs - donated)\n"
@@ -885,6 +887,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="model.fp8_amax_history with --matmul_precision=fp8: 0 current scaling, N delayed scaling"
         " over the last N steps' amaxes",
+    )
+    p.add_argument(
+        "--qkv_gemms",
+        type=int,
+        default=1,
+        choices=config_lib.QKV_GEMMS,
+        help="model.qkv_gemms: q, k and v from one GEMM split afterwards (1) or three GEMMs over the same kernel (3)",
     )
     p.add_argument(
         "--fp8_form",

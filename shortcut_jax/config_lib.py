@@ -27,6 +27,7 @@ from shortcut_jax.models.options import (  # noqa: F401 - DIT_VARIANTS: read thr
     DIT_VARIANTS,
     LEAN_OPS,
     MATMUL_PRECISIONS,
+    QKV_GEMMS,
     REMAT_CHOICES,
 )
 from shortcut_jax.objectives import METHODS, check_method_config, method
@@ -77,6 +78,10 @@ def default_config() -> ml_collections.ConfigDict:
     # (models/fp8.py). Only with matmul_precision='fp8'; it adds parameters (a checkpoint of one
     # setting does not resume under another).
     c.model.fp8_amax_history = 0
+    # DiT: q, k and v from one GEMM split afterwards (1), or three GEMMs over column slices of the
+    # same kernel (3): the same parameters and function, without the split's copies and the
+    # concatenation of their gradients; bf16 matmuls only (docs/configs.md)
+    c.model.qkv_gemms = 1
     # DiT: run the blocks as one scan over parameters stacked on a leading layer axis (XLA compiles
     # one block instead of depth of them: shorter compiles and initialisation). The same network
     # and initial distribution; the checkpoint layout differs (blocks/... [depth, ...] instead of
@@ -397,6 +402,7 @@ def validate(config, *, num_devices: int) -> None:
         ("dtype", ("auto", "bfloat16", "float32")),
         ("residual_dtype", ("float32", "compute")),
         ("matmul_precision", MATMUL_PRECISIONS),
+        ("qkv_gemms", QKV_GEMMS),
     ):
         if config.model[key] not in allowed:
             raise ConfigError(f"model.{key}={config.model[key]!r} is not one of {list(allowed)}")
@@ -413,6 +419,16 @@ def validate(config, *, num_devices: int) -> None:
         raise ConfigError(
             f"model.fp8_amax_history={history} sets FP8's delayed scaling, but model.matmul_precision="
             f"{config.model.matmul_precision!r}: set model.matmul_precision='fp8' or model.fp8_amax_history=0"
+        )
+    if config.model.qkv_gemms != 1 and config.model.name != "dit":
+        raise ConfigError(
+            f"model.qkv_gemms={config.model.qkv_gemms} applies to the DiT's attention only; model.name="
+            f"{config.model.name!r}: set model.qkv_gemms=1"
+        )
+    if config.model.qkv_gemms == 3 and config.model.matmul_precision == "fp8":
+        raise ConfigError(
+            "model.qkv_gemms=3 splits the qkv GEMM for bf16 matmuls; with model.matmul_precision='fp8'"
+            " q, k and v stay one FP8 GEMM: set model.qkv_gemms=1"
         )
     if config.model.scan_blocks and config.model.name != "dit":
         raise ConfigError(

@@ -130,6 +130,15 @@ CASES = {
         validate({"model.fp8_amax_history": 16}),
         "set model.matmul_precision='fp8' or model.fp8_amax_history=0",
     ),
+    "qkv gemms": (validate({"model.qkv_gemms": 2}), "model.qkv_gemms=2 is not one of"),
+    "qkv gemms outside the DiT": (
+        validate({"model.name": "mlp", "model.qkv_gemms": 3}),
+        "model.qkv_gemms=3 applies to the DiT's attention only",
+    ),
+    "qkv gemms with fp8": (
+        validate({"model.qkv_gemms": 3, "model.matmul_precision": "fp8"}),
+        "with model.matmul_precision='fp8' q, k and v stay one FP8 GEMM",
+    ),
     "scan outside the DiT": (
         validate({"model.name": "mlp", "model.scan_blocks": True}),
         "model.scan_blocks=True applies to the DiT's blocks only",

@@ -359,6 +359,34 @@ def test_lean_ops_give_the_plain_network_loss_and_gradients(remat):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), got_grads, ref_grads)
 
 
+def test_three_qkv_gemms_have_the_fused_layers_parameters_golden_outputs_and_gradients(golden):
+    g, official, fused = golden
+    split = fused.clone(qkv_gemms=3)
+    params = convert.official_to_project(official)
+    inputs = (g["x"], g["t"], g["level"], g["label"])
+    # the same parameter tree and initial values, the reference network's outputs
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        split.init(jax.random.PRNGKey(0), *inputs)["params"],
+        fused.init(jax.random.PRNGKey(0), *inputs)["params"],
+    )
+    assert rel_err(split.apply({"params": params}, *inputs), g["out"]) <= 1e-5
+    # the same gradients: to float32 rounding in float32; with bf16 matmuls the three GEMMs' input
+    # gradients are each rounded to bf16 before their sum, where the fused GEMM rounds once, so
+    # each gradient leaf may differ by a few bf16 roundings (bf16's epsilon is 0.8%)
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        models = [m.clone(dtype=dtype) for m in (fused, split)]
+        (loss_f, grads_f), (loss_s, grads_s) = jax.jit(
+            lambda p: [
+                jax.value_and_grad(lambda q, m=m: jnp.mean((m.apply({"params": q}, *inputs) - g["x"]) ** 2))(p)
+                for m in models
+            ]
+        )(params)
+        np.testing.assert_allclose(loss_s, loss_f, rtol=1e-6)
+        errors = jax.tree.map(rel_err, grads_s, grads_f)
+        assert max(jax.tree.leaves(errors)) < tolerance, errors
+
+
 def test_lean_ops_config_values():
     from shortcut_jax.models.dit import DEFAULT_LEAN_OPS, LEAN_OPS
 

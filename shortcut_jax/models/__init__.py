@@ -122,6 +122,7 @@ def build_model(
             lean_ops=() if forward_mode else tuple(op for op in LEAN_OPS if op in tuple(model_cfg.lean_ops)),
             matmul_precision="bf16" if forward_mode else model_cfg.matmul_precision,
             fp8_amax_history=0 if forward_mode else int(model_cfg.get("fp8_amax_history", 0)),
+            qkv_gemms=int(model_cfg.get("qkv_gemms", 1)),
             scan_blocks=model_cfg.scan_blocks,
             dtype=dtype,
         )

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from shortcut_jax.models import fp8, layers
-from shortcut_jax.models.options import DEFAULT_LEAN_OPS, LEAN_OPS, MATMUL_PRECISIONS  # noqa: F401
+from shortcut_jax.models.options import DEFAULT_LEAN_OPS, LEAN_OPS, MATMUL_PRECISIONS, QKV_GEMMS  # noqa: F401
 from shortcut_jax.models.convert import STACKED_BLOCKS
 
 Dtype = Any
@@ -52,6 +52,7 @@ class DiTBlock(nn.Module):
     lean_ops: tuple = ()
     fp8_form: Optional[str] = None  # None: qkv, proj and the MLP in ``dtype``; else FP8 in that form
     fp8_amax_history: int = 0  # FP8 scaling: 0 current, N delayed over N steps (fp8.py)
+    qkv_gemms: int = 1  # QKV_GEMMS: 1 GEMM for q, k and v (split after it) or 3 over one kernel
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
@@ -64,15 +65,21 @@ class DiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
 
         h = self.norm(x, shift_a, scale_a)
-        qkv = fp8.dense(
-            3 * width,
-            kernel_init=layers.xavier_uniform_stacked(3),
-            dtype=self.dtype,
-            fp8_form=self.fp8_form,
-            amax_history=self.fp8_amax_history,
-            name="qkv",
-        )(h)
-        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
+        if self.qkv_gemms == 3:  # the same parameters, each of q, k, v written by its own GEMM
+            parts = layers.SplitDense(
+                width, 3, kernel_init=layers.xavier_uniform_stacked(3), dtype=self.dtype, name="qkv"
+            )(h)
+            q, k, v = (part.reshape(batch, tokens, self.num_heads, head_dim) for part in parts)
+        else:
+            qkv = fp8.dense(
+                3 * width,
+                kernel_init=layers.xavier_uniform_stacked(3),
+                dtype=self.dtype,
+                fp8_form=self.fp8_form,
+                amax_history=self.fp8_amax_history,
+                name="qkv",
+            )(h)
+            q, k, v = jnp.split(qkv.reshape(batch, tokens, 3 * self.num_heads, head_dim), 3, axis=2)
         attn = jax.nn.dot_product_attention(
             q,
             k,
@@ -169,6 +176,9 @@ class DiT(nn.Module):
     # FP8 scaling: 0 per-tensor scales of the current step; N > 0 delayed scaling, the scales of
     # the last N steps' amaxes kept in each FP8 layer's ``amax_history`` parameter (fp8.py)
     fp8_amax_history: int = 0
+    # q, k and v computed by one GEMM and split (1) or by three GEMMs over column slices of the
+    # same kernel (3: no split copies nor concatenated gradients); the same parameters and function
+    qkv_gemms: int = 1
     # True: the blocks run as one scan over parameters stacked on a leading layer axis
     # (``blocks/...`` of shape [depth, ...]) instead of ``block_0 .. block_{depth-1}``: XLA compiles
     # the block once instead of depth times. The same function; convert.to_layout moves
@@ -180,6 +190,8 @@ class DiT(nn.Module):
     def __call__(self, x: jax.Array, t: jax.Array, level: jax.Array, label: jax.Array, guidance=None) -> jax.Array:
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
+        if self.qkv_gemms not in QKV_GEMMS or (self.qkv_gemms == 3 and self.matmul_precision == "fp8"):
+            raise ValueError(f"qkv_gemms must be one of {QKV_GEMMS} (3 with bf16 matmuls only), got {self.qkv_gemms!r}")
         batch, height, width_px, channels = x.shape
         p = self.patch_size
         if height % p or width_px % p:
@@ -230,6 +242,7 @@ class DiT(nn.Module):
             self.lean_ops,
             fp8_form,
             self.fp8_amax_history if fp8_form is not None else 0,
+            self.qkv_gemms,
         )
         if self.scan_blocks:
             tokens = self.scanned_blocks(tokens, cond, block_args)

@@ -6,7 +6,8 @@ Precision policy, applied here once so that both networks follow it:
 - LayerNorm statistics, the modulation that follows it, softmax and the sinusoidal
   embeddings (and GELU, through ``gelu_tanh``) are computed in float32 and cast to ``dtype``
   only when they feed a matmul;
-- optionally, the DiT's large dense layers multiply in FP8 (``fp8.py``; ``Mlp(fp8_form=...)``).
+- optionally, the DiT's large dense layers multiply in FP8 (``fp8.py``; ``Mlp(fp8_form=...)``);
+- q, k and v as three GEMMs over one kernel (``SplitDense``, ``model.qkv_gemms=3``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
 import numpy as np
 
@@ -262,6 +264,36 @@ def guidance_embedding(width: int, guidance, batch: int, dtype, *, interval: boo
         )
     guidance = jnp.broadcast_to(guidance.reshape(-1) if guidance.ndim else guidance, (batch,))
     return TimestepEmbedder(width, 1.0, dtype=dtype, name="guidance_embed")(guidance)
+
+
+class SplitDense(nn.Module):
+    """``nn.Dense(parts * features)`` computed as ``parts`` GEMMs over column slices of its one
+    kernel, returning the parts separately: the same parameters (``kernel [in, parts *
+    features]``, ``bias``, float32, the same names) and the same function (values equal to
+    rounding; with bf16 outputs the parts' input gradients are rounded before their sum, where
+    the fused GEMM rounds once).
+
+    For q, k and v (``model.qkv_gemms=3``): one GEMM writes ``[..., 3 * width]`` whose thirds the
+    attention kernel needs as separate arrays, so XLA copies them out (and concatenates their
+    gradients in the backward pass); three GEMMs each write their own contiguous part, and each
+    part's gradient feeds its own two GEMMs."""
+
+    features: int  # per part
+    parts: int
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.parts * self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.parts * self.features,), jnp.float32)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)  # as nn.Dense does
+        outs = []
+        for i in range(self.parts):
+            part = slice(i * self.features, (i + 1) * self.features)
+            y = jax.lax.dot_general(x, kernel[:, part], (((x.ndim - 1,), (0,)), ((), ())))
+            outs.append(y + bias[part])
+        return tuple(outs)
 
 
 class Mlp(nn.Module):

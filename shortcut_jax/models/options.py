@@ -32,6 +32,10 @@ DEFAULT_LEAN_OPS = ("norm", "gelu")
 # final layer (16 output features: the network's output itself).
 MATMUL_PRECISIONS = ("bf16", "fp8")
 
+# model.qkv_gemms: q, k and v from one GEMM of the fused [width, 3 * width] kernel, split after
+# it (1), or from three GEMMs over its column slices (3: the same parameters; with bf16 matmuls)
+QKV_GEMMS = (1, 3)
+
 # model.attention_impl: 'auto' (cuDNN's fused kernel where it applies), 'xla' or 'cudnn'
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
