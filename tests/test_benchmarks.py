@@ -650,3 +650,14 @@ def test_methods_toy2d_objective_flag_reaches_every_methods_config_and_refuses_u
     with pytest.raises(SystemExit):
         methods_toy2d.parse_args(["--objective=meanflow_t_meen=-2"])
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_train_step_model_flags_reach_the_rows_model_and_its_child_process():
+    opts = bench.parse_args(["--qkv_gemms=3", "--scan_blocks=on", "--residual_dtype=compute", "--dtype=bfloat16"])
+    row = bench.ROWS["tiny-flow"]
+    config = bench.row_config(row, row.batches[0], opts)
+    model = bench.experiment_for(config, row, opts).model
+    assert (model.qkv_gemms, model.scan_blocks, model.residual_dtype) == (3, True, jnp.bfloat16)
+    assert {"qkv_gemms", "scan_blocks", "residual_dtype"} <= set(bench.FORWARDED)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--qkv_gemms=2"])
