@@ -47,13 +47,13 @@ producer's kernel, which then writes one byte per element instead of two, read o
 keeps its current scale (a parameter, small beside the activations).
 
 The history is a parameter of the layer, ``amax_history [N, 2]`` (column 0 the input's amax,
-column 1 the incoming gradient's, newest first, float32), so it is saved, restored, sharded,
-copied into the EMA trees (not averaged: ``histories_from``) and read at sampling time like
-every other weight. It is not trained:
-the layer's backward pass returns as the history's "gradient" a tensor whose first row holds this
-step's two amaxes (zeros elsewhere), and the train step takes those rows out of the gradient
-before the optimiser sees it (``split_observations``) and writes the history itself
-(``record_observations``): the rows move down by one and the new amaxes enter at the top. A layer
+column 1 the incoming gradient's, newest first, float32), so it is saved, restored, sharded and
+read at sampling time like every other weight; the EMA trees get a copy of it, not an average
+(``histories_from``). It is not trained: the layer's backward pass returns as the history's
+"gradient" a tensor whose first row holds this step's two amaxes (zeros elsewhere), and the train
+step takes it out of the gradient before the optimiser sees it (``split_observations``) and
+writes the history itself (``record_observations``): the rows move down by one and the new
+amaxes enter at the top. A layer
 called twice with gradient in one step returns the sum of its calls' amaxes, an upper bound of
 their maximum (no value is clipped on that account; the methods here differentiate one call per
 step); calls without gradient (teacher passes, sampling) record nothing. A history of zeros (the
@@ -223,11 +223,6 @@ _fp8_matmul_delayed.defvjp(_fp8_matmul_delayed_fwd, _fp8_matmul_delayed_bwd)
 def _is_history(path) -> bool:
     last = path[-1] if path else None
     return getattr(last, "key", None) == HISTORY
-
-
-def has_histories(params) -> bool:
-    """Whether ``params`` holds FP8 amax histories (a network with delayed scaling)."""
-    return any(_is_history(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
 def split_observations(grads):
