@@ -18,9 +18,9 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
-from flax.linen.dtypes import promote_dtype
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from shortcut_jax.models import fp8
 
