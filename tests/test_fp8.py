@@ -1,8 +1,9 @@
 """FP8 matmuls (models/fp8.py, model.matmul_precision='fp8') on CPU, where XLA computes FP8 dots by
 widening the operands: the values are the FP8 network's, checked against exact products and an
 independent NumPy/ml_dtypes rendering of the FP8 formulas; the lowered train step holds FP8
-dot_generals only when asked; a tiny DiT trains with FP8 as it does without; the GPU check script
-runs here on a tiny row."""
+dot_generals only when asked; a tiny DiT trains with FP8 as it does without; delayed scaling
+(model.fp8_amax_history) takes its scales from the history, and the train step writes the
+histories from the layers' observations; the GPU check script runs here on a tiny row."""
 
 import dataclasses
 import functools
