@@ -165,6 +165,11 @@ def import_checkpoint(train_state: Mapping, config, workdir: str, *, image_size:
     spec = data.DataSpec(
         shape=(image_size, image_size, arch["in_channels"]), num_classes=arch["num_classes"], kind="images"
     )
+    if config.model.get("fp8_amax_history", 0) and config.model.matmul_precision == "fp8":
+        raise config_lib.ConfigError(
+            f"model.fp8_amax_history={config.model.fp8_amax_history}: the reference checkpoint has no FP8"
+            " amax histories; import with model.fp8_amax_history=0 (current scaling or bf16)"
+        )
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; import into a fresh --workdir")

@@ -274,6 +274,12 @@ def test_import_refuses_a_mismatched_config_and_a_used_workdir(optax_pickle, tmp
         import_official.import_checkpoint(
             import_official.load_pickle(optax_pickle), cfg, str(tmp_path / "a"), image_size=8
         )
+    delayed = small_config()
+    delayed.model.matmul_precision, delayed.model.fp8_amax_history = "fp8", 16
+    with pytest.raises(config_lib.ConfigError, match="the reference checkpoint has no FP8 amax histories"):
+        import_official.import_checkpoint(
+            import_official.load_pickle(optax_pickle), delayed, str(tmp_path / "a"), image_size=8
+        )
     good = small_config()
     import_official.import_checkpoint(
         import_official.load_pickle(optax_pickle), good, str(tmp_path / "b"), image_size=8
