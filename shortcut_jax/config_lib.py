@@ -31,6 +31,7 @@ from shortcut_jax.models.options import (  # noqa: F401 - DIT_VARIANTS: read thr
     REMAT_CHOICES,
 )
 from shortcut_jax.objectives import METHODS, check_method_config, method
+from shortcut_jax.objectives.sampling import parse_interval
 from shortcut_jax.objectives.shortcut import num_sc_rows as _objective_sc_rows
 
 # eval.label_mode values (evaluation.sample_sets.class_labels)
@@ -362,9 +363,12 @@ def validate(config, *, num_devices: int) -> None:
     """
     if config.objective.name not in METHODS:
         raise ConfigError(f"objective.name={config.objective.name!r} is unknown; use one of {sorted(METHODS)}")
-    interval = tuple(config.eval.guidance_interval)
-    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise ConfigError(f"eval.guidance_interval={interval} must be (start, end) with 0 <= start <= end <= 1")
+    interval = parse_interval(config.eval.guidance_interval)
+    if interval is None:
+        raise ConfigError(
+            f"eval.guidance_interval={tuple(config.eval.guidance_interval)} must be (start, end) with"
+            " 0 <= start <= end <= 1"
+        )
     if interval != (0.0, 1.0) and not (
         method(config.objective.name).guidance_input and config.objective.meanflow_interval_input
     ):

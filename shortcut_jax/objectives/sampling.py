@@ -217,6 +217,16 @@ def interval_euler_sample(
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
 
 
+def parse_interval(value):
+    """``value`` as a ``(start, end)`` tuple of floats with ``0 <= start <= end <= 1`` (a guidance
+    interval in the papers' ``t``), or None where it is not one; each caller says what to change."""
+    try:
+        interval = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return interval if len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0 else None
+
+
 class IntervalSampler(_MeshSampler):
     """Euler over an even chain of intervals for an average-velocity network (MeanFlow): any
     budget from 1 step up, one compilation for all of them. With ``guidance_input`` the guidance
@@ -241,9 +251,9 @@ class IntervalSampler(_MeshSampler):
     def _interval_args(self, guidance_interval) -> tuple:
         if not self.guidance_interval_input:
             return super()._interval_args(guidance_interval)
-        interval = (0.0, 1.0) if guidance_interval is None else tuple(float(v) for v in guidance_interval)
-        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-            raise ValueError(f"guidance_interval={interval} must be (start, end) with 0 <= start <= end <= 1")
+        interval = parse_interval((0.0, 1.0) if guidance_interval is None else guidance_interval)
+        if interval is None:
+            raise ValueError(f"guidance_interval={guidance_interval} must be (start, end) with 0 <= start <= end <= 1")
         return (jnp.asarray(interval, jnp.float32),)
 
     def _loop(self, params, noise, labels, cfg_scale, num_steps, *interval):

@@ -251,12 +251,10 @@ def check_guidance_scale_input(cfg_scale: float, config, num_classes: int) -> No
 def check_guidance_interval(interval, config, num_classes: int) -> tuple:
     """``--guidance_interval`` as a (start, end) tuple, refused unless the run's network reads it
     (improved MeanFlow trained with ``objective.meanflow_interval_input`` on labelled data)."""
-    try:
-        interval = tuple(float(v) for v in interval)
-    except (TypeError, ValueError):
-        interval = ()
-    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise ValueError(f"--guidance_interval={interval}: give start,end with 0 <= start <= end <= 1 (e.g. 0.1,0.7)")
+    given, interval = interval, sampling.parse_interval(interval)
+    if interval is None:
+        shown = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else given
+        raise ValueError(f"--guidance_interval={shown}: give start,end with 0 <= start <= end <= 1 (e.g. 0.1,0.7)")
     reads = (
         num_classes > 0
         and config.objective.name == "meanflow_v"
